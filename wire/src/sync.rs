@@ -1,0 +1,105 @@
+//! `GET /v1/sync` messages.
+//!
+//! Request: `GET /v1/sync?since=V[&store_id=S][&cursor=C][&wait=SECONDS][&proxy_id=P]`
+//! with `Authorization: Bearer <sync credential>`.
+//!
+//! * `since=0`, a `since` newer than the store's version, or a `store_id` that is not the
+//!   store's: the answer is a full snapshot (`snapshot: true`), paged. While `next_cursor` is
+//!   set, the client asks again with `cursor=` and the same `since`; only after the last page
+//!   does it hold `version`. Records it held that no page mentioned are gone.
+//! * otherwise the answer holds the changes after `since` in version order, at most one page;
+//!   `version` is the last change's version, so asking again with it fetches the rest at once.
+//!   With no change, the server holds the request up to `wait` seconds and then answers with
+//!   no changes and the same version.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    User,
+    Service,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::User => "user",
+            Kind::Service => "service",
+        }
+    }
+}
+
+/// Status as the filter needs it: revoked tokens travel as tombstones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SyncStatus {
+    Active,
+    Suspended,
+    Revoked,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncRecord {
+    /// Lower-case hex `sha256(token)`; the secret itself never travels.
+    pub hash: String,
+    pub id: String,
+    pub name: String,
+    pub owner: String,
+    pub kind: Kind,
+    pub status: SyncStatus,
+    /// `None`: unlimited.
+    pub max_rps: Option<u32>,
+    /// `None`: one second's worth (`max_rps`).
+    pub burst: Option<u32>,
+    /// Unix seconds; `None`: never expires.
+    pub expires_at: Option<i64>,
+    pub version: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncResponse {
+    /// Identifies the database; a client holding state from another store resnapshots.
+    pub store_id: String,
+    pub version: u64,
+    pub snapshot: bool,
+    pub changes: Vec<SyncRecord>,
+    /// Snapshot paging only: ask again with this cursor before holding `version`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+    /// Tokens that are not revoked, for the filter's gauge.
+    pub token_count: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn response_round_trips_with_snake_case_enums() {
+        let r = SyncResponse {
+            store_id: "s1".into(),
+            version: 7,
+            snapshot: false,
+            changes: vec![SyncRecord {
+                hash: "ab".repeat(32),
+                id: "tok_1".into(),
+                name: "ci".into(),
+                owner: "team".into(),
+                kind: Kind::Service,
+                status: SyncStatus::Revoked,
+                max_rps: Some(5),
+                burst: None,
+                expires_at: Some(1_900_000_000),
+                version: 7,
+            }],
+            next_cursor: None,
+            token_count: 3,
+        };
+        let json = serde_json::to_string(&r).unwrap();
+        assert!(json.contains(r#""kind":"service""#));
+        assert!(json.contains(r#""status":"revoked""#));
+        assert!(!json.contains("next_cursor"));
+        assert_eq!(serde_json::from_str::<SyncResponse>(&json).unwrap(), r);
+    }
+}
