@@ -1,1 +1,16 @@
-//! placeholder
+//! tokengate's proxy-wasm filter.
+//!
+//! The decisions live in plain Rust modules with no proxy-wasm types (`authorize`, `gcra`,
+//! `record`, `sync`, `config`, `response`) and are unit-tested natively; `glue` binds them
+//! to the proxy-wasm ABI and is only built for wasm32.
+
+pub mod authorize;
+pub mod config;
+pub mod gcra;
+pub mod record;
+pub mod response;
+pub mod store;
+pub mod sync;
+
+#[cfg(target_arch = "wasm32")]
+mod glue;

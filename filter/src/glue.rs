@@ -1,0 +1,380 @@
+//! The thin proxy-wasm layer: host calls in, decisions out. Every host call's error is
+//! handled (a trapped VM would answer 503 to everything until reloaded).
+
+use crate::authorize::{self, Denial, Outcome};
+use crate::config::Config;
+use crate::response;
+use crate::store::{Clock, SharedStore, StoreError};
+use crate::sync::{SyncClient, SyncFailure};
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
+use std::rc::Rc;
+use std::time::{Duration, UNIX_EPOCH};
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(LogLevel::Info);
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::new()) });
+}}
+
+struct HostStore;
+
+impl SharedStore for HostStore {
+    fn get(&self, key: &str) -> Result<(Option<Vec<u8>>, u32), StoreError> {
+        match hostcalls::get_shared_data(key) {
+            Ok((value, cas)) => Ok((value, cas.unwrap_or(0))),
+            Err(_) => Err(StoreError::Host),
+        }
+    }
+    fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), StoreError> {
+        let cas = if cas == 0 { None } else { Some(cas) };
+        match hostcalls::set_shared_data(key, Some(value), cas) {
+            Ok(()) => Ok(()),
+            Err(Status::CasMismatch) => Err(StoreError::CasMismatch),
+            Err(_) => Err(StoreError::Host),
+        }
+    }
+}
+
+struct HostClock;
+
+impl Clock for HostClock {
+    fn now_nanos(&self) -> u64 {
+        hostcalls::get_current_time()
+            .ok()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map(|d| d.as_nanos().min(u128::from(u64::MAX)) as u64)
+            .unwrap_or(0)
+    }
+}
+
+fn log(level: LogLevel, message: &str) {
+    let _ = hostcalls::log(level, message);
+}
+
+/// Counter and gauge ids, defined once per VM; Envoy merges them by name across workers.
+struct Metrics {
+    allowed: Option<u32>,
+    missing_token: Option<u32>,
+    invalid_token: Option<u32>,
+    token_expired: Option<u32>,
+    token_suspended: Option<u32>,
+    rate_limited: Option<u32>,
+    state_unavailable: Option<u32>,
+    sync_success: Option<u32>,
+    sync_failure: Option<u32>,
+    tokens: Option<u32>,
+    state_version: Option<u32>,
+}
+
+impl Metrics {
+    fn define() -> Metrics {
+        let counter = |name: &str| hostcalls::define_metric(MetricType::Counter, name).ok();
+        let gauge = |name: &str| hostcalls::define_metric(MetricType::Gauge, name).ok();
+        Metrics {
+            allowed: counter("tokengate.allowed"),
+            missing_token: counter("tokengate.denied.missing_token"),
+            invalid_token: counter("tokengate.denied.invalid_token"),
+            token_expired: counter("tokengate.denied.token_expired"),
+            token_suspended: counter("tokengate.denied.token_suspended"),
+            rate_limited: counter("tokengate.denied.rate_limited"),
+            state_unavailable: counter("tokengate.denied.token_state_unavailable"),
+            sync_success: counter("tokengate.sync.success"),
+            sync_failure: counter("tokengate.sync.failure"),
+            tokens: gauge("tokengate.tokens"),
+            state_version: gauge("tokengate.state_version"),
+        }
+    }
+
+    fn denied(&self, d: Denial) -> Option<u32> {
+        match d {
+            Denial::MissingToken => self.missing_token,
+            Denial::InvalidToken => self.invalid_token,
+            Denial::TokenExpired => self.token_expired,
+            Denial::TokenSuspended => self.token_suspended,
+            Denial::RateLimited { .. } => self.rate_limited,
+            Denial::StateUnavailable => self.state_unavailable,
+        }
+    }
+}
+
+fn bump(metric: Option<u32>) {
+    if let Some(id) = metric {
+        let _ = hostcalls::increment_metric(id, 1);
+    }
+}
+
+fn record(metric: Option<u32>, value: u64) {
+    if let Some(id) = metric {
+        let _ = hostcalls::record_metric(id, value);
+    }
+}
+
+/// What the root context shares with each request context.
+struct Shared {
+    config: Config,
+    metrics: Metrics,
+    identity_headers: [String; 4],
+}
+
+struct Root {
+    shared: Option<Rc<Shared>>,
+    sync: SyncClient,
+    proxy_id: String,
+    pending: Option<u32>,
+}
+
+impl Root {
+    fn new() -> Root {
+        // std's RandomState is seeded from the host's random source (WASI random_get), so
+        // each worker's root context gets its own lease identity.
+        let holder = RandomState::new().build_hasher().finish();
+        Root {
+            shared: None,
+            sync: SyncClient::new(holder),
+            proxy_id: String::new(),
+            pending: None,
+        }
+    }
+
+    fn now_ms() -> u64 {
+        HostClock.now_nanos() / 1_000_000
+    }
+
+    fn dispatch(&mut self, shared: &Shared, path: &str) {
+        let cfg = &shared.config;
+        let auth = format!("Bearer {}", cfg.sync_token);
+        let headers = vec![
+            (":method", "GET"),
+            (":path", path),
+            (":authority", cfg.control_plane_authority.as_str()),
+            ("authorization", auth.as_str()),
+            ("accept", "application/json"),
+        ];
+        let timeout = Duration::from_secs(u64::from(cfg.sync_wait_seconds) + 5);
+        match hostcalls::dispatch_http_call(
+            &cfg.control_plane_cluster,
+            headers,
+            None,
+            vec![],
+            timeout,
+        ) {
+            Ok(token) => self.pending = Some(token),
+            Err(status) => {
+                bump(shared.metrics.sync_failure);
+                log(
+                    LogLevel::Warn,
+                    &format!(
+                        "cannot call cluster `{}` ({status:?}); retrying with backoff",
+                        cfg.control_plane_cluster
+                    ),
+                );
+                self.sync.on_dispatch_failed(cfg, Self::now_ms());
+            }
+        }
+    }
+}
+
+impl Context for Root {
+    fn on_http_call_response(
+        &mut self,
+        token_id: u32,
+        num_headers: usize,
+        body_size: usize,
+        _: usize,
+    ) {
+        if self.pending != Some(token_id) {
+            return;
+        }
+        self.pending = None;
+        let Some(shared) = self.shared.clone() else {
+            return;
+        };
+        let status = if num_headers == 0 {
+            None
+        } else {
+            hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status")
+                .ok()
+                .flatten()
+                .and_then(|v| {
+                    std::str::from_utf8(&v)
+                        .ok()
+                        .and_then(|s| s.parse::<u32>().ok())
+                })
+        };
+        let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
+            .ok()
+            .flatten();
+        let (result, next) = self.sync.on_response(
+            &shared.config,
+            &HostStore,
+            &self.proxy_id,
+            Self::now_ms(),
+            status,
+            body.as_deref(),
+        );
+        match result {
+            Ok(applied) => {
+                bump(shared.metrics.sync_success);
+                if let Some(state) = applied.state {
+                    record(shared.metrics.tokens, state.token_count);
+                    record(shared.metrics.state_version, state.version);
+                }
+            }
+            Err(e) => {
+                bump(shared.metrics.sync_failure);
+                let why = match e {
+                    SyncFailure::Unreachable => "no answer".to_string(),
+                    SyncFailure::Status(code) => format!("HTTP {code}"),
+                    SyncFailure::Malformed => "malformed answer".to_string(),
+                    SyncFailure::Store => "shared data write failed".to_string(),
+                };
+                log(
+                    LogLevel::Warn,
+                    &format!("sync failed ({why}); keeping the current token state, retrying with backoff"),
+                );
+            }
+        }
+        if let Some(path) = next {
+            self.dispatch(&shared, &path);
+        }
+    }
+}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _size: usize) -> bool {
+        let raw = hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        let config = match Config::parse(&raw) {
+            Ok(c) => c,
+            Err(e) => {
+                log(LogLevel::Error, &e.to_string());
+                return false;
+            }
+        };
+        self.proxy_id = config.proxy_id.clone().unwrap_or_else(|| {
+            hostcalls::get_property(vec!["node", "id"])
+                .ok()
+                .flatten()
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .unwrap_or_default()
+        });
+        let p = &config.identity_header_prefix;
+        let identity_headers = [
+            format!("{p}token-id"),
+            format!("{p}token-name"),
+            format!("{p}token-owner"),
+            format!("{p}token-kind"),
+        ];
+        let _ = hostcalls::set_tick_period(Duration::from_millis(u64::from(config.tick_ms)));
+        self.shared = Some(Rc::new(Shared {
+            config,
+            metrics: Metrics::define(),
+            identity_headers,
+        }));
+        true
+    }
+
+    fn on_tick(&mut self) {
+        if self.pending.is_some() {
+            // Keep the lease while a poll is in flight.
+            if let Some(shared) = self.shared.clone() {
+                self.sync
+                    .on_tick(&shared.config, &HostStore, &self.proxy_id, Self::now_ms());
+            }
+            return;
+        }
+        let Some(shared) = self.shared.clone() else {
+            return;
+        };
+        if let Some(path) =
+            self.sync
+                .on_tick(&shared.config, &HostStore, &self.proxy_id, Self::now_ms())
+        {
+            self.dispatch(&shared, &path);
+        }
+    }
+
+    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(Request {
+            shared: self.shared.clone(),
+        }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+struct Request {
+    /// `None` only if configuration failed, in which case Envoy refuses the filter anyway.
+    shared: Option<Rc<Shared>>,
+}
+
+fn header(name: &str) -> Option<Vec<u8>> {
+    hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name)
+        .ok()
+        .flatten()
+}
+
+fn refuse(d: Denial) {
+    let r = response::refusal(d);
+    let headers: Vec<(&str, &str)> = r.headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+    let _ = hostcalls::send_http_response(r.status, headers, Some(r.body.as_bytes()));
+}
+
+impl Context for Request {}
+
+impl HttpContext for Request {
+    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        let Some(shared) = self.shared.clone() else {
+            refuse(Denial::StateUnavailable);
+            return Action::Pause;
+        };
+        let cfg = &shared.config;
+        let credential = authorize::extract(cfg, header);
+        let now = HostClock.now_nanos();
+        let outcome = if now == 0 {
+            Outcome::Deny(Denial::StateUnavailable)
+        } else {
+            authorize::authorize(cfg, &HostStore, credential.as_deref(), now)
+        };
+        match outcome {
+            Outcome::Allow(identity) => {
+                for name in &cfg.token_headers {
+                    let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, name);
+                }
+                if cfg.bearer
+                    && header("authorization")
+                        .is_some_and(|v| authorize::bearer_token(&v).is_some())
+                {
+                    let _ =
+                        hostcalls::remove_map_value(MapType::HttpRequestHeaders, "authorization");
+                }
+                let values: [&[u8]; 4] = [
+                    &identity.id,
+                    &identity.name,
+                    &identity.owner,
+                    identity.kind.as_str().as_bytes(),
+                ];
+                for (name, value) in shared.identity_headers.iter().zip(values) {
+                    // Remove first: a client-sent copy must never survive next to ours.
+                    let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, name);
+                    let _ =
+                        hostcalls::add_map_value_bytes(MapType::HttpRequestHeaders, name, value);
+                }
+                bump(shared.metrics.allowed);
+                Action::Continue
+            }
+            Outcome::Deny(d) => {
+                bump(shared.metrics.denied(d));
+                refuse(d);
+                Action::Pause
+            }
+        }
+    }
+}

@@ -1,0 +1,333 @@
+//! Compact binary values kept in Envoy shared data. Shared data sits behind one process-wide
+//! mutex and every read copies the value, so values are small and decoding borrows.
+
+use tokengate_wire::{Kind, SyncRecord, SyncStatus};
+
+const TOKEN_FORMAT: u8 = 1;
+const STATE_FORMAT: u8 = 1;
+
+/// Shared-data keys. The token hash is the lower-hex sha256 of the secret.
+pub const STATE_KEY: &str = "tokengate:state";
+pub const LEASE_KEY: &str = "tokengate:lease";
+
+pub fn token_key(hash_hex: &str) -> String {
+    let mut k = String::with_capacity(5 + hash_hex.len());
+    k.push_str("tg:t:");
+    k.push_str(hash_hex);
+    k
+}
+
+pub fn rate_key(hash_hex: &str) -> String {
+    let mut k = String::with_capacity(5 + hash_hex.len());
+    k.push_str("tg:r:");
+    k.push_str(hash_hex);
+    k
+}
+
+/// A token record as the request path reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenView<'a> {
+    /// Snapshot generation the record was written in; older than the state's: stale.
+    pub generation: u32,
+    pub version: u64,
+    pub status: SyncStatus,
+    pub kind: Kind,
+    /// 0: unlimited.
+    pub max_rps: u32,
+    /// 0: the default (one second's worth).
+    pub burst: u32,
+    /// Unix seconds.
+    pub expires_at: Option<i64>,
+    pub id: &'a [u8],
+    pub name: &'a [u8],
+    pub owner: &'a [u8],
+}
+
+fn status_byte(s: SyncStatus) -> u8 {
+    match s {
+        SyncStatus::Active => 0,
+        SyncStatus::Suspended => 1,
+        SyncStatus::Revoked => 2,
+    }
+}
+
+fn push_str(out: &mut Vec<u8>, s: &str) {
+    // Names are capped far below this by the control plane; clamp rather than fail.
+    let b = &s.as_bytes()[..s.len().min(u16::MAX as usize)];
+    out.extend_from_slice(&(b.len() as u16).to_le_bytes());
+    out.extend_from_slice(b);
+}
+
+/// Encodes a synced record. Revoked tokens keep only what the request path needs.
+pub fn encode_token(r: &SyncRecord, generation: u32) -> Vec<u8> {
+    let revoked = r.status == SyncStatus::Revoked;
+    let mut out = Vec::with_capacity(40 + r.id.len() + r.name.len() + r.owner.len());
+    out.push(TOKEN_FORMAT);
+    out.extend_from_slice(&generation.to_le_bytes());
+    out.extend_from_slice(&r.version.to_le_bytes());
+    out.push(status_byte(r.status));
+    out.push(match r.kind {
+        Kind::User => 0,
+        Kind::Service => 1,
+    });
+    out.extend_from_slice(&r.max_rps.unwrap_or(0).to_le_bytes());
+    out.extend_from_slice(&r.burst.unwrap_or(0).to_le_bytes());
+    match r.expires_at {
+        Some(t) => {
+            out.push(1);
+            out.extend_from_slice(&t.to_le_bytes());
+        }
+        None => out.push(0),
+    }
+    for s in [&r.id, &r.name, &r.owner] {
+        push_str(&mut out, if revoked { "" } else { s });
+    }
+    out
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.buf.len() < n {
+            return None;
+        }
+        let (head, tail) = self.buf.split_at(n);
+        self.buf = tail;
+        Some(head)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        self.take(1).map(|b| b[0])
+    }
+    fn u16(&mut self) -> Option<u16> {
+        self.take(2)?.try_into().ok().map(u16::from_le_bytes)
+    }
+    fn u32(&mut self) -> Option<u32> {
+        self.take(4)?.try_into().ok().map(u32::from_le_bytes)
+    }
+    fn u64(&mut self) -> Option<u64> {
+        self.take(8)?.try_into().ok().map(u64::from_le_bytes)
+    }
+    fn bytes(&mut self) -> Option<&'a [u8]> {
+        let n = self.u16()? as usize;
+        self.take(n)
+    }
+}
+
+/// Decodes a token record; `None` for anything malformed (the caller fails closed).
+pub fn decode_token(buf: &[u8]) -> Option<TokenView<'_>> {
+    let mut r = Reader { buf };
+    if r.u8()? != TOKEN_FORMAT {
+        return None;
+    }
+    let generation = r.u32()?;
+    let version = r.u64()?;
+    let status = match r.u8()? {
+        0 => SyncStatus::Active,
+        1 => SyncStatus::Suspended,
+        2 => SyncStatus::Revoked,
+        _ => return None,
+    };
+    let kind = match r.u8()? {
+        0 => Kind::User,
+        1 => Kind::Service,
+        _ => return None,
+    };
+    let max_rps = r.u32()?;
+    let burst = r.u32()?;
+    let expires_at = match r.u8()? {
+        0 => None,
+        1 => Some(r.u64()? as i64),
+        _ => return None,
+    };
+    let id = r.bytes()?;
+    let name = r.bytes()?;
+    let owner = r.bytes()?;
+    if !r.buf.is_empty() {
+        return None;
+    }
+    Some(TokenView {
+        generation,
+        version,
+        status,
+        kind,
+        max_rps,
+        burst,
+        expires_at,
+        id,
+        name,
+        owner,
+    })
+}
+
+/// What the sync leader has loaded: absent until the first complete snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct State {
+    pub version: u64,
+    pub generation: u32,
+    pub store_id: String,
+    pub token_count: u64,
+}
+
+pub fn encode_state(s: &State) -> Vec<u8> {
+    let mut out = Vec::with_capacity(24 + s.store_id.len());
+    out.push(STATE_FORMAT);
+    out.extend_from_slice(&s.version.to_le_bytes());
+    out.extend_from_slice(&s.generation.to_le_bytes());
+    out.extend_from_slice(&s.token_count.to_le_bytes());
+    push_str(&mut out, &s.store_id);
+    out
+}
+
+pub fn decode_state(buf: &[u8]) -> Option<State> {
+    let mut r = Reader { buf };
+    if r.u8()? != STATE_FORMAT {
+        return None;
+    }
+    let version = r.u64()?;
+    let generation = r.u32()?;
+    let token_count = r.u64()?;
+    let store_id = String::from_utf8(r.bytes()?.to_vec()).ok()?;
+    Some(State {
+        version,
+        generation,
+        store_id,
+        token_count,
+    })
+}
+
+/// Only the generation, for the request path (no allocation).
+pub fn state_generation(buf: &[u8]) -> Option<u32> {
+    if buf.len() < 13 || buf[0] != STATE_FORMAT {
+        return None;
+    }
+    buf[9..13].try_into().ok().map(u32::from_le_bytes)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    pub holder: u64,
+    pub expires_ms: u64,
+}
+
+pub fn encode_lease(l: Lease) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    out[..8].copy_from_slice(&l.holder.to_le_bytes());
+    out[8..].copy_from_slice(&l.expires_ms.to_le_bytes());
+    out
+}
+
+pub fn decode_lease(buf: &[u8]) -> Option<Lease> {
+    let mut r = Reader { buf };
+    let holder = r.u64()?;
+    let expires_ms = r.u64()?;
+    Some(Lease { holder, expires_ms })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn record(status: SyncStatus) -> SyncRecord {
+        SyncRecord {
+            hash: "0f".repeat(32),
+            id: "tok_abc".into(),
+            name: "ci pipeline".into(),
+            owner: "data-team".into(),
+            kind: Kind::Service,
+            status,
+            max_rps: Some(10),
+            burst: Some(25),
+            expires_at: Some(1_900_000_000),
+            version: 42,
+        }
+    }
+
+    #[test]
+    fn token_round_trips() {
+        let enc = encode_token(&record(SyncStatus::Active), 3);
+        let v = decode_token(&enc).unwrap();
+        assert_eq!(v.generation, 3);
+        assert_eq!(v.version, 42);
+        assert_eq!(v.status, SyncStatus::Active);
+        assert_eq!(v.kind, Kind::Service);
+        assert_eq!((v.max_rps, v.burst), (10, 25));
+        assert_eq!(v.expires_at, Some(1_900_000_000));
+        assert_eq!(
+            (v.id, v.name, v.owner),
+            (&b"tok_abc"[..], &b"ci pipeline"[..], &b"data-team"[..])
+        );
+    }
+
+    #[test]
+    fn unlimited_never_expiring_round_trips() {
+        let mut r = record(SyncStatus::Suspended);
+        r.max_rps = None;
+        r.burst = None;
+        r.expires_at = None;
+        r.kind = Kind::User;
+        let enc = encode_token(&r, 1);
+        let v = decode_token(&enc).unwrap();
+        assert_eq!((v.max_rps, v.burst, v.expires_at), (0, 0, None));
+        assert_eq!((v.status, v.kind), (SyncStatus::Suspended, Kind::User));
+    }
+
+    #[test]
+    fn revoked_records_are_tombstones() {
+        let enc = encode_token(&record(SyncStatus::Revoked), 1);
+        let v = decode_token(&enc).unwrap();
+        assert_eq!(v.status, SyncStatus::Revoked);
+        assert!(v.id.is_empty() && v.name.is_empty() && v.owner.is_empty());
+    }
+
+    #[test]
+    fn truncated_or_padded_records_are_refused() {
+        let enc = encode_token(&record(SyncStatus::Active), 1);
+        for n in 0..enc.len() {
+            assert!(decode_token(&enc[..n]).is_none(), "prefix of {n} bytes");
+        }
+        let mut longer = enc.clone();
+        longer.push(0);
+        assert!(decode_token(&longer).is_none());
+        let mut bad_status = enc.clone();
+        bad_status[13] = 9;
+        assert!(decode_token(&bad_status).is_none());
+        let mut bad_format = enc;
+        bad_format[0] = 2;
+        assert!(decode_token(&bad_format).is_none());
+    }
+
+    #[test]
+    fn state_round_trips_and_generation_reads_in_place() {
+        let s = State {
+            version: 99,
+            generation: 7,
+            store_id: "store-1".into(),
+            token_count: 12,
+        };
+        let enc = encode_state(&s);
+        assert_eq!(decode_state(&enc), Some(s));
+        assert_eq!(state_generation(&enc), Some(7));
+        assert_eq!(state_generation(&enc[..5]), None);
+        assert_eq!(decode_state(&enc[..enc.len() - 1]), None);
+    }
+
+    #[test]
+    fn lease_round_trips() {
+        let l = Lease {
+            holder: u64::MAX - 1,
+            expires_ms: 123,
+        };
+        assert_eq!(decode_lease(&encode_lease(l)), Some(l));
+        assert_eq!(decode_lease(&[1, 2, 3]), None);
+    }
+
+    #[test]
+    fn keys_are_distinct_per_purpose() {
+        let h = "ab".repeat(32);
+        assert_eq!(token_key(&h), format!("tg:t:{h}"));
+        assert_eq!(rate_key(&h), format!("tg:r:{h}"));
+    }
+}

@@ -1,0 +1,132 @@
+//! What a refused client sees: DESIGN.md's table, as status, headers and a JSON body.
+//! Bodies are fixed text: nothing from the request (least of all the token) is echoed.
+
+use crate::authorize::Denial;
+
+pub struct Refusal {
+    pub status: u32,
+    pub code: &'static str,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: String,
+}
+
+const INVALID_CHALLENGE: &str = r#"Bearer error="invalid_token""#;
+
+fn body(code: &str, message: &str) -> String {
+    format!(r#"{{"error":"{code}","message":"{message}"}}"#)
+}
+
+pub fn refusal(d: Denial) -> Refusal {
+    let (status, code, message, mut headers): (u32, &'static str, &str, Vec<(&'static str, String)>) =
+        match d {
+            Denial::MissingToken => (
+                401,
+                "missing_token",
+                "An access token is required: send it in the X-API-Token header or as Authorization: Bearer.",
+                vec![("www-authenticate", "Bearer".to_string())],
+            ),
+            Denial::InvalidToken => (
+                401,
+                "invalid_token",
+                "The access token is malformed, unknown or revoked.",
+                vec![("www-authenticate", INVALID_CHALLENGE.to_string())],
+            ),
+            Denial::TokenExpired => (
+                401,
+                "token_expired",
+                "The access token has expired.",
+                vec![("www-authenticate", INVALID_CHALLENGE.to_string())],
+            ),
+            Denial::TokenSuspended => (403, "token_suspended", "The access token is suspended.", vec![]),
+            Denial::RateLimited { retry_after_secs, max_rps, .. } => (
+                429,
+                "rate_limited",
+                "Too many requests for this access token; retry after the time in Retry-After.",
+                vec![
+                    ("retry-after", retry_after_secs.to_string()),
+                    ("ratelimit-policy", format!(r#""tokengate";q={max_rps};w=1"#)),
+                    ("ratelimit", format!(r#""tokengate";r=0;t={retry_after_secs}"#)),
+                ],
+            ),
+            Denial::StateUnavailable => (
+                503,
+                "token_state_unavailable",
+                "Token state is not loaded yet; retry shortly.",
+                vec![("retry-after", "1".to_string())],
+            ),
+        };
+    headers.push(("content-type", "application/json".to_string()));
+    Refusal {
+        status,
+        code,
+        headers,
+        body: body(code, message),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header<'a>(r: &'a Refusal, name: &str) -> Option<&'a str> {
+        r.headers
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    #[test]
+    fn table_rows() {
+        let cases = [
+            (Denial::MissingToken, 401, "missing_token", Some("Bearer")),
+            (
+                Denial::InvalidToken,
+                401,
+                "invalid_token",
+                Some(INVALID_CHALLENGE),
+            ),
+            (
+                Denial::TokenExpired,
+                401,
+                "token_expired",
+                Some(INVALID_CHALLENGE),
+            ),
+            (Denial::TokenSuspended, 403, "token_suspended", None),
+            (
+                Denial::StateUnavailable,
+                503,
+                "token_state_unavailable",
+                None,
+            ),
+        ];
+        for (d, status, code, challenge) in cases {
+            let r = refusal(d);
+            assert_eq!((r.status, r.code), (status, code));
+            assert_eq!(header(&r, "www-authenticate"), challenge, "{code}");
+            let json: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+            assert_eq!(json["error"], code);
+            assert!(json["message"].as_str().unwrap().len() > 10);
+            assert_eq!(header(&r, "content-type"), Some("application/json"));
+        }
+        assert_eq!(
+            header(&refusal(Denial::StateUnavailable), "retry-after"),
+            Some("1")
+        );
+    }
+
+    #[test]
+    fn rate_limited_carries_retry_after_and_ratelimit_headers() {
+        let r = refusal(Denial::RateLimited {
+            retry_after_secs: 3,
+            max_rps: 10,
+            burst: 20,
+        });
+        assert_eq!(r.status, 429);
+        assert_eq!(header(&r, "retry-after"), Some("3"));
+        assert_eq!(
+            header(&r, "ratelimit-policy"),
+            Some(r#""tokengate";q=10;w=1"#)
+        );
+        assert_eq!(header(&r, "ratelimit"), Some(r#""tokengate";r=0;t=3"#));
+    }
+}

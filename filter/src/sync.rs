@@ -1,0 +1,647 @@
+//! The sync client: one root context per Envoy holds a lease in shared data and long-polls
+//! the control plane; what it learns it writes into shared data for every worker to read.
+//!
+//! An explicit state machine driven by the root context's tick and the callout's response:
+//! `Idle` → (tick, lease held) → `Polling` → (answer) → `Polling` again at once, or
+//! (failure) → `Backoff` → (tick after the delay) → `Idle`.
+
+use crate::config::Config;
+use crate::record::{self, Lease, State, LEASE_KEY, STATE_KEY};
+use crate::store::{SharedStore, StoreError};
+use tokengate_wire::{SyncRecord, SyncResponse, SyncStatus};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Idle,
+    Polling { since_ms: u64 },
+    Backoff { until_ms: u64 },
+}
+
+/// A full snapshot whose pages are still arriving.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct SnapshotProgress {
+    cursor: String,
+    generation: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SyncFailure {
+    /// The callout could not be sent or got no answer.
+    Unreachable,
+    /// The control plane answered with this status.
+    Status(u32),
+    /// The body was not a sync response.
+    Malformed,
+    /// Shared data refused a write.
+    Store,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    pub changes: usize,
+    /// Set once a snapshot is complete or changes were applied.
+    pub state: Option<State>,
+}
+
+#[derive(Debug)]
+pub struct SyncClient {
+    phase: Phase,
+    failures: u32,
+    snapshot: Option<SnapshotProgress>,
+    /// This root context's lease identity.
+    holder: u64,
+}
+
+/// Attempts to take or renew the sync lease; true while this holder leads.
+pub fn hold_lease(store: &dyn SharedStore, holder: u64, now_ms: u64, ttl_ms: u32) -> bool {
+    let Ok((value, cas)) = store.get(LEASE_KEY) else {
+        return false;
+    };
+    if let Some(l) = value.as_deref().and_then(record::decode_lease) {
+        if l.holder != holder && l.expires_ms > now_ms {
+            return false;
+        }
+    }
+    let lease = Lease {
+        holder,
+        expires_ms: now_ms.saturating_add(u64::from(ttl_ms)),
+    };
+    store
+        .set(LEASE_KEY, &record::encode_lease(lease), cas)
+        .is_ok()
+}
+
+pub fn read_state(store: &dyn SharedStore) -> Result<Option<State>, StoreError> {
+    let (value, _) = store.get(STATE_KEY)?;
+    Ok(value.as_deref().and_then(record::decode_state))
+}
+
+fn is_unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+}
+
+fn push_param(path: &mut String, name: &str, value: &str) {
+    path.push(if path.contains('?') { '&' } else { '?' });
+    path.push_str(name);
+    path.push('=');
+    for b in value.bytes() {
+        if is_unreserved(b) {
+            path.push(b as char);
+        } else {
+            path.push_str(&format!("%{b:02X}"));
+        }
+    }
+}
+
+impl SyncClient {
+    pub fn new(holder: u64) -> SyncClient {
+        SyncClient {
+            phase: Phase::Idle,
+            failures: 0,
+            snapshot: None,
+            holder,
+        }
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    pub fn failures(&self) -> u32 {
+        self.failures
+    }
+
+    /// Called on every tick. Returns the path to poll when a poll should start now.
+    pub fn on_tick(
+        &mut self,
+        cfg: &Config,
+        store: &dyn SharedStore,
+        proxy_id: &str,
+        now_ms: u64,
+    ) -> Option<String> {
+        let leader = hold_lease(store, self.holder, now_ms, cfg.lease_ms);
+        match self.phase {
+            Phase::Polling { since_ms } => {
+                // The host always answers a callout (at worst with its timeout); this only
+                // guards against a lost callback leaving the leader silent for ever.
+                let limit = u64::from(cfg.sync_wait_seconds) * 1_000 + 30_000;
+                if now_ms.saturating_sub(since_ms) > limit {
+                    self.fail(cfg, now_ms);
+                }
+                None
+            }
+            Phase::Backoff { until_ms } if now_ms < until_ms => None,
+            Phase::Idle | Phase::Backoff { .. } => {
+                self.phase = Phase::Idle;
+                if leader {
+                    self.start(cfg, store, proxy_id, now_ms)
+                } else {
+                    None
+                }
+            }
+        }
+    }
+
+    fn start(
+        &mut self,
+        cfg: &Config,
+        store: &dyn SharedStore,
+        proxy_id: &str,
+        now_ms: u64,
+    ) -> Option<String> {
+        let Ok(state) = read_state(store) else {
+            self.fail(cfg, now_ms);
+            return None;
+        };
+        let mut path = cfg.sync_path.clone();
+        match (&self.snapshot, &state) {
+            (Some(progress), _) => {
+                push_param(&mut path, "since", "0");
+                push_param(&mut path, "cursor", &progress.cursor);
+            }
+            (None, Some(s)) => {
+                push_param(&mut path, "since", &s.version.to_string());
+                push_param(&mut path, "store_id", &s.store_id);
+            }
+            (None, None) => push_param(&mut path, "since", "0"),
+        }
+        push_param(&mut path, "wait", &cfg.sync_wait_seconds.to_string());
+        if !proxy_id.is_empty() {
+            push_param(&mut path, "proxy_id", proxy_id);
+        }
+        self.phase = Phase::Polling { since_ms: now_ms };
+        Some(path)
+    }
+
+    /// The callout could not be dispatched.
+    pub fn on_dispatch_failed(&mut self, cfg: &Config, now_ms: u64) {
+        self.fail(cfg, now_ms);
+    }
+
+    fn fail(&mut self, cfg: &Config, now_ms: u64) {
+        self.failures = self.failures.saturating_add(1);
+        let exp = self.failures.saturating_sub(1).min(20);
+        let base = u64::from(cfg.backoff_initial_ms)
+            .saturating_mul(1u64 << exp)
+            .min(u64::from(cfg.backoff_max_ms));
+        // Spread a fleet's retries after a control-plane outage.
+        let jitter = (self.holder ^ u64::from(self.failures).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+            % (base / 4 + 1);
+        self.phase = Phase::Backoff {
+            until_ms: now_ms.saturating_add(base - base / 8 + jitter / 2),
+        };
+        // A snapshot cut short restarts from the first page: the cursor may have aged out.
+        self.snapshot = None;
+    }
+
+    /// The callout answered (`status` is `None` when it failed without an HTTP answer).
+    /// Returns what was applied, and the path of the next poll when it should start at once.
+    pub fn on_response(
+        &mut self,
+        cfg: &Config,
+        store: &dyn SharedStore,
+        proxy_id: &str,
+        now_ms: u64,
+        status: Option<u32>,
+        body: Option<&[u8]>,
+    ) -> (Result<Applied, SyncFailure>, Option<String>) {
+        let result = match status {
+            None => Err(SyncFailure::Unreachable),
+            Some(200) => match body.map(serde_json::from_slice::<SyncResponse>) {
+                Some(Ok(resp)) => self.apply(store, &resp),
+                _ => Err(SyncFailure::Malformed),
+            },
+            Some(code) => Err(SyncFailure::Status(code)),
+        };
+        match result {
+            Ok(applied) => {
+                self.failures = 0;
+                self.phase = Phase::Idle;
+                let next = if hold_lease(store, self.holder, now_ms, cfg.lease_ms) {
+                    self.start(cfg, store, proxy_id, now_ms)
+                } else {
+                    None
+                };
+                (Ok(applied), next)
+            }
+            Err(e) => {
+                self.fail(cfg, now_ms);
+                (Err(e), None)
+            }
+        }
+    }
+
+    fn apply(
+        &mut self,
+        store: &dyn SharedStore,
+        resp: &SyncResponse,
+    ) -> Result<Applied, SyncFailure> {
+        let current = read_state(store).map_err(|_| SyncFailure::Store)?;
+        let generation = if resp.snapshot {
+            match (&self.snapshot, &current) {
+                (Some(p), _) => p.generation,
+                (None, Some(c)) => c.generation.wrapping_add(1).max(1),
+                (None, None) => 1,
+            }
+        } else {
+            match &current {
+                Some(c) if c.store_id == resp.store_id => c.generation,
+                // Changes can only build on a loaded snapshot of the same store.
+                _ => return Err(SyncFailure::Malformed),
+            }
+        };
+        for rec in &resp.changes {
+            write_record(store, rec, generation)?;
+        }
+        if resp.snapshot {
+            if let Some(cursor) = &resp.next_cursor {
+                self.snapshot = Some(SnapshotProgress {
+                    cursor: cursor.clone(),
+                    generation,
+                });
+                return Ok(Applied {
+                    changes: resp.changes.len(),
+                    state: None,
+                });
+            }
+        }
+        self.snapshot = None;
+        let state = State {
+            version: resp.version,
+            generation,
+            store_id: resp.store_id.clone(),
+            token_count: resp.token_count,
+        };
+        commit_state(store, &state, resp.snapshot)?;
+        Ok(Applied {
+            changes: resp.changes.len(),
+            state: Some(state),
+        })
+    }
+}
+
+fn is_hash(s: &str) -> bool {
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+const WRITE_RETRIES: u32 = 16;
+
+/// Writes one record unless a newer one of the same generation is already there (a slower,
+/// older answer must not undo a newer change).
+fn write_record(
+    store: &dyn SharedStore,
+    rec: &SyncRecord,
+    generation: u32,
+) -> Result<(), SyncFailure> {
+    if !is_hash(&rec.hash) {
+        return Err(SyncFailure::Malformed);
+    }
+    let key = record::token_key(&rec.hash);
+    let value = record::encode_token(rec, generation);
+    let mut written = false;
+    for _ in 0..WRITE_RETRIES {
+        let (existing, cas) = store.get(&key).map_err(|_| SyncFailure::Store)?;
+        if let Some(old) = existing.as_deref().and_then(record::decode_token) {
+            if old.generation >= generation && old.version > rec.version {
+                return Ok(());
+            }
+        }
+        match store.set(&key, &value, cas) {
+            Ok(()) => {
+                written = true;
+                break;
+            }
+            Err(StoreError::CasMismatch) => continue,
+            Err(StoreError::Host) => return Err(SyncFailure::Store),
+        }
+    }
+    if !written {
+        return Err(SyncFailure::Store);
+    }
+    // Create the rate state now so that requests always update it with compare-and-swap.
+    if rec.max_rps.is_some() && rec.status != SyncStatus::Revoked {
+        let rate_key = record::rate_key(&rec.hash);
+        let (existing, _) = store.get(&rate_key).map_err(|_| SyncFailure::Store)?;
+        if existing.is_none() {
+            store
+                .set(&rate_key, &crate::gcra::encode_tat(0), 0)
+                .map_err(|_| SyncFailure::Store)?;
+        }
+    }
+    Ok(())
+}
+
+/// Publishes the state, never moving the version backwards within a generation.
+fn commit_state(store: &dyn SharedStore, state: &State, snapshot: bool) -> Result<(), SyncFailure> {
+    for _ in 0..WRITE_RETRIES {
+        let (existing, cas) = store.get(STATE_KEY).map_err(|_| SyncFailure::Store)?;
+        if let Some(old) = existing.as_deref().and_then(record::decode_state) {
+            let newer_already = old.generation > state.generation
+                || (old.generation == state.generation
+                    && old.version >= state.version
+                    && !snapshot);
+            if newer_already {
+                return Ok(());
+            }
+        }
+        match store.set(STATE_KEY, &record::encode_state(state), cas) {
+            Ok(()) => return Ok(()),
+            Err(StoreError::CasMismatch) => continue,
+            Err(StoreError::Host) => return Err(SyncFailure::Store),
+        }
+    }
+    Err(SyncFailure::Store)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::authorize::{authorize, hash_hex, Denial, Outcome};
+    use crate::store::fake::MemStore;
+    use tokengate_wire::{token, Kind};
+
+    const NOW_NS: u64 = 1_800_000_000 * 1_000_000_000;
+
+    fn cfg() -> Config {
+        Config::parse(br#"{"control_plane_cluster":"cp","sync_token":"x","sync_wait_seconds":5}"#)
+            .unwrap()
+    }
+
+    fn secret(c: char) -> String {
+        token::compose(&c.to_string().repeat(32)).unwrap()
+    }
+
+    fn rec(secret: &str, version: u64, status: SyncStatus) -> SyncRecord {
+        SyncRecord {
+            hash: hash_hex(secret.as_bytes()),
+            id: format!("tok_{version}"),
+            name: "n".into(),
+            owner: "o".into(),
+            kind: Kind::User,
+            status,
+            max_rps: None,
+            burst: None,
+            expires_at: None,
+            version,
+        }
+    }
+
+    fn resp(
+        version: u64,
+        snapshot: bool,
+        changes: Vec<SyncRecord>,
+        cursor: Option<&str>,
+    ) -> Vec<u8> {
+        serde_json::to_vec(&SyncResponse {
+            store_id: "store-a".into(),
+            version,
+            snapshot,
+            changes,
+            next_cursor: cursor.map(str::to_string),
+            token_count: 1,
+        })
+        .unwrap()
+    }
+
+    fn allows(store: &MemStore, secret: &str) -> Outcome {
+        authorize(&cfg(), store, Some(secret.as_bytes()), NOW_NS)
+    }
+
+    #[test]
+    fn only_one_holder_leads_until_the_lease_lapses() {
+        let s = MemStore::default();
+        assert!(hold_lease(&s, 1, 1_000, 2_000));
+        assert!(!hold_lease(&s, 2, 1_500, 2_000));
+        assert!(hold_lease(&s, 1, 2_500, 2_000), "renewal");
+        assert!(!hold_lease(&s, 2, 4_000, 2_000));
+        assert!(hold_lease(&s, 2, 4_501, 2_000), "takeover after expiry");
+        assert!(!hold_lease(&s, 1, 4_600, 2_000));
+    }
+
+    #[test]
+    fn first_tick_of_the_leader_polls_for_a_snapshot_followers_wait() {
+        let c = cfg();
+        let s = MemStore::default();
+        let mut leader = SyncClient::new(1);
+        let mut follower = SyncClient::new(2);
+        assert_eq!(
+            leader.on_tick(&c, &s, "node-1", 1_000).as_deref(),
+            Some("/v1/sync?since=0&wait=5&proxy_id=node-1")
+        );
+        assert_eq!(leader.phase(), Phase::Polling { since_ms: 1_000 });
+        assert_eq!(follower.on_tick(&c, &s, "node-1", 1_000), None);
+        assert_eq!(follower.phase(), Phase::Idle);
+        // While polling, ticks only renew the lease.
+        assert_eq!(leader.on_tick(&c, &s, "node-1", 1_200), None);
+    }
+
+    #[test]
+    fn paged_snapshot_is_only_trusted_when_complete_then_changes_follow() {
+        let c = cfg();
+        let s = MemStore::default();
+        let (a, b) = (secret('a'), secret('b'));
+        let mut sc = SyncClient::new(1);
+        sc.on_tick(&c, &s, "", 0);
+        let page1 = resp(
+            10,
+            true,
+            vec![rec(&a, 3, SyncStatus::Active)],
+            Some("10:tok_3"),
+        );
+        let (applied, next) = sc.on_response(&c, &s, "", 10, Some(200), Some(&page1));
+        assert_eq!(
+            applied.unwrap(),
+            Applied {
+                changes: 1,
+                state: None
+            }
+        );
+        assert_eq!(
+            next.as_deref(),
+            Some("/v1/sync?since=0&cursor=10%3Atok_3&wait=5")
+        );
+        assert_eq!(
+            allows(&s, &a),
+            Outcome::Deny(Denial::StateUnavailable),
+            "snapshot incomplete"
+        );
+
+        let page2 = resp(10, true, vec![rec(&b, 10, SyncStatus::Suspended)], None);
+        let (applied, next) = sc.on_response(&c, &s, "", 20, Some(200), Some(&page2));
+        assert_eq!(applied.unwrap().state.unwrap().version, 10);
+        assert_eq!(
+            next.as_deref(),
+            Some("/v1/sync?since=10&store_id=store-a&wait=5")
+        );
+        assert!(matches!(allows(&s, &a), Outcome::Allow(_)));
+        assert_eq!(allows(&s, &b), Outcome::Deny(Denial::TokenSuspended));
+
+        let change = resp(11, false, vec![rec(&a, 11, SyncStatus::Revoked)], None);
+        let (applied, next) = sc.on_response(&c, &s, "", 30, Some(200), Some(&change));
+        assert_eq!(applied.unwrap().state.unwrap().version, 11);
+        assert_eq!(
+            next.as_deref(),
+            Some("/v1/sync?since=11&store_id=store-a&wait=5")
+        );
+        assert_eq!(allows(&s, &a), Outcome::Deny(Denial::InvalidToken));
+    }
+
+    #[test]
+    fn a_new_snapshot_drops_records_it_does_not_mention() {
+        let c = cfg();
+        let s = MemStore::default();
+        let (a, b) = (secret('a'), secret('b'));
+        let mut sc = SyncClient::new(1);
+        sc.on_tick(&c, &s, "", 0);
+        let first = resp(
+            2,
+            true,
+            vec![
+                rec(&a, 1, SyncStatus::Active),
+                rec(&b, 2, SyncStatus::Active),
+            ],
+            None,
+        );
+        sc.on_response(&c, &s, "", 0, Some(200), Some(&first))
+            .0
+            .unwrap();
+        assert!(matches!(allows(&s, &b), Outcome::Allow(_)));
+        // The control plane's database was replaced: it answers with a snapshot without `b`.
+        let again = resp(1, true, vec![rec(&a, 1, SyncStatus::Active)], None);
+        sc.on_response(&c, &s, "", 0, Some(200), Some(&again))
+            .0
+            .unwrap();
+        assert!(matches!(allows(&s, &a), Outcome::Allow(_)));
+        assert_eq!(allows(&s, &b), Outcome::Deny(Denial::InvalidToken));
+    }
+
+    #[test]
+    fn older_answers_never_undo_newer_changes() {
+        let c = cfg();
+        let s = MemStore::default();
+        let a = secret('a');
+        let mut sc = SyncClient::new(1);
+        sc.on_tick(&c, &s, "", 0);
+        let snap = resp(5, true, vec![rec(&a, 5, SyncStatus::Suspended)], None);
+        sc.on_response(&c, &s, "", 0, Some(200), Some(&snap))
+            .0
+            .unwrap();
+        let stale = resp(4, false, vec![rec(&a, 4, SyncStatus::Active)], None);
+        sc.on_response(&c, &s, "", 0, Some(200), Some(&stale))
+            .0
+            .unwrap();
+        assert_eq!(allows(&s, &a), Outcome::Deny(Denial::TokenSuspended));
+        assert_eq!(read_state(&s).unwrap().unwrap().version, 5);
+    }
+
+    #[test]
+    fn failures_back_off_exponentially_and_keep_the_last_state() {
+        let c = cfg();
+        let s = MemStore::default();
+        let a = secret('a');
+        let mut sc = SyncClient::new(7);
+        sc.on_tick(&c, &s, "", 0);
+        let snap = resp(1, true, vec![rec(&a, 1, SyncStatus::Active)], None);
+        sc.on_response(&c, &s, "", 0, Some(200), Some(&snap))
+            .0
+            .unwrap();
+
+        let mut delays = vec![];
+        let mut now = 1_000;
+        for status in [
+            None,
+            Some(503),
+            Some(200),
+            Some(401),
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        ] {
+            let body: &[u8] = b"not json";
+            let (r, next) = sc.on_response(&c, &s, "", now, status, Some(body));
+            assert!(r.is_err());
+            assert_eq!(next, None);
+            let Phase::Backoff { until_ms } = sc.phase() else {
+                panic!("expected backoff")
+            };
+            delays.push(until_ms - now);
+            // Before the delay: nothing; after it: a new poll.
+            assert_eq!(sc.on_tick(&c, &s, "", until_ms - 1), None);
+            assert!(sc.on_tick(&c, &s, "", until_ms).is_some());
+            now = until_ms;
+        }
+        assert!(delays[0] >= 200 && delays[0] <= 300, "{delays:?}");
+        assert!(delays[1] > delays[0] && delays[2] > delays[1], "{delays:?}");
+        assert!(
+            delays.iter().all(|d| *d <= 10_000 + 10_000 / 8),
+            "{delays:?}"
+        );
+        assert!(*delays.last().unwrap() >= 8_000, "{delays:?}");
+        assert_eq!(sc.failures(), 10);
+        assert!(
+            matches!(allows(&s, &a), Outcome::Allow(_)),
+            "last known state still serves"
+        );
+
+        let ok = resp(1, false, vec![], None);
+        let (r, next) = sc.on_response(&c, &s, "", now, Some(200), Some(&ok));
+        assert!(r.is_ok() && next.is_some());
+        assert_eq!(sc.failures(), 0);
+    }
+
+    #[test]
+    fn changes_without_a_loaded_snapshot_are_refused() {
+        let c = cfg();
+        let s = MemStore::default();
+        let mut sc = SyncClient::new(1);
+        sc.on_tick(&c, &s, "", 0);
+        let body = resp(3, false, vec![], None);
+        let (r, _) = sc.on_response(&c, &s, "", 0, Some(200), Some(&body));
+        assert_eq!(r, Err(SyncFailure::Malformed));
+    }
+
+    #[test]
+    fn bad_hashes_are_refused_and_limited_tokens_get_rate_state() {
+        let c = cfg();
+        let s = MemStore::default();
+        let mut sc = SyncClient::new(1);
+        sc.on_tick(&c, &s, "", 0);
+        let mut bad = rec("x", 1, SyncStatus::Active);
+        bad.hash = "../etc".into();
+        let body = resp(1, true, vec![bad], None);
+        assert_eq!(
+            sc.on_response(&c, &s, "", 0, Some(200), Some(&body)).0,
+            Err(SyncFailure::Malformed)
+        );
+
+        let a = secret('a');
+        let mut limited = rec(&a, 1, SyncStatus::Active);
+        limited.max_rps = Some(5);
+        sc.on_tick(&c, &s, "", 100_000);
+        let body = resp(1, true, vec![limited.clone()], None);
+        sc.on_response(&c, &s, "", 100_000, Some(200), Some(&body))
+            .0
+            .unwrap();
+        assert!(s
+            .map
+            .borrow()
+            .contains_key(&record::rate_key(&limited.hash)));
+    }
+
+    #[test]
+    fn a_stuck_poll_is_abandoned() {
+        let c = cfg();
+        let s = MemStore::default();
+        let mut sc = SyncClient::new(1);
+        assert!(sc.on_tick(&c, &s, "", 0).is_some());
+        assert_eq!(sc.on_tick(&c, &s, "", 34_000), None);
+        assert_eq!(sc.phase(), Phase::Polling { since_ms: 0 });
+        sc.on_tick(&c, &s, "", 36_000);
+        assert!(matches!(sc.phase(), Phase::Backoff { .. }));
+    }
+}
