@@ -3,8 +3,10 @@
 //! Request: `GET /v1/sync?since=V[&store_id=S][&cursor=C][&wait=SECONDS][&proxy_id=P]`
 //! with `Authorization: Bearer <sync credential>`.
 //!
-//! * `since=0`, a `since` newer than the store's version, or a `store_id` that is not the
-//!   store's: the answer is a full snapshot (`snapshot: true`), paged. While `next_cursor` is
+//! * `since=0` without a `store_id` (a client with no state), a `since` newer than the
+//!   store's version, or a `store_id` that is not the store's: the answer is a full snapshot
+//!   (`snapshot: true`), paged. A client holding state always sends its `store_id`, so an
+//!   empty store at version 0 is long-polled like any other. While `next_cursor` is
 //!   set, the client asks again with `cursor=` and the same `since`; only after the last page
 //!   does it hold `version`. Records it held that no page mentioned are gone.
 //! * otherwise the answer holds the changes after `since` in version order, at most one page;

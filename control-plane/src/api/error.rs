@@ -1,0 +1,82 @@
+//! API errors: `{"error": code, "message": sentence, "field"?: name}` with the right status.
+
+use crate::store::StoreError;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+#[derive(Debug)]
+pub enum ApiError {
+    /// 400 about one field of the body or query.
+    Field {
+        field: String,
+        message: String,
+    },
+    /// 400 about the body as a whole.
+    Body(String),
+    Unauthorized,
+    NotFound,
+    Conflict(String),
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn field(field: &str, message: impl Into<String>) -> ApiError {
+        ApiError::Field {
+            field: field.to_string(),
+            message: message.into(),
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> ApiError {
+        match e {
+            StoreError::NotFound => ApiError::NotFound,
+            StoreError::Conflict(m) => ApiError::Conflict(m),
+            StoreError::Invalid { field, message } => ApiError::field(field, message),
+            StoreError::Backend(m) => ApiError::Internal(m),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, body) = match self {
+            ApiError::Field { field, message } => (
+                StatusCode::BAD_REQUEST,
+                json!({"error": "invalid_field", "message": format!("{field}: {message}"), "field": field}),
+            ),
+            ApiError::Body(message) => (
+                StatusCode::BAD_REQUEST,
+                json!({"error": "invalid_body", "message": message}),
+            ),
+            ApiError::Unauthorized => {
+                let body = json!({"error": "unauthorized", "message": "A valid credential is required in Authorization: Bearer."});
+                return (
+                    StatusCode::UNAUTHORIZED,
+                    [(header::WWW_AUTHENTICATE, "Bearer")],
+                    Json(body),
+                )
+                    .into_response();
+            }
+            ApiError::NotFound => (
+                StatusCode::NOT_FOUND,
+                json!({"error": "not_found", "message": "No such token."}),
+            ),
+            ApiError::Conflict(message) => (
+                StatusCode::CONFLICT,
+                json!({"error": "conflict", "message": message}),
+            ),
+            ApiError::Internal(detail) => {
+                tracing::error!(%detail, "internal error");
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    json!({"error": "internal", "message": "Internal error; see the control plane's log."}),
+                )
+            }
+        };
+        (status, Json(body)).into_response()
+    }
+}

@@ -1,0 +1,433 @@
+//! The API served by `app(state)` on a real socket, driven over HTTP.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokengate::api::{app, AppState};
+use tokengate::store::SqliteStore;
+use tokio::sync::watch;
+
+const ADMIN: &str = "admin-credential-0123456789";
+const SYNC: &str = "sync-credential-0123456789";
+
+struct TestApp {
+    url: String,
+    shutdown: watch::Sender<bool>,
+    _dir: tempfile::TempDir,
+}
+
+fn spawn_app(page_size: u32) -> TestApp {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("t.db")).unwrap();
+    let (shutdown, rx) = watch::channel(false);
+    let state = AppState {
+        store: Arc::new(store),
+        admin_token: ADMIN.into(),
+        sync_token: SYNC.into(),
+        sync_max_wait: Duration::from_secs(5),
+        sync_page_size: page_size,
+        shutdown: rx,
+    };
+    let (tx, addr) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            tx.send(l.local_addr().unwrap()).unwrap();
+            axum::serve(l, app(state)).await.unwrap();
+        });
+    });
+    TestApp {
+        url: format!("http://{}", addr.recv().unwrap()),
+        shutdown,
+        _dir: dir,
+    }
+}
+
+impl TestApp {
+    fn call(
+        &self,
+        method: &str,
+        path: &str,
+        cred: Option<&str>,
+        body: Option<&str>,
+    ) -> (u16, serde_json::Value) {
+        let mut req = ureq::request(method, &format!("{}{path}", self.url));
+        if let Some(c) = cred {
+            req = req.set("authorization", &format!("Bearer {c}"));
+        }
+        let res = match body {
+            Some(b) => req.set("content-type", "application/json").send_string(b),
+            None => req.call(),
+        };
+        let resp = match res {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("{method} {path}: {e}"),
+        };
+        let status = resp.status();
+        let text = resp.into_string().unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+        )
+    }
+
+    fn admin(&self, method: &str, path: &str, body: Option<&str>) -> (u16, serde_json::Value) {
+        self.call(method, path, Some(ADMIN), body)
+    }
+
+    fn create(&self, body: &str) -> serde_json::Value {
+        let (s, v) = self.admin("POST", "/v1/tokens", Some(body));
+        assert_eq!(s, 201, "{v}");
+        v
+    }
+
+    fn sync(&self, query: &str) -> serde_json::Value {
+        let (s, v) = self.call("GET", &format!("/v1/sync?{query}"), Some(SYNC), None);
+        assert_eq!(s, 200, "{v}");
+        v
+    }
+}
+
+#[test]
+fn create_shows_the_secret_once_and_get_list_never_do() {
+    let app = spawn_app(100);
+    let v = app.create(r#"{"name":"reports","kind":"service","owner":"data","max_rps":5,"expires_in_seconds":3600}"#);
+    let secret = v["token"].as_str().unwrap();
+    assert!(tokengate_wire::token::is_well_formed(secret.as_bytes()));
+    assert_eq!(v["kind"], "service");
+    assert_eq!(v["owner"], "data");
+    assert_eq!(v["status"], "active");
+    assert_eq!(v["max_rps"], 5);
+    assert!(v["burst"].is_null());
+    assert!(v["expires_at"].as_str().unwrap().ends_with('Z'));
+    assert!(v["last_used_at"].is_null());
+    let id = v["id"].as_str().unwrap();
+    let (s, got) = app.admin("GET", &format!("/v1/tokens/{id}"), None);
+    assert_eq!(s, 200);
+    assert!(got.get("token").is_none());
+    assert!(!got.to_string().contains(secret));
+    let (_, list) = app.admin("GET", "/v1/tokens", None);
+    assert!(!list.to_string().contains(secret));
+    assert_eq!(list["tokens"].as_array().unwrap().len(), 1);
+    // Defaults.
+    let d = app.create(r#"{"name":"x"}"#);
+    assert_eq!(
+        (d["kind"].as_str(), d["owner"].as_str()),
+        (Some("user"), Some("admin"))
+    );
+    assert!(d["expires_at"].is_null() && d["max_rps"].is_null());
+}
+
+#[test]
+fn bad_bodies_are_400s_naming_the_field() {
+    let app = spawn_app(100);
+    let cases = [
+        (r#"{}"#, "name"),
+        (r#"{"name":""}"#, "name"),
+        (r#"{"name":"a\u0007b"}"#, "name"),
+        (r#"{"name":"x","kind":"robot"}"#, "kind"),
+        (r#"{"name":"x","max_rps":0}"#, "max_rps"),
+        (r#"{"name":"x","max_rps":"ten"}"#, "max_rps"),
+        (r#"{"name":"x","max_rps":-3}"#, "max_rps"),
+        (r#"{"name":"x","burst":5}"#, "burst"),
+        (
+            r#"{"name":"x","expires_in_seconds":0}"#,
+            "expires_in_seconds",
+        ),
+        (r#"{"name":"x","expires_at":"tomorrow"}"#, "expires_at"),
+        (
+            r#"{"name":"x","expires_at":"2001-01-01T00:00:00Z"}"#,
+            "expires_at",
+        ),
+        (
+            r#"{"name":"x","expires_at":"2099-01-01T00:00:00Z","expires_in_seconds":5}"#,
+            "expires_at",
+        ),
+        (r#"{"name":"x","colour":"red"}"#, "colour"),
+    ];
+    for (body, field) in cases {
+        let (s, v) = app.admin("POST", "/v1/tokens", Some(body));
+        assert_eq!(s, 400, "{body}: {v}");
+        assert_eq!(v["error"], "invalid_field", "{body}: {v}");
+        assert_eq!(v["field"], field, "{body}: {v}");
+        assert!(
+            v["message"].as_str().unwrap().contains(field),
+            "{body}: {v}"
+        );
+    }
+    let (s, v) = app.admin("POST", "/v1/tokens", Some("{not json"));
+    assert_eq!((s, v["error"].as_str()), (400, Some("invalid_body")));
+    let id = app.create(r#"{"name":"x"}"#)["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (s, v) = app.admin("PATCH", &format!("/v1/tokens/{id}"), Some(r#"{"burst":3}"#));
+    assert_eq!((s, v["field"].as_str()), (400, Some("burst")), "{v}");
+    let (s, v) = app.admin("PATCH", &format!("/v1/tokens/{id}"), Some("{}"));
+    assert_eq!((s, v["error"].as_str()), (400, Some("invalid_body")));
+    let (s, v) = app.admin("GET", "/v1/tokens?limit=0", None);
+    assert_eq!((s, v["field"].as_str()), (400, Some("limit")));
+}
+
+#[test]
+fn credentials_are_required_and_kept_apart() {
+    let app = spawn_app(100);
+    for (cred, path) in [
+        (None, "/v1/tokens"),
+        (Some("wrong-credential-123456"), "/v1/tokens"),
+        (Some(SYNC), "/v1/tokens"),
+    ] {
+        let (s, v) = app.call("GET", path, cred, None);
+        assert_eq!(
+            (s, v["error"].as_str()),
+            (401, Some("unauthorized")),
+            "{cred:?}"
+        );
+    }
+    let (s, _) = app.call("GET", "/v1/sync?since=0", Some(ADMIN), None);
+    assert_eq!(s, 401);
+    let (s, _) = app.call("GET", "/v1/sync?since=0", None, None);
+    assert_eq!(s, 401);
+    let (s, v) = app.call("GET", "/healthz", None, None);
+    assert_eq!((s, v["status"].as_str()), (200, Some("ok")));
+    let (s, v) = app.admin("GET", "/v1/nothing-here", None);
+    assert_eq!((s, v["error"].as_str()), (404, Some("not_found")));
+}
+
+#[test]
+fn lifecycle_update_suspend_reactivate_revoke() {
+    let app = spawn_app(100);
+    let id = app.create(r#"{"name":"svc","max_rps":10,"burst":20}"#)["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let path = format!("/v1/tokens/{id}");
+    let (s, v) = app.admin("PATCH", &path, Some(r#"{"name":"svc2","max_rps":50}"#));
+    assert_eq!(s, 200);
+    assert_eq!(
+        (
+            v["name"].as_str(),
+            v["max_rps"].as_u64(),
+            v["burst"].as_u64()
+        ),
+        (Some("svc2"), Some(50), Some(20))
+    );
+    let (_, v) = app.admin("PATCH", &path, Some(r#"{"max_rps":null}"#));
+    assert!(
+        v["max_rps"].is_null() && v["burst"].is_null(),
+        "clearing the limit clears the burst: {v}"
+    );
+    let (_, v) = app.admin(
+        "PATCH",
+        &path,
+        Some(r#"{"expires_at":"2099-01-01T00:00:00Z"}"#),
+    );
+    assert_eq!(v["expires_at"], "2099-01-01T00:00:00Z");
+    let (_, v) = app.admin("PATCH", &path, Some(r#"{"expires_at":null}"#));
+    assert!(v["expires_at"].is_null());
+    let (s, v) = app.admin("POST", &format!("{path}/suspend"), None);
+    assert_eq!((s, v["status"].as_str()), (200, Some("suspended")));
+    let (_, listed) = app.admin("GET", "/v1/tokens?status=suspended", None);
+    assert_eq!(listed["tokens"][0]["id"], id.as_str());
+    let (s, v) = app.admin("POST", &format!("{path}/reactivate"), None);
+    assert_eq!((s, v["status"].as_str()), (200, Some("active")));
+    let (s, _) = app.admin("DELETE", &path, None);
+    assert_eq!(s, 204);
+    for (m, p) in [
+        ("GET", path.clone()),
+        ("DELETE", path.clone()),
+        ("POST", format!("{path}/reactivate")),
+    ] {
+        assert_eq!(app.admin(m, &p, None).0, 404, "{m} {p}");
+    }
+    assert_eq!(app.admin("PATCH", &path, Some(r#"{"name":"z"}"#)).0, 404);
+}
+
+#[test]
+fn list_filters_and_cursor_paging() {
+    let app = spawn_app(100);
+    for i in 0..5 {
+        let kind = if i % 2 == 0 { "user" } else { "service" };
+        app.create(&format!(
+            r#"{{"name":"t{i}","kind":"{kind}","owner":"o{}"}}"#,
+            i % 2
+        ));
+    }
+    let (_, page1) = app.admin("GET", "/v1/tokens?limit=2", None);
+    let cursor = page1["next_cursor"].as_str().unwrap().to_string();
+    let (_, page2) = app.admin("GET", &format!("/v1/tokens?limit=2&cursor={cursor}"), None);
+    let (_, page3) = app.admin(
+        "GET",
+        &format!(
+            "/v1/tokens?limit=2&cursor={}",
+            page2["next_cursor"].as_str().unwrap()
+        ),
+        None,
+    );
+    assert_eq!(page3["tokens"].as_array().unwrap().len(), 1);
+    assert!(page3["next_cursor"].is_null());
+    let (_, svc) = app.admin("GET", "/v1/tokens?kind=service", None);
+    assert_eq!(svc["tokens"].as_array().unwrap().len(), 2);
+    let (_, o0) = app.admin("GET", "/v1/tokens?owner=o0", None);
+    assert_eq!(o0["tokens"].as_array().unwrap().len(), 3);
+}
+
+#[test]
+fn sync_snapshot_pages_then_changes_then_long_poll() {
+    let app = spawn_app(2);
+    let secrets: Vec<String> = (0..5)
+        .map(|i| {
+            app.create(&format!(r#"{{"name":"t{i}"}}"#))["token"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    // Snapshot in pages of two.
+    let mut hashes = vec![];
+    let first = app.sync("since=0&wait=1");
+    assert_eq!(
+        (first["snapshot"].as_bool(), first["version"].as_u64()),
+        (Some(true), Some(5))
+    );
+    assert_eq!(first["token_count"], 5);
+    let store_id = first["store_id"].as_str().unwrap().to_string();
+    let mut page = first;
+    loop {
+        for c in page["changes"].as_array().unwrap() {
+            assert_eq!(c["hash"].as_str().unwrap().len(), 64);
+            hashes.push(c["hash"].as_str().unwrap().to_string());
+        }
+        match page["next_cursor"].as_str() {
+            Some(c) => page = app.sync(&format!("since=0&cursor={}", c.replace(':', "%3A"))),
+            None => break,
+        }
+    }
+    assert_eq!(hashes.len(), 5);
+    let body = serde_json::to_string(&hashes).unwrap();
+    assert!(
+        secrets.iter().all(|s| !body.contains(s.as_str())),
+        "only hashes travel"
+    );
+
+    // Behind: answered at once with changes in version order.
+    let v = app.sync(&format!("since=3&store_id={store_id}&wait=5"));
+    assert_eq!(
+        (v["snapshot"].as_bool(), v["version"].as_u64()),
+        (Some(false), Some(5))
+    );
+    assert_eq!(v["changes"].as_array().unwrap().len(), 2);
+    // Another store's state, or a version from the future: snapshot.
+    assert_eq!(
+        app.sync("since=3&store_id=st_other&wait=1")["snapshot"],
+        true
+    );
+    assert_eq!(
+        app.sync(&format!("since=99&store_id={store_id}&wait=1"))["snapshot"],
+        true
+    );
+
+    // Up to date: held, then "no change".
+    let t = Instant::now();
+    let v = app.sync(&format!("since=5&store_id={store_id}&wait=1"));
+    assert!(
+        t.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(
+        (
+            v["version"].as_u64(),
+            v["changes"].as_array().unwrap().len()
+        ),
+        (Some(5), 0)
+    );
+
+    // A change made while a poll waits answers it within milliseconds.
+    let url = app.url.clone();
+    let sid = store_id.clone();
+    let waiter = std::thread::spawn(move || {
+        let t = Instant::now();
+        let r: serde_json::Value =
+            ureq::get(&format!("{url}/v1/sync?since=5&store_id={sid}&wait=5"))
+                .set("authorization", &format!("Bearer {SYNC}"))
+                .call()
+                .unwrap()
+                .into_json()
+                .unwrap();
+        (t.elapsed(), r)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let (_, listed) = app.admin("GET", "/v1/tokens?limit=1", None);
+    let id = listed["tokens"][0]["id"].as_str().unwrap().to_string();
+    let changed_at = Instant::now();
+    app.admin("POST", &format!("/v1/tokens/{id}/suspend"), None);
+    let (elapsed, r) = waiter.join().unwrap();
+    assert!(elapsed < Duration::from_secs(3), "{elapsed:?}");
+    eprintln!(
+        "long-poll answered {:?} after the suspend returned",
+        changed_at.elapsed()
+    );
+    assert_eq!(r["version"], 6);
+    assert_eq!(r["changes"][0]["status"], "suspended");
+    assert_eq!(r["changes"][0]["id"], id.as_str());
+
+    // Revoked tokens travel as tombstones and leave the count.
+    app.admin("DELETE", &format!("/v1/tokens/{id}"), None);
+    let r = app.sync(&format!("since=6&store_id={store_id}&wait=1"));
+    assert_eq!(r["changes"][0]["status"], "revoked");
+    assert_eq!(r["token_count"], 4);
+    let (s, v) = app.call("GET", "/v1/sync?since=0&cursor=garbage", Some(SYNC), None);
+    assert_eq!((s, v["field"].as_str()), (400, Some("cursor")));
+}
+
+#[test]
+fn shutdown_releases_waiting_long_polls() {
+    let app = spawn_app(100);
+    app.create(r#"{"name":"x"}"#);
+    let sid = app.sync("since=0")["store_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let url = app.url.clone();
+    let waiter = std::thread::spawn(move || {
+        let t = Instant::now();
+        let r: serde_json::Value =
+            ureq::get(&format!("{url}/v1/sync?since=1&store_id={sid}&wait=5"))
+                .set("authorization", &format!("Bearer {SYNC}"))
+                .call()
+                .unwrap()
+                .into_json()
+                .unwrap();
+        (t.elapsed(), r)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    app.shutdown.send(true).unwrap();
+    let (elapsed, r) = waiter.join().unwrap();
+    assert!(elapsed < Duration::from_secs(2), "{elapsed:?}");
+    assert_eq!(r["changes"].as_array().unwrap().len(), 0);
+}
+
+#[test]
+fn an_empty_store_is_long_polled_not_resnapshotted() {
+    let app = spawn_app(100);
+    let first = app.sync("since=0&wait=1");
+    assert_eq!(
+        (first["snapshot"].as_bool(), first["version"].as_u64()),
+        (Some(true), Some(0))
+    );
+    let sid = first["store_id"].as_str().unwrap();
+    let t = Instant::now();
+    let v = app.sync(&format!("since=0&store_id={sid}&wait=1"));
+    assert!(
+        t.elapsed() >= Duration::from_millis(900),
+        "held: {:?}",
+        t.elapsed()
+    );
+    assert_eq!(v["snapshot"], false);
+}

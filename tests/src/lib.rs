@@ -1,0 +1,823 @@
+//! End-to-end harness: a real `tokengate serve`, the real `demo-upstream` and a real Envoy
+//! loading the real `tokengate_filter.wasm`, wired together on free loopback ports.
+//!
+//! Each [`Stack`] lives in its own temporary directory (database, rendered Envoy
+//! configuration, one log file per process) and kills its processes when dropped, so tests
+//! can run concurrently. When a test fails the directory is kept and its path printed, with
+//! the tail of every log.
+//!
+//! Binaries are found as follows (build them with `make build`, or just run `make test`):
+//! - control plane: `$TOKENGATE_BIN`, else `target/release/tokengate`
+//! - demo upstream: `$DEMO_UPSTREAM_BIN`, else `target/release/demo-upstream`
+//! - filter:        `$TOKENGATE_WASM`, else `target/wasm32-wasip1/release/tokengate_filter.wasm`
+//! - Envoy:         `$ENVOY_BIN`, else `.tools/envoy/envoy/_bin/envoy`
+//!
+//! Relative paths are taken from the workspace root.
+
+use serde_json::Value;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// How long a process gets to become ready. Generous: the machine may be busy with other
+/// tests and Envoy compiles the wasm module on start.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The workspace root (the parent of this crate).
+pub fn workspace_root() -> PathBuf {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().unwrap_or(manifest).to_path_buf()
+}
+
+fn locate(env: &str, default: &str, what: &str) -> PathBuf {
+    let path = match std::env::var_os(env) {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => PathBuf::from(default),
+    };
+    let path = if path.is_absolute() {
+        path
+    } else {
+        workspace_root().join(path)
+    };
+    if !path.is_file() {
+        panic!(
+            "{what} not found at {} (set {env} to override). \
+             Run `make test` (or `make build tools`) from the repository root: it installs and \
+             builds everything the end-to-end tests need.",
+            path.display()
+        );
+    }
+    path
+}
+
+/// Paths of everything a stack runs.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    pub tokengate: PathBuf,
+    pub demo_upstream: PathBuf,
+    pub envoy: PathBuf,
+    pub wasm: PathBuf,
+}
+
+impl Binaries {
+    /// Finds every binary, panicking with a message that names `make test` if one is missing.
+    pub fn locate() -> Binaries {
+        Binaries {
+            tokengate: locate(
+                "TOKENGATE_BIN",
+                "target/release/tokengate",
+                "control plane binary",
+            ),
+            demo_upstream: locate(
+                "DEMO_UPSTREAM_BIN",
+                "target/release/demo-upstream",
+                "demo upstream binary",
+            ),
+            envoy: locate("ENVOY_BIN", ".tools/envoy/envoy/_bin/envoy", "Envoy binary"),
+            wasm: locate(
+                "TOKENGATE_WASM",
+                "target/wasm32-wasip1/release/tokengate_filter.wasm",
+                "tokengate filter (wasm)",
+            ),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// A tiny blocking HTTP/1.1 client: one connection per request (`Connection: close`), so
+// successive calls through Envoy land on different worker threads.
+// ---------------------------------------------------------------------------------------
+
+/// An HTTP response as a test sees it.
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    /// Header names in lower case, in the order received.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Response {
+    /// First value of a header (name case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The body parsed as JSON; panics with the body when it is not JSON.
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "response body is not JSON ({e}): status {} body {:?}",
+                self.status, self.body
+            )
+        })
+    }
+
+    /// The `error` field of a JSON error body, if any.
+    pub fn error_code(&self) -> Option<String> {
+        serde_json::from_str::<Value>(&self.body)
+            .ok()?
+            .get("error")?
+            .as_str()
+            .map(str::to_string)
+    }
+}
+
+/// Sends one request and reads the whole response.
+pub fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> io::Result<Response> {
+    let timeout = Duration::from_secs(30);
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    stream.set_nodelay(true)?;
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        req.push_str(&format!("{name}: {value}\r\n"));
+    }
+    let body = body.unwrap_or("");
+    if !body.is_empty() || matches!(method, "POST" | "PUT" | "PATCH") {
+        if !headers
+            .iter()
+            .any(|(n, _)| n.eq_ignore_ascii_case("content-type"))
+        {
+            req.push_str("Content-Type: application/json\r\n");
+        }
+        req.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    stream.write_all(req.as_bytes())?;
+    // Read until the response is complete by its own framing rather than until EOF: a
+    // server may keep the socket open for a while after answering (Envoy's delayed close).
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        if response_complete(&raw, method == "HEAD") {
+            break;
+        }
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        raw.extend_from_slice(&buf[..n]);
+    }
+    parse_response(&raw, method == "HEAD")
+}
+
+/// True once `raw` holds a whole response: headers plus `Content-Length` bytes, or a
+/// terminated chunked body. Without either, only EOF ends the response.
+fn response_complete(raw: &[u8], head: bool) -> bool {
+    let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
+    let head_text = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+    let status_no_body = head_text
+        .split_whitespace()
+        .nth(1)
+        .is_some_and(|s| s.starts_with('1') || s == "204" || s == "304");
+    if head || status_no_body {
+        return true;
+    }
+    let body = &raw[end + 4..];
+    for line in head_text.split("\r\n").skip(1) {
+        if let Some((name, value)) = line.split_once(':') {
+            match name.trim() {
+                "content-length" => {
+                    return value
+                        .trim()
+                        .parse::<usize>()
+                        .is_ok_and(|len| body.len() >= len)
+                }
+                "transfer-encoding" if value.contains("chunked") => {
+                    return body.ends_with(b"0\r\n\r\n") && dechunk(body).is_ok()
+                }
+                _ => {}
+            }
+        }
+    }
+    false
+}
+
+fn bad(msg: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.into())
+}
+
+fn parse_response(raw: &[u8], head: bool) -> io::Result<Response> {
+    let end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| bad(format!("incomplete response ({} bytes)", raw.len())))?;
+    let head_text = String::from_utf8_lossy(&raw[..end]);
+    let mut lines = head_text.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse::<u16>().ok())
+        .ok_or_else(|| bad(format!("bad status line {status_line:?}")))?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let rest = &raw[end + 4..];
+    let find = |name: &str| {
+        headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    };
+    let body = if head || status == 204 || status == 304 {
+        Vec::new()
+    } else if find("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+        dechunk(rest)?
+    } else if let Some(len) = find("content-length").and_then(|v| v.parse::<usize>().ok()) {
+        rest[..len.min(rest.len())].to_vec()
+    } else {
+        rest.to_vec()
+    };
+    Ok(Response {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
+}
+
+fn dechunk(mut data: &[u8]) -> io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let eol = data
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .ok_or_else(|| bad("truncated chunk size"))?;
+        let size_text = String::from_utf8_lossy(&data[..eol]);
+        let size_text = size_text.split(';').next().unwrap_or("").trim().to_string();
+        let size = usize::from_str_radix(&size_text, 16)
+            .map_err(|_| bad(format!("bad chunk size {size_text:?}")))?;
+        data = &data[eol + 2..];
+        if size == 0 {
+            return Ok(out);
+        }
+        if data.len() < size {
+            return Err(bad("truncated chunk"));
+        }
+        out.extend_from_slice(&data[..size]);
+        data = data.get(size + 2..).unwrap_or_default();
+    }
+}
+
+/// Polls `predicate` (every 2 ms) until it returns true and returns how long that took;
+/// panics naming `what` after `timeout`.
+pub fn wait_until(timeout: Duration, what: &str, mut predicate: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    loop {
+        if predicate() {
+            return start.elapsed();
+        }
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Like [`wait_until`], but returns `None` on timeout instead of panicking.
+pub fn try_wait_until(timeout: Duration, mut predicate: impl FnMut() -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    loop {
+        if predicate() {
+            return Some(start.elapsed());
+        }
+        if start.elapsed() > timeout {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// `n` distinct free loopback ports. The listeners are held until all are picked, so the
+/// ports differ from one another; another process could still take one before we bind it,
+/// which is unlikely enough on loopback with ephemeral ports.
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral loopback port"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().expect("local addr").port())
+        .collect()
+}
+
+/// A random lower-case hex string of `bytes` bytes, from /dev/urandom.
+pub fn random_hex(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut buf))
+        .expect("read /dev/urandom");
+    buf.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A well-formed token (right shape and checksum) that no control plane ever issued.
+pub fn unknown_token() -> String {
+    let alphabet = tokengate_wire::token::BASE62;
+    let mut buf = [0u8; tokengate_wire::token::RANDOM_LEN];
+    File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut buf))
+        .expect("read /dev/urandom");
+    let random: String = buf
+        .iter()
+        .map(|b| alphabet[(*b as usize) % alphabet.len()] as char)
+        .collect();
+    tokengate_wire::token::compose(&random).expect("compose a token")
+}
+
+/// Renders `envoy/envoy.yaml` (the shipped template) by replacing every `${NAME}`.
+pub fn render_envoy_config(vars: &[(&str, String)]) -> String {
+    let template_path = workspace_root().join("envoy/envoy.yaml");
+    let mut text = fs::read_to_string(&template_path)
+        .unwrap_or_else(|e| panic!("read {}: {e}", template_path.display()));
+    for (name, value) in vars {
+        text = text.replace(&format!("${{{name}}}"), value);
+    }
+    if let Some(pos) = text.find("${") {
+        let rest: String = text[pos..].chars().take(40).collect();
+        panic!("envoy/envoy.yaml has a placeholder the harness does not fill: {rest}");
+    }
+    text
+}
+
+// ---------------------------------------------------------------------------------------
+// The stack
+// ---------------------------------------------------------------------------------------
+
+static STACK_SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// What [`Stack::start_with`] starts.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    pub control_plane: bool,
+    pub envoy: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            control_plane: true,
+            envoy: true,
+        }
+    }
+}
+
+/// A control plane, a demo upstream and an Envoy with the filter, on free loopback ports.
+pub struct Stack {
+    pub dir: PathBuf,
+    pub bins: Binaries,
+    pub admin_token: String,
+    pub sync_token: String,
+    pub control_plane_port: u16,
+    pub upstream_port: u16,
+    pub envoy_port: u16,
+    pub envoy_admin_port: u16,
+    pub db_path: PathBuf,
+    control_plane: Option<Child>,
+    upstream: Option<Child>,
+    envoy: Option<Child>,
+    control_plane_starts: u32,
+    envoy_starts: u32,
+}
+
+fn log_file(path: &Path) -> File {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open log {}: {e}", path.display()))
+}
+
+fn kill(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+impl Stack {
+    /// Everything running and ready.
+    pub fn start() -> Stack {
+        Stack::start_with(Options::default())
+    }
+
+    /// Starts the demo upstream always, the control plane and Envoy as asked, and waits for
+    /// what it started to be ready.
+    pub fn start_with(opts: Options) -> Stack {
+        let bins = Binaries::locate();
+        let seq = STACK_SEQ.fetch_add(1, Ordering::SeqCst);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let dir = std::env::temp_dir().join(format!(
+            "tokengate-e2e-{}-{seq}-{nanos:x}",
+            std::process::id()
+        ));
+        fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+        let ports = free_ports(4);
+        let mut stack = Stack {
+            db_path: dir.join("tokengate.db"),
+            dir,
+            bins,
+            admin_token: format!("admin-{}", random_hex(16)),
+            sync_token: format!("sync-{}", random_hex(16)),
+            control_plane_port: ports[0],
+            upstream_port: ports[1],
+            envoy_port: ports[2],
+            envoy_admin_port: ports[3],
+            control_plane: None,
+            upstream: None,
+            envoy: None,
+            control_plane_starts: 0,
+            envoy_starts: 0,
+        };
+        stack.start_upstream();
+        if opts.control_plane {
+            stack.start_control_plane();
+        }
+        if opts.envoy {
+            stack.start_envoy();
+        }
+        stack
+    }
+
+    pub fn control_plane_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.control_plane_port))
+    }
+    pub fn envoy_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.envoy_port))
+    }
+    pub fn envoy_admin_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.envoy_admin_port))
+    }
+    pub fn upstream_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.upstream_port))
+    }
+    pub fn control_plane_url(&self) -> String {
+        format!("http://{}", self.control_plane_addr())
+    }
+
+    /// Envoy's `--base-id`: unique among live stacks because the admin port is, so two
+    /// Envoys never share hot-restart shared memory.
+    pub fn base_id(&self) -> u32 {
+        u32::from(self.envoy_admin_port)
+    }
+
+    fn start_upstream(&mut self) {
+        let log = self.dir.join("demo-upstream.log");
+        let child = Command::new(&self.bins.demo_upstream)
+            .arg("--listen")
+            .arg(self.upstream_addr().to_string())
+            .stdin(Stdio::null())
+            .stdout(log_file(&log))
+            .stderr(log_file(&log))
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", self.bins.demo_upstream.display()));
+        self.upstream = Some(child);
+        let addr = self.upstream_addr();
+        self.wait_ready("demo upstream", |s| {
+            http(addr, "GET", "/", &[], None).is_ok_and(|r| r.status == 200)
+                || s.exited(|s| &mut s.upstream)
+        });
+        self.check_alive("demo upstream", |s| &mut s.upstream, &log);
+    }
+
+    /// Starts (or restarts) the control plane on the stack's database, port and
+    /// credentials, and waits for `/healthz`.
+    pub fn start_control_plane(&mut self) {
+        assert!(
+            self.control_plane.is_none(),
+            "control plane already running"
+        );
+        self.control_plane_starts += 1;
+        let log = self.dir.join("control-plane.log");
+        let mut f = log_file(&log);
+        let _ = writeln!(f, "---- harness: start #{} ----", self.control_plane_starts);
+        let child = Command::new(&self.bins.tokengate)
+            .arg("serve")
+            .arg("--listen")
+            .arg(self.control_plane_addr().to_string())
+            .arg("--db")
+            .arg(&self.db_path)
+            .env("TOKENGATE_ADMIN_TOKEN", &self.admin_token)
+            .env("TOKENGATE_SYNC_TOKEN", &self.sync_token)
+            // Verbose on purpose: the suite checks that no token secret reaches any log.
+            .env("RUST_LOG", "info,tokengate=debug")
+            .stdin(Stdio::null())
+            .stdout(log_file(&log))
+            .stderr(f)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", self.bins.tokengate.display()));
+        self.control_plane = Some(child);
+        let addr = self.control_plane_addr();
+        self.wait_ready("control plane /healthz", |s| {
+            http(addr, "GET", "/healthz", &[], None).is_ok_and(|r| r.status == 200)
+                || s.exited(|s| &mut s.control_plane)
+        });
+        self.check_alive("control plane", |s| &mut s.control_plane, &log);
+    }
+
+    /// Kills the control plane (as a crash would) and waits for it to be gone.
+    pub fn stop_control_plane(&mut self) {
+        if let Some(mut child) = self.control_plane.take() {
+            kill(&mut child);
+        }
+    }
+
+    /// Stops and starts the control plane on the same database and port.
+    pub fn restart_control_plane(&mut self) {
+        self.stop_control_plane();
+        self.start_control_plane();
+    }
+
+    /// Renders the shipped `envoy/envoy.yaml` for this stack, starts Envoy and waits for
+    /// its admin `/ready`.
+    pub fn start_envoy(&mut self) {
+        assert!(self.envoy.is_none(), "envoy already running");
+        self.envoy_starts += 1;
+        let config = render_envoy_config(&[
+            ("LISTEN_ADDRESS", "127.0.0.1".into()),
+            ("LISTEN_PORT", self.envoy_port.to_string()),
+            ("ADMIN_ADDRESS", "127.0.0.1".into()),
+            ("ADMIN_PORT", self.envoy_admin_port.to_string()),
+            ("UPSTREAM_PORT", self.upstream_port.to_string()),
+            ("CONTROL_PLANE_PORT", self.control_plane_port.to_string()),
+            ("WASM_PATH", self.bins.wasm.display().to_string()),
+            ("SYNC_TOKEN", self.sync_token.clone()),
+        ]);
+        let config_path = self.dir.join("envoy.yaml");
+        fs::write(&config_path, config).expect("write rendered envoy.yaml");
+        // Envoy's log goes to stderr, captured in a file: `--log-path` is flushed only every
+        // few seconds, too late for a test that reads the logs right after acting.
+        let log = self.dir.join("envoy.log");
+        let child = Command::new(&self.bins.envoy)
+            .arg("-c")
+            .arg(&config_path)
+            .args(["--concurrency", "2"])
+            .arg("--base-id")
+            .arg(self.base_id().to_string())
+            // Killed stacks would otherwise leave hot-restart shared memory in /dev/shm.
+            .arg("--disable-hot-restart")
+            .args(["-l", "info"])
+            // The filter's own log lines at debug: they must not leak secrets either.
+            .args(["--component-log-level", "wasm:debug"])
+            .stdin(Stdio::null())
+            .stdout(log_file(&log))
+            .stderr(log_file(&log))
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", self.bins.envoy.display()));
+        self.envoy = Some(child);
+        let admin = self.envoy_admin_addr();
+        self.wait_ready("envoy admin /ready", |s| {
+            http(admin, "GET", "/ready", &[], None).is_ok_and(|r| r.status == 200)
+                || s.exited(|s| &mut s.envoy)
+        });
+        self.check_alive("envoy", |s| &mut s.envoy, &log);
+    }
+
+    /// Kills Envoy.
+    pub fn stop_envoy(&mut self) {
+        if let Some(mut child) = self.envoy.take() {
+            kill(&mut child);
+        }
+    }
+
+    fn exited(&mut self, which: impl Fn(&mut Stack) -> &mut Option<Child>) -> bool {
+        match which(self) {
+            Some(child) => !matches!(child.try_wait(), Ok(None)),
+            None => true,
+        }
+    }
+
+    fn wait_ready(&mut self, what: &str, mut ready: impl FnMut(&mut Stack) -> bool) {
+        let start = Instant::now();
+        while !ready(self) {
+            if start.elapsed() > READY_TIMEOUT {
+                panic!(
+                    "{what} not ready after {READY_TIMEOUT:?}; logs in {}\n{}",
+                    self.dir.display(),
+                    self.logs_tail(60)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn check_alive(
+        &mut self,
+        what: &str,
+        which: impl Fn(&mut Stack) -> &mut Option<Child>,
+        log: &Path,
+    ) {
+        if self.exited(which) {
+            panic!(
+                "{what} exited during start-up; its log ({}):\n{}",
+                log.display(),
+                fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+    }
+
+    // ---- calls -------------------------------------------------------------------------
+
+    /// A control plane call with the admin credential; panics if the control plane cannot
+    /// be reached.
+    pub fn admin(&self, method: &str, path: &str, body: Option<&Value>) -> Response {
+        let auth = format!("Bearer {}", self.admin_token);
+        self.admin_with(method, path, body, Some(&auth))
+            .unwrap_or_else(|e| panic!("control plane {method} {path}: {e}"))
+    }
+
+    /// A control plane call with any (or no) `Authorization` header value.
+    pub fn admin_with(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+        authorization: Option<&str>,
+    ) -> io::Result<Response> {
+        let mut headers = vec![("Accept", "application/json")];
+        if let Some(a) = authorization {
+            headers.push(("Authorization", a));
+        }
+        let body = body.map(Value::to_string);
+        http(
+            self.control_plane_addr(),
+            method,
+            path,
+            &headers,
+            body.as_deref(),
+        )
+    }
+
+    /// `POST /v1/tokens` with `body`; asserts 201 and returns `(id, secret)`.
+    pub fn create_token(&self, body: Value) -> (String, String) {
+        let r = self.admin("POST", "/v1/tokens", Some(&body));
+        assert_eq!(
+            r.status, 201,
+            "create token {body}: {} {}",
+            r.status, r.body
+        );
+        let v = r.json();
+        let id = match &v["id"] {
+            Value::String(s) => s.clone(),
+            Value::Number(n) => n.to_string(),
+            other => panic!("create response has no id: {other} in {}", r.body),
+        };
+        let secret = v["token"]
+            .as_str()
+            .unwrap_or_else(|| panic!("create response has no token: {}", r.body))
+            .to_string();
+        (id, secret)
+    }
+
+    /// `POST /v1/tokens/{id}/{action}` (suspend, reactivate); asserts 200.
+    pub fn token_action(&self, id: &str, action: &str) -> Response {
+        let r = self.admin("POST", &format!("/v1/tokens/{id}/{action}"), None);
+        assert_eq!(r.status, 200, "{action} {id}: {} {}", r.status, r.body);
+        r
+    }
+
+    /// `PATCH /v1/tokens/{id}`; asserts 200.
+    pub fn update_token(&self, id: &str, body: Value) -> Response {
+        let r = self.admin("PATCH", &format!("/v1/tokens/{id}"), Some(&body));
+        assert_eq!(r.status, 200, "update {id} {body}: {} {}", r.status, r.body);
+        r
+    }
+
+    /// `DELETE /v1/tokens/{id}`; asserts 204.
+    pub fn revoke_token(&self, id: &str) {
+        let r = self.admin("DELETE", &format!("/v1/tokens/{id}"), None);
+        assert_eq!(r.status, 204, "revoke {id}: {} {}", r.status, r.body);
+    }
+
+    /// `GET /hello` through Envoy with `headers`.
+    pub fn call(&self, headers: &[(&str, &str)]) -> Response {
+        self.call_path("/hello", headers)
+    }
+
+    /// `GET path` through Envoy with `headers`.
+    pub fn call_path(&self, path: &str, headers: &[(&str, &str)]) -> Response {
+        http(self.envoy_addr(), "GET", path, headers, None)
+            .unwrap_or_else(|e| panic!("request through envoy GET {path}: {e}"))
+    }
+
+    /// `GET /hello` through Envoy with `X-API-Token: token`.
+    pub fn call_with_token(&self, token: &str) -> Response {
+        self.call(&[("X-API-Token", token)])
+    }
+
+    /// Waits until a request with `token` gets `status` and returns how long that took.
+    pub fn wait_for_status(&self, token: &str, status: u16, timeout: Duration) -> Duration {
+        let mut last = None;
+        let r = try_wait_until(timeout, || {
+            let r = self.call_with_token(token);
+            let ok = r.status == status;
+            last = Some(r);
+            ok
+        });
+        match r {
+            Some(d) => d,
+            None => panic!(
+                "timed out after {timeout:?} waiting for status {status}; last response: {:?}",
+                last
+            ),
+        }
+    }
+
+    /// An Envoy admin call (e.g. `/stats?filter=tokengate`).
+    pub fn envoy_admin(&self, path: &str) -> Response {
+        http(self.envoy_admin_addr(), "GET", path, &[], None)
+            .unwrap_or_else(|e| panic!("envoy admin {path}: {e}"))
+    }
+
+    // ---- logs --------------------------------------------------------------------------
+
+    fn log_files(&self) -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = fs::read_dir(&self.dir)
+            .map(|rd| {
+                rd.filter_map(Result::ok)
+                    .map(|e| e.path())
+                    .filter(|p| p.extension().is_some_and(|x| x == "log"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        files.sort();
+        files
+    }
+
+    /// Every process's log (control plane, demo upstream, Envoy) as one string, each file
+    /// under a `==== name ====` heading.
+    pub fn logs(&self) -> String {
+        let mut all = String::new();
+        for f in self.log_files() {
+            let name = f.file_name().unwrap_or_default().to_string_lossy();
+            all.push_str(&format!("==== {name} ====\n"));
+            all.push_str(&String::from_utf8_lossy(&fs::read(&f).unwrap_or_default()));
+            all.push('\n');
+        }
+        all
+    }
+
+    /// The last `n` lines of every log.
+    pub fn logs_tail(&self, n: usize) -> String {
+        let mut all = String::new();
+        for f in self.log_files() {
+            let text = String::from_utf8_lossy(&fs::read(&f).unwrap_or_default()).into_owned();
+            let lines: Vec<&str> = text.lines().collect();
+            let from = lines.len().saturating_sub(n);
+            all.push_str(&format!(
+                "==== {} (last {} lines) ====\n",
+                f.display(),
+                lines.len() - from
+            ));
+            for l in &lines[from..] {
+                all.push_str(l);
+                all.push('\n');
+            }
+        }
+        all
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        for child in [
+            self.envoy.take(),
+            self.control_plane.take(),
+            self.upstream.take(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let mut child = child;
+            kill(&mut child);
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "test failed; stack directory kept: {}\n{}",
+                self.dir.display(),
+                self.logs_tail(40)
+            );
+        } else if std::env::var_os("TOKENGATE_E2E_KEEP").is_none() {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
