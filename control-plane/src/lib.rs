@@ -1,7 +1,7 @@
 //! tokengate control plane: token API, `/v1/sync` for the filters, and the CLI client.
 
 pub mod api;
-//TMP pub mod cli;
+pub mod client;
 pub mod secrets;
 pub mod serve;
 pub mod store;

@@ -1,6 +1,6 @@
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
-use tokengate::serve;
+use tokengate::{client, serve};
 
 /// tokengate: access tokens with per-token rate limits for Envoy and Istio.
 #[derive(Parser)]
@@ -14,6 +14,8 @@ struct Cli {
 enum Command {
     /// Run the control plane (token API and filter sync)
     Serve(serve::ServeArgs),
+    /// Manage tokens through a running control plane
+    Token(client::TokenArgs),
 }
 
 fn main() -> ExitCode {
@@ -41,5 +43,6 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Token(args) => client::run(args),
     }
 }

@@ -515,7 +515,82 @@ fn cli_manages_tokens_that_envoy_enforces() {
     wait_until(PROPAGATION, "CLI reactivate enforced", || {
         stack.call_with_token(&secret).status == 200
     });
-    assert_no_secrets_in_logs(&stack, &[&secret, &stack.admin_token]);
+
+    // Human output: the secret once, clearly marked; a table that shows the limit.
+    let human = cli(&[
+        "token",
+        "create",
+        "--name",
+        "by-hand",
+        "--kind",
+        "service",
+        "--owner",
+        "ops",
+        "--expires-in",
+        "30d",
+    ]);
+    assert!(human.contains("it will not be shown again"), "{human}");
+    let human_secret = human
+        .split_whitespace()
+        .find(|w| w.starts_with("tg_"))
+        .expect("secret in create output")
+        .to_string();
+    assert_eq!(human.matches(human_secret.as_str()).count(), 1, "{human}");
+    stack.wait_for_status(&human_secret, 200, PROPAGATION);
+    let table = cli(&["token", "list"]);
+    assert!(table.starts_with("ID"), "{table}");
+    assert!(
+        table.contains(&id) && table.contains("by-hand") && table.contains("service"),
+        "{table}"
+    );
+    assert!(
+        !table.contains(&secret) && !table.contains(&human_secret),
+        "{table}"
+    );
+    let services = cli(&["token", "list", "--kind", "service"]);
+    assert!(
+        services.contains("by-hand") && !services.contains("cli-demo"),
+        "{services}"
+    );
+
+    let updated = cli(&["token", "update", &id, "--max-rps", "none"]);
+    assert!(updated.contains("max_rps: unlimited"), "{updated}");
+    cli(&["token", "revoke", &id]);
+    wait_until(PROPAGATION, "CLI revoke enforced", || {
+        stack.call_with_token(&secret).error_code().as_deref() == Some("invalid_token")
+    });
+
+    // Failures: an API refusal exits 1 with the API's message, no control plane exits 2.
+    let run = |args: &[&str], url: &str| {
+        std::process::Command::new(&stack.bins.tokengate)
+            .args(args)
+            .env("TOKENGATE_URL", url)
+            .env("TOKENGATE_ADMIN_TOKEN", &stack.admin_token)
+            .output()
+            .expect("run tokengate CLI")
+    };
+    let gone = run(&["token", "get", &id], &stack.control_plane_url());
+    assert_eq!(gone.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&gone.stderr).starts_with("error: "),
+        "{gone:?}"
+    );
+    let bad = run(
+        &["token", "create", "--name", "x", "--max-rps", "0"],
+        &stack.control_plane_url(),
+    );
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("max_rps"),
+        "{bad:?}"
+    );
+    let down = run(&["token", "list"], "http://127.0.0.1:9");
+    assert_eq!(down.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&down.stderr).contains("cannot reach the control plane"),
+        "{down:?}"
+    );
+    assert_no_secrets_in_logs(&stack, &[&secret, &human_secret, &stack.admin_token]);
 }
 
 #[test]

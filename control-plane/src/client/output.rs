@@ -1,0 +1,112 @@
+//! Human-readable output: records as `key: value` lines, lists as aligned tables.
+
+use serde_json::Value;
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::Null => String::new(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn or(v: &Value, absent: &str) -> String {
+    if v.is_null() {
+        absent.to_string()
+    } else {
+        text(v)
+    }
+}
+
+pub fn record(r: &Value) -> String {
+    let rows = [
+        ("id", text(&r["id"])),
+        ("name", text(&r["name"])),
+        ("kind", text(&r["kind"])),
+        ("owner", text(&r["owner"])),
+        ("status", text(&r["status"])),
+        ("max_rps", or(&r["max_rps"], "unlimited")),
+        (
+            "burst",
+            or(
+                &r["burst"],
+                if r["max_rps"].is_null() {
+                    "-"
+                } else {
+                    "one second's worth"
+                },
+            ),
+        ),
+        ("expires_at", or(&r["expires_at"], "never")),
+        ("created_at", text(&r["created_at"])),
+        ("last_used_at", or(&r["last_used_at"], "-")),
+    ];
+    rows.iter().map(|(k, v)| format!("{k}: {v}\n")).collect()
+}
+
+pub fn table(tokens: &[Value]) -> String {
+    if tokens.is_empty() {
+        return "(no tokens)\n".to_string();
+    }
+    let header = [
+        "ID", "NAME", "KIND", "OWNER", "STATUS", "MAX_RPS", "EXPIRES",
+    ]
+    .map(String::from);
+    let mut rows = vec![header.to_vec()];
+    for t in tokens {
+        rows.push(vec![
+            text(&t["id"]),
+            text(&t["name"]),
+            text(&t["kind"]),
+            text(&t["owner"]),
+            text(&t["status"]),
+            or(&t["max_rps"], "-"),
+            or(&t["expires_at"], "never"),
+        ]);
+    }
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn table_aligns_and_marks_unlimited() {
+        let t = table(&[
+            json!({"id":"tok_a","name":"short","kind":"user","owner":"al","status":"active","max_rps":null,"expires_at":null}),
+            json!({"id":"tok_bb","name":"a longer name","kind":"service","owner":"team","status":"suspended","max_rps":5,"expires_at":"2030-01-01T00:00:00Z"}),
+        ]);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert!(lines[0].starts_with("ID      NAME"));
+        let col = lines[0].find("MAX_RPS").unwrap();
+        assert_eq!(&lines[1][col..col + 1], "-");
+        assert_eq!(&lines[2][col..col + 1], "5");
+        assert!(lines[1].ends_with("never"));
+        assert_eq!(table(&[]), "(no tokens)\n");
+    }
+
+    #[test]
+    fn record_lines() {
+        let r = record(
+            &json!({"id":"tok_a","name":"n","kind":"user","owner":"o","status":"active","max_rps":null,"expires_at":null,"created_at":"2026-01-01T00:00:00Z"}),
+        );
+        assert!(r.contains("max_rps: unlimited\n"));
+        assert!(r.contains("expires_at: never\n"));
+    }
+}

@@ -1,0 +1,185 @@
+//! The real `tokengate serve` process: durability across `kill -9`, graceful shutdown,
+//! start-up errors, and logs that never hold a secret.
+
+use std::io::Read;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const ADMIN: &str = "admin-credential-0123456789";
+const SYNC: &str = "sync-credential-0123456789";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Server {
+    child: Child,
+    url: String,
+}
+
+fn serve(db: &Path, port: u16) -> Server {
+    let child = Command::new(env!("CARGO_BIN_EXE_tokengate"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--db"])
+        .arg(db)
+        .env("TOKENGATE_ADMIN_TOKEN", ADMIN)
+        .env("TOKENGATE_SYNC_TOKEN", SYNC)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    let start = Instant::now();
+    while ureq::get(&format!("{url}/healthz")).call().is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "tokengate serve did not come up"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Server { child, url }
+}
+
+impl Server {
+    fn admin(&self, method: &str, path: &str) -> ureq::Request {
+        ureq::request(method, &format!("{}{path}", self.url))
+            .set("authorization", &format!("Bearer {ADMIN}"))
+    }
+
+    fn stderr(mut self) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let mut s = String::new();
+        self.child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut s)
+            .unwrap();
+        s
+    }
+}
+
+#[test]
+fn acknowledged_writes_survive_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("t.db");
+    let port = free_port();
+    let mut s = serve(&db, port);
+    let created: serde_json::Value = s
+        .admin("POST", "/v1/tokens")
+        .send_string(r#"{"name":"durable","max_rps":3}"#)
+        .unwrap()
+        .into_json()
+        .unwrap();
+    let id = created["id"].as_str().unwrap().to_string();
+    let suspended: serde_json::Value = s
+        .admin("POST", &format!("/v1/tokens/{id}/suspend"))
+        .call()
+        .unwrap()
+        .into_json()
+        .unwrap();
+    // SIGKILL right after the answer: no chance to flush anything the answer did not wait for.
+    s.child.kill().unwrap();
+    s.child.wait().unwrap();
+
+    let s = serve(&db, port);
+    let got: serde_json::Value = s
+        .admin("GET", &format!("/v1/tokens/{id}"))
+        .call()
+        .unwrap()
+        .into_json()
+        .unwrap();
+    assert_eq!(got["status"], "suspended");
+    assert_eq!(got["version"], suspended["version"]);
+    assert_eq!(got["max_rps"], 3);
+    let log = s.stderr();
+    assert!(
+        !log.contains(created["token"].as_str().unwrap()),
+        "secret in the log"
+    );
+    assert!(
+        !log.contains(ADMIN) && !log.contains(SYNC),
+        "credential in the log"
+    );
+    assert!(log.contains("request"), "access log expected: {log}");
+}
+
+#[test]
+fn sigterm_answers_held_long_polls_then_exits_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = serve(&dir.path().join("t.db"), free_port());
+    let first: serde_json::Value = ureq::get(&format!("{}/v1/sync?since=0", s.url))
+        .set("authorization", &format!("Bearer {SYNC}"))
+        .call()
+        .unwrap()
+        .into_json()
+        .unwrap();
+    let url = format!(
+        "{}/v1/sync?since=0&store_id={}&wait=30",
+        s.url,
+        first["store_id"].as_str().unwrap()
+    );
+    let poll = std::thread::spawn(move || {
+        let t = Instant::now();
+        let r = ureq::get(&url)
+            .set("authorization", &format!("Bearer {SYNC}"))
+            .call();
+        (t.elapsed(), r.map(|r| r.status()))
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    let kill = Command::new("kill")
+        .args(["-TERM", &s.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let (held, status) = poll.join().unwrap();
+    assert_eq!(status.unwrap(), 200);
+    assert!(
+        held < Duration::from_secs(5),
+        "poll held {held:?} after SIGTERM"
+    );
+    let exit = s.child.wait().unwrap();
+    assert!(exit.success(), "{exit:?}");
+    assert!(t.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn missing_credentials_are_a_clear_start_up_error() {
+    let out = Command::new(env!("CARGO_BIN_EXE_tokengate"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--db",
+            "/nonexistent/x.db",
+        ])
+        .env_remove("TOKENGATE_ADMIN_TOKEN")
+        .env("TOKENGATE_SYNC_TOKEN", SYNC)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("TOKENGATE_ADMIN_TOKEN"), "{err}");
+    let out = Command::new(env!("CARGO_BIN_EXE_tokengate"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--db",
+            "/nonexistent/x.db",
+        ])
+        .env("TOKENGATE_ADMIN_TOKEN", "short")
+        .env("TOKENGATE_SYNC_TOKEN", SYNC)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("at least 16"),
+        "{out:?}"
+    );
+}
