@@ -138,7 +138,7 @@ In another terminal:
   $TOKENGATE_BIN token list
 
   # filter stats
-  curl -s http://127.0.0.1:$ADMIN_PORT/stats | grep tokengate
+  curl -s http://127.0.0.1:$ADMIN_PORT/stats | grep wasmcustom.tokengate
 
 Press Ctrl-C to stop.
 MSG

@@ -92,7 +92,7 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         return Err("the admin and sync credentials must differ".into());
     }
     let store = SqliteStore::open(&args.db)
-        .map_err(|e| format!("cannot open database {}: {e:?}", args.db.display()))?;
+        .map_err(|e| format!("cannot open database {}: {e}", args.db.display()))?;
     let (shutdown_tx, shutdown) = watch::channel(false);
     let state = AppState {
         store: Arc::new(store),

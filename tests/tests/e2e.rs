@@ -688,3 +688,32 @@ fn tempfile_dir(what: &str) -> std::path::PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+/// A measurement, not a check: `cargo test -p tokengate-e2e --release -- --ignored
+/// --nocapture propagation_trials` prints the median and maximum suspend → 403 times over
+/// 20 trials (first 403, and 20 consecutive 403s over fresh connections, i.e. every worker).
+#[test]
+#[ignore = "measurement; run by hand"]
+fn propagation_trials() {
+    let stack = Stack::start();
+    let (id, secret) = ready_token(&stack, json!({"name": "trials"}));
+    let (mut first, mut all) = (vec![], vec![]);
+    for _ in 0..20 {
+        stack.token_action(&id, "suspend");
+        let (f, a) = measure(&stack, &secret, 403, 20);
+        first.push(f);
+        all.push(a);
+        stack.token_action(&id, "reactivate");
+        measure(&stack, &secret, 200, 20);
+    }
+    first.sort();
+    all.sort();
+    eprintln!(
+        "suspend -> first 403: median {:?}, max {:?}; -> 20 consecutive 403s: median {:?}, max {:?} ({} trials)",
+        first[first.len() / 2],
+        first[first.len() - 1],
+        all[all.len() / 2],
+        all[all.len() - 1],
+        first.len()
+    );
+}

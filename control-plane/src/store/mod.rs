@@ -86,6 +86,16 @@ pub enum StoreError {
 /// Applies a change to a row; returns false when nothing changed (no new version).
 pub type Edit<'a> = &'a (dyn Fn(&mut TokenRow) -> Result<bool, StoreError> + Sync);
 
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreError::NotFound => write!(f, "not found"),
+            StoreError::Conflict(m) | StoreError::Backend(m) => write!(f, "{m}"),
+            StoreError::Invalid { field, message } => write!(f, "{field}: {message}"),
+        }
+    }
+}
+
 pub trait Store: Send + Sync + 'static {
     /// Identifies this database; filters holding another store's state resnapshot.
     fn store_id(&self) -> &str;
