@@ -18,15 +18,25 @@ fn presented(req: &Request) -> Option<&[u8]> {
     }
 }
 
+/// Lets the request through only with the credential `expected` picks from the state.
+async fn require(
+    state: &AppState,
+    expected: fn(&AppState) -> &str,
+    req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    match presented(&req) {
+        Some(c) if same_secret(c, expected(state).as_bytes()) => Ok(next.run(req).await),
+        _ => Err(ApiError::Unauthorized),
+    }
+}
+
 pub async fn require_admin(
     State(state): State<AppState>,
     req: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    match presented(&req) {
-        Some(c) if same_secret(c, state.admin_token.as_bytes()) => Ok(next.run(req).await),
-        _ => Err(ApiError::Unauthorized),
-    }
+    require(&state, |s| &s.admin_token, req, next).await
 }
 
 pub async fn require_sync(
@@ -34,8 +44,5 @@ pub async fn require_sync(
     req: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    match presented(&req) {
-        Some(c) if same_secret(c, state.sync_token.as_bytes()) => Ok(next.run(req).await),
-        _ => Err(ApiError::Unauthorized),
-    }
+    require(&state, |s| &s.sync_token, req, next).await
 }
