@@ -18,10 +18,13 @@ PYTHON        ?= python3
 CARGO         ?= cargo
 # Envoy --base-id for `make validate`; `make run` uses its own, the tests one per stack.
 VALIDATE_BASE_ID ?= 7310
+# Python tools for the manifest checks, installed into .tools/py (pinned).
+PYTOOLS       := .tools/py
+KUBERNETES_VALIDATE_VERSION := 1.37.0
 
 export ENVOY_BIN
 
-.PHONY: help tools build run test unit e2e validate fmt lint bench clean-run
+.PHONY: help tools build run test unit e2e validate check-k8s fmt lint bench clean-run
 
 help: ## list the targets
 	@echo "tokengate make targets:"
@@ -61,8 +64,20 @@ validate: tools ## check envoy/envoy.yaml with `envoy --mode validate` (needs th
 	    envoy/envoy.yaml > .run/envoy.validate.yaml
 	@! grep -n '\$${' .run/envoy.validate.yaml || { echo "unrendered placeholder in envoy/envoy.yaml" >&2; exit 1; }
 	"$(ENVOY_BIN)" --mode validate -c .run/envoy.validate.yaml --base-id $(VALIDATE_BASE_ID) -l warning
+	sed -e "s|/etc/envoy/tokengate_filter.wasm|$(CURDIR)/$(WASM)|g" envoy/snippet.yaml > .run/snippet.validate.yaml
+	"$(ENVOY_BIN)" --mode validate -c .run/snippet.validate.yaml --base-id $(VALIDATE_BASE_ID) --disable-hot-restart -l warning
 
-test: tools build validate ## everything the tests need, then unit and end-to-end tests
+$(PYTOOLS)/.kubernetes-validate-$(KUBERNETES_VALIDATE_VERSION):
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check --no-input --upgrade \
+	  --target $(PYTOOLS) kubernetes-validate==$(KUBERNETES_VALIDATE_VERSION)
+	touch $@
+
+check-k8s: tools $(PYTOOLS)/.kubernetes-validate-$(KUBERNETES_VALIDATE_VERSION) ## check the Kubernetes/Istio manifests (kustomize, schemas, references, plugin config)
+	@test -f $(WASM) || $(CARGO) build --release --target $(WASM_TARGET) -p tokengate-filter
+	@command -v kubectl >/dev/null || { echo "kubectl is needed for its built-in kustomize" >&2; exit 1; }
+	PYTHONPATH=$(PYTOOLS) $(PYTHON) deploy/kubernetes/check.py --envoy "$(ENVOY_BIN)" --wasm "$(CURDIR)/$(WASM)"
+
+test: tools build validate check-k8s ## everything the tests need, then unit and end-to-end tests
 	$(CARGO) test --workspace
 
 unit: ## unit tests only (no Envoy needed)

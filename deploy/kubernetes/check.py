@@ -1,0 +1,222 @@
+#!/usr/bin/env python3
+"""Checks the Kubernetes and Istio manifests as an operator would apply them.
+
+For each overlay (gateway, sidecar): renders it with `kubectl kustomize` (with generated
+credentials, as the README tells operators to create them), validates every Kubernetes object
+strictly against the Kubernetes API schemas (kubernetes-validate), the WasmPlugin and Gateway
+API objects against the schemas in ./schemas, checks the references between objects, and
+loads each WasmPlugin's pluginConfig into the real filter with `envoy --mode validate`.
+
+Usage: check.py --envoy ENVOY_BIN --wasm FILTER.wasm [--base-id N]
+Needs: kubectl (for its built-in kustomize), PyYAML, jsonschema, kubernetes-validate.
+"""
+import argparse
+import base64
+import json
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import jsonschema
+import kubernetes_validate
+import yaml
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+K8S_VERSION = "1.32.0"
+OVERLAYS = ["gateway", "sidecar"]
+PROBLEMS = []
+
+
+def problem(where, what):
+    PROBLEMS.append(f"{where}: {what}")
+
+
+def load_schema(name):
+    with open(os.path.join(HERE, "schemas", name)) as f:
+        return json.load(f)
+
+
+CRD_SCHEMAS = {
+    "extensions.istio.io/v1alpha1": load_schema("wasmplugin.extensions.istio.io.v1alpha1.json"),
+    "gateway.networking.k8s.io/v1": load_schema("gateway.networking.k8s.io.v1.json"),
+}
+
+
+def render(overlay, workdir):
+    out = subprocess.run(["kubectl", "kustomize", os.path.join(workdir, overlay)],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        problem(overlay, f"kubectl kustomize failed:\n{out.stderr}")
+        return []
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def validate_object(overlay, doc):
+    where = f"{overlay}: {doc.get('kind')}/{doc.get('metadata', {}).get('name')}"
+    schema = CRD_SCHEMAS.get(doc.get("apiVersion"))
+    if schema is not None:
+        for e in jsonschema.Draft202012Validator(schema).iter_errors(doc):
+            problem(where, f"{'.'.join(str(p) for p in e.absolute_path)}: {e.message}")
+        return
+    try:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as e:
+        problem(where, f"{'.'.join(str(p) for p in e.path)}: {e.message}")
+    except kubernetes_validate.SchemaNotFoundError:
+        problem(where, f"no schema for {doc.get('apiVersion')} {doc.get('kind')}")
+
+
+def index(docs):
+    return {(d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"]): d for d in docs}
+
+
+def labels_match(selector, labels):
+    return all(labels.get(k) == v for k, v in (selector or {}).items())
+
+
+def check_references(overlay, docs, sync_token, admin_token):
+    by = index(docs)
+    secret = by.get(("Secret", "tokengate", "tokengate-credentials"))
+    if not secret:
+        problem(overlay, "Secret tokengate/tokengate-credentials is missing")
+        return
+    data = {k: base64.b64decode(v).decode() for k, v in secret.get("data", {}).items()}
+    if data != {"admin-token": admin_token, "sync-token": sync_token}:
+        problem(overlay, f"the Secret holds {sorted(data)} but not the generated credentials")
+    for d in docs:
+        if d["kind"] != "Deployment":
+            continue
+        name = f"{overlay}: Deployment/{d['metadata']['name']}"
+        spec = d["spec"]
+        pod = spec["template"]
+        if not labels_match(spec["selector"]["matchLabels"], pod["metadata"].get("labels", {})):
+            problem(name, "selector does not match the pod labels")
+        if not pod["spec"].get("securityContext", {}).get("runAsNonRoot"):
+            problem(name, "pods must run as non-root")
+        for c in pod["spec"]["containers"]:
+            if not c.get("resources", {}).get("requests"):
+                problem(name, f"container {c['name']} has no resource requests")
+            if not c.get("readinessProbe"):
+                problem(name, f"container {c['name']} has no readiness probe")
+            ports = {p.get("name") for p in c.get("ports", [])}
+            for probe in ("readinessProbe", "livenessProbe"):
+                for how in c.get(probe, {}).values():
+                    if isinstance(how, dict) and isinstance(how.get("port"), str) and how["port"] not in ports:
+                        problem(name, f"{probe} uses port {how['port']!r}, which the container does not name")
+            for env in c.get("env", []):
+                ref = env.get("valueFrom", {}).get("secretKeyRef")
+                if ref and (ref["name"] != "tokengate-credentials" or ref["key"] not in data):
+                    problem(name, f"env {env['name']} refers to a missing secret key {ref}")
+            for vm in c.get("volumeMounts", []):
+                vols = {v["name"]: v for v in pod["spec"].get("volumes", [])}
+                claim = vols.get(vm["name"], {}).get("persistentVolumeClaim", {}).get("claimName")
+                if vm["name"] not in vols:
+                    problem(name, f"volume {vm['name']} is mounted but not declared")
+                elif claim and ("PersistentVolumeClaim", d["metadata"]["namespace"], claim) not in by:
+                    problem(name, f"PersistentVolumeClaim {claim} is missing")
+    for d in docs:
+        if d["kind"] == "Service":
+            ns = d["metadata"]["namespace"]
+            pods = [x for x in docs if x["kind"] == "Deployment" and x["metadata"]["namespace"] == ns
+                    and labels_match(d["spec"]["selector"], x["spec"]["template"]["metadata"]["labels"])]
+            if not pods:
+                problem(f"{overlay}: Service/{d['metadata']['name']}", "selects no Deployment")
+    plugins = [d for d in docs if d["kind"] == "WasmPlugin"]
+    if len(plugins) != 1:
+        problem(overlay, f"expected one WasmPlugin, found {len(plugins)}")
+        return
+    p = plugins[0]
+    spec, cfg = p["spec"], p["spec"].get("pluginConfig", {})
+    if spec.get("phase") != "AUTHN" or spec.get("failStrategy") != "FAIL_CLOSE":
+        problem(overlay, "the WasmPlugin must run in phase AUTHN and fail closed")
+    if cfg.get("sync_token") != sync_token:
+        problem(overlay, "pluginConfig.sync_token is not the generated sync credential")
+    svc = by.get(("Service", "tokengate", "tokengate"))
+    port = svc and next((x["port"] for x in svc["spec"]["ports"]), None)
+    want = f"outbound|{port}||tokengate.tokengate.svc.cluster.local"
+    if cfg.get("control_plane_cluster") != want:
+        problem(overlay, f"control_plane_cluster is {cfg.get('control_plane_cluster')!r}, the Service makes it {want!r}")
+    ns = p["metadata"]["namespace"]
+    if "selector" in spec:
+        sel = spec["selector"]["matchLabels"]
+        if not any(x["kind"] == "Deployment" and x["metadata"]["namespace"] == ns
+                   and labels_match(sel, x["spec"]["template"]["metadata"]["labels"]) for x in docs):
+            problem(overlay, f"WasmPlugin selector {sel} matches no workload in {ns}")
+    for ref in spec.get("targetRefs", []):
+        if (ref["kind"], ref.get("namespace", ns), ref["name"]) not in by:
+            problem(overlay, f"WasmPlugin targetRef {ref} names no object in the overlay")
+    for d in docs:
+        if d["kind"] == "HTTPRoute":
+            for rule in d["spec"].get("rules", []):
+                for b in rule.get("backendRefs", []):
+                    target = by.get(("Service", d["metadata"]["namespace"], b["name"]))
+                    if not target or b["port"] not in [x["port"] for x in target["spec"]["ports"]]:
+                        problem(overlay, f"HTTPRoute backend {b} is not a Service port")
+
+
+def check_plugin_config_loads(overlay, docs, envoy, wasm, base_id):
+    """The real filter must accept the pluginConfig Istio will hand it."""
+    plugin = next((d for d in docs if d["kind"] == "WasmPlugin"), None)
+    if plugin is None:
+        return
+    with open(os.path.join(ROOT, "envoy", "envoy.yaml")) as f:
+        template = f.read()
+    config = json.dumps(plugin["spec"]["pluginConfig"])
+    # Swap the template's plugin configuration for the WasmPlugin's.
+    rendered, n = re.subn(r"value: \|\n(\s+\{.*?\n\s+\})\n", lambda m: "value: '" + config.replace("'", "''") + "'\n",
+                          template, count=1, flags=re.S)
+    if n != 1:
+        problem(overlay, "could not find the plugin configuration in envoy/envoy.yaml")
+        return
+    for name, value in {"LISTEN_ADDRESS": "127.0.0.1", "LISTEN_PORT": "10000", "ADMIN_ADDRESS": "127.0.0.1",
+                        "ADMIN_PORT": "9901", "UPSTREAM_PORT": "8080", "CONTROL_PLANE_PORT": "8081",
+                        "WASM_PATH": wasm, "SYNC_TOKEN": "unused"}.items():
+        rendered = rendered.replace("${" + name + "}", value)
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        f.write(rendered)
+    out = subprocess.run([envoy, "--mode", "validate", "-c", f.name, "--base-id", str(base_id),
+                          "--disable-hot-restart", "-l", "warning"], capture_output=True, text=True)
+    os.unlink(f.name)
+    if out.returncode != 0:
+        problem(overlay, f"the filter refused the WasmPlugin's pluginConfig:\n{out.stdout}{out.stderr}")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--envoy", required=True)
+    ap.add_argument("--wasm", required=True)
+    ap.add_argument("--base-id", type=int, default=7320)
+    args = ap.parse_args()
+    if shutil.which("kubectl") is None:
+        sys.exit("check.py: kubectl is needed for its built-in kustomize (apt: kubectl)")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = os.path.join(tmp, "kubernetes")
+        shutil.copytree(HERE, work, ignore=shutil.ignore_patterns("*.env"))
+        admin, sync = secrets.token_hex(32), secrets.token_hex(32)
+        with open(os.path.join(work, "base", "admin.env"), "w") as f:
+            f.write(f"admin-token={admin}\n")
+        with open(os.path.join(work, "base", "sync.env"), "w") as f:
+            f.write(f"sync-token={sync}\n")
+        for i, overlay in enumerate(OVERLAYS):
+            docs = render(overlay, work)
+            if not docs:
+                continue
+            for d in docs:
+                validate_object(overlay, d)
+            check_references(overlay, docs, sync, admin)
+            check_plugin_config_loads(overlay, docs, args.envoy, args.wasm, args.base_id + i)
+            kinds = sorted({d["kind"] for d in docs})
+            print(f"{overlay}: {len(docs)} objects checked ({', '.join(kinds)})")
+    if PROBLEMS:
+        print("\n".join(["manifest problems:"] + PROBLEMS), file=sys.stderr)
+        sys.exit(1)
+    print("kubernetes manifests OK")
+
+
+if __name__ == "__main__":
+    main()
