@@ -21,10 +21,13 @@ VALIDATE_BASE_ID ?= 7310
 # Python tools for the manifest checks, installed into .tools/py (pinned).
 PYTOOLS       := .tools/py
 KUBERNETES_VALIDATE_VERSION := 1.37.0
+# The workspace version tags the filter's OCI image.
+VERSION       := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
+OCI_DIR       := target/oci/tokengate-filter
 
 export ENVOY_BIN
 
-.PHONY: help tools build run test unit e2e validate check-k8s fmt lint bench clean-run
+.PHONY: help tools build run test unit e2e validate check-k8s oci check-oci check-containers docker-up docker-down fmt lint bench clean-run
 
 help: ## list the targets
 	@echo "tokengate make targets:"
@@ -57,12 +60,7 @@ run: tools build ## run control plane, demo upstream and Envoy locally; Ctrl-C s
 validate: tools ## check envoy/envoy.yaml with `envoy --mode validate` (needs the wasm)
 	@test -f $(WASM) || $(CARGO) build --release --target $(WASM_TARGET) -p tokengate-filter
 	@mkdir -p .run
-	sed -e 's|$${LISTEN_ADDRESS}|127.0.0.1|g' -e 's|$${LISTEN_PORT}|10000|g' \
-	    -e 's|$${ADMIN_ADDRESS}|127.0.0.1|g' -e 's|$${ADMIN_PORT}|9901|g' \
-	    -e 's|$${UPSTREAM_PORT}|8080|g' -e 's|$${CONTROL_PLANE_PORT}|8081|g' \
-	    -e "s|\$${WASM_PATH}|$(CURDIR)/$(WASM)|g" -e 's|$${SYNC_TOKEN}|validate-only|g' \
-	    envoy/envoy.yaml > .run/envoy.validate.yaml
-	@! grep -n '\$${' .run/envoy.validate.yaml || { echo "unrendered placeholder in envoy/envoy.yaml" >&2; exit 1; }
+	SYNC_TOKEN=validate-only WASM_PATH=$(CURDIR)/$(WASM) envoy/render.sh envoy/envoy.yaml .run/envoy.validate.yaml
 	"$(ENVOY_BIN)" --mode validate -c .run/envoy.validate.yaml --base-id $(VALIDATE_BASE_ID) -l warning
 	sed -e "s|/etc/envoy/tokengate_filter.wasm|$(CURDIR)/$(WASM)|g" envoy/snippet.yaml > .run/snippet.validate.yaml
 	"$(ENVOY_BIN)" --mode validate -c .run/snippet.validate.yaml --base-id $(VALIDATE_BASE_ID) --disable-hot-restart -l warning
@@ -77,7 +75,7 @@ check-k8s: tools $(PYTOOLS)/.kubernetes-validate-$(KUBERNETES_VALIDATE_VERSION) 
 	@command -v kubectl >/dev/null || { echo "kubectl is needed for its built-in kustomize" >&2; exit 1; }
 	PYTHONPATH=$(PYTOOLS) $(PYTHON) deploy/kubernetes/check.py --envoy "$(ENVOY_BIN)" --wasm "$(CURDIR)/$(WASM)"
 
-test: tools build validate check-k8s ## everything the tests need, then unit and end-to-end tests
+test: tools build validate check-k8s check-containers ## everything the tests need, then unit and end-to-end tests
 	$(CARGO) test --workspace
 
 unit: ## unit tests only (no Envoy needed)
@@ -98,3 +96,29 @@ bench: ## benchmarks (not part of make test)
 
 clean-run: ## remove .run/ (local database, rendered config, logs of make run)
 	rm -rf .run
+
+oci: ## pack the filter as an OCI image (layout dir + tarball) for Istio's oci:// and print its digests
+	@test -f $(WASM) || $(CARGO) build --release --target $(WASM_TARGET) -p tokengate-filter
+	$(PYTHON) deploy/oci/pack.py --wasm $(WASM) --out $(OCI_DIR) --tag $(VERSION)
+
+check-oci: oci ## recompute the OCI image's digests and check its contents (skopeo too, if installed)
+	$(PYTHON) deploy/oci/check.py --wasm $(WASM) --out $(OCI_DIR) --tag $(VERSION)
+
+check-containers: tools check-oci $(PYTOOLS)/.kubernetes-validate-$(KUBERNETES_VALIDATE_VERSION) ## check the compose file, Dockerfiles and compose Envoy config without a Docker engine
+	@mkdir -p .run
+	LISTEN_ADDRESS=0.0.0.0 ADMIN_ADDRESS=0.0.0.0 UPSTREAM_HOST=demo-upstream CONTROL_PLANE_HOST=control-plane \
+	  SYNC_TOKEN=validate-only WASM_PATH=$(CURDIR)/$(WASM) envoy/render.sh envoy/envoy.yaml .run/compose.validate.yaml
+	"$(ENVOY_BIN)" --mode validate -c .run/compose.validate.yaml --base-id $(VALIDATE_BASE_ID) --disable-hot-restart -l warning
+	sh -n envoy/render.sh envoy/compose/entrypoint.sh
+	PYTHONPATH=$(PYTOOLS) $(PYTHON) deploy/docker/check.py
+
+docker-up: ## run the same stack with docker compose (needs a Docker engine); prints the credentials
+	$(CARGO) build --release --target $(WASM_TARGET) -p tokengate-filter
+	@export TOKENGATE_ADMIN_TOKEN="$${TOKENGATE_ADMIN_TOKEN:-$$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')}"; \
+	 export TOKENGATE_SYNC_TOKEN="$${TOKENGATE_SYNC_TOKEN:-$$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')}"; \
+	 echo "TOKENGATE_ADMIN_TOKEN=$$TOKENGATE_ADMIN_TOKEN"; \
+	 echo "then: export TOKENGATE_ADMIN_TOKEN=<that> and use the commands that make run prints"; \
+	 docker compose -f envoy/docker-compose.yaml up --build
+
+docker-down: ## stop the docker compose stack (the database volume is kept)
+	docker compose -f envoy/docker-compose.yaml down

@@ -55,12 +55,9 @@ fi
 TOKENGATE_SYNC_TOKEN="$(random_hex)"
 export TOKENGATE_ADMIN_TOKEN TOKENGATE_SYNC_TOKEN
 
-sed -e "s|\${LISTEN_ADDRESS}|127.0.0.1|g" -e "s|\${LISTEN_PORT}|$LISTEN_PORT|g" \
-    -e "s|\${ADMIN_ADDRESS}|127.0.0.1|g" -e "s|\${ADMIN_PORT}|$ADMIN_PORT|g" \
-    -e "s|\${UPSTREAM_PORT}|$UPSTREAM_PORT|g" -e "s|\${CONTROL_PLANE_PORT}|$CONTROL_PLANE_PORT|g" \
-    -e "s|\${WASM_PATH}|$ROOT/$WASM|g" -e "s|\${SYNC_TOKEN}|$TOKENGATE_SYNC_TOKEN|g" \
-    envoy/envoy.yaml > "$RUN_DIR/envoy.yaml"
-if grep -n '\${' "$RUN_DIR/envoy.yaml" >&2; then die "unrendered placeholder in envoy/envoy.yaml"; fi
+LISTEN_PORT=$LISTEN_PORT ADMIN_PORT=$ADMIN_PORT UPSTREAM_PORT=$UPSTREAM_PORT \
+  CONTROL_PLANE_PORT=$CONTROL_PLANE_PORT WASM_PATH="$ROOT/$WASM" SYNC_TOKEN="$TOKENGATE_SYNC_TOKEN" \
+  envoy/render.sh envoy/envoy.yaml "$RUN_DIR/envoy.yaml" || die "cannot render envoy/envoy.yaml"
 
 pids=()
 cleanup() {

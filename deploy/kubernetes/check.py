@@ -174,7 +174,7 @@ def check_plugin_config_loads(overlay, docs, envoy, wasm, base_id):
         problem(overlay, "could not find the plugin configuration in envoy/envoy.yaml")
         return
     for name, value in {"LISTEN_ADDRESS": "127.0.0.1", "LISTEN_PORT": "10000", "ADMIN_ADDRESS": "127.0.0.1",
-                        "ADMIN_PORT": "9901", "UPSTREAM_PORT": "8080", "CONTROL_PLANE_PORT": "8081",
+                        "ADMIN_PORT": "9901", "UPSTREAM_PORT": "8080", "CONTROL_PLANE_PORT": "8081", "UPSTREAM_HOST": "127.0.0.1", "CONTROL_PLANE_HOST": "127.0.0.1",
                         "WASM_PATH": wasm, "SYNC_TOKEN": "unused"}.items():
         rendered = rendered.replace("${" + name + "}", value)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:

@@ -559,6 +559,8 @@ impl Stack {
             ("ADMIN_PORT", self.envoy_admin_port.to_string()),
             ("UPSTREAM_PORT", self.upstream_port.to_string()),
             ("CONTROL_PLANE_PORT", self.control_plane_port.to_string()),
+            ("UPSTREAM_HOST", "127.0.0.1".into()),
+            ("CONTROL_PLANE_HOST", "127.0.0.1".into()),
             ("WASM_PATH", self.bins.wasm.display().to_string()),
             ("SYNC_TOKEN", self.sync_token.clone()),
         ]);

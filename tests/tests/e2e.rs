@@ -645,6 +645,8 @@ fn a_bad_plugin_configuration_is_refused_naming_the_field() {
         ("ADMIN_PORT", "2".into()),
         ("UPSTREAM_PORT", "3".into()),
         ("CONTROL_PLANE_PORT", "4".into()),
+        ("UPSTREAM_HOST", "127.0.0.1".into()),
+        ("CONTROL_PLANE_HOST", "127.0.0.1".into()),
         ("WASM_PATH", bins.wasm.display().to_string()),
         ("SYNC_TOKEN", "x".repeat(20)),
     ])

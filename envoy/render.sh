@@ -1,0 +1,23 @@
+#!/bin/sh
+# Renders envoy/envoy.yaml: every ${NAME} placeholder from the variable NAME, with the
+# `make run` values as defaults. Used by `make run`, `make validate` and the compose Envoy
+# (POSIX sh and sed only: the official Envoy image has nothing more).
+#   usage: render.sh TEMPLATE OUTPUT   (SYNC_TOKEN and WASM_PATH are required)
+set -eu
+template=$1 out=$2
+: "${SYNC_TOKEN:?SYNC_TOKEN is required}" "${WASM_PATH:?WASM_PATH is required}"
+sed -e "s|\${LISTEN_ADDRESS}|${LISTEN_ADDRESS:-127.0.0.1}|g" \
+    -e "s|\${LISTEN_PORT}|${LISTEN_PORT:-10000}|g" \
+    -e "s|\${ADMIN_ADDRESS}|${ADMIN_ADDRESS:-127.0.0.1}|g" \
+    -e "s|\${ADMIN_PORT}|${ADMIN_PORT:-9901}|g" \
+    -e "s|\${UPSTREAM_HOST}|${UPSTREAM_HOST:-127.0.0.1}|g" \
+    -e "s|\${UPSTREAM_PORT}|${UPSTREAM_PORT:-8080}|g" \
+    -e "s|\${CONTROL_PLANE_HOST}|${CONTROL_PLANE_HOST:-127.0.0.1}|g" \
+    -e "s|\${CONTROL_PLANE_PORT}|${CONTROL_PLANE_PORT:-8081}|g" \
+    -e "s|\${WASM_PATH}|${WASM_PATH}|g" \
+    -e "s|\${SYNC_TOKEN}|${SYNC_TOKEN}|g" \
+    "$template" > "$out"
+if grep -n '\${' "$out" >&2; then
+  echo "render.sh: unrendered placeholder in $template" >&2
+  exit 1
+fi
