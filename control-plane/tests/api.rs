@@ -86,6 +86,22 @@ impl TestApp {
         v
     }
 
+    /// Starts a sync long-poll on another thread; joining gives its duration and answer.
+    fn poll_in_background(
+        &self,
+        query: &str,
+    ) -> std::thread::JoinHandle<(Duration, serde_json::Value)> {
+        let url = format!("{}/v1/sync?{query}", self.url);
+        std::thread::spawn(move || {
+            let t = Instant::now();
+            let r = ureq::get(&url)
+                .set("authorization", &format!("Bearer {SYNC}"))
+                .call()
+                .unwrap();
+            (t.elapsed(), r.into_json().unwrap())
+        })
+    }
+
     fn sync(&self, query: &str) -> serde_json::Value {
         let (s, v) = self.call("GET", &format!("/v1/sync?{query}"), Some(SYNC), None);
         assert_eq!(s, 200, "{v}");
@@ -349,19 +365,7 @@ fn sync_snapshot_pages_then_changes_then_long_poll() {
     );
 
     // A change made while a poll waits answers it within milliseconds.
-    let url = app.url.clone();
-    let sid = store_id.clone();
-    let waiter = std::thread::spawn(move || {
-        let t = Instant::now();
-        let r: serde_json::Value =
-            ureq::get(&format!("{url}/v1/sync?since=5&store_id={sid}&wait=5"))
-                .set("authorization", &format!("Bearer {SYNC}"))
-                .call()
-                .unwrap()
-                .into_json()
-                .unwrap();
-        (t.elapsed(), r)
-    });
+    let waiter = app.poll_in_background(&format!("since=5&store_id={store_id}&wait=5"));
     std::thread::sleep(Duration::from_millis(300));
     let (_, listed) = app.admin("GET", "/v1/tokens?limit=1", None);
     let id = listed["tokens"][0]["id"].as_str().unwrap().to_string();
@@ -394,18 +398,7 @@ fn shutdown_releases_waiting_long_polls() {
         .as_str()
         .unwrap()
         .to_string();
-    let url = app.url.clone();
-    let waiter = std::thread::spawn(move || {
-        let t = Instant::now();
-        let r: serde_json::Value =
-            ureq::get(&format!("{url}/v1/sync?since=1&store_id={sid}&wait=5"))
-                .set("authorization", &format!("Bearer {SYNC}"))
-                .call()
-                .unwrap()
-                .into_json()
-                .unwrap();
-        (t.elapsed(), r)
-    });
+    let waiter = app.poll_in_background(&format!("since=1&store_id={sid}&wait=5"));
     std::thread::sleep(Duration::from_millis(300));
     app.shutdown.send(true).unwrap();
     let (elapsed, r) = waiter.join().unwrap();
