@@ -5,7 +5,7 @@ use crate::authorize::{self, Denial, Outcome};
 use crate::config::Config;
 use crate::response;
 use crate::store::{Clock, SharedStore, StoreError};
-use crate::sync::{SyncClient, SyncFailure};
+use crate::sync::{Phase, SyncClient, SyncFailure};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
@@ -280,21 +280,17 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
-        if self.pending.is_some() {
-            // Keep the lease while a poll is in flight.
-            if let Some(shared) = self.shared.clone() {
-                self.sync
-                    .on_tick(&shared.config, &HostStore, &self.proxy_id, Self::now_ms());
-            }
-            return;
-        }
         let Some(shared) = self.shared.clone() else {
             return;
         };
-        if let Some(path) =
-            self.sync
-                .on_tick(&shared.config, &HostStore, &self.proxy_id, Self::now_ms())
-        {
+        let next = self
+            .sync
+            .on_tick(&shared.config, &HostStore, &self.proxy_id, Self::now_ms());
+        if !matches!(self.sync.phase(), Phase::Polling { .. }) {
+            // The machine gave up on the poll in flight: its late answer must not count.
+            self.pending = None;
+        }
+        if let Some(path) = next {
             self.dispatch(&shared, &path);
         }
     }
