@@ -2,6 +2,10 @@
 
 pub mod api;
 pub mod client;
+pub mod duration;
+pub mod housekeeping;
+pub mod policy;
 pub mod secrets;
 pub mod serve;
 pub mod store;
+pub mod webhook;

@@ -16,6 +16,8 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Manage tokens through a running control plane
     Token(client::TokenArgs),
+    /// Read the audit trail of a running control plane
+    Audit(client::AuditArgs),
 }
 
 fn main() -> ExitCode {
@@ -44,5 +46,6 @@ fn main() -> ExitCode {
             }
         }
         Command::Token(args) => client::run(args),
+        Command::Audit(args) => client::run_audit(args),
     }
 }

@@ -1,9 +1,13 @@
 //! `tokengate serve`: options, start-up (migrations, credentials) and graceful shutdown.
 
-use crate::api::{app, AppState};
+use crate::api::{app, Admin, AppState};
+use crate::duration;
+use crate::housekeeping::{self, Jobs};
+use crate::policy::{KindPolicy, Policy};
 use crate::store::SqliteStore;
+use crate::webhook::Webhook;
 use clap::Args;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -16,12 +20,16 @@ pub struct ServeArgs {
     /// SQLite database file (created, and migrated, at start)
     #[arg(long, env = "TOKENGATE_DB", default_value = "tokengate.db")]
     pub db: PathBuf,
-    /// Admin credential for the token API
+    /// Admin credential for the token API (its audit actor name is `admin`)
     #[arg(long, env = "TOKENGATE_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
     /// File holding the admin credential (used when --admin-token is not given)
     #[arg(long, env = "TOKENGATE_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
+    /// File of named admin credentials, one `name:secret` per line (`#` comments); each
+    /// name is the actor in the audit trail. Combines with --admin-token.
+    #[arg(long, env = "TOKENGATE_ADMIN_CREDENTIALS_FILE")]
+    pub admin_credentials_file: Option<PathBuf>,
     /// Sync credential: lets the filters read /v1/sync and nothing else
     #[arg(long, env = "TOKENGATE_SYNC_TOKEN", hide_env_values = true)]
     pub sync_token: Option<String>,
@@ -36,6 +44,176 @@ pub struct ServeArgs {
     #[arg(long, env = "TOKENGATE_SYNC_PAGE_SIZE", default_value_t = 1000,
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub sync_page_size: u32,
+    /// Longest lifetime of a user token (e.g. 90d; `never`: no limit). Implies an expiry.
+    #[arg(long, env = "TOKENGATE_USER_MAX_LIFETIME", default_value = "never", value_parser = lifetime)]
+    pub user_max_lifetime: Lifetime,
+    /// User tokens must have an expiry
+    #[arg(long, env = "TOKENGATE_USER_REQUIRE_EXPIRY", default_value_t = false)]
+    pub user_require_expiry: bool,
+    /// Longest lifetime of a service token (e.g. 365d; `never`: no limit). Implies an expiry.
+    #[arg(long, env = "TOKENGATE_SERVICE_MAX_LIFETIME", default_value = "never", value_parser = lifetime)]
+    pub service_max_lifetime: Lifetime,
+    /// Service tokens must have an expiry
+    #[arg(long, env = "TOKENGATE_SERVICE_REQUIRE_EXPIRY", default_value_t = false)]
+    pub service_require_expiry: bool,
+    /// Lead times before expiry at which a warning is issued, comma-separated; `none`: off
+    #[arg(long, env = "TOKENGATE_EXPIRY_WARNINGS", default_value = "7d,1d", value_parser = leads)]
+    pub expiry_warnings: Leads,
+    /// How long revoked and expired tokens are kept before they are purged
+    #[arg(long, env = "TOKENGATE_RETENTION", default_value = "30d", value_parser = lifetime)]
+    pub retention: Lifetime,
+    /// How often to purge; `never` switches purging off
+    #[arg(long, env = "TOKENGATE_PURGE_INTERVAL", default_value = "1h", value_parser = lifetime)]
+    pub purge_interval: Lifetime,
+    /// How often expiry warnings and webhook deliveries are checked
+    #[arg(long, env = "TOKENGATE_JOBS_INTERVAL", default_value = "10s", value_parser = lifetime)]
+    pub jobs_interval: Lifetime,
+    /// URL that receives expiry-warning webhooks (JSON POST, HMAC-signed)
+    #[arg(long, env = "TOKENGATE_WEBHOOK_URL")]
+    pub webhook_url: Option<String>,
+    /// Secret for the webhook signature (required with --webhook-url)
+    #[arg(long, env = "TOKENGATE_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<String>,
+    /// File holding the webhook secret
+    #[arg(long, env = "TOKENGATE_WEBHOOK_SECRET_FILE")]
+    pub webhook_secret_file: Option<PathBuf>,
+    /// Attempts per webhook event before giving up (1 s, 2 s, 4 s ... apart, at most 10 min)
+    #[arg(long, env = "TOKENGATE_WEBHOOK_MAX_ATTEMPTS", default_value_t = 12,
+          value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub webhook_max_attempts: u32,
+}
+
+/// A duration option: seconds, or `None` for `never`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lifetime(pub Option<u64>);
+
+fn lifetime(s: &str) -> Result<Lifetime, String> {
+    duration::parse(s).map(Lifetime)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Leads(pub Vec<i64>);
+
+fn leads(s: &str) -> Result<Leads, String> {
+    if s.trim().eq_ignore_ascii_case("none") {
+        return Ok(Leads(vec![]));
+    }
+    let mut out = vec![];
+    for part in s.split(',') {
+        let secs = duration::parse(part)?.ok_or("`never` is not a lead time; use `none` to switch warnings off")?;
+        out.push(i64::try_from(secs).map_err(|_| format!("`{part}` is too long"))?);
+    }
+    out.sort_unstable();
+    out.dedup();
+    Ok(Leads(out))
+}
+
+/// Reads `name:secret` lines.
+fn admin_file(path: &Path) -> Result<Vec<Admin>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        format!(
+            "cannot read --admin-credentials-file {}: {e}",
+            path.display()
+        )
+    })?;
+    let mut admins = vec![];
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let at = format!("--admin-credentials-file line {}", i + 1);
+        let (name, secret) = line
+            .split_once(':')
+            .ok_or_else(|| format!("{at}: expected `name:secret`"))?;
+        let name = name.trim();
+        if name.is_empty()
+            || name.len() > 64
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._@-".contains(&b))
+        {
+            return Err(format!(
+                "{at}: the name must be 1 to 64 letters, digits or . _ @ -"
+            ));
+        }
+        if secret.trim().len() < 16 {
+            return Err(format!("{at}: the secret must be at least 16 characters"));
+        }
+        admins.push(Admin {
+            name: name.into(),
+            secret: secret.trim().to_string(),
+        });
+    }
+    Ok(admins)
+}
+
+fn admins(args: &ServeArgs) -> Result<Vec<Admin>, String> {
+    let mut admins = vec![];
+    if args.admin_token.is_some() || args.admin_token_file.is_some() {
+        admins.push(Admin {
+            name: "admin".into(),
+            secret: credential("admin-token", &args.admin_token, &args.admin_token_file)?,
+        });
+    }
+    if let Some(path) = &args.admin_credentials_file {
+        admins.extend(admin_file(path)?);
+    }
+    if admins.is_empty() {
+        return Err("an admin credential is required: set TOKENGATE_ADMIN_TOKEN, \
+             TOKENGATE_ADMIN_TOKEN_FILE or TOKENGATE_ADMIN_CREDENTIALS_FILE"
+            .into());
+    }
+    for (i, a) in admins.iter().enumerate() {
+        if admins[..i].iter().any(|b| b.name == a.name) {
+            return Err(format!("the admin name `{}` is given twice", a.name));
+        }
+        if admins[..i].iter().any(|b| b.secret == a.secret) {
+            return Err(format!(
+                "the admin credentials `{}` and another share a secret",
+                a.name
+            ));
+        }
+    }
+    Ok(admins)
+}
+
+fn policy(args: &ServeArgs) -> Policy {
+    Policy {
+        user: KindPolicy {
+            max_lifetime: args.user_max_lifetime.0,
+            require_expiry: args.user_require_expiry,
+        },
+        service: KindPolicy {
+            max_lifetime: args.service_max_lifetime.0,
+            require_expiry: args.service_require_expiry,
+        },
+    }
+}
+
+fn jobs(args: &ServeArgs) -> Result<Jobs, String> {
+    let webhook = match &args.webhook_url {
+        None => None,
+        Some(url) => {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err("--webhook-url must be an http:// or https:// URL".into());
+            }
+            let secret = credential("webhook-secret", &args.webhook_secret, &args.webhook_secret_file)?;
+            Some(Webhook {
+                url: url.clone(),
+                secret,
+                max_attempts: args.webhook_max_attempts,
+                timeout: Duration::from_secs(10),
+            })
+        }
+    };
+    let secs = |v: Option<u64>| v.map(|s| i64::try_from(s).unwrap_or(i64::MAX));
+    Ok(Jobs {
+        warning_leads: args.expiry_warnings.0.clone(),
+        retention: secs(args.purge_interval.0).and(secs(args.retention.0)),
+        purge_interval: secs(args.purge_interval.0).unwrap_or(i64::MAX),
+        webhook,
+    })
 }
 
 fn credential(
@@ -86,22 +264,35 @@ async fn shutdown_signal() {
 }
 
 pub async fn run(args: ServeArgs) -> Result<(), String> {
-    let admin_token = credential("admin-token", &args.admin_token, &args.admin_token_file)?;
+    let admins = admins(&args)?;
     let sync_token = credential("sync-token", &args.sync_token, &args.sync_token_file)?;
-    if admin_token == sync_token {
+    if admins.iter().any(|a| a.secret == sync_token) {
         return Err("the admin and sync credentials must differ".into());
     }
+    let jobs = jobs(&args)?;
+    let jobs_interval = args
+        .jobs_interval
+        .0
+        .ok_or("--jobs-interval cannot be `never`")?;
     let store = SqliteStore::open(&args.db)
         .map_err(|e| format!("cannot open database {}: {e}", args.db.display()))?;
     let (shutdown_tx, shutdown) = watch::channel(false);
+    let store: Arc<dyn crate::store::Store> = Arc::new(store);
     let state = AppState {
-        store: Arc::new(store),
-        admin_token: admin_token.into(),
+        store: store.clone(),
+        admins: admins.into(),
         sync_token: sync_token.into(),
+        policy: policy(&args),
         sync_max_wait: Duration::from_secs(args.sync_max_wait_seconds),
         sync_page_size: args.sync_page_size,
-        shutdown,
+        shutdown: shutdown.clone(),
     };
+    tokio::spawn(housekeeping::run(
+        store,
+        jobs,
+        Duration::from_secs(jobs_interval),
+        shutdown,
+    ));
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;

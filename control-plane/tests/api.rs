@@ -1,113 +1,9 @@
 //! The API served by `app(state)` on a real socket, driven over HTTP.
 
-use std::sync::Arc;
+mod common;
+
+use common::*;
 use std::time::{Duration, Instant};
-use tokengate::api::{app, AppState};
-use tokengate::store::SqliteStore;
-use tokio::sync::watch;
-
-const ADMIN: &str = "admin-credential-0123456789";
-const SYNC: &str = "sync-credential-0123456789";
-
-struct TestApp {
-    url: String,
-    shutdown: watch::Sender<bool>,
-    _dir: tempfile::TempDir,
-}
-
-fn spawn_app(page_size: u32) -> TestApp {
-    let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(&dir.path().join("t.db")).unwrap();
-    let (shutdown, rx) = watch::channel(false);
-    let state = AppState {
-        store: Arc::new(store),
-        admin_token: ADMIN.into(),
-        sync_token: SYNC.into(),
-        sync_max_wait: Duration::from_secs(5),
-        sync_page_size: page_size,
-        shutdown: rx,
-    };
-    let (tx, addr) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            tx.send(l.local_addr().unwrap()).unwrap();
-            axum::serve(l, app(state)).await.unwrap();
-        });
-    });
-    TestApp {
-        url: format!("http://{}", addr.recv().unwrap()),
-        shutdown,
-        _dir: dir,
-    }
-}
-
-impl TestApp {
-    fn call(
-        &self,
-        method: &str,
-        path: &str,
-        cred: Option<&str>,
-        body: Option<&str>,
-    ) -> (u16, serde_json::Value) {
-        let mut req = ureq::request(method, &format!("{}{path}", self.url));
-        if let Some(c) = cred {
-            req = req.set("authorization", &format!("Bearer {c}"));
-        }
-        let res = match body {
-            Some(b) => req.set("content-type", "application/json").send_string(b),
-            None => req.call(),
-        };
-        let resp = match res {
-            Ok(r) => r,
-            Err(ureq::Error::Status(_, r)) => r,
-            Err(e) => panic!("{method} {path}: {e}"),
-        };
-        let status = resp.status();
-        let text = resp.into_string().unwrap();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
-        )
-    }
-
-    fn admin(&self, method: &str, path: &str, body: Option<&str>) -> (u16, serde_json::Value) {
-        self.call(method, path, Some(ADMIN), body)
-    }
-
-    fn create(&self, body: &str) -> serde_json::Value {
-        let (s, v) = self.admin("POST", "/v1/tokens", Some(body));
-        assert_eq!(s, 201, "{v}");
-        v
-    }
-
-    /// Starts a sync long-poll on another thread; joining gives its duration and answer.
-    fn poll_in_background(
-        &self,
-        query: &str,
-    ) -> std::thread::JoinHandle<(Duration, serde_json::Value)> {
-        let url = format!("{}/v1/sync?{query}", self.url);
-        std::thread::spawn(move || {
-            let t = Instant::now();
-            let r = ureq::get(&url)
-                .set("authorization", &format!("Bearer {SYNC}"))
-                .call()
-                .unwrap();
-            (t.elapsed(), r.into_json().unwrap())
-        })
-    }
-
-    fn sync(&self, query: &str) -> serde_json::Value {
-        let (s, v) = self.call("GET", &format!("/v1/sync?{query}"), Some(SYNC), None);
-        assert_eq!(s, 200, "{v}");
-        v
-    }
-}
 
 #[test]
 fn create_shows_the_secret_once_and_get_list_never_do() {
@@ -212,7 +108,7 @@ fn credentials_are_required_and_kept_apart() {
     let (s, v) = app.call("GET", "/healthz", None, None);
     assert_eq!((s, v["status"].as_str()), (200, Some("ok")));
     let (s, v) = app.admin("GET", "/v1/nothing-here", None);
-    assert_eq!((s, v["error"].as_str()), (404, Some("not_found")));
+    assert_eq!((s, v["error"].as_str()), (404, Some("no_route")));
 }
 
 #[test]

@@ -6,6 +6,17 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
+/// Every error answer's body.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// A snake_case code: `invalid_field`, `invalid_body`, `unauthorized`, `not_found`,
+    /// `no_route`, `conflict`, `payload_too_large`, `internal`.
+    pub error: String,
+    pub message: String,
+    /// The field or query parameter at fault (`invalid_field` only).
+    pub field: Option<String>,
+}
+
 #[derive(Debug)]
 pub enum ApiError {
     /// 400 about one field of the body or query.
@@ -17,6 +28,9 @@ pub enum ApiError {
     Body(String),
     Unauthorized,
     NotFound,
+    /// No route for the path (not the same as an unknown token).
+    NoRoute,
+    TooLarge(String),
     Conflict(String),
     Internal(String),
 }
@@ -64,6 +78,14 @@ impl IntoResponse for ApiError {
             ApiError::NotFound => (
                 StatusCode::NOT_FOUND,
                 json!({"error": "not_found", "message": "No such token."}),
+            ),
+            ApiError::NoRoute => (
+                StatusCode::NOT_FOUND,
+                json!({"error": "no_route", "message": "No such endpoint; see /v1/openapi.json."}),
+            ),
+            ApiError::TooLarge(message) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                json!({"error": "payload_too_large", "message": message}),
             ),
             ApiError::Conflict(message) => (
                 StatusCode::CONFLICT,

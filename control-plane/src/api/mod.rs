@@ -1,28 +1,45 @@
 //! The HTTP API: `app(state)` builds the whole router, so tests serve exactly what runs.
 
+mod audit;
 mod auth;
 mod body;
 mod error;
+mod openapi;
 mod sync;
 mod tokens;
+mod usage;
 
+pub use audit::ACTIONS as AUDIT_ACTIONS;
 pub use error::ApiError;
+pub use tokens::{rotate_secrets, MAX_GRACE_SECONDS};
 
+use crate::policy::Policy;
 use crate::store::{Store, StoreError};
 use axum::extract::Request;
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::routing::{get, post};
+use axum::routing::get;
 use axum::{Json, Router};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+/// A named admin credential; the name is the audit trail's actor.
+#[derive(Clone, Debug)]
+pub struct Admin {
+    pub name: Arc<str>,
+    pub secret: String,
+}
 
 #[derive(Clone)]
 pub struct AppState {
     pub store: Arc<dyn Store>,
-    pub admin_token: Arc<str>,
+    pub admins: Arc<[Admin]>,
     pub sync_token: Arc<str>,
+    pub policy: Policy,
     /// Longest a `/v1/sync` long-poll is held (also its default).
     pub sync_max_wait: Duration,
     pub sync_page_size: u32,
@@ -57,40 +74,62 @@ async fn access_log(req: Request, next: Next) -> Response {
     resp
 }
 
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "The server is up", content_type = "application/json")))]
 async fn healthz() -> Json<serde_json::Value> {
     Json(serde_json::json!({"status": "ok"}))
 }
 
-async fn not_found() -> ApiError {
-    ApiError::NotFound
+async fn no_route() -> ApiError {
+    ApiError::NoRoute
 }
 
-pub fn app(state: AppState) -> Router {
-    let admin = Router::new()
-        .route("/v1/tokens", post(tokens::create).get(tokens::list))
-        .route(
-            "/v1/tokens/{id}",
-            get(tokens::get)
-                .patch(tokens::update)
-                .delete(tokens::revoke),
-        )
-        .route("/v1/tokens/{id}/suspend", post(tokens::suspend))
-        .route("/v1/tokens/{id}/reactivate", post(tokens::reactivate))
+/// Every documented route with its handler; `/v1/openapi.json` is generated from this, so
+/// the document and the routes come from one list.
+fn routes(state: &AppState) -> OpenApiRouter<AppState> {
+    let admin = OpenApiRouter::new()
+        .routes(routes!(tokens::create, tokens::list))
+        .routes(routes!(tokens::get, tokens::update, tokens::revoke))
+        .routes(routes!(tokens::suspend))
+        .routes(routes!(tokens::reactivate))
+        .routes(routes!(tokens::rotate))
+        .routes(routes!(audit::list))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             auth::require_admin,
         ));
-    let sync = Router::new()
-        .route("/v1/sync", get(sync::sync))
+    let filters = OpenApiRouter::new()
+        .routes(routes!(sync::sync))
+        .routes(routes!(usage::report))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             auth::require_sync,
         ));
-    Router::new()
-        .route("/healthz", get(healthz))
+    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .routes(routes!(healthz))
         .merge(admin)
-        .merge(sync)
-        .fallback(not_found)
+        .merge(filters)
+}
+
+/// The API description, as served at `/v1/openapi.json`.
+pub fn openapi_document(state: &AppState) -> utoipa::openapi::OpenApi {
+    let mut doc = routes(state).into_openapi();
+    openapi::add_self(&mut doc);
+    doc
+}
+
+pub fn app(state: AppState) -> Router {
+    let doc = Arc::new(openapi_document(&state));
+    let (router, _) = routes(&state).split_for_parts();
+    router
+        .route(
+            "/v1/openapi.json",
+            get(move || {
+                let doc = doc.clone();
+                async move { Json(doc.as_ref().clone()) }
+            }),
+        )
+        .fallback(no_route)
         .layer(middleware::from_fn(access_log))
         .with_state(state)
 }

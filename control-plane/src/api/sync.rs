@@ -19,23 +19,46 @@ pub struct SyncQuery {
     proxy_id: Option<String>,
 }
 
-fn to_wire(r: TokenRow) -> SyncRecord {
-    SyncRecord {
-        hash: r.hash,
-        id: r.id,
-        name: r.name,
-        owner: r.owner,
+/// A token's records: its secret's, and one per rotated-out secret still on record. An old
+/// secret expires with its grace, so the filters refuse it then even if the control plane is
+/// unreachable; once the grace is over it travels as a tombstone.
+fn to_wire(r: TokenRow, now: i64, out: &mut Vec<SyncRecord>) {
+    let status = match r.status {
+        Status::Active => SyncStatus::Active,
+        Status::Suspended => SyncStatus::Suspended,
+        Status::Revoked => SyncStatus::Revoked,
+    };
+    let record = |hash: String, status, expires_at| SyncRecord {
+        hash,
+        id: r.id.clone(),
+        name: r.name.clone(),
+        owner: r.owner.clone(),
         kind: r.kind,
-        status: match r.status {
-            Status::Active => SyncStatus::Active,
-            Status::Suspended => SyncStatus::Suspended,
-            Status::Revoked => SyncStatus::Revoked,
-        },
+        status,
         max_rps: r.max_rps,
         burst: r.burst,
-        expires_at: r.expires_at,
+        expires_at,
         version: r.version,
+    };
+    for old in &r.retired {
+        let status = if old.until <= now {
+            SyncStatus::Revoked
+        } else {
+            status
+        };
+        let expires_at = Some(r.expires_at.map_or(old.until, |t| t.min(old.until)));
+        out.push(record(old.hash.clone(), status, expires_at));
     }
+    out.push(record(r.hash.clone(), status, r.expires_at));
+}
+
+fn to_wire_all(rows: Vec<TokenRow>) -> Vec<SyncRecord> {
+    let now = chrono::Utc::now().timestamp();
+    let mut out = Vec::with_capacity(rows.len());
+    for r in rows {
+        to_wire(r, now, &mut out);
+    }
+    out
 }
 
 fn number(field: &str, v: Option<&str>) -> Result<Option<u64>, ApiError> {
@@ -75,7 +98,7 @@ async fn snapshot(
         store_id: state.store.store_id().to_string(),
         version,
         snapshot: true,
-        changes: rows.into_iter().map(to_wire).collect(),
+        changes: to_wire_all(rows),
         next_cursor,
         token_count: count,
     })
@@ -91,12 +114,23 @@ async fn changes(state: &AppState, since: u64) -> Result<SyncResponse, ApiError>
         store_id: state.store.store_id().to_string(),
         version: rows.last().map_or(since, |r| r.version),
         snapshot: false,
-        changes: rows.into_iter().map(to_wire).collect(),
+        changes: to_wire_all(rows),
         next_cursor: None,
         token_count: count,
     })
 }
 
+#[utoipa::path(get, path = "/v1/sync", tag = "filters", security(("sync" = [])),
+    params(
+        ("since" = Option<u64>, Query, description = "The version the filter holds; 0 or absent: none"),
+        ("store_id" = Option<String>, Query, description = "The store the filter's state came from"),
+        ("cursor" = Option<String>, Query, description = "Snapshot paging"),
+        ("wait" = Option<u64>, Query, description = "Seconds to hold the poll when nothing changed (capped by the server)"),
+        ("proxy_id" = Option<String>, Query, description = "Identifies the proxy"),
+    ),
+    responses((status = 200, description = "Changes after `since`, or a snapshot page; see tokengate_wire::sync", content_type = "application/json"),
+        (status = 400, description = "Invalid query parameter", body = super::error::ErrorBody),
+        (status = 401, description = "No or wrong sync credential", body = super::error::ErrorBody)))]
 pub async fn sync(
     State(state): State<AppState>,
     Query(q): Query<SyncQuery>,
@@ -112,13 +146,15 @@ pub async fn sync(
     // Subscribe before reading the version so that no change can slip between the two.
     let mut changed = state.store.subscribe();
     let current = *changed.borrow_and_update();
+    // Purged rows never reach a client that is older than them: it starts over.
+    let horizon = blocking(&state, |s| s.horizon()).await?;
     let foreign = q
         .store_id
         .as_deref()
         .is_some_and(|id| id != state.store.store_id());
     // A client that names this store holds its state, even an empty one at version 0.
     let fresh = since == 0 && q.store_id.is_none();
-    if fresh || since > current || foreign {
+    if fresh || since > current || foreign || since < horizon {
         return Ok(Json(snapshot(&state, current, None).await?));
     }
     if since == current {

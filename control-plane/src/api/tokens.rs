@@ -1,48 +1,65 @@
-//! `/v1/tokens`: create, list, get, update, suspend, reactivate, revoke.
+//! `/v1/tokens`: create, list, get, update, suspend, reactivate, rotate, revoke.
 
+use super::auth::Actor;
 use super::body::{nullable, parse_json};
 use super::{blocking, ApiError, AppState};
+use crate::duration;
+use crate::policy::Refusal;
 use crate::secrets;
-use crate::store::{parse_kind, ListQuery, Status, StoreError, TokenRow};
+use crate::store::{parse_kind, Change, ListQuery, RetiredSecret, Status, StoreError, TokenRow};
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::Json;
-use chrono::{DateTime, SecondsFormat, Utc};
+use axum::{Extension, Json};
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use tokengate_wire::Kind;
+use utoipa::{IntoParams, ToSchema};
 
 const MAX_RPS: u32 = 1_000_000;
 const MAX_BURST: u32 = 10_000_000;
+/// Longest an old secret may keep working after a rotation.
+pub const MAX_GRACE_SECONDS: u64 = 30 * 86_400;
 
-fn rfc3339(t: i64) -> String {
-    DateTime::<Utc>::from_timestamp(t, 0)
-        .unwrap_or_default()
-        .to_rfc3339_opts(SecondsFormat::Secs, true)
-}
+use crate::store::rfc3339;
 
-/// A token as the API shows it (never with its hash).
-#[derive(Serialize)]
+/// A token as the API shows it (never its secret or hash).
+#[derive(Serialize, ToSchema)]
 pub struct TokenView {
     id: String,
     name: String,
+    /// `user` (acts for a person, the owner) or `service` (acts for an automation owned by
+    /// a group).
+    #[schema(value_type = String, example = "user")]
     kind: Kind,
     owner: String,
+    /// `active` or `suspended`.
     status: &'static str,
     max_rps: Option<u32>,
     burst: Option<u32>,
     created_at: String,
     expires_at: Option<String>,
+    /// True once `expires_at` has passed (the filter refuses it with `token_expired`).
+    expired: bool,
     last_used_at: Option<String>,
+    /// Requests the filters let through, as reported by `POST /v1/usage`.
+    requests_allowed: u64,
+    /// Requests the filters refused (expired, suspended, rate limited).
+    requests_denied: u64,
+    rotated_at: Option<String>,
+    /// While a rotation's grace period runs, the old secret works until this time.
+    old_secret_valid_until: Option<String>,
     updated_at: String,
     version: u64,
 }
 
-impl From<TokenRow> for TokenView {
-    fn from(r: TokenRow) -> TokenView {
+impl TokenView {
+    pub fn new(r: TokenRow, now: i64) -> TokenView {
+        let grace = r.retired.iter().map(|s| s.until).filter(|t| *t > now).max();
         TokenView {
+            expired: r.is_expired(now),
             id: r.id,
             name: r.name,
             kind: r.kind,
@@ -53,10 +70,18 @@ impl From<TokenRow> for TokenView {
             created_at: rfc3339(r.created_at),
             expires_at: r.expires_at.map(rfc3339),
             last_used_at: r.last_used_at.map(rfc3339),
+            requests_allowed: r.requests_allowed,
+            requests_denied: r.requests_denied,
+            rotated_at: r.rotated_at.map(rfc3339),
+            old_secret_valid_until: grace.map(rfc3339),
             updated_at: rfc3339(r.updated_at),
             version: r.version,
         }
     }
+}
+
+fn view(r: TokenRow) -> Json<TokenView> {
+    Json(TokenView::new(r, Utc::now().timestamp()))
 }
 
 fn check_text(field: &str, v: &str) -> Result<(), ApiError> {
@@ -112,29 +137,57 @@ fn parse_future_time(field: &str, v: &str, now: i64) -> Result<i64, ApiError> {
     Ok(t)
 }
 
-#[derive(Deserialize)]
+impl From<Refusal> for ApiError {
+    fn from(r: Refusal) -> ApiError {
+        ApiError::field(r.field, r.message)
+    }
+}
+
+impl From<Refusal> for StoreError {
+    fn from(r: Refusal) -> StoreError {
+        StoreError::Invalid {
+            field: r.field,
+            message: r.message,
+        }
+    }
+}
+
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct CreateBody {
+pub struct CreateBody {
     name: Option<String>,
+    /// `user` (default) or `service`.
     kind: Option<String>,
+    /// The person (user tokens; defaults to the admin credential's name) or the group
+    /// (service tokens; required).
     owner: Option<String>,
+    /// Requests per second per Envoy; absent or null: unlimited.
     max_rps: Option<u32>,
+    /// Requests allowed at once; defaults to one second's worth.
     burst: Option<u32>,
     expires_in_seconds: Option<u64>,
+    /// RFC 3339.
     expires_at: Option<String>,
 }
 
-#[derive(Serialize)]
-struct Created {
+/// A token with its secret, shown this once.
+#[derive(Serialize, ToSchema)]
+pub struct WithSecret {
     #[serde(flatten)]
     token: TokenView,
-    /// The secret, shown this once.
+    /// The secret. It is not stored and cannot be shown again.
     #[serde(rename = "token")]
     secret: String,
 }
 
+#[utoipa::path(post, path = "/v1/tokens", tag = "tokens", security(("admin" = [])),
+    request_body = CreateBody,
+    responses((status = 201, description = "Created; the secret is in `token`, this once", body = WithSecret),
+        (status = 400, description = "A field is invalid or breaks the expiry policy", body = super::error::ErrorBody),
+        (status = 401, description = "No or wrong admin credential", body = super::error::ErrorBody)))]
 pub async fn create(
     State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
     body: Bytes,
 ) -> Result<impl IntoResponse, ApiError> {
     let b: CreateBody = parse_json(&body)?;
@@ -149,11 +202,20 @@ pub async fn create(
             parse_kind(k).ok_or_else(|| ApiError::field("kind", "must be `user` or `service`"))?
         }
     };
-    let owner = b.owner.unwrap_or_else(|| "admin".to_string());
+    let owner = match (b.owner, kind) {
+        (Some(o), _) => o,
+        (None, Kind::User) => actor.0.to_string(),
+        (None, Kind::Service) => {
+            return Err(ApiError::field(
+                "owner",
+                "is required for service tokens: name the group that owns the automation",
+            ))
+        }
+    };
     check_text("owner", &owner)?;
     check_max_rps(b.max_rps)?;
     check_burst(b.burst, b.max_rps)?;
-    let expires_at = match (b.expires_in_seconds, b.expires_at) {
+    let (expires_at, field) = match (b.expires_in_seconds, b.expires_at) {
         (Some(_), Some(_)) => {
             return Err(ApiError::field(
                 "expires_at",
@@ -166,10 +228,14 @@ pub async fn create(
                 "must be a positive number of seconds",
             ))
         }
-        (Some(s), None) => Some(now.saturating_add(i64::try_from(s).unwrap_or(i64::MAX))),
-        (None, Some(t)) => Some(parse_future_time("expires_at", &t, now)?),
-        (None, None) => None,
+        (Some(s), None) => (
+            Some(now.saturating_add(i64::try_from(s).unwrap_or(i64::MAX))),
+            "expires_in_seconds",
+        ),
+        (None, Some(t)) => (Some(parse_future_time("expires_at", &t, now)?), "expires_at"),
+        (None, None) => (None, "expires_in_seconds"),
     };
+    state.policy.check(kind, now, expires_at, field)?;
     let secret = secrets::new_token();
     let row = TokenRow {
         id: secrets::new_id(),
@@ -185,27 +251,64 @@ pub async fn create(
         expires_at,
         last_used_at: None,
         version: 0,
+        requests_allowed: 0,
+        requests_denied: 0,
+        rotated_at: None,
+        retired: vec![],
     };
-    let row = blocking(&state, move |s| s.create(row)).await?;
+    let row = blocking(&state, move |s| {
+        s.create(
+            row,
+            Change {
+                actor: &actor.0,
+                action: "token.created",
+            },
+        )
+    })
+    .await?;
     Ok((
         StatusCode::CREATED,
-        Json(Created {
-            token: row.into(),
+        Json(WithSecret {
+            token: TokenView::new(row, now),
             secret,
         }),
     ))
 }
 
-#[derive(Serialize)]
-struct Listing {
+#[derive(Serialize, ToSchema)]
+pub struct Listing {
     tokens: Vec<TokenView>,
+    /// Pass as `cursor` for the next page; null on the last page.
     next_cursor: Option<String>,
 }
 
+/// Query parameters of `GET /v1/tokens` (documentation; parsing is strict, see `list`).
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+pub struct ListParams {
+    /// `active` or `suspended`.
+    status: Option<String>,
+    owner: Option<String>,
+    /// `user` or `service`.
+    kind: Option<String>,
+    /// Tokens that expire within this duration from now: `3600s`, `12h`, `7d`.
+    expiring_within: Option<String>,
+    /// 1 to 1000, default 100.
+    limit: Option<u32>,
+    cursor: Option<String>,
+}
+
+#[utoipa::path(get, path = "/v1/tokens", tag = "tokens", security(("admin" = [])),
+    params(ListParams),
+    responses((status = 200, description = "A page of tokens, by id", body = Listing),
+        (status = 400, description = "Unknown or invalid query parameter", body = super::error::ErrorBody),
+        (status = 401, description = "No or wrong admin credential", body = super::error::ErrorBody)))]
 pub async fn list(
     State(state): State<AppState>,
     Query(q): Query<HashMap<String, String>>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<Listing>, ApiError> {
+    let now = Utc::now().timestamp();
     let mut query = ListQuery {
         limit: 100,
         ..Default::default()
@@ -224,6 +327,16 @@ pub async fn list(
                     parse_kind(&v)
                         .ok_or_else(|| ApiError::field("kind", "must be `user` or `service`"))?,
                 )
+            }
+            "expiring_within" => {
+                let secs = duration::parse(&v)
+                    .ok()
+                    .flatten()
+                    .ok_or_else(|| {
+                        ApiError::field("expiring_within", "must be a duration such as 12h or 7d")
+                    })?;
+                let secs = i64::try_from(secs).unwrap_or(i64::MAX);
+                query.expiring = Some((now, now.saturating_add(secs)));
             }
             "limit" => {
                 query.limit = v
@@ -246,36 +359,58 @@ pub async fn list(
     } else {
         None
     };
-    let listing = Listing {
-        tokens: rows.into_iter().map(TokenView::from).collect(),
+    Ok(Json(Listing {
+        tokens: rows.into_iter().map(|r| TokenView::new(r, now)).collect(),
         next_cursor,
-    };
-    Ok(Json(
-        serde_json::to_value(listing).map_err(|e| ApiError::Internal(e.to_string()))?,
-    ))
+    }))
 }
 
+#[utoipa::path(get, path = "/v1/tokens/{id}", tag = "tokens", security(("admin" = [])),
+    params(("id" = String, Path, description = "Token id, `tok_...`")),
+    responses((status = 200, description = "The token", body = TokenView),
+        (status = 401, description = "No or wrong admin credential", body = super::error::ErrorBody),
+        (status = 404, description = "No such token (or revoked, or purged)", body = super::error::ErrorBody)))]
 pub async fn get(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<TokenView>, ApiError> {
-    Ok(Json(blocking(&state, move |s| s.get(&id)).await?.into()))
+    Ok(view(blocking(&state, move |s| s.get(&id)).await?))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct PatchBody {
+pub struct PatchBody {
     name: Option<String>,
+    /// null: unlimited.
     #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<u32>)]
     max_rps: Option<Option<u32>>,
     #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<u32>)]
     burst: Option<Option<u32>>,
+    /// RFC 3339, or null for never (where the policy allows it).
     #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<String>)]
     expires_at: Option<Option<String>>,
 }
 
+fn change<'a>(actor: &'a Actor, action: &'static str) -> Change<'a> {
+    Change {
+        actor: &actor.0,
+        action,
+    }
+}
+
+#[utoipa::path(patch, path = "/v1/tokens/{id}", tag = "tokens", security(("admin" = [])),
+    params(("id" = String, Path, description = "Token id")),
+    request_body = PatchBody,
+    responses((status = 200, description = "The updated token", body = TokenView),
+        (status = 400, description = "A field is invalid or breaks the expiry policy", body = super::error::ErrorBody),
+        (status = 401, description = "No or wrong admin credential", body = super::error::ErrorBody),
+        (status = 404, description = "No such token", body = super::error::ErrorBody)))]
 pub async fn update(
     State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
     Path(id): Path<String>,
     body: Bytes,
 ) -> Result<Json<TokenView>, ApiError> {
@@ -297,8 +432,9 @@ pub async fn update(
         Some(None) => Some(None),
         None => None,
     };
+    let policy = state.policy;
     let row = blocking(&state, move |s| {
-        s.update(&id, now, &|row: &mut TokenRow| {
+        s.update(&id, now, change(&actor, "token.updated"), &|row: &mut TokenRow| {
             let before = row.clone();
             if let Some(name) = &p.name {
                 row.name = name.clone();
@@ -314,6 +450,7 @@ pub async fn update(
             }
             if let Some(e) = expires_at {
                 row.expires_at = e;
+                policy.check(row.kind, now, e, "expires_at")?;
             }
             check_burst(row.burst, row.max_rps).map_err(|e| match e {
                 ApiError::Field { message, .. } => StoreError::Invalid {
@@ -326,40 +463,134 @@ pub async fn update(
         })
     })
     .await?;
-    Ok(Json(row.into()))
+    Ok(view(row))
 }
 
-async fn set_status(state: AppState, id: String, to: Status) -> Result<Json<TokenView>, ApiError> {
+async fn set_status(
+    state: AppState,
+    actor: Actor,
+    id: String,
+    to: Status,
+    action: &'static str,
+) -> Result<TokenRow, ApiError> {
     let now = Utc::now().timestamp();
-    let row = blocking(&state, move |s| {
-        s.update(&id, now, &|row: &mut TokenRow| {
+    blocking(&state, move |s| {
+        s.update(&id, now, change(&actor, action), &|row: &mut TokenRow| {
             let changed = row.status != to;
             row.status = to;
             Ok(changed)
         })
     })
-    .await?;
-    Ok(Json(row.into()))
+    .await
 }
 
+#[utoipa::path(post, path = "/v1/tokens/{id}/suspend", tag = "tokens", security(("admin" = [])),
+    params(("id" = String, Path, description = "Token id")),
+    responses((status = 200, description = "The token, `status: suspended`; the filters answer 403 from now on", body = TokenView),
+        (status = 401, description = "No or wrong admin credential", body = super::error::ErrorBody),
+        (status = 404, description = "No such token", body = super::error::ErrorBody)))]
 pub async fn suspend(
     State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
     Path(id): Path<String>,
 ) -> Result<Json<TokenView>, ApiError> {
-    set_status(state, id, Status::Suspended).await
+    Ok(view(
+        set_status(state, actor, id, Status::Suspended, "token.suspended").await?,
+    ))
 }
 
+#[utoipa::path(post, path = "/v1/tokens/{id}/reactivate", tag = "tokens", security(("admin" = [])),
+    params(("id" = String, Path, description = "Token id")),
+    responses((status = 200, description = "The token, `status: active`", body = TokenView),
+        (status = 401, description = "No or wrong admin credential", body = super::error::ErrorBody),
+        (status = 404, description = "No such token", body = super::error::ErrorBody)))]
 pub async fn reactivate(
     State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
     Path(id): Path<String>,
 ) -> Result<Json<TokenView>, ApiError> {
-    set_status(state, id, Status::Active).await
+    Ok(view(
+        set_status(state, actor, id, Status::Active, "token.reactivated").await?,
+    ))
 }
 
+#[utoipa::path(delete, path = "/v1/tokens/{id}", tag = "tokens", security(("admin" = [])),
+    params(("id" = String, Path, description = "Token id")),
+    responses((status = 204, description = "Revoked: the filters refuse it from now on"),
+        (status = 401, description = "No or wrong admin credential", body = super::error::ErrorBody),
+        (status = 404, description = "No such token", body = super::error::ErrorBody)))]
 pub async fn revoke(
     State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    let _revoked = set_status(state, id, Status::Revoked).await?;
+    set_status(state, actor, id, Status::Revoked, "token.revoked").await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RotateBody {
+    /// How long the old secret keeps working (default 0: refused at once; at most 30 days).
+    grace_seconds: Option<u64>,
+}
+
+/// The secrets a rotation at `now` leaves honoured: the replaced one until `now + grace`;
+/// any older one still in its grace is cut short (refused from now on).
+pub fn rotate_secrets(row: &mut TokenRow, new_hash: String, now: i64, grace: u64) {
+    let mut retired: Vec<RetiredSecret> = row
+        .retired
+        .iter()
+        .filter(|s| s.until >= now)
+        .map(|s| RetiredSecret {
+            hash: s.hash.clone(),
+            until: now,
+        })
+        .collect();
+    retired.push(RetiredSecret {
+        hash: std::mem::replace(&mut row.hash, new_hash),
+        until: now.saturating_add(i64::try_from(grace).unwrap_or(i64::MAX)),
+    });
+    row.retired = retired;
+    row.rotated_at = Some(now);
+}
+
+#[utoipa::path(post, path = "/v1/tokens/{id}/rotate", tag = "tokens", security(("admin" = [])),
+    params(("id" = String, Path, description = "Token id")),
+    request_body(content = Option<RotateBody>, description = "Optional"),
+    responses((status = 200, description = "The token with its new secret in `token`, this once", body = WithSecret),
+        (status = 400, description = "Invalid grace_seconds", body = super::error::ErrorBody),
+        (status = 401, description = "No or wrong admin credential", body = super::error::ErrorBody),
+        (status = 404, description = "No such token", body = super::error::ErrorBody)))]
+pub async fn rotate(
+    State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Json<WithSecret>, ApiError> {
+    let grace = if body.iter().all(u8::is_ascii_whitespace) {
+        0
+    } else {
+        parse_json::<RotateBody>(&body)?.grace_seconds.unwrap_or(0)
+    };
+    if grace > MAX_GRACE_SECONDS {
+        return Err(ApiError::field(
+            "grace_seconds",
+            format!("must be at most {MAX_GRACE_SECONDS} (30 days)"),
+        ));
+    }
+    let now = Utc::now().timestamp();
+    let secret = secrets::new_token();
+    let hash = secrets::sha256_hex(secret.as_bytes());
+    let row = blocking(&state, move |s| {
+        s.update(&id, now, change(&actor, "token.rotated"), &|row: &mut TokenRow| {
+            rotate_secrets(row, hash.clone(), now, grace);
+            Ok(true)
+        })
+    })
+    .await?;
+    Ok(Json(WithSecret {
+        token: TokenView::new(row, now),
+        secret,
+    }))
 }

@@ -1,6 +1,5 @@
 //! `tokengate token ...`: the admin CLI, a thin client of the REST API.
 
-mod duration;
 mod output;
 
 use chrono::{SecondsFormat, Utc};
@@ -8,8 +7,9 @@ use clap::{Args, Subcommand};
 use serde_json::{json, Map, Value};
 use std::process::ExitCode;
 
+/// How to reach the control plane; shared by `token` and `audit`.
 #[derive(Args, Debug)]
-pub struct TokenArgs {
+pub struct Connection {
     /// Control plane URL
     #[arg(
         long,
@@ -29,8 +29,40 @@ pub struct TokenArgs {
     /// Print the API's JSON instead of text
     #[arg(long, global = true)]
     pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct TokenArgs {
+    #[command(flatten)]
+    pub conn: Connection,
     #[command(subcommand)]
     pub command: TokenCommand,
+}
+
+/// `tokengate audit`: the audit trail, newest first.
+#[derive(Args, Debug)]
+pub struct AuditArgs {
+    #[command(flatten)]
+    pub conn: Connection,
+    /// Only this token's entries
+    #[arg(long)]
+    pub token: Option<String>,
+    /// Only this admin credential's (or `system`'s) entries
+    #[arg(long)]
+    pub actor: Option<String>,
+    /// Only this action, e.g. token.suspended
+    #[arg(long)]
+    pub action: Option<String>,
+    /// From this RFC 3339 time
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Before this RFC 3339 time
+    #[arg(long)]
+    pub until: Option<String>,
+    #[arg(long)]
+    pub limit: Option<u32>,
+    #[arg(long)]
+    pub cursor: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -48,7 +80,7 @@ pub enum TokenCommand {
         max_rps: Option<u32>,
         #[arg(long)]
         burst: Option<u32>,
-        /// 1h, 12h, 1d, 30d, 90d ... or never
+        /// 1h, 1d, 7d, 30d, 60d, 90d (any number of s, m, h or d) or never
         #[arg(long, conflicts_with = "expires_at")]
         expires_in: Option<String>,
         /// RFC 3339 time, e.g. 2030-01-31T00:00:00Z
@@ -63,6 +95,9 @@ pub enum TokenCommand {
         owner: Option<String>,
         #[arg(long)]
         kind: Option<String>,
+        /// Only tokens that expire within this time from now, e.g. 7d
+        #[arg(long)]
+        expiring_within: Option<String>,
         #[arg(long)]
         limit: Option<u32>,
         #[arg(long)]
@@ -91,6 +126,13 @@ pub enum TokenCommand {
     Suspend { id: String },
     /// Admit a suspended token again
     Reactivate { id: String },
+    /// Issue a new secret for the token (printed this once); same id and settings
+    Rotate {
+        id: String,
+        /// How long the old secret keeps working, e.g. 1h (default: refused at once)
+        #[arg(long)]
+        grace: Option<String>,
+    },
     /// Revoke the token for good
     Revoke { id: String },
 }
@@ -114,7 +156,7 @@ fn number_or_none(flag: &str, v: &str) -> Result<Value, Failure> {
 
 fn expiry_from(expires_in: Option<&str>) -> Result<Option<Option<u64>>, Failure> {
     expires_in
-        .map(duration::parse)
+        .map(crate::duration::parse)
         .transpose()
         .map_err(Failure::Refused)
 }
@@ -262,8 +304,8 @@ fn encode(v: &str) -> String {
         .collect()
 }
 
-fn execute(args: &TokenArgs) -> Result<String, Failure> {
-    let admin = args
+fn client(conn: &Connection) -> Result<Client, Failure> {
+    let admin = conn
         .admin_token
         .as_deref()
         .filter(|t| !t.is_empty())
@@ -272,14 +314,46 @@ fn execute(args: &TokenArgs) -> Result<String, Failure> {
                 "no admin credential: set TOKENGATE_ADMIN_TOKEN or pass --admin-token".into(),
             )
         })?;
-    let client = Client {
-        url: args.url.clone(),
+    Ok(Client {
+        url: conn.url.clone(),
         auth: format!("Bearer {admin}"),
-    };
-    let pretty = |v: &Value| serde_json::to_string_pretty(v).unwrap_or_default() + "\n";
+    })
+}
+
+fn pretty(v: &Value) -> String {
+    serde_json::to_string_pretty(v).unwrap_or_default() + "\n"
+}
+
+/// `?k=v&...` of the parameters that are set.
+fn query(params: &[(&str, Option<&str>)]) -> String {
+    let q: Vec<String> = params
+        .iter()
+        .filter_map(|(k, v)| v.map(|v| format!("{k}={}", encode(v))))
+        .collect();
+    if q.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", q.join("&"))
+    }
+}
+
+fn with_secret(v: &Value, json: bool) -> String {
+    if json {
+        return pretty(v);
+    }
+    let secret = v["token"].as_str().unwrap_or_default();
+    format!(
+        "Copy this token now; it will not be shown again:\n\n    {secret}\n\n{}",
+        output::record(v)
+    )
+}
+
+fn execute(args: &TokenArgs) -> Result<String, Failure> {
+    let client = client(&args.conn)?;
+    let json = args.conn.json;
     let shown = |v: Option<Value>| -> String {
         let v = v.unwrap_or(Value::Null);
-        if args.json {
+        if json {
             pretty(&v)
         } else {
             output::record(&v)
@@ -290,40 +364,30 @@ fn execute(args: &TokenArgs) -> Result<String, Failure> {
             let v = client
                 .send("POST", "/v1/tokens", Some(&create_body(cmd)?))?
                 .unwrap_or(Value::Null);
-            if args.json {
-                return Ok(pretty(&v));
-            }
-            let secret = v["token"].as_str().unwrap_or_default();
-            Ok(format!(
-                "Copy this token now; it will not be shown again:\n\n    {secret}\n\n{}",
-                output::record(&v)
-            ))
+            Ok(with_secret(&v, json))
         }
         TokenCommand::List {
             status,
             owner,
             kind,
+            expiring_within,
             limit,
             cursor,
         } => {
             let limit = limit.map(|l| l.to_string());
-            let query: Vec<String> = [
-                ("status", status),
-                ("owner", owner),
-                ("kind", kind),
-                ("cursor", cursor),
-            ]
-            .into_iter()
-            .chain([("limit", &limit)])
-            .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", encode(v))))
-            .collect();
-            let path = if query.is_empty() {
-                "/v1/tokens".to_string()
-            } else {
-                format!("/v1/tokens?{}", query.join("&"))
-            };
+            let path = format!(
+                "/v1/tokens{}",
+                query(&[
+                    ("status", status.as_deref()),
+                    ("owner", owner.as_deref()),
+                    ("kind", kind.as_deref()),
+                    ("expiring_within", expiring_within.as_deref()),
+                    ("cursor", cursor.as_deref()),
+                    ("limit", limit.as_deref()),
+                ])
+            );
             let v = client.send("GET", &path, None)?.unwrap_or(Value::Null);
-            if args.json {
+            if json {
                 return Ok(pretty(&v));
             }
             let mut out = output::table(
@@ -360,9 +424,26 @@ fn execute(args: &TokenArgs) -> Result<String, Failure> {
             &format!("/v1/tokens/{}/reactivate", encode(id)),
             None,
         )?)),
+        TokenCommand::Rotate { id, grace } => {
+            let mut body = Map::new();
+            if let Some(g) = grace {
+                let secs = crate::duration::parse(g)
+                    .map_err(Failure::Refused)?
+                    .ok_or_else(|| Failure::Refused("--grace cannot be `never`".into()))?;
+                body.insert("grace_seconds".into(), json!(secs));
+            }
+            let v = client
+                .send(
+                    "POST",
+                    &format!("/v1/tokens/{}/rotate", encode(id)),
+                    Some(&Value::Object(body)),
+                )?
+                .unwrap_or(Value::Null);
+            Ok(with_secret(&v, json))
+        }
         TokenCommand::Revoke { id } => {
             client.send("DELETE", &format!("/v1/tokens/{}", encode(id)), None)?;
-            Ok(if args.json {
+            Ok(if json {
                 pretty(&json!({"revoked": id}))
             } else {
                 format!("revoked {id}\n")
@@ -371,8 +452,47 @@ fn execute(args: &TokenArgs) -> Result<String, Failure> {
     }
 }
 
+fn execute_audit(args: &AuditArgs) -> Result<String, Failure> {
+    let client = client(&args.conn)?;
+    let limit = args.limit.map(|l| l.to_string());
+    let path = format!(
+        "/v1/audit{}",
+        query(&[
+            ("token", args.token.as_deref()),
+            ("actor", args.actor.as_deref()),
+            ("action", args.action.as_deref()),
+            ("since", args.since.as_deref()),
+            ("until", args.until.as_deref()),
+            ("cursor", args.cursor.as_deref()),
+            ("limit", limit.as_deref()),
+        ])
+    );
+    let v = client.send("GET", &path, None)?.unwrap_or(Value::Null);
+    if args.conn.json {
+        return Ok(pretty(&v));
+    }
+    let mut out = output::audit_table(
+        v["entries"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default(),
+    );
+    if let Some(c) = v["next_cursor"].as_str() {
+        out.push_str(&format!("more: tokengate audit --cursor {c}\n"));
+    }
+    Ok(out)
+}
+
 pub fn run(args: TokenArgs) -> ExitCode {
-    match execute(&args) {
+    finish(execute(&args))
+}
+
+pub fn run_audit(args: AuditArgs) -> ExitCode {
+    finish(execute_audit(&args))
+}
+
+fn finish(result: Result<String, Failure>) -> ExitCode {
+    match result {
         Ok(out) => {
             print!("{out}");
             ExitCode::SUCCESS

@@ -40,30 +40,26 @@ pub fn record(r: &Value) -> String {
         ("expires_at", or(&r["expires_at"], "never")),
         ("created_at", text(&r["created_at"])),
         ("last_used_at", or(&r["last_used_at"], "-")),
+        ("requests", requests(r)),
+        ("rotated_at", or(&r["rotated_at"], "-")),
     ];
-    rows.iter().map(|(k, v)| format!("{k}: {v}\n")).collect()
+    let mut out: String = rows.iter().map(|(k, v)| format!("{k}: {v}\n")).collect();
+    if let Some(t) = r["old_secret_valid_until"].as_str() {
+        out.push_str(&format!("old_secret_valid_until: {t}\n"));
+    }
+    out
 }
 
-pub fn table(tokens: &[Value]) -> String {
-    if tokens.is_empty() {
-        return "(no tokens)\n".to_string();
-    }
-    let header = [
-        "ID", "NAME", "KIND", "OWNER", "STATUS", "MAX_RPS", "EXPIRES",
-    ]
-    .map(String::from);
-    let mut rows = vec![header.to_vec()];
-    for t in tokens {
-        rows.push(vec![
-            text(&t["id"]),
-            text(&t["name"]),
-            text(&t["kind"]),
-            text(&t["owner"]),
-            text(&t["status"]),
-            or(&t["max_rps"], "-"),
-            or(&t["expires_at"], "never"),
-        ]);
-    }
+fn requests(r: &Value) -> String {
+    format!(
+        "{} allowed, {} denied",
+        or(&r["requests_allowed"], "0"),
+        or(&r["requests_denied"], "0")
+    )
+}
+
+/// Aligned columns, the first row being the header.
+fn columns(rows: Vec<Vec<String>>) -> String {
     let widths: Vec<usize> = (0..rows[0].len())
         .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
         .collect();
@@ -78,6 +74,63 @@ pub fn table(tokens: &[Value]) -> String {
         out.push('\n');
     }
     out
+}
+
+pub fn audit_table(entries: &[Value]) -> String {
+    if entries.is_empty() {
+        return "(no entries)\n".to_string();
+    }
+    let header = ["AT", "ACTOR", "ACTION", "TOKEN", "NAME", "CHANGE"].map(String::from);
+    let mut rows = vec![header.to_vec()];
+    for e in entries {
+        let change = match (&e["before"], &e["after"]) {
+            (Value::Object(b), Value::Object(a)) if !b.is_empty() => a
+                .iter()
+                .map(|(k, v)| format!("{k}: {} -> {}", or(&b[k], "null"), or(v, "null")))
+                .collect::<Vec<_>>()
+                .join(", "),
+            (_, Value::Null) => "purged".to_string(),
+            (_, a) => text(a),
+        };
+        rows.push(vec![
+            text(&e["at"]),
+            text(&e["actor"]),
+            text(&e["action"]),
+            text(&e["token_id"]),
+            text(&e["token_name"]),
+            change,
+        ]);
+    }
+    columns(rows)
+}
+
+pub fn table(tokens: &[Value]) -> String {
+    if tokens.is_empty() {
+        return "(no tokens)\n".to_string();
+    }
+    let header = [
+        "ID", "NAME", "KIND", "OWNER", "STATUS", "MAX_RPS", "EXPIRES", "LAST_USED", "REQUESTS",
+    ]
+    .map(String::from);
+    let mut rows = vec![header.to_vec()];
+    for t in tokens {
+        rows.push(vec![
+            text(&t["id"]),
+            text(&t["name"]),
+            text(&t["kind"]),
+            text(&t["owner"]),
+            text(&t["status"]),
+            or(&t["max_rps"], "-"),
+            or(&t["expires_at"], "never"),
+            or(&t["last_used_at"], "-"),
+            format!(
+                "{}/{}",
+                or(&t["requests_allowed"], "0"),
+                or(&t["requests_denied"], "0")
+            ),
+        ]);
+    }
+    columns(rows)
 }
 
 #[cfg(test)]
@@ -97,8 +150,20 @@ mod tests {
         let col = lines[0].find("MAX_RPS").unwrap();
         assert_eq!(&lines[1][col..col + 1], "-");
         assert_eq!(&lines[2][col..col + 1], "5");
-        assert!(lines[1].ends_with("never"));
+        assert!(lines[1].ends_with("0/0"), "{}", lines[1]);
+        let exp = lines[0].find("EXPIRES").unwrap();
+        assert_eq!(&lines[1][exp..exp + 5], "never");
         assert_eq!(table(&[]), "(no tokens)\n");
+    }
+
+    #[test]
+    fn audit_rows_show_what_moved() {
+        let t = audit_table(&[
+            json!({"at":"2026-01-01T00:00:00Z","actor":"ops","action":"token.suspended","token_id":"tok_a","token_name":"n","before":{"status":"active"},"after":{"status":"suspended"}}),
+            json!({"at":"2026-01-01T00:00:00Z","actor":"system","action":"token.purged","token_id":"tok_b","token_name":"m","before":{"status":"revoked"},"after":null}),
+        ]);
+        assert!(t.contains("status: active -> suspended"), "{t}");
+        assert!(t.lines().nth(2).unwrap().ends_with("purged"), "{t}");
     }
 
     #[test]

@@ -1,10 +1,13 @@
 //! Persistence behind one trait, so that a PostgreSQL backend for several replicas is an
 //! addition: versions come from the database and the change signal from the store.
 
+mod audit;
 mod sqlite;
 
-pub use sqlite::SqliteStore;
-use tokengate_wire::Kind;
+pub use audit::{rfc3339, AuditEntry, AuditQuery};
+pub use sqlite::{SqliteStore, SYSTEM};
+use serde::{Deserialize, Serialize};
+use tokengate_wire::{Kind, UsageEntry};
 use tokio::sync::watch;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +62,25 @@ pub struct TokenRow {
     pub expires_at: Option<i64>,
     pub last_used_at: Option<i64>,
     pub version: u64,
+    /// Requests counted by the filters (`POST /v1/usage`); never bump the version.
+    pub requests_allowed: u64,
+    pub requests_denied: u64,
+    pub rotated_at: Option<i64>,
+    /// Secrets replaced by a rotation, still honoured until their grace ends.
+    pub retired: Vec<RetiredSecret>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetiredSecret {
+    pub hash: String,
+    /// Unix seconds; the old secret is refused from then on.
+    pub until: i64,
+}
+
+impl TokenRow {
+    pub fn is_expired(&self, now: i64) -> bool {
+        self.expires_at.is_some_and(|t| t <= now)
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -68,8 +90,44 @@ pub struct ListQuery {
     pub kind: Option<Kind>,
     /// Ids strictly greater than this.
     pub after: Option<String>,
+    /// Tokens expiring after now and at or before this time.
+    pub expiring: Option<(i64, i64)>,
     pub limit: u32,
 }
+
+/// Who made a change and what it was, for the audit trail.
+#[derive(Debug, Clone, Copy)]
+pub struct Change<'a> {
+    pub actor: &'a str,
+    pub action: &'static str,
+}
+
+/// An expiry warning issued (once per token, expiry time and lead time).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Warning {
+    pub token: TokenRow,
+    pub lead_seconds: i64,
+}
+
+/// A webhook delivery waiting in the outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    pub id: i64,
+    pub event_id: String,
+    pub event_type: String,
+    pub payload: String,
+    pub attempts: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeliveryOutcome {
+    Delivered { at: i64 },
+    Retry { next_attempt_at: i64, error: String },
+    GaveUp { error: String },
+}
+
+/// Builds a webhook event (id, type, payload) for a warning; `None` when no webhook is set.
+pub type WebhookEvent<'a> = Option<&'a (dyn Fn(&Warning) -> (String, String, String) + Sync)>;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreError {
@@ -99,14 +157,21 @@ impl std::fmt::Display for StoreError {
 pub trait Store: Send + Sync + 'static {
     /// Identifies this database; filters holding another store's state resnapshot.
     fn store_id(&self) -> &str;
-    /// Inserts a new token; `row.version` and timestamps are assigned by the store.
-    fn create(&self, row: TokenRow) -> Result<TokenRow, StoreError>;
+    /// Inserts a new token; `row.version` is assigned by the store. Audited.
+    fn create(&self, row: TokenRow, change: Change<'_>) -> Result<TokenRow, StoreError>;
     /// A live (not revoked) token.
     fn get(&self, id: &str) -> Result<TokenRow, StoreError>;
     /// Live tokens by id; revoked ones never.
     fn list(&self, q: &ListQuery) -> Result<Vec<TokenRow>, StoreError>;
-    /// Runs `edit` on a live token in one transaction; a change gets a new version.
-    fn update(&self, id: &str, now: i64, edit: Edit<'_>) -> Result<TokenRow, StoreError>;
+    /// Runs `edit` on a live token in one transaction; a change gets a new version and an
+    /// audit entry in the same transaction.
+    fn update(
+        &self,
+        id: &str,
+        now: i64,
+        change: Change<'_>,
+        edit: Edit<'_>,
+    ) -> Result<TokenRow, StoreError>;
     /// The latest version handed out (0 for an empty store).
     fn version(&self) -> Result<u64, StoreError>;
     /// Every row (tombstones included) changed after `since`, by version.
@@ -121,4 +186,23 @@ pub trait Store: Send + Sync + 'static {
     fn live_count(&self) -> Result<u64, StoreError>;
     /// The latest committed version, published after every write.
     fn subscribe(&self) -> watch::Receiver<u64>;
+    /// Highest version of any purged row: a client holding an older version resnapshots.
+    fn horizon(&self) -> Result<u64, StoreError>;
+    /// Adds reported request counts; no new version. Returns how many ids matched.
+    fn record_usage(&self, now: i64, entries: &[UsageEntry]) -> Result<usize, StoreError>;
+    /// Audit entries, newest first.
+    fn audit(&self, q: &AuditQuery) -> Result<Vec<AuditEntry>, StoreError>;
+    /// Deletes tokens revoked or expired at or before `cutoff`, auditing each.
+    fn purge(&self, now: i64, cutoff: i64) -> Result<Vec<TokenRow>, StoreError>;
+    /// Issues the expiry warnings due at `now` for the given lead times (seconds), each once
+    /// per token, expiry time and lead, auditing each and queueing its webhook event.
+    fn warn_expiring(
+        &self,
+        now: i64,
+        leads: &[i64],
+        webhook: WebhookEvent<'_>,
+    ) -> Result<Vec<Warning>, StoreError>;
+    /// Outbox entries due for a delivery attempt.
+    fn due_deliveries(&self, now: i64, limit: u32) -> Result<Vec<Delivery>, StoreError>;
+    fn delivery_result(&self, id: i64, outcome: &DeliveryOutcome) -> Result<(), StoreError>;
 }

@@ -1,4 +1,5 @@
-//! `--expires-in` values: `45s`, `90m`, `12h`, `30d`, or `never`.
+//! Durations as people write them: `45s`, `90m`, `12h`, `30d`, or `never`. Used by the CLI's
+//! `--expires-in`, the API's `expiring_within` and the `serve` policy options.
 
 /// Seconds, or `None` for `never`.
 pub fn parse(s: &str) -> Result<Option<u64>, String> {
@@ -27,9 +28,27 @@ pub fn parse(s: &str) -> Result<Option<u64>, String> {
     n.checked_mul(unit).map(Some).ok_or_else(bad)
 }
 
+/// The shortest exact spelling: 7776000 -> `90d`, 5400 -> `90m`.
+pub fn format(secs: u64) -> String {
+    for (unit, n) in [("d", 86_400), ("h", 3_600), ("m", 60)] {
+        if secs >= n && secs % n == 0 {
+            return format!("{}{unit}", secs / n);
+        }
+    }
+    format!("{secs}s")
+}
+
 #[cfg(test)]
 mod tests {
-    use super::parse;
+    use super::{format, parse};
+
+    #[test]
+    fn formats_exactly() {
+        assert_eq!(format(7_776_000), "90d");
+        assert_eq!(format(5_400), "90m");
+        assert_eq!(format(3_601), "3601s");
+        assert_eq!(format(7_200), "2h");
+    }
 
     #[test]
     fn units_and_never() {

@@ -1,0 +1,61 @@
+//! The OpenAPI document's frame: title, security schemes, and the document's own path.
+//! Paths and schemas come from the handlers' annotations (see `routes` in `api/mod.rs`).
+
+use utoipa::openapi::path::{HttpMethod, OperationBuilder, PathItem};
+use utoipa::openapi::response::ResponseBuilder;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::OpenApi as Doc;
+use utoipa::{Modify, OpenApi};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "tokengate control plane",
+        description = "Access tokens for Envoy and Istio: the admin API, the filters' sync and usage calls.",
+    ),
+    modifiers(&Security),
+    tags(
+        (name = "tokens", description = "Create and govern tokens (admin credential)"),
+        (name = "audit", description = "The audit trail (admin credential)"),
+        (name = "filters", description = "Called by the Envoy filters (sync credential)"),
+        (name = "operations", description = "Health and this document"),
+    )
+)]
+pub struct ApiDoc;
+
+struct Security;
+
+impl Modify for Security {
+    fn modify(&self, doc: &mut Doc) {
+        let components = doc.components.get_or_insert_with(Default::default);
+        for (name, what) in [
+            ("admin", "A named admin credential"),
+            ("sync", "The sync credential: reads /v1/sync, reports /v1/usage"),
+        ] {
+            components.add_security_scheme(
+                name,
+                SecurityScheme::Http(
+                    HttpBuilder::new()
+                        .scheme(HttpAuthScheme::Bearer)
+                        .description(Some(what))
+                        .build(),
+                ),
+            );
+        }
+    }
+}
+
+/// `/v1/openapi.json` is served by the router directly; it documents itself here.
+pub fn add_self(doc: &mut Doc) {
+    let op = OperationBuilder::new()
+        .tag("operations")
+        .summary(Some("This document"))
+        .response(
+            "200",
+            ResponseBuilder::new().description("The OpenAPI 3.1 description of this API"),
+        )
+        .build();
+    doc.paths
+        .paths
+        .insert("/v1/openapi.json".into(), PathItem::new(HttpMethod::Get, op));
+}
