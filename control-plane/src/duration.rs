@@ -31,7 +31,7 @@ pub fn parse(s: &str) -> Result<Option<u64>, String> {
 /// The shortest exact spelling: 7776000 -> `90d`, 5400 -> `90m`.
 pub fn format(secs: u64) -> String {
     for (unit, n) in [("d", 86_400), ("h", 3_600), ("m", 60)] {
-        if secs >= n && secs % n == 0 {
+        if secs >= n && secs.is_multiple_of(n) {
             return format!("{}{unit}", secs / n);
         }
     }

@@ -27,7 +27,12 @@ pub struct Report {
 }
 
 /// Warnings and deliveries due at `now`; a purge when `purge` is true. Blocking.
-pub fn run_once(store: &dyn Store, jobs: &Jobs, now: i64, purge: bool) -> Result<Report, StoreError> {
+pub fn run_once(
+    store: &dyn Store,
+    jobs: &Jobs,
+    now: i64,
+    purge: bool,
+) -> Result<Report, StoreError> {
     let mut report = Report::default();
     if !jobs.warning_leads.is_empty() {
         let make = |w: &crate::store::Warning| webhook::expiring_event(w, now);
@@ -47,7 +52,10 @@ pub fn run_once(store: &dyn Store, jobs: &Jobs, now: i64, purge: bool) -> Result
             let outcome = hook.outcome(&d, result, now);
             match &outcome {
                 crate::store::DeliveryOutcome::Delivered { .. } => report.delivered += 1,
-                crate::store::DeliveryOutcome::Retry { error, next_attempt_at } => {
+                crate::store::DeliveryOutcome::Retry {
+                    error,
+                    next_attempt_at,
+                } => {
                     report.failed += 1;
                     tracing::warn!(event = %d.event_id, %error, retry_at = next_attempt_at, "webhook delivery failed; will retry");
                 }

@@ -54,7 +54,9 @@ impl Policy {
                 field,
                 message: format!("{kind} tokens must have an expiry; `never` is not allowed"),
             }),
-            (Some(t), Some(max)) if t.saturating_sub(now) > i64::try_from(max).unwrap_or(i64::MAX) => {
+            (Some(t), Some(max))
+                if t.saturating_sub(now) > i64::try_from(max).unwrap_or(i64::MAX) =>
+            {
                 Err(Refusal {
                     field,
                     message: format!(

@@ -54,7 +54,11 @@ pub struct ServeArgs {
     #[arg(long, env = "TOKENGATE_SERVICE_MAX_LIFETIME", default_value = "never", value_parser = lifetime)]
     pub service_max_lifetime: Lifetime,
     /// Service tokens must have an expiry
-    #[arg(long, env = "TOKENGATE_SERVICE_REQUIRE_EXPIRY", default_value_t = false)]
+    #[arg(
+        long,
+        env = "TOKENGATE_SERVICE_REQUIRE_EXPIRY",
+        default_value_t = false
+    )]
     pub service_require_expiry: bool,
     /// Lead times before expiry at which a warning is issued, comma-separated; `none`: off
     #[arg(long, env = "TOKENGATE_EXPIRY_WARNINGS", default_value = "7d,1d", value_parser = leads)]
@@ -100,7 +104,8 @@ fn leads(s: &str) -> Result<Leads, String> {
     }
     let mut out = vec![];
     for part in s.split(',') {
-        let secs = duration::parse(part)?.ok_or("`never` is not a lead time; use `none` to switch warnings off")?;
+        let secs = duration::parse(part)?
+            .ok_or("`never` is not a lead time; use `none` to switch warnings off")?;
         out.push(i64::try_from(secs).map_err(|_| format!("`{part}` is too long"))?);
     }
     out.sort_unstable();
@@ -160,9 +165,11 @@ fn admins(args: &ServeArgs) -> Result<Vec<Admin>, String> {
         admins.extend(admin_file(path)?);
     }
     if admins.is_empty() {
-        return Err("an admin credential is required: set TOKENGATE_ADMIN_TOKEN, \
+        return Err(
+            "an admin credential is required: set TOKENGATE_ADMIN_TOKEN, \
              TOKENGATE_ADMIN_TOKEN_FILE or TOKENGATE_ADMIN_CREDENTIALS_FILE"
-            .into());
+                .into(),
+        );
     }
     for (i, a) in admins.iter().enumerate() {
         if admins[..i].iter().any(|b| b.name == a.name) {
@@ -198,7 +205,11 @@ fn jobs(args: &ServeArgs) -> Result<Jobs, String> {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
                 return Err("--webhook-url must be an http:// or https:// URL".into());
             }
-            let secret = credential("webhook-secret", &args.webhook_secret, &args.webhook_secret_file)?;
+            let secret = credential(
+                "webhook-secret",
+                &args.webhook_secret,
+                &args.webhook_secret_file,
+            )?;
             Some(Webhook {
                 url: url.clone(),
                 secret,

@@ -25,7 +25,10 @@ pub struct Webhook {
 
 /// The event for a warning: (event id, type, JSON payload).
 pub fn expiring_event(w: &Warning, now: i64) -> (String, String, String) {
-    let id = format!("evt_{}", Alphanumeric.sample_string(&mut rand::rngs::OsRng, 20));
+    let id = format!(
+        "evt_{}",
+        Alphanumeric.sample_string(&mut rand::rngs::OsRng, 20)
+    );
     let t = &w.token;
     let expires_at = t.expires_at.unwrap_or(now);
     let payload = serde_json::json!({
@@ -105,7 +108,10 @@ impl Webhook {
         let result = agent
             .post(&self.url)
             .set("content-type", "application/json")
-            .set("user-agent", concat!("tokengate/", env!("CARGO_PKG_VERSION")))
+            .set(
+                "user-agent",
+                concat!("tokengate/", env!("CARGO_PKG_VERSION")),
+            )
             .set(EVENT_HEADER, &d.event_type)
             .set(DELIVERY_HEADER, &d.event_id)
             .set(
@@ -151,10 +157,7 @@ mod tests {
 
     #[test]
     fn backoff_doubles_up_to_a_cap() {
-        assert_eq!(
-            (0..4).map(backoff).collect::<Vec<_>>(),
-            [1, 2, 4, 8]
-        );
+        assert_eq!((0..4).map(backoff).collect::<Vec<_>>(), [1, 2, 4, 8]);
         assert_eq!(backoff(40), MAX_BACKOFF_SECS);
     }
 
@@ -175,7 +178,10 @@ mod tests {
         };
         assert!(matches!(
             w.outcome(&d, Err("x".into()), 10),
-            DeliveryOutcome::Retry { next_attempt_at: 11, .. }
+            DeliveryOutcome::Retry {
+                next_attempt_at: 11,
+                ..
+            }
         ));
         d.attempts = 1;
         assert!(matches!(

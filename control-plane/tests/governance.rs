@@ -32,15 +32,32 @@ fn field_error(v: &Value) -> (&str, &str) {
 fn kinds_owners_and_filters() {
     let app = spawn_app(100);
     // A user token acts for a person: by default the admin credential's name.
-    let (s, mine) = app.call("POST", "/v1/tokens", Some(OPS), Some(r#"{"name":"laptop"}"#));
+    let (s, mine) = app.call(
+        "POST",
+        "/v1/tokens",
+        Some(OPS),
+        Some(r#"{"name":"laptop"}"#),
+    );
     assert_eq!(s, 201, "{mine}");
-    assert_eq!((mine["kind"].as_str(), mine["owner"].as_str()), (Some("user"), Some("ops")));
+    assert_eq!(
+        (mine["kind"].as_str(), mine["owner"].as_str()),
+        (Some("user"), Some("ops"))
+    );
     // A service token is owned by a group, which must be named.
-    let (s, v) = app.admin("POST", "/v1/tokens", Some(r#"{"name":"etl","kind":"service"}"#));
+    let (s, v) = app.admin(
+        "POST",
+        "/v1/tokens",
+        Some(r#"{"name":"etl","kind":"service"}"#),
+    );
     assert_eq!((s, field_error(&v).0), (400, "owner"));
     app.create(r#"{"name":"etl","kind":"service","owner":"data-eng"}"#);
     let (_, list) = app.admin("GET", "/v1/tokens?kind=service", None);
-    let names: Vec<_> = list["tokens"].as_array().unwrap().iter().map(|t| t["owner"].as_str().unwrap()).collect();
+    let names: Vec<_> = list["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["owner"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["data-eng"]);
     let (_, list) = app.admin("GET", "/v1/tokens?kind=user&owner=ops", None);
     assert_eq!(list["tokens"].as_array().unwrap().len(), 1);
@@ -68,23 +85,40 @@ fn expiry_policy_per_kind_is_enforced_on_create_and_update() {
     let (f, m) = refused(r#"{"name":"a"}"#);
     assert_eq!(f, "expires_in_seconds");
     assert!(m.contains("90d") && m.contains("7776000"), "{m}");
-    let (f, m) = refused(&format!(r#"{{"name":"a","expires_in_seconds":{}}}"#, 91 * DAY));
+    let (f, m) = refused(&format!(
+        r#"{{"name":"a","expires_in_seconds":{}}}"#,
+        91 * DAY
+    ));
     assert_eq!(f, "expires_in_seconds");
     assert!(m.contains("at most 90d"), "{m}");
-    let far = chrono::DateTime::from_timestamp(now() + 100 * DAY, 0).unwrap().to_rfc3339();
-    assert_eq!(refused(&format!(r#"{{"name":"a","expires_at":"{far}"}}"#)).0, "expires_at");
+    let far = chrono::DateTime::from_timestamp(now() + 100 * DAY, 0)
+        .unwrap()
+        .to_rfc3339();
+    assert_eq!(
+        refused(&format!(r#"{{"name":"a","expires_at":"{far}"}}"#)).0,
+        "expires_at"
+    );
     let (f, m) = refused(r#"{"name":"s","kind":"service","owner":"g"}"#);
     assert_eq!(f, "expires_in_seconds");
     assert!(m.contains("service tokens must have an expiry"), "{m}");
     app.create(r#"{"name":"s","kind":"service","owner":"g","expires_in_seconds":31536000}"#);
 
-    let t = app.create(&format!(r#"{{"name":"a","expires_in_seconds":{}}}"#, 30 * DAY));
+    let t = app.create(&format!(
+        r#"{{"name":"a","expires_in_seconds":{}}}"#,
+        30 * DAY
+    ));
     let path = format!("/v1/tokens/{}", id(&t));
     // Extending is allowed within the policy, counted from now; never beyond, never `never`.
-    let ok = chrono::DateTime::from_timestamp(now() + 60 * DAY, 0).unwrap().to_rfc3339();
+    let ok = chrono::DateTime::from_timestamp(now() + 60 * DAY, 0)
+        .unwrap()
+        .to_rfc3339();
     let (s, v) = app.admin("PATCH", &path, Some(&format!(r#"{{"expires_at":"{ok}"}}"#)));
     assert_eq!(s, 200, "{v}");
-    let (s, v) = app.admin("PATCH", &path, Some(&format!(r#"{{"expires_at":"{far}"}}"#)));
+    let (s, v) = app.admin(
+        "PATCH",
+        &path,
+        Some(&format!(r#"{{"expires_at":"{far}"}}"#)),
+    );
     assert_eq!((s, field_error(&v).0), (400, "expires_at"));
     let (s, v) = app.admin("PATCH", &path, Some(r#"{"expires_at":null}"#));
     assert_eq!((s, field_error(&v).0), (400, "expires_at"));
@@ -97,7 +131,10 @@ fn expiry_policy_per_kind_is_enforced_on_create_and_update() {
 fn expiring_within_lists_only_tokens_inside_the_window() {
     let app = spawn_app(100);
     let soon = app.create(r#"{"name":"soon","expires_in_seconds":3600}"#);
-    app.create(&format!(r#"{{"name":"later","expires_in_seconds":{}}}"#, 10 * DAY));
+    app.create(&format!(
+        r#"{{"name":"later","expires_in_seconds":{}}}"#,
+        10 * DAY
+    ));
     app.create(r#"{"name":"never"}"#);
     let (_, v) = app.admin("GET", "/v1/tokens?expiring_within=7d", None);
     let ids: Vec<_> = v["tokens"].as_array().unwrap().iter().map(id).collect();
@@ -112,10 +149,24 @@ fn the_audit_trail_names_the_actor_and_what_changed_and_never_a_secret() {
     let t = app.create(r#"{"name":"ci","max_rps":5}"#);
     let secret = t["token"].as_str().unwrap().to_string();
     let tid = id(&t);
-    let (s, _) = app.call("POST", &format!("/v1/tokens/{tid}/suspend"), Some(OPS), None);
+    let (s, _) = app.call(
+        "POST",
+        &format!("/v1/tokens/{tid}/suspend"),
+        Some(OPS),
+        None,
+    );
     assert_eq!(s, 200);
-    app.admin("PATCH", &format!("/v1/tokens/{tid}"), Some(r#"{"max_rps":50,"name":"ci-2"}"#));
-    let (_, rotated) = app.call("POST", &format!("/v1/tokens/{tid}/rotate"), Some(OPS), Some(r#"{"grace_seconds":60}"#));
+    app.admin(
+        "PATCH",
+        &format!("/v1/tokens/{tid}"),
+        Some(r#"{"max_rps":50,"name":"ci-2"}"#),
+    );
+    let (_, rotated) = app.call(
+        "POST",
+        &format!("/v1/tokens/{tid}/rotate"),
+        Some(OPS),
+        Some(r#"{"grace_seconds":60}"#),
+    );
     let new_secret = rotated["token"].as_str().unwrap().to_string();
     app.admin("DELETE", &format!("/v1/tokens/{tid}"), None);
 
@@ -155,7 +206,12 @@ fn the_audit_trail_names_the_actor_and_what_changed_and_never_a_secret() {
     assert!(future["entries"].as_array().unwrap().is_empty());
     let (_, past) = app.admin("GET", "/v1/audit?until=2000-01-01T00:00:00Z", None);
     assert!(past["entries"].as_array().unwrap().is_empty());
-    for bad in ["action=token.exploded", "since=yesterday", "cursor=x", "colour=red"] {
+    for bad in [
+        "action=token.exploded",
+        "since=yesterday",
+        "cursor=x",
+        "colour=red",
+    ] {
         let (s, _) = app.admin("GET", &format!("/v1/audit?{bad}"), None);
         assert_eq!(s, 400, "{bad}");
     }
@@ -192,7 +248,13 @@ fn usage_reports_add_up_without_a_new_version() {
         .collect();
     assert_eq!(report(SYNC, &json!({"entries": many}).to_string()), 413);
     let (_, v) = app.admin("GET", &format!("/v1/tokens/{tid}"), None);
-    assert_eq!((v["requests_allowed"].as_u64(), v["requests_denied"].as_u64()), (Some(14), Some(4)));
+    assert_eq!(
+        (
+            v["requests_allowed"].as_u64(),
+            v["requests_denied"].as_u64()
+        ),
+        (Some(14), Some(4))
+    );
     assert_eq!(v["last_used_at"], tokengate::store::rfc3339(seen));
     assert_eq!(v["version"].as_u64(), Some(version));
     let (_, listed) = app.admin("GET", "/v1/tokens", None);
@@ -216,9 +278,16 @@ fn rotation_keeps_the_id_and_honours_the_old_secret_for_its_grace_only() {
     let tid = id(&t);
     let first = t["token"].as_str().unwrap().to_string();
     let v0 = t["version"].as_u64().unwrap();
-    let store_id = app.sync("since=0")["store_id"].as_str().unwrap().to_string();
+    let store_id = app.sync("since=0")["store_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
 
-    let (s, r) = app.admin("POST", &format!("/v1/tokens/{tid}/rotate"), Some(r#"{"grace_seconds":3600}"#));
+    let (s, r) = app.admin(
+        "POST",
+        &format!("/v1/tokens/{tid}/rotate"),
+        Some(r#"{"grace_seconds":3600}"#),
+    );
     assert_eq!(s, 200, "{r}");
     let second = r["token"].as_str().unwrap().to_string();
     assert_ne!(first, second);
@@ -226,9 +295,18 @@ fn rotation_keeps_the_id_and_honours_the_old_secret_for_its_grace_only() {
     assert!(r["old_secret_valid_until"].is_string());
     let changes = app.sync(&format!("since={v0}&store_id={store_id}"));
     let recs = records_for(&changes, &tid);
-    let old = recs.iter().find(|r| r["hash"] == sha256_hex(first.as_bytes())).unwrap();
-    let new = recs.iter().find(|r| r["hash"] == sha256_hex(second.as_bytes())).unwrap();
-    assert_eq!((old["status"].as_str(), new["status"].as_str()), (Some("active"), Some("active")));
+    let old = recs
+        .iter()
+        .find(|r| r["hash"] == sha256_hex(first.as_bytes()))
+        .unwrap();
+    let new = recs
+        .iter()
+        .find(|r| r["hash"] == sha256_hex(second.as_bytes()))
+        .unwrap();
+    assert_eq!(
+        (old["status"].as_str(), new["status"].as_str()),
+        (Some("active"), Some("active"))
+    );
     let grace_end = old["expires_at"].as_i64().unwrap();
     assert!((grace_end - (now() + 3600)).abs() <= 2, "{old}");
     assert!(new["expires_at"].is_null());
@@ -249,9 +327,17 @@ fn rotation_keeps_the_id_and_honours_the_old_secret_for_its_grace_only() {
     assert_eq!(status_of(&second).as_deref(), Some("revoked"));
     assert_eq!(status_of(&third).as_deref(), Some("active"));
 
-    let (s, v) = app.admin("POST", &format!("/v1/tokens/{tid}/rotate"), Some(r#"{"grace_seconds":99999999}"#));
+    let (s, v) = app.admin(
+        "POST",
+        &format!("/v1/tokens/{tid}/rotate"),
+        Some(r#"{"grace_seconds":99999999}"#),
+    );
     assert_eq!((s, field_error(&v).0), (400, "grace_seconds"));
-    let (s, v) = app.admin("POST", &format!("/v1/tokens/{tid}/rotate"), Some(r#"{"grace":1}"#));
+    let (s, v) = app.admin(
+        "POST",
+        &format!("/v1/tokens/{tid}/rotate"),
+        Some(r#"{"grace":1}"#),
+    );
     assert_eq!((s, field_error(&v).0), (400, "grace"));
     let (s, _) = app.admin("POST", "/v1/tokens/tok_nope/rotate", None);
     assert_eq!(s, 404);
@@ -270,7 +356,10 @@ fn receiver(fail_first: usize) -> Receiver {
     let (tx, rx) = std::sync::mpsc::channel();
     let state = got.clone();
     std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(async move {
             let app = axum::Router::new().route(
                 "/hook",
@@ -311,7 +400,9 @@ fn expiry_warnings_are_audited_listed_and_delivered_signed_once_with_retries() {
             timeout: std::time::Duration::from_secs(5),
         }),
     };
-    let t = app.create(r#"{"name":"nightly","kind":"service","owner":"data","expires_in_seconds":172800}"#);
+    let t = app.create(
+        r#"{"name":"nightly","kind":"service","owner":"data","expires_in_seconds":172800}"#,
+    );
     let tid = id(&t);
     app.create(r#"{"name":"forever"}"#);
     let t0 = now();
@@ -331,12 +422,27 @@ fn expiry_warnings_are_audited_listed_and_delivered_signed_once_with_retries() {
     assert_eq!(got.len(), 1);
     let (headers, body) = &got[0];
     let sig = headers[webhook::SIGNATURE_HEADER].to_str().unwrap();
-    assert!(webhook::verify("webhook-secret-0123456789", sig, body.as_bytes(), now(), 300));
-    assert!(!webhook::verify("another-secret-0123456789", sig, body.as_bytes(), now(), 300));
+    assert!(webhook::verify(
+        "webhook-secret-0123456789",
+        sig,
+        body.as_bytes(),
+        now(),
+        300
+    ));
+    assert!(!webhook::verify(
+        "another-secret-0123456789",
+        sig,
+        body.as_bytes(),
+        now(),
+        300
+    ));
     let payload: Value = serde_json::from_str(body).unwrap();
     assert_eq!(payload["type"], "token.expiring");
     assert_eq!(headers[webhook::EVENT_HEADER], "token.expiring");
-    assert_eq!(headers[webhook::DELIVERY_HEADER].to_str().unwrap(), payload["id"].as_str().unwrap());
+    assert_eq!(
+        headers[webhook::DELIVERY_HEADER].to_str().unwrap(),
+        payload["id"].as_str().unwrap()
+    );
     assert_eq!(payload["data"]["token"]["id"], tid.as_str());
     assert_eq!(payload["data"]["token"]["owner"], "data");
     assert_eq!(payload["data"]["warning_lead_seconds"], 7 * DAY);
@@ -346,7 +452,12 @@ fn expiry_warnings_are_audited_listed_and_delivered_signed_once_with_retries() {
     let r = run_once(app.store.as_ref(), &jobs, t0 + DAY + 10, false).unwrap();
     assert_eq!((r.warned, r.delivered), (1, 1));
     let (_, audit) = app.admin("GET", "/v1/audit?action=token.expiry_warning", None);
-    let leads: Vec<_> = audit["entries"].as_array().unwrap().iter().map(|e| e["after"]["warning_lead_seconds"].as_i64().unwrap()).collect();
+    let leads: Vec<_> = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["after"]["warning_lead_seconds"].as_i64().unwrap())
+        .collect();
     assert_eq!(leads, [DAY, 7 * DAY]);
     assert_eq!(audit["entries"][0]["actor"], "system");
 }
@@ -357,7 +468,10 @@ fn purge_removes_old_revoked_and_expired_tokens_from_lists_and_sync() {
     let gone = app.create(r#"{"name":"old"}"#);
     let short = app.create(r#"{"name":"short","expires_in_seconds":60}"#);
     let kept = app.create(r#"{"name":"kept"}"#);
-    let store_id = app.sync("since=0")["store_id"].as_str().unwrap().to_string();
+    let store_id = app.sync("since=0")["store_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let (s, _) = app.admin("DELETE", &format!("/v1/tokens/{}", id(&gone)), None);
     assert_eq!(s, 204);
     let jobs = Jobs {
@@ -397,7 +511,11 @@ fn the_openapi_document_and_the_routes_agree() {
     for (path, item) in doc["paths"].as_object().unwrap() {
         for (method, op) in item.as_object().unwrap() {
             documented.push(format!("{} {path}", method.to_uppercase()));
-            let cred = match op["security"][0].as_object().and_then(|o| o.keys().next().cloned()).as_deref() {
+            let cred = match op["security"][0]
+                .as_object()
+                .and_then(|o| o.keys().next().cloned())
+                .as_deref()
+            {
                 Some("admin") => Some(ADMIN),
                 Some("sync") => Some(SYNC),
                 _ => None,
@@ -405,11 +523,25 @@ fn the_openapi_document_and_the_routes_agree() {
             let url = path.replace("{id}", "tok_missing");
             let body = matches!(method.as_str(), "post" | "patch").then_some("{}");
             let (status, v) = app.call(&method.to_uppercase(), &url, cred, body);
-            assert_ne!(v["error"], "no_route", "{method} {path} is documented but not routed");
+            assert_ne!(
+                v["error"], "no_route",
+                "{method} {path} is documented but not routed"
+            );
             assert_ne!(status, 405, "{method} {path}");
-            assert_ne!(status, 401, "{method} {path}: documented security does not match");
-            let listed: Vec<String> = op["responses"].as_object().unwrap().keys().cloned().collect();
-            assert!(listed.contains(&status.to_string()), "{method} {path} answered {status}, documented {listed:?}");
+            assert_ne!(
+                status, 401,
+                "{method} {path}: documented security does not match"
+            );
+            let listed: Vec<String> = op["responses"]
+                .as_object()
+                .unwrap()
+                .keys()
+                .cloned()
+                .collect();
+            assert!(
+                listed.contains(&status.to_string()),
+                "{method} {path} answered {status}, documented {listed:?}"
+            );
         }
     }
     let mut served = vec![

@@ -598,7 +598,10 @@ fn no_secret_reaches_any_log() {
     let mut stack = Stack::start();
     let mut secrets = Vec::new();
     let (a, sa) = ready_token(&stack, json!({"name": "a", "owner": "o", "max_rps": 3}));
-    let (_, sb) = ready_token(&stack, json!({"name": "b", "kind": "service", "owner": "ops"}));
+    let (_, sb) = ready_token(
+        &stack,
+        json!({"name": "b", "kind": "service", "owner": "ops"}),
+    );
     secrets.push(sa.clone());
     secrets.push(sb.clone());
     // Exercise every path: allowed, both headers, rate limited, suspended, revoked,

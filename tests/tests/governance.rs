@@ -43,9 +43,11 @@ fn rotation_grace_is_enforced_by_envoy_and_visible_in_the_cli() {
     assert_eq!(identity["token_owner"], "data-eng", "{identity}");
 
     // Rotate through the CLI with a short grace: both secrets work, as the same token.
-    let rotated: Value =
-        serde_json::from_str(&cli(&stack, &["token", "rotate", &id, "--grace", "4s", "--json"]))
-            .unwrap();
+    let rotated: Value = serde_json::from_str(&cli(
+        &stack,
+        &["token", "rotate", &id, "--grace", "4s", "--json"],
+    ))
+    .unwrap();
     let second = rotated["token"].as_str().unwrap().to_string();
     assert_eq!(rotated["id"], id.as_str());
     stack.wait_for_status(&second, 200, PROPAGATION);

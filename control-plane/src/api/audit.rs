@@ -82,7 +82,12 @@ pub struct AuditParams {
 fn time(field: &str, v: &str) -> Result<i64, ApiError> {
     DateTime::parse_from_rfc3339(v)
         .map(|t| t.timestamp())
-        .map_err(|_| ApiError::field(field, "must be an RFC 3339 time such as 2030-01-31T12:00:00Z"))
+        .map_err(|_| {
+            ApiError::field(
+                field,
+                "must be an RFC 3339 time such as 2030-01-31T12:00:00Z",
+            )
+        })
 }
 
 #[utoipa::path(get, path = "/v1/audit", tag = "audit", security(("admin" = [])),

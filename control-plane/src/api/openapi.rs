@@ -30,7 +30,10 @@ impl Modify for Security {
         let components = doc.components.get_or_insert_with(Default::default);
         for (name, what) in [
             ("admin", "A named admin credential"),
-            ("sync", "The sync credential: reads /v1/sync, reports /v1/usage"),
+            (
+                "sync",
+                "The sync credential: reads /v1/sync, reports /v1/usage",
+            ),
         ] {
             components.add_security_scheme(
                 name,
@@ -55,7 +58,8 @@ pub fn add_self(doc: &mut Doc) {
             ResponseBuilder::new().description("The OpenAPI 3.1 description of this API"),
         )
         .build();
-    doc.paths
-        .paths
-        .insert("/v1/openapi.json".into(), PathItem::new(HttpMethod::Get, op));
+    doc.paths.paths.insert(
+        "/v1/openapi.json".into(),
+        PathItem::new(HttpMethod::Get, op),
+    );
 }

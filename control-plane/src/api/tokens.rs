@@ -232,7 +232,10 @@ pub async fn create(
             Some(now.saturating_add(i64::try_from(s).unwrap_or(i64::MAX))),
             "expires_in_seconds",
         ),
-        (None, Some(t)) => (Some(parse_future_time("expires_at", &t, now)?), "expires_at"),
+        (None, Some(t)) => (
+            Some(parse_future_time("expires_at", &t, now)?),
+            "expires_at",
+        ),
         (None, None) => (None, "expires_in_seconds"),
     };
     state.policy.check(kind, now, expires_at, field)?;
@@ -329,12 +332,9 @@ pub async fn list(
                 )
             }
             "expiring_within" => {
-                let secs = duration::parse(&v)
-                    .ok()
-                    .flatten()
-                    .ok_or_else(|| {
-                        ApiError::field("expiring_within", "must be a duration such as 12h or 7d")
-                    })?;
+                let secs = duration::parse(&v).ok().flatten().ok_or_else(|| {
+                    ApiError::field("expiring_within", "must be a duration such as 12h or 7d")
+                })?;
                 let secs = i64::try_from(secs).unwrap_or(i64::MAX);
                 query.expiring = Some((now, now.saturating_add(secs)));
             }
@@ -434,33 +434,38 @@ pub async fn update(
     };
     let policy = state.policy;
     let row = blocking(&state, move |s| {
-        s.update(&id, now, change(&actor, "token.updated"), &|row: &mut TokenRow| {
-            let before = row.clone();
-            if let Some(name) = &p.name {
-                row.name = name.clone();
-            }
-            if let Some(max_rps) = p.max_rps {
-                row.max_rps = max_rps;
-                if max_rps.is_none() {
-                    row.burst = None;
+        s.update(
+            &id,
+            now,
+            change(&actor, "token.updated"),
+            &|row: &mut TokenRow| {
+                let before = row.clone();
+                if let Some(name) = &p.name {
+                    row.name = name.clone();
                 }
-            }
-            if let Some(burst) = p.burst {
-                row.burst = burst;
-            }
-            if let Some(e) = expires_at {
-                row.expires_at = e;
-                policy.check(row.kind, now, e, "expires_at")?;
-            }
-            check_burst(row.burst, row.max_rps).map_err(|e| match e {
-                ApiError::Field { message, .. } => StoreError::Invalid {
-                    field: "burst",
-                    message,
-                },
-                other => StoreError::Backend(format!("{other:?}")),
-            })?;
-            Ok(*row != before)
-        })
+                if let Some(max_rps) = p.max_rps {
+                    row.max_rps = max_rps;
+                    if max_rps.is_none() {
+                        row.burst = None;
+                    }
+                }
+                if let Some(burst) = p.burst {
+                    row.burst = burst;
+                }
+                if let Some(e) = expires_at {
+                    row.expires_at = e;
+                    policy.check(row.kind, now, e, "expires_at")?;
+                }
+                check_burst(row.burst, row.max_rps).map_err(|e| match e {
+                    ApiError::Field { message, .. } => StoreError::Invalid {
+                        field: "burst",
+                        message,
+                    },
+                    other => StoreError::Backend(format!("{other:?}")),
+                })?;
+                Ok(*row != before)
+            },
+        )
     })
     .await?;
     Ok(view(row))
@@ -583,10 +588,15 @@ pub async fn rotate(
     let secret = secrets::new_token();
     let hash = secrets::sha256_hex(secret.as_bytes());
     let row = blocking(&state, move |s| {
-        s.update(&id, now, change(&actor, "token.rotated"), &|row: &mut TokenRow| {
-            rotate_secrets(row, hash.clone(), now, grace);
-            Ok(true)
-        })
+        s.update(
+            &id,
+            now,
+            change(&actor, "token.rotated"),
+            &|row: &mut TokenRow| {
+                rotate_secrets(row, hash.clone(), now, grace);
+                Ok(true)
+            },
+        )
     })
     .await?;
     Ok(Json(WithSecret {

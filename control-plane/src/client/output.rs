@@ -109,7 +109,15 @@ pub fn table(tokens: &[Value]) -> String {
         return "(no tokens)\n".to_string();
     }
     let header = [
-        "ID", "NAME", "KIND", "OWNER", "STATUS", "MAX_RPS", "EXPIRES", "LAST_USED", "REQUESTS",
+        "ID",
+        "NAME",
+        "KIND",
+        "OWNER",
+        "STATUS",
+        "MAX_RPS",
+        "EXPIRES",
+        "LAST_USED",
+        "REQUESTS",
     ]
     .map(String::from);
     let mut rows = vec![header.to_vec()];

@@ -5,8 +5,8 @@ mod audit;
 mod sqlite;
 
 pub use audit::{rfc3339, AuditEntry, AuditQuery};
-pub use sqlite::{SqliteStore, SYSTEM};
 use serde::{Deserialize, Serialize};
+pub use sqlite::{SqliteStore, SYSTEM};
 use tokengate_wire::{Kind, UsageEntry};
 use tokio::sync::watch;
 

@@ -3,8 +3,8 @@
 
 use super::audit::{self, AuditEntry, AuditQuery};
 use super::{
-    Change, Delivery, DeliveryOutcome, Edit, ListQuery, Status, Store,
-    StoreError, TokenRow, Warning, WebhookEvent,
+    Change, Delivery, DeliveryOutcome, Edit, ListQuery, Status, Store, StoreError, TokenRow,
+    Warning, WebhookEvent,
 };
 use rand::distributions::{Alphanumeric, DistString};
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
@@ -80,7 +80,8 @@ const MIGRATIONS: &[&str] = &[
     "#,
 ];
 
-const COLUMNS: &str = "id, hash, name, kind, owner, status, max_rps, burst, created_at, updated_at, \
+const COLUMNS: &str =
+    "id, hash, name, kind, owner, status, max_rps, burst, created_at, updated_at, \
      expires_at, last_used_at, version, requests_allowed, requests_denied, rotated_at, retired";
 
 /// Who the store names as the actor of its own jobs.
@@ -459,12 +460,8 @@ impl Store for SqliteStore {
                 )?;
                 for e in entries {
                     let seen = e.last_used_at.min(now);
-                    matched += stmt.execute(params![
-                        e.id,
-                        clamp(e.allowed),
-                        clamp(e.denied),
-                        seen
-                    ])?;
+                    matched +=
+                        stmt.execute(params![e.id, clamp(e.allowed), clamp(e.denied), seen])?;
                 }
             }
             tx.commit()?;
@@ -484,9 +481,7 @@ impl Store for SqliteStore {
             let before_seq = q.before_seq.map(clamp);
             let rows = stmt
                 .query_map(
-                    params![
-                        q.token_id, q.actor, q.action, q.since, q.until, before_seq, q.limit
-                    ],
+                    params![q.token_id, q.actor, q.action, q.since, q.until, before_seq, q.limit],
                     audit_from_row,
                 )?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
@@ -892,7 +887,10 @@ mod tests {
         let (newest, created) = (&trail[0], &trail[1]);
         assert!(newest.seq > created.seq);
         assert_eq!(newest.before, Some(serde_json::json!({"status": "active"})));
-        assert_eq!(newest.after, Some(serde_json::json!({"status": "suspended"})));
+        assert_eq!(
+            newest.after,
+            Some(serde_json::json!({"status": "suspended"}))
+        );
         assert_eq!(created.before, None);
         assert_eq!(created.after.as_ref().unwrap()["name"], "name-tok_1");
         assert!(!format!("{trail:?}").contains(&row("tok_1").hash));
@@ -1018,15 +1016,24 @@ mod tests {
                     .collect::<Vec<_>>(),
                 [("tok_near", day)]
             );
-            assert!(s.warn_expiring(10, &leads, Some(&event)).unwrap().is_empty());
+            assert!(s
+                .warn_expiring(10, &leads, Some(&event))
+                .unwrap()
+                .is_empty());
             let w = s.warn_expiring(3 * day, &leads, Some(&event)).unwrap();
             assert_eq!(w.len(), 1);
             assert_eq!(w[0].lead_seconds, 7 * day);
         }
         let s = SqliteStore::open(&path).unwrap();
-        assert!(s.warn_expiring(4 * day, &leads, Some(&event)).unwrap().is_empty());
+        assert!(s
+            .warn_expiring(4 * day, &leads, Some(&event))
+            .unwrap()
+            .is_empty());
         let w = s.warn_expiring(9 * day + 1, &leads, Some(&event)).unwrap();
-        assert_eq!((w[0].token.id.as_str(), w[0].lead_seconds), ("tok_far", day));
+        assert_eq!(
+            (w[0].token.id.as_str(), w[0].lead_seconds),
+            ("tok_far", day)
+        );
         // A new expiry time warns again.
         s.update("tok_far", 9 * day + 2, ADMIN, &|r: &mut TokenRow| {
             r.expires_at = Some(9 * day + 3_600);
@@ -1052,7 +1059,13 @@ mod tests {
         let mut near = row("tok_1");
         near.expires_at = Some(100);
         s.create(near, ADMIN).unwrap();
-        let event = |_: &Warning| ("evt_1".to_string(), "token.expiring".to_string(), "{}".to_string());
+        let event = |_: &Warning| {
+            (
+                "evt_1".to_string(),
+                "token.expiring".to_string(),
+                "{}".to_string(),
+            )
+        };
         s.warn_expiring(50, &[86_400], Some(&event)).unwrap();
         let due = s.due_deliveries(50, 10).unwrap();
         assert_eq!((due.len(), due[0].attempts), (1, 0));
