@@ -4,7 +4,9 @@
 //! with `Authorization: Bearer <sync credential>`.
 //!
 //! * `since=0` without a `store_id` (a client with no state), a `since` newer than the
-//!   store's version, or a `store_id` that is not the store's: the answer is a full snapshot
+//!   store's version, a `since` older than the newest purged change (the client might have
+//!   missed a revocation that is no longer on record), or a `store_id` that is not the
+//!   store's: the answer is a full snapshot
 //!   (`snapshot: true`), paged. A client holding state always sends its `store_id`, so an
 //!   empty store at version 0 is long-polled like any other. While `next_cursor` is
 //!   set, the client asks again with `cursor=` and the same `since`; only after the last page
@@ -13,6 +15,8 @@
 //!   `version` is the last change's version, so asking again with it fetches the rest at once.
 //!   With no change, the server holds the request up to `wait` seconds and then answers with
 //!   no changes and the same version.
+//! * A token may travel as several records with the same id: its secret's, and one per
+//!   rotated-out secret in its grace period, which expires when the grace ends.
 
 use serde::{Deserialize, Serialize};
 
