@@ -322,3 +322,34 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
     tracing::info!("stopped");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn named_admin_credentials_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("admins");
+        std::fs::write(
+            &path,
+            "# platform team\n\nalice: alice-secret-0123456789 \nci-bot@team:bot-secret-0123456789\n",
+        )
+        .unwrap();
+        let admins = admin_file(&path).unwrap();
+        let names: Vec<&str> = admins.iter().map(|a| a.name.as_ref()).collect();
+        assert_eq!(names, ["alice", "ci-bot@team"]);
+        assert_eq!(admins[0].secret, "alice-secret-0123456789");
+        std::fs::write(&path, "al ice:alice-secret-0123456789\n").unwrap();
+        assert!(admin_file(&path).unwrap_err().contains("line 1"));
+        std::fs::write(&path, "alice:short\n").unwrap();
+        assert!(admin_file(&path).unwrap_err().contains("at least 16"));
+    }
+
+    #[test]
+    fn lead_times_parse_sorted() {
+        assert_eq!(leads("7d,1d").unwrap(), Leads(vec![86_400, 604_800]));
+        assert_eq!(leads("none").unwrap(), Leads(vec![]));
+        assert!(leads("1d,never").is_err());
+    }
+}

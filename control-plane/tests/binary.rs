@@ -183,3 +183,82 @@ fn missing_credentials_are_a_clear_start_up_error() {
         "{out:?}"
     );
 }
+
+/// `tokengate serve` with `args` and `env` must refuse to start, saying `expected`.
+fn refuses_to_start(args: &[&str], env: &[(&str, &str)], expected: &str) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tokengate"));
+    cmd.args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--db",
+        "/nonexistent/x.db",
+    ])
+    .args(args)
+    .env_remove("TOKENGATE_ADMIN_TOKEN")
+    .env("TOKENGATE_SYNC_TOKEN", SYNC);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{args:?} started");
+    assert!(err.contains(expected), "{args:?}: {err}");
+}
+
+#[test]
+fn governance_options_are_checked_at_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let creds = dir.path().join("admins");
+    std::fs::write(
+        &creds,
+        "# team\nalice:alice-secret-0123456789\nbob has no colon\n",
+    )
+    .unwrap();
+    let creds = creds.to_str().unwrap();
+    refuses_to_start(
+        &["--admin-credentials-file", creds],
+        &[],
+        "--admin-credentials-file line 3: expected `name:secret`",
+    );
+    std::fs::write(
+        dir.path().join("dup"),
+        "alice:alice-secret-0123456789\nalice:other-secret-0123456789\n",
+    )
+    .unwrap();
+    refuses_to_start(
+        &[
+            "--admin-credentials-file",
+            dir.path().join("dup").to_str().unwrap(),
+        ],
+        &[],
+        "`alice` is given twice",
+    );
+    let admin = [("TOKENGATE_ADMIN_TOKEN", "admin-credential-0123456789")];
+    refuses_to_start(
+        &["--webhook-url", "http://127.0.0.1:1/hook"],
+        &admin,
+        "TOKENGATE_WEBHOOK_SECRET",
+    );
+    refuses_to_start(
+        &[
+            "--webhook-url",
+            "ftp://x",
+            "--webhook-secret",
+            "webhook-secret-0123456789",
+        ],
+        &admin,
+        "--webhook-url must be an http",
+    );
+    refuses_to_start(
+        &["--user-max-lifetime", "90 days"],
+        &admin,
+        "is not a duration",
+    );
+    refuses_to_start(&["--expiry-warnings", "7d,never"], &admin, "use `none`");
+    refuses_to_start(
+        &["--jobs-interval", "never"],
+        &admin,
+        "--jobs-interval cannot be `never`",
+    );
+}
