@@ -72,6 +72,21 @@ pub enum Outcome {
     Deny(Denial),
 }
 
+/// A known token's facts, for usage counting and the expiry header, whatever the outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seen {
+    pub id: Vec<u8>,
+    /// Unix seconds.
+    pub expires_at: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    pub outcome: Outcome,
+    /// Set when the credential matched a live record (not for unknown or revoked tokens).
+    pub seen: Option<Seen>,
+}
+
 /// Decides a request that presented `credential` (see [`extract`]) at `now_nanos`.
 pub fn authorize(
     cfg: &Config,
@@ -79,52 +94,87 @@ pub fn authorize(
     credential: Option<&[u8]>,
     now_nanos: u64,
 ) -> Outcome {
+    judge(cfg, store, credential, now_nanos).outcome
+}
+
+/// [`authorize`], also telling which token it was.
+pub fn judge(
+    cfg: &Config,
+    store: &dyn SharedStore,
+    credential: Option<&[u8]>,
+    now_nanos: u64,
+) -> Verdict {
+    let deny = |d| Verdict {
+        outcome: Outcome::Deny(d),
+        seen: None,
+    };
     let Some(credential) = credential else {
-        return Outcome::Deny(Denial::MissingToken);
+        return deny(Denial::MissingToken);
     };
     if !token::is_well_formed(credential) {
-        return Outcome::Deny(Denial::InvalidToken);
+        return deny(Denial::InvalidToken);
     }
     // Until a full snapshot is loaded no answer is trustworthy: fail closed.
     let generation = match store.get(STATE_KEY) {
         Ok((Some(v), _)) => match record::state_generation(&v) {
             Some(g) => g,
-            None => return Outcome::Deny(Denial::StateUnavailable),
+            None => return deny(Denial::StateUnavailable),
         },
-        _ => return Outcome::Deny(Denial::StateUnavailable),
+        _ => return deny(Denial::StateUnavailable),
     };
     let hash = hash_hex(credential);
     let value = match store.get(&record::token_key(&hash)) {
         Ok((Some(v), _)) => v,
-        Ok((None, _)) => return Outcome::Deny(Denial::InvalidToken),
-        Err(_) => return Outcome::Deny(Denial::StateUnavailable),
+        Ok((None, _)) => return deny(Denial::InvalidToken),
+        Err(_) => return deny(Denial::StateUnavailable),
     };
     let Some(rec) = record::decode_token(&value) else {
-        return Outcome::Deny(Denial::InvalidToken);
+        return deny(Denial::InvalidToken);
     };
     // Written before the latest full snapshot and not in it: the token is gone.
     if rec.generation < generation || rec.status == SyncStatus::Revoked {
-        return Outcome::Deny(Denial::InvalidToken);
+        return deny(Denial::InvalidToken);
     }
+    let seen = Some(Seen {
+        id: rec.id.to_vec(),
+        expires_at: rec.expires_at,
+    });
+    let refuse = |d| Verdict {
+        outcome: Outcome::Deny(d),
+        seen: seen.clone(),
+    };
     if let Some(exp) = rec.expires_at {
         if (now_nanos / 1_000_000_000) as i64 >= exp {
-            return Outcome::Deny(Denial::TokenExpired);
+            return refuse(Denial::TokenExpired);
         }
     }
     if rec.status == SyncStatus::Suspended {
-        return Outcome::Deny(Denial::TokenSuspended);
+        return refuse(Denial::TokenSuspended);
     }
     if let Some(limit) = Limit::new(rec.max_rps, rec.burst) {
         if let Err(d) = take(cfg, store, &record::rate_key(&hash), limit, now_nanos) {
-            return Outcome::Deny(d);
+            return refuse(d);
         }
     }
-    Outcome::Allow(Identity {
-        id: rec.id.to_vec(),
-        name: rec.name.to_vec(),
-        owner: rec.owner.to_vec(),
-        kind: rec.kind,
-    })
+    Verdict {
+        outcome: Outcome::Allow(Identity {
+            id: rec.id.to_vec(),
+            name: rec.name.to_vec(),
+            owner: rec.owner.to_vec(),
+            kind: rec.kind,
+        }),
+        seen,
+    }
+}
+
+/// When the response should carry the token's expiry: inside the warning window.
+pub fn expiry_to_announce(cfg: &Config, seen: Option<&Seen>, now_nanos: u64) -> Option<i64> {
+    let exp = seen?.expires_at?;
+    let now = (now_nanos / 1_000_000_000) as i64;
+    (cfg.expiry_warning_seconds > 0
+        && exp > now
+        && exp - now <= i64::from(cfg.expiry_warning_seconds))
+    .then_some(exp)
 }
 
 /// One GCRA admission with compare-and-swap. Out of retries means refused, never admitted.
@@ -211,6 +261,58 @@ mod tests {
 
     fn decide(s: &MemStore, t: &str) -> Outcome {
         authorize(&cfg(), s, Some(t.as_bytes()), NOW)
+    }
+
+    #[test]
+    fn known_tokens_are_seen_whatever_the_outcome() {
+        let s = loaded(1);
+        let (ok, sus) = (secret('a'), secret('b'));
+        put(&s, &ok, 1, |r| r.expires_at = Some(1_800_003_600));
+        put(&s, &sus, 1, |r| {
+            r.status = SyncStatus::Suspended;
+            r.id = "tok_2".into();
+        });
+        let v = judge(&cfg(), &s, Some(ok.as_bytes()), NOW);
+        assert!(matches!(v.outcome, Outcome::Allow(_)));
+        let seen = v.seen.unwrap();
+        assert_eq!(
+            (seen.id.as_slice(), seen.expires_at),
+            (&b"tok_1"[..], Some(1_800_003_600))
+        );
+        let v = judge(&cfg(), &s, Some(sus.as_bytes()), NOW);
+        assert_eq!(v.outcome, Outcome::Deny(Denial::TokenSuspended));
+        assert_eq!(v.seen.unwrap().id, b"tok_2");
+        let unknown = judge(&cfg(), &s, Some(secret('z').as_bytes()), NOW);
+        assert_eq!(
+            (unknown.outcome, unknown.seen),
+            (Outcome::Deny(Denial::InvalidToken), None)
+        );
+    }
+
+    #[test]
+    fn expiry_is_announced_inside_the_window_only() {
+        let c = cfg();
+        let now_s = (NOW / 1_000_000_000) as i64;
+        let seen = |exp: Option<i64>| Seen {
+            id: b"tok_1".to_vec(),
+            expires_at: exp,
+        };
+        let in_an_hour = seen(Some(now_s + 3_600));
+        assert_eq!(
+            expiry_to_announce(&c, Some(&in_an_hour), NOW),
+            Some(now_s + 3_600)
+        );
+        assert_eq!(
+            expiry_to_announce(&c, Some(&seen(Some(now_s + 8 * 86_400))), NOW),
+            None
+        );
+        assert_eq!(expiry_to_announce(&c, Some(&seen(None)), NOW), None);
+        assert_eq!(expiry_to_announce(&c, None, NOW), None);
+        let off = Config::parse(
+            br#"{"control_plane_cluster":"cp","sync_token":"x","expiry_warning_seconds":0}"#,
+        )
+        .unwrap();
+        assert_eq!(expiry_to_announce(&off, Some(&in_an_hour), NOW), None);
     }
 
     #[test]

@@ -28,6 +28,14 @@ pub struct Config {
     pub cas_retries: u32,
     /// Sent to the control plane as `proxy_id`; defaults to Envoy's node id.
     pub proxy_id: Option<String>,
+    /// Count requests per token and report them to `usage_path`.
+    pub usage_reporting: bool,
+    pub usage_path: String,
+    pub usage_report_ms: u32,
+    /// Distinct token ids held per worker and in the leader's pending report.
+    pub usage_max_tokens: u32,
+    /// Responses carry the token's expiry once it is this close; 0: never.
+    pub expiry_warning_seconds: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,6 +82,11 @@ struct Raw {
     backoff_max_ms: Option<u32>,
     cas_retries: Option<u32>,
     proxy_id: Option<String>,
+    usage_reporting: Option<bool>,
+    usage_path: Option<String>,
+    usage_report_ms: Option<u32>,
+    usage_max_tokens: Option<u32>,
+    expiry_warning_seconds: Option<u32>,
 }
 
 fn required(field: &str, v: Option<String>) -> Result<String, ConfigError> {
@@ -148,6 +161,11 @@ impl Config {
         if !sync_path.starts_with('/') {
             return Err(err("sync_path", "must start with `/`"));
         }
+        let usage_path = raw.usage_path.unwrap_or_else(|| "/v1/usage".to_string());
+        if !usage_path.starts_with('/') {
+            return Err(err("usage_path", "must start with `/`"));
+        }
+        let max_entries = u32::try_from(tokengate_wire::usage::MAX_ENTRIES).unwrap_or(u32::MAX);
         let tick_ms = in_range("tick_ms", raw.tick_ms, 200, 10, 60_000)?;
         let lease_ms = in_range("lease_ms", raw.lease_ms, 2_000, 100, 600_000)?;
         if lease_ms < tick_ms.saturating_mul(3) {
@@ -187,6 +205,23 @@ impl Config {
             backoff_max_ms,
             cas_retries: in_range("cas_retries", raw.cas_retries, 16, 1, 1_000)?,
             proxy_id: raw.proxy_id.filter(|p| !p.is_empty()),
+            usage_reporting: raw.usage_reporting.unwrap_or(true),
+            usage_path,
+            usage_report_ms: in_range("usage_report_ms", raw.usage_report_ms, 5_000, 100, 600_000)?,
+            usage_max_tokens: in_range(
+                "usage_max_tokens",
+                raw.usage_max_tokens,
+                10_000,
+                1,
+                max_entries,
+            )?,
+            expiry_warning_seconds: in_range(
+                "expiry_warning_seconds",
+                raw.expiry_warning_seconds,
+                604_800,
+                0,
+                31_536_000,
+            )?,
         })
     }
 }
@@ -210,6 +245,33 @@ mod tests {
         assert_eq!(c.cas_retries, 16);
         assert_eq!(c.control_plane_authority, "tokengate-control-plane");
         assert_eq!(c.proxy_id, None);
+        assert!(c.usage_reporting);
+        assert_eq!(c.usage_path, "/v1/usage");
+        assert_eq!((c.usage_report_ms, c.usage_max_tokens), (5_000, 10_000));
+        assert_eq!(c.expiry_warning_seconds, 604_800);
+    }
+
+    #[test]
+    fn usage_and_expiry_fields_are_checked() {
+        let with = |extra: &str| {
+            field_of(&format!(
+                r#"{{"control_plane_cluster":"cp","sync_token":"x",{extra}}}"#
+            ))
+        };
+        assert_eq!(with(r#""usage_path":"v1/usage""#), "usage_path");
+        assert_eq!(with(r#""usage_report_ms":10"#), "usage_report_ms");
+        assert_eq!(with(r#""usage_max_tokens":0"#), "usage_max_tokens");
+        assert_eq!(with(r#""usage_max_tokens":10001"#), "usage_max_tokens");
+        assert_eq!(with(r#""usage_reporting":"yes""#), "usage_reporting");
+        assert_eq!(
+            with(r#""expiry_warning_seconds":-1"#),
+            "expiry_warning_seconds"
+        );
+        let c = Config::parse(
+            br#"{"control_plane_cluster":"cp","sync_token":"x","expiry_warning_seconds":0,"usage_reporting":false}"#,
+        )
+        .unwrap();
+        assert_eq!((c.expiry_warning_seconds, c.usage_reporting), (0, false));
     }
 
     fn field_of(json: &str) -> String {

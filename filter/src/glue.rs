@@ -1,14 +1,17 @@
 //! The thin proxy-wasm layer: host calls in, decisions out. Every host call's error is
 //! handled (a trapped VM would answer 503 to everything until reloaded).
 
-use crate::authorize::{self, Denial, Outcome};
+use crate::authorize::{self, Denial, Outcome, Verdict};
 use crate::config::Config;
 use crate::response;
 use crate::store::{Clock, SharedStore, StoreError};
 use crate::sync::{Phase, SyncClient, SyncFailure};
+use crate::timefmt;
+use crate::usage::{self, Reporter, Tally};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
+use std::cell::RefCell;
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
 use std::rc::Rc;
@@ -67,6 +70,9 @@ struct Metrics {
     sync_failure: Option<u32>,
     tokens: Option<u32>,
     state_version: Option<u32>,
+    usage_reports: Option<u32>,
+    usage_failures: Option<u32>,
+    usage_dropped: Option<u32>,
 }
 
 impl Metrics {
@@ -85,6 +91,9 @@ impl Metrics {
             sync_failure: counter("tokengate.sync.failure"),
             tokens: gauge("tokengate.tokens"),
             state_version: gauge("tokengate.state_version"),
+            usage_reports: counter("tokengate.usage.reports"),
+            usage_failures: counter("tokengate.usage.failures"),
+            usage_dropped: counter("tokengate.usage.dropped"),
         }
     }
 
@@ -101,10 +110,23 @@ impl Metrics {
 }
 
 fn bump(metric: Option<u32>) {
-    if let Some(id) = metric {
-        let _ = hostcalls::increment_metric(id, 1);
+    add(metric, 1);
+}
+
+fn add(metric: Option<u32>, n: u64) {
+    if let (Some(id), Ok(n)) = (metric, i64::try_from(n)) {
+        if n > 0 {
+            let _ = hostcalls::increment_metric(id, n);
+        }
     }
 }
+
+/// The shared queue through which workers hand their counts to the sync leader.
+const USAGE_QUEUE: &str = "tokengate.usage";
+/// Most batches the leader takes off the queue per tick, so a tick stays short.
+const USAGE_BATCHES_PER_TICK: usize = 256;
+/// Most entries per queued batch, so one batch stays small.
+const USAGE_BATCH_ENTRIES: usize = 500;
 
 fn record(metric: Option<u32>, value: u64) {
     if let Some(id) = metric {
@@ -117,6 +139,8 @@ struct Shared {
     config: Config,
     metrics: Metrics,
     identity_headers: [String; 4],
+    /// This worker's request counts since its last tick.
+    usage: RefCell<Tally>,
 }
 
 struct Root {
@@ -124,6 +148,11 @@ struct Root {
     sync: SyncClient,
     proxy_id: String,
     pending: Option<u32>,
+    usage_queue: Option<u32>,
+    /// The leader's counts gathered from every worker, waiting for the next report.
+    usage_pending: Tally,
+    reporter: Reporter,
+    usage_call: Option<u32>,
 }
 
 impl Root {
@@ -136,6 +165,10 @@ impl Root {
             sync: SyncClient::new(holder),
             proxy_id: String::new(),
             pending: None,
+            usage_queue: None,
+            usage_pending: Tally::default(),
+            reporter: Reporter::new(),
+            usage_call: None,
         }
     }
 
@@ -177,6 +210,111 @@ impl Root {
     }
 }
 
+impl Root {
+    /// Every worker: hands this tick's counts to the queue.
+    fn flush_usage(&mut self, shared: &Shared) {
+        let Some(queue) = self.usage_queue else {
+            return;
+        };
+        let (entries, dropped) = {
+            let mut tally = shared.usage.borrow_mut();
+            (tally.drain(), tally.take_dropped())
+        };
+        add(shared.metrics.usage_dropped, dropped);
+        for batch in entries.chunks(USAGE_BATCH_ENTRIES) {
+            if hostcalls::enqueue_shared_queue(queue, Some(&usage::encode_batch(batch))).is_err() {
+                add(shared.metrics.usage_dropped, batch.len() as u64);
+            }
+        }
+    }
+
+    /// The leader: gathers the workers' batches and sends a report when one is due.
+    fn report_usage(&mut self, shared: &Shared) {
+        let Some(queue) = self.usage_queue else {
+            return;
+        };
+        if !self.sync.is_leader() {
+            return;
+        }
+        for _ in 0..USAGE_BATCHES_PER_TICK {
+            match hostcalls::dequeue_shared_queue(queue) {
+                Ok(Some(bytes)) => match usage::decode_batch(&bytes) {
+                    Some(entries) => self.usage_pending.merge(entries),
+                    None => bump(shared.metrics.usage_dropped),
+                },
+                _ => break,
+            }
+        }
+        add(
+            shared.metrics.usage_dropped,
+            self.usage_pending.take_dropped(),
+        );
+        let cfg = &shared.config;
+        let now = Self::now_ms();
+        let next = self
+            .reporter
+            .on_tick(cfg, &mut self.usage_pending, &self.proxy_id, now);
+        if !matches!(self.reporter.phase(), usage::Phase::Sending { .. }) {
+            // The reporter gave up on the call in flight: its late answer must not count.
+            self.usage_call = None;
+        }
+        let Some(body) = next else {
+            return;
+        };
+        let auth = format!("Bearer {}", cfg.sync_token);
+        let headers = vec![
+            (":method", "POST"),
+            (":path", cfg.usage_path.as_str()),
+            (":authority", cfg.control_plane_authority.as_str()),
+            ("authorization", auth.as_str()),
+            ("content-type", "application/json"),
+        ];
+        let timeout = Duration::from_millis(usage::report_timeout_ms(cfg));
+        match hostcalls::dispatch_http_call(
+            &cfg.control_plane_cluster,
+            headers,
+            Some(&body),
+            vec![],
+            timeout,
+        ) {
+            Ok(token) => self.usage_call = Some(token),
+            Err(_) => {
+                bump(shared.metrics.usage_failures);
+                self.reporter
+                    .on_result(cfg, &mut self.usage_pending, false, now);
+            }
+        }
+    }
+
+    fn on_usage_response(&mut self, shared: &Shared, num_headers: usize) {
+        self.usage_call = None;
+        let ok = num_headers > 0
+            && response_status(num_headers).is_some_and(|s| (200..300).contains(&s));
+        bump(if ok {
+            shared.metrics.usage_reports
+        } else {
+            shared.metrics.usage_failures
+        });
+        self.reporter
+            .on_result(&shared.config, &mut self.usage_pending, ok, Self::now_ms());
+    }
+}
+
+/// The `:status` of a callout's answer; `None` when it failed without one.
+fn response_status(num_headers: usize) -> Option<u32> {
+    if num_headers == 0 {
+        return None;
+    }
+    hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status")
+        .ok()
+        .flatten()
+        .and_then(|v| {
+            std::str::from_utf8(&v)
+                .ok()
+                .and_then(|s| s.parse::<u32>().ok())
+        })
+}
+
 impl Context for Root {
     fn on_http_call_response(
         &mut self,
@@ -185,6 +323,12 @@ impl Context for Root {
         body_size: usize,
         _: usize,
     ) {
+        if self.usage_call == Some(token_id) {
+            if let Some(shared) = self.shared.clone() {
+                self.on_usage_response(&shared, num_headers);
+            }
+            return;
+        }
         if self.pending != Some(token_id) {
             return;
         }
@@ -192,18 +336,7 @@ impl Context for Root {
         let Some(shared) = self.shared.clone() else {
             return;
         };
-        let status = if num_headers == 0 {
-            None
-        } else {
-            hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status")
-                .ok()
-                .flatten()
-                .and_then(|v| {
-                    std::str::from_utf8(&v)
-                        .ok()
-                        .and_then(|s| s.parse::<u32>().ok())
-                })
-        };
+        let status = response_status(num_headers);
         let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
             .ok()
             .flatten();
@@ -271,7 +404,13 @@ impl RootContext for Root {
             format!("{p}token-kind"),
         ];
         let _ = hostcalls::set_tick_period(Duration::from_millis(u64::from(config.tick_ms)));
+        if config.usage_reporting {
+            // Every worker's VM registers the same name and gets the same queue.
+            self.usage_queue = hostcalls::register_shared_queue(USAGE_QUEUE).ok();
+        }
+        self.usage_pending = Tally::new(config.usage_max_tokens);
         self.shared = Some(Rc::new(Shared {
+            usage: RefCell::new(Tally::new(config.usage_max_tokens)),
             config,
             metrics: Metrics::define(),
             identity_headers,
@@ -293,11 +432,14 @@ impl RootContext for Root {
         if let Some(path) = next {
             self.dispatch(&shared, &path);
         }
+        self.flush_usage(&shared);
+        self.report_usage(&shared);
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         Some(Box::new(Request {
             shared: self.shared.clone(),
+            expires_at: None,
         }))
     }
 
@@ -309,7 +451,11 @@ impl RootContext for Root {
 struct Request {
     /// `None` only if configuration failed, in which case Envoy refuses the filter anyway.
     shared: Option<Rc<Shared>>,
+    /// The token's expiry, to announce on the response (inside the warning window only).
+    expires_at: Option<String>,
 }
+
+const EXPIRES_HEADER: &str = "x-tokengate-token-expires";
 
 fn header(name: &str) -> Option<Vec<u8>> {
     hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name)
@@ -317,9 +463,12 @@ fn header(name: &str) -> Option<Vec<u8>> {
         .flatten()
 }
 
-fn refuse(d: Denial) {
+fn refuse(d: Denial, expires_at: Option<&str>) {
     let r = response::refusal(d);
-    let headers: Vec<(&str, &str)> = r.headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+    let mut headers: Vec<(&str, &str)> = r.headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+    if let Some(t) = expires_at {
+        headers.push((EXPIRES_HEADER, t));
+    }
     let _ = hostcalls::send_http_response(r.status, headers, Some(r.body.as_bytes()));
 }
 
@@ -328,18 +477,30 @@ impl Context for Request {}
 impl HttpContext for Request {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let Some(shared) = self.shared.clone() else {
-            refuse(Denial::StateUnavailable);
+            refuse(Denial::StateUnavailable, None);
             return Action::Pause;
         };
         let cfg = &shared.config;
         let credential = authorize::extract(cfg, header);
         let now = HostClock.now_nanos();
-        let outcome = if now == 0 {
-            Outcome::Deny(Denial::StateUnavailable)
+        let verdict = if now == 0 {
+            Verdict {
+                outcome: Outcome::Deny(Denial::StateUnavailable),
+                seen: None,
+            }
         } else {
-            authorize::authorize(cfg, &HostStore, credential.as_deref(), now)
+            authorize::judge(cfg, &HostStore, credential.as_deref(), now)
         };
-        match outcome {
+        if let Some(seen) = &verdict.seen {
+            if cfg.usage_reporting {
+                let allowed = matches!(verdict.outcome, Outcome::Allow(_));
+                let secs = (now / 1_000_000_000) as i64;
+                shared.usage.borrow_mut().count(&seen.id, allowed, secs);
+            }
+            self.expires_at =
+                authorize::expiry_to_announce(cfg, Some(seen), now).map(timefmt::rfc3339);
+        }
+        match verdict.outcome {
             Outcome::Allow(identity) => {
                 for name in &cfg.token_headers {
                     let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, name);
@@ -368,9 +529,22 @@ impl HttpContext for Request {
             }
             Outcome::Deny(d) => {
                 bump(shared.metrics.denied(d));
-                refuse(d);
+                // Only a caller who may retry later learns when its token ends.
+                let announce = match d {
+                    Denial::RateLimited { .. } => self.expires_at.take(),
+                    _ => None,
+                };
+                self.expires_at = None;
+                refuse(d, announce.as_deref());
                 Action::Pause
             }
         }
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        if let Some(t) = self.expires_at.take() {
+            let _ = hostcalls::add_map_value(MapType::HttpResponseHeaders, EXPIRES_HEADER, &t);
+        }
+        Action::Continue
     }
 }

@@ -1,7 +1,7 @@
 //! tokengate's proxy-wasm filter.
 //!
 //! The decisions live in plain Rust modules with no proxy-wasm types (`authorize`, `gcra`,
-//! `record`, `sync`, `config`, `response`) and are unit-tested natively; `glue` binds them
+//! `record`, `sync`, `usage`, `config`, `response`, `timefmt`) and are unit-tested natively; `glue` binds them
 //! to the proxy-wasm ABI and is only built for wasm32.
 
 pub mod authorize;
@@ -11,6 +11,8 @@ pub mod record;
 pub mod response;
 pub mod store;
 pub mod sync;
+pub mod timefmt;
+pub mod usage;
 
 #[cfg(target_arch = "wasm32")]
 mod glue;

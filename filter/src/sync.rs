@@ -50,6 +50,7 @@ pub struct SyncClient {
     snapshot: Option<SnapshotProgress>,
     /// This root context's lease identity.
     holder: u64,
+    leader: bool,
 }
 
 /// Attempts to take or renew the sync lease; true while this holder leads.
@@ -100,6 +101,7 @@ impl SyncClient {
             failures: 0,
             snapshot: None,
             holder,
+            leader: false,
         }
     }
 
@@ -111,6 +113,11 @@ impl SyncClient {
         self.failures
     }
 
+    /// Whether this root context held the lease at its last tick.
+    pub fn is_leader(&self) -> bool {
+        self.leader
+    }
+
     /// Called on every tick. Returns the path to poll when a poll should start now.
     pub fn on_tick(
         &mut self,
@@ -120,6 +127,7 @@ impl SyncClient {
         now_ms: u64,
     ) -> Option<String> {
         let leader = hold_lease(store, self.holder, now_ms, cfg.lease_ms);
+        self.leader = leader;
         match self.phase {
             Phase::Polling { since_ms } => {
                 // The host always answers a callout (at worst with its timeout); this only

@@ -391,6 +391,8 @@ pub struct Stack {
     pub envoy_port: u16,
     pub envoy_admin_port: u16,
     pub db_path: PathBuf,
+    /// Extra plugin configuration fields (`"name": value, ...`) for the next `start_envoy`.
+    pub plugin_extra: String,
     control_plane: Option<Child>,
     upstream: Option<Child>,
     envoy: Option<Child>,
@@ -442,6 +444,7 @@ impl Stack {
             upstream_port: ports[1],
             envoy_port: ports[2],
             envoy_admin_port: ports[3],
+            plugin_extra: String::new(),
             control_plane: None,
             upstream: None,
             envoy: None,
@@ -564,6 +567,16 @@ impl Stack {
             ("WASM_PATH", self.bins.wasm.display().to_string()),
             ("SYNC_TOKEN", self.sync_token.clone()),
         ]);
+        let config = if self.plugin_extra.is_empty() {
+            config
+        } else {
+            let anchor = r#""sync_wait_seconds": 20"#;
+            assert!(
+                config.contains(anchor),
+                "the template changed: update the harness"
+            );
+            config.replace(anchor, &format!("{anchor}, {}", self.plugin_extra))
+        };
         let config_path = self.dir.join("envoy.yaml");
         fs::write(&config_path, config).expect("write rendered envoy.yaml");
         // Envoy's log goes to stderr, captured in a file: `--log-path` is flushed only every

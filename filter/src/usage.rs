@@ -1,0 +1,281 @@
+//! Per-token request counts: counted in each worker's memory, handed to the sync leader
+//! through a shared queue, and reported by the leader to `POST /v1/usage` in batches. Every
+//! buffer is bounded; a lost report loses its counts, never a request.
+
+use crate::config::Config;
+use std::collections::HashMap;
+use tokengate_wire::{UsageEntry, UsageReport};
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Counts {
+    allowed: u64,
+    denied: u64,
+    last_used_at: i64,
+}
+
+/// Counts by token id, holding at most `cap` ids; what does not fit is dropped and counted.
+#[derive(Debug, Default)]
+pub struct Tally {
+    counts: HashMap<Vec<u8>, Counts>,
+    cap: usize,
+    dropped: u64,
+}
+
+impl Tally {
+    pub fn new(cap: u32) -> Tally {
+        Tally {
+            counts: HashMap::new(),
+            cap: cap as usize,
+            dropped: 0,
+        }
+    }
+
+    fn add(&mut self, id: &[u8], allowed: u64, denied: u64, last_used_at: i64) {
+        if !self.counts.contains_key(id) && self.counts.len() >= self.cap {
+            self.dropped = self.dropped.saturating_add(1);
+            return;
+        }
+        // Looked up by slice first so that counting a known id allocates nothing.
+        let c = match self.counts.get_mut(id) {
+            Some(c) => c,
+            None => self.counts.entry(id.to_vec()).or_default(),
+        };
+        c.allowed = c.allowed.saturating_add(allowed);
+        c.denied = c.denied.saturating_add(denied);
+        c.last_used_at = c.last_used_at.max(last_used_at);
+    }
+
+    /// One request by token `id` at Unix second `now`.
+    pub fn count(&mut self, id: &[u8], allowed: bool, now: i64) {
+        self.add(id, u64::from(allowed), u64::from(!allowed), now);
+    }
+
+    pub fn merge(&mut self, entries: Vec<UsageEntry>) {
+        for e in entries {
+            self.add(e.id.as_bytes(), e.allowed, e.denied, e.last_used_at);
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.counts.is_empty()
+    }
+
+    /// Counts lost to the bound since the last call.
+    pub fn take_dropped(&mut self) -> u64 {
+        std::mem::take(&mut self.dropped)
+    }
+
+    /// Empties the tally into report entries.
+    pub fn drain(&mut self) -> Vec<UsageEntry> {
+        self.counts
+            .drain()
+            .map(|(id, c)| UsageEntry {
+                id: String::from_utf8_lossy(&id).into_owned(),
+                allowed: c.allowed,
+                denied: c.denied,
+                last_used_at: c.last_used_at,
+            })
+            .collect()
+    }
+}
+
+/// A worker's batch on the shared queue.
+pub fn encode_batch(entries: &[UsageEntry]) -> Vec<u8> {
+    serde_json::to_vec(entries).unwrap_or_default()
+}
+
+pub fn decode_batch(bytes: &[u8]) -> Option<Vec<UsageEntry>> {
+    serde_json::from_slice(bytes).ok()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Idle,
+    Sending { since_ms: u64 },
+    Backoff { until_ms: u64 },
+}
+
+/// The leader's report cycle: Idle → (due, something to say) → Sending → Idle, or Backoff
+/// after a failure, whose counts go back into the tally.
+#[derive(Debug)]
+pub struct Reporter {
+    phase: Phase,
+    next_due_ms: u64,
+    failures: u32,
+    in_flight: Vec<UsageEntry>,
+}
+
+impl Default for Reporter {
+    fn default() -> Self {
+        Reporter::new()
+    }
+}
+
+impl Reporter {
+    pub fn new() -> Reporter {
+        Reporter {
+            phase: Phase::Idle,
+            next_due_ms: 0,
+            failures: 0,
+            in_flight: vec![],
+        }
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// Called on the leader's tick. Returns the body of a report to send now.
+    pub fn on_tick(
+        &mut self,
+        cfg: &Config,
+        pending: &mut Tally,
+        proxy_id: &str,
+        now_ms: u64,
+    ) -> Option<Vec<u8>> {
+        match self.phase {
+            Phase::Sending { since_ms } => {
+                // The host answers every callout, at worst with its timeout; this only
+                // guards against a lost callback.
+                if now_ms.saturating_sub(since_ms) > report_timeout_ms(cfg) + 5_000 {
+                    self.on_result(cfg, pending, false, now_ms);
+                }
+                None
+            }
+            Phase::Backoff { until_ms } if now_ms < until_ms => None,
+            Phase::Idle | Phase::Backoff { .. } => {
+                self.phase = Phase::Idle;
+                if now_ms < self.next_due_ms || pending.is_empty() {
+                    return None;
+                }
+                let report = UsageReport {
+                    proxy_id: proxy_id.to_string(),
+                    entries: pending.drain(),
+                };
+                let body = serde_json::to_vec(&report).ok()?;
+                // Kept so that a failed report can put its counts back.
+                self.in_flight = report.entries;
+                self.phase = Phase::Sending { since_ms: now_ms };
+                Some(body)
+            }
+        }
+    }
+
+    /// The report was answered (`ok`: a 2xx) or failed.
+    pub fn on_result(&mut self, cfg: &Config, pending: &mut Tally, ok: bool, now_ms: u64) {
+        let entries = std::mem::take(&mut self.in_flight);
+        self.next_due_ms = now_ms.saturating_add(u64::from(cfg.usage_report_ms));
+        if ok {
+            self.failures = 0;
+            self.phase = Phase::Idle;
+            return;
+        }
+        pending.merge(entries);
+        self.failures = self.failures.saturating_add(1);
+        let exp = self.failures.saturating_sub(1).min(20);
+        let wait = u64::from(cfg.usage_report_ms)
+            .saturating_mul(1u64 << exp)
+            .min(u64::from(cfg.backoff_max_ms).max(u64::from(cfg.usage_report_ms)));
+        self.phase = Phase::Backoff {
+            until_ms: now_ms.saturating_add(wait),
+        };
+    }
+}
+
+/// The callout timeout for a report.
+pub fn report_timeout_ms(cfg: &Config) -> u64 {
+    u64::from(cfg.usage_report_ms).clamp(1_000, 10_000)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> Config {
+        Config::parse(
+            br#"{"control_plane_cluster":"cp","sync_token":"x","usage_report_ms":1000,"usage_max_tokens":2}"#,
+        )
+        .unwrap()
+    }
+
+    fn sorted(mut v: Vec<UsageEntry>) -> Vec<UsageEntry> {
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+        v
+    }
+
+    fn entry(id: &str, allowed: u64, denied: u64, last_used_at: i64) -> UsageEntry {
+        UsageEntry {
+            id: id.into(),
+            allowed,
+            denied,
+            last_used_at,
+        }
+    }
+
+    #[test]
+    fn tally_counts_merges_and_stays_bounded() {
+        let mut t = Tally::new(2);
+        t.count(b"tok_a", true, 10);
+        t.count(b"tok_a", false, 12);
+        t.count(b"tok_b", true, 11);
+        t.count(b"tok_c", true, 11);
+        assert_eq!(t.take_dropped(), 1);
+        assert_eq!(t.take_dropped(), 0);
+        t.merge(vec![entry("tok_a", 5, 0, 9), entry("tok_z", 1, 0, 9)]);
+        assert_eq!(t.take_dropped(), 1);
+        assert_eq!(
+            sorted(t.drain()),
+            [entry("tok_a", 6, 1, 12), entry("tok_b", 1, 0, 11)]
+        );
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn batches_round_trip() {
+        let batch = vec![entry("tok_a", 1, 2, 3)];
+        assert_eq!(decode_batch(&encode_batch(&batch)), Some(batch));
+        assert_eq!(decode_batch(b"garbage"), None);
+    }
+
+    #[test]
+    fn reports_when_due_and_puts_counts_back_after_a_failure() {
+        let c = cfg();
+        let mut r = Reporter::new();
+        let mut pending = Tally::new(c.usage_max_tokens);
+        // Nothing to say: no report.
+        assert_eq!(r.on_tick(&c, &mut pending, "p", 0), None);
+        pending.count(b"tok_a", true, 100);
+        let body = r.on_tick(&c, &mut pending, "p", 0).unwrap();
+        let report: UsageReport = serde_json::from_slice(&body).unwrap();
+        assert_eq!(report.proxy_id, "p");
+        assert_eq!(report.entries, [entry("tok_a", 1, 0, 100)]);
+        assert!(matches!(r.phase(), Phase::Sending { .. }));
+        // While one is in flight, no second one; new counts wait.
+        pending.count(b"tok_a", true, 101);
+        assert_eq!(r.on_tick(&c, &mut pending, "p", 10), None);
+        r.on_result(&c, &mut pending, false, 20);
+        assert!(matches!(r.phase(), Phase::Backoff { until_ms: 1_020 }));
+        assert_eq!(r.on_tick(&c, &mut pending, "p", 500), None);
+        let body = r.on_tick(&c, &mut pending, "p", 1_020).unwrap();
+        let report: UsageReport = serde_json::from_slice(&body).unwrap();
+        assert_eq!(report.entries, [entry("tok_a", 2, 0, 101)]);
+        r.on_result(&c, &mut pending, true, 1_030);
+        assert_eq!(r.phase(), Phase::Idle);
+        pending.count(b"tok_b", false, 102);
+        // The next report waits for the interval.
+        assert_eq!(r.on_tick(&c, &mut pending, "p", 1_500), None);
+        assert!(r.on_tick(&c, &mut pending, "p", 2_030).is_some());
+    }
+
+    #[test]
+    fn a_lost_callback_counts_as_a_failure() {
+        let c = cfg();
+        let mut r = Reporter::new();
+        let mut pending = Tally::new(10);
+        pending.count(b"tok_a", true, 1);
+        assert!(r.on_tick(&c, &mut pending, "p", 0).is_some());
+        assert_eq!(r.on_tick(&c, &mut pending, "p", 60_000), None);
+        assert!(matches!(r.phase(), Phase::Backoff { .. }));
+        assert!(!pending.is_empty());
+    }
+}
