@@ -131,8 +131,10 @@ In another terminal:
   $TOKENGATE_BIN token suspend <id>        # now 403
   $TOKENGATE_BIN token reactivate <id>     # 200 again
   $TOKENGATE_BIN token update <id> --max-rps 50
+  $TOKENGATE_BIN token rotate <id> --grace 1m   # new secret; the old one works for a minute
+  $TOKENGATE_BIN token list                # last use and request counts (reported every 5 s)
+  $TOKENGATE_BIN audit --token <id>        # who changed what
   $TOKENGATE_BIN token revoke <id>         # 401 from then on
-  $TOKENGATE_BIN token list
 
   # filter stats
   curl -s http://127.0.0.1:$ADMIN_PORT/stats | grep wasmcustom.tokengate
