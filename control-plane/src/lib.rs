@@ -2,10 +2,12 @@
 
 pub mod api;
 pub mod client;
+pub mod console;
 pub mod duration;
 pub mod housekeeping;
 pub mod policy;
 pub mod secrets;
 pub mod serve;
+pub mod sessions;
 pub mod store;
 pub mod webhook;

@@ -1,9 +1,10 @@
 //! `tokengate serve`: options, start-up (migrations, credentials) and graceful shutdown.
 
-use crate::api::{app, Admin, AppState};
+use crate::api::{app, Admin, AppState, ConsoleSettings};
 use crate::duration;
 use crate::housekeeping::{self, Jobs};
 use crate::policy::{KindPolicy, Policy};
+use crate::sessions::{Limits, Sessions};
 use crate::store::SqliteStore;
 use crate::webhook::Webhook;
 use clap::Args;
@@ -85,6 +86,19 @@ pub struct ServeArgs {
     #[arg(long, env = "TOKENGATE_WEBHOOK_MAX_ATTEMPTS", default_value_t = 12,
           value_parser = clap::value_parser!(u32).range(1..=100))]
     pub webhook_max_attempts: u32,
+    /// Serve the web console at `/` (`false`: API only)
+    #[arg(long, env = "TOKENGATE_CONSOLE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub console: bool,
+    /// A console session unused this long ends (e.g. 30m)
+    #[arg(long, env = "TOKENGATE_SESSION_IDLE_TIMEOUT", default_value = "30m", value_parser = lifetime)]
+    pub session_idle_timeout: Lifetime,
+    /// A console session ends this long after sign-in, however busy (e.g. 12h)
+    #[arg(long, env = "TOKENGATE_SESSION_MAX_AGE", default_value = "12h", value_parser = lifetime)]
+    pub session_max_age: Lifetime,
+    /// Mark the console's session cookie `Secure` (set it when browsers reach tokengate
+    /// over HTTPS, e.g. behind a TLS-terminating proxy)
+    #[arg(long, env = "TOKENGATE_SECURE_COOKIES", default_value_t = false)]
+    pub secure_cookies: bool,
 }
 
 /// A duration option: seconds, or `None` for `never`.
@@ -198,6 +212,24 @@ fn policy(args: &ServeArgs) -> Policy {
     }
 }
 
+fn session_limits(args: &ServeArgs) -> Result<Limits, String> {
+    let idle = args
+        .session_idle_timeout
+        .0
+        .ok_or("--session-idle-timeout cannot be `never`")?;
+    let absolute = args
+        .session_max_age
+        .0
+        .ok_or("--session-max-age cannot be `never`")?;
+    if idle == 0 || absolute == 0 {
+        return Err("console session limits must be longer than 0s".into());
+    }
+    Ok(Limits {
+        idle: Duration::from_secs(idle),
+        absolute: Duration::from_secs(absolute),
+    })
+}
+
 fn jobs(args: &ServeArgs) -> Result<Jobs, String> {
     let webhook = match &args.webhook_url {
         None => None,
@@ -297,6 +329,12 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         sync_max_wait: Duration::from_secs(args.sync_max_wait_seconds),
         sync_page_size: args.sync_page_size,
         shutdown: shutdown.clone(),
+        sessions: Arc::new(Sessions::new(session_limits(&args)?)),
+        console: ConsoleSettings {
+            enabled: args.console,
+            secure_cookies: args.secure_cookies,
+            expiry_warning_seconds: args.expiry_warnings.0.iter().copied().max().unwrap_or(0),
+        },
     };
     tokio::spawn(housekeeping::run(
         store,

@@ -14,6 +14,8 @@
 //!
 //! Relative paths are taken from the workspace root.
 
+pub mod browser;
+
 use serde_json::Value;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};

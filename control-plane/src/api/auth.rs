@@ -1,15 +1,23 @@
 //! Two kinds of credential with separate powers: named admin credentials for the token and
 //! audit API, and the sync credential (it sits in every proxy's configuration) that may only
-//! read `/v1/sync` and report `/v1/usage`.
+//! read `/v1/sync` and report `/v1/usage`. The web console's session cookie stands for the
+//! admin credential it was signed in with, and must bring its CSRF token on every change.
 
 use super::error::ApiError;
 use super::AppState;
 use crate::secrets::same_secret;
 use axum::extract::{Request, State};
-use axum::http::header::AUTHORIZATION;
+use axum::http::header::{AUTHORIZATION, COOKIE as COOKIE_HEADER};
+use axum::http::{HeaderMap, Method};
 use axum::middleware::Next;
 use axum::response::Response;
 use std::sync::Arc;
+use std::time::Instant;
+
+/// The console's session cookie.
+pub const COOKIE: &str = "tokengate_session";
+/// The header that carries a session's CSRF token.
+pub const CSRF_HEADER: &str = "x-csrf-token";
 
 /// The name of the admin credential a request presented; the audit trail's actor.
 #[derive(Debug, Clone)]
@@ -24,14 +32,21 @@ fn presented(req: &Request) -> Option<&[u8]> {
     }
 }
 
-pub async fn require_admin(
-    State(state): State<AppState>,
-    mut req: Request,
-    next: Next,
-) -> Result<Response, ApiError> {
-    let Some(c) = presented(&req) else {
-        return Err(ApiError::Unauthorized);
-    };
+/// The session cookie's value, if the request carries one.
+pub fn session_cookie(headers: &HeaderMap) -> Option<&[u8]> {
+    headers
+        .get_all(COOKIE_HEADER)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b';'))
+        .find_map(|pair| {
+            let pair = pair.trim_ascii();
+            let (name, value) = pair.split_at(pair.iter().position(|b| *b == b'=')?);
+            (name == COOKIE.as_bytes() && value.len() > 1).then(|| &value[1..])
+        })
+}
+
+/// The name of the admin credential `c` is, if it is one.
+pub fn admin_named_by(state: &AppState, c: &[u8]) -> Option<Arc<str>> {
     // Compare against every credential so timing does not tell which one was close.
     let mut who = None;
     for admin in state.admins.iter() {
@@ -39,7 +54,37 @@ pub async fn require_admin(
             who = Some(admin.name.clone());
         }
     }
-    let who = who.ok_or(ApiError::Unauthorized)?;
+    who
+}
+
+fn changes_state(method: &Method) -> bool {
+    !matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
+}
+
+/// An admin credential in `Authorization: Bearer`, or a console session cookie (with its
+/// CSRF token on anything but a read).
+pub async fn require_admin(
+    State(state): State<AppState>,
+    mut req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let who = if let Some(c) = presented(&req) {
+        admin_named_by(&state, c).ok_or(ApiError::Unauthorized)?
+    } else if let Some(id) = session_cookie(req.headers()) {
+        let session = state
+            .sessions
+            .touch(id, Instant::now())
+            .ok_or(ApiError::Unauthorized)?;
+        if changes_state(req.method()) {
+            let csrf = req.headers().get(CSRF_HEADER).map(|v| v.as_bytes());
+            if !csrf.is_some_and(|t| session.csrf_matches(t)) {
+                return Err(ApiError::Csrf);
+            }
+        }
+        session.actor
+    } else {
+        return Err(ApiError::Unauthorized);
+    };
     req.extensions_mut().insert(Actor(who));
     Ok(next.run(req).await)
 }

@@ -9,7 +9,7 @@ use serde_json::json;
 /// Every error answer's body.
 #[derive(serde::Serialize, utoipa::ToSchema)]
 pub struct ErrorBody {
-    /// A snake_case code: `invalid_field`, `invalid_body`, `unauthorized`, `not_found`,
+    /// A snake_case code: `invalid_field`, `invalid_body`, `unauthorized`, `csrf_failed`, `not_found`,
     /// `no_route`, `conflict`, `payload_too_large`, `internal`.
     pub error: String,
     pub message: String,
@@ -27,6 +27,8 @@ pub enum ApiError {
     /// 400 about the body as a whole.
     Body(String),
     Unauthorized,
+    /// A console session's change without its CSRF token.
+    Csrf,
     NotFound,
     /// No route for the path (not the same as an unknown token).
     NoRoute,
@@ -75,6 +77,10 @@ impl IntoResponse for ApiError {
                 )
                     .into_response();
             }
+            ApiError::Csrf => (
+                StatusCode::FORBIDDEN,
+                json!({"error": "csrf_failed", "message": "A console session's changes need its CSRF token in X-CSRF-Token."}),
+            ),
             ApiError::NotFound => (
                 StatusCode::NOT_FOUND,
                 json!({"error": "not_found", "message": "No such token."}),

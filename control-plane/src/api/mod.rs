@@ -5,6 +5,7 @@ mod auth;
 mod body;
 mod error;
 mod openapi;
+mod session;
 mod sync;
 mod tokens;
 mod usage;
@@ -14,6 +15,7 @@ pub use error::ApiError;
 pub use tokens::{rotate_secrets, MAX_GRACE_SECONDS};
 
 use crate::policy::Policy;
+use crate::sessions::Sessions;
 use crate::store::{Store, StoreError};
 use axum::extract::Request;
 use axum::middleware::{self, Next};
@@ -45,6 +47,29 @@ pub struct AppState {
     pub sync_page_size: u32,
     /// Turns true when the server is shutting down: waiting long-polls answer at once.
     pub shutdown: watch::Receiver<bool>,
+    pub sessions: Arc<Sessions>,
+    pub console: ConsoleSettings,
+}
+
+/// The web console's settings.
+#[derive(Clone, Debug)]
+pub struct ConsoleSettings {
+    /// Serve the console's page at `/` (the session API is always there).
+    pub enabled: bool,
+    /// Mark the session cookie `Secure` (set when browsers reach tokengate over HTTPS).
+    pub secure_cookies: bool,
+    /// Expiries closer than this are highlighted.
+    pub expiry_warning_seconds: i64,
+}
+
+impl Default for ConsoleSettings {
+    fn default() -> ConsoleSettings {
+        ConsoleSettings {
+            enabled: true,
+            secure_cookies: false,
+            expiry_warning_seconds: 7 * 86_400,
+        }
+    }
 }
 
 /// Runs a store call off the async workers (SQLite fsyncs on every write).
@@ -94,6 +119,7 @@ fn routes(state: &AppState) -> OpenApiRouter<AppState> {
         .routes(routes!(tokens::reactivate))
         .routes(routes!(tokens::rotate))
         .routes(routes!(audit::list))
+        .routes(routes!(session::sign_out))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             auth::require_admin,
@@ -107,6 +133,7 @@ fn routes(state: &AppState) -> OpenApiRouter<AppState> {
         ));
     OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .routes(routes!(healthz))
+        .routes(routes!(session::sign_in, session::current))
         .merge(admin)
         .merge(filters)
 }
@@ -121,6 +148,11 @@ pub fn openapi_document(state: &AppState) -> utoipa::openapi::OpenApi {
 pub fn app(state: AppState) -> Router {
     let doc = Arc::new(openapi_document(&state));
     let (router, _) = routes(&state).split_for_parts();
+    let router = if state.console.enabled {
+        router.merge(crate::console::routes())
+    } else {
+        router
+    };
     router
         .route(
             "/v1/openapi.json",

@@ -3,7 +3,7 @@
 
 use utoipa::openapi::path::{HttpMethod, OperationBuilder, PathItem};
 use utoipa::openapi::response::ResponseBuilder;
-use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::OpenApi as Doc;
 use utoipa::{Modify, OpenApi};
 
@@ -18,6 +18,7 @@ use utoipa::{Modify, OpenApi};
         (name = "tokens", description = "Create and govern tokens (admin credential)"),
         (name = "audit", description = "The audit trail (admin credential)"),
         (name = "filters", description = "Called by the Envoy filters (sync credential)"),
+        (name = "console", description = "The web console's sign-in: a session cookie for an admin credential"),
         (name = "operations", description = "Health and this document"),
     )
 )]
@@ -29,7 +30,11 @@ impl Modify for Security {
     fn modify(&self, doc: &mut Doc) {
         let components = doc.components.get_or_insert_with(Default::default);
         for (name, what) in [
-            ("admin", "A named admin credential"),
+            (
+                "admin",
+                "A named admin credential; or the console's session cookie, with the \
+                 session's CSRF token in X-CSRF-Token on every change",
+            ),
             (
                 "sync",
                 "The sync credential: reads /v1/sync, reports /v1/usage",
@@ -45,6 +50,13 @@ impl Modify for Security {
                 ),
             );
         }
+        components.add_security_scheme(
+            "session",
+            SecurityScheme::ApiKey(ApiKey::Cookie(ApiKeyValue::with_description(
+                super::auth::COOKIE,
+                "Set by POST /v1/session; sign-out also needs X-CSRF-Token",
+            ))),
+        );
     }
 }
 

@@ -297,6 +297,10 @@ pub struct ListParams {
     kind: Option<String>,
     /// Tokens that expire within this duration from now: `3600s`, `12h`, `7d`.
     expiring_within: Option<String>,
+    /// Tokens whose name contains this (ASCII letters match either case).
+    name_contains: Option<String>,
+    /// `id` (default) or `newest` (most recently created first).
+    order: Option<String>,
     /// 1 to 1000, default 100.
     limit: Option<u32>,
     cursor: Option<String>,
@@ -316,6 +320,7 @@ pub async fn list(
         limit: 100,
         ..Default::default()
     };
+    let mut cursor = None;
     for (k, v) in q {
         match k.as_str() {
             "status" => {
@@ -325,6 +330,7 @@ pub async fn list(
                 }
             }
             "owner" => query.owner = Some(v),
+            "name_contains" => query.name_contains = Some(v),
             "kind" => {
                 query.kind = Some(
                     parse_kind(&v)
@@ -345,9 +351,21 @@ pub async fn list(
                     .filter(|n| (1..=1000).contains(n))
                     .ok_or_else(|| ApiError::field("limit", "must be between 1 and 1000"))?
             }
-            "cursor" => query.after = Some(v),
+            "order" => {
+                query.newest_first = match v.as_str() {
+                    "id" => false,
+                    "newest" => true,
+                    _ => return Err(ApiError::field("order", "must be `id` or `newest`")),
+                }
+            }
+            "cursor" => cursor = Some(v),
             other => return Err(ApiError::field(other, "is not a known query parameter")),
         }
+    }
+    if query.newest_first {
+        query.before = cursor;
+    } else {
+        query.after = cursor;
     }
     let limit = query.limit as usize;
     // One extra row tells whether another page exists.

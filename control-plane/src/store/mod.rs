@@ -92,6 +92,12 @@ pub struct ListQuery {
     pub after: Option<String>,
     /// Tokens expiring after now and at or before this time.
     pub expiring: Option<(i64, i64)>,
+    /// Names containing this, ignoring ASCII case.
+    pub name_contains: Option<String>,
+    /// Newest first (in creation order) instead of by id.
+    pub newest_first: bool,
+    /// With `newest_first`: tokens created before the token with this id.
+    pub before: Option<String>,
     pub limit: u32,
 }
 

@@ -78,6 +78,12 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX outbox_due ON outbox(next_attempt_at)
         WHERE delivered_at IS NULL AND failed_at IS NULL;
     "#,
+    // Creation order for newest-first listings; rowid is not stable across VACUUM.
+    r#"
+    ALTER TABLE tokens ADD COLUMN created_seq INTEGER;
+    UPDATE tokens SET created_seq = rowid;
+    CREATE INDEX tokens_by_created_seq ON tokens(created_seq);
+    "#,
 ];
 
 const COLUMNS: &str =
@@ -334,6 +340,11 @@ impl Store for SqliteStore {
             let tx = c.transaction()?;
             row.version = next_version(&tx)?;
             write_row(&tx, &row, false)?;
+            tx.execute(
+                "UPDATE tokens SET created_seq =
+                   (SELECT COALESCE(MAX(created_seq), 0) + 1 FROM tokens) WHERE id = ?1",
+                [&row.id],
+            )?;
             let after = Value::Object(audit::fields(&row));
             append_audit(&tx, row.created_at, change, &row, None, Some(after))?;
             tx.commit()?;
@@ -349,19 +360,36 @@ impl Store for SqliteStore {
     }
 
     fn list(&self, q: &ListQuery) -> Result<Vec<TokenRow>, StoreError> {
+        let order = if q.newest_first {
+            "created_seq DESC"
+        } else {
+            "id"
+        };
         let sql = format!(
             "SELECT {COLUMNS} FROM tokens WHERE status != 'revoked'
                AND (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR owner = ?2)
                AND (?3 IS NULL OR kind = ?3) AND (?4 IS NULL OR id > ?4)
                AND (?5 IS NULL OR (expires_at > ?5 AND expires_at <= ?6))
-             ORDER BY id LIMIT ?7"
+               AND (?8 IS NULL OR instr(lower(name), lower(?8)) > 0)
+               AND (?9 IS NULL OR created_seq < (SELECT created_seq FROM tokens WHERE id = ?9))
+             ORDER BY {order} LIMIT ?7"
         );
         let status = q.status.map(Status::as_str);
         let kind = q.kind.map(|k| k.as_str());
         let (from, to) = (q.expiring.map(|e| e.0), q.expiring.map(|e| e.1));
         self.query(
             &sql,
-            &[&status, &q.owner, &kind, &q.after, &from, &to, &q.limit],
+            &[
+                &status,
+                &q.owner,
+                &kind,
+                &q.after,
+                &from,
+                &to,
+                &q.limit,
+                &q.name_contains,
+                &q.before,
+            ],
         )
     }
 
@@ -808,6 +836,33 @@ mod tests {
                 ..Default::default()
             }),
             ["tok_3"]
+        );
+        assert_eq!(
+            ids(ListQuery {
+                limit: 9,
+                name_contains: Some("NAME-TOK_5".into()),
+                ..Default::default()
+            }),
+            ["tok_5"]
+        );
+        assert_eq!(
+            ids(ListQuery {
+                limit: 2,
+                newest_first: true,
+                before: Some("tok_4".into()),
+                ..Default::default()
+            }),
+            ["tok_3", "tok_2"],
+            "in creation order, newest first"
+        );
+        assert_eq!(
+            ids(ListQuery {
+                limit: 9,
+                name_contains: Some("%".into()),
+                ..Default::default()
+            }),
+            Vec::<String>::new(),
+            "no pattern characters"
         );
     }
 

@@ -3,8 +3,9 @@
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokengate::api::{app, Admin, AppState};
+use tokengate::api::{app, Admin, AppState, ConsoleSettings};
 use tokengate::policy::Policy;
+use tokengate::sessions::{Limits, Sessions};
 use tokengate::store::{SqliteStore, Store};
 use tokio::sync::watch;
 
@@ -46,6 +47,8 @@ pub fn spawn_app_with(page_size: u32, policy: Policy) -> TestApp {
         sync_max_wait: Duration::from_secs(5),
         sync_page_size: page_size,
         shutdown: rx,
+        sessions: Arc::new(Sessions::new(Limits::default())),
+        console: ConsoleSettings::default(),
     };
     let (tx, addr) = std::sync::mpsc::channel();
     std::thread::spawn(move || {

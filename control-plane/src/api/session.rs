@@ -1,0 +1,137 @@
+//! `/v1/session`: the web console's sign-in. An admin credential is exchanged for a session
+//! cookie (HttpOnly, SameSite=Strict) and a CSRF token that the page sends back in
+//! `X-CSRF-Token` with every change; the credential itself never stays in the browser.
+
+use super::auth::{admin_named_by, session_cookie, Actor, COOKIE};
+use super::body::parse_json;
+use super::{ApiError, AppState};
+use crate::policy::KindPolicy;
+use axum::body::Bytes;
+use axum::extract::{Request, State};
+use axum::http::header::SET_COOKIE;
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use std::time::Instant;
+use utoipa::ToSchema;
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SignIn {
+    /// An admin credential.
+    credential: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct KindLimits {
+    /// Longest lifetime a token of this kind may be given; null: no limit.
+    max_lifetime_seconds: Option<u64>,
+    /// `never` is not offered when true.
+    require_expiry: bool,
+}
+
+impl From<KindPolicy> for KindLimits {
+    fn from(p: KindPolicy) -> KindLimits {
+        KindLimits {
+            max_lifetime_seconds: p.max_lifetime,
+            require_expiry: p.require_expiry || p.max_lifetime.is_some(),
+        }
+    }
+}
+
+/// What the console needs to know about the session and the server's settings.
+#[derive(Serialize, ToSchema)]
+pub struct SessionView {
+    /// The admin credential's name (the audit actor of changes made in this session).
+    actor: String,
+    /// Send back in `X-CSRF-Token` with every POST, PATCH and DELETE.
+    csrf_token: String,
+    /// Seconds of inactivity after which the session ends.
+    idle_timeout_seconds: u64,
+    user: KindLimits,
+    service: KindLimits,
+    /// Expiries closer than this are shown as a warning (the longest expiry-warning lead).
+    expiry_warning_seconds: i64,
+}
+
+fn view(state: &AppState, actor: &str, csrf: String) -> SessionView {
+    SessionView {
+        actor: actor.to_string(),
+        csrf_token: csrf,
+        idle_timeout_seconds: state.sessions.limits().idle.as_secs(),
+        user: state.policy.user.into(),
+        service: state.policy.service.into(),
+        expiry_warning_seconds: state.console.expiry_warning_seconds,
+    }
+}
+
+fn cookie(state: &AppState, value: &str, max_age: u64) -> Result<HeaderValue, ApiError> {
+    let secure = if state.console.secure_cookies {
+        "; Secure"
+    } else {
+        ""
+    };
+    HeaderValue::from_str(&format!(
+        "{COOKIE}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}{secure}"
+    ))
+    .map_err(|e| ApiError::Internal(e.to_string()))
+}
+
+#[utoipa::path(post, path = "/v1/session", tag = "console",
+    request_body = SignIn,
+    responses((status = 201, description = "Signed in; the session cookie is set", body = SessionView),
+        (status = 400, description = "No credential given", body = super::error::ErrorBody),
+        (status = 401, description = "Not an admin credential", body = super::error::ErrorBody)))]
+pub async fn sign_in(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+    let b: SignIn = parse_json(&body)?;
+    let credential = b
+        .credential
+        .filter(|c| !c.trim().is_empty())
+        .ok_or_else(|| ApiError::field("credential", "is required"))?;
+    let actor = admin_named_by(&state, credential.trim().as_bytes()).ok_or_else(|| {
+        tracing::info!("console sign-in refused");
+        ApiError::Unauthorized
+    })?;
+    let issued = state.sessions.start(actor.clone(), Instant::now());
+    tracing::info!(actor = %actor, "console sign-in");
+    let max_age = state.sessions.limits().absolute.as_secs();
+    let set = cookie(&state, &issued.id, max_age)?;
+    let body = Json(view(&state, &actor, issued.csrf));
+    Ok((StatusCode::CREATED, [(SET_COOKIE, set)], body).into_response())
+}
+
+#[utoipa::path(get, path = "/v1/session", tag = "console", security(("session" = [])),
+    responses((status = 200, description = "The current session", body = SessionView),
+        (status = 401, description = "Not signed in, or the session ended", body = super::error::ErrorBody)))]
+pub async fn current(
+    State(state): State<AppState>,
+    req: Request,
+) -> Result<Json<SessionView>, ApiError> {
+    let id = session_cookie(req.headers()).ok_or(ApiError::Unauthorized)?;
+    let s = state
+        .sessions
+        .touch(id, Instant::now())
+        .ok_or(ApiError::Unauthorized)?;
+    Ok(Json(view(&state, &s.actor, s.csrf)))
+}
+
+/// Behind `require_admin`, so a cookie sign-out needs its CSRF token.
+#[utoipa::path(delete, path = "/v1/session", tag = "console", security(("session" = [])),
+    responses((status = 204, description = "Signed out; the cookie is cleared"),
+        (status = 401, description = "Not signed in", body = super::error::ErrorBody),
+        (status = 403, description = "Missing or wrong X-CSRF-Token", body = super::error::ErrorBody)))]
+pub async fn sign_out(
+    State(state): State<AppState>,
+    actor: Option<axum::Extension<Actor>>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    if let Some(id) = session_cookie(req.headers()) {
+        state.sessions.end(id);
+    }
+    if let Some(axum::Extension(a)) = actor {
+        tracing::info!(actor = %a.0, "console sign-out");
+    }
+    let clear = cookie(&state, "", 0)?;
+    Ok((StatusCode::NO_CONTENT, [(SET_COOKIE, clear)]).into_response())
+}

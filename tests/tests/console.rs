@@ -1,0 +1,276 @@
+//! The web console in a real headless Chromium, against a real control plane and a real
+//! Envoy: every change made by clicking in the page is checked where it matters, in what a
+//! client calling through Envoy gets back.
+//!
+//! Needs Chromium and ChromeDriver (`make browser`); without them the test says so and
+//! passes, so the rest of `make test` still runs where no browser can be installed.
+
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::time::Duration;
+use tokengate_e2e::browser::Browser;
+use tokengate_e2e::{wait_until, workspace_root, Stack};
+
+const PROPAGATION: Duration = Duration::from_secs(10);
+const STATE_LOAD: Duration = Duration::from_secs(40);
+
+fn browser(stack: &Stack) -> Option<Browser> {
+    match Browser::start(&stack.dir) {
+        Ok(b) => Some(b),
+        Err(why) => {
+            eprintln!("SKIPPED: the web console browser test needs Chromium: {why}");
+            None
+        }
+    }
+}
+
+fn artifact(name: &str) -> PathBuf {
+    workspace_root().join("target/console").join(name)
+}
+
+/// The id of the row showing the token named `name`, if it is listed.
+fn row_id(b: &Browser, name: &str) -> Option<String> {
+    b.run(
+        "const r = [...document.querySelectorAll('#tokens tbody tr')]
+             .find((r) => r.querySelector('.name').textContent === arguments[0]);
+         return r ? r.dataset.id : null;",
+        json!([name]),
+    )
+    .as_str()
+    .map(str::to_string)
+}
+
+fn row_names(b: &Browser) -> Vec<String> {
+    let v = b.run(
+        "return [...document.querySelectorAll('#tokens tbody .name')].map((n) => n.textContent);",
+        json!([]),
+    );
+    serde_json::from_value(v).unwrap_or_default()
+}
+
+fn row_button(id: &str, action: &str) -> String {
+    format!("#tokens tr[data-id=\"{id}\"] button[data-action=\"{action}\"]")
+}
+
+fn sign_in(b: &Browser, stack: &Stack) {
+    b.fill("#credential", &stack.admin_token);
+    b.click("#signin-form button[type=submit]");
+    b.find("#tokens-view");
+}
+
+#[test]
+fn the_console_drives_a_token_through_its_life_and_envoy_follows() {
+    let stack = Stack::start();
+    let Some(b) = browser(&stack) else { return };
+    // Some tokens made elsewhere, so the list has paging, a warning and a suspension.
+    for i in 0..20 {
+        stack.create_token(json!({"name": format!("batch-{i:02}"), "max_rps": 10}));
+    }
+    let (soon, _) = stack.create_token(json!({
+        "name": "nightly-export", "kind": "service", "owner": "data-eng",
+        "max_rps": 50, "expires_in_seconds": 3 * 86_400
+    }));
+    let (paused, _) =
+        stack.create_token(json!({"name": "ci-deploy", "kind": "service", "owner": "platform"}));
+    stack.token_action(&paused, "suspend");
+
+    b.goto(&stack.control_plane_url());
+    // A wrong credential is refused in the page.
+    b.fill("#credential", "not-the-admin-credential");
+    b.click("#signin-form button[type=submit]");
+    b.wait_text("#signin-error", "a refusal", |t| t.contains("not an admin"));
+    sign_in(&b, &stack);
+    assert_eq!(b.text("#actor"), "admin");
+
+    // Paging: 22 tokens, newest first, 20 a page.
+    b.wait_text("#page-no", "page 1", |t| t == "Page 1");
+    let first = row_names(&b);
+    assert_eq!(first.len(), 20);
+    assert_eq!(first[..3], ["ci-deploy", "nightly-export", "batch-19"]);
+    b.click("#next");
+    b.wait_text("#page-no", "page 2", |t| t == "Page 2");
+    assert_eq!(row_names(&b), ["batch-01", "batch-00"]);
+    b.click("#prev");
+    b.wait_text("#page-no", "page 1", |t| t == "Page 1");
+    // Search by name, and filters.
+    b.fill("#f-name", "EXPORT");
+    let done = tokengate_e2e::try_wait_until(PROPAGATION, || row_names(&b) == ["nightly-export"]);
+    assert!(done.is_some(), "search: {:?}", row_names(&b));
+    let expiry = b.run(
+        "return document.querySelector(`#tokens tr[data-id='${arguments[0]}'] td:nth-child(6)`).className;",
+        json!([soon]),
+    );
+    assert_eq!(
+        expiry, "warn",
+        "3 days left is inside the 7-day warning window"
+    );
+    assert!(b
+        .text(&format!("#tokens tr[data-id=\"{soon}\"]"))
+        .contains("expires in 3 days"));
+    b.fill("#f-name", "");
+    b.choose("#f-status", "suspended");
+    let done = tokengate_e2e::try_wait_until(PROPAGATION, || row_names(&b) == ["ci-deploy"]);
+    assert!(done.is_some(), "status filter: {:?}", row_names(&b));
+    b.choose("#f-status", "");
+    b.choose("#f-kind", "service");
+    b.fill("#f-owner", "data-eng");
+    let done = tokengate_e2e::try_wait_until(PROPAGATION, || row_names(&b) == ["nightly-export"]);
+    assert!(done.is_some(), "kind and owner filter: {:?}", row_names(&b));
+    b.fill("#f-owner", "");
+    b.choose("#f-kind", "");
+
+    // A policy error is shown next to its field: a service token needs an owner.
+    b.click("#generate");
+    b.fill("#g-name", "console-e2e");
+    b.click("#generate-form input[name=kind][value=service]");
+    b.click("#generate-form button[type=submit]");
+    b.wait_text("#g-owner-error", "the owner error", |t| t.contains("owner"));
+    // Generate a user token limited to 50 requests/s, valid 30 days (outside the warning
+    // window, so its trail holds only what the page did).
+    b.click("#generate-form input[name=kind][value=user]");
+    b.fill("#g-rps", "50");
+    b.choose("#g-expiry", "2592000");
+    assert!(b.text("#g-expiry-hint").contains("will expire on"));
+    b.click("#generate-form button[type=submit]");
+    let secret = b.wait_text("#secret-value", "the new secret", |t| !t.is_empty());
+    assert!(b
+        .text("#secret-panel")
+        .contains("won’t be able to see it again"));
+    b.click("#copy-secret");
+    b.wait_text("#copy-secret", "copied", |t| t == "Copied");
+    b.fill("#f-name", "console-e2e");
+    let mut id = None;
+    tokengate_e2e::try_wait_until(PROPAGATION, || {
+        id = row_id(&b, "console-e2e");
+        id.is_some()
+    });
+    let id = id.expect("the new token is listed");
+    let row = format!("#tokens tr[data-id=\"{id}\"]");
+    let text = b.text(&row);
+    assert!(
+        text.contains("50") && text.contains("active") && text.contains("expires in 30 days"),
+        "{text}"
+    );
+    // The token works through Envoy.
+    stack.wait_for_status(&secret, 200, STATE_LOAD);
+    // Once hidden, the secret is gone from the page.
+    b.click("#secret-done");
+    b.wait_gone("#secret-panel");
+    let html = b.run("return document.documentElement.outerHTML;", json!([]));
+    assert!(!html.as_str().unwrap().contains(&secret));
+
+    // Suspend in the page: the row says so and Envoy refuses the token.
+    b.click(&row_button(&id, "suspend"));
+    b.wait_text(&format!("{row} .status-cell"), "suspended", |t| {
+        t == "suspended"
+    });
+    stack.wait_for_status(&secret, 403, PROPAGATION);
+    b.click(&row_button(&id, "reactivate"));
+    b.wait_text(&format!("{row} .status-cell"), "active", |t| t == "active");
+    stack.wait_for_status(&secret, 200, PROPAGATION);
+
+    // Edit the name and maxRPS.
+    b.click(&row_button(&id, "edit"));
+    b.fill("#e-name", "console-e2e-renamed");
+    b.fill("#e-rps", "");
+    b.click("#edit-form button[type=submit]");
+    b.wait_text(&format!("{row} td.num"), "unlimited", |t| t == "Unlimited");
+    let api = stack.admin("GET", &format!("/v1/tokens/{id}"), None).json();
+    assert_eq!(
+        (api["name"].as_str(), &api["max_rps"]),
+        (Some("console-e2e-renamed"), &Value::Null)
+    );
+
+    // Rotate with no grace: the page shows the new secret once; Envoy takes it, not the old.
+    b.click(&row_button(&id, "rotate"));
+    b.choose("#r-grace", "0");
+    b.click("#rotate-form button[type=submit]");
+    let rotated = b.wait_text("#secret-value", "the rotated secret", |t| {
+        !t.is_empty() && t != secret
+    });
+    stack.wait_for_status(&rotated, 200, PROPAGATION);
+    stack.wait_for_status(&secret, 401, PROPAGATION);
+    b.click("#secret-done");
+
+    // Envoy reports the token's use; the row shows it once the list is reloaded.
+    wait_until(Duration::from_secs(30), "usage reported", || {
+        !stack.admin("GET", &format!("/v1/tokens/{id}"), None).json()["last_used_at"].is_null()
+    });
+    // The list, for the README and as a test artifact.
+    b.fill("#f-name", "");
+    b.wait_text("#page-no", "page 1", |t| t == "Page 1");
+    tokengate_e2e::try_wait_until(PROPAGATION, || row_names(&b).len() == 20);
+    let used = b.text(&format!("{row} td:nth-child(7)"));
+    assert!(
+        used.ends_with("ago") || used.ends_with("now"),
+        "last used: {used:?}"
+    );
+    b.screenshot(&artifact("tokens.png"));
+
+    // This token's audit trail, from its row.
+    b.fill("#f-name", "renamed");
+    tokengate_e2e::try_wait_until(PROPAGATION, || row_id(&b, "console-e2e-renamed").is_some());
+    b.click(&row_button(&id, "audit"));
+    b.find("#audit-view");
+    let actions = || {
+        let v = b.run(
+            "return [...document.querySelectorAll('#audit tbody tr td:nth-child(3)')].map((c) => c.textContent);",
+            json!([]),
+        );
+        serde_json::from_value::<Vec<String>>(v).unwrap_or_default()
+    };
+    let expected = [
+        "token.rotated",
+        "token.updated",
+        "token.reactivated",
+        "token.suspended",
+        "token.created",
+    ];
+    let done = tokengate_e2e::try_wait_until(PROPAGATION, || actions() == expected);
+    assert!(done.is_some(), "audit for the token: {:?}", actions());
+    assert!(b.text("#audit tbody").contains("max_rps: 50 → —"));
+    b.screenshot(&artifact("audit.png"));
+    // The whole trail has the other tokens' creation too.
+    b.fill("#a-token", "");
+    let done = tokengate_e2e::try_wait_until(PROPAGATION, || actions().len() > expected.len());
+    assert!(done.is_some());
+
+    // Revoke, after a confirmation that can be cancelled.
+    b.click("#nav-tokens");
+    b.fill("#f-name", "renamed");
+    b.click(&row_button(&id, "revoke"));
+    b.click("#confirm-form .cancel");
+    b.wait_gone("#confirm-dialog");
+    assert_eq!(
+        stack.call_with_token(&rotated).status,
+        200,
+        "cancelled: still valid"
+    );
+    b.click(&row_button(&id, "revoke"));
+    assert!(b.text("#confirm-text").contains("cannot be undone"));
+    b.click("#confirm-form button[type=submit]");
+    b.wait_text("#status", "revoked", |t| t.starts_with("Revoked"));
+    assert!(row_id(&b, "console-e2e-renamed").is_none());
+    stack.wait_for_status(&rotated, 401, PROPAGATION);
+
+    // Every change was made by the signed-in admin, from the page.
+    let audit = stack
+        .admin("GET", &format!("/v1/audit?token={id}"), None)
+        .json();
+    for e in audit["entries"].as_array().unwrap() {
+        assert_eq!(e["actor"], "admin", "{e}");
+    }
+    // Nothing secret is kept by the browser: the cookie is HttpOnly, no storage is used.
+    let kept = b.run(
+        "return document.cookie + JSON.stringify(localStorage) + JSON.stringify(sessionStorage);",
+        json!([]),
+    );
+    assert_eq!(kept, "{}{}", "cookies readable by script or storage used");
+
+    // Sign out: back to the sign-in form, and a reload does not sign back in.
+    b.click("#sign-out");
+    b.find("#signin-view");
+    b.refresh();
+    b.find("#signin-view");
+    assert!(!b.is_shown("#tokens-view"));
+}
