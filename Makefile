@@ -27,7 +27,7 @@ OCI_DIR       := target/oci/tokengate-filter
 
 export ENVOY_BIN
 
-.PHONY: help tools build run test unit e2e validate check-k8s oci check-oci check-containers docker-up docker-down fmt lint bench clean-run
+.PHONY: help tools browser build run test unit e2e validate check-k8s oci check-oci check-containers docker-up docker-down fmt lint bench clean-run
 
 help: ## list the targets
 	@echo "tokengate make targets:"
@@ -49,6 +49,23 @@ else
 endif
 	@test -x "$(ENVOY_BIN)" || { echo "Envoy not found or not executable: $(ENVOY_BIN)" >&2; exit 1; }
 	@"$(ENVOY_BIN)" --version | grep -o 'version: .*' || true
+
+browser: ## install Chromium and ChromeDriver for the console's browser test (Debian apt; skipped elsewhere)
+	@if [ -x "$${CHROMEDRIVER:-/usr/bin/chromedriver}" ] && [ -x "$${CHROMIUM:-/usr/bin/chromium}" ]; then \
+	  echo "browser: $$("$${CHROMIUM:-/usr/bin/chromium}" --version 2>/dev/null)"; \
+	elif ! command -v apt-get >/dev/null; then \
+	  echo "browser: no apt-get here; the console's browser test will be skipped (install Chromium and ChromeDriver, or set CHROMIUM and CHROMEDRIVER)"; \
+	else \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else SUDO=none; fi; \
+	  if [ "$$SUDO" = none ]; then \
+	    echo "browser: apt-get needs root; the console's browser test will be skipped (sudo apt-get install chromium chromium-driver)"; \
+	  else \
+	    echo "browser: installing Debian's chromium and chromium-driver"; \
+	    $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null \
+	      || { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; } \
+	      || echo "browser: could not install Chromium; the console's browser test will be skipped"; \
+	  fi; \
+	fi
 
 build: ## build the filter (wasm), the control plane and the demo upstream (release)
 	$(CARGO) build --release --target $(WASM_TARGET) -p tokengate-filter
@@ -75,13 +92,13 @@ check-k8s: tools $(PYTOOLS)/.kubernetes-validate-$(KUBERNETES_VALIDATE_VERSION) 
 	@command -v kubectl >/dev/null || { echo "kubectl is needed for its built-in kustomize" >&2; exit 1; }
 	PYTHONPATH=$(PYTOOLS) $(PYTHON) deploy/kubernetes/check.py --envoy "$(ENVOY_BIN)" --wasm "$(CURDIR)/$(WASM)"
 
-test: tools build validate check-k8s check-containers ## everything the tests need, then unit and end-to-end tests
+test: tools browser build validate check-k8s check-containers ## everything the tests need, then unit and end-to-end tests
 	$(CARGO) test --workspace
 
 unit: ## unit tests only (no Envoy needed)
 	$(CARGO) test --workspace --exclude tokengate-e2e
 
-e2e: tools build ## end-to-end tests only, with their measurements printed
+e2e: tools browser build ## end-to-end tests only, with their measurements printed
 	$(CARGO) test -p tokengate-e2e -- --nocapture
 
 fmt: ## check formatting

@@ -105,13 +105,15 @@ cat <<MSG
 tokengate is running
   Envoy (protected API)  http://127.0.0.1:$LISTEN_PORT    admin http://127.0.0.1:$ADMIN_PORT
   control plane          http://127.0.0.1:$CONTROL_PLANE_PORT
+  web console            http://127.0.0.1:$CONTROL_PLANE_PORT/   (sign in with the admin token)
   demo upstream          http://127.0.0.1:$UPSTREAM_PORT
   state and logs         .run/
 
 Admin token ($admin_source):
   $TOKENGATE_ADMIN_TOKEN
 
-In another terminal:
+Open the web console at http://127.0.0.1:$CONTROL_PLANE_PORT/ and paste the admin token to
+sign in; generate a token there and call the API with it as below. Or, in another terminal:
 
   export TOKENGATE_URL=http://127.0.0.1:$CONTROL_PLANE_PORT
   export TOKENGATE_ADMIN_TOKEN=$TOKENGATE_ADMIN_TOKEN

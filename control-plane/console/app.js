@@ -293,6 +293,13 @@ function clearErrors(form) {
   for (const i of form.querySelectorAll('[aria-invalid]')) i.removeAttribute('aria-invalid');
 }
 
+// Drops a field's error once the field is changed.
+function forget(id) {
+  const err = $(`${id}-error`);
+  if (err) err.textContent = '';
+  $(id).removeAttribute('aria-invalid');
+}
+
 function fieldError(prefix, fields, err) {
   const id = fields[err.field];
   if (id) {
@@ -540,7 +547,15 @@ function wire() {
 
   $('generate').addEventListener('click', openGenerate);
   $('generate-form').addEventListener('submit', submitGenerate);
-  for (const r of $('generate-form').elements.kind) r.addEventListener('change', refreshExpiryOptions);
+  for (const r of $('generate-form').elements.kind) {
+    r.addEventListener('change', () => {
+      for (const id of ['g-owner', 'g-expiry']) forget(id);
+      refreshExpiryOptions();
+    });
+  }
+  for (const form of [$('generate-form'), $('edit-form')]) {
+    form.addEventListener('input', (ev) => { if (ev.target.id) forget(ev.target.id); });
+  }
   $('g-expiry').addEventListener('change', refreshExpiryHint);
   $('edit-form').addEventListener('submit', submitEdit);
   $('rotate-form').addEventListener('submit', submitRotate);

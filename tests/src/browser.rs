@@ -196,7 +196,8 @@ impl Browser {
 
     /// Chooses the option with `value` in the `<select>` that `css` selects.
     pub fn choose(&self, css: &str, value: &str) {
-        self.click(css);
+        // Clicking the option alone selects it (and fires `change`) without leaving the
+        // native drop-down drawn open in screenshots.
         self.click(&format!("{css} option[value=\"{value}\"]"));
     }
 

@@ -131,6 +131,7 @@ fn the_console_drives_a_token_through_its_life_and_envoy_follows() {
     b.fill("#g-rps", "50");
     b.choose("#g-expiry", "2592000");
     assert!(b.text("#g-expiry-hint").contains("will expire on"));
+    b.screenshot(&artifact("generate.png"));
     b.click("#generate-form button[type=submit]");
     let secret = b.wait_text("#secret-value", "the new secret", |t| !t.is_empty());
     assert!(b

@@ -14,6 +14,30 @@ pub const ADMIN: &str = "admin-credential-0123456789";
 pub const OPS: &str = "ops-credential-0123456789";
 pub const SYNC: &str = "sync-credential-0123456789";
 
+pub struct Answer {
+    pub status: u16,
+    /// Names in lower case; a header sent twice appears twice.
+    pub headers: Vec<(String, String)>,
+    pub text: String,
+    /// The body as JSON, or null.
+    pub json: serde_json::Value,
+}
+
+impl Answer {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A console session: `name=value` for the Cookie header, and its CSRF token.
+pub struct ConsoleSession {
+    pub cookie: String,
+    pub csrf: String,
+}
+
 pub struct TestApp {
     pub url: String,
     pub shutdown: watch::Sender<bool>,
@@ -26,6 +50,20 @@ pub fn spawn_app(page_size: u32) -> TestApp {
 }
 
 pub fn spawn_app_with(page_size: u32, policy: Policy) -> TestApp {
+    spawn_app_console(
+        page_size,
+        policy,
+        ConsoleSettings::default(),
+        Limits::default(),
+    )
+}
+
+pub fn spawn_app_console(
+    page_size: u32,
+    policy: Policy,
+    console: ConsoleSettings,
+    limits: Limits,
+) -> TestApp {
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("t.db")).unwrap());
     let (shutdown, rx) = watch::channel(false);
@@ -47,8 +85,8 @@ pub fn spawn_app_with(page_size: u32, policy: Policy) -> TestApp {
         sync_max_wait: Duration::from_secs(5),
         sync_page_size: page_size,
         shutdown: rx,
-        sessions: Arc::new(Sessions::new(Limits::default())),
-        console: ConsoleSettings::default(),
+        sessions: Arc::new(Sessions::new(limits)),
+        console,
     };
     let (tx, addr) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -79,9 +117,27 @@ impl TestApp {
         cred: Option<&str>,
         body: Option<&str>,
     ) -> (u16, serde_json::Value) {
+        let bearer = cred.map(|c| format!("Bearer {c}"));
+        let headers: Vec<(&str, &str)> = bearer
+            .as_deref()
+            .map(|b| ("authorization", b))
+            .into_iter()
+            .collect();
+        let r = self.request(method, path, &headers, body);
+        (r.status, r.json)
+    }
+
+    /// Any request; the answer with its headers.
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&str>,
+    ) -> Answer {
         let mut req = ureq::request(method, &format!("{}{path}", self.url));
-        if let Some(c) = cred {
-            req = req.set("authorization", &format!("Bearer {c}"));
+        for (name, value) in headers {
+            req = req.set(name, value);
         }
         let res = match body {
             Some(b) => req.set("content-type", "application/json").send_string(b),
@@ -93,11 +149,52 @@ impl TestApp {
             Err(e) => panic!("{method} {path}: {e}"),
         };
         let status = resp.status();
+        let headers = resp
+            .headers_names()
+            .into_iter()
+            .flat_map(|n| {
+                resp.all(&n)
+                    .into_iter()
+                    .map(|v| (n.clone(), v.to_string()))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
         let text = resp.into_string().unwrap();
-        (
+        Answer {
             status,
-            serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
-        )
+            headers,
+            json: serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+            text,
+        }
+    }
+
+    /// Signs in to the console as `credential`: the session cookie and CSRF token.
+    pub fn sign_in(&self, credential: &str) -> ConsoleSession {
+        let body = serde_json::json!({ "credential": credential }).to_string();
+        let r = self.request("POST", "/v1/session", &[], Some(&body));
+        assert_eq!(r.status, 201, "{}", r.text);
+        let set = r.header("set-cookie").expect("a session cookie");
+        let cookie = set.split(';').next().unwrap().to_string();
+        ConsoleSession {
+            cookie,
+            csrf: r.json["csrf_token"].as_str().unwrap().to_string(),
+        }
+    }
+
+    /// A request in a console session; `csrf` adds the session's CSRF token.
+    pub fn in_session(
+        &self,
+        session: &ConsoleSession,
+        csrf: bool,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> Answer {
+        let mut headers = vec![("cookie", session.cookie.as_str())];
+        if csrf {
+            headers.push(("x-csrf-token", session.csrf.as_str()));
+        }
+        self.request(method, path, &headers, body)
     }
 
     pub fn admin(&self, method: &str, path: &str, body: Option<&str>) -> (u16, serde_json::Value) {
