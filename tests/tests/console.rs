@@ -6,6 +6,7 @@
 //! passes, so the rest of `make test` still runs where no browser can be installed.
 
 use serde_json::{json, Value};
+use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 use tokengate_e2e::browser::Browser;
@@ -18,7 +19,11 @@ fn browser(stack: &Stack) -> Option<Browser> {
     match Browser::start(&stack.dir) {
         Ok(b) => Some(b),
         Err(why) => {
-            eprintln!("SKIPPED: the web console browser test needs Chromium: {why}");
+            // Straight to stderr: the test harness would swallow `eprintln!` of a pass.
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED: the web console browser test needs Chromium: {why}"
+            );
             None
         }
     }
