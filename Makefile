@@ -27,7 +27,7 @@ OCI_DIR       := target/oci/tokengate-filter
 
 export ENVOY_BIN
 
-.PHONY: help tools browser build run test unit e2e validate check-k8s oci check-oci check-containers docker-up docker-down fmt lint bench clean-run
+.PHONY: help tools browser build run test unit e2e validate check-k8s oci check-oci check-containers docker-up docker-down fmt lint bench fuzz clean-run
 
 help: ## list the targets
 	@echo "tokengate make targets:"
@@ -110,6 +110,16 @@ lint: ## clippy, -D warnings, for the workspace and for the filter on wasm32
 
 bench: ## benchmarks (not part of make test)
 	@echo "make bench: not yet: see issue 5"
+
+# Cases per property for `make fuzz`; `make test` runs the same properties with 256.
+FUZZ_CASES ?= 100000
+
+fuzz: ## property tests of the parsers and decoders with FUZZ_CASES cases each (not part of make test)
+	@log=$$(mktemp); trap 'rm -f "$$log"' EXIT; start=$$(date +%s); \
+	 PROPTEST_CASES=$(FUZZ_CASES) $(CARGO) test --profile fuzz -p tokengate-wire --test properties 2>&1 | tee "$$log"; \
+	 PROPTEST_CASES=$(FUZZ_CASES) $(CARGO) test --profile fuzz -p tokengate-filter --lib properties:: 2>&1 | tee -a "$$log"; \
+	 n=$$(awk '/^test result: ok\./ { n += $$4 } END { print n + 0 }' "$$log"); \
+	 echo "make fuzz: $$n properties x $(FUZZ_CASES) cases = $$(( n * $(FUZZ_CASES) )) cases in $$(( $$(date +%s) - start )) s"
 
 clean-run: ## remove .run/ (local database, rendered config, logs of make run)
 	rm -rf .run

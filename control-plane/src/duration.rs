@@ -12,7 +12,8 @@ pub fn parse(s: &str) -> Result<Option<u64>, String> {
             "`{s}` is not a duration: use a number with s, m, h or d (e.g. 12h, 30d) or `never`"
         )
     };
-    let split = s.len().checked_sub(1).ok_or_else(bad)?;
+    // The unit is the last character, which may not be ASCII in what a user typed.
+    let split = s.char_indices().next_back().ok_or_else(bad)?.0;
     let (number, unit) = s.split_at(split);
     let unit = match unit {
         "s" => 1,
@@ -71,6 +72,9 @@ mod tests {
             "1.5h",
             "30",
             "99999999999999999999d",
+            "5é",
+            "é",
+            "5\u{1F600}",
         ] {
             assert!(parse(bad).is_err(), "{bad}");
         }

@@ -4,6 +4,7 @@ use crate::api::{app, Admin, AppState, ConsoleSettings};
 use crate::duration;
 use crate::housekeeping::{self, Jobs};
 use crate::policy::{KindPolicy, Policy};
+use crate::secrets::same_secret;
 use crate::sessions::{Limits, Sessions};
 use crate::store::SqliteStore;
 use crate::webhook::Webhook;
@@ -189,7 +190,10 @@ fn admins(args: &ServeArgs) -> Result<Vec<Admin>, String> {
         if admins[..i].iter().any(|b| b.name == a.name) {
             return Err(format!("the admin name `{}` is given twice", a.name));
         }
-        if admins[..i].iter().any(|b| b.secret == a.secret) {
+        if admins[..i]
+            .iter()
+            .any(|b| same_secret(b.secret.as_bytes(), a.secret.as_bytes()))
+        {
             return Err(format!(
                 "the admin credentials `{}` and another share a secret",
                 a.name
@@ -309,7 +313,10 @@ async fn shutdown_signal() {
 pub async fn run(args: ServeArgs) -> Result<(), String> {
     let admins = admins(&args)?;
     let sync_token = credential("sync-token", &args.sync_token, &args.sync_token_file)?;
-    if admins.iter().any(|a| a.secret == sync_token) {
+    if admins
+        .iter()
+        .any(|a| same_secret(a.secret.as_bytes(), sync_token.as_bytes()))
+    {
         return Err("the admin and sync credentials must differ".into());
     }
     let jobs = jobs(&args)?;

@@ -82,7 +82,7 @@ pub fn verify(secret: &str, header: &str, body: &[u8], now: i64, tolerance_secs:
     let (Some(t), Some(v1)) = (t, v1) else {
         return false;
     };
-    if (now - t).abs() > tolerance_secs || v1.len() != 64 {
+    if now.abs_diff(t) > tolerance_secs.unsigned_abs() || v1.len() != 64 {
         return false;
     }
     let Some(tag) = (0..32)

@@ -9,12 +9,18 @@ use sha2::{Digest, Sha256};
 use tokengate_wire::{token, Kind, SyncStatus};
 
 /// Returns the token carried by `Authorization: Bearer <token>`, if that is its scheme.
+/// The scheme with nothing after it is an empty (so invalid) token, as an empty
+/// `X-API-Token` is: the client meant to present one.
 pub fn bearer_token(value: &[u8]) -> Option<&[u8]> {
     let value = value.trim_ascii();
-    if value.len() < 7 || !value[..6].eq_ignore_ascii_case(b"bearer") || value[6] != b' ' {
+    if value.len() < 6 || !value[..6].eq_ignore_ascii_case(b"bearer") {
         return None;
     }
-    Some(value[7..].trim_ascii())
+    match value.get(6) {
+        None => Some(&[]),
+        Some(b' ') => Some(value[7..].trim_ascii()),
+        Some(_) => None,
+    }
 }
 
 /// The credential a request presents: the first configured token header that is present,
@@ -339,7 +345,8 @@ mod tests {
         assert_eq!(bearer_token(b"Bearer abc"), Some(&b"abc"[..]));
         assert_eq!(bearer_token(b"BEARER abc"), Some(&b"abc"[..]));
         assert_eq!(bearer_token(b"Bearerabc"), None);
-        assert_eq!(bearer_token(b"Bearer"), None);
+        assert_eq!(bearer_token(b"Bearer"), Some(&b""[..]));
+        assert_eq!(bearer_token(b"Bearer    "), Some(&b""[..]));
         assert_eq!(bearer_token(b"Token abc"), None);
         assert_eq!(bearer_token(&[0xff, 0xfe]), None);
     }

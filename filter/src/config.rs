@@ -2,6 +2,7 @@
 //! A bad configuration names the offending field so Envoy's log says what to fix.
 
 use serde::Deserialize;
+use serde_json::error::Category;
 use std::fmt;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -126,8 +127,12 @@ impl Config {
         let mut de = serde_json::Deserializer::from_slice(bytes);
         let raw: Raw = serde_path_to_error::deserialize(&mut de).map_err(|e| {
             let field = e.path().to_string();
-            let field = if field == "." { String::new() } else { field };
-            err(&field, e.inner().to_string())
+            // A syntax error, or a top level that is not an object (serde would read an array
+            // by position), belongs to no field: naming `?` or `[0]` would mislead.
+            let no_field = field == "."
+                || field.starts_with('[')
+                || matches!(e.inner().classify(), Category::Syntax | Category::Eof);
+            err(if no_field { "" } else { &field }, e.inner().to_string())
         })?;
 
         let token_headers = raw
@@ -332,6 +337,16 @@ mod tests {
         let e = Config::parse(b"{not json").unwrap_err();
         assert!(e.to_string().starts_with("invalid tokengate configuration"));
         assert!(Config::parse(b"").is_err());
+    }
+
+    #[test]
+    fn syntax_errors_and_arrays_name_no_field() {
+        // Found by the property tests: these named the fields `?` and `[0]`.
+        assert_eq!(field_of(r#"{"control_plane_cluster":"cp" "#), "");
+        assert_eq!(field_of(r#"{"control_plane_cluster":"cp",}"#), "");
+        assert_eq!(field_of("[false]"), "");
+        assert_eq!(field_of(r#"{"token_headers":[1]}"#), "token_headers[0]");
+        assert_eq!(field_of(r#"{"tick_ms":"x"}"#), "tick_ms");
     }
 
     #[test]

@@ -24,8 +24,10 @@ impl Limit {
         })
     }
 
+    /// Rounded up: rounding down would admit a little more than the rate, up to twice it for
+    /// rates near the nanosecond resolution.
     fn interval(self) -> u64 {
-        (NANOS_PER_SEC / u64::from(self.rate_per_sec)).max(1)
+        NANOS_PER_SEC.div_ceil(u64::from(self.rate_per_sec)).max(1)
     }
 
     fn tolerance(self) -> u64 {
@@ -182,6 +184,22 @@ mod tests {
         // Huge limits keep a non-zero interval.
         let fast = Limit::new(u32::MAX, 0).unwrap();
         assert!(matches!(decide(fast, 0, T0), Decision::Allow { .. }));
+    }
+
+    #[test]
+    fn rates_that_do_not_divide_a_second_are_not_exceeded() {
+        // Found by the property tests: 372440/s has an interval of 2684.99 ns, and rounding
+        // it down to 2684 let two requests through 2684 ns apart with a burst of 1.
+        let l = Limit::new(372_440, 1).unwrap();
+        let mut tat = 0;
+        assert_eq!(burst(l, &mut tat, T0, 1), 1);
+        assert_eq!(burst(l, &mut tat, T0 + 2_684, 1), 0);
+        assert_eq!(burst(l, &mut tat, T0 + 2_685, 1), 1);
+        // Near the resolution: 600M/s must not become 1G/s.
+        let fast = Limit::new(600_000_000, 1).unwrap();
+        let mut tat = 0;
+        let admitted: u32 = (0..100).map(|ns| burst(fast, &mut tat, T0 + ns, 1)).sum();
+        assert!(admitted <= 61, "{admitted}");
     }
 
     #[test]

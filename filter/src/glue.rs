@@ -3,6 +3,7 @@
 
 use crate::authorize::{self, Denial, Outcome, Verdict};
 use crate::config::Config;
+use crate::request_header;
 use crate::response;
 use crate::store::{Clock, SharedStore, StoreError};
 use crate::sync::{Phase, SyncClient, SyncFailure};
@@ -21,6 +22,8 @@ proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::new()) });
 }}
+
+const MAX_SYNC_BODY_BYTES: usize = 64 << 20;
 
 struct HostStore;
 
@@ -337,9 +340,15 @@ impl Context for Root {
             return;
         };
         let status = response_status(num_headers);
-        let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
-            .ok()
-            .flatten();
+        // A body this large is no sync answer (a full page of 100,000 records is ~30 MiB);
+        // copying it into the VM could exhaust its memory, so it is refused unread.
+        let body = if body_size > MAX_SYNC_BODY_BYTES {
+            None
+        } else {
+            hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
+                .ok()
+                .flatten()
+        };
         let (result, next) = self.sync.on_response(
             &shared.config,
             &HostStore,
@@ -458,9 +467,7 @@ struct Request {
 const EXPIRES_HEADER: &str = "x-tokengate-token-expires";
 
 fn header(name: &str) -> Option<Vec<u8>> {
-    hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name)
-        .ok()
-        .flatten()
+    request_header::get(name)
 }
 
 fn refuse(d: Denial, expires_at: Option<&str>) {

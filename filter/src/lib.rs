@@ -14,5 +14,10 @@ pub mod sync;
 pub mod timefmt;
 pub mod usage;
 
+#[cfg(test)]
+mod properties;
+
 #[cfg(target_arch = "wasm32")]
 mod glue;
+#[cfg(target_arch = "wasm32")]
+mod request_header;

@@ -9,6 +9,8 @@ const STATE_FORMAT: u8 = 1;
 /// Shared-data keys. The token hash is the lower-hex sha256 of the secret.
 pub const STATE_KEY: &str = "tokengate:state";
 pub const LEASE_KEY: &str = "tokengate:lease";
+/// The last snapshot generation a sync leader took (u32, little-endian).
+pub const GENERATION_KEY: &str = "tokengate:generation";
 
 pub fn token_key(hash_hex: &str) -> String {
     let mut k = String::with_capacity(5 + hash_hex.len());

@@ -6,7 +6,7 @@
 //! (failure) → `Backoff` → (tick after the delay) → `Idle`.
 
 use crate::config::Config;
-use crate::record::{self, Lease, State, LEASE_KEY, STATE_KEY};
+use crate::record::{self, Lease, State, GENERATION_KEY, LEASE_KEY, STATE_KEY};
 use crate::store::{SharedStore, StoreError};
 use tokengate_wire::{SyncRecord, SyncResponse, SyncStatus};
 
@@ -213,15 +213,39 @@ impl SyncClient {
         status: Option<u32>,
         body: Option<&[u8]>,
     ) -> (Result<Applied, SyncFailure>, Option<String>) {
+        let mut advanced = false;
         let result = match status {
             None => Err(SyncFailure::Unreachable),
             Some(200) => match body.map(serde_json::from_slice::<SyncResponse>) {
-                Some(Ok(resp)) => self.apply(store, &resp),
+                Some(Ok(resp)) => {
+                    let before = read_state(store).ok().flatten();
+                    advanced = resp.snapshot
+                        || before.is_none_or(|b| {
+                            b.store_id != resp.store_id || resp.version > b.version
+                        });
+                    self.apply(store, &resp)
+                }
                 _ => Err(SyncFailure::Malformed),
             },
             Some(code) => Err(SyncFailure::Status(code)),
         };
+        // A control plane should hold a poll that has nothing new; one that answers at once
+        // with nothing new (broken, or replaying an old version) would otherwise be polled
+        // in a tight loop. Such answers are paced, without counting as failures.
+        let answered_early = match self.phase {
+            Phase::Polling { since_ms } => {
+                now_ms.saturating_sub(since_ms) < u64::from(cfg.sync_wait_seconds) * 500
+            }
+            _ => false,
+        };
         match result {
+            Ok(applied) if !advanced && answered_early => {
+                self.failures = 0;
+                self.phase = Phase::Backoff {
+                    until_ms: now_ms.saturating_add(u64::from(cfg.backoff_initial_ms)),
+                };
+                (Ok(applied), None)
+            }
             Ok(applied) => {
                 self.failures = 0;
                 self.phase = Phase::Idle;
@@ -244,12 +268,15 @@ impl SyncClient {
         store: &dyn SharedStore,
         resp: &SyncResponse,
     ) -> Result<Applied, SyncFailure> {
+        // Checked before anything is written, so that a refused answer changes nothing.
+        if !resp.changes.iter().all(|r| is_hash(&r.hash)) {
+            return Err(SyncFailure::Malformed);
+        }
         let current = read_state(store).map_err(|_| SyncFailure::Store)?;
         let generation = if resp.snapshot {
-            match (&self.snapshot, &current) {
-                (Some(p), _) => p.generation,
-                (None, Some(c)) => c.generation.wrapping_add(1).max(1),
-                (None, None) => 1,
+            match &self.snapshot {
+                Some(p) => p.generation,
+                None => take_generation(store, current.as_ref())?,
             }
         } else {
             match &current {
@@ -280,7 +307,7 @@ impl SyncClient {
             store_id: resp.store_id.clone(),
             token_count: resp.token_count,
         };
-        commit_state(store, &state, resp.snapshot)?;
+        let state = commit_state(store, state, resp.snapshot)?;
         Ok(Applied {
             changes: resp.changes.len(),
             state: Some(state),
@@ -295,6 +322,28 @@ fn is_hash(s: &str) -> bool {
 }
 
 const WRITE_RETRIES: u32 = 16;
+
+/// A generation for a snapshot that starts now, never one an earlier start took: the records
+/// of a snapshot cut short carry its generation, and had the next snapshot the same one they
+/// would pass for part of it even when it no longer lists them (a revoked, purged token would
+/// come back). Kept in shared data so that a new leader does not reuse one either.
+fn take_generation(store: &dyn SharedStore, current: Option<&State>) -> Result<u32, SyncFailure> {
+    for _ in 0..WRITE_RETRIES {
+        let (value, cas) = store.get(GENERATION_KEY).map_err(|_| SyncFailure::Store)?;
+        let taken = value
+            .as_deref()
+            .and_then(|v| v.try_into().ok())
+            .map_or(0, u32::from_le_bytes);
+        let loaded = current.map_or(0, |c| c.generation);
+        let generation = taken.max(loaded).wrapping_add(1).max(1);
+        match store.set(GENERATION_KEY, &generation.to_le_bytes(), cas) {
+            Ok(()) => return Ok(generation),
+            Err(StoreError::CasMismatch) => continue,
+            Err(StoreError::Host) => return Err(SyncFailure::Store),
+        }
+    }
+    Err(SyncFailure::Store)
+}
 
 /// Writes one record unless a newer one of the same generation is already there (a slower,
 /// older answer must not undo a newer change).
@@ -341,8 +390,13 @@ fn write_record(
     Ok(())
 }
 
-/// Publishes the state, never moving the version backwards within a generation.
-fn commit_state(store: &dyn SharedStore, state: &State, snapshot: bool) -> Result<(), SyncFailure> {
+/// Publishes the state, never moving the version backwards within a generation. Returns
+/// the state in force afterwards (the one already there when it is newer).
+fn commit_state(
+    store: &dyn SharedStore,
+    state: State,
+    snapshot: bool,
+) -> Result<State, SyncFailure> {
     for _ in 0..WRITE_RETRIES {
         let (existing, cas) = store.get(STATE_KEY).map_err(|_| SyncFailure::Store)?;
         if let Some(old) = existing.as_deref().and_then(record::decode_state) {
@@ -351,11 +405,11 @@ fn commit_state(store: &dyn SharedStore, state: &State, snapshot: bool) -> Resul
                     && old.version >= state.version
                     && !snapshot);
             if newer_already {
-                return Ok(());
+                return Ok(old);
             }
         }
-        match store.set(STATE_KEY, &record::encode_state(state), cas) {
-            Ok(()) => return Ok(()),
+        match store.set(STATE_KEY, &record::encode_state(&state), cas) {
+            Ok(()) => return Ok(state),
             Err(StoreError::CasMismatch) => continue,
             Err(StoreError::Host) => return Err(SyncFailure::Store),
         }
@@ -596,8 +650,9 @@ mod tests {
             "last known state still serves"
         );
 
+        // "No change" after the control plane held the poll for its wait.
         let ok = resp(1, false, vec![], None);
-        let (r, next) = sc.on_response(&c, &s, "", now, Some(200), Some(&ok));
+        let (r, next) = sc.on_response(&c, &s, "", now + 5_000, Some(200), Some(&ok));
         assert!(r.is_ok() && next.is_some());
         assert_eq!(sc.failures(), 0);
     }
@@ -639,6 +694,105 @@ mod tests {
             .map
             .borrow()
             .contains_key(&record::rate_key(&limited.hash)));
+    }
+
+    #[test]
+    fn answers_with_nothing_new_that_come_at_once_are_paced() {
+        let c = cfg();
+        let s = MemStore::default();
+        let a = secret('a');
+        let mut sc = SyncClient::new(1);
+        sc.on_tick(&c, &s, "", 0);
+        let snapshot = resp(5, true, vec![rec(&a, 5, SyncStatus::Active)], None);
+        let (_, next) = sc.on_response(&c, &s, "", 10, Some(200), Some(&snapshot));
+        assert!(next.is_some(), "a snapshot is followed by a poll at once");
+
+        // A replay of an old version, answered at once: applied (it changes nothing), but
+        // the next poll waits for the pacing delay.
+        let stale = resp(1, false, vec![rec(&a, 1, SyncStatus::Suspended)], None);
+        let (applied, next) = sc.on_response(&c, &s, "", 20, Some(200), Some(&stale));
+        assert_eq!(
+            applied.unwrap().state.map(|st| st.version),
+            Some(5),
+            "in force: 5"
+        );
+        assert_eq!(next, None);
+        assert_eq!(sc.failures(), 0, "pacing is not a failure");
+        assert_eq!(sc.on_tick(&c, &s, "", 20 + 100), None, "still paced");
+        assert!(sc
+            .on_tick(&c, &s, "", 20 + u64::from(c.backoff_initial_ms))
+            .is_some());
+        assert!(
+            matches!(allows(&s, &a), Outcome::Allow(_)),
+            "the replay changed nothing"
+        );
+
+        // "No change" after the control plane held the poll: the next poll goes at once.
+        let held = resp(5, false, vec![], None);
+        let (_, next) = sc.on_response(&c, &s, "", 20_000, Some(200), Some(&held));
+        assert!(next.is_some());
+        // Something new, however fast it came: at once too.
+        let fresh = resp(6, false, vec![rec(&a, 6, SyncStatus::Suspended)], None);
+        let (_, next) = sc.on_response(&c, &s, "", 20_001, Some(200), Some(&fresh));
+        assert!(next.is_some());
+        assert_eq!(allows(&s, &a), Outcome::Deny(Denial::TokenSuspended));
+    }
+
+    #[test]
+    fn an_answer_with_one_bad_hash_is_refused_whole() {
+        // Found by the property tests: the records before the bad one used to be written.
+        let c = cfg();
+        let s = MemStore::default();
+        let a = secret('a');
+        let mut sc = SyncClient::new(1);
+        sc.on_tick(&c, &s, "", 0);
+        let snap = resp(5, true, vec![rec(&a, 5, SyncStatus::Suspended)], None);
+        sc.on_response(&c, &s, "", 0, Some(200), Some(&snap))
+            .0
+            .unwrap();
+        let before = s.map.borrow().clone();
+        let mut bad = rec(&a, 7, SyncStatus::Active);
+        bad.hash = bad.hash.to_uppercase();
+        let body = resp(7, false, vec![rec(&a, 6, SyncStatus::Active), bad], None);
+        let (r, _) = sc.on_response(&c, &s, "", 0, Some(200), Some(&body));
+        assert_eq!(r, Err(SyncFailure::Malformed));
+        assert!(*s.map.borrow() == before);
+        assert_eq!(allows(&s, &a), Outcome::Deny(Denial::TokenSuspended));
+    }
+
+    #[test]
+    fn records_of_a_snapshot_cut_short_are_not_part_of_the_next() {
+        // Found by the property tests: both snapshots took generation 1, so `a`, written by
+        // the first and absent from the second, stayed valid.
+        let c = cfg();
+        let s = MemStore::default();
+        let (a, b) = (secret('a'), secret('b'));
+        let mut sc = SyncClient::new(1);
+        sc.on_tick(&c, &s, "", 0);
+        let page1 = resp(3, true, vec![rec(&a, 1, SyncStatus::Active)], Some("c1"));
+        sc.on_response(&c, &s, "", 0, Some(200), Some(&page1))
+            .0
+            .unwrap();
+        assert!(sc.on_response(&c, &s, "", 0, Some(503), None).0.is_err());
+        let again = resp(4, true, vec![rec(&b, 4, SyncStatus::Active)], None);
+        sc.on_response(&c, &s, "", 0, Some(200), Some(&again))
+            .0
+            .unwrap();
+        assert!(matches!(allows(&s, &b), Outcome::Allow(_)));
+        assert_eq!(allows(&s, &a), Outcome::Deny(Denial::InvalidToken));
+        // A new leader, which never saw the first attempt, does not reuse its generation.
+        let mut other = SyncClient::new(2);
+        let page1 = resp(5, true, vec![rec(&a, 5, SyncStatus::Active)], Some("c1"));
+        other
+            .on_response(&c, &s, "", 0, Some(200), Some(&page1))
+            .0
+            .unwrap();
+        assert!(other.on_response(&c, &s, "", 0, None, None).0.is_err());
+        let third = resp(6, true, vec![rec(&b, 4, SyncStatus::Active)], None);
+        sc.on_response(&c, &s, "", 0, Some(200), Some(&third))
+            .0
+            .unwrap();
+        assert_eq!(allows(&s, &a), Outcome::Deny(Denial::InvalidToken));
     }
 
     #[test]

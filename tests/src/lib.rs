@@ -15,6 +15,7 @@
 //! Relative paths are taken from the workspace root.
 
 pub mod browser;
+pub mod fault;
 
 use serde_json::Value;
 use std::fs::{self, File, OpenOptions};
@@ -141,7 +142,7 @@ pub fn http(
     body: Option<&str>,
 ) -> io::Result<Response> {
     let timeout = Duration::from_secs(30);
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
     stream.set_nodelay(true)?;
@@ -161,13 +162,26 @@ pub fn http(
     }
     req.push_str("\r\n");
     req.push_str(body);
-    stream.write_all(req.as_bytes())?;
+    exchange(stream, req.as_bytes(), method == "HEAD")
+}
+
+/// Sends bytes exactly as given (a request no well-behaved client would write) and reads
+/// the response.
+pub fn http_raw(addr: SocketAddr, request: &[u8]) -> io::Result<Response> {
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(30)))?;
+    exchange(stream, request, false)
+}
+
+fn exchange(mut stream: TcpStream, request: &[u8], head: bool) -> io::Result<Response> {
+    stream.write_all(request)?;
     // Read until the response is complete by its own framing rather than until EOF: a
     // server may keep the socket open for a while after answering (Envoy's delayed close).
     let mut raw = Vec::new();
     let mut buf = [0u8; 16 * 1024];
     loop {
-        if response_complete(&raw, method == "HEAD") {
+        if response_complete(&raw, head) {
             break;
         }
         let n = stream.read(&mut buf)?;
@@ -176,7 +190,7 @@ pub fn http(
         }
         raw.extend_from_slice(&buf[..n]);
     }
-    parse_response(&raw, method == "HEAD")
+    parse_response(&raw, head)
 }
 
 /// True once `raw` holds a whole response: headers plus `Content-Length` bytes, or a
@@ -395,6 +409,11 @@ pub struct Stack {
     pub db_path: PathBuf,
     /// Extra plugin configuration fields (`"name": value, ...`) for the next `start_envoy`.
     pub plugin_extra: String,
+    /// The plugin's `sync_wait_seconds` for the next `start_envoy` (the shipped config's 20).
+    pub sync_wait_seconds: u32,
+    /// Where the next `start_envoy` sends control-plane calls (a fault proxy, say);
+    /// `None`: the control plane itself.
+    pub envoy_control_plane_port: Option<u16>,
     control_plane: Option<Child>,
     upstream: Option<Child>,
     envoy: Option<Child>,
@@ -447,6 +466,8 @@ impl Stack {
             envoy_port: ports[2],
             envoy_admin_port: ports[3],
             plugin_extra: String::new(),
+            sync_wait_seconds: 20,
+            envoy_control_plane_port: None,
             control_plane: None,
             upstream: None,
             envoy: None,
@@ -563,22 +584,27 @@ impl Stack {
             ("ADMIN_ADDRESS", "127.0.0.1".into()),
             ("ADMIN_PORT", self.envoy_admin_port.to_string()),
             ("UPSTREAM_PORT", self.upstream_port.to_string()),
-            ("CONTROL_PLANE_PORT", self.control_plane_port.to_string()),
+            (
+                "CONTROL_PLANE_PORT",
+                self.envoy_control_plane_port
+                    .unwrap_or(self.control_plane_port)
+                    .to_string(),
+            ),
             ("UPSTREAM_HOST", "127.0.0.1".into()),
             ("CONTROL_PLANE_HOST", "127.0.0.1".into()),
             ("WASM_PATH", self.bins.wasm.display().to_string()),
             ("SYNC_TOKEN", self.sync_token.clone()),
         ]);
-        let config = if self.plugin_extra.is_empty() {
-            config
-        } else {
-            let anchor = r#""sync_wait_seconds": 20"#;
-            assert!(
-                config.contains(anchor),
-                "the template changed: update the harness"
-            );
-            config.replace(anchor, &format!("{anchor}, {}", self.plugin_extra))
-        };
+        let anchor = r#""sync_wait_seconds": 20"#;
+        assert!(
+            config.contains(anchor),
+            "the template changed: update the harness"
+        );
+        let mut fields = format!(r#""sync_wait_seconds": {}"#, self.sync_wait_seconds);
+        if !self.plugin_extra.is_empty() {
+            fields.push_str(&format!(", {}", self.plugin_extra));
+        }
+        let config = config.replace(anchor, &fields);
         let config_path = self.dir.join("envoy.yaml");
         fs::write(&config_path, config).expect("write rendered envoy.yaml");
         // Envoy's log goes to stderr, captured in a file: `--log-path` is flushed only every
@@ -757,6 +783,37 @@ impl Stack {
                 last
             ),
         }
+    }
+
+    /// Envoy's counters and gauges whose names match the regex `filter`, by name.
+    pub fn envoy_stats(&self, filter: &str) -> std::collections::BTreeMap<String, u64> {
+        let r = self.envoy_admin(&format!("/stats?filter={filter}"));
+        r.body
+            .lines()
+            .filter_map(|l| {
+                let (name, value) = l.split_once(": ")?;
+                Some((name.to_string(), value.trim().parse().ok()?))
+            })
+            .collect()
+    }
+
+    /// One counter or gauge (0 when Envoy has not created it yet).
+    pub fn envoy_stat(&self, name: &str) -> u64 {
+        // The name as a regex matches itself (a dot matches a dot, among others).
+        self.envoy_stats(name).get(name).copied().unwrap_or(0)
+    }
+
+    /// Envoy's count of wasm VMs created and of VM reloads (Envoy replaces a VM that
+    /// failed, under the plugin's failure policy): a trap shows in one or the other.
+    pub fn vm_health(&self) -> (u64, u64) {
+        let stats = self.envoy_stats("wasm");
+        let created = stats.get("wasm.envoy.wasm.runtime.v8.created").copied();
+        let reloads: u64 = stats
+            .iter()
+            .filter(|(name, _)| name.contains("vm_reload") && !name.ends_with("vm_reload_backoff"))
+            .map(|(_, v)| v)
+            .sum();
+        (created.expect("Envoy counts created wasm VMs"), reloads)
     }
 
     /// An Envoy admin call (e.g. `/stats?filter=tokengate`).

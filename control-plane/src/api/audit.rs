@@ -1,12 +1,12 @@
 //! `GET /v1/audit`: the append-only trail of every change, newest first.
 
+use super::body::Params;
 use super::{blocking, ApiError, AppState};
 use crate::store::{rfc3339, AuditEntry, AuditQuery};
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::Json;
 use chrono::DateTime;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 use utoipa::{IntoParams, ToSchema};
 
 /// Every action the trail records.
@@ -97,7 +97,7 @@ fn time(field: &str, v: &str) -> Result<i64, ApiError> {
         (status = 401, description = "No or wrong admin credential", body = super::error::ErrorBody)))]
 pub async fn list(
     State(state): State<AppState>,
-    Query(params): Query<HashMap<String, String>>,
+    Params(params): Params,
 ) -> Result<Json<AuditPage>, ApiError> {
     let mut q = AuditQuery {
         limit: 100,

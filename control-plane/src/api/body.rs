@@ -1,34 +1,174 @@
-//! JSON bodies and queries parsed so that every error names the field it is about.
+//! Request bodies, queries and path ids, taken apart so that every error is JSON and names
+//! the field it is about.
 
 use super::error::ApiError;
+use axum::body::{Body, Bytes, HttpBody};
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request};
+use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use axum::http::request::Parts;
+use axum::http::HeaderValue;
 use serde::de::{Deserialize, DeserializeOwned, Deserializer};
+use std::pin::Pin;
+
+/// Largest body the admin and session calls accept: a token body is a few hundred bytes, and
+/// `POST /v1/session` reads its body before any credential is checked.
+pub const BODY_LIMIT: usize = 64 * 1024;
+/// Largest `POST /v1/usage` body: a full report of `MAX_ENTRIES` entries is about 1.3 MB.
+pub const USAGE_BODY_LIMIT: usize = 2 * 1024 * 1024;
+
+/// A request body meant as JSON, at most `LIMIT` bytes. A non-blank body must come as
+/// `application/json` or `application/*+json` (UTF-8), or without a Content-Type: browsers
+/// always label what a cross-site form or script sends, so refusing other types keeps such
+/// requests out, while curl-style clients that leave the type off still work.
+pub struct JsonBody<const LIMIT: usize = BODY_LIMIT>(pub Bytes);
+
+impl<S: Send + Sync, const LIMIT: usize> FromRequest<S> for JsonBody<LIMIT> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, _: &S) -> Result<Self, ApiError> {
+        let declared = req
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        // Refused before reading, so a client that announces a huge body is not waited for.
+        if declared.is_some_and(|n| n > LIMIT as u64) {
+            return Err(too_large(LIMIT));
+        }
+        let json = req.headers().get(CONTENT_TYPE).map(is_json);
+        let bytes = read_limited(req.into_body(), LIMIT).await?;
+        if json == Some(false) && !bytes.iter().all(u8::is_ascii_whitespace) {
+            return Err(ApiError::UnsupportedMediaType);
+        }
+        Ok(JsonBody(bytes))
+    }
+}
+
+fn too_large(limit: usize) -> ApiError {
+    ApiError::TooLarge(format!(
+        "The request body is larger than the {limit} bytes this call accepts."
+    ))
+}
+
+async fn read_limited(mut body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    let mut buf = Vec::new();
+    while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+        let frame = frame
+            .map_err(|e| ApiError::Body(format!("The request body could not be read: {e}.")))?;
+        if let Ok(data) = frame.into_data() {
+            if buf.len() + data.len() > limit {
+                return Err(too_large(limit));
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok(Bytes::from(buf))
+}
+
+/// `application/json` or `application/<anything>+json`, with no charset but UTF-8 (the only
+/// one JSON allows, RFC 8259).
+fn is_json(v: &HeaderValue) -> bool {
+    let Ok(v) = v.to_str() else {
+        return false;
+    };
+    let mut parts = v.split(';');
+    let essence = parts.next().unwrap_or_default().trim().to_ascii_lowercase();
+    let json = essence == "application/json"
+        || essence
+            .strip_prefix("application/")
+            .and_then(|s| s.strip_suffix("+json"))
+            .is_some_and(|s| !s.is_empty() && !s.contains('/'));
+    json && parts.all(|p| match p.split_once('=') {
+        Some((name, value)) if name.trim().eq_ignore_ascii_case("charset") => {
+            value.trim().trim_matches('"').eq_ignore_ascii_case("utf-8")
+        }
+        _ => true,
+    })
+}
+
+/// The query's parameters in order. A parameter given twice is refused rather than one of
+/// its values picked silently.
+pub struct Params(pub Vec<(String, String)>);
+
+impl<S: Send + Sync> FromRequestParts<S> for Params {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        let Query(pairs) =
+            Query::<Vec<(String, String)>>::try_from_uri(&parts.uri).map_err(|e| {
+                ApiError::Body(format!("The query string is invalid: {}.", e.body_text()))
+            })?;
+        for (i, (name, _)) in pairs.iter().enumerate() {
+            if pairs[..i].iter().any(|(n, _)| n == name) {
+                return Err(ApiError::field(name, "is given more than once"));
+            }
+        }
+        Ok(Params(pairs))
+    }
+}
+
+/// The `{id}` of a `/v1/tokens/{id}` path. Any id that is no token's is a 404 from the store;
+/// only one that does not decode to text is refused here.
+pub struct TokenId(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for TokenId {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let Path(id) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|_| ApiError::field("id", "must be percent-encoded UTF-8"))?;
+        Ok(TokenId(id))
+    }
+}
 
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    if bytes.iter().all(u8::is_ascii_whitespace) {
+    // Only an object: serde would also take a struct from an array of its fields in order.
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return Err(ApiError::Body(
             "The request body must be a JSON object.".into(),
         ));
     }
     let mut de = serde_json::Deserializer::from_slice(bytes);
-    serde_path_to_error::deserialize(&mut de).map_err(|e| {
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
+        // A syntax error while reading a key leaves an unknown segment: no field to blame.
+        let in_field = path != "."
+            && !e
+                .path()
+                .iter()
+                .any(|s| matches!(s, serde_path_to_error::Segment::Unknown));
         let inner = e.into_inner();
-        if inner.is_syntax() || inner.is_eof() {
-            ApiError::Body(format!("The request body is not valid JSON: {inner}."))
-        } else if path == "." {
-            // Unknown fields are reported at the top level; serde names them in the message.
-            match unknown_field(&inner.to_string()) {
-                Some(field) => ApiError::field(&field, "is not a known field"),
-                None => ApiError::Body(format!("Invalid request body: {inner}.")),
+        let message = strip_position(&inner.to_string());
+        if in_field {
+            // Inside a field's value, even a syntax error (a broken string, a number out of
+            // range) is that field's.
+            if inner.is_syntax() || inner.is_eof() {
+                ApiError::field(&path, format!("is not valid JSON: {message}"))
+            } else {
+                ApiError::field(&path, message)
             }
+        } else if inner.is_syntax() || inner.is_eof() {
+            ApiError::Body(format!("The request body is not valid JSON: {inner}."))
+        } else if let Some(field) = quoted(&message, "unknown field `") {
+            ApiError::field(&field, "is not a known field")
+        } else if let Some(field) = quoted(&message, "duplicate field `") {
+            ApiError::field(&field, "is given more than once")
+        } else if let Some(field) = quoted(&message, "missing field `") {
+            ApiError::field(&field, "is required")
         } else {
-            ApiError::field(&path, strip_position(&inner.to_string()))
+            ApiError::Body(format!("Invalid request body: {message}."))
         }
-    })
+    })?;
+    de.end().map_err(|e| {
+        ApiError::Body(format!(
+            "The request body is not valid JSON: {e}: nothing may follow the object."
+        ))
+    })?;
+    Ok(value)
 }
 
-fn unknown_field(message: &str) -> Option<String> {
-    let rest = message.strip_prefix("unknown field `")?;
+fn quoted(message: &str, prefix: &str) -> Option<String> {
+    let rest = message.strip_prefix(prefix)?;
     Some(rest[..rest.find('`')?].to_string())
 }
 
@@ -74,6 +214,50 @@ mod tests {
         assert_eq!(field(r#"{"zzz":1}"#), "zzz");
         assert!(matches!(parse_json::<B>(b"{"), Err(ApiError::Body(_))));
         assert!(matches!(parse_json::<B>(b""), Err(ApiError::Body(_))));
+        assert_eq!(field(r#"{"n":1,"n":2}"#), "n");
+        assert_eq!(field(r#"{"n":1e400}"#), "n");
+        assert_eq!(field(r#"{"n":4294967296}"#), "n");
+    }
+
+    #[test]
+    fn only_one_object_is_a_body() {
+        for body in [
+            &b"[1, null]"[..],
+            b"\"n\"",
+            b"null",
+            b"{\"n\":1} {}",
+            b"{\"n\":1} x",
+        ] {
+            let e = parse_json::<B>(body).unwrap_err();
+            assert!(matches!(e, ApiError::Body(_)), "{body:?}: {e:?}");
+        }
+        assert_eq!(parse_json::<B>(b" {\"n\":1}\n").unwrap().n, Some(1));
+    }
+
+    #[test]
+    fn json_media_types() {
+        let yes = [
+            "application/json",
+            "Application/JSON",
+            "application/json; charset=utf-8",
+            "application/json;charset=\"UTF-8\"",
+            "application/merge-patch+json",
+        ];
+        let no = [
+            "text/plain",
+            "application/x-www-form-urlencoded",
+            "multipart/form-data; boundary=x",
+            "application/json; charset=iso-8859-1",
+            "application/+json",
+            "text/json",
+            "",
+        ];
+        for t in yes {
+            assert!(is_json(&HeaderValue::from_static(t)), "{t}");
+        }
+        for t in no {
+            assert!(!is_json(&HeaderValue::from_static(t)), "{t}");
+        }
     }
 
     #[test]

@@ -10,10 +10,12 @@ use serde_json::json;
 #[derive(serde::Serialize, utoipa::ToSchema)]
 pub struct ErrorBody {
     /// A snake_case code: `invalid_field`, `invalid_body`, `unauthorized`, `csrf_failed`, `not_found`,
-    /// `no_route`, `conflict`, `payload_too_large`, `internal`.
+    /// `no_route`, `method_not_allowed`, `conflict`, `payload_too_large`, `unsupported_media_type`,
+    /// `internal`.
     pub error: String,
     pub message: String,
-    /// The field or query parameter at fault (`invalid_field` only).
+    /// The field or query parameter at fault (`invalid_field`), or `content-type`
+    /// (`unsupported_media_type`).
     pub field: Option<String>,
 }
 
@@ -32,7 +34,11 @@ pub enum ApiError {
     NotFound,
     /// No route for the path (not the same as an unknown token).
     NoRoute,
+    /// The path exists, the method does not.
+    MethodNotAllowed,
     TooLarge(String),
+    /// A body that is not labelled as JSON.
+    UnsupportedMediaType,
     Conflict(String),
     Internal(String),
 }
@@ -88,6 +94,14 @@ impl IntoResponse for ApiError {
             ApiError::NoRoute => (
                 StatusCode::NOT_FOUND,
                 json!({"error": "no_route", "message": "No such endpoint; see /v1/openapi.json."}),
+            ),
+            ApiError::MethodNotAllowed => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                json!({"error": "method_not_allowed", "message": "This endpoint does not take that method; see the Allow header and /v1/openapi.json."}),
+            ),
+            ApiError::UnsupportedMediaType => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                json!({"error": "unsupported_media_type", "message": "content-type: request bodies must be JSON, sent as application/json.", "field": "content-type"}),
             ),
             ApiError::TooLarge(message) => (
                 StatusCode::PAYLOAD_TOO_LARGE,

@@ -109,6 +109,10 @@ async fn no_route() -> ApiError {
     ApiError::NoRoute
 }
 
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}
+
 /// Every documented route with its handler; `/v1/openapi.json` is generated from this, so
 /// the document and the routes come from one list.
 fn routes(state: &AppState) -> OpenApiRouter<AppState> {
@@ -162,6 +166,7 @@ pub fn app(state: AppState) -> Router {
             }),
         )
         .fallback(no_route)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(access_log))
         .with_state(state)
 }

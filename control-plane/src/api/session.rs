@@ -3,10 +3,9 @@
 //! `X-CSRF-Token` with every change; the credential itself never stays in the browser.
 
 use super::auth::{admin_named_by, session_cookie, Actor, COOKIE};
-use super::body::parse_json;
+use super::body::{parse_json, JsonBody};
 use super::{ApiError, AppState};
 use crate::policy::KindPolicy;
-use axum::body::Bytes;
 use axum::extract::{Request, State};
 use axum::http::header::SET_COOKIE;
 use axum::http::{HeaderValue, StatusCode};
@@ -82,8 +81,13 @@ fn cookie(state: &AppState, value: &str, max_age: u64) -> Result<HeaderValue, Ap
     request_body = SignIn,
     responses((status = 201, description = "Signed in; the session cookie is set", body = SessionView),
         (status = 400, description = "No credential given", body = super::error::ErrorBody),
+        (status = 413, description = "The body is over 64 kB", body = super::error::ErrorBody),
+        (status = 415, description = "The body is not sent as application/json", body = super::error::ErrorBody),
         (status = 401, description = "Not an admin credential", body = super::error::ErrorBody)))]
-pub async fn sign_in(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+pub async fn sign_in(
+    State(state): State<AppState>,
+    JsonBody(body): JsonBody,
+) -> Result<Response, ApiError> {
     let b: SignIn = parse_json(&body)?;
     let credential = b
         .credential

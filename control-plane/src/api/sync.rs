@@ -1,15 +1,15 @@
 //! `GET /v1/sync`: the filters' long-poll. Semantics are documented in `tokengate_wire::sync`.
 
+use super::body::Params;
 use super::{blocking, ApiError, AppState};
 use crate::store::{Status, TokenRow};
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::Json;
-use serde::Deserialize;
 use std::time::Duration;
 use tokengate_wire::{SyncRecord, SyncResponse, SyncStatus};
 
-#[derive(Deserialize)]
-pub struct SyncQuery {
+#[derive(Default)]
+struct SyncQuery {
     since: Option<String>,
     store_id: Option<String>,
     cursor: Option<String>,
@@ -17,6 +17,26 @@ pub struct SyncQuery {
     /// Identifies the proxy; accepted now so that fleet-aware limits can count proxies later.
     #[allow(dead_code)]
     proxy_id: Option<String>,
+}
+
+impl SyncQuery {
+    /// Unknown parameters are ignored, unlike on the admin API: a newer filter may send one
+    /// that this control plane does not know yet, and the poll must keep working.
+    fn from_params(params: Vec<(String, String)>) -> SyncQuery {
+        let mut q = SyncQuery::default();
+        for (name, value) in params {
+            let slot = match name.as_str() {
+                "since" => &mut q.since,
+                "store_id" => &mut q.store_id,
+                "cursor" => &mut q.cursor,
+                "wait" => &mut q.wait,
+                "proxy_id" => &mut q.proxy_id,
+                _ => continue,
+            };
+            *slot = Some(value);
+        }
+        q
+    }
 }
 
 /// A token's records: its secret's, and one per rotated-out secret still on record. An old
@@ -133,8 +153,9 @@ async fn changes(state: &AppState, since: u64) -> Result<SyncResponse, ApiError>
         (status = 401, description = "No or wrong sync credential", body = super::error::ErrorBody)))]
 pub async fn sync(
     State(state): State<AppState>,
-    Query(q): Query<SyncQuery>,
+    Params(params): Params,
 ) -> Result<Json<SyncResponse>, ApiError> {
+    let q = SyncQuery::from_params(params);
     let since = number("since", q.since.as_deref())?.unwrap_or(0);
     let wait = number("wait", q.wait.as_deref())?
         .map_or(state.sync_max_wait, Duration::from_secs)

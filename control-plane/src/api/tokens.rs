@@ -1,20 +1,18 @@
 //! `/v1/tokens`: create, list, get, update, suspend, reactivate, rotate, revoke.
 
 use super::auth::Actor;
-use super::body::{nullable, parse_json};
+use super::body::{nullable, parse_json, JsonBody, Params, TokenId};
 use super::{blocking, ApiError, AppState};
 use crate::duration;
 use crate::policy::Refusal;
 use crate::secrets;
 use crate::store::{parse_kind, Change, ListQuery, RetiredSecret, Status, StoreError, TokenRow};
-use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::{Extension, Json};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 use tokengate_wire::Kind;
 use utoipa::{IntoParams, ToSchema};
 
@@ -84,15 +82,35 @@ fn view(r: TokenRow) -> Json<TokenView> {
     Json(TokenView::new(r, Utc::now().timestamp()))
 }
 
+/// Longest `name` and `owner`, in characters (Unicode scalar values).
+const MAX_TEXT: usize = 128;
+/// The latest expiry RFC 3339 can write with its four-digit year: 9999-12-31T23:59:59Z.
+const MAX_EXPIRY: i64 = 253_402_300_799;
+
+/// Characters that would let a name break a table row or a log line, or make it read as
+/// something else where it is shown (the console, the CLI, the audit trail).
+fn disguises(c: char) -> bool {
+    match c {
+        // Line and paragraph separators.
+        '\u{2028}' | '\u{2029}' => true,
+        // Bidirectional marks, embeddings, overrides and isolates.
+        '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' => true,
+        _ => c.is_control(),
+    }
+}
+
 fn check_text(field: &str, v: &str) -> Result<(), ApiError> {
     let n = v.chars().count();
-    if n == 0 || n > 128 {
-        return Err(ApiError::field(field, "must be 1 to 128 characters"));
-    }
-    if v.chars().any(char::is_control) {
+    if n == 0 || n > MAX_TEXT {
         return Err(ApiError::field(
             field,
-            "must not contain control characters",
+            format!("must be 1 to {MAX_TEXT} characters"),
+        ));
+    }
+    if v.chars().any(disguises) {
+        return Err(ApiError::field(
+            field,
+            "must not contain control characters, line separators or bidirectional formatting characters",
         ));
     }
     Ok(())
@@ -133,6 +151,12 @@ fn parse_future_time(field: &str, v: &str, now: i64) -> Result<i64, ApiError> {
         .timestamp();
     if t <= now {
         return Err(ApiError::field(field, "must be in the future"));
+    }
+    if t > MAX_EXPIRY {
+        return Err(ApiError::field(
+            field,
+            "must be at most 9999-12-31T23:59:59Z",
+        ));
     }
     Ok(t)
 }
@@ -184,11 +208,13 @@ pub struct WithSecret {
     request_body = CreateBody,
     responses((status = 201, description = "Created; the secret is in `token`, this once", body = WithSecret),
         (status = 400, description = "A field is invalid or breaks the expiry policy", body = super::error::ErrorBody),
+        (status = 413, description = "The body is over 64 kB", body = super::error::ErrorBody),
+        (status = 415, description = "The body is not sent as application/json", body = super::error::ErrorBody),
         (status = 401, description = "No or wrong admin credential", body = super::error::ErrorBody)))]
 pub async fn create(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
-    body: Bytes,
+    JsonBody(body): JsonBody,
 ) -> Result<impl IntoResponse, ApiError> {
     let b: CreateBody = parse_json(&body)?;
     let now = Utc::now().timestamp();
@@ -228,10 +254,17 @@ pub async fn create(
                 "must be a positive number of seconds",
             ))
         }
-        (Some(s), None) => (
-            Some(now.saturating_add(i64::try_from(s).unwrap_or(i64::MAX))),
-            "expires_in_seconds",
-        ),
+        (Some(s), None) => {
+            let t = now.saturating_add(i64::try_from(s).unwrap_or(i64::MAX));
+            // Past this an expiry cannot be written as RFC 3339, and would show as 1970.
+            if t > MAX_EXPIRY {
+                return Err(ApiError::field(
+                    "expires_in_seconds",
+                    "must end by 9999-12-31T23:59:59Z",
+                ));
+            }
+            (Some(t), "expires_in_seconds")
+        }
         (None, Some(t)) => (
             Some(parse_future_time("expires_at", &t, now)?),
             "expires_at",
@@ -313,7 +346,7 @@ pub struct ListParams {
         (status = 401, description = "No or wrong admin credential", body = super::error::ErrorBody)))]
 pub async fn list(
     State(state): State<AppState>,
-    Query(q): Query<HashMap<String, String>>,
+    Params(q): Params,
 ) -> Result<Json<Listing>, ApiError> {
     let now = Utc::now().timestamp();
     let mut query = ListQuery {
@@ -390,7 +423,7 @@ pub async fn list(
         (status = 404, description = "No such token (or revoked, or purged)", body = super::error::ErrorBody)))]
 pub async fn get(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    TokenId(id): TokenId,
 ) -> Result<Json<TokenView>, ApiError> {
     Ok(view(blocking(&state, move |s| s.get(&id)).await?))
 }
@@ -398,7 +431,10 @@ pub async fn get(
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PatchBody {
-    name: Option<String>,
+    /// Cannot be null: a token always has a name.
+    #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<String>)]
+    name: Option<Option<String>>,
     /// null: unlimited.
     #[serde(default, deserialize_with = "nullable")]
     #[schema(value_type = Option<u32>)]
@@ -424,13 +460,15 @@ fn change<'a>(actor: &'a Actor, action: &'static str) -> Change<'a> {
     request_body = PatchBody,
     responses((status = 200, description = "The updated token", body = TokenView),
         (status = 400, description = "A field is invalid or breaks the expiry policy", body = super::error::ErrorBody),
+        (status = 413, description = "The body is over 64 kB", body = super::error::ErrorBody),
+        (status = 415, description = "The body is not sent as application/json", body = super::error::ErrorBody),
         (status = 401, description = "No or wrong admin credential", body = super::error::ErrorBody),
         (status = 404, description = "No such token", body = super::error::ErrorBody)))]
 pub async fn update(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
-    Path(id): Path<String>,
-    body: Bytes,
+    TokenId(id): TokenId,
+    JsonBody(body): JsonBody,
 ) -> Result<Json<TokenView>, ApiError> {
     let p: PatchBody = parse_json(&body)?;
     let now = Utc::now().timestamp();
@@ -439,9 +477,14 @@ pub async fn update(
             "Give at least one of name, max_rps, burst, expires_at.".into(),
         ));
     }
-    if let Some(name) = &p.name {
-        check_text("name", name)?;
-    }
+    let name = match p.name {
+        Some(Some(name)) => {
+            check_text("name", &name)?;
+            Some(name)
+        }
+        Some(None) => return Err(ApiError::field("name", "cannot be null")),
+        None => None,
+    };
     if let Some(max_rps) = p.max_rps {
         check_max_rps(max_rps)?;
     }
@@ -458,7 +501,7 @@ pub async fn update(
             change(&actor, "token.updated"),
             &|row: &mut TokenRow| {
                 let before = row.clone();
-                if let Some(name) = &p.name {
+                if let Some(name) = &name {
                     row.name = name.clone();
                 }
                 if let Some(max_rps) = p.max_rps {
@@ -515,7 +558,7 @@ async fn set_status(
 pub async fn suspend(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
-    Path(id): Path<String>,
+    TokenId(id): TokenId,
 ) -> Result<Json<TokenView>, ApiError> {
     Ok(view(
         set_status(state, actor, id, Status::Suspended, "token.suspended").await?,
@@ -530,7 +573,7 @@ pub async fn suspend(
 pub async fn reactivate(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
-    Path(id): Path<String>,
+    TokenId(id): TokenId,
 ) -> Result<Json<TokenView>, ApiError> {
     Ok(view(
         set_status(state, actor, id, Status::Active, "token.reactivated").await?,
@@ -545,7 +588,7 @@ pub async fn reactivate(
 pub async fn revoke(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
-    Path(id): Path<String>,
+    TokenId(id): TokenId,
 ) -> Result<StatusCode, ApiError> {
     set_status(state, actor, id, Status::Revoked, "token.revoked").await?;
     Ok(StatusCode::NO_CONTENT)
@@ -583,13 +626,15 @@ pub fn rotate_secrets(row: &mut TokenRow, new_hash: String, now: i64, grace: u64
     request_body(content = Option<RotateBody>, description = "Optional"),
     responses((status = 200, description = "The token with its new secret in `token`, this once", body = WithSecret),
         (status = 400, description = "Invalid grace_seconds", body = super::error::ErrorBody),
+        (status = 413, description = "The body is over 64 kB", body = super::error::ErrorBody),
+        (status = 415, description = "The body is not sent as application/json", body = super::error::ErrorBody),
         (status = 401, description = "No or wrong admin credential", body = super::error::ErrorBody),
         (status = 404, description = "No such token", body = super::error::ErrorBody)))]
 pub async fn rotate(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
-    Path(id): Path<String>,
-    body: Bytes,
+    TokenId(id): TokenId,
+    JsonBody(body): JsonBody,
 ) -> Result<Json<WithSecret>, ApiError> {
     let grace = if body.iter().all(u8::is_ascii_whitespace) {
         0

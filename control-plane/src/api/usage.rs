@@ -1,9 +1,8 @@
 //! `POST /v1/usage`: request counts reported by each Envoy's sync leader. Semantics are
 //! documented in `tokengate_wire::usage`.
 
-use super::body::parse_json;
+use super::body::{parse_json, JsonBody, USAGE_BODY_LIMIT};
 use super::{blocking, ApiError, AppState};
-use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
 use chrono::Utc;
@@ -14,8 +13,12 @@ use tokengate_wire::usage::{UsageReport, MAX_ENTRIES};
     responses((status = 204, description = "Counted"),
         (status = 400, description = "Malformed report", body = super::error::ErrorBody),
         (status = 401, description = "No or wrong sync credential", body = super::error::ErrorBody),
-        (status = 413, description = "More entries than one report may carry", body = super::error::ErrorBody)))]
-pub async fn report(State(state): State<AppState>, body: Bytes) -> Result<StatusCode, ApiError> {
+        (status = 413, description = "More entries than one report may carry, or a body over 2 MB", body = super::error::ErrorBody),
+        (status = 415, description = "The body is not sent as application/json", body = super::error::ErrorBody)))]
+pub async fn report(
+    State(state): State<AppState>,
+    JsonBody(body): JsonBody<USAGE_BODY_LIMIT>,
+) -> Result<StatusCode, ApiError> {
     let report: UsageReport = parse_json(&body)?;
     if report.entries.len() > MAX_ENTRIES {
         return Err(ApiError::TooLarge(format!(

@@ -267,8 +267,18 @@ impl SqliteStore {
         })
     }
 
+    /// Call right after the commit, with the connection lock still held. A reader needs
+    /// that lock, so none can see the new row before the signal (a long-poll would then
+    /// hear of a version "newer than the store's" and answer a full snapshot at the older
+    /// one); and writers signal in commit order, so the signalled version never goes back.
     fn publish(&self, version: u64) {
-        self.changes.send_replace(version);
+        self.changes.send_if_modified(|current| {
+            let newer = version > *current;
+            if newer {
+                *current = version;
+            }
+            newer
+        });
     }
 
     fn query(&self, sql: &str, args: &[&dyn rusqlite::ToSql]) -> Result<Vec<TokenRow>, StoreError> {
@@ -348,9 +358,9 @@ impl Store for SqliteStore {
             let after = Value::Object(audit::fields(&row));
             append_audit(&tx, row.created_at, change, &row, None, Some(after))?;
             tx.commit()?;
+            self.publish(row.version);
             Ok(row)
         })?;
-        self.publish(row.version);
         Ok(row)
     }
 
@@ -409,7 +419,7 @@ impl Store for SqliteStore {
             };
             let before = row.clone();
             match edit(&mut row) {
-                Ok(false) => return Ok(Some((row, false))),
+                Ok(false) => return Ok(Some(row)),
                 Ok(true) => {}
                 Err(e) => {
                     edit_error = Some(e);
@@ -422,16 +432,13 @@ impl Store for SqliteStore {
             let (old, new) = audit::diff(&before, &row);
             append_audit(&tx, now, change, &row, Some(old), Some(new))?;
             tx.commit()?;
-            Ok(Some((row, true)))
+            self.publish(row.version);
+            Ok(Some(row))
         })?;
         if let Some(e) = edit_error {
             return Err(e);
         }
-        let (row, changed) = result.ok_or(StoreError::NotFound)?;
-        if changed {
-            self.publish(row.version);
-        }
-        Ok(row)
+        result.ok_or(StoreError::NotFound)
     }
 
     fn version(&self) -> Result<u64, StoreError> {

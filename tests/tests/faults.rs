@@ -1,0 +1,235 @@
+//! Control-plane faults, seen from a client through Envoy. A fault-injecting proxy sits
+//! between Envoy and the real control plane and spoils the answers to `/v1/sync` in each of
+//! the ways a broken or hostile control plane could. Through every fault the last good state
+//! keeps serving, the failure is counted, the VM never traps, the filter never polls in a
+//! storm (and never more than one poll at a time per Envoy), and service recovers when the
+//! control plane answers properly again.
+
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+use tokengate_e2e::fault::{Fault, FaultProxy};
+use tokengate_e2e::{unknown_token, wait_until, Options, Stack};
+
+const STATE_LOAD: Duration = Duration::from_secs(40);
+const PROPAGATION: Duration = Duration::from_secs(10);
+/// The plugin's `sync_wait_seconds` in these tests: short, so that a poll in flight when a
+/// fault starts ends soon and the next one meets the fault.
+const WAIT_SECONDS: u32 = 2;
+/// The filter's callout timeout for a sync poll: its wait plus 5 s.
+const CALLOUT_TIMEOUT: Duration = Duration::from_secs(WAIT_SECONDS as u64 + 5);
+
+struct Tokens {
+    good: String,
+    suspended: String,
+    suspended_id: String,
+    unknown: String,
+}
+
+/// Clients keep getting the last good answers for `window`; returns how many requests
+/// were checked.
+fn keeps_serving(stack: &Stack, tokens: &Tokens, window: Duration, label: &str) -> usize {
+    let start = Instant::now();
+    let mut n = 0;
+    while start.elapsed() < window {
+        for (token, status) in [
+            (&tokens.good, 200),
+            (&tokens.suspended, 403),
+            (&tokens.unknown, 401),
+        ] {
+            let r = stack.call_with_token(token);
+            assert_eq!(r.status, status, "{label}: request {n}: {r:?}");
+            n += 1;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    n
+}
+
+fn sync_record(stack: &Stack, id: &str) -> (String, Value) {
+    let auth = format!("Bearer {}", stack.sync_token);
+    let r = tokengate_e2e::http(
+        stack.control_plane_addr(),
+        "GET",
+        "/v1/sync?since=0",
+        &[("Authorization", &auth)],
+        None,
+    )
+    .expect("sync snapshot");
+    let body = r.json();
+    let record = body["changes"]
+        .as_array()
+        .and_then(|c| c.iter().find(|r| r["id"] == id))
+        .cloned()
+        .unwrap_or_else(|| panic!("{id} not in the snapshot: {body}"));
+    (
+        body["store_id"].as_str().unwrap_or_default().to_string(),
+        record,
+    )
+}
+
+#[test]
+fn every_control_plane_fault_keeps_the_last_good_state_without_a_storm() {
+    let mut stack = Stack::start_with(Options {
+        control_plane: true,
+        envoy: false,
+    });
+    let proxy = FaultProxy::start(stack.control_plane_addr());
+    stack.envoy_control_plane_port = Some(proxy.port);
+    stack.sync_wait_seconds = WAIT_SECONDS;
+
+    let (_, good) = stack.create_token(json!({"name": "faults-good"}));
+    let (suspended_id, suspended) = stack.create_token(json!({"name": "faults-suspended"}));
+    stack.token_action(&suspended_id, "suspend");
+    let tokens = Tokens {
+        good,
+        suspended,
+        suspended_id,
+        unknown: unknown_token(),
+    };
+    stack.start_envoy();
+    stack.wait_for_status(&tokens.good, 200, STATE_LOAD);
+    stack.wait_for_status(&tokens.suspended, 403, PROPAGATION);
+    let vms = stack.vm_health();
+    let mut version = stack.envoy_stat("wasmcustom.tokengate.state_version");
+    assert!(version > 0, "no state version gauge");
+
+    // The stale answer replays the suspended token as active, at version 1.
+    let (store_id, mut record) = sync_record(&stack, &tokens.suspended_id);
+    record["status"] = json!("active");
+
+    let faults = [
+        ("HTTP 500", Fault::Status(500), Duration::from_secs(5)),
+        ("HTTP 503", Fault::Status(503), Duration::from_secs(5)),
+        ("not JSON", Fault::Garbage, Duration::from_secs(5)),
+        ("truncated body", Fault::Truncated, Duration::from_secs(5)),
+        (
+            "an old version",
+            Fault::OldVersion { store_id, record },
+            Duration::from_secs(5),
+        ),
+        (
+            "a 80 MiB body",
+            Fault::Huge(80 << 20),
+            Duration::from_secs(5),
+        ),
+        (
+            "slower than the callout timeout",
+            Fault::Slow(CALLOUT_TIMEOUT + Duration::from_secs(3)),
+            CALLOUT_TIMEOUT + Duration::from_secs(3),
+        ),
+    ];
+    for (label, fault, window) in faults {
+        let counts_failure = !matches!(fault, Fault::OldVersion { .. });
+        // Let the poll in flight end (a held long-poll lasts WAIT_SECONDS) before counting.
+        proxy.set(fault);
+        std::thread::sleep(Duration::from_secs(u64::from(WAIT_SECONDS) + 1));
+        let failures = stack.envoy_stat("wasmcustom.tokengate.sync.failure");
+        let calls = proxy.sync_calls();
+        proxy.reset_max_open();
+
+        let checked = keeps_serving(&stack, &tokens, window, label);
+
+        let calls = proxy.sync_calls() - calls;
+        let new_failures = stack.envoy_stat("wasmcustom.tokengate.sync.failure") - failures;
+        let max_open = proxy.max_open_sync_calls();
+        eprintln!(
+            "{label:<32} {checked:>4} requests served from the last good state; \
+             {calls} sync calls and {new_failures} failures counted in {window:?}; \
+             at most {max_open} open at once"
+        );
+        if counts_failure {
+            assert!(new_failures >= 1, "{label}: no sync failure counted");
+        }
+        // Exponential backoff from 250 ms gives about log2(window / 250 ms) tries; paced
+        // "nothing new" answers come at most every 250 ms. Either way, no storm.
+        let bound = window.as_millis() as u64 / 250 + 2;
+        assert!(
+            calls <= bound,
+            "{label}: {calls} sync calls in {window:?}, a storm"
+        );
+        assert!(max_open <= 1, "{label}: {max_open} polls open at once");
+        assert_eq!(
+            stack.envoy_stat("wasmcustom.tokengate.state_version"),
+            version,
+            "{label}: the state version moved"
+        );
+        assert_eq!(stack.vm_health(), vms, "{label}: a VM failed");
+
+        // Recovery: the control plane answers properly again; a change reaches Envoy.
+        proxy.set(Fault::Pass);
+        let (_, fresh) = stack.create_token(json!({"name": format!("after {label}")}));
+        let took = stack.wait_for_status(&fresh, 200, STATE_LOAD);
+        eprintln!("{label:<32} recovered: a new token admitted {took:?} after the fault ended");
+        let now = stack.envoy_stat("wasmcustom.tokengate.state_version");
+        assert!(now > version, "{label}: no progress after recovery");
+        // The stale replay never resurrected the suspended token.
+        assert_eq!(
+            stack.call_with_token(&tokens.suspended).status,
+            403,
+            "{label}"
+        );
+        wait_until(PROPAGATION, "the gauge settles", || {
+            stack.envoy_stat("wasmcustom.tokengate.state_version") == now
+        });
+        // The next fault compares against the state after this recovery.
+        version = now;
+    }
+    assert!(
+        !stack.logs().contains("panicked") && !stack.logs().contains("Uncaught"),
+        "{}",
+        stack.logs_tail(40)
+    );
+}
+
+#[test]
+fn killed_mid_traffic_the_control_plane_is_missed_counted_and_rejoined() {
+    let mut stack = Stack::start();
+    let (_, good) = stack.create_token(json!({"name": "survivor"}));
+    let (_, short) = stack.create_token(json!({"name": "short", "expires_in_seconds": 4}));
+    stack.wait_for_status(&good, 200, STATE_LOAD);
+    stack.wait_for_status(&short, 200, PROPAGATION);
+    let failures = stack.envoy_stat("wasmcustom.tokengate.sync.failure");
+    let vms = stack.vm_health();
+
+    // Traffic in flight while the control plane dies (SIGKILL).
+    let addr = stack.envoy_addr();
+    let token = good.clone();
+    let traffic = std::thread::spawn(move || {
+        let mut statuses = Vec::new();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(6) {
+            let r = tokengate_e2e::http(addr, "GET", "/", &[("X-API-Token", &token)], None)
+                .map(|r| r.status)
+                .unwrap_or(0);
+            statuses.push(r);
+        }
+        statuses
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    stack.stop_control_plane();
+    let statuses = traffic.join().expect("traffic thread");
+    let refused = statuses.iter().filter(|s| **s != 200).count();
+    eprintln!(
+        "{} requests while the control plane was killed: {refused} not 200",
+        statuses.len()
+    );
+    assert_eq!(refused, 0, "{statuses:?}");
+
+    // Expiry is still enforced from the last known state.
+    wait_until(Duration::from_secs(10), "local expiry", || {
+        stack.call_with_token(&short).error_code().as_deref() == Some("token_expired")
+    });
+    // The failed polls are counted, with backoff.
+    wait_until(Duration::from_secs(15), "sync failures counted", || {
+        stack.envoy_stat("wasmcustom.tokengate.sync.failure") > failures
+    });
+    let counted = stack.envoy_stat("wasmcustom.tokengate.sync.failure") - failures;
+    eprintln!("sync failures counted while the control plane was down: {counted}");
+
+    stack.start_control_plane();
+    let (_, fresh) = stack.create_token(json!({"name": "after the kill"}));
+    let took = stack.wait_for_status(&fresh, 200, STATE_LOAD);
+    eprintln!("a token created after the restart was admitted after {took:?}");
+    assert_eq!(stack.call_with_token(&good).status, 200);
+    assert_eq!(stack.vm_health(), vms, "a VM failed");
+}

@@ -1,0 +1,265 @@
+//! A bad plugin configuration, one field wrong at a time, loaded into the real filter by
+//! the real Envoy: Envoy refuses it, its log names the field, and the VM never panics.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+use tokengate_e2e::{free_ports, random_hex, render_envoy_config, Binaries};
+
+/// The shipped configuration's plugin JSON, as rendered below.
+const SHIPPED: &str = r#"{
+                      "control_plane_cluster": "tokengate_control_plane",
+                      "control_plane_authority": "tokengate",
+                      "sync_token": "validate-only-sync-credential",
+                      "sync_wait_seconds": 20
+                    }"#;
+
+fn rendered(bins: &Binaries, plugin_json: &str) -> String {
+    let config = render_envoy_config(&[
+        ("LISTEN_ADDRESS", "127.0.0.1".into()),
+        ("LISTEN_PORT", "1".into()),
+        ("ADMIN_ADDRESS", "127.0.0.1".into()),
+        ("ADMIN_PORT", "2".into()),
+        ("UPSTREAM_PORT", "3".into()),
+        ("CONTROL_PLANE_PORT", "4".into()),
+        ("UPSTREAM_HOST", "127.0.0.1".into()),
+        ("CONTROL_PLANE_HOST", "127.0.0.1".into()),
+        ("WASM_PATH", bins.wasm.display().to_string()),
+        ("SYNC_TOKEN", "validate-only-sync-credential".into()),
+    ]);
+    assert!(
+        config.contains(SHIPPED),
+        "the template's plugin configuration changed: update this test"
+    );
+    // The JSON sits in a YAML block scalar: every line keeps its indentation.
+    let indented = plugin_json.replace('\n', "\n                      ");
+    config.replace(SHIPPED, &indented)
+}
+
+fn envoy(bins: &Binaries, dir: &Path, name: &str, config: &str, args: &[&str]) -> Output {
+    let path = dir.join(format!("{name}.yaml"));
+    std::fs::write(&path, config).unwrap();
+    let base_id = 40_000 + u32::from(free_ports(1)[0]) % 20_000;
+    Command::new(&bins.envoy)
+        .args(args)
+        .arg("-c")
+        .arg(&path)
+        .args(["--disable-hot-restart", "--base-id", &base_id.to_string()])
+        .output()
+        .unwrap()
+}
+
+fn log_of(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn temp_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("tokengate-e2e-plugin-config-{}", random_hex(6)));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The shipped plugin fields with `field` set to `value` (raw JSON), or removed when
+/// `value` is `None`.
+fn with_field(field: &str, value: Option<&str>) -> String {
+    let mut fields = vec![
+        (
+            "control_plane_cluster",
+            r#""tokengate_control_plane""#.to_string(),
+        ),
+        (
+            "sync_token",
+            r#""validate-only-sync-credential""#.to_string(),
+        ),
+    ];
+    fields.retain(|(name, _)| *name != field);
+    if let Some(v) = value {
+        fields.push((field, v.to_string()));
+    }
+    let body: Vec<String> = fields
+        .iter()
+        .map(|(name, v)| format!("\"{name}\": {v}"))
+        .collect();
+    format!("{{{}}}", body.join(", "))
+}
+
+#[test]
+fn each_bad_field_is_refused_at_load_with_the_field_named() {
+    let bins = Binaries::locate();
+    let dir = temp_dir();
+
+    // The good configuration loads: the cases below fail for their one change only.
+    let out = envoy(
+        &bins,
+        &dir,
+        "good",
+        &rendered(&bins, &with_field("x", None)),
+        &["--mode", "validate"],
+    );
+    assert!(
+        out.status.success(),
+        "the base configuration is refused:\n{}",
+        log_of(&out)
+    );
+
+    let cases: Vec<(&str, String)> = vec![
+        (
+            "control_plane_cluster",
+            with_field("control_plane_cluster", None),
+        ),
+        (
+            "control_plane_cluster",
+            with_field("control_plane_cluster", Some(r#""""#)),
+        ),
+        (
+            "control_plane_cluster",
+            with_field("control_plane_cluster", Some("7")),
+        ),
+        (
+            "control_plane_authority",
+            with_field("control_plane_authority", Some("[]")),
+        ),
+        ("sync_token", with_field("sync_token", None)),
+        ("sync_token", with_field("sync_token", Some(r#""  ""#))),
+        ("sync_path", with_field("sync_path", Some(r#""v1/sync""#))),
+        (
+            "sync_wait_seconds",
+            with_field("sync_wait_seconds", Some(r#""soon""#)),
+        ),
+        (
+            "sync_wait_seconds",
+            with_field("sync_wait_seconds", Some("0")),
+        ),
+        (
+            "sync_wait_seconds",
+            with_field("sync_wait_seconds", Some("-1")),
+        ),
+        (
+            "sync_wait_seconds",
+            with_field("sync_wait_seconds", Some("1.5")),
+        ),
+        (
+            "token_headers",
+            with_field("token_headers", Some(r#""x-api-token""#)),
+        ),
+        (
+            "token_headers[0]",
+            with_field("token_headers", Some(r#"["X-Api-Token"]"#)),
+        ),
+        (
+            "token_headers[1]",
+            with_field("token_headers", Some(r#"["x-api-token", "bad header"]"#)),
+        ),
+        (
+            "token_headers",
+            format!(
+                "{{{}, \"token_headers\": [], \"bearer\": false}}",
+                &with_field("x", None)[1..with_field("x", None).len() - 1]
+            ),
+        ),
+        ("bearer", with_field("bearer", Some(r#""yes""#))),
+        (
+            "identity_header_prefix",
+            with_field("identity_header_prefix", Some(r#""X Token ""#)),
+        ),
+        ("tick_ms", with_field("tick_ms", Some("5"))),
+        ("lease_ms", with_field("lease_ms", Some("100"))),
+        (
+            "backoff_initial_ms",
+            with_field("backoff_initial_ms", Some("0")),
+        ),
+        (
+            "backoff_max_ms",
+            with_field("backoff_max_ms", Some("4294967296")),
+        ),
+        ("cas_retries", with_field("cas_retries", Some("0"))),
+        ("proxy_id", with_field("proxy_id", Some("{}"))),
+        ("usage_reporting", with_field("usage_reporting", Some("1"))),
+        ("usage_path", with_field("usage_path", Some(r#""usage""#))),
+        ("usage_report_ms", with_field("usage_report_ms", Some("50"))),
+        (
+            "usage_max_tokens",
+            with_field("usage_max_tokens", Some("0")),
+        ),
+        (
+            "expiry_warning_seconds",
+            with_field("expiry_warning_seconds", Some("31536001")),
+        ),
+        ("sync_tokn", with_field("sync_tokn", Some(r#""typo""#))),
+    ];
+
+    let mut failures = Vec::new();
+    let start = Instant::now();
+    for (i, (field, plugin)) in cases.iter().enumerate() {
+        let out = envoy(
+            &bins,
+            &dir,
+            &format!("case{i}"),
+            &rendered(&bins, plugin),
+            &["--mode", "validate"],
+        );
+        let log = log_of(&out);
+        let named = log.contains(&format!("invalid tokengate configuration: field `{field}`"));
+        if out.status.success() || !named {
+            failures.push(format!(
+                "{plugin}: accepted={} named `{field}`={named}\n{}",
+                out.status.success(),
+                log.lines()
+                    .filter(|l| l.contains("tokengate") || l.contains("error"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            ));
+        }
+        assert!(
+            !log.contains("panicked"),
+            "{plugin}: the filter panicked:\n{log}"
+        );
+    }
+    eprintln!(
+        "{} bad configurations refused in {:?}",
+        cases.len(),
+        start.elapsed()
+    );
+
+    // Not JSON at all: refused, with no field to name.
+    let out = envoy(
+        &bins,
+        &dir,
+        "not-json",
+        &rendered(&bins, "control_plane_cluster = x"),
+        &["--mode", "validate"],
+    );
+    let log = log_of(&out);
+    if out.status.success() || !log.contains("invalid tokengate configuration: ") {
+        failures.push(format!(
+            "not JSON: accepted={}\n{log}",
+            out.status.success()
+        ));
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+
+    // Started for real (not only validated), Envoy refuses to start with the plugin, as
+    // its documented policy for a filter that fails to configure, rather than serving
+    // without it.
+    let plugin = with_field("tick_ms", Some("5"));
+    let started = Instant::now();
+    let out = envoy(
+        &bins,
+        &dir,
+        "real-start",
+        &rendered(&bins, &plugin),
+        &["--concurrency", "1"],
+    );
+    let log = log_of(&out);
+    assert!(
+        !out.status.success(),
+        "Envoy started with a bad plugin configuration:\n{log}"
+    );
+    assert!(log.contains("field `tick_ms`"), "{log}");
+    assert!(started.elapsed() < Duration::from_secs(60));
+    let _ = std::fs::remove_dir_all(&dir);
+}
