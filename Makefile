@@ -27,7 +27,7 @@ OCI_DIR       := target/oci/tokengate-filter
 
 export ENVOY_BIN
 
-.PHONY: help tools browser build run test unit e2e validate check-k8s oci check-oci check-containers docker-up docker-down fmt lint bench fuzz clean-run
+.PHONY: help tools browser build run test unit e2e validate check-k8s oci check-oci check-containers docker-up docker-down fmt lint bench bench-quick bench-build fuzz clean-run
 
 help: ## list the targets
 	@echo "tokengate make targets:"
@@ -108,8 +108,21 @@ lint: ## clippy, -D warnings, for the workspace and for the filter on wasm32
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) clippy --target $(WASM_TARGET) -p tokengate-filter --all-targets -- -D warnings
 
-bench: ## benchmarks (not part of make test)
-	@echo "make bench: not yet: see issue 5"
+# The load generator for make bench: oha from crates.io, pinned, into the git-ignored .tools/.
+OHA_VERSION := 1.16.0
+OHA         := .tools/oha/bin/oha
+
+$(OHA):
+	$(CARGO) install oha --locked --version $(OHA_VERSION) --root .tools/oha
+
+bench-build: tools build $(OHA)
+	$(CARGO) build --profile bench-driver -p tokengate-bench
+
+bench: bench-build ## benchmarks: variants, accuracy, propagation, scale (~15 min); writes docs/benchmarks.md
+	OHA=$(OHA) target/bench-driver/tokengate-bench
+
+bench-quick: bench-build ## a one-minute subset of make bench, for developers (results in target/bench/)
+	OHA=$(OHA) target/bench-driver/tokengate-bench --quick
 
 # Cases per property for `make fuzz`; `make test` runs the same properties with 256.
 FUZZ_CASES ?= 100000

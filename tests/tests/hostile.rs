@@ -283,6 +283,9 @@ fn hostile_token_headers_get_their_documented_answers_and_never_trap_the_vm() {
         &[
             line("X-API-Token", &good).as_slice(),
             line("X-Tokengate-Token-Id", "spoofed").as_slice(),
+            line("X-Tokengate-Token-Id", "spoofed-again").as_slice(),
+            line("x-tokengate-token-name", "spoofed").as_slice(),
+            line("x-tokengate-token-name", "spoofed").as_slice(),
             line("x-tokengate-token-owner", "spoofed").as_slice(),
             line("X-TOKENGATE-TOKEN-KIND", "spoofed").as_slice(),
         ],

@@ -1,0 +1,56 @@
+//! `tokengate-bench [--quick] [section ...]`: runs the benchmark sections (all by default:
+//! variants, accuracy, propagation, scale), keeps each one's figures in
+//! `target/bench/<section>.json`, and writes the tables of `docs/benchmarks.md` and the
+//! chart `docs/benchmarks.svg` from every section's latest figures.
+
+use std::time::Instant;
+use tokengate_bench::{accuracy, out_dir, propagation, report, scale, variants, Depth};
+
+const SECTIONS: [&str; 4] = ["variants", "accuracy", "propagation", "scale"];
+
+fn main() {
+    let mut depth = Depth::Full;
+    let mut chosen = Vec::new();
+    for arg in std::env::args().skip(1) {
+        match arg.as_str() {
+            "--quick" => depth = Depth::Quick,
+            "-h" | "--help" => {
+                println!(
+                    "usage: tokengate-bench [--quick] [{}]...",
+                    SECTIONS.join("|")
+                );
+                return;
+            }
+            s if SECTIONS.contains(&s) => chosen.push(s.to_string()),
+            other => {
+                eprintln!(
+                    "unknown argument `{other}`; sections: {}",
+                    SECTIONS.join(", ")
+                );
+                std::process::exit(2);
+            }
+        }
+    }
+    if chosen.is_empty() {
+        chosen = SECTIONS.iter().map(|s| s.to_string()).collect();
+    }
+    for section in &chosen {
+        let started = Instant::now();
+        eprintln!("== {section} ({depth:?}) ==");
+        let figures = match section.as_str() {
+            "variants" => variants::run(depth),
+            "accuracy" => accuracy::run(depth),
+            "propagation" => propagation::run(depth),
+            _ => scale::run(depth),
+        };
+        let path = out_dir().join(format!("{section}.json"));
+        let text = serde_json::to_string_pretty(&figures).expect("figures are JSON");
+        std::fs::write(&path, text).expect("write the figures");
+        eprintln!(
+            "== {section}: {:?}, figures in {}",
+            started.elapsed(),
+            path.display()
+        );
+    }
+    report::write(depth);
+}
