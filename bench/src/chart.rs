@@ -88,8 +88,11 @@ fn panel(out: &mut String, x0: f64, title: &str, unit: &str, values: &[(String, 
 }
 
 fn format_value(v: f64) -> String {
-    if v >= 10_000.0 {
-        format!("{:.0}k", v / 1000.0)
+    if v == 0.0 {
+        "0".into()
+    } else if v >= 10_000.0 {
+        let k = format!("{:.1}", v / 1000.0);
+        format!("{}k", k.trim_end_matches(".0"))
     } else if v >= 100.0 {
         format!("{v:.0}")
     } else if v >= 10.0 {

@@ -1,5 +1,6 @@
 //! `tokengate-bench [--quick] [section ...]`: runs the benchmark sections (all by default:
-//! variants, accuracy, propagation, scale), keeps each one's figures in
+//! variants, accuracy, propagation, scale; `report` only rewrites the results from the
+//! figures of earlier runs), keeps each one's figures in
 //! `target/bench/<section>.json`, and writes the tables of `docs/benchmarks.md` and the
 //! chart `docs/benchmarks.svg` from every section's latest figures.
 
@@ -22,6 +23,11 @@ fn main() {
                 return;
             }
             s if SECTIONS.contains(&s) => chosen.push(s.to_string()),
+            // Only the write-up, from the figures already in target/bench/.
+            "report" => {
+                report::write(depth);
+                return;
+            }
             other => {
                 eprintln!(
                     "unknown argument `{other}`; sections: {}",
