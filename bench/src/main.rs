@@ -10,6 +10,13 @@ use tokengate_bench::{accuracy, out_dir, propagation, report, scale, variants, D
 const SECTIONS: [&str; 4] = ["variants", "accuracy", "propagation", "scale"];
 
 fn main() {
+    // Every process the bench starts is stopped by a destructor, which an aborting panic
+    // skips: `make bench` builds this with the unwinding `bench-driver` profile.
+    #[cfg(panic = "abort")]
+    eprintln!(
+        "warning: built with panic = \"abort\": a failing section would leave its Envoys and \
+         control planes running; build with --profile bench-driver (make bench does)"
+    );
     let mut depth = Depth::Full;
     let mut chosen = Vec::new();
     for arg in std::env::args().skip(1) {

@@ -41,68 +41,6 @@ const SYNC_TARGET_MS: f64 = 5_000.0;
 const SYNC_TARGET_TOKENS: u64 = 100_000;
 const SMALL: u64 = 1_000;
 
-/// Kills the bench's child processes when it panics. The release profile aborts on panic,
-/// so no destructor runs then; without this, a failed run would leave control planes
-/// behind, holding ports and CPU on a shared machine.
-pub(crate) mod guard {
-    use std::process::Command;
-    use std::sync::{Mutex, Once};
-
-    static PIDS: Mutex<Vec<u32>> = Mutex::new(Vec::new());
-    static HOOK: Once = Once::new();
-
-    pub fn install() {
-        HOOK.call_once(|| {
-            let previous = std::panic::take_hook();
-            std::panic::set_hook(Box::new(move |info| {
-                kill_all();
-                previous(info);
-            }));
-        });
-    }
-
-    pub fn register(pid: u32) {
-        if let Ok(mut pids) = PIDS.lock() {
-            pids.push(pid);
-        }
-    }
-
-    /// Called as soon as the process is reaped, so that a reused pid is never killed.
-    pub fn unregister(pid: u32) {
-        if let Ok(mut pids) = PIDS.lock() {
-            pids.retain(|p| *p != pid);
-        }
-    }
-
-    fn kill_all() {
-        // try_lock: the panic may have happened while the list was held.
-        let Ok(pids) = PIDS.try_lock() else { return };
-        for pid in pids.iter() {
-            let _ = Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
-        }
-    }
-}
-
-/// An Envoy whose pid the panic guard knows for as long as it lives.
-struct Guarded(Envoy);
-
-impl Guarded {
-    fn start(label: &str, template: &str, vars: &[(&str, String)]) -> Guarded {
-        let envoy = Envoy::start(label, template, 1, vars);
-        guard::register(envoy.pid());
-        Guarded(envoy)
-    }
-}
-
-impl Drop for Guarded {
-    fn drop(&mut self) {
-        // The Envoy inside is killed and reaped right after this, by its own Drop.
-        guard::unregister(self.0.pid());
-    }
-}
-
 struct Plan {
     large: u64,
     /// Whether the large store may be filled through the API when that is fast enough.
@@ -174,7 +112,7 @@ fn fill_large(cp: &mut ControlPlane, plan: &Plan, small: &Created) -> (Issued, V
 /// One token count's Envoy under test.
 struct Side {
     tokens: u64,
-    envoy: Guarded,
+    envoy: Envoy,
     token: Issued,
     sync: Value,
     rss_kib: u64,
@@ -185,9 +123,10 @@ struct Side {
 /// until the `tokens` gauge shows all `tokens`.
 fn start_synced(label: &str, cp: &ControlPlane, tokens: u64, token: Issued) -> Side {
     let spawned = Instant::now();
-    let envoy = Guarded::start(
+    let envoy = Envoy::start(
         label,
         "tokengate",
+        1,
         &[
             ("CONTROL_PLANE_PORT", cp.port.to_string()),
             ("SYNC_TOKEN", cp.sync_token.clone()),
@@ -195,9 +134,9 @@ fn start_synced(label: &str, cp: &ControlPlane, tokens: u64, token: Issued) -> S
         ],
     );
     let ready = Instant::now();
-    let at_ready = envoy.0.stat("wasmcustom.tokengate.tokens");
+    let at_ready = envoy.stat("wasmcustom.tokengate.tokens");
     loop {
-        if envoy.0.stat("wasmcustom.tokengate.tokens") == tokens {
+        if envoy.stat("wasmcustom.tokengate.tokens") == tokens {
             break;
         }
         assert!(
@@ -209,7 +148,7 @@ fn start_synced(label: &str, cp: &ControlPlane, tokens: u64, token: Issued) -> S
     let synced = Instant::now();
     // A moment for the sync's transient buffers to be dropped where they will be.
     std::thread::sleep(Duration::from_millis(500));
-    let rss = rss_kib(envoy.0.pid());
+    let rss = rss_kib(envoy.pid());
     let from_ready = synced.duration_since(ready).as_secs_f64() * 1e3;
     eprintln!("scale: {label}: {tokens} tokens synced {from_ready:.0} ms after /ready");
     Side {
@@ -228,10 +167,10 @@ fn start_synced(label: &str, cp: &ControlPlane, tokens: u64, token: Issued) -> S
 
 /// Closed-loop load on the side's valid token: throughput and Envoy CPU per request.
 fn measure(side: &mut Side, duration: Duration) {
-    let pid = side.envoy.0.pid();
+    let pid = side.envoy.pid();
     let before = cpu_micros(pid);
     let r = oha(
-        &side.envoy.0.url("/"),
+        &side.envoy.url("/"),
         &[("X-API-Token", side.token.secret.expose())],
         Mode::Closed {
             connections: LOAD_CONNECTIONS,
@@ -303,7 +242,6 @@ fn figures(side: &Side) -> Value {
 }
 
 pub fn run(depth: Depth) -> Value {
-    guard::install();
     let plan = plan(depth);
 
     eprintln!("scale: creating {SMALL} tokens through the API ({CREATE_CLIENTS} clients)");
@@ -322,9 +260,9 @@ pub fn run(depth: Depth) -> Value {
     let (large_token, large_fill) = fill_large(&mut large_cp, &plan, &created);
 
     let none_rss = {
-        let none = Guarded::start("scale-none", "none", &[]);
+        let none = Envoy::start("scale-none", "none", 1, &[]);
         std::thread::sleep(Duration::from_millis(500));
-        rss_kib(none.0.pid())
+        rss_kib(none.pid())
     };
     let mut sides = [
         start_synced("scale-small", &small_cp, SMALL, small_token),
@@ -334,7 +272,7 @@ pub fn run(depth: Depth) -> Value {
     // later, in the background: unmeasured load first, so that no round meets a colder VM.
     for side in &sides {
         oha(
-            &side.envoy.0.url("/"),
+            &side.envoy.url("/"),
             &[("X-API-Token", side.token.secret.expose())],
             Mode::Closed {
                 connections: LOAD_CONNECTIONS,

@@ -18,13 +18,10 @@
 
 use crate::load::{oha, LoadResult, Mode};
 use crate::procstat::{cpu_micros, rss_kib};
-use crate::scale::guard;
 use crate::{median, out_dir, sibling_binary, Depth, Envoy, Helper};
 use serde_json::{json, Value};
-use std::collections::BTreeSet;
 use std::fs;
 use std::net::SocketAddr;
-use std::ops::Deref;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use tokengate_e2e::{free_ports, http, Options, Stack};
@@ -62,68 +59,11 @@ fn plan(depth: Depth) -> Plan {
     }
 }
 
-/// Holds a process owner (an Envoy, a helper, the control-plane stack) and keeps its pids
-/// known to the panic guard while it lives: the release profile aborts on panic, so no
-/// destructor would kill them then.
-struct Watched<T> {
-    inner: T,
-    pids: Vec<u32>,
+fn start_envoy(label: &str, template: &str, vars: &[(&str, String)]) -> Envoy {
+    Envoy::start(label, template, 1, vars)
 }
 
-impl<T> Watched<T> {
-    fn new(inner: T, pids: Vec<u32>) -> Watched<T> {
-        for pid in &pids {
-            guard::register(*pid);
-        }
-        Watched { inner, pids }
-    }
-}
-
-impl<T> Deref for Watched<T> {
-    type Target = T;
-    fn deref(&self) -> &T {
-        &self.inner
-    }
-}
-
-impl<T> Drop for Watched<T> {
-    fn drop(&mut self) {
-        // The owner kills and reaps them right after this; a reaped pid may be reused.
-        for pid in &self.pids {
-            guard::unregister(*pid);
-        }
-    }
-}
-
-/// Pids of this process's children. The e2e stack keeps its children private, so the
-/// guard learns them as the children that appeared while it started.
-fn children() -> BTreeSet<u32> {
-    let me = std::process::id();
-    let Ok(dir) = fs::read_dir("/proc") else {
-        return BTreeSet::new();
-    };
-    dir.filter_map(Result::ok)
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            // `pid (comm) state ppid ...`; comm may hold spaces and parentheses.
-            fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|s| {
-                    let rest = &s[s.rfind(')')? + 1..];
-                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
-                })
-                == Some(me)
-        })
-        .collect()
-}
-
-fn start_envoy(label: &str, template: &str, vars: &[(&str, String)]) -> Watched<Envoy> {
-    let envoy = Envoy::start(label, template, 1, vars);
-    let pid = envoy.pid();
-    Watched::new(envoy, vec![pid])
-}
-
-fn start_authz(stack: &Stack) -> (Watched<Helper>, SocketAddr) {
+fn start_authz(stack: &Stack) -> (Helper, SocketAddr) {
     let port = free_ports(1)[0];
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     let log_path = out_dir().join("run/bench-authz.log");
@@ -143,8 +83,7 @@ fn start_authz(stack: &Stack) -> (Watched<Helper>, SocketAddr) {
                 binary.display()
             )
         });
-    let pid = child.id();
-    let mut helper = Watched::new(Helper(child), vec![pid]);
+    let mut helper = Helper(child);
     let start = Instant::now();
     while !http(addr, "GET", "/healthz", &[], None).is_ok_and(|r| r.status == 200) {
         let exited = helper_exited(&mut helper);
@@ -162,8 +101,8 @@ fn start_authz(stack: &Stack) -> (Watched<Helper>, SocketAddr) {
     (helper, addr)
 }
 
-fn helper_exited(helper: &mut Watched<Helper>) -> bool {
-    matches!(helper.inner.0.try_wait(), Ok(Some(_)))
+fn helper_exited(helper: &mut Helper) -> bool {
+    matches!(helper.0.try_wait(), Ok(Some(_)))
 }
 
 /// One variant under test, up for the whole run.
@@ -173,11 +112,11 @@ struct Variant {
     label: &'static str,
     /// For the tables.
     title: &'static str,
-    envoy: Watched<Envoy>,
+    envoy: Envoy,
     /// The token header the load sends (none for A).
     token: Option<String>,
     /// The ext_authz service (E only): its CPU is part of the variant's cost.
-    authz: Option<Watched<Helper>>,
+    authz: Option<Helper>,
     rounds: Vec<Value>,
 }
 
@@ -191,7 +130,7 @@ impl Variant {
     }
 
     fn authz_pid(&self) -> Option<u32> {
-        self.authz.as_ref().map(|h| h.inner.0.id())
+        self.authz.as_ref().map(|h| h.0.id())
     }
 }
 
@@ -338,17 +277,13 @@ fn native_vars(tokens: &[(String, String)]) -> Vec<(&'static str, String)> {
 }
 
 pub fn run(depth: Depth) -> Value {
-    guard::install();
     let plan = plan(depth);
     let started = Instant::now();
 
-    let before = children();
     let stack = Stack::start_with(Options {
         control_plane: true,
         envoy: false,
     });
-    let stack_pids = children().difference(&before).copied().collect();
-    let stack = Watched::new(stack, stack_pids);
 
     // B's token first, C's second; the rest make the state as large as D's key list.
     let mut tokens = vec![

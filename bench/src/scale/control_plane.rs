@@ -2,7 +2,6 @@
 //! pid (memory, open sockets), its log level as shipped, a longer long-poll bound, and to
 //! stop it cleanly around a bulk seed of its database.
 
-use super::guard;
 use std::fmt;
 use std::fs;
 use std::io;
@@ -101,7 +100,6 @@ impl ControlPlane {
             .stderr(log)
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
-        guard::register(child.id());
         self.child = Some(child);
         let start = Instant::now();
         loop {
@@ -139,7 +137,6 @@ impl ControlPlane {
         }
         let _ = child.kill();
         let _ = child.wait();
-        guard::unregister(pid);
     }
 
     pub fn pid(&self) -> u32 {
@@ -187,7 +184,6 @@ impl Drop for ControlPlane {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
-            guard::unregister(child.id());
         }
     }
 }
