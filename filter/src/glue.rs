@@ -12,7 +12,7 @@ use crate::usage::{self, Reporter, Tally};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
 use std::rc::Rc;
@@ -99,6 +99,17 @@ impl Metrics {
             usage_dropped: counter("tokengate.usage.dropped"),
         }
     }
+
+    fn denied(&self, d: Denial) -> Option<u32> {
+        match d {
+            Denial::MissingToken => self.missing_token,
+            Denial::InvalidToken => self.invalid_token,
+            Denial::TokenExpired => self.token_expired,
+            Denial::TokenSuspended => self.token_suspended,
+            Denial::RateLimited { .. } => self.rate_limited,
+            Denial::StateUnavailable => self.state_unavailable,
+        }
+    }
 }
 
 fn bump(metric: Option<u32>) {
@@ -133,42 +144,28 @@ struct Shared {
     identity_headers: [String; 4],
     /// This worker's request counts since its last tick.
     usage: RefCell<Tally>,
-    /// Allowed and denied requests since this worker's last tick, by outcome: counted here
-    /// and handed to Envoy once per tick, which saves a host call on every request.
-    outcomes: Outcomes,
+    /// Allowed and denied requests since this worker's last tick: counted here and handed
+    /// to Envoy once per tick, which saves a host call on every request.
+    outcomes: Pending,
 }
 
-/// Request outcomes counted in the VM until the next flush.
+/// Counter increments kept in the VM until the next flush: (metric id, count).
 #[derive(Default)]
-struct Outcomes {
-    allowed: Cell<u64>,
-    denied: [Cell<u64>; 6],
-}
+struct Pending(RefCell<Vec<(u32, u64)>>);
 
-fn denial_index(d: Denial) -> usize {
-    match d {
-        Denial::MissingToken => 0,
-        Denial::InvalidToken => 1,
-        Denial::TokenExpired => 2,
-        Denial::TokenSuspended => 3,
-        Denial::RateLimited { .. } => 4,
-        Denial::StateUnavailable => 5,
+impl Pending {
+    fn bump(&self, metric: Option<u32>) {
+        let Some(id) = metric else { return };
+        let mut counts = self.0.borrow_mut();
+        match counts.iter_mut().find(|(m, _)| *m == id) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((id, 1)),
+        }
     }
-}
 
-impl Outcomes {
-    fn flush(&self, metrics: &Metrics) {
-        add(metrics.allowed, self.allowed.take());
-        let by_index = [
-            metrics.missing_token,
-            metrics.invalid_token,
-            metrics.token_expired,
-            metrics.token_suspended,
-            metrics.rate_limited,
-            metrics.state_unavailable,
-        ];
-        for (metric, count) in by_index.into_iter().zip(&self.denied) {
-            add(metric, count.take());
+    fn flush(&self) {
+        for (id, n) in self.0.borrow_mut().iter_mut() {
+            add(Some(*id), std::mem::take(n));
         }
     }
 }
@@ -450,7 +447,7 @@ impl RootContext for Root {
             config,
             metrics: Metrics::define(),
             identity_headers,
-            outcomes: Outcomes::default(),
+            outcomes: Pending::default(),
         }));
         true
     }
@@ -459,7 +456,7 @@ impl RootContext for Root {
         let Some(shared) = self.shared.clone() else {
             return;
         };
-        shared.outcomes.flush(&shared.metrics);
+        shared.outcomes.flush();
         let next = self
             .sync
             .on_tick(&shared.config, &HostStore, &self.proxy_id, Self::now_ms());
@@ -564,13 +561,11 @@ impl HttpContext for Request {
                         Some(value),
                     );
                 }
-                let allowed = &shared.outcomes.allowed;
-                allowed.set(allowed.get() + 1);
+                shared.outcomes.bump(shared.metrics.allowed);
                 Action::Continue
             }
             Outcome::Deny(d) => {
-                let denied = &shared.outcomes.denied[denial_index(d)];
-                denied.set(denied.get() + 1);
+                shared.outcomes.bump(shared.metrics.denied(d));
                 // Only a caller who may retry later learns when its token ends.
                 let announce = match d {
                     Denial::RateLimited { .. } => self.expires_at.take(),
