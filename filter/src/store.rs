@@ -22,7 +22,9 @@ pub trait Clock {
     fn now_nanos(&self) -> u64;
 }
 
-#[cfg(test)]
+/// In-memory stand-ins for tests and for the bench's native profile of the decision path
+/// (feature `fake-store`).
+#[cfg(any(test, feature = "fake-store"))]
 pub mod fake {
     use super::*;
     use std::cell::{Cell, RefCell};

@@ -212,14 +212,6 @@ fn expected_answer(status: &str) -> u16 {
     }
 }
 
-fn stat(stack: &Stack, name: &str) -> Option<u64> {
-    let body = stack.envoy_admin("/stats?filter=tokengate").body;
-    body.lines()
-        .filter_map(|l| l.split_once(": "))
-        .find(|(k, _)| *k == format!("wasmcustom.{name}"))
-        .and_then(|(_, v)| v.trim().parse().ok())
-}
-
 /// A stack whose control plane pages sync answers by [`SYNC_PAGE_SIZE`]. The harness passes
 /// no extra flags, so a wrapper sets the page size; it `exec`s, so the harness's SIGKILL
 /// still reaches the control plane itself.
@@ -252,14 +244,14 @@ fn paged_stack(plugin_extra: &str) -> Stack {
 /// Waits until Envoy holds `version` and answers every `(secret, status)` as its status
 /// says. A single call per token once the version is there: a limited token must pass one.
 fn assert_envoy_serves(stack: &Stack, version: u64, tokens: &[(String, String, String)]) {
-    let mut last = None;
+    let mut last = 0;
     let reached = try_wait_until(PROPAGATION, || {
-        last = stat(stack, "tokengate.state_version");
-        last == Some(version)
+        last = stack.envoy_stat("wasmcustom.tokengate.state_version");
+        last == version
     });
     assert!(
         reached.is_some(),
-        "Envoy's tokengate.state_version is {last:?}, the database's version is {version}"
+        "Envoy's tokengate.state_version is {last}, the database's version is {version}"
     );
     for (id, secret, status) in tokens {
         let want = expected_answer(status);

@@ -20,15 +20,6 @@ fn stack_with(extra: &str) -> Stack {
     stack
 }
 
-fn stat(stack: &Stack, name: &str) -> u64 {
-    let body = stack.envoy_admin("/stats?filter=tokengate").body;
-    body.lines()
-        .filter_map(|l| l.split_once(": "))
-        .find(|(k, _)| *k == format!("wasmcustom.{name}"))
-        .and_then(|(_, v)| v.trim().parse().ok())
-        .unwrap_or(0)
-}
-
 #[test]
 fn usage_counted_in_envoy_reaches_last_used_at() {
     let stack = stack_with(r#""usage_report_ms": 300"#);
@@ -53,8 +44,8 @@ fn usage_counted_in_envoy_reaches_last_used_at() {
         let t = stack.admin("GET", &format!("/v1/tokens/{id}"), None).json();
         let total = t["requests_allowed"].as_u64().unwrap_or(0)
             + t["requests_denied"].as_u64().unwrap_or(0);
-        let envoy_total =
-            stat(&stack, "tokengate.allowed") + stat(&stack, "tokengate.denied.token_suspended");
+        let envoy_total = stack.envoy_stat("wasmcustom.tokengate.allowed")
+            + stack.envoy_stat("wasmcustom.tokengate.denied.token_suspended");
         let other = stack
             .admin("GET", &format!("/v1/tokens/{other_id}"), None)
             .json();
@@ -71,8 +62,8 @@ fn usage_counted_in_envoy_reaches_last_used_at() {
     );
     assert!(t["requests_allowed"].as_u64().unwrap() >= 21, "{t}");
     assert!(t["requests_denied"].as_u64().unwrap() >= 6, "{t}");
-    assert!(stat(&stack, "tokengate.usage.reports") > 0);
-    assert_eq!(stat(&stack, "tokengate.usage.dropped"), 0);
+    assert!(stack.envoy_stat("wasmcustom.tokengate.usage.reports") > 0);
+    assert_eq!(stack.envoy_stat("wasmcustom.tokengate.usage.dropped"), 0);
     // The version did not move with usage: no sync churn.
     let v = t["version"].as_u64().unwrap();
     let list = stack.admin("GET", "/v1/tokens", None).json();
@@ -128,8 +119,8 @@ fn a_failing_usage_endpoint_never_holds_up_traffic() {
     stack.wait_for_status(&secret, 200, STATE_LOAD);
     wait_until(Duration::from_secs(20), "usage failures counted", || {
         assert_eq!(stack.call_with_token(&secret).status, 200);
-        stat(&stack, "tokengate.usage.failures") >= 2
+        stack.envoy_stat("wasmcustom.tokengate.usage.failures") >= 2
     });
-    assert_eq!(stat(&stack, "tokengate.usage.reports"), 0);
-    assert!(stat(&stack, "tokengate.sync.success") > 0);
+    assert_eq!(stack.envoy_stat("wasmcustom.tokengate.usage.reports"), 0);
+    assert!(stack.envoy_stat("wasmcustom.tokengate.sync.success") > 0);
 }

@@ -6,39 +6,11 @@
 //!
 //! `filter-path [requests] [tokens]` (default 200,000 requests over a 1,000-token state).
 
-use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 use tokengate_filter::authorize::{extract, judge, Outcome};
 use tokengate_filter::config::Config;
-use tokengate_filter::store::{SharedStore, StoreError};
+use tokengate_filter::store::fake::MemStore;
 use tokengate_filter::sync::SyncClient;
 use tokengate_wire::{token, Kind, SyncRecord, SyncResponse, SyncStatus};
-
-#[derive(Default)]
-struct CopyingStore {
-    map: RefCell<HashMap<String, (Vec<u8>, u32)>>,
-    cas: Cell<u32>,
-}
-
-impl SharedStore for CopyingStore {
-    fn get(&self, key: &str) -> Result<(Option<Vec<u8>>, u32), StoreError> {
-        Ok(match self.map.borrow().get(key) {
-            Some((v, c)) => (Some(v.clone()), *c),
-            None => (None, 0),
-        })
-    }
-    fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), StoreError> {
-        let mut map = self.map.borrow_mut();
-        if let Some((_, current)) = map.get(key) {
-            if cas != 0 && cas != *current {
-                return Err(StoreError::CasMismatch);
-            }
-        }
-        self.cas.set(self.cas.get() + 1);
-        map.insert(key.to_string(), (value.to_vec(), self.cas.get()));
-        Ok(())
-    }
-}
 
 fn secret(i: usize) -> String {
     let alphabet = token::BASE62;
@@ -53,7 +25,7 @@ fn main() {
     let requests: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(200_000);
     let tokens: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(1_000);
     let cfg = Config::parse(br#"{"control_plane_cluster":"cp","sync_token":"x"}"#).expect("config");
-    let store = CopyingStore::default();
+    let store = MemStore::default();
     let secrets: Vec<String> = (0..tokens).map(secret).collect();
     let changes = secrets
         .iter()
