@@ -1,13 +1,22 @@
-//! tokengate's proxy-wasm filter.
+//! tokengate's filter: the host-agnostic core of both data-plane flavors, and the proxy-wasm
+//! flavor's glue.
 //!
-//! The decisions live in plain Rust modules with no proxy-wasm types (`authorize`, `gcra`,
-//! `record`, `sync`, `usage`, `config`, `response`, `timefmt`) and are unit-tested natively; `glue` binds them
-//! to the proxy-wasm ABI and is only built for wasm32.
+//! The core is plain Rust with no host types, unit-tested natively: the decisions
+//! (`authorize`, `gcra`, `record`, `config`, `response`, `timefmt`), the per-request flow
+//! (`request`), the sync and usage machines (`sync`, `usage`, on the one `callout` machine)
+//! and the leader's orchestration (`leader`), written against small host traits (`store`,
+//! `host`). `wasm` binds them to the proxy-wasm ABI and is only built for wasm32; the native
+//! flavor (the `tokengate-native` crate) binds them to Envoy's dynamic-module ABI.
 
 pub mod authorize;
+pub mod callout;
 pub mod config;
 pub mod gcra;
+pub mod host;
+pub mod leader;
+pub mod metrics;
 pub mod record;
+pub mod request;
 pub mod response;
 pub mod store;
 pub mod sync;
@@ -18,6 +27,6 @@ pub mod usage;
 mod properties;
 
 #[cfg(target_arch = "wasm32")]
-mod glue;
-#[cfg(target_arch = "wasm32")]
 mod request_header;
+#[cfg(target_arch = "wasm32")]
+mod wasm;

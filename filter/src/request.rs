@@ -1,0 +1,337 @@
+//! One request through the filter, written once for both flavors: read the credential, judge
+//! it, count it, then either rewrite the headers that go upstream or name the refusal. Each
+//! flavor supplies the header map ([`RequestHeaders`]) and sends what [`Reply`] says.
+
+use crate::authorize::{self, Denial, Outcome};
+use crate::config::Config;
+use crate::metrics::Counter;
+use crate::store::SharedStore;
+
+/// The request headers of one stream.
+pub trait RequestHeaders {
+    /// A header value as the host hands it over (borrowed from Envoy by the native module).
+    type Value: AsRef<[u8]>;
+    /// The value of request header `name` (lower case), `Some(empty)` for a header sent
+    /// empty. A header sent more than once must read as something that is no token (joined
+    /// with `,`), never as one of its copies: a later hop could read another.
+    fn get(&self, name: &str) -> Option<Self::Value>;
+    /// Replaces every value of `name`.
+    fn set(&mut self, name: &str, value: &[u8]);
+    fn remove(&mut self, name: &str);
+}
+
+/// The names of the identity headers, built once from the configured prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityHeaders {
+    pub id: String,
+    pub name: String,
+    pub owner: String,
+    pub kind: String,
+}
+
+impl IdentityHeaders {
+    pub fn new(cfg: &Config) -> IdentityHeaders {
+        let p = &cfg.identity_header_prefix;
+        IdentityHeaders {
+            id: format!("{p}token-id"),
+            name: format!("{p}token-name"),
+            owner: format!("{p}token-owner"),
+            kind: format!("{p}token-kind"),
+        }
+    }
+}
+
+/// Announces the token's expiry on a response, inside the warning window.
+pub const EXPIRES_HEADER: &str = "x-tokengate-token-expires";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reply {
+    /// On its way upstream; the response announces `expires_at` (Unix seconds) if set.
+    Allow { expires_at: Option<i64> },
+    /// Answer with [`crate::response::refusal`], announcing `expires_at` if set.
+    Refuse {
+        denial: Denial,
+        expires_at: Option<i64>,
+    },
+}
+
+/// Decides one request at `now_nanos` (0: the host has no clock, so nothing can be trusted)
+/// and, when it may pass, rewrites its headers: the credential goes, the identity comes,
+/// client-sent copies of the identity headers are replaced. `usage` counts the request for a
+/// known token (id, allowed, Unix second). Returns the reply and the counter it goes to.
+pub fn handle<S, H>(
+    cfg: &Config,
+    ids: &IdentityHeaders,
+    store: &S,
+    headers: &mut H,
+    now_nanos: u64,
+    usage: impl FnOnce(&[u8], bool, i64),
+) -> (Reply, Counter)
+where
+    S: SharedStore + ?Sized,
+    H: RequestHeaders,
+{
+    let verdict = {
+        // The credential borrows the header map: it is done with before the map changes.
+        let credential = authorize::extract(cfg, |name| headers.get(name));
+        if now_nanos == 0 {
+            authorize::Verdict {
+                outcome: Outcome::Deny(Denial::StateUnavailable),
+                token: None,
+            }
+        } else {
+            authorize::judge(
+                cfg,
+                store,
+                credential.as_ref().map(|c| c.bytes()),
+                now_nanos,
+            )
+        }
+    };
+    let mut expires_at = None;
+    if let Some(token) = &verdict.token {
+        if cfg.usage_reporting {
+            let allowed = verdict.outcome == Outcome::Allow;
+            usage(token.id(), allowed, (now_nanos / 1_000_000_000) as i64);
+        }
+        expires_at = authorize::expiry_to_announce(cfg, Some(token), now_nanos);
+    }
+    let reply = match (verdict.outcome, &verdict.token) {
+        (Outcome::Allow, Some(token)) => {
+            for name in &cfg.token_headers {
+                headers.remove(name);
+            }
+            if cfg.bearer
+                && headers
+                    .get("authorization")
+                    .is_some_and(|v| authorize::bearer_token(v.as_ref()).is_some())
+            {
+                headers.remove("authorization");
+            }
+            // Replacing removes every client-sent copy before setting ours.
+            headers.set(&ids.id, token.id());
+            headers.set(&ids.name, token.name());
+            headers.set(&ids.owner, token.owner());
+            headers.set(&ids.kind, token.kind.as_str().as_bytes());
+            Reply::Allow { expires_at }
+        }
+        (Outcome::Allow, None) => Reply::Refuse {
+            // Unreachable: an allowed request always has its token. Fail closed regardless.
+            denial: Denial::StateUnavailable,
+            expires_at: None,
+        },
+        (Outcome::Deny(denial), _) => Reply::Refuse {
+            denial,
+            // Only a caller who may retry later learns when its token ends.
+            expires_at: match denial {
+                Denial::RateLimited { .. } => expires_at,
+                _ => None,
+            },
+        },
+    };
+    let counter = match reply {
+        Reply::Allow { .. } => Counter::Allowed,
+        Reply::Refuse { denial, .. } => Counter::denied(denial),
+    };
+    (reply, counter)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::authorize::hash_hex;
+    use crate::record::{encode_state, encode_token, token_key, State, STATE_KEY};
+    use crate::store::fake::MemStore;
+    use std::collections::BTreeMap;
+    use tokengate_wire::{token, Kind, SyncRecord, SyncStatus};
+
+    const NOW: u64 = 1_800_000_000 * 1_000_000_000;
+
+    #[derive(Default)]
+    struct Map(BTreeMap<String, Vec<u8>>);
+
+    impl RequestHeaders for Map {
+        type Value = Vec<u8>;
+        fn get(&self, name: &str) -> Option<Vec<u8>> {
+            self.0.get(name).cloned()
+        }
+        fn set(&mut self, name: &str, value: &[u8]) {
+            self.0.insert(name.to_string(), value.to_vec());
+        }
+        fn remove(&mut self, name: &str) {
+            self.0.remove(name);
+        }
+    }
+
+    fn cfg() -> Config {
+        Config::parse(br#"{"control_plane_cluster":"cp","sync_token":"x"}"#).unwrap()
+    }
+
+    fn setup(edit: impl FnOnce(&mut SyncRecord)) -> (MemStore, String) {
+        let s = MemStore::default();
+        let state = State {
+            version: 1,
+            generation: 1,
+            store_id: "s".into(),
+            token_count: 1,
+        };
+        s.set(STATE_KEY, &encode_state(&state), 0).unwrap();
+        let secret = token::compose(&"a".repeat(32)).unwrap();
+        let mut r = SyncRecord {
+            hash: hash_hex(secret.as_bytes()),
+            id: "tok_1".into(),
+            name: "reporting".into(),
+            owner: "alice".into(),
+            kind: Kind::Service,
+            status: SyncStatus::Active,
+            max_rps: None,
+            burst: None,
+            expires_at: None,
+            version: 1,
+        };
+        edit(&mut r);
+        s.set(&token_key(&r.hash), &encode_token(&r, 1), 0).unwrap();
+        (s, secret)
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> Map {
+        Map(pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+            .collect())
+    }
+
+    #[test]
+    fn an_allowed_request_goes_up_with_its_identity_and_without_its_credential() {
+        let (c, (s, secret)) = (cfg(), setup(|_| {}));
+        let ids = IdentityHeaders::new(&c);
+        let bearer = format!("Bearer {secret}");
+        let mut h = headers(&[
+            ("authorization", &bearer),
+            ("x-tokengate-token-id", "tok_SPOOF"),
+            ("x-other", "kept"),
+        ]);
+        let mut counted = vec![];
+        let (reply, counter) = handle(&c, &ids, &s, &mut h, NOW, |id, allowed, at| {
+            counted.push((id.to_vec(), allowed, at))
+        });
+        assert_eq!(reply, Reply::Allow { expires_at: None });
+        assert_eq!(counter, Counter::Allowed);
+        assert_eq!(counted, [(b"tok_1".to_vec(), true, 1_800_000_000)]);
+        let want = headers(&[
+            ("x-tokengate-token-id", "tok_1"),
+            ("x-tokengate-token-name", "reporting"),
+            ("x-tokengate-token-owner", "alice"),
+            ("x-tokengate-token-kind", "service"),
+            ("x-other", "kept"),
+        ]);
+        assert_eq!(h.0, want.0);
+    }
+
+    #[test]
+    fn a_refused_request_keeps_its_headers_and_names_the_refusal() {
+        let (c, (s, secret)) = (cfg(), setup(|r| r.status = SyncStatus::Suspended));
+        let ids = IdentityHeaders::new(&c);
+        let mut h = headers(&[("x-api-token", &secret)]);
+        let before = h.0.clone();
+        let mut counted = vec![];
+        let (reply, counter) = handle(&c, &ids, &s, &mut h, NOW, |id, allowed, _| {
+            counted.push((id.to_vec(), allowed))
+        });
+        assert_eq!(
+            (reply, counter),
+            (
+                Reply::Refuse {
+                    denial: Denial::TokenSuspended,
+                    expires_at: None
+                },
+                Counter::TokenSuspended
+            )
+        );
+        assert_eq!(
+            counted,
+            [(b"tok_1".to_vec(), false)],
+            "known tokens count when refused"
+        );
+        assert_eq!(h.0, before);
+        let (reply, counter) = handle(&c, &ids, &s, &mut Map::default(), NOW, |_, _, _| {
+            panic!("an unknown caller is no token's usage")
+        });
+        assert_eq!(
+            (reply, counter),
+            (
+                Reply::Refuse {
+                    denial: Denial::MissingToken,
+                    expires_at: None
+                },
+                Counter::MissingToken
+            )
+        );
+    }
+
+    #[test]
+    fn expiry_is_announced_on_allowed_and_rate_limited_answers_only() {
+        let soon = 1_800_000_000 + 3_600;
+        let c = cfg();
+        let ids = IdentityHeaders::new(&c);
+        let (s, secret) = setup(|r| {
+            r.expires_at = Some(soon);
+            r.max_rps = Some(1);
+        });
+        let mut h = headers(&[("x-api-token", &secret)]);
+        let (reply, _) = handle(&c, &ids, &s, &mut h, NOW, |_, _, _| {});
+        assert_eq!(
+            reply,
+            Reply::Allow {
+                expires_at: Some(soon)
+            }
+        );
+        let mut h = headers(&[("x-api-token", &secret)]);
+        let (reply, _) = handle(&c, &ids, &s, &mut h, NOW, |_, _, _| {});
+        assert!(matches!(
+            reply,
+            Reply::Refuse {
+                denial: Denial::RateLimited { .. },
+                expires_at: Some(e)
+            } if e == soon
+        ));
+        let (s, secret) = setup(|r| {
+            r.expires_at = Some(soon);
+            r.status = SyncStatus::Suspended;
+        });
+        let mut h = headers(&[("x-api-token", &secret)]);
+        let (reply, _) = handle(&c, &ids, &s, &mut h, NOW, |_, _, _| {});
+        assert_eq!(
+            reply,
+            Reply::Refuse {
+                denial: Denial::TokenSuspended,
+                expires_at: None
+            }
+        );
+    }
+
+    #[test]
+    fn no_clock_no_trust_and_no_usage_when_reporting_is_off() {
+        let (s, secret) = setup(|_| {});
+        let c = cfg();
+        let ids = IdentityHeaders::new(&c);
+        let mut h = headers(&[("x-api-token", &secret)]);
+        let (reply, _) = handle(&c, &ids, &s, &mut h, 0, |_, _, _| {});
+        assert!(matches!(
+            reply,
+            Reply::Refuse {
+                denial: Denial::StateUnavailable,
+                ..
+            }
+        ));
+        let off = Config::parse(
+            br#"{"control_plane_cluster":"cp","sync_token":"x","usage_reporting":false}"#,
+        )
+        .unwrap();
+        let mut h = headers(&[("x-api-token", &secret)]);
+        let (reply, _) = handle(&off, &ids, &s, &mut h, NOW, |_, _, _| {
+            panic!("reporting is off")
+        });
+        assert_eq!(reply, Reply::Allow { expires_at: None });
+    }
+}
