@@ -591,6 +591,9 @@ pub trait Plugin: Sync + Sized + 'static {
     fn response_headers(&self, stream: &mut Self::Stream, envoy: &FilterHandle<'_>) -> Headers;
     /// A hook panicked on the request path: answer 503 (unless answered already) and count it.
     fn request_panicked(&self, envoy: &FilterHandle<'_>);
+    /// A request reached a stream that has no plugin (Envoy passed no module pointer, which
+    /// it never should): refuse it, failing closed.
+    fn refuse_unconfigured(envoy: &FilterHandle<'_>);
     /// A hook panicked anywhere else: count it.
     fn panicked(&self);
 }
@@ -807,16 +810,18 @@ mod hooks {
     }
 
     pub(super) fn request_headers<P: Plugin>(envoy: *mut c_void, module: *const c_void) -> u32 {
-        // SAFETY: Envoy passes the pointer `filter_new` returned, on the stream's worker.
-        let Some((plugin, stream)) = (unsafe { stream::<P>(module) }) else {
-            return HEADERS_CONTINUE;
-        };
         if envoy.is_null() {
-            return HEADERS_CONTINUE;
+            // Nothing can be answered; nothing may pass either.
+            return HEADERS_STOP_ITERATION;
         }
         let handle = FilterHandle {
             raw: envoy,
             _hook: PhantomData,
+        };
+        // SAFETY: Envoy passes the pointer `filter_new` returned, on the stream's worker.
+        let Some((plugin, stream)) = (unsafe { stream::<P>(module) }) else {
+            guard(|| (), || P::refuse_unconfigured(&handle));
+            return HEADERS_STOP_ITERATION;
         };
         guard(
             || {
@@ -878,6 +883,9 @@ mod hooks {
 // ---------------------------------------------------------------------------------------
 
 type Module = crate::Module;
+
+#[cfg(test)]
+pub(crate) mod fake_envoy;
 
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_program_init() -> *const u8 {
@@ -1104,4 +1112,149 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_downstream_below_write_buf
     _envoy: *mut c_void,
     _module: *const c_void,
 ) {
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fake_envoy::{FakeConfig, FakeFilter};
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    static PANICS: AtomicU64 = AtomicU64::new(0);
+
+    /// A plugin whose hooks panic on demand.
+    struct Panicky;
+
+    impl Plugin for Panicky {
+        type Stream = ();
+        fn configure(_: ConfigHandle, _: &[u8], config: &[u8]) -> Option<Self> {
+            if config == b"panic" {
+                panic!("configure panicked");
+            }
+            Some(Panicky)
+        }
+        fn scheduled(&self, _: ConfigHandle, _: u64) {
+            panic!("scheduled panicked");
+        }
+        fn callout_done(&self, _: ConfigHandle, _: u64, _: &Answer<'_>) {}
+        fn new_stream(&self, _: &FilterHandle<'_>) {}
+        fn request_headers(&self, _: &mut (), envoy: &FilterHandle<'_>) -> Headers {
+            if envoy.request_header("x-panic").0.is_some() {
+                panic!("request_headers panicked");
+            }
+            Headers::Continue
+        }
+        fn response_headers(&self, _: &mut (), _: &FilterHandle<'_>) -> Headers {
+            panic!("response_headers panicked");
+        }
+        fn request_panicked(&self, envoy: &FilterHandle<'_>) {
+            PANICS.fetch_add(1, Ordering::SeqCst);
+            envoy.send_response(503, &[], b"caught", "panic");
+        }
+        fn panicked(&self) {
+            PANICS.fetch_add(1, Ordering::SeqCst);
+        }
+        fn refuse_unconfigured(envoy: &FilterHandle<'_>) {
+            envoy.send_response(503, &[], b"unconfigured", "unconfigured");
+        }
+    }
+
+    fn buffer(b: &[u8]) -> EnvoyBuffer {
+        EnvoyBuffer {
+            ptr: b.as_ptr(),
+            len: b.len(),
+        }
+    }
+
+    #[test]
+    fn panics_never_cross_the_boundary() {
+        let envoy = FakeConfig::default();
+        // A panic while configuring rejects the configuration.
+        assert!(
+            hooks::config_new::<Panicky>(envoy.ptr(), buffer(b"n"), buffer(b"panic")).is_null()
+        );
+        let module = hooks::config_new::<Panicky>(envoy.ptr(), buffer(b"n"), buffer(b"ok"));
+        assert!(!module.is_null());
+        let before = PANICS.load(Ordering::SeqCst);
+        // On the request path: a 503, counted, and the chain stops.
+        let f = FakeFilter::with(&[("x-panic", "1")]);
+        let stream = hooks::filter_new::<Panicky>(module, f.ptr());
+        assert_eq!(
+            hooks::request_headers::<Panicky>(f.ptr(), stream),
+            HEADERS_STOP_ITERATION
+        );
+        let sent = f.sent.borrow().clone().unwrap();
+        assert_eq!((sent.status, sent.body.as_str()), (503, "caught"));
+        // Elsewhere: counted, and Envoy carries on.
+        assert_eq!(
+            hooks::response_headers::<Panicky>(f.ptr(), stream),
+            HEADERS_CONTINUE
+        );
+        hooks::config_scheduled::<Panicky>(envoy.ptr(), module, 1);
+        assert_eq!(PANICS.load(Ordering::SeqCst) - before, 3);
+        hooks::filter_destroy::<Panicky>(stream);
+        // A stream that does not panic is untouched.
+        let calm = FakeFilter::with(&[]);
+        let stream = hooks::filter_new::<Panicky>(module, calm.ptr());
+        assert_eq!(
+            hooks::request_headers::<Panicky>(calm.ptr(), stream),
+            HEADERS_CONTINUE
+        );
+        assert!(calm.sent.borrow().is_none());
+        hooks::filter_destroy::<Panicky>(stream);
+        hooks::config_destroy::<Panicky>(module);
+    }
+
+    #[test]
+    fn null_pointers_from_envoy_are_refused() {
+        let envoy = FakeConfig::default();
+        assert!(
+            hooks::config_new::<Panicky>(ptr::null_mut(), buffer(b"n"), buffer(b"ok")).is_null()
+        );
+        let module = hooks::config_new::<Panicky>(envoy.ptr(), buffer(b"n"), buffer(b"ok"));
+        let f = FakeFilter::with(&[]);
+        assert!(hooks::filter_new::<Panicky>(ptr::null(), f.ptr()).is_null());
+        assert!(hooks::filter_new::<Panicky>(module, ptr::null_mut()).is_null());
+        // No module for the stream: fail closed, with an answer.
+        assert_eq!(
+            hooks::request_headers::<Panicky>(f.ptr(), ptr::null()),
+            HEADERS_STOP_ITERATION
+        );
+        assert_eq!(f.sent.borrow().clone().unwrap().body, "unconfigured");
+        // No Envoy object: nothing to answer with, and nothing passes.
+        let stream = hooks::filter_new::<Panicky>(module, f.ptr());
+        assert_eq!(
+            hooks::request_headers::<Panicky>(ptr::null_mut(), stream),
+            HEADERS_STOP_ITERATION
+        );
+        // A buffer that claims bytes but has no pointer reads as empty.
+        let bogus = EnvoyBuffer {
+            ptr: ptr::null(),
+            len: 5,
+        };
+        let other = hooks::config_new::<Panicky>(envoy.ptr(), bogus, bogus);
+        assert!(!other.is_null());
+        hooks::config_scheduled::<Panicky>(envoy.ptr(), ptr::null(), 1);
+        hooks::config_destroy::<Panicky>(ptr::null());
+        hooks::filter_destroy::<Panicky>(ptr::null());
+        hooks::filter_destroy::<Panicky>(stream);
+        hooks::config_destroy::<Panicky>(other);
+        hooks::config_destroy::<Panicky>(module);
+    }
+
+    #[test]
+    fn finished_streams_are_reused() {
+        let envoy = FakeConfig::default();
+        let module = hooks::config_new::<Panicky>(envoy.ptr(), buffer(b"n"), buffer(b"ok"));
+        let f = FakeFilter::with(&[]);
+        let first = hooks::filter_new::<Panicky>(module, f.ptr());
+        hooks::filter_destroy::<Panicky>(first);
+        let second = hooks::filter_new::<Panicky>(module, f.ptr());
+        assert_eq!(first, second, "the pooled object came back");
+        let third = hooks::filter_new::<Panicky>(module, f.ptr());
+        assert_ne!(second, third, "a live stream's object is not shared");
+        hooks::filter_destroy::<Panicky>(second);
+        hooks::filter_destroy::<Panicky>(third);
+        hooks::config_destroy::<Panicky>(module);
+    }
 }

@@ -15,6 +15,8 @@ compile_error!(
 mod abi;
 mod plugin;
 mod store;
+#[cfg(test)]
+mod tests;
 
 /// The plugin Envoy's hooks (in `abi`) drive.
 type Module = plugin::Tokengate;

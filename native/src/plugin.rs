@@ -303,6 +303,10 @@ impl Plugin for Tokengate {
     fn panicked(&self) {
         self.panics.fetch_add(1, Ordering::Relaxed);
     }
+
+    fn refuse_unconfigured(envoy: &FilterHandle<'_>) {
+        refuse(envoy, Denial::StateUnavailable, None);
+    }
 }
 
 /// The leader's host: Envoy's callbacks for the configuration, on the main thread.
