@@ -14,6 +14,10 @@ ENVOY_DIR     := .tools/envoy
 ENVOY_BIN     ?= $(ENVOY_DIR)/envoy/_bin/envoy
 WASM_TARGET   := wasm32-wasip1
 WASM          := target/$(WASM_TARGET)/release/tokengate_filter.wasm
+# The native flavor: an Envoy dynamic module, built with the unwinding `native` profile.
+MODULE        := target/native/libtokengate_native.so
+# Which data-plane flavor `make run` starts: wasm (proxy-wasm filter) or native (dynamic module).
+FLAVOR        ?= wasm
 PYTHON        ?= python3
 CARGO         ?= cargo
 # Envoy --base-id for `make validate`; `make run` uses its own, the tests one per stack.
@@ -67,12 +71,13 @@ browser: ## install Chromium and ChromeDriver for the console's browser test (De
 	  fi; \
 	fi
 
-build: ## build the filter (wasm), the control plane and the demo upstream (release)
+build: ## build both filter flavors (wasm, native module), the control plane and the demo upstream (release)
 	$(CARGO) build --release --target $(WASM_TARGET) -p tokengate-filter
+	$(CARGO) build --profile native -p tokengate-native
 	$(CARGO) build --release -p tokengate -p tokengate-e2e
 
-run: tools build ## run control plane, demo upstream and Envoy locally; Ctrl-C stops all
-	ENVOY_BIN="$(ENVOY_BIN)" WASM="$(WASM)" envoy/run.sh
+run: tools build ## run control plane, demo upstream and Envoy locally (FLAVOR=wasm|native); Ctrl-C stops all
+	ENVOY_BIN="$(ENVOY_BIN)" WASM="$(WASM)" MODULE="$(MODULE)" FLAVOR="$(FLAVOR)" envoy/run.sh
 
 validate: tools ## check envoy/envoy.yaml with `envoy --mode validate` (needs the wasm)
 	@test -f $(WASM) || $(CARGO) build --release --target $(WASM_TARGET) -p tokengate-filter

@@ -1,10 +1,11 @@
-//! A bad plugin configuration, one field wrong at a time, loaded into the real filter by
-//! the real Envoy: Envoy refuses it, its log names the field, and the VM never panics.
+//! A bad plugin configuration, one field wrong at a time, loaded into the real filter (each
+//! flavor) by the real Envoy: Envoy refuses it, its log names the field, and the filter never
+//! panics.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
-use tokengate_e2e::{free_ports, random_hex, render_envoy_config, Binaries};
+use tokengate_e2e::{flavored, free_ports, random_hex, render_envoy_template, Binaries, Flavor};
 
 /// The shipped configuration's plugin JSON, as rendered below.
 const SHIPPED: &str = r#"{
@@ -14,26 +15,52 @@ const SHIPPED: &str = r#"{
                       "sync_wait_seconds": 20
                     }"#;
 
-fn rendered(bins: &Binaries, plugin_json: &str) -> String {
-    let config = render_envoy_config(&[
-        ("LISTEN_ADDRESS", "127.0.0.1".into()),
-        ("LISTEN_PORT", "1".into()),
-        ("ADMIN_ADDRESS", "127.0.0.1".into()),
-        ("ADMIN_PORT", "2".into()),
-        ("UPSTREAM_PORT", "3".into()),
-        ("CONTROL_PLANE_PORT", "4".into()),
-        ("UPSTREAM_HOST", "127.0.0.1".into()),
-        ("CONTROL_PLANE_HOST", "127.0.0.1".into()),
-        ("WASM_PATH", bins.wasm.display().to_string()),
-        ("SYNC_TOKEN", "validate-only-sync-credential".into()),
-    ]);
+/// The same in the native template, which also names the proxy.
+const SHIPPED_NATIVE: &str = r#"{
+                    "control_plane_cluster": "tokengate_control_plane",
+                    "control_plane_authority": "tokengate",
+                    "sync_token": "validate-only-sync-credential",
+                    "sync_wait_seconds": 20,
+                    "proxy_id": "tokengate-local"
+                  }"#;
+
+fn rendered(bins: &Binaries, flavor: Flavor, plugin_json: &str) -> String {
+    let (template, shipped, filter_var, indent) = match flavor {
+        Flavor::Wasm => (
+            "envoy/envoy.yaml",
+            SHIPPED,
+            "WASM_PATH",
+            "\n                      ",
+        ),
+        Flavor::Native => (
+            "envoy/envoy-native.yaml",
+            SHIPPED_NATIVE,
+            "MODULE_PATH",
+            "\n                    ",
+        ),
+    };
+    let config = render_envoy_template(
+        template,
+        &[
+            ("LISTEN_ADDRESS", "127.0.0.1".into()),
+            ("LISTEN_PORT", "1".into()),
+            ("ADMIN_ADDRESS", "127.0.0.1".into()),
+            ("ADMIN_PORT", "2".into()),
+            ("UPSTREAM_PORT", "3".into()),
+            ("CONTROL_PLANE_PORT", "4".into()),
+            ("UPSTREAM_HOST", "127.0.0.1".into()),
+            ("CONTROL_PLANE_HOST", "127.0.0.1".into()),
+            (filter_var, bins.filter(flavor).display().to_string()),
+            ("SYNC_TOKEN", "validate-only-sync-credential".into()),
+        ],
+    );
     assert!(
-        config.contains(SHIPPED),
+        config.contains(shipped),
         "the template's plugin configuration changed: update this test"
     );
     // The JSON sits in a YAML block scalar: every line keeps its indentation.
-    let indented = plugin_json.replace('\n', "\n                      ");
-    config.replace(SHIPPED, &indented)
+    let indented = plugin_json.replace('\n', indent);
+    config.replace(shipped, &indented)
 }
 
 fn envoy(bins: &Binaries, dir: &Path, name: &str, config: &str, args: &[&str]) -> Output {
@@ -87,8 +114,8 @@ fn with_field(field: &str, value: Option<&str>) -> String {
     format!("{{{}}}", body.join(", "))
 }
 
-#[test]
-fn each_bad_field_is_refused_at_load_with_the_field_named() {
+flavored!(each_bad_field_is_refused_at_load_with_the_field_named);
+fn each_bad_field_is_refused_at_load_with_the_field_named(flavor: Flavor) {
     let bins = Binaries::locate();
     let dir = temp_dir();
 
@@ -97,7 +124,7 @@ fn each_bad_field_is_refused_at_load_with_the_field_named() {
         &bins,
         &dir,
         "good",
-        &rendered(&bins, &with_field("x", None)),
+        &rendered(&bins, flavor, &with_field("x", None)),
         &["--mode", "validate"],
     );
     assert!(
@@ -199,7 +226,7 @@ fn each_bad_field_is_refused_at_load_with_the_field_named() {
             &bins,
             &dir,
             &format!("case{i}"),
-            &rendered(&bins, plugin),
+            &rendered(&bins, flavor, plugin),
             &["--mode", "validate"],
         );
         let log = log_of(&out);
@@ -230,7 +257,7 @@ fn each_bad_field_is_refused_at_load_with_the_field_named() {
         &bins,
         &dir,
         "not-json",
-        &rendered(&bins, "control_plane_cluster = x"),
+        &rendered(&bins, flavor, "control_plane_cluster = x"),
         &["--mode", "validate"],
     );
     let log = log_of(&out);
@@ -251,7 +278,7 @@ fn each_bad_field_is_refused_at_load_with_the_field_named() {
         &bins,
         &dir,
         "real-start",
-        &rendered(&bins, &plugin),
+        &rendered(&bins, flavor, &plugin),
         &["--concurrency", "1"],
     );
     let log = log_of(&out);
