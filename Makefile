@@ -79,23 +79,29 @@ build: ## build both filter flavors (wasm, native module), the control plane and
 run: tools build ## run control plane, demo upstream and Envoy locally (FLAVOR=wasm|native); Ctrl-C stops all
 	ENVOY_BIN="$(ENVOY_BIN)" WASM="$(WASM)" MODULE="$(MODULE)" FLAVOR="$(FLAVOR)" envoy/run.sh
 
-validate: tools ## check envoy/envoy.yaml with `envoy --mode validate` (needs the wasm)
+validate: tools ## check the shipped Envoy configurations of both flavors with `envoy --mode validate`
 	@test -f $(WASM) || $(CARGO) build --release --target $(WASM_TARGET) -p tokengate-filter
+	@test -f $(MODULE) || $(CARGO) build --profile native -p tokengate-native
 	@mkdir -p .run
 	SYNC_TOKEN=validate-only WASM_PATH=$(CURDIR)/$(WASM) envoy/render.sh envoy/envoy.yaml .run/envoy.validate.yaml
 	"$(ENVOY_BIN)" --mode validate -c .run/envoy.validate.yaml --base-id $(VALIDATE_BASE_ID) -l warning
 	sed -e "s|/etc/envoy/tokengate_filter.wasm|$(CURDIR)/$(WASM)|g" envoy/snippet.yaml > .run/snippet.validate.yaml
 	"$(ENVOY_BIN)" --mode validate -c .run/snippet.validate.yaml --base-id $(VALIDATE_BASE_ID) --disable-hot-restart -l warning
+	SYNC_TOKEN=validate-only MODULE_PATH=$(CURDIR)/$(MODULE) envoy/render.sh envoy/envoy-native.yaml .run/envoy-native.validate.yaml
+	"$(ENVOY_BIN)" --mode validate -c .run/envoy-native.validate.yaml --base-id $(VALIDATE_BASE_ID) --disable-hot-restart -l warning
+	sed -e "s|/etc/envoy/libtokengate_native.so|$(CURDIR)/$(MODULE)|g" envoy/snippet-native.yaml > .run/snippet-native.validate.yaml
+	"$(ENVOY_BIN)" --mode validate -c .run/snippet-native.validate.yaml --base-id $(VALIDATE_BASE_ID) --disable-hot-restart -l warning
 
 $(PYTOOLS)/.kubernetes-validate-$(KUBERNETES_VALIDATE_VERSION):
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check --no-input --upgrade \
 	  --target $(PYTOOLS) kubernetes-validate==$(KUBERNETES_VALIDATE_VERSION)
 	touch $@
 
-check-k8s: tools $(PYTOOLS)/.kubernetes-validate-$(KUBERNETES_VALIDATE_VERSION) ## check the Kubernetes/Istio manifests (kustomize, schemas, references, plugin config)
+check-k8s: tools $(PYTOOLS)/.kubernetes-validate-$(KUBERNETES_VALIDATE_VERSION) ## check the Kubernetes manifests: Istio and Envoy Gateway (kustomize, schemas, references, plugin config)
 	@test -f $(WASM) || $(CARGO) build --release --target $(WASM_TARGET) -p tokengate-filter
+	@test -f $(MODULE) || $(CARGO) build --profile native -p tokengate-native
 	@command -v kubectl >/dev/null || { echo "kubectl is needed for its built-in kustomize" >&2; exit 1; }
-	PYTHONPATH=$(PYTOOLS) $(PYTHON) deploy/kubernetes/check.py --envoy "$(ENVOY_BIN)" --wasm "$(CURDIR)/$(WASM)"
+	PYTHONPATH=$(PYTOOLS) $(PYTHON) deploy/kubernetes/check.py --envoy "$(ENVOY_BIN)" --wasm "$(CURDIR)/$(WASM)" --module "$(CURDIR)/$(MODULE)"
 
 test: tools browser build validate check-k8s check-containers ## everything the tests need, then unit and end-to-end tests
 	$(CARGO) test --workspace
