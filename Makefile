@@ -126,10 +126,21 @@ OHA         := .tools/oha/bin/oha
 $(OHA):
 	$(CARGO) install oha --locked --version $(OHA_VERSION) --root .tools/oha
 
+# The waterfall's wasm filters (bench section `waterfall`): the real filter cut after one
+# step each, built apart (target/waterfall) so that the shipped filter is never replaced.
+WATERFALL_STEPS := return read hash lookup identity
+
 bench-build: tools build $(OHA)
 	$(CARGO) build --profile bench-driver -p tokengate-bench
+	@mkdir -p target/bench/waterfall
+	for step in $(WATERFALL_STEPS); do \
+	  $(CARGO) build --release --target $(WASM_TARGET) -p tokengate-filter --features waterfall-$$step --target-dir target/waterfall && \
+	  cp target/waterfall/$(WASM_TARGET)/release/tokengate_filter.wasm target/bench/waterfall/$$step.wasm || exit 1; \
+	done
+	$(CARGO) build --profile native -p tokengate-native --features waterfall-return --target-dir target/waterfall
+	cp target/waterfall/native/libtokengate_native.so target/bench/waterfall/native-return.so
 
-bench: bench-build ## benchmarks: variants, accuracy, propagation, scale (~15 min); writes docs/benchmarks.md
+bench: bench-build ## benchmarks: variants A-F, the wasm waterfall, accuracy and propagation (both flavors), scale (~30 min); writes docs/benchmarks.md
 	OHA=$(OHA) target/bench-driver/tokengate-bench
 
 bench-quick: bench-build ## a one-minute subset of make bench, for developers (results in target/bench/)

@@ -4,6 +4,14 @@
 
 mod request;
 mod root;
+#[cfg(any(
+    feature = "waterfall-return",
+    feature = "waterfall-read",
+    feature = "waterfall-hash",
+    feature = "waterfall-lookup",
+    feature = "waterfall-identity"
+))]
+mod waterfall;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Info);

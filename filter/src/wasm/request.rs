@@ -30,7 +30,7 @@ impl Request {
 }
 
 /// The request's headers through proxy-wasm host calls.
-struct Headers;
+pub struct Headers;
 
 impl RequestHeaders for Headers {
     type Value = Vec<u8>;
@@ -64,6 +64,15 @@ impl HttpContext for Request {
             refuse(Denial::StateUnavailable, None);
             return Action::Pause;
         };
+        #[cfg(any(
+            feature = "waterfall-return",
+            feature = "waterfall-read",
+            feature = "waterfall-hash",
+            feature = "waterfall-lookup",
+            feature = "waterfall-identity"
+        ))]
+        return super::waterfall::request(&shared, &mut Headers);
+        #[allow(unreachable_code)]
         let (reply, counter) = request::handle(
             &shared.config,
             &shared.identity,
