@@ -21,7 +21,8 @@ pub struct ErrorBody {
 
 #[derive(Debug)]
 pub enum ApiError {
-    /// 400 about one field of the body or query.
+    /// 400 about one field of the body or query; `message` is a phrase that follows the
+    /// field's name ("must be between 1 and 1000").
     Field {
         field: String,
         message: String,
@@ -68,7 +69,7 @@ impl IntoResponse for ApiError {
         let (status, body) = match self {
             ApiError::Field { field, message } => (
                 StatusCode::BAD_REQUEST,
-                json!({"error": "invalid_field", "message": format!("{field}: {message}"), "field": field}),
+                json!({"error": "invalid_field", "message": format!("{field} {message}."), "field": field}),
             ),
             ApiError::Body(message) => (
                 StatusCode::BAD_REQUEST,

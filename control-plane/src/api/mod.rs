@@ -12,7 +12,6 @@ mod usage;
 
 pub use audit::ACTIONS as AUDIT_ACTIONS;
 pub use error::ApiError;
-pub use tokens::{rotate_secrets, MAX_GRACE_SECONDS};
 
 use crate::policy::Policy;
 use crate::sessions::Sessions;

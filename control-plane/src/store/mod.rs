@@ -155,7 +155,7 @@ impl std::fmt::Display for StoreError {
         match self {
             StoreError::NotFound => write!(f, "not found"),
             StoreError::Conflict(m) | StoreError::Backend(m) => write!(f, "{m}"),
-            StoreError::Invalid { field, message } => write!(f, "{field}: {message}"),
+            StoreError::Invalid { field, message } => write!(f, "{field} {message}"),
         }
     }
 }
@@ -170,7 +170,9 @@ pub trait Store: Send + Sync + 'static {
     /// Live tokens by id; revoked ones never.
     fn list(&self, q: &ListQuery) -> Result<Vec<TokenRow>, StoreError>;
     /// Runs `edit` on a live token in one transaction; a change gets a new version and an
-    /// audit entry in the same transaction.
+    /// audit entry in the same transaction. A change that drops a secret hash the row
+    /// carried (its `hash` or a `retired` one) raises the horizon to the row's previous
+    /// version, so that a poller that never saw that hash's last record starts over.
     fn update(
         &self,
         id: &str,
@@ -192,7 +194,8 @@ pub trait Store: Send + Sync + 'static {
     fn live_count(&self) -> Result<u64, StoreError>;
     /// The latest committed version, published after every write.
     fn subscribe(&self) -> watch::Receiver<u64>;
-    /// Highest version of any purged row: a client holding an older version resnapshots.
+    /// Highest version of any purged row or dropped secret: a client holding an older
+    /// version resnapshots.
     fn horizon(&self) -> Result<u64, StoreError>;
     /// Adds reported request counts; no new version. Returns how many ids matched.
     fn record_usage(&self, now: i64, entries: &[UsageEntry]) -> Result<usize, StoreError>;

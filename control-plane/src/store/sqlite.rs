@@ -336,6 +336,14 @@ fn write_row(tx: &Transaction<'_>, r: &TokenRow, upsert: bool) -> rusqlite::Resu
     Ok(())
 }
 
+/// Whether a change leaves out a secret hash that the row carried. A poller that has not
+/// seen the row's previous version may hold that hash as valid and would never hear of it
+/// again, so such a change raises the horizon, as a purge does.
+fn drops_a_secret(before: &TokenRow, after: &TokenRow) -> bool {
+    let kept = |h: &str| after.hash == h || after.retired.iter().any(|s| s.hash == h);
+    !kept(&before.hash) || before.retired.iter().any(|s| !kept(&s.hash))
+}
+
 fn clamp(n: u64) -> i64 {
     n.min(i64::MAX as u64) as i64
 }
@@ -428,6 +436,10 @@ impl Store for SqliteStore {
             }
             row.updated_at = now;
             row.version = next_version(&tx)?;
+            if drops_a_secret(&before, &row) {
+                let horizon = meta_number(&tx, "horizon")?.max(before.version);
+                set_meta(&tx, "horizon", horizon)?;
+            }
             write_row(&tx, &row, true)?;
             let (old, new) = audit::diff(&before, &row);
             append_audit(&tx, now, change, &row, Some(old), Some(new))?;
