@@ -1,6 +1,6 @@
 //! API errors: `{"error": code, "message": sentence, "field"?: name}` with the right status.
 
-use crate::store::StoreError;
+use crate::store::{rfc3339, StoreError};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -10,13 +10,15 @@ use serde_json::json;
 #[derive(serde::Serialize, utoipa::ToSchema)]
 pub struct ErrorBody {
     /// A snake_case code: `invalid_field`, `invalid_body`, `unauthorized`, `csrf_failed`, `not_found`,
-    /// `no_route`, `method_not_allowed`, `conflict`, `payload_too_large`, `unsupported_media_type`,
-    /// `internal`.
+    /// `no_route`, `method_not_allowed`, `conflict`, `already_revoked`, `payload_too_large`,
+    /// `unsupported_media_type`, `internal`.
     pub error: String,
     pub message: String,
     /// The field or query parameter at fault (`invalid_field`), or `content-type`
     /// (`unsupported_media_type`).
     pub field: Option<String>,
+    /// When the token was revoked (`already_revoked`, or `not_found` for a revoked token).
+    pub revoked_at: Option<String>,
 }
 
 #[derive(Debug)]
@@ -33,6 +35,14 @@ pub enum ApiError {
     /// A console session's change without its CSRF token.
     Csrf,
     NotFound,
+    /// The token was revoked (Unix seconds): a 404 that says so.
+    Revoked {
+        at: i64,
+    },
+    /// A revoke of a token that was already revoked.
+    AlreadyRevoked {
+        at: i64,
+    },
     /// No route for the path (not the same as an unknown token).
     NoRoute,
     /// The path exists, the method does not.
@@ -57,6 +67,7 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> ApiError {
         match e {
             StoreError::NotFound => ApiError::NotFound,
+            StoreError::Revoked { at } => ApiError::Revoked { at },
             StoreError::Conflict(m) => ApiError::Conflict(m),
             StoreError::Invalid { field, message } => ApiError::field(field, message),
             StoreError::Backend(m) => ApiError::Internal(m),
@@ -91,6 +102,14 @@ impl IntoResponse for ApiError {
             ApiError::NotFound => (
                 StatusCode::NOT_FOUND,
                 json!({"error": "not_found", "message": "No such token."}),
+            ),
+            ApiError::Revoked { at } => (
+                StatusCode::NOT_FOUND,
+                json!({"error": "not_found", "message": format!("The token was revoked at {}; a revoked token cannot be shown or changed.", rfc3339(at)), "revoked_at": rfc3339(at)}),
+            ),
+            ApiError::AlreadyRevoked { at } => (
+                StatusCode::CONFLICT,
+                json!({"error": "already_revoked", "message": format!("The token was already revoked at {}.", rfc3339(at)), "revoked_at": rfc3339(at)}),
             ),
             ApiError::NoRoute => (
                 StatusCode::NOT_FOUND,
