@@ -627,3 +627,57 @@ fn rapid_rotations_leave_one_old_secret_and_no_pile_up() {
     let recs = records_for(&behind, &tid);
     assert!((0..199).all(|i| status_in(&recs, i).is_none()), "{recs:#?}");
 }
+
+/// A receiver that answers with a redirect does not get to send signed events elsewhere:
+/// the redirect is a failed attempt, retried later at the configured URL.
+#[test]
+fn webhook_redirects_are_not_followed() {
+    let app = spawn_app(100);
+    let elsewhere = receiver(0);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let target = elsewhere.url.clone();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let redirect = move |code: u16| {
+                let target = target.clone();
+                axum::routing::post(move || async move {
+                    (
+                        axum::http::StatusCode::from_u16(code).unwrap(),
+                        [(axum::http::header::LOCATION, target)],
+                    )
+                })
+            };
+            let app = axum::Router::new()
+                .route("/307", redirect(307))
+                .route("/302", redirect(302))
+                .route("/308", redirect(308));
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            tx.send(l.local_addr().unwrap()).unwrap();
+            axum::serve(l, app).await.unwrap();
+        });
+    });
+    let addr = rx.recv().unwrap();
+    app.create(r#"{"name":"soon","expires_in_seconds":3600}"#);
+    let t0 = now();
+    for (i, code) in [307, 302, 308].into_iter().enumerate() {
+        let jobs = Jobs {
+            warning_leads: vec![DAY],
+            retention: None,
+            purge_interval: i64::MAX,
+            webhook: Some(Webhook {
+                url: format!("http://{addr}/{code}"),
+                secret: "webhook-secret-0123456789".into(),
+                max_attempts: 5,
+                timeout: std::time::Duration::from_secs(5),
+            }),
+        };
+        // Each run is the next attempt of the one event (the backoff has passed by then).
+        let r = run_once(app.store.as_ref(), &jobs, t0 + 1000 * i as i64, false).unwrap();
+        assert_eq!((r.delivered, r.failed), (0, 1), "{code}: {r:?}");
+    }
+    assert!(elsewhere.got.lock().unwrap().is_empty());
+}
