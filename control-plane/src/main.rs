@@ -1,4 +1,5 @@
 use clap::{Parser, Subcommand};
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use tokengate::{client, serve};
 
@@ -20,16 +21,27 @@ enum Command {
     Audit(client::AuditArgs),
 }
 
+/// Logs go to stderr: plain text (coloured only on a terminal, and not with `NO_COLOR`), or
+/// one JSON object per line.
+fn init_logs(format: serve::LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TOKENGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter);
+    match format {
+        serve::LogFormat::Json => logs.json().flatten_event(true).init(),
+        serve::LogFormat::Text => {
+            let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+            logs.with_ansi(colour).init()
+        }
+    }
+}
+
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Serve(args) => {
-            tracing_subscriber::fmt()
-                .with_writer(std::io::stderr)
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_env("TOKENGATE_LOG")
-                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-                )
-                .init();
+            init_logs(args.log_format);
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(r) => r,
                 Err(e) => {

@@ -9,9 +9,10 @@ use serde_json::json;
 /// Every error answer's body.
 #[derive(serde::Serialize, utoipa::ToSchema)]
 pub struct ErrorBody {
-    /// A snake_case code: `invalid_field`, `invalid_body`, `unauthorized`, `csrf_failed`, `not_found`,
-    /// `no_route`, `method_not_allowed`, `conflict`, `already_revoked`, `payload_too_large`,
-    /// `unsupported_media_type`, `internal`.
+    /// A snake_case code: `invalid_field`, `invalid_body`, `unauthorized`, `too_many_failures`,
+    /// `csrf_failed`, `not_found`, `no_route`, `method_not_allowed`, `request_timeout`,
+    /// `conflict`, `already_revoked`, `payload_too_large`, `unsupported_media_type`,
+    /// `internal`.
     pub error: String,
     pub message: String,
     /// The field or query parameter at fault (`invalid_field`), or `content-type`
@@ -32,6 +33,12 @@ pub enum ApiError {
     /// 400 about the body as a whole.
     Body(String),
     Unauthorized,
+    /// The client's address failed too many credential checks.
+    Throttled {
+        retry_after_secs: u64,
+    },
+    /// The request body did not arrive within the body deadline.
+    BodyTimeout,
     /// A console session's change without its CSRF token.
     Csrf,
     NotFound,
@@ -91,6 +98,24 @@ impl IntoResponse for ApiError {
                 return (
                     StatusCode::UNAUTHORIZED,
                     [(header::WWW_AUTHENTICATE, "Bearer")],
+                    Json(body),
+                )
+                    .into_response();
+            }
+            ApiError::Throttled { retry_after_secs } => {
+                let body = json!({"error": "too_many_failures", "message": format!("Too many refused credentials from this address; try again in {retry_after_secs} s.")});
+                return (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    [(header::RETRY_AFTER, retry_after_secs.to_string())],
+                    Json(body),
+                )
+                    .into_response();
+            }
+            ApiError::BodyTimeout => {
+                let body = json!({"error": "request_timeout", "message": "The request body did not arrive in time."});
+                return (
+                    StatusCode::REQUEST_TIMEOUT,
+                    [(header::CONNECTION, "close")],
                     Json(body),
                 )
                     .into_response();
