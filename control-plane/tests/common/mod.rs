@@ -1,6 +1,8 @@
 //! Shared by the API test files: `spawn_app` serves `app(state)` on a real socket.
 #![allow(dead_code)]
 
+pub mod process;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokengate::api::{app, Admin, AppState, ConsoleSettings};
