@@ -16,6 +16,14 @@ pub enum Credential {
 }
 
 impl Credential {
+    /// The throttle allowance it counts against: admin credentials share one.
+    pub fn pool(self) -> crate::throttle::Pool {
+        match self {
+            Credential::Admin | Credential::SignIn => crate::throttle::Pool::Admin,
+            Credential::Sync => crate::throttle::Pool::Sync,
+        }
+    }
+
     pub const ALL: [Credential; 3] = [Credential::Admin, Credential::Sync, Credential::SignIn];
 
     pub fn as_str(self) -> &'static str {

@@ -3,6 +3,11 @@
 //! presents is answered 429 with `Retry-After`, before the credential is even compared, so
 //! a guess that happens to be right is not told apart either. Other addresses are not
 //! affected. IPv6 clients are counted per /64, the block one host usually holds.
+//!
+//! Admin credentials (Bearer or console sign-in) and the sync credential have separate
+//! allowances, so that someone guessing admin credentials from a host cannot stop the
+//! filters on that host from syncing, and a proxy left with an old sync credential cannot
+//! lock the admins out.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -26,6 +31,13 @@ impl Default for Settings {
     }
 }
 
+/// Which allowance a refused credential counts against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Pool {
+    Admin,
+    Sync,
+}
+
 /// Addresses tracked at once; beyond this the least throttled one is forgotten.
 const CAPACITY: usize = 100_000;
 
@@ -33,7 +45,7 @@ pub struct Throttle {
     settings: Settings,
     /// Per address: when its failure allowance is whole again (a GCRA theoretical arrival
     /// time). An address whose time has passed is as good as absent.
-    full_at: Mutex<HashMap<IpAddr, Instant>>,
+    full_at: Mutex<HashMap<(IpAddr, Pool), Instant>>,
 }
 
 /// The address failures are counted under.
@@ -74,9 +86,9 @@ impl Throttle {
     }
 
     /// Before a credential is compared: `Err(wait)` while `ip` is throttled.
-    pub fn check(&self, ip: IpAddr, now: Instant) -> Result<(), Duration> {
+    pub fn check(&self, ip: IpAddr, pool: Pool, now: Instant) -> Result<(), Duration> {
         let map = self.full_at.lock().unwrap_or_else(|e| e.into_inner());
-        match map.get(&key(ip)) {
+        match map.get(&(key(ip), pool)) {
             Some(t) if t.saturating_duration_since(now) > self.slack() => {
                 Err(t.saturating_duration_since(now) - self.slack())
             }
@@ -86,7 +98,7 @@ impl Throttle {
 
     /// After a credential from `ip` was refused. `Some(wait)` when this failure used up the
     /// allowance: the address is throttled from now on, for `wait`.
-    pub fn failed(&self, ip: IpAddr, now: Instant) -> Option<Duration> {
+    pub fn failed(&self, ip: IpAddr, pool: Pool, now: Instant) -> Option<Duration> {
         let mut map = self.full_at.lock().unwrap_or_else(|e| e.into_inner());
         if map.len() >= CAPACITY {
             map.retain(|_, t| *t > now);
@@ -96,7 +108,7 @@ impl Throttle {
                 }
             }
         }
-        let t = map.entry(key(ip)).or_insert(now);
+        let t = map.entry((key(ip), pool)).or_insert(now);
         *t = (*t).max(now) + self.settings.interval;
         let ahead = t.saturating_duration_since(now);
         (ahead > self.slack()).then(|| ahead - self.slack())
@@ -120,26 +132,28 @@ mod tests {
         let t0 = Instant::now();
         let a = ip("192.0.2.1");
         for _ in 0..2 {
-            assert_eq!(th.check(a, t0), Ok(()));
-            assert_eq!(th.failed(a, t0), None);
+            assert_eq!(th.check(a, Pool::Admin, t0), Ok(()));
+            assert_eq!(th.failed(a, Pool::Admin, t0), None);
         }
-        assert_eq!(th.check(a, t0), Ok(()));
-        assert_eq!(th.failed(a, t0), Some(Duration::from_secs(10)));
-        assert_eq!(th.check(a, t0), Err(Duration::from_secs(10)));
+        assert_eq!(th.check(a, Pool::Admin, t0), Ok(()));
+        assert_eq!(th.failed(a, Pool::Admin, t0), Some(Duration::from_secs(10)));
+        assert_eq!(th.check(a, Pool::Admin, t0), Err(Duration::from_secs(10)));
         assert_eq!(
-            th.check(a, t0 + Duration::from_secs(4)),
+            th.check(a, Pool::Admin, t0 + Duration::from_secs(4)),
             Err(Duration::from_secs(6))
         );
         // Another address is not affected.
-        assert_eq!(th.check(ip("192.0.2.2"), t0), Ok(()));
+        assert_eq!(th.check(ip("192.0.2.2"), Pool::Admin, t0), Ok(()));
+        // Nor is the other allowance of the same address.
+        assert_eq!(th.check(a, Pool::Sync, t0), Ok(()));
         // After one interval, one more try; failing it throttles again.
         let t1 = t0 + Duration::from_secs(10);
-        assert_eq!(th.check(a, t1), Ok(()));
-        assert_eq!(th.failed(a, t1), Some(Duration::from_secs(10)));
+        assert_eq!(th.check(a, Pool::Admin, t1), Ok(()));
+        assert_eq!(th.failed(a, Pool::Admin, t1), Some(Duration::from_secs(10)));
         // After a quiet spell the whole burst is back.
         let t2 = t1 + Duration::from_secs(30);
-        assert_eq!(th.failed(a, t2), None);
-        assert_eq!(th.failed(a, t2), None);
+        assert_eq!(th.failed(a, Pool::Admin, t2), None);
+        assert_eq!(th.failed(a, Pool::Admin, t2), None);
     }
 
     #[test]
@@ -149,11 +163,12 @@ mod tests {
             interval: Duration::from_secs(60),
         });
         let t0 = Instant::now();
-        assert!(th.failed(ip("2001:db8:1:2::1"), t0).is_some());
-        assert!(th.check(ip("2001:db8:1:2:ffff::9"), t0).is_err());
-        assert!(th.check(ip("2001:db8:1:3::1"), t0).is_ok());
-        assert!(th.failed(ip("::ffff:192.0.2.7"), t0).is_some());
-        assert!(th.check(ip("192.0.2.7"), t0).is_err());
+        let p = Pool::Sync;
+        assert!(th.failed(ip("2001:db8:1:2::1"), p, t0).is_some());
+        assert!(th.check(ip("2001:db8:1:2:ffff::9"), p, t0).is_err());
+        assert!(th.check(ip("2001:db8:1:3::1"), p, t0).is_ok());
+        assert!(th.failed(ip("::ffff:192.0.2.7"), p, t0).is_some());
+        assert!(th.check(ip("192.0.2.7"), p, t0).is_err());
     }
 
     #[test]

@@ -75,7 +75,7 @@ pub fn guarded<T>(
     verify: impl FnOnce() -> Option<T>,
 ) -> Result<T, ApiError> {
     let now = Instant::now();
-    if let Err(wait) = state.throttle.check(client, now) {
+    if let Err(wait) = state.throttle.check(client, kind.pool(), now) {
         state.metrics.auth_throttled();
         return Err(ApiError::Throttled {
             retry_after_secs: retry_after_secs(wait),
@@ -86,7 +86,7 @@ pub fn guarded<T>(
     }
     state.metrics.auth_failure(kind);
     tracing::warn!(%client, credential = kind.as_str(), "credential refused");
-    if let Some(wait) = state.throttle.failed(client, now) {
+    if let Some(wait) = state.throttle.failed(client, kind.pool(), now) {
         tracing::warn!(
             %client,
             retry_after_s = retry_after_secs(wait),
