@@ -22,15 +22,6 @@ pub struct Settings {
     pub interval: Duration,
 }
 
-impl Default for Settings {
-    fn default() -> Settings {
-        Settings {
-            burst: 10,
-            interval: Duration::from_secs(6),
-        }
-    }
-}
-
 /// Which allowance a refused credential counts against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Pool {
