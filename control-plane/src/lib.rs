@@ -2,12 +2,18 @@
 
 pub mod api;
 pub mod client;
+pub mod connections;
 pub mod console;
 pub mod duration;
 pub mod housekeeping;
+pub mod metrics;
 pub mod policy;
+pub mod rotation;
 pub mod secrets;
 pub mod serve;
 pub mod sessions;
 pub mod store;
+pub mod strength;
+pub mod text;
+pub mod throttle;
 pub mod webhook;

@@ -2,12 +2,14 @@
 //! it, count it, then either rewrite the headers that go upstream or name the refusal. Each
 //! flavor supplies the header map ([`RequestHeaders`]) and sends what [`Reply`] says.
 
-use crate::authorize::{self, Denial, Outcome};
+use crate::authorize::{self, Denial, Outcome, Token};
 use crate::config::Config;
+use crate::forward;
 use crate::metrics::Counter;
 use crate::store::SharedStore;
 
-/// The request headers of one stream.
+/// The request headers of one stream. Edits report the host's refusal as `Err(why)`: the
+/// request is then refused rather than sent upstream half-edited.
 pub trait RequestHeaders {
     /// A header value as the host hands it over (borrowed from Envoy by the native module).
     type Value: AsRef<[u8]>;
@@ -15,30 +17,53 @@ pub trait RequestHeaders {
     /// empty. A header sent more than once must read as something that is no token (joined
     /// with `,`), never as one of its copies: a later hop could read another.
     fn get(&self, name: &str) -> Option<Self::Value>;
+    /// Removes every copy of every header whose name, as the host holds it, `doomed` picks.
+    fn remove_where(&mut self, doomed: &dyn Fn(&[u8]) -> bool) -> Result<(), String>;
     /// Replaces every value of `name`.
-    fn set(&mut self, name: &str, value: &[u8]);
-    fn remove(&mut self, name: &str);
+    fn set(&mut self, name: &str, value: &[u8]) -> Result<(), String>;
 }
 
-/// The names of the identity headers, built once from the configured prefix.
+/// The names of the identity headers (token id, name, owner, kind), built once from the
+/// configured prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IdentityHeaders {
-    pub id: String,
-    pub name: String,
-    pub owner: String,
-    pub kind: String,
+    pub names: [String; 4],
 }
 
 impl IdentityHeaders {
     pub fn new(cfg: &Config) -> IdentityHeaders {
         let p = &cfg.identity_header_prefix;
         IdentityHeaders {
-            id: format!("{p}token-id"),
-            name: format!("{p}token-name"),
-            owner: format!("{p}token-owner"),
-            kind: format!("{p}token-kind"),
+            names: [
+                format!("{p}token-id"),
+                format!("{p}token-name"),
+                format!("{p}token-owner"),
+                format!("{p}token-kind"),
+            ],
         }
     }
+}
+
+/// Readies an admitted request for the upstream: removes the credential headers and every
+/// client-sent tokengate header in any spelling (see [`forward`]), then sets the identity
+/// headers.
+fn forward_upstream<H: RequestHeaders, V: AsRef<[u8]>>(
+    cfg: &Config,
+    ids: &IdentityHeaders,
+    headers: &mut H,
+    token: &Token<V>,
+) -> Result<(), String> {
+    headers.remove_where(&|name| forward::to_remove(cfg, name, &ids.names))?;
+    let values: [&[u8]; 4] = [
+        token.id(),
+        token.name(),
+        token.owner(),
+        token.kind.as_str().as_bytes(),
+    ];
+    for (name, value) in ids.names.iter().zip(values) {
+        headers.set(name, value)?;
+    }
+    Ok(())
 }
 
 /// Announces the token's expiry on a response, inside the warning window.
@@ -55,10 +80,20 @@ pub enum Reply {
     },
 }
 
+/// What [`handle`] decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Handled {
+    pub reply: Reply,
+    /// The counter the request goes to.
+    pub counter: Counter,
+    /// Something for the log: an allowed request whose headers the host would not edit,
+    /// refused for that.
+    pub trouble: Option<String>,
+}
+
 /// Decides one request at `now_nanos` (0: the host has no clock, so nothing can be trusted)
-/// and, when it may pass, rewrites its headers: the credential goes, the identity comes,
-/// client-sent copies of the identity headers are replaced. `usage` counts the request for a
-/// known token (id, allowed, Unix second). Returns the reply and the counter it goes to.
+/// and, when it may pass, rewrites its headers (see [`forward`]). `usage` counts the request
+/// for a known token (id, allowed, Unix second).
 pub fn handle<S, H>(
     cfg: &Config,
     ids: &IdentityHeaders,
@@ -66,7 +101,7 @@ pub fn handle<S, H>(
     headers: &mut H,
     now_nanos: u64,
     usage: impl FnOnce(&[u8], bool, i64),
-) -> (Reply, Counter)
+) -> Handled
 where
     S: SharedStore + ?Sized,
     H: RequestHeaders,
@@ -96,25 +131,21 @@ where
         }
         expires_at = authorize::expiry_to_announce(cfg, Some(token), now_nanos);
     }
+    let mut trouble = None;
     let reply = match (verdict.outcome, &verdict.token) {
-        (Outcome::Allow, Some(token)) => {
-            for name in &cfg.token_headers {
-                headers.remove(name);
+        (Outcome::Allow, Some(token)) => match forward_upstream(cfg, ids, headers, token) {
+            Ok(()) => Reply::Allow { expires_at },
+            Err(why) => {
+                // The upstream could see a secret or a spoofed identity: refuse instead.
+                trouble = Some(format!(
+                    "cannot edit the request's headers ({why}); refusing it"
+                ));
+                Reply::Refuse {
+                    denial: Denial::StateUnavailable,
+                    expires_at: None,
+                }
             }
-            if cfg.bearer
-                && headers
-                    .get("authorization")
-                    .is_some_and(|v| authorize::bearer_token(v.as_ref()).is_some())
-            {
-                headers.remove("authorization");
-            }
-            // Replacing removes every client-sent copy before setting ours.
-            headers.set(&ids.id, token.id());
-            headers.set(&ids.name, token.name());
-            headers.set(&ids.owner, token.owner());
-            headers.set(&ids.kind, token.kind.as_str().as_bytes());
-            Reply::Allow { expires_at }
-        }
+        },
         (Outcome::Allow, None) => Reply::Refuse {
             // Unreachable: an allowed request always has its token. Fail closed regardless.
             denial: Denial::StateUnavailable,
@@ -133,7 +164,11 @@ where
         Reply::Allow { .. } => Counter::Allowed,
         Reply::Refuse { denial, .. } => Counter::denied(denial),
     };
-    (reply, counter)
+    Handled {
+        reply,
+        counter,
+        trouble,
+    }
 }
 
 #[cfg(test)]
@@ -155,12 +190,28 @@ mod tests {
         fn get(&self, name: &str) -> Option<Vec<u8>> {
             self.0.get(name).cloned()
         }
-        fn set(&mut self, name: &str, value: &[u8]) {
+        fn remove_where(&mut self, doomed: &dyn Fn(&[u8]) -> bool) -> Result<(), String> {
+            if self.0.contains_key("refuse-edits") {
+                return Err("host status 2".into());
+            }
+            self.0.retain(|name, _| !doomed(name.as_bytes()));
+            Ok(())
+        }
+        fn set(&mut self, name: &str, value: &[u8]) -> Result<(), String> {
             self.0.insert(name.to_string(), value.to_vec());
+            Ok(())
         }
-        fn remove(&mut self, name: &str) {
-            self.0.remove(name);
-        }
+    }
+
+    fn run(
+        c: &Config,
+        s: &MemStore,
+        h: &mut Map,
+        now: u64,
+        usage: impl FnOnce(&[u8], bool, i64),
+    ) -> (Reply, Counter) {
+        let handled = handle(c, &IdentityHeaders::new(c), s, h, now, usage);
+        (handled.reply, handled.counter)
     }
 
     fn cfg() -> Config {
@@ -204,15 +255,19 @@ mod tests {
     #[test]
     fn an_allowed_request_goes_up_with_its_identity_and_without_its_credential() {
         let (c, (s, secret)) = (cfg(), setup(|_| {}));
-        let ids = IdentityHeaders::new(&c);
         let bearer = format!("Bearer {secret}");
         let mut h = headers(&[
             ("authorization", &bearer),
             ("x-tokengate-token-id", "tok_SPOOF"),
+            ("x_tokengate_token_owner", "root"),
+            (
+                "x_api_token",
+                "a spelling the upstream may read as X-API-Token",
+            ),
             ("x-other", "kept"),
         ]);
         let mut counted = vec![];
-        let (reply, counter) = handle(&c, &ids, &s, &mut h, NOW, |id, allowed, at| {
+        let (reply, counter) = run(&c, &s, &mut h, NOW, |id, allowed, at| {
             counted.push((id.to_vec(), allowed, at))
         });
         assert_eq!(reply, Reply::Allow { expires_at: None });
@@ -231,11 +286,10 @@ mod tests {
     #[test]
     fn a_refused_request_keeps_its_headers_and_names_the_refusal() {
         let (c, (s, secret)) = (cfg(), setup(|r| r.status = SyncStatus::Suspended));
-        let ids = IdentityHeaders::new(&c);
         let mut h = headers(&[("x-api-token", &secret)]);
         let before = h.0.clone();
         let mut counted = vec![];
-        let (reply, counter) = handle(&c, &ids, &s, &mut h, NOW, |id, allowed, _| {
+        let (reply, counter) = run(&c, &s, &mut h, NOW, |id, allowed, _| {
             counted.push((id.to_vec(), allowed))
         });
         assert_eq!(
@@ -254,7 +308,7 @@ mod tests {
             "known tokens count when refused"
         );
         assert_eq!(h.0, before);
-        let (reply, counter) = handle(&c, &ids, &s, &mut Map::default(), NOW, |_, _, _| {
+        let (reply, counter) = run(&c, &s, &mut Map::default(), NOW, |_, _, _| {
             panic!("an unknown caller is no token's usage")
         });
         assert_eq!(
@@ -273,13 +327,12 @@ mod tests {
     fn expiry_is_announced_on_allowed_and_rate_limited_answers_only() {
         let soon = 1_800_000_000 + 3_600;
         let c = cfg();
-        let ids = IdentityHeaders::new(&c);
         let (s, secret) = setup(|r| {
             r.expires_at = Some(soon);
             r.max_rps = Some(1);
         });
         let mut h = headers(&[("x-api-token", &secret)]);
-        let (reply, _) = handle(&c, &ids, &s, &mut h, NOW, |_, _, _| {});
+        let (reply, _) = run(&c, &s, &mut h, NOW, |_, _, _| {});
         assert_eq!(
             reply,
             Reply::Allow {
@@ -287,7 +340,7 @@ mod tests {
             }
         );
         let mut h = headers(&[("x-api-token", &secret)]);
-        let (reply, _) = handle(&c, &ids, &s, &mut h, NOW, |_, _, _| {});
+        let (reply, _) = run(&c, &s, &mut h, NOW, |_, _, _| {});
         assert!(matches!(
             reply,
             Reply::Refuse {
@@ -300,7 +353,7 @@ mod tests {
             r.status = SyncStatus::Suspended;
         });
         let mut h = headers(&[("x-api-token", &secret)]);
-        let (reply, _) = handle(&c, &ids, &s, &mut h, NOW, |_, _, _| {});
+        let (reply, _) = run(&c, &s, &mut h, NOW, |_, _, _| {});
         assert_eq!(
             reply,
             Reply::Refuse {
@@ -314,9 +367,8 @@ mod tests {
     fn no_clock_no_trust_and_no_usage_when_reporting_is_off() {
         let (s, secret) = setup(|_| {});
         let c = cfg();
-        let ids = IdentityHeaders::new(&c);
         let mut h = headers(&[("x-api-token", &secret)]);
-        let (reply, _) = handle(&c, &ids, &s, &mut h, 0, |_, _, _| {});
+        let (reply, _) = run(&c, &s, &mut h, 0, |_, _, _| {});
         assert!(matches!(
             reply,
             Reply::Refuse {
@@ -329,9 +381,29 @@ mod tests {
         )
         .unwrap();
         let mut h = headers(&[("x-api-token", &secret)]);
-        let (reply, _) = handle(&off, &ids, &s, &mut h, NOW, |_, _, _| {
-            panic!("reporting is off")
-        });
+        let (reply, _) = run(&off, &s, &mut h, NOW, |_, _, _| panic!("reporting is off"));
         assert_eq!(reply, Reply::Allow { expires_at: None });
+    }
+
+    #[test]
+    fn a_request_whose_headers_cannot_be_edited_is_refused() {
+        let (c, (s, secret)) = (cfg(), setup(|_| {}));
+        let mut h = headers(&[("x-api-token", &secret), ("refuse-edits", "1")]);
+        let handled = handle(&c, &IdentityHeaders::new(&c), &s, &mut h, NOW, |_, _, _| {});
+        assert_eq!(
+            (handled.reply, handled.counter),
+            (
+                Reply::Refuse {
+                    denial: Denial::StateUnavailable,
+                    expires_at: None
+                },
+                Counter::StateUnavailable
+            )
+        );
+        assert!(handled.trouble.unwrap().contains("host status 2"));
+        assert_eq!(
+            h.0.get("x-api-token").map(Vec::as_slice),
+            Some(secret.as_bytes())
+        );
     }
 }

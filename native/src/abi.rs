@@ -168,6 +168,15 @@ extern "C" {
         key: ModuleBuffer,
         value: ModuleBuffer,
     ) -> bool;
+    fn envoy_dynamic_module_callback_http_get_headers_size(
+        filter_envoy: *mut c_void,
+        header_type: u32,
+    ) -> usize;
+    fn envoy_dynamic_module_callback_http_get_headers(
+        filter_envoy: *mut c_void,
+        header_type: u32,
+        result: *mut EnvoyHeader,
+    ) -> bool;
     fn envoy_dynamic_module_callback_http_add_header(
         filter_envoy: *mut c_void,
         header_type: u32,
@@ -430,6 +439,52 @@ impl<'a> FilterHandle<'a> {
         // SAFETY: Envoy points into its header map, valid until the map changes; the borrow
         // is bounded by the hook (`'a`) and callers read before they write.
         (Some(unsafe { envoy_bytes(value.ptr, value.len) }), count)
+    }
+
+    /// Visits the name of every request header, as Envoy holds them, in order (a repeated
+    /// header once per copy). The names stay valid until the header they belong to is
+    /// removed. False when Envoy could not list them.
+    pub fn for_each_request_header_name(&self, mut visit: impl FnMut(&'a [u8])) -> bool {
+        // SAFETY: `raw` is the live filter of the current hook.
+        let n = unsafe {
+            envoy_dynamic_module_callback_http_get_headers_size(self.raw, HEADER_TYPE_REQUEST)
+        };
+        if n == 0 {
+            return true;
+        }
+        // Requests rarely carry more than a few dozen headers: those fit on the stack.
+        const STACK: usize = 64;
+        let empty = EnvoyHeader {
+            key_ptr: ptr::null(),
+            key_len: 0,
+            value_ptr: ptr::null(),
+            value_len: 0,
+        };
+        let mut on_stack = [empty; STACK];
+        let mut on_heap = Vec::new();
+        let slots: &mut [EnvoyHeader] = match on_stack.get_mut(..n) {
+            Some(s) => s,
+            None => {
+                on_heap.resize(n, empty);
+                &mut on_heap
+            }
+        };
+        // SAFETY: `slots` has room for the `n` headers Envoy reported.
+        let ok = unsafe {
+            envoy_dynamic_module_callback_http_get_headers(
+                self.raw,
+                HEADER_TYPE_REQUEST,
+                slots.as_mut_ptr(),
+            )
+        };
+        if !ok {
+            return false;
+        }
+        for h in slots.iter() {
+            // SAFETY: Envoy's buffers, valid until the header is removed or the hook ends.
+            visit(unsafe { envoy_bytes(h.key_ptr, h.key_len) });
+        }
+        true
     }
 
     /// Replaces every value of request header `name` with `value`.

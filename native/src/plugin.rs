@@ -17,6 +17,7 @@ use tokengate_filter::host::{Call, Host, Level};
 use tokengate_filter::leader::{Answer, Leader};
 use tokengate_filter::metrics::{Counter, Gauge};
 use tokengate_filter::request::{self, IdentityHeaders, Reply, RequestHeaders, EXPIRES_HEADER};
+
 use tokengate_filter::usage::Tally;
 use tokengate_filter::{response, timefmt};
 
@@ -131,6 +132,17 @@ fn host_name() -> String {
 }
 
 impl Tokengate {
+    fn host_log(&self, level: Level, message: &str) {
+        abi::log(
+            match level {
+                Level::Info => LogLevel::Info,
+                Level::Warn => LogLevel::Warn,
+                Level::Error => LogLevel::Error,
+            },
+            message,
+        );
+    }
+
     fn worker(&self, index: u32) -> Option<&Worker> {
         self.workers.get(index as usize % self.workers.len().max(1))
     }
@@ -177,11 +189,46 @@ impl<'a> RequestHeaders for EnvoyHeaders<'_, 'a> {
             (value, _) => value,
         }
     }
-    fn set(&mut self, name: &str, value: &[u8]) {
-        self.0.set_request_header(name, value);
+    fn remove_where(&mut self, doomed: &dyn Fn(&[u8]) -> bool) -> Result<(), String> {
+        // The names are Envoy's: all are picked before any is removed. A request has a
+        // handful to remove at most, kept on the stack; more (hostile) spill to the heap.
+        const STACK: usize = 16;
+        let mut on_stack: [&[u8]; STACK] = [&[]; STACK];
+        let mut picked = 0;
+        let mut spilled: Vec<&[u8]> = Vec::new();
+        let listed = self.0.for_each_request_header_name(|name| {
+            if !doomed(name) {
+                return;
+            }
+            let seen = on_stack.get(..picked).unwrap_or_default();
+            if seen.contains(&name) || spilled.contains(&name) {
+                return;
+            }
+            match on_stack.get_mut(picked) {
+                Some(slot) => {
+                    *slot = name;
+                    picked += 1;
+                }
+                None => spilled.push(name),
+            }
+        });
+        if !listed {
+            return Err("Envoy did not list the request headers".into());
+        }
+        let names = on_stack.get(..picked).unwrap_or_default();
+        for name in names.iter().chain(&spilled) {
+            if !self.0.remove_request_header(name) {
+                return Err("Envoy refused to remove a header".into());
+            }
+        }
+        Ok(())
     }
-    fn remove(&mut self, name: &str) {
-        self.0.remove_request_header(name.as_bytes());
+    fn set(&mut self, name: &str, value: &[u8]) -> Result<(), String> {
+        if self.0.set_request_header(name, value) {
+            Ok(())
+        } else {
+            Err(format!("Envoy refused to set {name}"))
+        }
     }
 }
 
@@ -264,7 +311,7 @@ impl Plugin for Tokengate {
         return Headers::Continue;
         #[allow(unreachable_code)]
         let worker = self.worker(envoy.worker_index());
-        let (reply, counter) = request::handle(
+        let handled = request::handle(
             &self.config,
             &self.identity,
             &self.store,
@@ -276,10 +323,13 @@ impl Plugin for Tokengate {
                 }
             },
         );
-        if let Some(n) = worker.and_then(|w| w.counts.get(counter.index())) {
+        if let Some(trouble) = &handled.trouble {
+            self.host_log(Level::Warn, trouble);
+        }
+        if let Some(n) = worker.and_then(|w| w.counts.get(handled.counter.index())) {
             n.fetch_add(1, Ordering::Relaxed);
         }
-        match reply {
+        match handled.reply {
             Reply::Allow { expires_at } => {
                 stream.expires_at = expires_at;
                 Headers::Continue
@@ -363,11 +413,6 @@ impl Host for NativeHost<'_> {
     }
 
     fn log(&self, level: Level, message: &str) {
-        let level = match level {
-            Level::Info => LogLevel::Info,
-            Level::Warn => LogLevel::Warn,
-            Level::Error => LogLevel::Error,
-        };
-        abi::log(level, message);
+        self.plugin.host_log(level, message);
     }
 }

@@ -99,9 +99,32 @@ fn requests_are_judged_and_rewritten_as_the_design_says() {
         ("x-api-token", &a),
         ("x-tokengate-token-id", "tok_SPOOF"),
         ("x-tokengate-token-owner", "root"),
+        ("x_tokengate_token_name", "spoofed"),
+        ("X-Tokengate-Token_Kind", "spoofed"),
+        ("x-tokengate-token-expires", "spoofed"),
+        ("x_api_token", &a),
+        ("authorization", "Basic dXNlcg=="),
+        ("x-other", "kept"),
     ]);
     assert_eq!(l.stream(&f), 0, "continue");
     assert!(f.sent.borrow().is_none());
+    let names: Vec<String> = f
+        .request
+        .borrow()
+        .iter()
+        .map(|(k, _)| String::from_utf8_lossy(k).into_owned())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "x-other",
+            "x-tokengate-token-id",
+            "x-tokengate-token-name",
+            "x-tokengate-token-owner",
+            "x-tokengate-token-kind"
+        ],
+        "no credential and no spoofed tokengate header in any spelling goes upstream"
+    );
     assert_eq!(f.request_header("x-api-token"), Vec::<String>::new());
     assert_eq!(f.request_header("x-tokengate-token-id"), ["tok_a"]);
     assert_eq!(f.request_header("x-tokengate-token-name"), ["tok_a name"]);
@@ -249,7 +272,10 @@ fn the_allowed_path_allocates_nothing() {
             .flat_map(|_| {
                 [
                     FakeFilter::with(&[("x-api-token", &a), ("x-tokengate-token-id", "spoof")]),
-                    FakeFilter::with(&[("authorization", &bearer)]),
+                    FakeFilter::with(&[
+                        ("authorization", &bearer),
+                        ("x_tokengate_token_owner", "spoof"),
+                    ]),
                 ]
             })
             .collect()
@@ -271,9 +297,10 @@ fn the_allowed_path_allocates_nothing() {
         batch.iter().all(|f| f.sent.borrow().is_none()),
         "all were allowed"
     );
-    assert!(batch
-        .iter()
-        .all(|f| f.request_header("x-tokengate-token-id") != ["spoof"]));
+    assert!(batch.iter().all(|f| {
+        f.request_header("x-tokengate-token-id") != ["spoof"]
+            && f.request_header("x_tokengate_token_owner").is_empty()
+    }));
     assert_eq!(allocations, 0, "heap allocations on the allowed path");
     // Whereas a refusal builds its answer.
     let refused = FakeFilter::with(&[]);

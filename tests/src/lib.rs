@@ -492,6 +492,10 @@ pub struct Stack {
     /// Where the next `start_envoy` sends control-plane calls (a fault proxy, say);
     /// `None`: the control plane itself.
     pub envoy_control_plane_port: Option<u16>,
+    /// Text replacements `(from, to)` applied to the rendered Envoy configuration by the
+    /// next `start_envoy`, for a test that needs a setting other than the shipped one;
+    /// each `from` must occur in the configuration.
+    pub envoy_config_edits: Vec<(String, String)>,
     control_plane: Option<Child>,
     upstream: Option<Child>,
     envoy: Option<Child>,
@@ -555,6 +559,7 @@ impl Stack {
             plugin_extra: String::new(),
             sync_wait_seconds: 20,
             envoy_control_plane_port: None,
+            envoy_config_edits: Vec::new(),
             control_plane: None,
             upstream: None,
             envoy: None,
@@ -699,7 +704,14 @@ impl Stack {
         if !self.plugin_extra.is_empty() {
             fields.push_str(&format!(", {}", self.plugin_extra));
         }
-        let config = config.replace(anchor, &fields);
+        let mut config = config.replace(anchor, &fields);
+        for (from, to) in &self.envoy_config_edits {
+            assert!(
+                config.contains(from.as_str()),
+                "the rendered envoy.yaml has no {from:?} to replace"
+            );
+            config = config.replace(from.as_str(), to);
+        }
         let config_path = self.dir.join("envoy.yaml");
         fs::write(&config_path, config).expect("write rendered envoy.yaml");
         // Envoy's log goes to stderr, captured in a file: `--log-path` is flushed only every

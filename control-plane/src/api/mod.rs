@@ -12,16 +12,19 @@ mod usage;
 
 pub use audit::ACTIONS as AUDIT_ACTIONS;
 pub use error::ApiError;
-pub use tokens::{rotate_secrets, MAX_GRACE_SECONDS};
 
+use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::sessions::Sessions;
 use crate::store::{Store, StoreError};
-use axum::extract::Request;
+use crate::throttle::Throttle;
+use axum::extract::State;
+use axum::extract::{ConnectInfo, Request};
 use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -49,6 +52,9 @@ pub struct AppState {
     pub shutdown: watch::Receiver<bool>,
     pub sessions: Arc<Sessions>,
     pub console: ConsoleSettings,
+    /// Failed credential checks per client address.
+    pub throttle: Arc<Throttle>,
+    pub metrics: Arc<Metrics>,
 }
 
 /// The web console's settings.
@@ -84,16 +90,26 @@ async fn blocking<T: Send + 'static>(
         .map_err(ApiError::from)
 }
 
+/// The client's address: the TCP peer (without one, as in a test that serves the router
+/// directly, the unspecified address).
+pub fn client_ip(extensions: &axum::http::Extensions) -> IpAddr {
+    extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip())
+}
+
 /// One line per request. The path only: queries and headers may carry what must not be logged.
 async fn access_log(req: Request, next: Next) -> Response {
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let client = client_ip(req.extensions());
     let started = Instant::now();
     let resp = next.run(req).await;
     tracing::info!(
         %method,
         %path,
         status = resp.status().as_u16(),
-        ms = started.elapsed().as_secs_f64() * 1e3,
+        ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        %client,
         "request"
     );
     resp
@@ -103,6 +119,18 @@ async fn access_log(req: Request, next: Next) -> Response {
     responses((status = 200, description = "The server is up", content_type = "application/json")))]
 async fn healthz() -> Json<serde_json::Value> {
     Json(serde_json::json!({"status": "ok"}))
+}
+
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text: failed and throttled credential checks, connections open and closed by reason", content_type = "text/plain")))]
+async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
 }
 
 async fn no_route() -> ApiError {
@@ -137,6 +165,7 @@ fn routes(state: &AppState) -> OpenApiRouter<AppState> {
         ));
     OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .routes(routes!(healthz))
+        .routes(routes!(metrics))
         .routes(routes!(session::sign_in, session::current))
         .merge(admin)
         .merge(filters)

@@ -5,8 +5,9 @@ use super::body::{nullable, parse_json, JsonBody, Params, TokenId};
 use super::{blocking, ApiError, AppState};
 use crate::duration;
 use crate::policy::Refusal;
+use crate::rotation::{self, MAX_GRACE_SECONDS};
 use crate::secrets;
-use crate::store::{parse_kind, Change, ListQuery, RetiredSecret, Status, StoreError, TokenRow};
+use crate::store::{parse_kind, Change, ListQuery, Status, StoreError, TokenRow};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
@@ -18,8 +19,6 @@ use utoipa::{IntoParams, ToSchema};
 
 const MAX_RPS: u32 = 1_000_000;
 const MAX_BURST: u32 = 10_000_000;
-/// Longest an old secret may keep working after a rotation.
-pub const MAX_GRACE_SECONDS: u64 = 30 * 86_400;
 
 use crate::store::rfc3339;
 
@@ -82,38 +81,11 @@ fn view(r: TokenRow) -> Json<TokenView> {
     Json(TokenView::new(r, Utc::now().timestamp()))
 }
 
-/// Longest `name` and `owner`, in characters (Unicode scalar values).
-const MAX_TEXT: usize = 128;
 /// The latest expiry RFC 3339 can write with its four-digit year: 9999-12-31T23:59:59Z.
 const MAX_EXPIRY: i64 = 253_402_300_799;
 
-/// Characters that would let a name break a table row or a log line, or make it read as
-/// something else where it is shown (the console, the CLI, the audit trail).
-fn disguises(c: char) -> bool {
-    match c {
-        // Line and paragraph separators.
-        '\u{2028}' | '\u{2029}' => true,
-        // Bidirectional marks, embeddings, overrides and isolates.
-        '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' => true,
-        _ => c.is_control(),
-    }
-}
-
 fn check_text(field: &str, v: &str) -> Result<(), ApiError> {
-    let n = v.chars().count();
-    if n == 0 || n > MAX_TEXT {
-        return Err(ApiError::field(
-            field,
-            format!("must be 1 to {MAX_TEXT} characters"),
-        ));
-    }
-    if v.chars().any(disguises) {
-        return Err(ApiError::field(
-            field,
-            "must not contain control characters, line separators or bidirectional formatting characters",
-        ));
-    }
-    Ok(())
+    crate::text::check(v).map_err(|m| ApiError::field(field, m))
 }
 
 fn check_max_rps(v: Option<u32>) -> Result<(), ApiError> {
@@ -245,7 +217,7 @@ pub async fn create(
         (Some(_), Some(_)) => {
             return Err(ApiError::field(
                 "expires_at",
-                "give either expires_in_seconds or expires_at, not both",
+                "cannot be given with expires_in_seconds: give one or the other",
             ))
         }
         (Some(0), None) => {
@@ -323,7 +295,7 @@ pub struct Listing {
 #[into_params(parameter_in = Query)]
 #[allow(dead_code)]
 pub struct ListParams {
-    /// `active` or `suspended`.
+    /// `active`, `suspended` (both: not expired) or `expired` (whether suspended or not).
     status: Option<String>,
     owner: Option<String>,
     /// `user` or `service`.
@@ -356,10 +328,19 @@ pub async fn list(
     let mut cursor = None;
     for (k, v) in q {
         match k.as_str() {
+            // Statuses as shown: an expired token is `expired`, whether or not it was
+            // suspended, and is neither `active` nor `suspended`.
             "status" => {
-                query.status = match Status::parse(&v) {
-                    Some(s @ (Status::Active | Status::Suspended)) => Some(s),
-                    _ => return Err(ApiError::field("status", "must be `active` or `suspended`")),
+                (query.status, query.expired) = match v.as_str() {
+                    "active" => (Some(Status::Active), Some((false, now))),
+                    "suspended" => (Some(Status::Suspended), Some((false, now))),
+                    "expired" => (None, Some((true, now))),
+                    _ => {
+                        return Err(ApiError::field(
+                            "status",
+                            "must be `active`, `suspended` or `expired`",
+                        ))
+                    }
                 }
             }
             "owner" => query.owner = Some(v),
@@ -584,14 +565,18 @@ pub async fn reactivate(
     params(("id" = String, Path, description = "Token id")),
     responses((status = 204, description = "Revoked: the filters refuse it from now on"),
         (status = 401, description = "No or wrong admin credential", body = super::error::ErrorBody),
-        (status = 404, description = "No such token", body = super::error::ErrorBody)))]
+        (status = 404, description = "No such token", body = super::error::ErrorBody),
+        (status = 409, description = "Already revoked (`already_revoked`, with `revoked_at`)", body = super::error::ErrorBody)))]
 pub async fn revoke(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
     TokenId(id): TokenId,
 ) -> Result<StatusCode, ApiError> {
-    set_status(state, actor, id, Status::Revoked, "token.revoked").await?;
-    Ok(StatusCode::NO_CONTENT)
+    match set_status(state, actor, id, Status::Revoked, "token.revoked").await {
+        Ok(_) => Ok(StatusCode::NO_CONTENT),
+        Err(ApiError::Revoked { at }) => Err(ApiError::AlreadyRevoked { at }),
+        Err(e) => Err(e),
+    }
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -599,26 +584,6 @@ pub async fn revoke(
 pub struct RotateBody {
     /// How long the old secret keeps working (default 0: refused at once; at most 30 days).
     grace_seconds: Option<u64>,
-}
-
-/// The secrets a rotation at `now` leaves honoured: the replaced one until `now + grace`;
-/// any older one still in its grace is cut short (refused from now on).
-pub fn rotate_secrets(row: &mut TokenRow, new_hash: String, now: i64, grace: u64) {
-    let mut retired: Vec<RetiredSecret> = row
-        .retired
-        .iter()
-        .filter(|s| s.until >= now)
-        .map(|s| RetiredSecret {
-            hash: s.hash.clone(),
-            until: now,
-        })
-        .collect();
-    retired.push(RetiredSecret {
-        hash: std::mem::replace(&mut row.hash, new_hash),
-        until: now.saturating_add(i64::try_from(grace).unwrap_or(i64::MAX)),
-    });
-    row.retired = retired;
-    row.rotated_at = Some(now);
 }
 
 #[utoipa::path(post, path = "/v1/tokens/{id}/rotate", tag = "tokens", security(("admin" = [])),
@@ -656,7 +621,7 @@ pub async fn rotate(
             now,
             change(&actor, "token.rotated"),
             &|row: &mut TokenRow| {
-                rotate_secrets(row, hash.clone(), now, grace);
+                rotation::rotate(row, hash.clone(), now, grace);
                 Ok(true)
             },
         )

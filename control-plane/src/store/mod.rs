@@ -92,6 +92,8 @@ pub struct ListQuery {
     pub after: Option<String>,
     /// Tokens expiring after now and at or before this time.
     pub expiring: Option<(i64, i64)>,
+    /// `(true, now)`: only tokens expired at `now`; `(false, now)`: only tokens that are not.
+    pub expired: Option<(bool, i64)>,
     /// Names containing this, ignoring ASCII case.
     pub name_contains: Option<String>,
     /// Newest first (in creation order) instead of by id.
@@ -138,6 +140,10 @@ pub type WebhookEvent<'a> = Option<&'a (dyn Fn(&Warning) -> (String, String, Str
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreError {
     NotFound,
+    /// The token was revoked at this time (Unix seconds); its row is a tombstone.
+    Revoked {
+        at: i64,
+    },
     Conflict(String),
     /// An edit refused the change; names the API field.
     Invalid {
@@ -154,8 +160,9 @@ impl std::fmt::Display for StoreError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             StoreError::NotFound => write!(f, "not found"),
+            StoreError::Revoked { at } => write!(f, "revoked at {at}"),
             StoreError::Conflict(m) | StoreError::Backend(m) => write!(f, "{m}"),
-            StoreError::Invalid { field, message } => write!(f, "{field}: {message}"),
+            StoreError::Invalid { field, message } => write!(f, "{field} {message}"),
         }
     }
 }
@@ -165,12 +172,14 @@ pub trait Store: Send + Sync + 'static {
     fn store_id(&self) -> &str;
     /// Inserts a new token; `row.version` is assigned by the store. Audited.
     fn create(&self, row: TokenRow, change: Change<'_>) -> Result<TokenRow, StoreError>;
-    /// A live (not revoked) token.
+    /// A live token; `Revoked` for a tombstone.
     fn get(&self, id: &str) -> Result<TokenRow, StoreError>;
     /// Live tokens by id; revoked ones never.
     fn list(&self, q: &ListQuery) -> Result<Vec<TokenRow>, StoreError>;
-    /// Runs `edit` on a live token in one transaction; a change gets a new version and an
-    /// audit entry in the same transaction.
+    /// Runs `edit` on a live token (`Revoked` for a tombstone) in one transaction; a change gets a new version and an
+    /// audit entry in the same transaction. A change that drops a secret hash the row
+    /// carried (its `hash` or a `retired` one) raises the horizon to the row's previous
+    /// version, so that a poller that never saw that hash's last record starts over.
     fn update(
         &self,
         id: &str,
@@ -192,7 +201,8 @@ pub trait Store: Send + Sync + 'static {
     fn live_count(&self) -> Result<u64, StoreError>;
     /// The latest committed version, published after every write.
     fn subscribe(&self) -> watch::Receiver<u64>;
-    /// Highest version of any purged row: a client holding an older version resnapshots.
+    /// Highest version of any purged row or dropped secret: a client holding an older
+    /// version resnapshots.
     fn horizon(&self) -> Result<u64, StoreError>;
     /// Adds reported request counts; no new version. Returns how many ids matched.
     fn record_usage(&self, now: i64, entries: &[UsageEntry]) -> Result<usize, StoreError>;

@@ -336,6 +336,23 @@ fn write_row(tx: &Transaction<'_>, r: &TokenRow, upsert: bool) -> rusqlite::Resu
     Ok(())
 }
 
+/// A row the admin API may see: a revoked one is a tombstone, kept for the filters.
+fn live(row: Option<TokenRow>) -> Result<TokenRow, StoreError> {
+    match row {
+        None => Err(StoreError::NotFound),
+        Some(r) if r.status == Status::Revoked => Err(StoreError::Revoked { at: r.updated_at }),
+        Some(r) => Ok(r),
+    }
+}
+
+/// Whether a change leaves out a secret hash that the row carried. A poller that has not
+/// seen the row's previous version may hold that hash as valid and would never hear of it
+/// again, so such a change raises the horizon, as a purge does.
+fn drops_a_secret(before: &TokenRow, after: &TokenRow) -> bool {
+    let kept = |h: &str| after.hash == h || after.retired.iter().any(|s| s.hash == h);
+    !kept(&before.hash) || before.retired.iter().any(|s| !kept(&s.hash))
+}
+
 fn clamp(n: u64) -> i64 {
     n.min(i64::MAX as u64) as i64
 }
@@ -365,8 +382,8 @@ impl Store for SqliteStore {
     }
 
     fn get(&self, id: &str) -> Result<TokenRow, StoreError> {
-        let sql = format!("SELECT {COLUMNS} FROM tokens WHERE id = ?1 AND status != 'revoked'");
-        self.query(&sql, &[&id])?.pop().ok_or(StoreError::NotFound)
+        let sql = format!("SELECT {COLUMNS} FROM tokens WHERE id = ?1");
+        live(self.query(&sql, &[&id])?.pop())
     }
 
     fn list(&self, q: &ListQuery) -> Result<Vec<TokenRow>, StoreError> {
@@ -382,11 +399,13 @@ impl Store for SqliteStore {
                AND (?5 IS NULL OR (expires_at > ?5 AND expires_at <= ?6))
                AND (?8 IS NULL OR instr(lower(name), lower(?8)) > 0)
                AND (?9 IS NULL OR created_seq < (SELECT created_seq FROM tokens WHERE id = ?9))
+               AND (?10 IS NULL OR ?10 = (expires_at IS NOT NULL AND expires_at <= ?11))
              ORDER BY {order} LIMIT ?7"
         );
         let status = q.status.map(Status::as_str);
         let kind = q.kind.map(|k| k.as_str());
         let (from, to) = (q.expiring.map(|e| e.0), q.expiring.map(|e| e.1));
+        let (expired, at) = (q.expired.map(|e| e.0), q.expired.map(|e| e.1));
         self.query(
             &sql,
             &[
@@ -399,6 +418,8 @@ impl Store for SqliteStore {
                 &q.limit,
                 &q.name_contains,
                 &q.before,
+                &expired,
+                &at,
             ],
         )
     }
@@ -410,12 +431,16 @@ impl Store for SqliteStore {
         change: Change<'_>,
         edit: Edit<'_>,
     ) -> Result<TokenRow, StoreError> {
-        let sql = format!("SELECT {COLUMNS} FROM tokens WHERE id = ?1 AND status != 'revoked'");
+        let sql = format!("SELECT {COLUMNS} FROM tokens WHERE id = ?1");
         let mut edit_error = None;
         let result = self.with(|c| {
             let tx = c.transaction()?;
-            let Some(mut row) = tx.query_row(&sql, [id], from_row).optional()? else {
-                return Ok(None);
+            let mut row = match live(tx.query_row(&sql, [id], from_row).optional()?) {
+                Ok(row) => row,
+                Err(e) => {
+                    edit_error = Some(e);
+                    return Ok(None);
+                }
             };
             let before = row.clone();
             match edit(&mut row) {
@@ -428,6 +453,10 @@ impl Store for SqliteStore {
             }
             row.updated_at = now;
             row.version = next_version(&tx)?;
+            if drops_a_secret(&before, &row) {
+                let horizon = meta_number(&tx, "horizon")?.max(before.version);
+                set_meta(&tx, "horizon", horizon)?;
+            }
             write_row(&tx, &row, true)?;
             let (old, new) = audit::diff(&before, &row);
             append_audit(&tx, now, change, &row, Some(old), Some(new))?;
@@ -763,11 +792,11 @@ mod tests {
         s.create(row("tok_1"), ADMIN).unwrap();
         s.create(row("tok_2"), ADMIN).unwrap();
         set_status(&s, "tok_1", Status::Revoked).unwrap();
-        assert_eq!(s.get("tok_1"), Err(StoreError::NotFound));
-        assert_eq!(
-            set_status(&s, "tok_1", Status::Active),
-            Err(StoreError::NotFound)
-        );
+        let revoked_at = s.changes_since(2, 10).unwrap()[0].updated_at;
+        let gone = Err(StoreError::Revoked { at: revoked_at });
+        assert_eq!(s.get("tok_1"), gone);
+        assert_eq!(set_status(&s, "tok_1", Status::Active), gone);
+        assert_eq!(s.get("tok_9"), Err(StoreError::NotFound));
         assert_eq!(
             s.list(&ListQuery {
                 limit: 10,

@@ -1,12 +1,17 @@
 //! Shared by the API test files: `spawn_app` serves `app(state)` on a real socket.
 #![allow(dead_code)]
 
+pub mod process;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokengate::api::{app, Admin, AppState, ConsoleSettings};
+use tokengate::connections;
+use tokengate::metrics::Metrics;
 use tokengate::policy::Policy;
 use tokengate::sessions::{Limits, Sessions};
 use tokengate::store::{SqliteStore, Store};
+use tokengate::throttle::{self, Throttle};
 use tokio::sync::watch;
 
 pub const ADMIN: &str = "admin-credential-0123456789";
@@ -58,15 +63,47 @@ pub fn spawn_app_with(page_size: u32, policy: Policy) -> TestApp {
     )
 }
 
+/// Generous enough that tests sending wrong credentials on purpose are not throttled.
+pub fn lenient_throttle() -> throttle::Settings {
+    throttle::Settings {
+        burst: 1000,
+        interval: Duration::from_millis(1),
+    }
+}
+
 pub fn spawn_app_console(
     page_size: u32,
     policy: Policy,
     console: ConsoleSettings,
     limits: Limits,
 ) -> TestApp {
+    spawn_app_full(page_size, policy, console, limits, lenient_throttle())
+}
+
+/// Serves with these credential-throttle settings.
+pub fn spawn_app_throttled(settings: throttle::Settings) -> TestApp {
+    spawn_app_full(
+        100,
+        Policy::default(),
+        ConsoleSettings::default(),
+        Limits::default(),
+        settings,
+    )
+}
+
+/// Serves `app(state)` the way `tokengate serve` does (`connections::serve`, with client
+/// addresses), on 127.0.0.1 and a free port.
+pub fn spawn_app_full(
+    page_size: u32,
+    policy: Policy,
+    console: ConsoleSettings,
+    limits: Limits,
+    throttle: throttle::Settings,
+) -> TestApp {
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("t.db")).unwrap());
     let (shutdown, rx) = watch::channel(false);
+    let metrics = Arc::new(Metrics::default());
     let state = AppState {
         store: store.clone(),
         admins: vec![
@@ -87,6 +124,8 @@ pub fn spawn_app_console(
         shutdown: rx,
         sessions: Arc::new(Sessions::new(limits)),
         console,
+        throttle: Arc::new(Throttle::new(throttle)),
+        metrics: metrics.clone(),
     };
     let (tx, addr) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -98,7 +137,14 @@ pub fn spawn_app_console(
         rt.block_on(async move {
             let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             tx.send(l.local_addr().unwrap()).unwrap();
-            axum::serve(l, app(state)).await.unwrap();
+            connections::serve(
+                l,
+                app(state),
+                connections::Limits::default(),
+                metrics,
+                std::future::pending(),
+            )
+            .await;
         });
     });
     TestApp {

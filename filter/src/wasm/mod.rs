@@ -1,7 +1,9 @@
 //! The proxy-wasm flavor's glue, only built for wasm32: the root context (the sync leader's
-//! host, per-worker flushes) in `root`, the HTTP context in `request`. Every host call's error
-//! is handled: a trapped VM would answer 503 to everything until reloaded.
+//! host, per-worker flushes) in `root`, the HTTP context in `request`, both through the
+//! status-checked host calls of `calls`. Every host call's error is handled: a trapped VM
+//! would answer 503 to everything until reloaded.
 
+mod calls;
 mod request;
 mod root;
 #[cfg(any(

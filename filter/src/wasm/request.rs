@@ -1,16 +1,18 @@
 //! The HTTP context: one per request. Reads headers through the host, lets the core decide
 //! ([`crate::request::handle`]) and sends what it says.
 
-use super::root::{HostClock, HostStore, Shared};
+use super::calls::{self, Headers};
+use super::root::{log, HostClock, RequestStore, Shared};
+use crate::abi;
 use crate::authorize::Denial;
+use crate::forward;
+use crate::host::Level;
 use crate::request::{self, Reply, RequestHeaders, EXPIRES_HEADER};
-use crate::request_header;
 use crate::response;
 use crate::store::Clock;
 use crate::timefmt;
-use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
-use proxy_wasm::types::{Action, MapType};
+use proxy_wasm::types::Action;
 use std::rc::Rc;
 
 pub struct Request {
@@ -30,30 +32,45 @@ impl Request {
 }
 
 /// The request's headers through proxy-wasm host calls.
-pub struct Headers;
+pub struct RequestMap;
 
-impl RequestHeaders for Headers {
+fn host_status(status: u32) -> String {
+    format!("host status {status}")
+}
+
+impl RequestHeaders for RequestMap {
     type Value = Vec<u8>;
     fn get(&self, name: &str) -> Option<Vec<u8>> {
-        request_header::get(name)
+        calls::request_header(name)
     }
-    fn set(&mut self, name: &str, value: &[u8]) {
+    fn remove_where(&mut self, doomed: &dyn Fn(&[u8]) -> bool) -> Result<(), String> {
+        let pairs = calls::map_pairs(Headers::Request).map_err(host_status)?;
+        let pairs = abi::decode_pairs(&pairs).ok_or("a malformed header map")?;
+        for name in forward::names_to_remove(pairs.iter().map(|(name, _)| *name), doomed) {
+            calls::remove(Headers::Request, name).map_err(host_status)?;
+        }
+        Ok(())
+    }
+    fn set(&mut self, name: &str, value: &[u8]) -> Result<(), String> {
         // Replacing removes every client-sent copy before setting ours (Envoy's setCopy), in
         // one host call rather than a remove and an add.
-        let _ = hostcalls::set_map_value_bytes(MapType::HttpRequestHeaders, name, Some(value));
-    }
-    fn remove(&mut self, name: &str) {
-        let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, name);
+        calls::replace(Headers::Request, name, value).map_err(host_status)
     }
 }
 
 fn refuse(d: Denial, expires_at: Option<&str>) {
     let r = response::refusal(d);
-    let mut headers: Vec<(&str, &str)> = r.headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+    let mut headers: Vec<(&str, &[u8])> =
+        r.headers.iter().map(|(n, v)| (*n, v.as_bytes())).collect();
     if let Some(t) = expires_at {
-        headers.push((EXPIRES_HEADER, t));
+        headers.push((EXPIRES_HEADER, t.as_bytes()));
     }
-    let _ = hostcalls::send_http_response(r.status, headers, Some(r.body.as_bytes()));
+    if let Err(status) = calls::send_local_response(r.status, &headers, r.body.as_bytes(), None) {
+        log(
+            Level::Warn,
+            &format!("cannot send the {} answer (host status {status})", r.status),
+        );
+    }
 }
 
 impl Context for Request {}
@@ -71,18 +88,21 @@ impl HttpContext for Request {
             feature = "waterfall-lookup",
             feature = "waterfall-identity"
         ))]
-        return super::waterfall::request(&shared, &mut Headers);
+        return super::waterfall::request(&shared, &mut RequestMap);
         #[allow(unreachable_code)]
-        let (reply, counter) = request::handle(
+        let handled = request::handle(
             &shared.config,
             &shared.identity,
-            &HostStore,
-            &mut Headers,
+            &RequestStore(&shared),
+            &mut RequestMap,
             HostClock.now_nanos(),
             |id, allowed, at| shared.usage.borrow_mut().count(id, allowed, at),
         );
-        shared.outcomes.bump(counter);
-        match reply {
+        if let Some(trouble) = &handled.trouble {
+            log(Level::Warn, trouble);
+        }
+        shared.outcomes.bump(handled.counter);
+        match handled.reply {
             Reply::Allow { expires_at } => {
                 self.expires_at = expires_at.map(timefmt::rfc3339);
                 Action::Continue
@@ -96,7 +116,8 @@ impl HttpContext for Request {
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         if let Some(t) = self.expires_at.take() {
-            let _ = hostcalls::add_map_value(MapType::HttpResponseHeaders, EXPIRES_HEADER, &t);
+            // Only a courtesy to the client: nothing to undo if the host refuses it.
+            let _ = calls::add(Headers::Response, EXPIRES_HEADER, t.as_bytes());
         }
         Action::Continue
     }

@@ -1,11 +1,11 @@
 //! For `make bench` only (section `waterfall`): the request path cut after one step, to
 //! price each step of the wasm flavor inside a real Envoy. One feature per cut:
 //! `waterfall-return` (the VM entered and left), `-read` (+ the credential header read),
-//! `-hash` (+ SHA-256), `-lookup` (+ the state and token records from shared data, decoded),
-//! `-identity` (+ the credential removed and the identity headers set). Every request passes:
+//! `-hash` (+ SHA-256), `-lookup` (+ the state and the token record, decoded),
+//! `-identity` (+ the credential and spoofed headers removed, the identity headers set). Every request passes:
 //! these filters check nothing.
 
-use super::root::{HostStore, Shared};
+use super::root::{RequestStore, Shared};
 use crate::authorize;
 use crate::record::{self, STATE_KEY};
 use crate::request::RequestHeaders;
@@ -42,8 +42,11 @@ pub fn request(shared: &Shared, headers: &mut impl RequestHeaders) -> Action {
         black_box(hash);
         return Action::Continue;
     }
-    let state = HostStore.get(STATE_KEY).ok().and_then(|(v, _)| v);
-    let Ok((Some(value), _)) = HostStore.get(&record::token_key(&hash)) else {
+    // As the full filter reads them: the state key from this worker's copy, the token record
+    // from shared data.
+    let store = RequestStore(shared);
+    let state = store.get(STATE_KEY).ok().and_then(|(v, _)| v);
+    let Ok((Some(value), _)) = store.get(&record::token_key(&hash)) else {
         return Action::Continue;
     };
     let Some(rec) = record::decode_token(&value) else {
@@ -53,13 +56,11 @@ pub fn request(shared: &Shared, headers: &mut impl RequestHeaders) -> Action {
         black_box((state, rec.status));
         return Action::Continue;
     }
-    for name in &cfg.token_headers {
-        headers.remove(name);
+    let ids = &shared.identity.names;
+    let _ = headers.remove_where(&|name| crate::forward::to_remove(cfg, name, ids));
+    let values: [&[u8]; 4] = [rec.id, rec.name, rec.owner, rec.kind.as_str().as_bytes()];
+    for (name, value) in ids.iter().zip(values) {
+        let _ = headers.set(name, value);
     }
-    let ids = &shared.identity;
-    headers.set(&ids.id, rec.id);
-    headers.set(&ids.name, rec.name);
-    headers.set(&ids.owner, rec.owner);
-    headers.set(&ids.kind, rec.kind.as_str().as_bytes());
     Action::Continue
 }

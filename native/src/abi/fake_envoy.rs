@@ -379,6 +379,48 @@ extern "C" fn envoy_dynamic_module_callback_http_get_header(
 }
 
 #[no_mangle]
+extern "C" fn envoy_dynamic_module_callback_http_get_headers_size(
+    filter_envoy: *mut c_void,
+    header_type: u32,
+) -> usize {
+    // SAFETY: the tests pass their FakeFilter.
+    let f = unsafe { filter(filter_envoy) };
+    if header_type == HEADER_TYPE_REQUEST {
+        f.request.borrow().len()
+    } else {
+        f.response.borrow().len()
+    }
+}
+
+#[no_mangle]
+extern "C" fn envoy_dynamic_module_callback_http_get_headers(
+    filter_envoy: *mut c_void,
+    header_type: u32,
+    result: *mut EnvoyHeader,
+) -> bool {
+    envoy(|| {
+        // SAFETY: the tests pass their FakeFilter; the module sized `result` for every header.
+        unsafe {
+            let f = filter(filter_envoy);
+            let map = if header_type == HEADER_TYPE_REQUEST {
+                f.request.borrow()
+            } else {
+                f.response.borrow()
+            };
+            for (i, (k, v)) in map.iter().enumerate() {
+                *result.add(i) = EnvoyHeader {
+                    key_ptr: k.as_ptr(),
+                    key_len: k.len(),
+                    value_ptr: v.as_ptr(),
+                    value_len: v.len(),
+                };
+            }
+        }
+        true
+    })
+}
+
+#[no_mangle]
 extern "C" fn envoy_dynamic_module_callback_http_set_header(
     filter_envoy: *mut c_void,
     header_type: u32,
