@@ -70,6 +70,13 @@ pub enum Flavor {
 }
 
 impl Flavor {
+    pub fn name(self) -> &'static str {
+        match self {
+            Flavor::Wasm => "wasm",
+            Flavor::Native => "native",
+        }
+    }
+
     /// Where Envoy puts the filter's stats: wasm metrics and a dynamic module's metrics live
     /// under different namespaces; the names after it are the same.
     pub fn stat(self, name: &str) -> String {
