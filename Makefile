@@ -46,6 +46,7 @@ help: ## list the targets and the variables of make run
 	   END { for (i = 1; i <= NR; i++) printf "  make %-" w "s  %s\n", name[i], text[i] }'
 	@echo
 	@echo "Variables (make run VAR=value, or in the environment):"
+	@echo "  FLAVOR=wasm              the filter: wasm (proxy-wasm) or native (Envoy dynamic module)"
 	@echo "  LISTEN_PORT=10000        Envoy's listener, the protected API"
 	@echo "  ADMIN_PORT=9901          Envoy's admin interface (/ready, /stats)"
 	@echo "  UPSTREAM_PORT=8080       the demo upstream"
