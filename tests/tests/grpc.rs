@@ -235,7 +235,10 @@ fn grpc_calls_are_admitted_with_identity_and_refused_with_grpc_statuses() {
 
     // Expired: UNAUTHENTICATED.
     let (_, short) = stack.create_token(json!({"name": "grpc-short", "expires_in_seconds": 1}));
-    stack.wait_for_status(&short, 401, STATE_LOAD);
+    // Unknown (also a 401) until it is synced, expired a second later.
+    tokengate_e2e::wait_until(STATE_LOAD, "the token refused as expired", || {
+        stack.call_with_token(&short).error_code().as_deref() == Some("token_expired")
+    });
     let s = rt
         .block_on(check(&ch, &bearer(&short)))
         .expect_err("expired");
