@@ -5,6 +5,7 @@ use crate::abi;
 use crate::authorize::{self, Denial, Outcome, Verdict};
 use crate::config::Config;
 use crate::forward;
+use crate::grpc;
 use crate::host::{self, Headers, Level};
 use crate::response;
 use crate::store::{Clock, SharedStore, StoreError};
@@ -489,17 +490,38 @@ fn header(name: &str) -> Option<Vec<u8>> {
     host::request_header(name)
 }
 
-fn refuse(d: Denial, expires_at: Option<&str>) {
-    let r = response::refusal(d);
-    let mut headers: Vec<(&str, &[u8])> =
-        r.headers.iter().map(|(n, v)| (*n, v.as_bytes())).collect();
+/// Whether the request is gRPC, so that its refusal is a gRPC answer.
+fn is_grpc() -> bool {
+    let content_type = host::map_value(Headers::Request, "content-type")
+        .ok()
+        .flatten();
+    grpc::is_grpc(content_type.as_deref())
+}
+
+/// Answers a refused request: the JSON refusal, or for gRPC a trailers-only answer whose
+/// `grpc-status` Envoy sets from the code given (with `content-type: application/grpc`);
+/// the message and the rest travel as metadata, so the body stays empty.
+fn refuse(d: Denial, expires_at: Option<&str>, grpc: bool) {
+    let (status, headers, body, grpc_status) = if grpc {
+        let g = grpc::refusal(d);
+        (
+            g.http_status,
+            g.metadata,
+            String::new(),
+            Some(g.code as u32),
+        )
+    } else {
+        let r = response::refusal(d);
+        (r.status, r.headers, r.body, None)
+    };
+    let mut headers: Vec<(&str, &[u8])> = headers.iter().map(|(n, v)| (*n, v.as_bytes())).collect();
     if let Some(t) = expires_at {
         headers.push((EXPIRES_HEADER, t.as_bytes()));
     }
-    if let Err(status) = host::send_local_response(r.status, &headers, r.body.as_bytes(), None) {
+    if let Err(e) = host::send_local_response(status, &headers, body.as_bytes(), grpc_status) {
         log(
             Level::Warn,
-            &format!("cannot send the {} answer (host status {status})", r.status),
+            &format!("cannot send the {status} answer (host status {e})"),
         );
     }
 }
@@ -535,7 +557,7 @@ impl Context for Request {}
 impl HttpContext for Request {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let Some(shared) = self.shared.clone() else {
-            refuse(Denial::StateUnavailable, None);
+            refuse(Denial::StateUnavailable, None, is_grpc());
             return Action::Pause;
         };
         let cfg = &shared.config;
@@ -569,7 +591,7 @@ impl HttpContext for Request {
                     shared
                         .outcomes
                         .bump(shared.metrics.denied(Denial::StateUnavailable));
-                    refuse(Denial::StateUnavailable, None);
+                    refuse(Denial::StateUnavailable, None, is_grpc());
                     return Action::Pause;
                 }
                 shared.outcomes.bump(shared.metrics.allowed);
@@ -583,7 +605,7 @@ impl HttpContext for Request {
                     _ => None,
                 };
                 self.expires_at = None;
-                refuse(d, announce.as_deref());
+                refuse(d, announce.as_deref(), is_grpc());
                 Action::Pause
             }
         }

@@ -1,7 +1,7 @@
 //! tokengate's proxy-wasm filter.
 //!
 //! The decisions live in plain Rust modules with no proxy-wasm types (`authorize`, `gcra`,
-//! `record`, `sync`, `usage`, `config`, `response`, `forward`, `timefmt`, and `abi`, the
+//! `record`, `sync`, `usage`, `config`, `response`, `grpc`, `forward`, `timefmt`, and `abi`, the
 //! ABI's encodings) and are unit-tested natively; `glue` binds them to the proxy-wasm ABI
 //! through `host`'s status-checked calls and is only built for wasm32.
 
@@ -10,6 +10,7 @@ pub mod authorize;
 pub mod config;
 pub mod forward;
 pub mod gcra;
+pub mod grpc;
 pub mod record;
 pub mod response;
 pub mod store;
