@@ -2,7 +2,7 @@
 //! flavor's glue.
 //!
 //! The core is plain Rust with no host types, unit-tested natively: the decisions
-//! (`authorize`, `gcra`, `record`, `config`, `response`, `forward`, `timefmt`), the
+//! (`authorize`, `gcra`, `record`, `config`, `response`, `grpc`, `forward`, `timefmt`), the
 //! per-request flow (`request`), the sync and usage machines (`sync`, `usage`, on the one
 //! `callout` machine) and the leader's orchestration (`leader`), written against small host
 //! traits (`store`, `host`); `abi` holds the proxy-wasm ABI's encodings. `wasm` binds them to
@@ -15,6 +15,7 @@ pub mod callout;
 pub mod config;
 pub mod forward;
 pub mod gcra;
+pub mod grpc;
 pub mod host;
 pub mod leader;
 pub mod metrics;

@@ -5,8 +5,11 @@
 use crate::authorize::{self, Denial, Outcome, Token};
 use crate::config::Config;
 use crate::forward;
+use crate::grpc;
 use crate::metrics::Counter;
+use crate::response;
 use crate::store::SharedStore;
+use crate::timefmt;
 
 /// The request headers of one stream. Edits report the host's refusal as `Err(why)`: the
 /// request is then refused rather than sent upstream half-edited.
@@ -169,6 +172,57 @@ where
         counter,
         trouble,
     }
+}
+
+/// A refusal as its client gets it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    /// The HTTP status of the refusal (for a gRPC client, the one it stands for: the host
+    /// may log it or hand it to Envoy, which then answers gRPC itself).
+    pub status: u32,
+    /// `Some` for a gRPC client: a trailers-only answer (HTTP 200, `content-type:
+    /// application/grpc`, no body) with this `grpc-status`.
+    pub grpc: Option<grpc::Code>,
+    /// The headers (gRPC: the metadata), the expiry announcement among them.
+    pub headers: Vec<(&'static str, String)>,
+    /// The JSON body (empty for gRPC).
+    pub body: String,
+    /// The JSON body's `error`, for the host's response details.
+    pub code: &'static str,
+}
+
+/// The answer to a request refused with `denial`, in the client's protocol: gRPC clients
+/// (by the request's `content-type`, see [`grpc::is_grpc`]) get gRPC statuses, others the
+/// JSON refusal. `expires_at` (Unix seconds) is announced if set.
+pub fn answer<H: RequestHeaders + ?Sized>(
+    headers: &H,
+    denial: Denial,
+    expires_at: Option<i64>,
+) -> Answer {
+    let content_type = headers.get("content-type");
+    let refusal = response::refusal(denial);
+    let mut answer = if grpc::is_grpc(content_type.as_ref().map(|v| v.as_ref())) {
+        let g = grpc::refusal(denial);
+        Answer {
+            status: g.http_status,
+            grpc: Some(g.code),
+            headers: g.metadata,
+            body: String::new(),
+            code: refusal.code,
+        }
+    } else {
+        Answer {
+            status: refusal.status,
+            grpc: None,
+            headers: refusal.headers,
+            body: refusal.body,
+            code: refusal.code,
+        }
+    };
+    if let Some(t) = expires_at {
+        answer.headers.push((EXPIRES_HEADER, timefmt::rfc3339(t)));
+    }
+    answer
 }
 
 #[cfg(test)]
@@ -405,5 +459,47 @@ mod tests {
             h.0.get("x-api-token").map(Vec::as_slice),
             Some(secret.as_bytes())
         );
+    }
+
+    #[test]
+    fn grpc_clients_get_a_grpc_answer_and_others_the_json_refusal() {
+        let limited = Denial::RateLimited {
+            retry_after_secs: 2,
+            max_rps: 5,
+            burst: 5,
+        };
+        let json = answer(
+            &headers(&[("content-type", "application/json")]),
+            limited,
+            None,
+        );
+        assert_eq!(
+            (json.status, json.grpc, json.code),
+            (429, None, "rate_limited")
+        );
+        assert_eq!(json.body, response::refusal(limited).body);
+        assert_eq!(json.headers, response::refusal(limited).headers);
+
+        let g = answer(
+            &headers(&[("content-type", "application/grpc+proto")]),
+            limited,
+            Some(1_800_000_000),
+        );
+        assert_eq!(
+            (g.status, g.grpc, g.code, g.body.as_str()),
+            (429, Some(grpc::Code::ResourceExhausted), "rate_limited", "")
+        );
+        let mut expected = grpc::refusal(limited).metadata;
+        expected.push((EXPIRES_HEADER, timefmt::rfc3339(1_800_000_000)));
+        assert_eq!(g.headers, expected);
+
+        // No content-type, or gRPC-Web: the JSON answer.
+        for h in [
+            headers(&[]),
+            headers(&[("content-type", "application/grpc-web")]),
+        ] {
+            let a = answer(&h, Denial::MissingToken, None);
+            assert_eq!((a.status, a.grpc), (401, None));
+        }
     }
 }

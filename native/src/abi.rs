@@ -67,6 +67,31 @@ struct ModuleHeader {
     value_len: usize,
 }
 
+/// Lends `headers` to Envoy as the ABI's array: on the stack for the dozen an answer carries,
+/// on the heap beyond.
+fn with_module_headers<R>(headers: &[(&str, &str)], f: impl FnOnce(&[ModuleHeader]) -> R) -> R {
+    let raw = |(k, v): &(&str, &str)| ModuleHeader {
+        key_ptr: k.as_ptr(),
+        key_len: k.len(),
+        value_ptr: v.as_ptr(),
+        value_len: v.len(),
+    };
+    const STACK: usize = 16;
+    if headers.len() > STACK {
+        return f(&headers.iter().map(raw).collect::<Vec<_>>());
+    }
+    let mut on_stack = [ModuleHeader {
+        key_ptr: ptr::null(),
+        key_len: 0,
+        value_ptr: ptr::null(),
+        value_len: 0,
+    }; STACK];
+    for (slot, h) in on_stack.iter_mut().zip(headers) {
+        *slot = raw(h);
+    }
+    f(&on_stack[..headers.len()])
+}
+
 /// A header owned by Envoy.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -190,6 +215,12 @@ extern "C" {
         headers_len: usize,
         body: ModuleBuffer,
         details: ModuleBuffer,
+    );
+    fn envoy_dynamic_module_callback_http_send_response_headers(
+        filter_envoy: *mut c_void,
+        headers: *const ModuleHeader,
+        headers_len: usize,
+        end_stream: bool,
     );
     fn envoy_dynamic_module_callback_http_filter_get_worker_index(filter_envoy: *mut c_void)
         -> u32;
@@ -526,34 +557,38 @@ impl<'a> FilterHandle<'a> {
         }
     }
 
-    /// Answers the request locally.
+    /// Answers the request locally (Envoy's local reply: its access log and details).
     pub fn send_response(&self, status: u32, headers: &[(&str, &str)], body: &[u8], details: &str) {
-        let mut raw = [ModuleHeader {
-            key_ptr: ptr::null(),
-            key_len: 0,
-            value_ptr: ptr::null(),
-            value_len: 0,
-        }; 8];
-        let n = headers.len().min(raw.len());
-        for (slot, (k, v)) in raw.iter_mut().zip(headers) {
-            *slot = ModuleHeader {
-                key_ptr: k.as_ptr(),
-                key_len: k.len(),
-                value_ptr: v.as_ptr(),
-                value_len: v.len(),
-            };
-        }
-        // SAFETY: every buffer is valid for the call; Envoy copies them.
-        unsafe {
-            envoy_dynamic_module_callback_http_send_response(
-                self.raw,
-                status,
-                raw.as_ptr(),
-                n,
-                ModuleBuffer::of(body),
-                ModuleBuffer::of(details.as_bytes()),
-            )
-        }
+        with_module_headers(headers, |raw| {
+            // SAFETY: every buffer is valid for the call; Envoy copies them.
+            unsafe {
+                envoy_dynamic_module_callback_http_send_response(
+                    self.raw,
+                    status,
+                    raw.as_ptr(),
+                    raw.len(),
+                    ModuleBuffer::of(body),
+                    ModuleBuffer::of(details.as_bytes()),
+                )
+            }
+        })
+    }
+
+    /// Answers the request with headers only (`:status` among them) and ends the stream: a
+    /// gRPC trailers-only answer, which Envoy's local reply cannot carry with a status of
+    /// ours.
+    pub fn send_headers_only(&self, headers: &[(&str, &str)]) {
+        with_module_headers(headers, |raw| {
+            // SAFETY: every buffer is valid for the call; Envoy copies them.
+            unsafe {
+                envoy_dynamic_module_callback_http_send_response_headers(
+                    self.raw,
+                    raw.as_ptr(),
+                    raw.len(),
+                    true,
+                )
+            }
+        })
     }
 
     /// The index of the worker thread running this stream (0-based).

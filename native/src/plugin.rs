@@ -18,8 +18,8 @@ use tokengate_filter::leader::{Answer, Leader};
 use tokengate_filter::metrics::{Counter, Gauge};
 use tokengate_filter::request::{self, IdentityHeaders, Reply, RequestHeaders, EXPIRES_HEADER};
 
+use tokengate_filter::timefmt;
 use tokengate_filter::usage::Tally;
-use tokengate_filter::{response, timefmt};
 
 /// The scheduler event that runs the leader's tick.
 const TICK: u64 = 1;
@@ -165,15 +165,28 @@ impl Tokengate {
     }
 }
 
-/// A refusal, as DESIGN.md's table says.
+/// A refusal, in the client's protocol ([`request::answer`]): Envoy's local reply for HTTP
+/// clients; for gRPC clients a trailers-only answer sent as headers, because Envoy's local
+/// reply would pick its own `grpc-status` for the HTTP status.
 fn refuse(envoy: &FilterHandle<'_>, d: Denial, expires_at: Option<i64>) {
-    let r = response::refusal(d);
-    let expires = expires_at.map(timefmt::rfc3339);
-    let mut headers: Vec<(&str, &str)> = r.headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
-    if let Some(t) = &expires {
-        headers.push((EXPIRES_HEADER, t));
+    let a = request::answer(&EnvoyHeaders(envoy), d, expires_at);
+    let metadata = a.headers.iter().map(|(n, v)| (*n, v.as_str()));
+    match a.grpc {
+        None => {
+            let headers: Vec<(&str, &str)> = metadata.collect();
+            envoy.send_response(a.status, &headers, a.body.as_bytes(), a.code);
+        }
+        Some(code) => {
+            let code = (code as u32).to_string();
+            let mut headers = vec![
+                (":status", "200"),
+                ("content-type", "application/grpc"),
+                ("grpc-status", code.as_str()),
+            ];
+            headers.extend(metadata);
+            envoy.send_headers_only(&headers);
+        }
     }
-    envoy.send_response(r.status, &headers, r.body.as_bytes(), r.code);
 }
 
 /// The request's headers, borrowed from Envoy.

@@ -182,6 +182,73 @@ fn requests_are_judged_and_rewritten_as_the_design_says() {
 }
 
 #[test]
+fn grpc_clients_get_a_trailers_only_grpc_answer() {
+    let a = secret('a');
+    let mut slow = record(&a, "tok_a", None);
+    slow.max_rps = Some(1);
+    slow.burst = Some(1);
+    let l = loaded(vec![slow]);
+    let grpc = |extra: &[(&str, &str)]| {
+        let mut h = vec![("content-type", "application/grpc")];
+        h.extend_from_slice(extra);
+        FakeFilter::with(&h)
+    };
+
+    let f = grpc(&[]);
+    assert_eq!(l.stream(&f), 1, "stop");
+    let sent = f.sent.borrow().clone().unwrap();
+    // Not Envoy's local reply: that would choose the grpc-status itself.
+    assert!(!sent.local_reply);
+    assert_eq!((sent.status, sent.body.as_str()), (200, ""));
+    assert_eq!(sent.details, "end_stream=true");
+    let has = |n: &str, v: &str| sent.headers.contains(&(n.into(), v.into()));
+    assert!(
+        has("content-type", "application/grpc"),
+        "{:?}",
+        sent.headers
+    );
+    assert!(has("grpc-status", "16"), "{:?}", sent.headers);
+    assert!(
+        has("tokengate-error", "missing_token"),
+        "{:?}",
+        sent.headers
+    );
+    assert!(has("www-authenticate", "Bearer"), "{:?}", sent.headers);
+    assert!(
+        sent.headers
+            .iter()
+            .any(|(n, v)| n == "grpc-message" && v.starts_with("An access token is required")),
+        "{:?}",
+        sent.headers
+    );
+    assert_eq!(
+        sent.headers
+            .iter()
+            .filter(|(n, _)| n == "content-type")
+            .count(),
+        1,
+        "the JSON refusal's content-type stays out"
+    );
+
+    // Rate limited: RESOURCE_EXHAUSTED, which gRPC clients do not retry on their own.
+    let refused = loop {
+        let f = grpc(&[("x-api-token", &a)]);
+        if l.stream(&f) == 1 {
+            break f;
+        }
+    };
+    let sent = refused.sent.borrow().clone().unwrap();
+    assert!(sent.headers.contains(&("grpc-status".into(), "8".into())));
+    assert!(sent.headers.contains(&("retry-after".into(), "1".into())));
+
+    // gRPC-Web is answered as HTTP.
+    let f = FakeFilter::with(&[("content-type", "application/grpc-web")]);
+    assert_eq!(l.stream(&f), 1);
+    assert_eq!(sent_status(&f), Some((401, "missing_token".into())));
+    assert!(f.sent.borrow().as_ref().unwrap().local_reply);
+}
+
+#[test]
 fn an_expiry_inside_the_warning_window_is_announced() {
     let (a, b) = (secret('a'), secret('b'));
     let now = std::time::SystemTime::now()

@@ -624,6 +624,15 @@ impl Stack {
         self.check_alive("demo upstream", |s| &mut s.upstream, &log);
     }
 
+    /// Puts an upstream the test runs itself (a gRPC server, say) in place of the demo
+    /// upstream, which is stopped; takes effect at the next `start_envoy`.
+    pub fn replace_upstream(&mut self, port: u16) {
+        if let Some(mut child) = self.upstream.take() {
+            kill(&mut child);
+        }
+        self.upstream_port = port;
+    }
+
     /// Starts (or restarts) the control plane on the stack's database, port and
     /// credentials, and waits for `/healthz`.
     pub fn start_control_plane(&mut self) {

@@ -8,7 +8,6 @@ use crate::authorize::Denial;
 use crate::forward;
 use crate::host::Level;
 use crate::request::{self, Reply, RequestHeaders, EXPIRES_HEADER};
-use crate::response;
 use crate::store::Clock;
 use crate::timefmt;
 use proxy_wasm::traits::{Context, HttpContext};
@@ -58,17 +57,19 @@ impl RequestHeaders for RequestMap {
     }
 }
 
-fn refuse(d: Denial, expires_at: Option<&str>) {
-    let r = response::refusal(d);
-    let mut headers: Vec<(&str, &[u8])> =
-        r.headers.iter().map(|(n, v)| (*n, v.as_bytes())).collect();
-    if let Some(t) = expires_at {
-        headers.push((EXPIRES_HEADER, t.as_bytes()));
-    }
-    if let Err(status) = calls::send_local_response(r.status, &headers, r.body.as_bytes(), None) {
+/// Answers a refused request in the client's protocol ([`request::answer`]). For gRPC, Envoy
+/// builds the trailers-only answer from the status given (`grpc-status`, `content-type:
+/// application/grpc`), so the metadata travel as headers and the body stays empty.
+fn refuse(d: Denial, expires_at: Option<i64>) {
+    let a = request::answer(&RequestMap, d, expires_at);
+    let headers: Vec<(&str, &[u8])> = a.headers.iter().map(|(n, v)| (*n, v.as_bytes())).collect();
+    let grpc_status = a.grpc.map(|code| code as u32);
+    if let Err(status) =
+        calls::send_local_response(a.status, &headers, a.body.as_bytes(), grpc_status)
+    {
         log(
             Level::Warn,
-            &format!("cannot send the {} answer (host status {status})", r.status),
+            &format!("cannot send the {} answer (host status {status})", a.status),
         );
     }
 }
@@ -108,7 +109,7 @@ impl HttpContext for Request {
                 Action::Continue
             }
             Reply::Refuse { denial, expires_at } => {
-                refuse(denial, expires_at.map(timefmt::rfc3339).as_deref());
+                refuse(denial, expires_at);
                 Action::Pause
             }
         }

@@ -113,6 +113,9 @@ impl FakeConfig {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sent {
+    /// False for headers sent by the module itself (`send_response_headers`), true for
+    /// Envoy's local reply.
+    pub local_reply: bool,
     pub status: u32,
     pub headers: Vec<(String, String)>,
     pub body: String,
@@ -494,10 +497,47 @@ extern "C" fn envoy_dynamic_module_callback_http_send_response(
                 })
                 .collect();
             *f.sent.borrow_mut() = Some(Sent {
+                local_reply: true,
                 status,
                 headers,
                 body: text(module_bytes(body).unwrap_or_default()),
                 details: text(module_bytes(details).unwrap_or_default()),
+            });
+        }
+    })
+}
+
+#[no_mangle]
+extern "C" fn envoy_dynamic_module_callback_http_send_response_headers(
+    filter_envoy: *mut c_void,
+    headers: *const ModuleHeader,
+    headers_len: usize,
+    end_stream: bool,
+) {
+    envoy(|| {
+        // SAFETY: the tests pass their FakeFilter; the module lends the rest.
+        unsafe {
+            let f = filter(filter_envoy);
+            let mut headers: Vec<(String, String)> =
+                std::slice::from_raw_parts(headers, headers_len)
+                    .iter()
+                    .map(|h| {
+                        (
+                            text(envoy_bytes(h.key_ptr, h.key_len)),
+                            text(envoy_bytes(h.value_ptr, h.value_len)),
+                        )
+                    })
+                    .collect();
+            let status = headers
+                .iter()
+                .position(|(n, _)| n == ":status")
+                .map(|i| headers.remove(i).1);
+            *f.sent.borrow_mut() = Some(Sent {
+                local_reply: false,
+                status: status.and_then(|s| s.parse().ok()).unwrap_or(0),
+                headers,
+                body: String::new(),
+                details: format!("end_stream={end_stream}"),
             });
         }
     })
