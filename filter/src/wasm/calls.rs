@@ -6,13 +6,10 @@
 //! status into a `Result` (see `crate::abi`). `clippy.toml` disallows the SDK wrappers they
 //! replace.
 //!
-//! Reading a request header: the header-map call hands over only the first value of a
-//! repeated header, so a request carrying `X-API-Token` twice could have one value checked
-//! while the other is what a later hop reads. Envoy's `request.headers` attribute joins
-//! repeated values with `,`, which no token contains, so such a request is refused as
-//! malformed; it costs more than the map call, though, so it is kept for headers Envoy does
-//! not join itself. `authorization` is one of Envoy's inline headers, which its header map
-//! already joins, so the cheaper map call is exact for it.
+//! Reading request headers: the header-map call for one header hands over only the first
+//! value of a repeated header, so a request carrying `X-API-Token` twice could have one value
+//! checked while the other is what a later hop reads. The request path therefore reads the
+//! whole map (`map_pairs`), sees every copy, and joins repeats (`abi::header_value`).
 
 // Not every call is used by every build (the bench's waterfall filters use fewer).
 #![allow(dead_code)]
@@ -48,12 +45,6 @@ extern "C" {
         key_size: usize,
         value_data: *const u8,
         value_size: usize,
-    ) -> u32;
-    fn proxy_get_property(
-        path_data: *const u8,
-        path_size: usize,
-        return_value_data: *mut *mut u8,
-        return_value_size: *mut usize,
     ) -> u32;
     fn proxy_send_local_response(
         status_code: u32,
@@ -101,10 +92,6 @@ pub enum Level {
     Error = 4,
 }
 
-/// Headers Envoy's header map joins when repeated (its inline headers) that a token can
-/// travel in.
-const JOINED_BY_ENVOY: [&str; 1] = ["authorization"];
-
 /// Takes ownership of a buffer the host handed over.
 fn owned(data: *mut u8, size: usize) -> Vec<u8> {
     if data.is_null() {
@@ -114,22 +101,6 @@ fn owned(data: *mut u8, size: usize) -> Vec<u8> {
     // `proxy_on_memory_allocate` (the SDK's, a `Vec` of capacity `size`); ownership passes
     // to us, as in the SDK's own getters.
     unsafe { Vec::from_raw_parts(data, size, size) }
-}
-
-/// A request header's value (repeats joined with `,`), `Some(empty)` for a header sent
-/// empty, `None` when absent or when the host could not answer.
-pub fn request_header(name: &str) -> Option<Vec<u8>> {
-    if JOINED_BY_ENVOY.contains(&name) {
-        return map_value(Headers::Request, name).ok().flatten();
-    }
-    let mut path = Vec::with_capacity(17 + name.len());
-    path.extend_from_slice(b"request\0headers\0");
-    path.extend_from_slice(name.as_bytes());
-    let mut data: *mut u8 = std::ptr::null_mut();
-    let mut size: usize = 0;
-    // SAFETY: valid pointers to our locals; the host writes a buffer it allocated.
-    let status = unsafe { proxy_get_property(path.as_ptr(), path.len(), &mut data, &mut size) };
-    (status == STATUS_OK).then(|| owned(data, size))
 }
 
 /// One value of a header map: `Ok(None)` when absent.
