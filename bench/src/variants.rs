@@ -346,7 +346,7 @@ pub fn run(depth: Depth) -> Value {
         },
         Variant {
             key: "D",
-            label: "D: native",
+            label: "D: Envoy's",
             title: "D: api_key_auth + local_ratelimit",
             envoy: native,
             token: Some(limited),
@@ -364,7 +364,7 @@ pub fn run(depth: Depth) -> Value {
         },
         Variant {
             key: "F",
-            label: "F: native",
+            label: "F: module",
             title: "F: tokengate native module, maxRPS 1,000,000",
             envoy: start_envoy("variant-f", "tokengate-native", &tokengate_vars),
             token: Some(limited_for_f),
