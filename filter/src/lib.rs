@@ -1,12 +1,13 @@
 //! tokengate's proxy-wasm filter.
 //!
 //! The decisions live in plain Rust modules with no proxy-wasm types (`authorize`, `gcra`,
-//! `record`, `sync`, `usage`, `config`, `response`, `timefmt`) and are unit-tested natively; `glue` binds them
-//! to the proxy-wasm ABI and is only built for wasm32.
+//! `metrics`, `record`, `sync`, `usage`, `config`, `response`, `timefmt`) and are unit-tested
+//! natively; `glue` binds them to the proxy-wasm ABI and is only built for wasm32.
 
 pub mod authorize;
 pub mod config;
 pub mod gcra;
+pub mod metrics;
 pub mod record;
 pub mod response;
 pub mod store;

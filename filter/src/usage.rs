@@ -13,7 +13,8 @@ struct Counts {
     last_used_at: i64,
 }
 
-/// Counts by token id, holding at most `cap` ids; what does not fit is dropped and counted.
+/// Counts by token id, holding at most `cap` ids; what does not fit is dropped, and the
+/// requests it counted are added up in `dropped`.
 #[derive(Debug, Default)]
 pub struct Tally {
     counts: HashMap<Vec<u8>, Counts>,
@@ -32,7 +33,9 @@ impl Tally {
 
     fn add(&mut self, id: &[u8], allowed: u64, denied: u64, last_used_at: i64) {
         if !self.counts.contains_key(id) && self.counts.len() >= self.cap {
-            self.dropped = self.dropped.saturating_add(1);
+            // In requests, whether one request or a worker's whole entry is dropped, so
+            // that the stat says how much usage never reached the control plane.
+            self.dropped = self.dropped.saturating_add(allowed.saturating_add(denied));
             return;
         }
         // Looked up by slice first so that counting a known id allocates nothing.
@@ -60,7 +63,7 @@ impl Tally {
         self.counts.is_empty()
     }
 
-    /// Counts lost to the bound since the last call.
+    /// Requests whose counts were lost to the bound since the last call.
     pub fn take_dropped(&mut self) -> u64 {
         std::mem::take(&mut self.dropped)
     }
@@ -77,6 +80,13 @@ impl Tally {
             })
             .collect()
     }
+}
+
+/// The requests a batch of entries counts.
+pub fn requests(entries: &[UsageEntry]) -> u64 {
+    entries.iter().fold(0u64, |n, e| {
+        n.saturating_add(e.allowed).saturating_add(e.denied)
+    })
 }
 
 /// A worker's batch on the shared queue.
@@ -228,6 +238,24 @@ mod tests {
             [entry("tok_a", 6, 1, 12), entry("tok_b", 1, 0, 11)]
         );
         assert!(t.is_empty());
+    }
+
+    #[test]
+    fn what_does_not_fit_is_dropped_in_requests() {
+        let mut t = Tally::new(1);
+        t.count(b"tok_a", true, 1);
+        t.count(b"tok_b", false, 1);
+        assert_eq!(t.take_dropped(), 1);
+        // A worker's entry that does not fit loses every request it counted.
+        t.merge(vec![entry("tok_c", 5, 2, 1), entry("tok_a", 1, 1, 2)]);
+        assert_eq!(t.take_dropped(), 7);
+        assert_eq!(t.drain(), [entry("tok_a", 2, 1, 2)]);
+        assert_eq!(
+            requests(&[entry("tok_a", 5, 2, 1), entry("tok_b", 0, 3, 1)]),
+            10
+        );
+        assert_eq!(requests(&[entry("tok_a", u64::MAX, 1, 1)]), u64::MAX);
+        assert_eq!(requests(&[]), 0);
     }
 
     #[test]
