@@ -17,6 +17,31 @@ const PROPAGATION: Duration = Duration::from_secs(10);
 const WAIT_SECONDS: u32 = 2;
 /// The filter's callout timeout for a sync poll: its wait plus 5 s.
 const CALLOUT_TIMEOUT: Duration = Duration::from_secs(WAIT_SECONDS as u64 + 5);
+/// The plugin's backoff after a failed sync (its defaults): 250 ms doubling to 10 s.
+const BACKOFF_INITIAL_MS: u64 = 250;
+const BACKOFF_MAX_MS: u64 = 10_000;
+
+/// The shortest wait the filter may leave after its `n`th failure in a row (1-based): the
+/// exponential delay, less the most its jitter takes off (an eighth), less a millisecond
+/// for clocks read at millisecond resolution.
+fn least_backoff_ms(n: u32) -> u64 {
+    let base = BACKOFF_INITIAL_MS
+        .saturating_mul(1 << (n - 1).min(20))
+        .min(BACKOFF_MAX_MS);
+    (base - base / 8).saturating_sub(1)
+}
+
+/// The gaps between consecutive sync calls that met `fault`, from the first one after
+/// `since`.
+fn gaps(proxy: &FaultProxy, fault: &Fault, since: Instant) -> Vec<Duration> {
+    let times: Vec<Instant> = proxy
+        .sync_call_log()
+        .into_iter()
+        .filter(|(t, f)| *t >= since && f == fault)
+        .map(|(t, _)| t)
+        .collect();
+    times.windows(2).map(|w| w[1] - w[0]).collect()
+}
 
 struct Tokens {
     good: String,
@@ -76,6 +101,9 @@ fn every_control_plane_fault_keeps_the_last_good_state_without_a_storm() {
     let proxy = FaultProxy::start(stack.control_plane_addr());
     stack.envoy_control_plane_port = Some(proxy.port);
     stack.sync_wait_seconds = WAIT_SECONDS;
+    // One sync leader throughout, however slowly a busy machine runs its ticks: a new
+    // leader would start its own backoff from the beginning.
+    stack.plugin_extra = r#""lease_ms": 600000"#.into();
 
     let (_, good) = stack.create_token(json!({"name": "faults-good"}));
     let (suspended_id, suspended) = stack.create_token(json!({"name": "faults-suspended"}));
@@ -120,8 +148,11 @@ fn every_control_plane_fault_keeps_the_last_good_state_without_a_storm() {
     ];
     for (label, fault, window) in faults {
         let counts_failure = !matches!(fault, Fault::OldVersion { .. });
+        // Answered at once, so the backoff alone spaces the calls.
+        let fails_fast = matches!(fault, Fault::Status(_) | Fault::Garbage);
+        let set_at = Instant::now();
         // Let the poll in flight end (a held long-poll lasts WAIT_SECONDS) before counting.
-        proxy.set(fault);
+        proxy.set(fault.clone());
         std::thread::sleep(Duration::from_secs(u64::from(WAIT_SECONDS) + 1));
         let failures = stack.envoy_stat("wasmcustom.tokengate.sync.failure");
         let calls = proxy.sync_calls();
@@ -140,13 +171,37 @@ fn every_control_plane_fault_keeps_the_last_good_state_without_a_storm() {
         if counts_failure {
             assert!(new_failures >= 1, "{label}: no sync failure counted");
         }
-        // Exponential backoff from 250 ms gives about log2(window / 250 ms) tries; paced
-        // "nothing new" answers come at most every 250 ms. Either way, no storm.
-        let bound = window.as_millis() as u64 / 250 + 2;
+        // No storm: retries and paced "nothing new" answers come at most every 250 ms.
+        let bound = window.as_millis() as u64 / BACKOFF_INITIAL_MS + 2;
         assert!(
             calls <= bound,
             "{label}: {calls} sync calls in {window:?}, a storm"
         );
+        // And the spacing: after the n-th failure in a row the next call waits at least the
+        // n-th exponential delay (a fixed 250 ms retry fails from the second gap on, and
+        // only a lower bound is checked, which a busy machine cannot break). Answers with
+        // nothing new are paced by the initial delay, not backed off.
+        if fails_fast {
+            wait_until(
+                Duration::from_secs(60),
+                &format!("{label}: five sync calls meeting the fault"),
+                || gaps(&proxy, &fault, set_at).len() >= 4,
+            );
+        }
+        let gaps = gaps(&proxy, &fault, set_at);
+        for (i, gap) in gaps.iter().enumerate() {
+            let least = if counts_failure {
+                least_backoff_ms(i as u32 + 1)
+            } else {
+                BACKOFF_INITIAL_MS - 1
+            };
+            assert!(
+                gap.as_millis() as u64 >= least,
+                "{label}: call {} came {gap:?} after the one before, under {least} ms; gaps {gaps:?}",
+                i + 2
+            );
+        }
+        eprintln!("{label:<32} gaps between sync calls meeting the fault: {gaps:?}");
         assert!(max_open <= 1, "{label}: {max_open} polls open at once");
         assert_eq!(
             stack.envoy_stat("wasmcustom.tokengate.state_version"),
