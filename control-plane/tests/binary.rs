@@ -1,68 +1,15 @@
 //! The real `tokengate serve` process: durability across `kill -9`, graceful shutdown,
 //! start-up errors, and logs that never hold a secret.
 
-use std::io::Read;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use common::process::{free_port, serve, serve_with};
+use common::{ADMIN, SYNC};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-const ADMIN: &str = "admin-credential-0123456789";
-const SYNC: &str = "sync-credential-0123456789";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Server {
-    child: Child,
-    url: String,
-}
-
-fn serve(db: &Path, port: u16) -> Server {
-    let child = Command::new(env!("CARGO_BIN_EXE_tokengate"))
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--db"])
-        .arg(db)
-        .env("TOKENGATE_ADMIN_TOKEN", ADMIN)
-        .env("TOKENGATE_SYNC_TOKEN", SYNC)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let url = format!("http://127.0.0.1:{port}");
-    let start = Instant::now();
-    while ureq::get(&format!("{url}/healthz")).call().is_err() {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "tokengate serve did not come up"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Server { child, url }
-}
-
-impl Server {
-    fn admin(&self, method: &str, path: &str) -> ureq::Request {
-        ureq::request(method, &format!("{}{path}", self.url))
-            .set("authorization", &format!("Bearer {ADMIN}"))
-    }
-
-    fn stderr(mut self) -> String {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let mut s = String::new();
-        self.child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut s)
-            .unwrap();
-        s
-    }
-}
+/// The control plane's debug line for a sync poll it holds.
+const HELD: &str = "sync poll held until a change";
 
 #[test]
 fn acknowledged_writes_survive_kill_9() {
@@ -87,7 +34,7 @@ fn acknowledged_writes_survive_kill_9() {
     s.child.kill().unwrap();
     s.child.wait().unwrap();
 
-    let s = serve(&db, port);
+    let mut s = serve(&db, port);
     let got: serde_json::Value = s
         .admin("GET", &format!("/v1/tokens/{id}"))
         .call()
@@ -97,7 +44,7 @@ fn acknowledged_writes_survive_kill_9() {
     assert_eq!(got["status"], "suspended");
     assert_eq!(got["version"], suspended["version"]);
     assert_eq!(got["max_rps"], 3);
-    let log = s.stderr();
+    let log = s.stop();
     assert!(
         !log.contains(created["token"].as_str().unwrap()),
         "secret in the log"
@@ -109,10 +56,12 @@ fn acknowledged_writes_survive_kill_9() {
     assert!(log.contains("request"), "access log expected: {log}");
 }
 
-#[test]
-fn sigterm_answers_held_long_polls_then_exits_cleanly() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut s = serve(&dir.path().join("t.db"), free_port());
+/// Starts a long-poll at the current version on another thread and waits until the server
+/// says it holds it; joining gives the answer's status and body.
+fn held_poll(
+    s: &common::process::Server,
+    wait_seconds: u64,
+) -> std::thread::JoinHandle<(Duration, u16, serde_json::Value)> {
     let first: serde_json::Value = ureq::get(&format!("{}/v1/sync?since=0", s.url))
         .set("authorization", &format!("Bearer {SYNC}"))
         .call()
@@ -120,33 +69,83 @@ fn sigterm_answers_held_long_polls_then_exits_cleanly() {
         .into_json()
         .unwrap();
     let url = format!(
-        "{}/v1/sync?since=0&store_id={}&wait=30",
+        "{}/v1/sync?since={}&store_id={}&wait={wait_seconds}",
         s.url,
+        first["version"],
         first["store_id"].as_str().unwrap()
     );
+    let held = s.log_lines(HELD);
     let poll = std::thread::spawn(move || {
         let t = Instant::now();
         let r = ureq::get(&url)
             .set("authorization", &format!("Bearer {SYNC}"))
-            .call();
-        (t.elapsed(), r.map(|r| r.status()))
+            .call()
+            .unwrap();
+        let status = r.status();
+        (t.elapsed(), status, r.into_json().unwrap())
     });
-    std::thread::sleep(Duration::from_millis(300));
-    let t = Instant::now();
+    s.wait_for_log(HELD, held, Duration::from_secs(60));
+    poll
+}
+
+#[test]
+fn a_change_answers_a_held_poll_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    // The poll may be held for 300 s: only a change that fails to wake it lets it run out.
+    let s = serve_with(
+        &dir.path().join("t.db"),
+        free_port(),
+        &["--sync-max-wait-seconds", "300"],
+    );
+    let (status, created) = s.call("POST", "/v1/tokens", Some(r#"{"name":"x"}"#));
+    assert_eq!(status, 201, "{created}");
+    let id = created["id"].as_str().unwrap();
+    let poll = held_poll(&s, 300);
+    let changed_at = Instant::now();
+    let (status, suspended) = s.call("POST", &format!("/v1/tokens/{id}/suspend"), None);
+    assert_eq!(status, 200, "{suspended}");
+    let (held, status, answer) = poll.join().unwrap();
+    eprintln!(
+        "a held poll answered {:?} after the suspend returned",
+        changed_at.elapsed()
+    );
+    assert_eq!(status, 200);
+    assert!(held < Duration::from_secs(300), "ran to its wait: {held:?}");
+    assert_eq!(answer["version"], suspended["version"], "{answer}");
+    assert_eq!(answer["changes"][0]["id"], id, "{answer}");
+    assert_eq!(answer["changes"][0]["status"], "suspended", "{answer}");
+}
+
+#[test]
+fn sigterm_answers_held_long_polls_then_exits_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = serve_with(
+        &dir.path().join("t.db"),
+        free_port(),
+        &["--sync-max-wait-seconds", "300"],
+    );
+    let poll = held_poll(&s, 300);
     let kill = Command::new("kill")
         .args(["-TERM", &s.child.id().to_string()])
         .status()
         .unwrap();
     assert!(kill.success());
-    let (held, status) = poll.join().unwrap();
-    assert_eq!(status.unwrap(), 200);
-    assert!(
-        held < Duration::from_secs(5),
-        "poll held {held:?} after SIGTERM"
+    let signalled = Instant::now();
+    let (held, status, answer) = poll.join().unwrap();
+    eprintln!(
+        "a held poll answered {:?} after SIGTERM",
+        signalled.elapsed()
     );
-    let exit = s.child.wait().unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(
+        answer["changes"].as_array().map(Vec::len),
+        Some(0),
+        "{answer}"
+    );
+    // Only a poll that SIGTERM did not release runs to its 300 s.
+    assert!(held < Duration::from_secs(300), "ran to its wait: {held:?}");
+    let exit = s.wait_exit(Duration::from_secs(120));
     assert!(exit.success(), "{exit:?}");
-    assert!(t.elapsed() < Duration::from_secs(5));
 }
 
 #[test]
