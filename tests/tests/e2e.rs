@@ -422,15 +422,25 @@ fn max_rps_limits_a_burst_across_workers() {
         ok <= bound,
         "max_rps 5 admitted {ok} of 20 in {elapsed:?} (at most {bound}): {statuses:?}"
     );
-    assert!(ok < 20, "nothing was limited: {statuses:?}");
     for r in responses.iter().filter(|r| r.status != 200) {
         assert_rate_limited(r);
     }
-    // The bucket refills: after Retry-After the token works again.
-    let limited = responses.iter().find(|r| r.status == 429).expect("a 429");
+    // The bucket refills: after Retry-After the token works again. (A machine too slow to
+    // send 20 requests within 3 s had none refused: it bursts again until one is.)
+    let mut limited = responses.into_iter().find(|r| r.status == 429);
+    wait_until(PROPAGATION, "a refused request", || {
+        if limited.is_none() {
+            limited = burst(&stack, &secret, 20)
+                .into_iter()
+                .find(|r| r.status == 429);
+        }
+        limited.is_some()
+    });
+    let limited = limited.expect("a 429");
+    assert_rate_limited(&limited);
     let retry_after: u64 = limited.header("retry-after").unwrap().parse().unwrap();
     wait_until(
-        Duration::from_secs(retry_after + 5),
+        Duration::from_secs(retry_after + 30),
         "admitted again after Retry-After",
         || stack.call_with_token(&secret).status == 200,
     );
