@@ -295,6 +295,76 @@ mod tests {
         assert!(r.on_tick(&c, &mut pending, "p", 2_030).is_some());
     }
 
+    /// Fails `n` reports in a row from `now`; the waits the reporter chose.
+    fn backoffs(c: &Config, n: usize) -> Vec<u64> {
+        let mut r = Reporter::new();
+        let mut pending = Tally::new(10);
+        let mut now = 0;
+        let mut waits = vec![];
+        for _ in 0..n {
+            pending.count(b"tok_a", true, 1);
+            assert!(r.on_tick(c, &mut pending, "p", now).is_some(), "at {now}");
+            r.on_result(c, &mut pending, false, now);
+            let Phase::Backoff { until_ms } = r.phase() else {
+                panic!("expected backoff, got {:?}", r.phase())
+            };
+            waits.push(until_ms - now);
+            // Nothing before the wait is over, even once the usual interval has passed.
+            assert_eq!(r.on_tick(c, &mut pending, "p", until_ms - 1), None);
+            assert!(matches!(r.phase(), Phase::Backoff { .. }));
+            now = until_ms;
+        }
+        waits
+    }
+
+    #[test]
+    fn failed_reports_back_off_exponentially_to_a_cap() {
+        // `usage_report_ms` 1 s doubling up to `backoff_max_ms` (10 s by default).
+        assert_eq!(
+            backoffs(&cfg(), 6),
+            [1_000, 2_000, 4_000, 8_000, 10_000, 10_000]
+        );
+        // A cap below the report interval leaves the interval as the floor.
+        let slow = Config::parse(
+            br#"{"control_plane_cluster":"cp","sync_token":"x","usage_report_ms":20000,"backoff_max_ms":5000}"#,
+        )
+        .unwrap();
+        assert_eq!(backoffs(&slow, 2), [20_000, 20_000]);
+    }
+
+    #[test]
+    fn the_report_timeout_is_the_interval_within_one_and_ten_seconds() {
+        let with = |ms: u32| {
+            report_timeout_ms(
+                &Config::parse(
+                    format!(
+                        r#"{{"control_plane_cluster":"cp","sync_token":"x","usage_report_ms":{ms}}}"#
+                    )
+                    .as_bytes(),
+                )
+                .unwrap(),
+            )
+        };
+        assert_eq!(
+            [with(100), with(5_000), with(600_000)],
+            [1_000, 5_000, 10_000]
+        );
+    }
+
+    #[test]
+    fn a_report_is_given_up_just_after_its_timeout_and_five_seconds() {
+        let c = cfg();
+        let mut r = Reporter::new();
+        let mut pending = Tally::new(10);
+        pending.count(b"tok_a", true, 1);
+        assert!(r.on_tick(&c, &mut pending, "p", 0).is_some());
+        let limit = report_timeout_ms(&c) + 5_000;
+        assert_eq!(r.on_tick(&c, &mut pending, "p", limit), None);
+        assert_eq!(r.phase(), Phase::Sending { since_ms: 0 });
+        r.on_tick(&c, &mut pending, "p", limit + 1);
+        assert!(matches!(r.phase(), Phase::Backoff { .. }));
+    }
+
     #[test]
     fn a_lost_callback_counts_as_a_failure() {
         let c = cfg();
