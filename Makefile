@@ -146,6 +146,9 @@ fuzz: ## property tests of the parsers and decoders with FUZZ_CASES cases each (
 
 # Mutation testing of the filter's pure modules and wire/ with cargo-mutants from crates.io,
 # pinned, into the git-ignored .tools/. One job: it rebuilds and retests once per mutant.
+# The tests take seconds; a mutant still running after MUTANTS_TIMEOUT loops, and counts as
+# caught (cargo-mutants reports it as a timeout).
+MUTANTS_TIMEOUT ?= 60
 MUTANTS_VERSION := 27.1.0
 CARGO_MUTANTS   := .tools/cargo-mutants/bin/cargo-mutants
 MUTANTS_FILES   := filter/src/authorize.rs filter/src/config.rs filter/src/gcra.rs \
@@ -157,7 +160,7 @@ $(CARGO_MUTANTS):
 	$(CARGO) install cargo-mutants --locked --version $(MUTANTS_VERSION) --root .tools/cargo-mutants
 
 mutants: $(CARGO_MUTANTS) ## mutation testing of the filter's pure modules and wire/ (about an hour; not part of make test); results in target/mutants/
-	$(CARGO_MUTANTS) mutants -j 1 $(foreach f,$(MUTANTS_FILES),--file $(f)) --output target/mutants
+	$(CARGO_MUTANTS) mutants -j 1 --timeout $(MUTANTS_TIMEOUT) $(foreach f,$(MUTANTS_FILES),--file $(f)) --output target/mutants
 
 clean-run: ## remove .run/ (local database, rendered config, logs of make run)
 	rm -rf .run
