@@ -160,7 +160,7 @@ MUTANTS_FILES   := filter/src/authorize.rs filter/src/config.rs filter/src/gcra.
 $(CARGO_MUTANTS):
 	$(CARGO) install cargo-mutants --locked --version $(MUTANTS_VERSION) --root .tools/cargo-mutants
 
-mutants: $(CARGO_MUTANTS) ## mutation testing of the filter's pure modules and wire/ (about an hour; not part of make test); results in target/mutants/
+mutants: $(CARGO_MUTANTS) ## mutation testing of the filter's pure modules and wire/ (about 40 min; not part of make test); results in target/mutants/
 	@status=0; \
 	 $(CARGO_MUTANTS) mutants -j 1 --timeout $(MUTANTS_TIMEOUT) $(foreach f,$(MUTANTS_FILES),--file $(f)) --output target/mutants || status=$$?; \
 	 missed=target/mutants/mutants.out/missed.txt; \
