@@ -3,8 +3,8 @@
 //!
 //! The core is plain Rust with no host types, unit-tested natively: the decisions
 //! (`authorize`, `gcra`, `record`, `config`, `response`, `grpc`, `forward`, `timefmt`), the
-//! per-request flow (`request`), the sync and usage machines (`sync`, `usage`, on the one
-//! `callout` machine) and the leader's orchestration (`leader`), written against small host
+//! stats (`metrics`), the per-request flow (`request`), the sync and usage machines (`sync`,
+//! `usage`, on the one `callout` machine) and the leader's orchestration (`leader`), written against small host
 //! traits (`store`, `host`); `abi` holds the proxy-wasm ABI's encodings. `wasm` binds them to
 //! the proxy-wasm ABI through status-checked host calls and is only built for wasm32; the
 //! native flavor (the `tokengate-native` crate) binds them to Envoy's dynamic-module ABI.

@@ -1,7 +1,9 @@
-//! The filter's stats: one definition of their names and of which outcome counts where, for
-//! both data-plane flavors. Low cardinality on purpose: never one metric per token.
+//! The filter's stats: one definition of their names and of which refusal counts where, for
+//! both data-plane flavors, so that the mapping is tested natively; each flavor only defines
+//! these names with Envoy and adds to what this module picks. Low cardinality on purpose:
+//! never one metric per token.
 
-use crate::authorize::{Denial, Outcome};
+use crate::authorize::Denial;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Counter {
@@ -68,14 +70,7 @@ impl Counter {
         self as usize
     }
 
-    /// The counter a request's outcome goes to.
-    pub fn of(outcome: Outcome) -> Counter {
-        match outcome {
-            Outcome::Allow => Counter::Allowed,
-            Outcome::Deny(d) => Counter::denied(d),
-        }
-    }
-
+    /// The counter of a refusal: `tokengate.denied.<the error code the client gets>`.
     pub fn denied(d: Denial) -> Counter {
         match d {
             Denial::MissingToken => Counter::MissingToken,
@@ -107,45 +102,74 @@ impl Gauge {
 mod tests {
     use super::*;
     use crate::response;
+    use std::collections::BTreeSet;
+
+    const DENIALS: [Denial; 6] = [
+        Denial::MissingToken,
+        Denial::InvalidToken,
+        Denial::TokenExpired,
+        Denial::TokenSuspended,
+        Denial::RateLimited {
+            retry_after_secs: 1,
+            max_rps: 5,
+            burst: 5,
+        },
+        Denial::StateUnavailable,
+    ];
 
     #[test]
-    fn every_denial_counts_under_its_client_visible_code() {
-        let denials = [
-            Denial::MissingToken,
-            Denial::InvalidToken,
-            Denial::TokenExpired,
-            Denial::TokenSuspended,
-            Denial::RateLimited {
-                retry_after_secs: 1,
-                max_rps: 1,
-                burst: 1,
-            },
-            Denial::StateUnavailable,
-        ];
-        for d in denials {
-            let name = Counter::of(Outcome::Deny(d)).name();
+    fn each_refusal_counts_under_the_error_code_its_client_gets() {
+        for d in DENIALS {
+            let code = response::refusal(d).code;
             assert_eq!(
-                name,
-                format!("tokengate.denied.{}", response::refusal(d).code),
+                Counter::denied(d).name(),
+                format!("tokengate.denied.{code}"),
                 "{d:?}"
             );
         }
-        assert_eq!(Counter::of(Outcome::Allow).name(), "tokengate.allowed");
+        // Six refusals, six different counters: no two share one.
+        let counters: BTreeSet<&str> = DENIALS.iter().map(|d| Counter::denied(*d).name()).collect();
+        assert_eq!(counters.len(), DENIALS.len());
+        assert_eq!(Counter::Allowed.name(), "tokengate.allowed");
     }
 
     #[test]
     fn indexes_follow_the_lists_and_names_are_distinct() {
         for (i, c) in Counter::ALL.iter().enumerate() {
-            assert_eq!(c.index(), i);
+            assert_eq!(c.index(), i, "{c:?}");
         }
         for (i, g) in Gauge::ALL.iter().enumerate() {
-            assert_eq!(g.index(), i);
+            assert_eq!(g.index(), i, "{g:?}");
         }
-        let names: std::collections::BTreeSet<_> = Counter::ALL
+        let names: BTreeSet<_> = Counter::ALL
             .iter()
             .map(|c| c.name())
             .chain(Gauge::ALL.iter().map(|g| g.name()))
             .collect();
         assert_eq!(names.len(), Counter::ALL.len() + Gauge::ALL.len());
+        assert!(names.iter().all(|n| n.starts_with("tokengate.")));
+        assert_eq!(
+            [
+                Counter::SyncSuccess,
+                Counter::SyncFailure,
+                Counter::UsageReports,
+                Counter::UsageFailures,
+                Counter::UsageDropped,
+                Counter::Panics
+            ]
+            .map(Counter::name),
+            [
+                "tokengate.sync.success",
+                "tokengate.sync.failure",
+                "tokengate.usage.reports",
+                "tokengate.usage.failures",
+                "tokengate.usage.dropped",
+                "tokengate.panics"
+            ]
+        );
+        assert_eq!(
+            Gauge::ALL.map(Gauge::name),
+            ["tokengate.tokens", "tokengate.state_version"]
+        );
     }
 }

@@ -182,6 +182,11 @@ pub async fn sync(
         return Ok(Json(snapshot(&state, current, None).await?));
     }
     if since == current {
+        tracing::debug!(
+            since,
+            wait_seconds = wait.as_secs(),
+            "sync poll held until a change"
+        );
         let mut shutdown = state.shutdown.clone();
         let deadline = tokio::time::sleep(wait);
         tokio::pin!(deadline);

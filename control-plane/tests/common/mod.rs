@@ -1,10 +1,11 @@
-//! Shared by the API test files: `spawn_app` serves `app(state)` on a real socket.
+//! Shared by the API test files: `spawn_app` serves `app(state)` on a real socket;
+//! `process` runs the real binary.
 #![allow(dead_code)]
 
 pub mod process;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokengate::api::{app, Admin, AppState, ConsoleSettings};
 use tokengate::connections;
 use tokengate::metrics::Metrics;
@@ -251,22 +252,6 @@ impl TestApp {
         let (s, v) = self.admin("POST", "/v1/tokens", Some(body));
         assert_eq!(s, 201, "{v}");
         v
-    }
-
-    /// Starts a sync long-poll on another thread; joining gives its duration and answer.
-    pub fn poll_in_background(
-        &self,
-        query: &str,
-    ) -> std::thread::JoinHandle<(Duration, serde_json::Value)> {
-        let url = format!("{}/v1/sync?{query}", self.url);
-        std::thread::spawn(move || {
-            let t = Instant::now();
-            let r = ureq::get(&url)
-                .set("authorization", &format!("Bearer {SYNC}"))
-                .call()
-                .unwrap();
-            (t.elapsed(), r.into_json().unwrap())
-        })
     }
 
     pub fn sync(&self, query: &str) -> serde_json::Value {

@@ -235,7 +235,7 @@ impl Root {
             if hostcalls::enqueue_shared_queue(queue, Some(&usage::encode_batch(batch))).is_err() {
                 shared
                     .metrics
-                    .add(Counter::UsageDropped, batch.len() as u64);
+                    .add(Counter::UsageDropped, usage::requests(batch));
             }
         }
     }
