@@ -30,6 +30,7 @@ PIP_INSTALL   := $(PYTHON) -m pip install --quiet --disable-pip-version-check --
 # kubectl renders the Istio manifests for check-k8s; without it `make test` skips that check
 # and says so.
 KUBECTL       := $(shell command -v kubectl 2>/dev/null)
+SKIP_K8S_NOTE := make test: kubectl not found, so the Kubernetes/Istio manifest check (make check-k8s) was SKIPPED; install kubectl to run it
 KUBERNETES_VALIDATE_VERSION := 1.37.0
 # The workspace version tags the filter's OCI image.
 VERSION       := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
