@@ -27,7 +27,7 @@ OCI_DIR       := target/oci/tokengate-filter
 
 export ENVOY_BIN
 
-.PHONY: help tools browser build run test unit e2e validate check-k8s oci check-oci check-containers docker-up docker-down fmt lint bench bench-quick bench-build fuzz clean-run
+.PHONY: help tools browser postgres build run test unit e2e validate check-k8s oci check-oci check-containers docker-up docker-down fmt lint bench bench-quick bench-build fuzz clean-run
 
 help: ## list the targets
 	@echo "tokengate make targets:"
@@ -67,6 +67,20 @@ browser: ## install Chromium and ChromeDriver for the console's browser test (De
 	  fi; \
 	fi
 
+postgres: ## install Debian's postgresql server (apt) unless its initdb and pg_ctl are there; tests and make run-ha need it
+	@bindir="$${PG_BINDIR:-$$(pg_config --bindir 2>/dev/null || true)}"; \
+	if [ -x "$$bindir/initdb" ] && [ -x "$$bindir/pg_ctl" ] || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	  echo "postgres: $$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | tail -n 1 || echo "$$bindir")"; \
+	elif ! command -v apt-get >/dev/null; then \
+	  echo "postgres: PostgreSQL's server binaries are needed (initdb, pg_ctl; 13 or newer); install them or set PG_BINDIR" >&2; exit 1; \
+	else \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else \
+	    echo "postgres: apt-get needs root: sudo apt-get install postgresql" >&2; exit 1; fi; \
+	  echo "postgres: installing Debian's postgresql"; \
+	  $$SUDO apt-get install -y -qq postgresql >/dev/null \
+	    || { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq postgresql >/dev/null; }; \
+	fi
+
 build: ## build the filter (wasm), the control plane and the demo upstream (release)
 	$(CARGO) build --release --target $(WASM_TARGET) -p tokengate-filter
 	$(CARGO) build --release -p tokengate -p tokengate-e2e
@@ -92,13 +106,13 @@ check-k8s: tools $(PYTOOLS)/.kubernetes-validate-$(KUBERNETES_VALIDATE_VERSION) 
 	@command -v kubectl >/dev/null || { echo "kubectl is needed for its built-in kustomize" >&2; exit 1; }
 	PYTHONPATH=$(PYTOOLS) $(PYTHON) deploy/kubernetes/check.py --envoy "$(ENVOY_BIN)" --wasm "$(CURDIR)/$(WASM)"
 
-test: tools browser build validate check-k8s check-containers ## everything the tests need, then unit and end-to-end tests
+test: tools browser postgres build validate check-k8s check-containers ## everything the tests need, then unit and end-to-end tests
 	$(CARGO) test --workspace
 
-unit: ## unit tests only (no Envoy needed)
+unit: postgres ## unit tests only (no Envoy needed)
 	$(CARGO) test --workspace --exclude tokengate-e2e
 
-e2e: tools browser build ## end-to-end tests only, with their measurements printed
+e2e: tools browser postgres build ## end-to-end tests only, with their measurements printed
 	$(CARGO) test -p tokengate-e2e -- --nocapture
 
 fmt: ## check formatting
