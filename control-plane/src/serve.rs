@@ -6,7 +6,7 @@ use crate::housekeeping::{self, Jobs};
 use crate::policy::{KindPolicy, Policy};
 use crate::secrets::same_secret;
 use crate::sessions::{Limits, Sessions};
-use crate::store::SqliteStore;
+use crate::store::{redacted, PgSettings, PostgresStore, SqliteStore, Store};
 use crate::webhook::Webhook;
 use clap::Args;
 use std::path::{Path, PathBuf};
@@ -19,9 +19,23 @@ pub struct ServeArgs {
     /// Address to listen on
     #[arg(long, env = "TOKENGATE_LISTEN", default_value = "127.0.0.1:8081")]
     pub listen: String,
-    /// SQLite database file (created, and migrated, at start)
-    #[arg(long, env = "TOKENGATE_DB", default_value = "tokengate.db")]
-    pub db: PathBuf,
+    /// The database: a SQLite file (a path or `sqlite://PATH`; created and migrated at
+    /// start), or `postgres://USER[:PASSWORD]@HOST:PORT/DB` shared by several replicas
+    #[arg(
+        long,
+        env = "TOKENGATE_DB",
+        default_value = "tokengate.db",
+        hide_env_values = true
+    )]
+    pub db: String,
+    /// PostgreSQL: most connections this replica opens (plus one that listens for changes)
+    #[arg(long, env = "TOKENGATE_DB_POOL_SIZE", default_value_t = 16,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub db_pool_size: u32,
+    /// PostgreSQL: longest a database call may take before the API answers 503
+    /// `store_unavailable` (e.g. 5s)
+    #[arg(long, env = "TOKENGATE_DB_TIMEOUT", default_value = "5s", value_parser = lifetime)]
+    pub db_timeout: Lifetime,
     /// Admin credential for the token API (its audit actor name is `admin`)
     #[arg(long, env = "TOKENGATE_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
@@ -289,6 +303,66 @@ fn credential(
     Ok(secret)
 }
 
+/// Where the tokens live, from `--db`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Database {
+    Sqlite(PathBuf),
+    Postgres(String),
+}
+
+impl Database {
+    /// `postgres://...` or `postgresql://...`; `sqlite://PATH`; anything else is a path.
+    pub fn parse(s: &str) -> Result<Database, String> {
+        let s = s.trim();
+        if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+            return Ok(Database::Postgres(s.to_string()));
+        }
+        let path = s.strip_prefix("sqlite://").unwrap_or(s);
+        if path.is_empty() {
+            return Err("--db is empty: give a SQLite file or a postgres:// URL".into());
+        }
+        if path.contains("://") {
+            return Err(format!(
+                "--db {path}: unknown scheme; use a file path, sqlite://PATH or postgres://..."
+            ));
+        }
+        Ok(Database::Sqlite(PathBuf::from(path)))
+    }
+
+    /// Opens (and migrates) the store. Blocking.
+    pub fn open(&self, settings: PgSettings) -> Result<Arc<dyn Store>, String> {
+        Ok(match self {
+            Database::Sqlite(path) => Arc::new(SqliteStore::open(path).map_err(|e| e.to_string())?),
+            Database::Postgres(url) => {
+                Arc::new(PostgresStore::open(url, settings).map_err(|e| e.to_string())?)
+            }
+        })
+    }
+}
+
+/// Never shows a password.
+impl std::fmt::Display for Database {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Database::Sqlite(path) => write!(f, "{}", path.display()),
+            Database::Postgres(url) => write!(f, "{}", redacted(url)),
+        }
+    }
+}
+
+fn pg_settings(args: &ServeArgs) -> Result<PgSettings, String> {
+    let timeout = args
+        .db_timeout
+        .0
+        .filter(|s| *s > 0)
+        .ok_or("--db-timeout must be a positive duration")?;
+    Ok(PgSettings {
+        pool_size: args.db_pool_size as usize,
+        timeout: Duration::from_secs(timeout),
+        ..PgSettings::default()
+    })
+}
+
 async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
@@ -324,10 +398,14 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         .jobs_interval
         .0
         .ok_or("--jobs-interval cannot be `never`")?;
-    let store = SqliteStore::open(&args.db)
-        .map_err(|e| format!("cannot open database {}: {e}", args.db.display()))?;
+    let database = Database::parse(&args.db)?;
+    let settings = pg_settings(&args)?;
+    let shown = database.to_string();
+    let store = tokio::task::spawn_blocking(move || database.open(settings))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("cannot open database {shown}: {e}"))?;
     let (shutdown_tx, shutdown) = watch::channel(false);
-    let store: Arc<dyn crate::store::Store> = Arc::new(store);
     let state = AppState {
         store: store.clone(),
         admins: admins.into(),
@@ -353,7 +431,7 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    tracing::info!(%addr, db = %args.db.display(), "listening");
+    tracing::info!(%addr, db = %Database::parse(&args.db)?, "listening");
     axum::serve(listener, app(state))
         .with_graceful_shutdown(async move {
             shutdown_signal().await;
@@ -389,6 +467,23 @@ mod tests {
         assert!(admin_file(&path).unwrap_err().contains("line 1"));
         std::fs::write(&path, "alice:short\n").unwrap();
         assert!(admin_file(&path).unwrap_err().contains("at least 16"));
+    }
+
+    #[test]
+    fn database_urls() {
+        assert_eq!(
+            Database::parse("tokengate.db").unwrap(),
+            Database::Sqlite("tokengate.db".into())
+        );
+        assert_eq!(
+            Database::parse("sqlite:///var/lib/t.db").unwrap(),
+            Database::Sqlite("/var/lib/t.db".into())
+        );
+        let pg =
+            Database::parse("postgres://app:s3cret@db:5432/tokengate?sslmode=disable").unwrap();
+        assert_eq!(pg.to_string(), "postgres://app@db:5432/tokengate");
+        assert!(Database::parse("mysql://x").is_err());
+        assert!(Database::parse("sqlite://").is_err());
     }
 
     #[test]

@@ -2,7 +2,6 @@
 //! start-up errors, and logs that never hold a secret.
 
 use std::io::Read;
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -22,7 +21,7 @@ struct Server {
     url: String,
 }
 
-fn serve(db: &Path, port: u16) -> Server {
+fn serve(db: impl AsRef<std::ffi::OsStr>, port: u16) -> Server {
     let child = Command::new(env!("CARGO_BIN_EXE_tokengate"))
         .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--db"])
         .arg(db)
@@ -112,7 +111,7 @@ fn acknowledged_writes_survive_kill_9() {
 #[test]
 fn sigterm_answers_held_long_polls_then_exits_cleanly() {
     let dir = tempfile::tempdir().unwrap();
-    let mut s = serve(&dir.path().join("t.db"), free_port());
+    let mut s = serve(dir.path().join("t.db"), free_port());
     let first: serde_json::Value = ureq::get(&format!("{}/v1/sync?since=0", s.url))
         .set("authorization", &format!("Bearer {SYNC}"))
         .call()
@@ -261,4 +260,79 @@ fn governance_options_are_checked_at_start_up() {
         &admin,
         "--jobs-interval cannot be `never`",
     );
+}
+
+#[test]
+fn on_postgres_acknowledged_writes_survive_kill_9_and_the_password_is_never_logged() {
+    let cluster = tokengate_pgtest::shared();
+    let url = cluster.fresh_database();
+    // The test cluster trusts loopback, so the password is not checked; it must still never
+    // reach a log line.
+    let with_password = url.replacen("postgres@", "postgres:db-password-0123456789@", 1);
+    let port = free_port();
+    let mut s = serve(&with_password, port);
+    let created: serde_json::Value = s
+        .admin("POST", "/v1/tokens")
+        .send_string(r#"{"name":"durable"}"#)
+        .unwrap()
+        .into_json()
+        .unwrap();
+    let id = created["id"].as_str().unwrap().to_string();
+    s.admin("POST", &format!("/v1/tokens/{id}/suspend"))
+        .call()
+        .unwrap();
+    s.child.kill().unwrap();
+    s.child.wait().unwrap();
+    let s = serve(&with_password, port);
+    let got: serde_json::Value = s
+        .admin("GET", &format!("/v1/tokens/{id}"))
+        .call()
+        .unwrap()
+        .into_json()
+        .unwrap();
+    assert_eq!(got["status"], "suspended");
+    let log = s.stderr();
+    assert!(
+        !log.contains("db-password-0123456789"),
+        "password in the log: {log}"
+    );
+    assert!(log.contains("postgres://postgres@127.0.0.1"), "{log}");
+}
+
+#[test]
+fn a_database_with_a_newer_schema_refuses_to_start_naming_both_versions() {
+    let cluster = tokengate_pgtest::shared();
+    let url = cluster.fresh_database();
+    let s = serve(&url, free_port());
+    drop(s.stderr());
+    cluster.psql(
+        url.rsplit('/').next().unwrap(),
+        "UPDATE tokengate_schema SET version = 99",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = dir.path().join("t.db");
+    let s = serve(&sqlite, free_port());
+    drop(s.stderr());
+    let conn = rusqlite_user_version(&sqlite, 99);
+    for db in [url.as_str(), conn.as_str()] {
+        let out = Command::new(env!("CARGO_BIN_EXE_tokengate"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--db", db])
+            .env("TOKENGATE_ADMIN_TOKEN", ADMIN)
+            .env("TOKENGATE_SYNC_TOKEN", SYNC)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{db}: started");
+        assert!(err.contains("schema is version 99"), "{db}: {err}");
+        assert!(err.contains("(up to version "), "{db}: {err}");
+    }
+}
+
+/// Sets a SQLite file's schema version as a newer tokengate would have; its `--db`.
+fn rusqlite_user_version(path: &std::path::Path, v: u32) -> String {
+    rusqlite::Connection::open(path)
+        .unwrap()
+        .pragma_update(None, "user_version", v)
+        .unwrap();
+    format!("sqlite://{}", path.display())
 }

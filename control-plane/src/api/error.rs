@@ -11,7 +11,7 @@ use serde_json::json;
 pub struct ErrorBody {
     /// A snake_case code: `invalid_field`, `invalid_body`, `unauthorized`, `csrf_failed`, `not_found`,
     /// `no_route`, `method_not_allowed`, `conflict`, `payload_too_large`, `unsupported_media_type`,
-    /// `internal`.
+    /// `store_unavailable` (503, with `Retry-After`), `internal`.
     pub error: String,
     pub message: String,
     /// The field or query parameter at fault (`invalid_field`), or `content-type`
@@ -40,6 +40,8 @@ pub enum ApiError {
     /// A body that is not labelled as JSON.
     UnsupportedMediaType,
     Conflict(String),
+    /// The database is unreachable; the client should try again shortly.
+    StoreUnavailable(String),
     Internal(String),
 }
 
@@ -58,6 +60,7 @@ impl From<StoreError> for ApiError {
             StoreError::NotFound => ApiError::NotFound,
             StoreError::Conflict(m) => ApiError::Conflict(m),
             StoreError::Invalid { field, message } => ApiError::field(field, message),
+            StoreError::Unavailable(m) => ApiError::StoreUnavailable(m),
             StoreError::Backend(m) => ApiError::Internal(m),
         }
     }
@@ -111,6 +114,16 @@ impl IntoResponse for ApiError {
                 StatusCode::CONFLICT,
                 json!({"error": "conflict", "message": message}),
             ),
+            ApiError::StoreUnavailable(detail) => {
+                tracing::warn!(%detail, "store unavailable");
+                let body = json!({"error": "store_unavailable", "message": "The database is unavailable; try again shortly."});
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    [(header::RETRY_AFTER, "1")],
+                    Json(body),
+                )
+                    .into_response();
+            }
             ApiError::Internal(detail) => {
                 tracing::error!(%detail, "internal error");
                 (

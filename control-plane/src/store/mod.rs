@@ -2,9 +2,13 @@
 //! addition: versions come from the database and the change signal from the store.
 
 mod audit;
+#[cfg(test)]
+mod contract;
+mod postgres;
 mod sqlite;
 
 pub use audit::{rfc3339, AuditEntry, AuditQuery};
+pub use postgres::{newer_schema, redacted, PgSettings, PostgresStore};
 use serde::{Deserialize, Serialize};
 pub use sqlite::{SqliteStore, SYSTEM};
 use tokengate_wire::{Kind, UsageEntry};
@@ -144,6 +148,8 @@ pub enum StoreError {
         field: &'static str,
         message: String,
     },
+    /// The database cannot be reached (or did not answer in time): try again later.
+    Unavailable(String),
     Backend(String),
 }
 
@@ -155,6 +161,7 @@ impl std::fmt::Display for StoreError {
         match self {
             StoreError::NotFound => write!(f, "not found"),
             StoreError::Conflict(m) | StoreError::Backend(m) => write!(f, "{m}"),
+            StoreError::Unavailable(m) => write!(f, "store unavailable: {m}"),
             StoreError::Invalid { field, message } => write!(f, "{field}: {message}"),
         }
     }

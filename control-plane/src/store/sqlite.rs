@@ -86,6 +86,9 @@ const MIGRATIONS: &[&str] = &[
     "#,
 ];
 
+/// The schema version this binary migrates to.
+pub const SCHEMA_VERSION: usize = MIGRATIONS.len();
+
 const COLUMNS: &str =
     "id, hash, name, kind, owner, status, max_rps, burst, created_at, updated_at, \
      expires_at, last_used_at, version, requests_allowed, requests_denied, rotated_at, retired";
@@ -153,8 +156,20 @@ fn audit_from_row(r: &Row<'_>) -> rusqlite::Result<AuditEntry> {
     })
 }
 
-fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
-    let current: usize = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let current: usize = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(backend)?;
+    if current > SCHEMA_VERSION {
+        return Err(StoreError::Backend(super::newer_schema(
+            current,
+            SCHEMA_VERSION,
+        )));
+    }
+    migrate_from(conn, current).map_err(backend)
+}
+
+fn migrate_from(conn: &mut Connection, current: usize) -> rusqlite::Result<()> {
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
         let tx = conn.transaction()?;
         tx.execute_batch(sql)?;
@@ -224,7 +239,7 @@ impl SqliteStore {
             .map_err(backend)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(backend)?;
-        migrate(&mut conn).map_err(backend)?;
+        migrate(&mut conn)?;
         let store_id = match meta(&conn, "store_id").map_err(backend)? {
             Some(id) => id,
             None => {
@@ -687,463 +702,18 @@ impl Store for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokengate_wire::Kind;
-
-    fn row(id: &str) -> TokenRow {
-        TokenRow {
-            id: id.into(),
-            hash: format!("{:0>64}", id.trim_start_matches("tok_")),
-            name: format!("name-{id}"),
-            kind: Kind::User,
-            owner: "alice".into(),
-            status: Status::Active,
-            max_rps: None,
-            burst: None,
-            created_at: 1,
-            updated_at: 1,
-            expires_at: None,
-            last_used_at: None,
-            version: 0,
-            requests_allowed: 0,
-            requests_denied: 0,
-            rotated_at: None,
-            retired: vec![],
-        }
-    }
-
-    const ADMIN: Change<'static> = Change {
-        actor: "admin",
-        action: "token.updated",
-    };
-
-    fn open() -> (tempfile::TempDir, SqliteStore) {
-        let dir = tempfile::tempdir().unwrap();
-        let s = SqliteStore::open(&dir.path().join("t.db")).unwrap();
-        (dir, s)
-    }
-
-    fn set_status(s: &SqliteStore, id: &str, to: Status) -> Result<TokenRow, StoreError> {
-        s.update(id, 2, ADMIN, &move |r: &mut TokenRow| {
-            let changed = r.status != to;
-            r.status = to;
-            Ok(changed)
-        })
-    }
-
-    #[test]
-    fn every_change_takes_the_next_version_and_signals_it() {
-        let (_d, s) = open();
-        let rx = s.subscribe();
-        assert_eq!(s.version().unwrap(), 0);
-        assert_eq!(s.create(row("tok_1"), ADMIN).unwrap().version, 1);
-        assert_eq!(s.create(row("tok_2"), ADMIN).unwrap().version, 2);
-        assert_eq!(
-            set_status(&s, "tok_1", Status::Suspended).unwrap().version,
-            3
-        );
-        // No change, no version.
-        assert_eq!(
-            set_status(&s, "tok_1", Status::Suspended).unwrap().version,
-            3
-        );
-        assert_eq!(s.version().unwrap(), 3);
-        assert_eq!(*rx.borrow(), 3);
-        let ids: Vec<_> = s
-            .changes_since(1, 10)
-            .unwrap()
-            .into_iter()
-            .map(|r| r.id)
-            .collect();
-        assert_eq!(ids, vec!["tok_2", "tok_1"]);
-    }
-
-    #[test]
-    fn revoked_rows_are_tombstones_for_sync_but_gone_for_the_api() {
-        let (_d, s) = open();
-        s.create(row("tok_1"), ADMIN).unwrap();
-        s.create(row("tok_2"), ADMIN).unwrap();
-        set_status(&s, "tok_1", Status::Revoked).unwrap();
-        assert_eq!(s.get("tok_1"), Err(StoreError::NotFound));
-        assert_eq!(
-            set_status(&s, "tok_1", Status::Active),
-            Err(StoreError::NotFound)
-        );
-        assert_eq!(
-            s.list(&ListQuery {
-                limit: 10,
-                ..Default::default()
-            })
-            .unwrap()
-            .len(),
-            1
-        );
-        assert_eq!(s.live_count().unwrap(), 1);
-        let changes = s.changes_since(2, 10).unwrap();
-        assert_eq!(
-            (changes[0].id.as_str(), changes[0].status),
-            ("tok_1", Status::Revoked)
-        );
-        assert_eq!(s.snapshot_page(None, 10).unwrap().len(), 2);
-    }
-
-    #[test]
-    fn list_filters_and_pages_by_id() {
-        let (_d, s) = open();
-        for i in 1..=5 {
-            let mut r = row(&format!("tok_{i}"));
-            if i % 2 == 0 {
-                r.kind = Kind::Service;
-                r.owner = "team".into();
-            }
-            s.create(r, ADMIN).unwrap();
-        }
-        set_status(&s, "tok_3", Status::Suspended).unwrap();
-        let ids = |q: ListQuery| {
-            s.list(&q)
-                .unwrap()
-                .into_iter()
-                .map(|r| r.id)
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(
-            ids(ListQuery {
-                limit: 2,
-                ..Default::default()
-            }),
-            ["tok_1", "tok_2"]
-        );
-        assert_eq!(
-            ids(ListQuery {
-                limit: 2,
-                after: Some("tok_2".into()),
-                ..Default::default()
-            }),
-            ["tok_3", "tok_4"]
-        );
-        assert_eq!(
-            ids(ListQuery {
-                limit: 9,
-                kind: Some(Kind::Service),
-                ..Default::default()
-            }),
-            ["tok_2", "tok_4"]
-        );
-        assert_eq!(
-            ids(ListQuery {
-                limit: 9,
-                owner: Some("team".into()),
-                ..Default::default()
-            }),
-            ["tok_2", "tok_4"]
-        );
-        assert_eq!(
-            ids(ListQuery {
-                limit: 9,
-                status: Some(Status::Suspended),
-                ..Default::default()
-            }),
-            ["tok_3"]
-        );
-        assert_eq!(
-            ids(ListQuery {
-                limit: 9,
-                name_contains: Some("NAME-TOK_5".into()),
-                ..Default::default()
-            }),
-            ["tok_5"]
-        );
-        assert_eq!(
-            ids(ListQuery {
-                limit: 2,
-                newest_first: true,
-                before: Some("tok_4".into()),
-                ..Default::default()
-            }),
-            ["tok_3", "tok_2"],
-            "in creation order, newest first"
-        );
-        assert_eq!(
-            ids(ListQuery {
-                limit: 9,
-                name_contains: Some("%".into()),
-                ..Default::default()
-            }),
-            Vec::<String>::new(),
-            "no pattern characters"
-        );
-    }
-
-    #[test]
-    fn snapshot_pages_cover_every_row_once() {
-        let (_d, s) = open();
-        for i in 1..=7 {
-            s.create(row(&format!("tok_{i}")), ADMIN).unwrap();
-        }
-        let mut seen = vec![];
-        let mut after: Option<String> = None;
-        loop {
-            let page = s.snapshot_page(after.as_deref(), 3).unwrap();
-            if page.is_empty() {
-                break;
-            }
-            after = page.last().map(|r| r.id.clone());
-            seen.extend(page.into_iter().map(|r| r.id));
-        }
-        assert_eq!(seen.len(), 7);
-    }
-
-    #[test]
-    fn edits_can_refuse_and_state_survives_reopening() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.db");
-        let store_id;
-        {
-            let s = SqliteStore::open(&path).unwrap();
-            store_id = s.store_id().to_string();
-            s.create(row("tok_1"), ADMIN).unwrap();
-            let refused = s.update("tok_1", 3, ADMIN, &|_r: &mut TokenRow| {
-                Err(StoreError::Invalid {
-                    field: "burst",
-                    message: "no".into(),
-                })
-            });
-            assert!(matches!(
-                refused,
-                Err(StoreError::Invalid { field: "burst", .. })
-            ));
-            assert_eq!(s.version().unwrap(), 1);
-        }
-        let s = SqliteStore::open(&path).unwrap();
-        assert_eq!(s.store_id(), store_id);
-        assert_eq!(s.version().unwrap(), 1);
-        assert_eq!(*s.subscribe().borrow(), 1);
-        assert_eq!(s.get("tok_1").unwrap().name, "name-tok_1");
-    }
-
-    #[test]
-    fn duplicate_hash_is_a_conflict() {
-        let (_d, s) = open();
-        s.create(row("tok_1"), ADMIN).unwrap();
-        let mut dup = row("tok_2");
-        dup.hash = row("tok_1").hash;
-        assert!(matches!(s.create(dup, ADMIN), Err(StoreError::Conflict(_))));
-    }
-
-    fn all_audit(s: &SqliteStore) -> Vec<AuditEntry> {
-        s.audit(&AuditQuery {
-            limit: 100,
-            ..Default::default()
-        })
-        .unwrap()
-    }
-
-    #[test]
-    fn every_change_is_audited_with_the_fields_that_moved() {
-        let (_d, s) = open();
-        s.create(row("tok_1"), ADMIN).unwrap();
-        set_status(&s, "tok_1", Status::Suspended).unwrap();
-        // No change, no entry.
-        set_status(&s, "tok_1", Status::Suspended).unwrap();
-        let trail = all_audit(&s);
-        assert_eq!(trail.len(), 2);
-        let (newest, created) = (&trail[0], &trail[1]);
-        assert!(newest.seq > created.seq);
-        assert_eq!(newest.before, Some(serde_json::json!({"status": "active"})));
-        assert_eq!(
-            newest.after,
-            Some(serde_json::json!({"status": "suspended"}))
-        );
-        assert_eq!(created.before, None);
-        assert_eq!(created.after.as_ref().unwrap()["name"], "name-tok_1");
-        assert!(!format!("{trail:?}").contains(&row("tok_1").hash));
-        let by_actor = s
-            .audit(&AuditQuery {
-                actor: Some("nobody".into()),
-                limit: 10,
-                ..Default::default()
-            })
-            .unwrap();
-        assert!(by_actor.is_empty());
-        let paged = s
-            .audit(&AuditQuery {
-                before_seq: Some(newest.seq),
-                limit: 10,
-                ..Default::default()
-            })
-            .unwrap();
-        assert_eq!(paged, vec![created.clone()]);
-    }
 
     #[test]
     fn the_audit_trail_is_append_only() {
-        let (_d, s) = open();
-        s.create(row("tok_1"), ADMIN).unwrap();
-        let conn = s.conn.lock().unwrap();
-        assert!(conn.execute("DELETE FROM audit", []).is_err());
-        assert!(conn.execute("UPDATE audit SET actor = 'x'", []).is_err());
-    }
-
-    #[test]
-    fn usage_adds_up_without_a_new_version() {
-        let (_d, s) = open();
-        s.create(row("tok_1"), ADMIN).unwrap();
-        let entry = |allowed, last_used_at| UsageEntry {
-            id: "tok_1".into(),
-            allowed,
-            denied: 1,
-            last_used_at,
-        };
-        let unknown = UsageEntry {
-            id: "tok_x".into(),
-            ..entry(1, 1)
-        };
-        assert_eq!(s.record_usage(100, &[entry(3, 50), unknown]).unwrap(), 1);
-        // An older report never moves last use back; a future one is clamped to now.
-        s.record_usage(100, &[entry(2, 40)]).unwrap();
-        let r = s.get("tok_1").unwrap();
-        assert_eq!((r.requests_allowed, r.requests_denied), (5, 2));
-        assert_eq!(r.last_used_at, Some(50));
-        s.record_usage(100, &[entry(0, 500)]).unwrap();
-        assert_eq!(s.get("tok_1").unwrap().last_used_at, Some(100));
-        assert_eq!(s.version().unwrap(), 1);
-        // An edit keeps the counters.
-        set_status(&s, "tok_1", Status::Suspended).unwrap();
-        assert_eq!(s.get("tok_1").unwrap().requests_allowed, 5);
-    }
-
-    #[test]
-    fn purge_removes_old_revoked_and_expired_tokens_and_raises_the_horizon() {
-        let (_d, s) = open();
-        let mut expired = row("tok_1");
-        expired.expires_at = Some(10);
-        s.create(expired, ADMIN).unwrap();
-        s.create(row("tok_2"), ADMIN).unwrap();
-        s.create(row("tok_3"), ADMIN).unwrap();
-        set_status(&s, "tok_2", Status::Revoked).unwrap(); // updated_at = 2, version 4
-        let mut fresh = row("tok_4");
-        fresh.expires_at = Some(1_000);
-        s.create(fresh, ADMIN).unwrap();
-        assert!(s.purge(50, 1).unwrap().is_empty());
-        let purged: Vec<_> = s.purge(50, 20).unwrap().into_iter().map(|r| r.id).collect();
-        assert_eq!(purged, ["tok_1", "tok_2"]);
-        assert_eq!(s.horizon().unwrap(), 4);
-        let left: Vec<_> = s
-            .snapshot_page(None, 10)
-            .unwrap()
-            .into_iter()
-            .map(|r| r.id)
-            .collect();
-        assert_eq!(left, ["tok_3", "tok_4"]);
-        let purges = s
-            .audit(&AuditQuery {
-                action: Some("token.purged".into()),
-                limit: 10,
-                ..Default::default()
-            })
-            .unwrap();
-        assert_eq!(purges.len(), 2);
-        assert_eq!(purges[0].actor, "system");
-        assert!(purges[0].after.is_none());
-    }
-
-    #[test]
-    fn expiry_warnings_are_issued_once_per_lead_even_across_reopening() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.db");
-        let day = 86_400;
-        let leads = [7 * day, day];
-        let event = |w: &Warning| {
-            (
-                format!("evt_{}_{}", w.token.id, w.lead_seconds),
-                "token.expiring".to_string(),
-                "{}".to_string(),
-            )
-        };
-        {
-            let s = SqliteStore::open(&path).unwrap();
-            let mut far = row("tok_far");
-            far.expires_at = Some(10 * day);
-            s.create(far, ADMIN).unwrap();
-            let mut near = row("tok_near");
-            near.expires_at = Some(3_600);
-            s.create(near, ADMIN).unwrap();
-            let mut none = row("tok_none");
-            none.expires_at = None;
-            s.create(none, ADMIN).unwrap();
-            let w = s.warn_expiring(0, &leads, Some(&event)).unwrap();
-            // The near one gets only its tightest lead.
-            assert_eq!(
-                w.iter()
-                    .map(|w| (w.token.id.as_str(), w.lead_seconds))
-                    .collect::<Vec<_>>(),
-                [("tok_near", day)]
-            );
-            assert!(s
-                .warn_expiring(10, &leads, Some(&event))
-                .unwrap()
-                .is_empty());
-            let w = s.warn_expiring(3 * day, &leads, Some(&event)).unwrap();
-            assert_eq!(w.len(), 1);
-            assert_eq!(w[0].lead_seconds, 7 * day);
-        }
-        let s = SqliteStore::open(&path).unwrap();
-        assert!(s
-            .warn_expiring(4 * day, &leads, Some(&event))
-            .unwrap()
-            .is_empty());
-        let w = s.warn_expiring(9 * day + 1, &leads, Some(&event)).unwrap();
-        assert_eq!(
-            (w[0].token.id.as_str(), w[0].lead_seconds),
-            ("tok_far", day)
-        );
-        // A new expiry time warns again.
-        s.update("tok_far", 9 * day + 2, ADMIN, &|r: &mut TokenRow| {
-            r.expires_at = Some(9 * day + 3_600);
-            Ok(true)
-        })
-        .unwrap();
-        assert_eq!(s.warn_expiring(9 * day + 3, &leads, None).unwrap().len(), 1);
-        let warned = s
-            .audit(&AuditQuery {
-                action: Some("token.expiry_warning".into()),
-                limit: 10,
-                ..Default::default()
-            })
-            .unwrap();
-        assert_eq!(warned.len(), 4);
-        // Only the three issued with a webhook builder are queued.
-        assert_eq!(s.due_deliveries(i64::MAX, 10).unwrap().len(), 3);
-    }
-
-    #[test]
-    fn deliveries_retry_then_finish() {
-        let (_d, s) = open();
-        let mut near = row("tok_1");
-        near.expires_at = Some(100);
-        s.create(near, ADMIN).unwrap();
-        let event = |_: &Warning| {
-            (
-                "evt_1".to_string(),
-                "token.expiring".to_string(),
-                "{}".to_string(),
-            )
-        };
-        s.warn_expiring(50, &[86_400], Some(&event)).unwrap();
-        let due = s.due_deliveries(50, 10).unwrap();
-        assert_eq!((due.len(), due[0].attempts), (1, 0));
-        s.delivery_result(
-            due[0].id,
-            &DeliveryOutcome::Retry {
-                next_attempt_at: 60,
-                error: "HTTP 500".into(),
-            },
+        let s = SqliteStore::open(&dir.path().join("t.db")).unwrap();
+        let conn = s.conn.lock().unwrap();
+        conn.execute(
+            "INSERT INTO audit (at, actor, action, token_id, token_name) VALUES (1, 'a', 'b', 'c', 'd')",
+            [],
         )
         .unwrap();
-        assert!(s.due_deliveries(59, 10).unwrap().is_empty());
-        let due = s.due_deliveries(60, 10).unwrap();
-        assert_eq!(due[0].attempts, 1);
-        s.delivery_result(due[0].id, &DeliveryOutcome::Delivered { at: 61 })
-            .unwrap();
-        assert!(s.due_deliveries(i64::MAX, 10).unwrap().is_empty());
+        assert!(conn.execute("DELETE FROM audit", []).is_err());
+        assert!(conn.execute("UPDATE audit SET actor = 'x'", []).is_err());
     }
 }

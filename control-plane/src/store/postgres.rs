@@ -1,0 +1,1083 @@
+//! PostgreSQL store: several `tokengate serve` replicas share one database.
+//!
+//! Versions. Every change takes the next version by incrementing the single row of
+//! `tokengate_sync` inside its own transaction. That `UPDATE` locks the row until the
+//! transaction ends, so a second writer waits for the first to commit (or roll back) before
+//! it can take a version, and then reads the committed value. Versions are therefore taken
+//! and committed in the same order, and PostgreSQL makes a transaction visible before it
+//! releases its locks: whenever version V is visible to a reader, so is every version below
+//! V, whichever replica wrote it. A reader asking for "rows with a version above S" can never
+//! see V and later learn of a smaller version it skipped. (A sequence would not do: `nextval`
+//! is not transactional, so version 8 could commit and be read before version 7 commits.)
+//! The price is that writers take turns on one row, which bounds writes per second by the
+//! commit latency; changes to tokens are rare next to reads.
+//!
+//! Change signal. A write sends `NOTIFY tokengate_changes` in its transaction (delivered at
+//! commit). One connection per replica LISTENs, and a notification only wakes it: it then
+//! reads the version from the database and publishes that. Notifications sent while the
+//! listening connection is down are lost, so the listener re-reads the version after every
+//! (re)connection and every `recheck` interval as well.
+//!
+//! Migrations run at start under a session advisory lock, so replicas that start at once
+//! migrate one after the other; a database whose schema is newer than this binary knows is
+//! refused, naming both versions.
+
+use super::audit::{self, AuditEntry, AuditQuery};
+use super::{
+    Change, Delivery, DeliveryOutcome, Edit, ListQuery, Status, Store, StoreError, TokenRow,
+    Warning, WebhookEvent, SYSTEM,
+};
+use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod};
+use rand::distributions::{Alphanumeric, DistString};
+use serde_json::Value;
+use std::future::Future;
+use std::str::FromStr;
+use std::time::Duration;
+use tokengate_wire::UsageEntry;
+use tokio::sync::watch;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{AsyncMessage, NoTls, Row};
+
+/// Each entry upgrades the schema by one version (`tokengate_schema.version`); never edit a
+/// shipped one. A newer release's migrations must keep the previous release working, since
+/// replicas of both run side by side during a rolling update.
+const MIGRATIONS: &[&str] = &[r#"
+    CREATE TABLE tokengate_meta (key text PRIMARY KEY, value text NOT NULL);
+    CREATE TABLE tokengate_sync (
+        one boolean PRIMARY KEY DEFAULT true CHECK (one),
+        version bigint NOT NULL,
+        horizon bigint NOT NULL
+    );
+    INSERT INTO tokengate_sync (version, horizon) VALUES (0, 0);
+    CREATE TABLE tokens (
+        id text PRIMARY KEY,
+        hash text NOT NULL UNIQUE,
+        name text NOT NULL,
+        kind text NOT NULL,
+        owner text NOT NULL,
+        status text NOT NULL,
+        max_rps bigint,
+        burst bigint,
+        created_at bigint NOT NULL,
+        updated_at bigint NOT NULL,
+        expires_at bigint,
+        last_used_at bigint,
+        version bigint NOT NULL,
+        requests_allowed bigint NOT NULL DEFAULT 0,
+        requests_denied bigint NOT NULL DEFAULT 0,
+        rotated_at bigint,
+        retired jsonb NOT NULL DEFAULT '[]',
+        created_seq bigint NOT NULL
+    );
+    CREATE INDEX tokens_by_version ON tokens (version);
+    CREATE INDEX tokens_by_expiry ON tokens (expires_at);
+    CREATE INDEX tokens_by_created_seq ON tokens (created_seq);
+    CREATE TABLE audit (
+        seq bigserial PRIMARY KEY,
+        at bigint NOT NULL,
+        actor text NOT NULL,
+        action text NOT NULL,
+        token_id text NOT NULL,
+        token_name text NOT NULL,
+        before jsonb,
+        after jsonb
+    );
+    CREATE INDEX audit_by_token ON audit (token_id, seq);
+    CREATE FUNCTION tokengate_audit_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN RAISE EXCEPTION 'the audit trail is append-only'; END $$;
+    CREATE TRIGGER audit_no_change BEFORE UPDATE OR DELETE ON audit
+        FOR EACH ROW EXECUTE FUNCTION tokengate_audit_append_only();
+    CREATE TRIGGER audit_no_truncate BEFORE TRUNCATE ON audit
+        FOR EACH STATEMENT EXECUTE FUNCTION tokengate_audit_append_only();
+    CREATE TABLE expiry_warnings (
+        token_id text NOT NULL,
+        expires_at bigint NOT NULL,
+        lead bigint NOT NULL,
+        issued_at bigint NOT NULL,
+        PRIMARY KEY (token_id, expires_at, lead)
+    );
+    CREATE TABLE outbox (
+        id bigserial PRIMARY KEY,
+        event_id text NOT NULL UNIQUE,
+        event_type text NOT NULL,
+        payload text NOT NULL,
+        created_at bigint NOT NULL,
+        attempts integer NOT NULL DEFAULT 0,
+        next_attempt_at bigint NOT NULL,
+        delivered_at bigint,
+        failed_at bigint,
+        last_error text
+    );
+    CREATE INDEX outbox_due ON outbox (next_attempt_at)
+        WHERE delivered_at IS NULL AND failed_at IS NULL;
+"#];
+
+/// The schema version this binary migrates to.
+pub const SCHEMA_VERSION: usize = MIGRATIONS.len();
+
+/// The advisory lock key that serialises migrations across replicas ("tokengat" in ASCII).
+const MIGRATION_LOCK: i64 = 0x746f_6b65_6e67_6174;
+/// The NOTIFY channel of committed changes; the payload (the version) is not trusted.
+const CHANNEL: &str = "tokengate_changes";
+
+const COLUMNS: &str =
+    "id, hash, name, kind, owner, status, max_rps, burst, created_at, updated_at, \
+     expires_at, last_used_at, version, requests_allowed, requests_denied, rotated_at, retired";
+
+/// Connection settings beyond the URL.
+#[derive(Debug, Clone, Copy)]
+pub struct PgSettings {
+    /// Most connections to PostgreSQL from this replica (the listener's is extra).
+    pub pool_size: usize,
+    /// Longest a store call may take (waiting for a connection included) before it fails as
+    /// "store unavailable".
+    pub timeout: Duration,
+    /// How often the version is re-read even without a notification.
+    pub recheck: Duration,
+}
+
+impl Default for PgSettings {
+    fn default() -> PgSettings {
+        PgSettings {
+            pool_size: 16,
+            timeout: Duration::from_secs(5),
+            recheck: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What a query can fail with: the database's error, or a store decision (an edit refused,
+/// a row that does not decode).
+enum PgError {
+    Db(tokio_postgres::Error),
+    Store(StoreError),
+}
+
+impl From<tokio_postgres::Error> for PgError {
+    fn from(e: tokio_postgres::Error) -> PgError {
+        PgError::Db(e)
+    }
+}
+
+impl From<StoreError> for PgError {
+    fn from(e: StoreError) -> PgError {
+        PgError::Store(e)
+    }
+}
+
+/// Whether the database is unreachable rather than refusing this query.
+fn connection_lost(e: &tokio_postgres::Error) -> bool {
+    if e.is_closed() {
+        return true;
+    }
+    match e.code() {
+        None => true,
+        Some(c) => {
+            *c == SqlState::ADMIN_SHUTDOWN
+                || *c == SqlState::CRASH_SHUTDOWN
+                || *c == SqlState::CANNOT_CONNECT_NOW
+                || *c == SqlState::CONNECTION_FAILURE
+                || *c == SqlState::CONNECTION_EXCEPTION
+                || *c == SqlState::TOO_MANY_CONNECTIONS
+                || *c == SqlState::READ_ONLY_SQL_TRANSACTION
+        }
+    }
+}
+
+fn retryable(e: &tokio_postgres::Error) -> bool {
+    e.code().is_some_and(|c| {
+        *c == SqlState::T_R_DEADLOCK_DETECTED || *c == SqlState::T_R_SERIALIZATION_FAILURE
+    })
+}
+
+fn classify(e: tokio_postgres::Error) -> StoreError {
+    if connection_lost(&e) {
+        return StoreError::Unavailable(e.to_string());
+    }
+    if e.code() == Some(&SqlState::UNIQUE_VIOLATION) {
+        let detail = e
+            .as_db_error()
+            .map_or_else(|| e.to_string(), |d| d.message().to_string());
+        return StoreError::Conflict(detail);
+    }
+    StoreError::Backend(e.to_string())
+}
+
+fn decode(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(format!("bad row in the database: {e}"))
+}
+
+fn from_row(r: &Row) -> Result<TokenRow, StoreError> {
+    let text = |i: usize| r.try_get::<_, String>(i).map_err(decode);
+    let int = |i: usize| r.try_get::<_, i64>(i).map_err(decode);
+    let opt = |i: usize| r.try_get::<_, Option<i64>>(i).map_err(decode);
+    let small = |i: usize| -> Result<Option<u32>, StoreError> {
+        opt(i)?
+            .map(|v| u32::try_from(v).map_err(decode))
+            .transpose()
+    };
+    let kind = text(3)?;
+    let status = text(5)?;
+    let retired: Value = r.try_get(16).map_err(decode)?;
+    Ok(TokenRow {
+        id: text(0)?,
+        hash: text(1)?,
+        name: text(2)?,
+        kind: super::parse_kind(&kind).ok_or_else(|| decode(format!("kind `{kind}`")))?,
+        owner: text(4)?,
+        status: Status::parse(&status).ok_or_else(|| decode(format!("status `{status}`")))?,
+        max_rps: small(6)?,
+        burst: small(7)?,
+        created_at: int(8)?,
+        updated_at: int(9)?,
+        expires_at: opt(10)?,
+        last_used_at: opt(11)?,
+        version: int(12)?.max(0) as u64,
+        requests_allowed: int(13)?.max(0) as u64,
+        requests_denied: int(14)?.max(0) as u64,
+        rotated_at: opt(15)?,
+        retired: serde_json::from_value(retired).map_err(decode)?,
+    })
+}
+
+fn rows(rs: &[Row]) -> Result<Vec<TokenRow>, PgError> {
+    rs.iter()
+        .map(|r| from_row(r).map_err(PgError::Store))
+        .collect()
+}
+
+fn clamp(n: u64) -> i64 {
+    n.min(i64::MAX as u64) as i64
+}
+
+/// The committed version, as seen by this replica; only ever moves forward.
+#[derive(Clone)]
+struct Published(watch::Sender<u64>);
+
+impl Published {
+    fn publish(&self, version: u64) {
+        self.0.send_if_modified(|current| {
+            let newer = version > *current;
+            if newer {
+                *current = version;
+            }
+            newer
+        });
+    }
+}
+
+pub struct PostgresStore {
+    /// Drives the connections until the store goes async end to end.
+    rt: Option<tokio::runtime::Runtime>,
+    pool: Pool,
+    store_id: String,
+    published: Published,
+    timeout: Duration,
+    stop: watch::Sender<bool>,
+}
+
+/// `postgres://user:secret@host/db?password=...` as `postgres://user@host/db`: fit for a
+/// log line or an error message.
+pub fn redacted(url: &str) -> String {
+    let url = url.split('?').next().unwrap_or_default();
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return "(a PostgreSQL connection string)".into();
+    };
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}@{host}{path}")
+        }
+        None => format!("{scheme}://{authority}{path}"),
+    }
+}
+
+fn config(url: &str, settings: &PgSettings) -> Result<tokio_postgres::Config, StoreError> {
+    let mut cfg = tokio_postgres::Config::from_str(url).map_err(|e| {
+        StoreError::Backend(format!("not a PostgreSQL URL ({}): {e}", redacted(url)))
+    })?;
+    if cfg.get_connect_timeout().is_none() {
+        cfg.connect_timeout(settings.timeout);
+    }
+    if cfg.get_application_name().is_none() {
+        cfg.application_name("tokengate");
+    }
+    // A peer that vanishes without a reset (a cut cable, a dropped route) must not hold a
+    // connection forever: unacknowledged data fails the socket after this long.
+    cfg.keepalives(true)
+        .keepalives_idle(Duration::from_secs(10))
+        .tcp_user_timeout(settings.timeout.max(Duration::from_secs(2)) * 2);
+    Ok(cfg)
+}
+
+async fn migrate(client: &mut tokio_postgres::Client) -> Result<String, PgError> {
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+        .await?;
+    let result = migrate_locked(client).await;
+    // Ending the session releases the lock too; this only hands it over sooner.
+    let _ = client
+        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+        .await;
+    result
+}
+
+async fn migrate_locked(client: &mut tokio_postgres::Client) -> Result<String, PgError> {
+    client
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS tokengate_schema (
+                 one boolean PRIMARY KEY DEFAULT true CHECK (one),
+                 version integer NOT NULL
+             )",
+        )
+        .await?;
+    let current = client
+        .query_opt("SELECT version FROM tokengate_schema", &[])
+        .await?
+        .map_or(0, |r| r.get::<_, i32>(0));
+    let known = SCHEMA_VERSION;
+    let current = usize::try_from(current).unwrap_or(0);
+    if current > known {
+        return Err(StoreError::Backend(newer_schema(current, known)).into());
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
+        let tx = client.transaction().await?;
+        tx.batch_execute(sql).await?;
+        let version = i32::try_from(i + 1).unwrap_or(i32::MAX);
+        tx.execute(
+            "INSERT INTO tokengate_schema (version) VALUES ($1)
+             ON CONFLICT (one) DO UPDATE SET version = excluded.version",
+            &[&version],
+        )
+        .await?;
+        tx.commit().await?;
+        tracing::info!(schema_version = i + 1, "database migrated");
+    }
+    let id = format!(
+        "st_{}",
+        Alphanumeric.sample_string(&mut rand::rngs::OsRng, 16)
+    );
+    client
+        .execute(
+            "INSERT INTO tokengate_meta (key, value) VALUES ('store_id', $1)
+             ON CONFLICT (key) DO NOTHING",
+            &[&id],
+        )
+        .await?;
+    let row = client
+        .query_one(
+            "SELECT value FROM tokengate_meta WHERE key = 'store_id'",
+            &[],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// The refusal to run against a database that a newer tokengate has upgraded.
+pub fn newer_schema(database: usize, known: usize) -> String {
+    format!(
+        "the database schema is version {database}, newer than this tokengate ({}) knows \
+         (up to version {known}); run a tokengate at least as new as the one that upgraded it",
+        env!("CARGO_PKG_VERSION")
+    )
+}
+
+async fn read_version(pool: &Pool) -> Result<u64, StoreError> {
+    let client = pool
+        .get()
+        .await
+        .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+    let row = client
+        .query_one("SELECT version FROM tokengate_sync", &[])
+        .await
+        .map_err(classify)?;
+    Ok(row.get::<_, i64>(0).max(0) as u64)
+}
+
+/// LISTENs on its own connection; each notification, each (re)connection and each `recheck`
+/// re-reads the version and publishes it.
+async fn listen(
+    cfg: tokio_postgres::Config,
+    pool: Pool,
+    published: Published,
+    recheck: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let connected = tokio::select! {
+            c = cfg.connect(NoTls) => c,
+            _ = stop.changed() => return,
+        };
+        let (client, mut connection) = match connected {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "change listener cannot connect to PostgreSQL; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.changed() => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        let (wake_tx, mut wake) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let driver = tokio::spawn(async move {
+            while let Some(m) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                match m {
+                    Ok(AsyncMessage::Notification(_)) => {
+                        if wake_tx.send(()).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "change listener lost its connection");
+                        return;
+                    }
+                }
+            }
+        });
+        if let Err(e) = client.batch_execute(&format!("LISTEN {CHANNEL}")).await {
+            tracing::warn!(error = %e, "change listener cannot LISTEN; retrying");
+            driver.abort();
+            continue;
+        }
+        backoff = Duration::from_millis(100);
+        tracing::debug!("change listener connected");
+        let mut ticker = tokio::time::interval(recheck);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            // The first tick is immediate: re-read after every (re)connection.
+            let alive = tokio::select! {
+                _ = ticker.tick() => true,
+                w = wake.recv() => w.is_some(),
+                _ = stop.changed() => { driver.abort(); return; }
+            };
+            if !alive {
+                break;
+            }
+            // Coalesce a burst of notifications into one read.
+            while wake.try_recv().is_ok() {}
+            match read_version(&pool).await {
+                Ok(v) => published.publish(v),
+                Err(e) => tracing::debug!(error = %e, "cannot re-read the version"),
+            }
+        }
+        drop(client);
+        driver.abort();
+    }
+}
+
+impl PostgresStore {
+    pub fn open(url: &str, settings: PgSettings) -> Result<PostgresStore, StoreError> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("tokengate-pg")
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Backend(e.to_string()))?;
+        let cfg = config(url, &settings)?;
+        let (pool, store_id, version) = rt.block_on(async {
+            let (mut client, connection) = cfg
+                .connect(NoTls)
+                .await
+                .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            let driver = tokio::spawn(connection);
+            let store_id = migrate(&mut client).await.map_err(|e| match e {
+                PgError::Db(e) => classify(e),
+                PgError::Store(e) => e,
+            })?;
+            drop(client);
+            let _ = driver.await;
+            let manager = Manager::from_config(
+                cfg.clone(),
+                NoTls,
+                ManagerConfig {
+                    recycling_method: RecyclingMethod::Fast,
+                },
+            );
+            let pool = Pool::builder(manager)
+                .max_size(settings.pool_size)
+                .runtime(deadpool_postgres::Runtime::Tokio1)
+                .wait_timeout(Some(settings.timeout))
+                .create_timeout(Some(settings.timeout))
+                .recycle_timeout(Some(settings.timeout))
+                .build()
+                .map_err(|e| StoreError::Backend(e.to_string()))?;
+            let version = read_version(&pool).await?;
+            Ok::<_, StoreError>((pool, store_id, version))
+        })?;
+        let (tx, _) = watch::channel(version);
+        let published = Published(tx);
+        let (stop, stop_rx) = watch::channel(false);
+        rt.spawn(listen(
+            cfg,
+            pool.clone(),
+            published.clone(),
+            settings.recheck,
+            stop_rx,
+        ));
+        Ok(PostgresStore {
+            rt: Some(rt),
+            pool,
+            store_id,
+            published,
+            timeout: settings.timeout,
+            stop,
+        })
+    }
+
+    /// Runs a store call to completion from a blocking thread.
+    fn block<T>(&self, f: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
+        match &self.rt {
+            Some(rt) => rt.block_on(f),
+            None => Err(StoreError::Unavailable("the store is closed".into())),
+        }
+    }
+
+    /// Runs `f` on a pooled connection within the store's timeout, retrying a deadlock or a
+    /// serialisation failure. A connection that failed or timed out is not returned to the
+    /// pool.
+    async fn run<T>(
+        &self,
+        mut f: impl AsyncFnMut(&mut deadpool_postgres::Client) -> Result<T, PgError>,
+    ) -> Result<T, StoreError> {
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let mut client = self
+                .pool
+                .get()
+                .await
+                .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            let outcome = tokio::time::timeout(self.timeout, f(&mut client)).await;
+            match outcome {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(PgError::Store(e))) => return Err(e),
+                Ok(Err(PgError::Db(e))) if retryable(&e) && attempts < 8 => continue,
+                Ok(Err(PgError::Db(e))) => {
+                    if connection_lost(&e) {
+                        drop(deadpool_postgres::Object::take(client));
+                    }
+                    return Err(classify(e));
+                }
+                Err(_) => {
+                    drop(deadpool_postgres::Object::take(client));
+                    return Err(StoreError::Unavailable(format!(
+                        "no answer from PostgreSQL within {:?}",
+                        self.timeout
+                    )));
+                }
+            }
+        }
+    }
+
+    async fn token_rows(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<TokenRow>, StoreError> {
+        self.run(async |c| {
+            let stmt = c.prepare_cached(sql).await?;
+            rows(&c.query(&stmt, params).await?)
+        })
+        .await
+    }
+}
+
+impl Drop for PostgresStore {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// Takes the next version inside the caller's transaction; the row stays locked until it
+/// ends (see the module comment), and the change is announced at commit.
+async fn next_version(tx: &deadpool_postgres::Transaction<'_>) -> Result<u64, PgError> {
+    let row = tx
+        .query_one(
+            "UPDATE tokengate_sync SET version = version + 1 RETURNING version",
+            &[],
+        )
+        .await?;
+    let v: i64 = row.get(0);
+    tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &v.to_string()])
+        .await?;
+    Ok(v.max(0) as u64)
+}
+
+async fn append_audit(
+    tx: &deadpool_postgres::Transaction<'_>,
+    at: i64,
+    change: Change<'_>,
+    row: &TokenRow,
+    before: Option<Value>,
+    after: Option<Value>,
+) -> Result<(), PgError> {
+    tx.execute(
+        "INSERT INTO audit (at, actor, action, token_id, token_name, before, after)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        &[
+            &at,
+            &change.actor,
+            &change.action,
+            &row.id,
+            &row.name,
+            &before,
+            &after,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+fn retired_json(r: &TokenRow) -> Result<Value, PgError> {
+    serde_json::to_value(&r.retired).map_err(|e| PgError::Store(StoreError::Backend(e.to_string())))
+}
+
+impl Store for PostgresStore {
+    fn store_id(&self) -> &str {
+        &self.store_id
+    }
+
+    fn create(&self, row: TokenRow, change: Change<'_>) -> Result<TokenRow, StoreError> {
+        let created = self.block(self.run(async |c| {
+            let mut row = row.clone();
+            let tx = c.transaction().await?;
+            row.version = next_version(&tx).await?;
+            let retired = retired_json(&row)?;
+            tx.execute(
+                &format!(
+                    "INSERT INTO tokens ({COLUMNS}, created_seq)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, 0, 0, $14, $15, $13)"
+                ),
+                &[
+                    &row.id,
+                    &row.hash,
+                    &row.name,
+                    &row.kind.as_str(),
+                    &row.owner,
+                    &row.status.as_str(),
+                    &row.max_rps.map(i64::from),
+                    &row.burst.map(i64::from),
+                    &row.created_at,
+                    &row.updated_at,
+                    &row.expires_at,
+                    &row.last_used_at,
+                    &(row.version as i64),
+                    &row.rotated_at,
+                    &retired,
+                ],
+            )
+            .await?;
+            let after = Value::Object(audit::fields(&row));
+            append_audit(&tx, row.created_at, change, &row, None, Some(after)).await?;
+            tx.commit().await?;
+            Ok(row)
+        }))?;
+        self.published.publish(created.version);
+        Ok(created)
+    }
+
+    fn get(&self, id: &str) -> Result<TokenRow, StoreError> {
+        let sql = format!("SELECT {COLUMNS} FROM tokens WHERE id = $1 AND status <> 'revoked'");
+        self.block(self.token_rows(&sql, &[&id]))?
+            .pop()
+            .ok_or(StoreError::NotFound)
+    }
+
+    fn list(&self, q: &ListQuery) -> Result<Vec<TokenRow>, StoreError> {
+        let order = if q.newest_first {
+            "created_seq DESC"
+        } else {
+            "id"
+        };
+        // strpos on lower(): a plain substring, no pattern characters.
+        let sql = format!(
+            "SELECT {COLUMNS} FROM tokens WHERE status <> 'revoked'
+               AND ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR owner = $2)
+               AND ($3::text IS NULL OR kind = $3) AND ($4::text IS NULL OR id > $4)
+               AND ($5::bigint IS NULL OR (expires_at > $5 AND expires_at <= $6))
+               AND ($8::text IS NULL OR strpos(lower(name), lower($8)) > 0)
+               AND ($9::text IS NULL OR created_seq < (SELECT created_seq FROM tokens WHERE id = $9))
+             ORDER BY {order} LIMIT $7"
+        );
+        let status = q.status.map(Status::as_str);
+        let kind = q.kind.map(|k| k.as_str());
+        let (from, to) = (q.expiring.map(|e| e.0), q.expiring.map(|e| e.1));
+        let limit = i64::from(q.limit);
+        self.block(self.token_rows(
+            &sql,
+            &[
+                &status,
+                &q.owner,
+                &kind,
+                &q.after,
+                &from,
+                &to,
+                &limit,
+                &q.name_contains,
+                &q.before,
+            ],
+        ))
+    }
+
+    fn update(
+        &self,
+        id: &str,
+        now: i64,
+        change: Change<'_>,
+        edit: Edit<'_>,
+    ) -> Result<TokenRow, StoreError> {
+        let select = format!(
+            "SELECT {COLUMNS} FROM tokens WHERE id = $1 AND status <> 'revoked' FOR UPDATE"
+        );
+        let (row, changed) = self.block(self.run(async |c| {
+            let tx = c.transaction().await?;
+            let Some(found) = tx.query_opt(&select, &[&id]).await? else {
+                return Err(StoreError::NotFound.into());
+            };
+            let mut row = from_row(&found)?;
+            let before = row.clone();
+            if !edit(&mut row)? {
+                return Ok((row, false));
+            }
+            row.updated_at = now;
+            row.version = next_version(&tx).await?;
+            let retired = retired_json(&row)?;
+            tx.execute(
+                "UPDATE tokens SET hash = $2, name = $3, status = $4, max_rps = $5, burst = $6,
+                     updated_at = $7, expires_at = $8, version = $9, rotated_at = $10,
+                     retired = $11
+                 WHERE id = $1",
+                &[
+                    &row.id,
+                    &row.hash,
+                    &row.name,
+                    &row.status.as_str(),
+                    &row.max_rps.map(i64::from),
+                    &row.burst.map(i64::from),
+                    &row.updated_at,
+                    &row.expires_at,
+                    &(row.version as i64),
+                    &row.rotated_at,
+                    &retired,
+                ],
+            )
+            .await?;
+            let (old, new) = audit::diff(&before, &row);
+            append_audit(&tx, now, change, &row, Some(old), Some(new)).await?;
+            tx.commit().await?;
+            Ok((row, true))
+        }))?;
+        if changed {
+            self.published.publish(row.version);
+        }
+        Ok(row)
+    }
+
+    fn version(&self) -> Result<u64, StoreError> {
+        let v = self.block(async {
+            tokio::time::timeout(self.timeout, read_version(&self.pool))
+                .await
+                .map_err(|_| StoreError::Unavailable("no answer from PostgreSQL".into()))?
+        })?;
+        self.published.publish(v);
+        Ok(v)
+    }
+
+    fn changes_since(&self, since: u64, limit: u32) -> Result<Vec<TokenRow>, StoreError> {
+        let sql =
+            format!("SELECT {COLUMNS} FROM tokens WHERE version > $1 ORDER BY version LIMIT $2");
+        self.block(self.token_rows(&sql, &[&clamp(since), &i64::from(limit)]))
+    }
+
+    fn snapshot_page(
+        &self,
+        after_id: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<TokenRow>, StoreError> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM tokens WHERE ($1::text IS NULL OR id > $1) ORDER BY id LIMIT $2"
+        );
+        self.block(self.token_rows(&sql, &[&after_id, &i64::from(limit)]))
+    }
+
+    fn live_count(&self) -> Result<u64, StoreError> {
+        self.block(self.run(async |c| {
+            let stmt = c
+                .prepare_cached("SELECT count(*) FROM tokens WHERE status <> 'revoked'")
+                .await?;
+            let n: i64 = c.query_one(&stmt, &[]).await?.get(0);
+            Ok(n.max(0) as u64)
+        }))
+    }
+
+    fn subscribe(&self) -> watch::Receiver<u64> {
+        self.published.0.subscribe()
+    }
+
+    fn horizon(&self) -> Result<u64, StoreError> {
+        self.block(self.run(async |c| {
+            let n: i64 = c
+                .query_one("SELECT horizon FROM tokengate_sync", &[])
+                .await?
+                .get(0);
+            Ok(n.max(0) as u64)
+        }))
+    }
+
+    fn record_usage(&self, now: i64, entries: &[UsageEntry]) -> Result<usize, StoreError> {
+        let ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
+        let allowed: Vec<i64> = entries.iter().map(|e| clamp(e.allowed)).collect();
+        let denied: Vec<i64> = entries.iter().map(|e| clamp(e.denied)).collect();
+        let seen: Vec<i64> = entries.iter().map(|e| e.last_used_at.min(now)).collect();
+        self.block(self.run(async |c| {
+            // One statement; a report naming an id twice adds both. Sums are taken as
+            // numeric and capped, so that no counter overflows.
+            let n = c
+                .execute(
+                    "UPDATE tokens t SET
+                         requests_allowed = LEAST(t.requests_allowed + u.allowed, 9223372036854775807)::bigint,
+                         requests_denied = LEAST(t.requests_denied + u.denied, 9223372036854775807)::bigint,
+                         last_used_at = GREATEST(COALESCE(t.last_used_at, 0), u.seen)
+                     FROM (SELECT id, sum(allowed) AS allowed, sum(denied) AS denied, max(seen) AS seen
+                           FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[])
+                                AS e(id, allowed, denied, seen)
+                           GROUP BY id ORDER BY id) u
+                     WHERE t.id = u.id",
+                    &[&ids, &allowed, &denied, &seen],
+                )
+                .await?;
+            Ok(n as usize)
+        }))
+    }
+
+    fn audit(&self, q: &AuditQuery) -> Result<Vec<AuditEntry>, StoreError> {
+        let before_seq = q.before_seq.map(clamp);
+        let limit = i64::from(q.limit);
+        self.block(self.run(async |c| {
+            let stmt = c
+                .prepare_cached(
+                    "SELECT seq, at, actor, action, token_id, token_name, before, after FROM audit
+                     WHERE ($1::text IS NULL OR token_id = $1) AND ($2::text IS NULL OR actor = $2)
+                       AND ($3::text IS NULL OR action = $3) AND ($4::bigint IS NULL OR at >= $4)
+                       AND ($5::bigint IS NULL OR at < $5) AND ($6::bigint IS NULL OR seq < $6)
+                     ORDER BY seq DESC LIMIT $7",
+                )
+                .await?;
+            let found = c
+                .query(
+                    &stmt,
+                    &[
+                        &q.token_id,
+                        &q.actor,
+                        &q.action,
+                        &q.since,
+                        &q.until,
+                        &before_seq,
+                        &limit,
+                    ],
+                )
+                .await?;
+            Ok(found
+                .iter()
+                .map(|r| AuditEntry {
+                    seq: r.get::<_, i64>(0).max(0) as u64,
+                    at: r.get(1),
+                    actor: r.get(2),
+                    action: r.get(3),
+                    token_id: r.get(4),
+                    token_name: r.get(5),
+                    before: r.get(6),
+                    after: r.get(7),
+                })
+                .collect())
+        }))
+    }
+
+    fn purge(&self, now: i64, cutoff: i64) -> Result<Vec<TokenRow>, StoreError> {
+        let select = format!(
+            "SELECT {COLUMNS} FROM tokens
+             WHERE (status = 'revoked' AND updated_at <= $1) OR expires_at <= $1
+             ORDER BY id FOR UPDATE"
+        );
+        self.block(self.run(async |c| {
+            let tx = c.transaction().await?;
+            let purged = rows(&tx.query(&select, &[&cutoff]).await?)?;
+            let change = Change {
+                actor: SYSTEM,
+                action: "token.purged",
+            };
+            let mut horizon = 0u64;
+            for r in &purged {
+                let before = Value::Object(audit::fields(r));
+                append_audit(&tx, now, change, r, Some(before), None).await?;
+                tx.execute("DELETE FROM tokens WHERE id = $1", &[&r.id])
+                    .await?;
+                tx.execute("DELETE FROM expiry_warnings WHERE token_id = $1", &[&r.id])
+                    .await?;
+                horizon = horizon.max(r.version);
+            }
+            if horizon > 0 {
+                tx.execute(
+                    "UPDATE tokengate_sync SET horizon = GREATEST(horizon, $1)",
+                    &[&clamp(horizon)],
+                )
+                .await?;
+            }
+            tx.execute(
+                "DELETE FROM outbox WHERE COALESCE(delivered_at, failed_at) <= $1",
+                &[&cutoff],
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(purged)
+        }))
+    }
+
+    fn warn_expiring(
+        &self,
+        now: i64,
+        leads: &[i64],
+        webhook: WebhookEvent<'_>,
+    ) -> Result<Vec<Warning>, StoreError> {
+        let Some(&widest) = leads.iter().max() else {
+            return Ok(vec![]);
+        };
+        let select = format!(
+            "SELECT {COLUMNS} FROM tokens WHERE status <> 'revoked'
+               AND expires_at > $1 AND expires_at <= $2 ORDER BY id"
+        );
+        self.block(self.run(async |c| {
+            let tx = c.transaction().await?;
+            let candidates = rows(
+                &tx.query(&select, &[&now, &now.saturating_add(widest)])
+                    .await?,
+            )?;
+            let mut issued = vec![];
+            for token in candidates {
+                let Some(expires_at) = token.expires_at else {
+                    continue;
+                };
+                let remaining = expires_at - now;
+                let Some(lead) = leads.iter().copied().filter(|l| *l >= remaining).min() else {
+                    continue;
+                };
+                let done: bool = tx
+                    .query_one(
+                        "SELECT EXISTS (SELECT 1 FROM expiry_warnings
+                             WHERE token_id = $1 AND expires_at = $2 AND lead <= $3)",
+                        &[&token.id, &expires_at, &lead],
+                    )
+                    .await?
+                    .get(0);
+                if done {
+                    continue;
+                }
+                let inserted = tx
+                    .execute(
+                        "INSERT INTO expiry_warnings (token_id, expires_at, lead, issued_at)
+                         VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                        &[&token.id, &expires_at, &lead, &now],
+                    )
+                    .await?;
+                if inserted == 0 {
+                    continue;
+                }
+                let after = serde_json::json!({
+                    "expires_at": audit::rfc3339(expires_at),
+                    "warning_lead_seconds": lead,
+                });
+                let change = Change {
+                    actor: SYSTEM,
+                    action: "token.expiry_warning",
+                };
+                append_audit(&tx, now, change, &token, None, Some(after)).await?;
+                let warning = Warning {
+                    token,
+                    lead_seconds: lead,
+                };
+                if let Some(make) = webhook {
+                    let (event_id, event_type, payload) = make(&warning);
+                    tx.execute(
+                        "INSERT INTO outbox (event_id, event_type, payload, created_at, next_attempt_at)
+                         VALUES ($1, $2, $3, $4, $4)",
+                        &[&event_id, &event_type, &payload, &now],
+                    )
+                    .await?;
+                }
+                issued.push(warning);
+            }
+            tx.commit().await?;
+            Ok(issued)
+        }))
+    }
+
+    fn due_deliveries(&self, now: i64, limit: u32) -> Result<Vec<Delivery>, StoreError> {
+        let limit = i64::from(limit);
+        self.block(self.run(async |c| {
+            let found = c
+                .query(
+                    "SELECT id, event_id, event_type, payload, attempts FROM outbox
+                     WHERE delivered_at IS NULL AND failed_at IS NULL AND next_attempt_at <= $1
+                     ORDER BY id LIMIT $2",
+                    &[&now, &limit],
+                )
+                .await?;
+            Ok(found
+                .iter()
+                .map(|r| Delivery {
+                    id: r.get(0),
+                    event_id: r.get(1),
+                    event_type: r.get(2),
+                    payload: r.get(3),
+                    attempts: r.get::<_, i32>(4).max(0) as u32,
+                })
+                .collect())
+        }))
+    }
+
+    fn delivery_result(&self, id: i64, outcome: &DeliveryOutcome) -> Result<(), StoreError> {
+        self.block(self.run(async |c| {
+            match outcome {
+                DeliveryOutcome::Delivered { at } => {
+                    c.execute(
+                        "UPDATE outbox SET attempts = attempts + 1, delivered_at = $2,
+                             last_error = NULL WHERE id = $1",
+                        &[&id, at],
+                    )
+                    .await?
+                }
+                DeliveryOutcome::Retry {
+                    next_attempt_at,
+                    error,
+                } => {
+                    c.execute(
+                        "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = $2,
+                             last_error = $3 WHERE id = $1",
+                        &[&id, next_attempt_at, error],
+                    )
+                    .await?
+                }
+                DeliveryOutcome::GaveUp { error } => {
+                    c.execute(
+                        "UPDATE outbox SET attempts = attempts + 1, failed_at = next_attempt_at,
+                             last_error = $2 WHERE id = $1",
+                        &[&id, error],
+                    )
+                    .await?
+                }
+            };
+            Ok(())
+        }))
+    }
+}
