@@ -1,18 +1,18 @@
-//! `tokengate serve`: options, start-up (migrations, credentials) and graceful shutdown.
+//! `tokengate serve`: options, their checks, and the process around the `Application`
+//! (listening, signals).
 
-use crate::api::{app, Admin, AppState, ConsoleSettings};
+use crate::api::{Admin, ConsoleSettings};
+use crate::app::{Application, Config, Database};
+use crate::domain::housekeeping::Jobs;
+use crate::domain::sessions::Limits;
 use crate::duration;
-use crate::housekeeping::{self, Jobs};
 use crate::policy::{KindPolicy, Policy};
 use crate::secrets::same_secret;
-use crate::sessions::{Limits, Sessions};
-use crate::store::{redacted, PgSettings, PostgresStore, SqliteStore, Store};
+use crate::store::PgSettings;
 use crate::webhook::Webhook;
 use clap::Args;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::watch;
 
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
@@ -303,53 +303,6 @@ fn credential(
     Ok(secret)
 }
 
-/// Where the tokens live, from `--db`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Database {
-    Sqlite(PathBuf),
-    Postgres(String),
-}
-
-impl Database {
-    /// `postgres://...` or `postgresql://...`; `sqlite://PATH`; anything else is a path.
-    pub fn parse(s: &str) -> Result<Database, String> {
-        let s = s.trim();
-        if s.starts_with("postgres://") || s.starts_with("postgresql://") {
-            return Ok(Database::Postgres(s.to_string()));
-        }
-        let path = s.strip_prefix("sqlite://").unwrap_or(s);
-        if path.is_empty() {
-            return Err("--db is empty: give a SQLite file or a postgres:// URL".into());
-        }
-        if path.contains("://") {
-            return Err(format!(
-                "--db {path}: unknown scheme; use a file path, sqlite://PATH or postgres://..."
-            ));
-        }
-        Ok(Database::Sqlite(PathBuf::from(path)))
-    }
-
-    /// Opens (and migrates) the store. Blocking.
-    pub fn open(&self, settings: PgSettings) -> Result<Arc<dyn Store>, String> {
-        Ok(match self {
-            Database::Sqlite(path) => Arc::new(SqliteStore::open(path).map_err(|e| e.to_string())?),
-            Database::Postgres(url) => {
-                Arc::new(PostgresStore::open(url, settings).map_err(|e| e.to_string())?)
-            }
-        })
-    }
-}
-
-/// Never shows a password.
-impl std::fmt::Display for Database {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Database::Sqlite(path) => write!(f, "{}", path.display()),
-            Database::Postgres(url) => write!(f, "{}", redacted(url)),
-        }
-    }
-}
-
 fn pg_settings(args: &ServeArgs) -> Result<PgSettings, String> {
     let timeout = args
         .db_timeout
@@ -384,8 +337,9 @@ async fn shutdown_signal() {
     }
 }
 
-pub async fn run(args: ServeArgs) -> Result<(), String> {
-    let admins = admins(&args)?;
+/// Checks every option and builds the configuration.
+pub fn config(args: &ServeArgs) -> Result<Config, String> {
+    let admins = admins(args)?;
     let sync_token = credential("sync-token", &args.sync_token, &args.sync_token_file)?;
     if admins
         .iter()
@@ -393,57 +347,39 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
     {
         return Err("the admin and sync credentials must differ".into());
     }
-    let jobs = jobs(&args)?;
     let jobs_interval = args
         .jobs_interval
         .0
         .ok_or("--jobs-interval cannot be `never`")?;
-    let database = Database::parse(&args.db)?;
-    let settings = pg_settings(&args)?;
-    let shown = database.to_string();
-    let store = tokio::task::spawn_blocking(move || database.open(settings))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("cannot open database {shown}: {e}"))?;
-    let (shutdown_tx, shutdown) = watch::channel(false);
-    let state = AppState {
-        store: store.clone(),
-        admins: admins.into(),
-        sync_token: sync_token.into(),
-        policy: policy(&args),
+    Ok(Config {
+        database: Database::parse(&args.db)?,
+        postgres: pg_settings(args)?,
+        admins,
+        sync_token,
+        policy: policy(args),
         sync_max_wait: Duration::from_secs(args.sync_max_wait_seconds),
         sync_page_size: args.sync_page_size,
-        shutdown: shutdown.clone(),
-        sessions: Arc::new(Sessions::new(session_limits(&args)?)),
+        jobs: jobs(args)?,
+        jobs_interval: Duration::from_secs(jobs_interval.max(1)),
         console: ConsoleSettings {
             enabled: args.console,
             secure_cookies: args.secure_cookies,
             expiry_warning_seconds: args.expiry_warnings.0.iter().copied().max().unwrap_or(0),
         },
-    };
-    tokio::spawn(housekeeping::run(
-        store,
-        jobs,
-        Duration::from_secs(jobs_interval),
-        shutdown,
-    ));
+        sessions: session_limits(args)?,
+    })
+}
+
+pub async fn run(args: ServeArgs) -> Result<(), String> {
+    let config = config(&args)?;
+    let db = config.database.to_string();
+    let app = Application::build(config).await?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    tracing::info!(%addr, db = %Database::parse(&args.db)?, "listening");
-    axum::serve(listener, app(state))
-        .with_graceful_shutdown(async move {
-            shutdown_signal().await;
-            tracing::info!("shutting down: releasing long-polls");
-            let _ = shutdown_tx.send(true);
-            // Keep the sender alive until the server has drained.
-            std::mem::forget(shutdown_tx);
-        })
-        .await
-        .map_err(|e| e.to_string())?;
-    tracing::info!("stopped");
-    Ok(())
+    tracing::info!(%addr, %db, "listening");
+    app.serve(listener, shutdown_signal()).await
 }
 
 #[cfg(test)]
@@ -467,23 +403,6 @@ mod tests {
         assert!(admin_file(&path).unwrap_err().contains("line 1"));
         std::fs::write(&path, "alice:short\n").unwrap();
         assert!(admin_file(&path).unwrap_err().contains("at least 16"));
-    }
-
-    #[test]
-    fn database_urls() {
-        assert_eq!(
-            Database::parse("tokengate.db").unwrap(),
-            Database::Sqlite("tokengate.db".into())
-        );
-        assert_eq!(
-            Database::parse("sqlite:///var/lib/t.db").unwrap(),
-            Database::Sqlite("/var/lib/t.db".into())
-        );
-        let pg =
-            Database::parse("postgres://app:s3cret@db:5432/tokengate?sslmode=disable").unwrap();
-        assert_eq!(pg.to_string(), "postgres://app@db:5432/tokengate");
-        assert!(Database::parse("mysql://x").is_err());
-        assert!(Database::parse("sqlite://").is_err());
     }
 
     #[test]

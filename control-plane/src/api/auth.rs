@@ -5,6 +5,7 @@
 
 use super::error::ApiError;
 use super::AppState;
+use crate::domain::sessions::now_ms;
 use crate::secrets::same_secret;
 use axum::extract::{Request, State};
 use axum::http::header::{AUTHORIZATION, COOKIE as COOKIE_HEADER};
@@ -12,7 +13,6 @@ use axum::http::{HeaderMap, Method};
 use axum::middleware::Next;
 use axum::response::Response;
 use std::sync::Arc;
-use std::time::Instant;
 
 /// The console's session cookie.
 pub const COOKIE: &str = "tokengate_session";
@@ -73,7 +73,8 @@ pub async fn require_admin(
     } else if let Some(id) = session_cookie(req.headers()) {
         let session = state
             .sessions
-            .touch(id, Instant::now())
+            .touch(id, now_ms())
+            .await?
             .ok_or(ApiError::Unauthorized)?;
         if changes_state(req.method()) {
             let csrf = req.headers().get(CSRF_HEADER).map(|v| v.as_bytes());

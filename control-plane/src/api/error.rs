@@ -1,6 +1,6 @@
 //! API errors: `{"error": code, "message": sentence, "field"?: name}` with the right status.
 
-use crate::store::StoreError;
+use crate::domain::DomainError;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -54,15 +54,21 @@ impl ApiError {
     }
 }
 
-impl From<StoreError> for ApiError {
-    fn from(e: StoreError) -> ApiError {
+impl From<DomainError> for ApiError {
+    fn from(e: DomainError) -> ApiError {
         match e {
-            StoreError::NotFound => ApiError::NotFound,
-            StoreError::Conflict(m) => ApiError::Conflict(m),
-            StoreError::Invalid { field, message } => ApiError::field(field, message),
-            StoreError::Unavailable(m) => ApiError::StoreUnavailable(m),
-            StoreError::Backend(m) => ApiError::Internal(m),
+            DomainError::NotFound => ApiError::NotFound,
+            DomainError::Conflict(m) => ApiError::Conflict(m),
+            DomainError::Invalid { field, message } => ApiError::field(field, message),
+            DomainError::Unavailable(m) => ApiError::StoreUnavailable(m),
+            DomainError::Internal(m) => ApiError::Internal(m),
         }
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> ApiError {
+        DomainError::from(e).into()
     }
 }
 

@@ -10,13 +10,10 @@ mod sync;
 mod tokens;
 mod usage;
 
-pub use audit::ACTIONS as AUDIT_ACTIONS;
 pub use error::ApiError;
-pub use tokens::{rotate_secrets, MAX_GRACE_SECONDS};
 
-use crate::policy::Policy;
-use crate::sessions::Sessions;
-use crate::store::{Store, StoreError};
+use crate::domain::{Sessions, Tokens};
+use crate::store::Store;
 use axum::extract::Request;
 use axum::middleware::{self, Next};
 use axum::response::Response;
@@ -38,16 +35,18 @@ pub struct Admin {
 
 #[derive(Clone)]
 pub struct AppState {
+    /// Read directly only by the sync long-poll and the readiness check; every decision goes
+    /// through `tokens` and `sessions`.
     pub store: Arc<dyn Store>,
+    pub tokens: Arc<Tokens>,
+    pub sessions: Arc<Sessions>,
     pub admins: Arc<[Admin]>,
     pub sync_token: Arc<str>,
-    pub policy: Policy,
     /// Longest a `/v1/sync` long-poll is held (also its default).
     pub sync_max_wait: Duration,
     pub sync_page_size: u32,
     /// Turns true when the server is shutting down: waiting long-polls answer at once.
     pub shutdown: watch::Receiver<bool>,
-    pub sessions: Arc<Sessions>,
     pub console: ConsoleSettings,
 }
 
@@ -70,18 +69,6 @@ impl Default for ConsoleSettings {
             expiry_warning_seconds: 7 * 86_400,
         }
     }
-}
-
-/// Runs a store call off the async workers (SQLite fsyncs on every write).
-async fn blocking<T: Send + 'static>(
-    state: &AppState,
-    f: impl FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
-) -> Result<T, ApiError> {
-    let store = state.store.clone();
-    tokio::task::spawn_blocking(move || f(store.as_ref()))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-        .map_err(ApiError::from)
 }
 
 /// One line per request. The path only: queries and headers may carry what must not be logged.

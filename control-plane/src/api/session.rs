@@ -5,6 +5,7 @@
 use super::auth::{admin_named_by, session_cookie, Actor, COOKIE};
 use super::body::{parse_json, JsonBody};
 use super::{ApiError, AppState};
+use crate::domain::sessions::now_ms;
 use crate::policy::KindPolicy;
 use axum::extract::{Request, State};
 use axum::http::header::SET_COOKIE;
@@ -12,7 +13,6 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
-use std::time::Instant;
 use utoipa::ToSchema;
 
 #[derive(Deserialize, ToSchema)]
@@ -59,8 +59,8 @@ fn view(state: &AppState, actor: &str, csrf: String) -> SessionView {
         actor: actor.to_string(),
         csrf_token: csrf,
         idle_timeout_seconds: state.sessions.limits().idle.as_secs(),
-        user: state.policy.user.into(),
-        service: state.policy.service.into(),
+        user: state.tokens.policy().user.into(),
+        service: state.tokens.policy().service.into(),
         expiry_warning_seconds: state.console.expiry_warning_seconds,
     }
 }
@@ -97,7 +97,7 @@ pub async fn sign_in(
         tracing::info!("console sign-in refused");
         ApiError::Unauthorized
     })?;
-    let issued = state.sessions.start(actor.clone(), Instant::now());
+    let issued = state.sessions.start(&actor, now_ms()).await?;
     tracing::info!(actor = %actor, "console sign-in");
     let max_age = state.sessions.limits().absolute.as_secs();
     let set = cookie(&state, &issued.id, max_age)?;
@@ -115,7 +115,8 @@ pub async fn current(
     let id = session_cookie(req.headers()).ok_or(ApiError::Unauthorized)?;
     let s = state
         .sessions
-        .touch(id, Instant::now())
+        .touch(id, now_ms())
+        .await?
         .ok_or(ApiError::Unauthorized)?;
     Ok(Json(view(&state, &s.actor, s.csrf)))
 }
@@ -131,7 +132,7 @@ pub async fn sign_out(
     req: Request,
 ) -> Result<Response, ApiError> {
     if let Some(id) = session_cookie(req.headers()) {
-        state.sessions.end(id);
+        state.sessions.end(id).await?;
     }
     if let Some(axum::Extension(a)) = actor {
         tracing::info!(actor = %a.0, "console sign-out");

@@ -1,7 +1,7 @@
 //! `GET /v1/sync`: the filters' long-poll. Semantics are documented in `tokengate_wire::sync`.
 
 use super::body::Params;
-use super::{blocking, ApiError, AppState};
+use super::{ApiError, AppState};
 use crate::store::{Status, TokenRow};
 use axum::extract::State;
 use axum::Json;
@@ -101,16 +101,14 @@ async fn snapshot(
     version: u64,
     after: Option<String>,
 ) -> Result<SyncResponse, ApiError> {
-    let page = state.sync_page_size;
-    let (rows, count) = blocking(state, move |s| {
-        let rows = s.snapshot_page(after.as_deref(), page + 1)?;
-        Ok((rows, s.live_count()?))
-    })
-    .await?;
-    let mut rows = rows;
-    let next_cursor = if rows.len() > page as usize {
-        rows.truncate(page as usize);
-        rows.last().map(|r| format!("{version}:{}", r.id))
+    let size = state.sync_page_size;
+    let mut page = state
+        .store
+        .snapshot_page(after.as_deref(), size + 1)
+        .await?;
+    let next_cursor = if page.rows.len() > size as usize {
+        page.rows.truncate(size as usize);
+        page.rows.last().map(|r| format!("{version}:{}", r.id))
     } else {
         None
     };
@@ -118,26 +116,31 @@ async fn snapshot(
         store_id: state.store.store_id().to_string(),
         version,
         snapshot: true,
-        changes: to_wire_all(rows),
+        changes: to_wire_all(page.rows),
         next_cursor,
-        token_count: count,
+        token_count: page.live,
     })
 }
 
-async fn changes(state: &AppState, since: u64) -> Result<SyncResponse, ApiError> {
-    let page = state.sync_page_size;
-    let (rows, count) = blocking(state, move |s| {
-        Ok((s.changes_since(since, page)?, s.live_count()?))
-    })
-    .await?;
-    Ok(SyncResponse {
+/// The changes after `since`, or `None` when the client is older than a purge and must
+/// start over from a snapshot.
+async fn changes(state: &AppState, since: u64) -> Result<Option<SyncResponse>, ApiError> {
+    let changes = state
+        .store
+        .changes_since(since, state.sync_page_size)
+        .await?;
+    // Purged rows never reach a client that is older than them: it starts over.
+    if since < changes.horizon {
+        return Ok(None);
+    }
+    Ok(Some(SyncResponse {
         store_id: state.store.store_id().to_string(),
-        version: rows.last().map_or(since, |r| r.version),
+        version: changes.rows.last().map_or(since, |r| r.version),
         snapshot: false,
-        changes: to_wire_all(rows),
+        changes: to_wire_all(changes.rows),
         next_cursor: None,
-        token_count: count,
-    })
+        token_count: changes.live,
+    }))
 }
 
 #[utoipa::path(get, path = "/v1/sync", tag = "filters", security(("sync" = [])),
@@ -166,16 +169,19 @@ pub async fn sync(
     }
     // Subscribe before reading the version so that no change can slip between the two.
     let mut changed = state.store.subscribe();
-    let current = *changed.borrow_and_update();
-    // Purged rows never reach a client that is older than them: it starts over.
-    let horizon = blocking(&state, |s| s.horizon()).await?;
+    let mut current = *changed.borrow_and_update();
+    if since > current {
+        // This replica may not have heard of a change that another one handed out yet: ask
+        // the database before taking the client for one from another store.
+        current = state.store.version().await?;
+    }
     let foreign = q
         .store_id
         .as_deref()
         .is_some_and(|id| id != state.store.store_id());
     // A client that names this store holds its state, even an empty one at version 0.
     let fresh = since == 0 && q.store_id.is_none();
-    if fresh || since > current || foreign || since < horizon {
+    if fresh || since > current || foreign {
         return Ok(Json(snapshot(&state, current, None).await?));
     }
     if since == current {
@@ -201,5 +207,8 @@ pub async fn sync(
             }
         }
     }
-    Ok(Json(changes(&state, since).await?))
+    match changes(&state, since).await? {
+        Some(answer) => Ok(Json(answer)),
+        None => Ok(Json(snapshot(&state, current, None).await?)),
+    }
 }

@@ -22,21 +22,22 @@
 //! migrate one after the other; a database whose schema is newer than this binary knows is
 //! refused, naming both versions.
 
-use super::audit::{self, AuditEntry, AuditQuery};
 use super::{
-    Change, Delivery, DeliveryOutcome, Edit, ListQuery, Status, Store, StoreError, TokenRow,
-    Warning, WebhookEvent, SYSTEM,
+    AuditEntry, AuditQuery, AuditRecord, Changes, Delivery, DeliveryOutcome, Event, Expiring,
+    ListQuery, Page, Published, SessionRow, Status, Store, StoreError, TokenRow, WarningRecord,
 };
+use async_trait::async_trait;
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod};
 use rand::distributions::{Alphanumeric, DistString};
 use serde_json::Value;
-use std::future::Future;
 use std::str::FromStr;
+use std::sync::Mutex;
 use std::time::Duration;
 use tokengate_wire::UsageEntry;
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{AsyncMessage, NoTls, Row};
+use tokio_postgres::{AsyncMessage, IsolationLevel, NoTls, Row};
 
 /// Each entry upgrades the schema by one version (`tokengate_schema.version`); never edit a
 /// shipped one. A newer release's migrations must keep the previous release working, since
@@ -110,6 +111,18 @@ const MIGRATIONS: &[&str] = &[r#"
     );
     CREATE INDEX outbox_due ON outbox (next_attempt_at)
         WHERE delivered_at IS NULL AND failed_at IS NULL;
+    CREATE TABLE sessions (
+        key text PRIMARY KEY,
+        actor text NOT NULL,
+        started_at bigint NOT NULL,
+        last_used_at bigint NOT NULL
+    );
+    CREATE INDEX sessions_by_use ON sessions (last_used_at);
+    CREATE TABLE job_runs (
+        name text PRIMARY KEY,
+        last_run bigint NOT NULL,
+        runs bigint NOT NULL
+    );
 "#];
 
 /// The schema version this binary migrates to.
@@ -250,32 +263,6 @@ fn clamp(n: u64) -> i64 {
     n.min(i64::MAX as u64) as i64
 }
 
-/// The committed version, as seen by this replica; only ever moves forward.
-#[derive(Clone)]
-struct Published(watch::Sender<u64>);
-
-impl Published {
-    fn publish(&self, version: u64) {
-        self.0.send_if_modified(|current| {
-            let newer = version > *current;
-            if newer {
-                *current = version;
-            }
-            newer
-        });
-    }
-}
-
-pub struct PostgresStore {
-    /// Drives the connections until the store goes async end to end.
-    rt: Option<tokio::runtime::Runtime>,
-    pool: Pool,
-    store_id: String,
-    published: Published,
-    timeout: Duration,
-    stop: watch::Sender<bool>,
-}
-
 /// `postgres://user:secret@host/db?password=...` as `postgres://user@host/db`: fit for a
 /// log line or an error message.
 pub fn redacted(url: &str) -> String {
@@ -339,7 +326,7 @@ async fn migrate_locked(client: &mut tokio_postgres::Client) -> Result<String, P
     let known = SCHEMA_VERSION;
     let current = usize::try_from(current).unwrap_or(0);
     if current > known {
-        return Err(StoreError::Backend(newer_schema(current, known)).into());
+        return Err(StoreError::Backend(super::newer_schema(current, known)).into());
     }
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
         let tx = client.transaction().await?;
@@ -372,15 +359,6 @@ async fn migrate_locked(client: &mut tokio_postgres::Client) -> Result<String, P
         )
         .await?;
     Ok(row.get(0))
-}
-
-/// The refusal to run against a database that a newer tokengate has upgraded.
-pub fn newer_schema(database: usize, known: usize) -> String {
-    format!(
-        "the database schema is version {database}, newer than this tokengate ({}) knows \
-         (up to version {known}); run a tokengate at least as new as the one that upgraded it",
-        env!("CARGO_PKG_VERSION")
-    )
 }
 
 async fn read_version(pool: &Pool) -> Result<u64, StoreError> {
@@ -473,49 +451,77 @@ async fn listen(
     }
 }
 
+/// Runs `$body` (an async block's contents yielding `Result<T, PgError>`, with `$c` the
+/// connection) on a pooled connection within the store's timeout, as many times as
+/// `PostgresStore::settle` says. A macro rather than a function taking an async closure, so
+/// that the futures stay `Send` for `async_trait`.
+macro_rules! pg {
+    ($store:expr, |$c:ident| $body:block) => {{
+        let store: &PostgresStore = $store;
+        let mut attempts = 0u32;
+        loop {
+            attempts += 1;
+            let mut client = match store.pool.get().await {
+                Ok(c) => c,
+                Err(e) => break Err(StoreError::Unavailable(e.to_string())),
+            };
+            let outcome = {
+                let $c = &mut client;
+                tokio::time::timeout(store.timeout, async {
+                    let r: Result<_, PgError> = async { $body }.await;
+                    r
+                })
+                .await
+            };
+            if let Some(done) = store.settle(outcome, client, attempts) {
+                break done;
+            }
+        }
+    }};
+}
+
+pub struct PostgresStore {
+    pool: Pool,
+    store_id: String,
+    published: Published,
+    timeout: Duration,
+    stop: watch::Sender<bool>,
+    listener: Mutex<Option<JoinHandle<()>>>,
+}
+
 impl PostgresStore {
-    pub fn open(url: &str, settings: PgSettings) -> Result<PostgresStore, StoreError> {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("tokengate-pg")
-            .enable_all()
+    /// Connects, migrates (under the migration lock) and starts listening for changes.
+    pub async fn open(url: &str, settings: PgSettings) -> Result<PostgresStore, StoreError> {
+        let cfg = config(url, &settings)?;
+        let (mut client, connection) = cfg
+            .connect(NoTls)
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let driver = tokio::spawn(connection);
+        let store_id = migrate(&mut client).await.map_err(|e| match e {
+            PgError::Db(e) => classify(e),
+            PgError::Store(e) => e,
+        })?;
+        drop(client);
+        let _ = driver.await;
+        let manager = Manager::from_config(
+            cfg.clone(),
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(settings.pool_size)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(settings.timeout))
+            .create_timeout(Some(settings.timeout))
+            .recycle_timeout(Some(settings.timeout))
             .build()
             .map_err(|e| StoreError::Backend(e.to_string()))?;
-        let cfg = config(url, &settings)?;
-        let (pool, store_id, version) = rt.block_on(async {
-            let (mut client, connection) = cfg
-                .connect(NoTls)
-                .await
-                .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-            let driver = tokio::spawn(connection);
-            let store_id = migrate(&mut client).await.map_err(|e| match e {
-                PgError::Db(e) => classify(e),
-                PgError::Store(e) => e,
-            })?;
-            drop(client);
-            let _ = driver.await;
-            let manager = Manager::from_config(
-                cfg.clone(),
-                NoTls,
-                ManagerConfig {
-                    recycling_method: RecyclingMethod::Fast,
-                },
-            );
-            let pool = Pool::builder(manager)
-                .max_size(settings.pool_size)
-                .runtime(deadpool_postgres::Runtime::Tokio1)
-                .wait_timeout(Some(settings.timeout))
-                .create_timeout(Some(settings.timeout))
-                .recycle_timeout(Some(settings.timeout))
-                .build()
-                .map_err(|e| StoreError::Backend(e.to_string()))?;
-            let version = read_version(&pool).await?;
-            Ok::<_, StoreError>((pool, store_id, version))
-        })?;
-        let (tx, _) = watch::channel(version);
-        let published = Published(tx);
+        let published = Published::new(read_version(&pool).await?);
         let (stop, stop_rx) = watch::channel(false);
-        rt.spawn(listen(
+        let listener = tokio::spawn(listen(
             cfg,
             pool.clone(),
             published.clone(),
@@ -523,56 +529,40 @@ impl PostgresStore {
             stop_rx,
         ));
         Ok(PostgresStore {
-            rt: Some(rt),
             pool,
             store_id,
             published,
             timeout: settings.timeout,
             stop,
+            listener: Mutex::new(Some(listener)),
         })
     }
 
-    /// Runs a store call to completion from a blocking thread.
-    fn block<T>(&self, f: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
-        match &self.rt {
-            Some(rt) => rt.block_on(f),
-            None => Err(StoreError::Unavailable("the store is closed".into())),
-        }
-    }
-
-    /// Runs `f` on a pooled connection within the store's timeout, retrying a deadlock or a
-    /// serialisation failure. A connection that failed or timed out is not returned to the
-    /// pool.
-    async fn run<T>(
+    /// After an attempt at a store call: its result, or a retry (a deadlock or a
+    /// serialisation failure). A connection that failed or timed out goes, rather than back
+    /// to the pool.
+    fn settle<T>(
         &self,
-        mut f: impl AsyncFnMut(&mut deadpool_postgres::Client) -> Result<T, PgError>,
-    ) -> Result<T, StoreError> {
-        let mut attempts = 0;
-        loop {
-            attempts += 1;
-            let mut client = self
-                .pool
-                .get()
-                .await
-                .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-            let outcome = tokio::time::timeout(self.timeout, f(&mut client)).await;
-            match outcome {
-                Ok(Ok(v)) => return Ok(v),
-                Ok(Err(PgError::Store(e))) => return Err(e),
-                Ok(Err(PgError::Db(e))) if retryable(&e) && attempts < 8 => continue,
-                Ok(Err(PgError::Db(e))) => {
-                    if connection_lost(&e) {
-                        drop(deadpool_postgres::Object::take(client));
-                    }
-                    return Err(classify(e));
-                }
-                Err(_) => {
+        outcome: Result<Result<T, PgError>, tokio::time::error::Elapsed>,
+        client: deadpool_postgres::Client,
+        attempts: u32,
+    ) -> Option<Result<T, StoreError>> {
+        match outcome {
+            Ok(Ok(v)) => Some(Ok(v)),
+            Ok(Err(PgError::Store(e))) => Some(Err(e)),
+            Ok(Err(PgError::Db(e))) if retryable(&e) && attempts < 8 => None,
+            Ok(Err(PgError::Db(e))) => {
+                if connection_lost(&e) {
                     drop(deadpool_postgres::Object::take(client));
-                    return Err(StoreError::Unavailable(format!(
-                        "no answer from PostgreSQL within {:?}",
-                        self.timeout
-                    )));
                 }
+                Some(Err(classify(e)))
+            }
+            Err(_) => {
+                drop(deadpool_postgres::Object::take(client));
+                Some(Err(StoreError::Unavailable(format!(
+                    "no answer from PostgreSQL within {:?}",
+                    self.timeout
+                ))))
             }
         }
     }
@@ -582,20 +572,16 @@ impl PostgresStore {
         sql: &str,
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<Vec<TokenRow>, StoreError> {
-        self.run(async |c| {
+        pg!(self, |c| {
             let stmt = c.prepare_cached(sql).await?;
             rows(&c.query(&stmt, params).await?)
         })
-        .await
     }
 }
 
 impl Drop for PostgresStore {
     fn drop(&mut self) {
         let _ = self.stop.send(true);
-        if let Some(rt) = self.rt.take() {
-            rt.shutdown_background();
-        }
     }
 }
 
@@ -616,23 +602,19 @@ async fn next_version(tx: &deadpool_postgres::Transaction<'_>) -> Result<u64, Pg
 
 async fn append_audit(
     tx: &deadpool_postgres::Transaction<'_>,
-    at: i64,
-    change: Change<'_>,
-    row: &TokenRow,
-    before: Option<Value>,
-    after: Option<Value>,
+    a: &AuditRecord,
 ) -> Result<(), PgError> {
     tx.execute(
         "INSERT INTO audit (at, actor, action, token_id, token_name, before, after)
          VALUES ($1, $2, $3, $4, $5, $6, $7)",
         &[
-            &at,
-            &change.actor,
-            &change.action,
-            &row.id,
-            &row.name,
-            &before,
-            &after,
+            &a.at,
+            &a.actor,
+            &a.action,
+            &a.token_id,
+            &a.token_name,
+            &a.before,
+            &a.after,
         ],
     )
     .await?;
@@ -643,21 +625,74 @@ fn retired_json(r: &TokenRow) -> Result<Value, PgError> {
     serde_json::to_value(&r.retired).map_err(|e| PgError::Store(StoreError::Backend(e.to_string())))
 }
 
+async fn live_count(c: &impl GenericClient) -> Result<u64, PgError> {
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM tokens WHERE status <> 'revoked'", &[])
+        .await?
+        .get(0);
+    Ok(n.max(0) as u64)
+}
+
+fn deliveries(found: &[Row]) -> Vec<Delivery> {
+    found
+        .iter()
+        .map(|r| Delivery {
+            id: r.get(0),
+            event_id: r.get(1),
+            event_type: r.get(2),
+            payload: r.get(3),
+            attempts: r.get::<_, i32>(4).max(0) as u32,
+        })
+        .collect()
+}
+
+#[async_trait]
 impl Store for PostgresStore {
     fn store_id(&self) -> &str {
         &self.store_id
     }
 
-    fn create(&self, row: TokenRow, change: Change<'_>) -> Result<TokenRow, StoreError> {
-        let created = self.block(self.run(async |c| {
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+
+    fn subscribe(&self) -> watch::Receiver<u64> {
+        self.published.subscribe()
+    }
+
+    fn pool(&self) -> Option<(usize, usize, usize, usize)> {
+        let s = self.pool.status();
+        Some((s.size, s.available, s.waiting, s.max_size))
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        pg!(self, |c| {
+            c.simple_query("SELECT 1").await?;
+            Ok(())
+        })
+    }
+
+    async fn close(&self) {
+        let _ = self.stop.send(true);
+        let listener = self.listener.lock().ok().and_then(|mut l| l.take());
+        if let Some(l) = listener {
+            let _ = l.await;
+        }
+        self.pool.close();
+    }
+
+    async fn insert(&self, row: TokenRow, audit: &AuditRecord) -> Result<TokenRow, StoreError> {
+        let created = pg!(self, |c| {
             let mut row = row.clone();
             let tx = c.transaction().await?;
             row.version = next_version(&tx).await?;
             let retired = retired_json(&row)?;
+            // The version doubles as the creation order: it is taken in commit order.
             tx.execute(
                 &format!(
                     "INSERT INTO tokens ({COLUMNS}, created_seq)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, 0, 0, $14, $15, $13)"
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, 0, 0,
+                                 $14, $15, $13)"
                 ),
                 &[
                     &row.id,
@@ -678,23 +713,20 @@ impl Store for PostgresStore {
                 ],
             )
             .await?;
-            let after = Value::Object(audit::fields(&row));
-            append_audit(&tx, row.created_at, change, &row, None, Some(after)).await?;
+            append_audit(&tx, audit).await?;
             tx.commit().await?;
             Ok(row)
-        }))?;
+        })?;
         self.published.publish(created.version);
         Ok(created)
     }
 
-    fn get(&self, id: &str) -> Result<TokenRow, StoreError> {
-        let sql = format!("SELECT {COLUMNS} FROM tokens WHERE id = $1 AND status <> 'revoked'");
-        self.block(self.token_rows(&sql, &[&id]))?
-            .pop()
-            .ok_or(StoreError::NotFound)
+    async fn token(&self, id: &str) -> Result<Option<TokenRow>, StoreError> {
+        let sql = format!("SELECT {COLUMNS} FROM tokens WHERE id = $1");
+        Ok(self.token_rows(&sql, &[&id]).await?.pop())
     }
 
-    fn list(&self, q: &ListQuery) -> Result<Vec<TokenRow>, StoreError> {
+    async fn list(&self, q: &ListQuery) -> Result<Vec<TokenRow>, StoreError> {
         let order = if q.newest_first {
             "created_seq DESC"
         } else {
@@ -714,7 +746,7 @@ impl Store for PostgresStore {
         let kind = q.kind.map(|k| k.as_str());
         let (from, to) = (q.expiring.map(|e| e.0), q.expiring.map(|e| e.1));
         let limit = i64::from(q.limit);
-        self.block(self.token_rows(
+        self.token_rows(
             &sql,
             &[
                 &status,
@@ -727,37 +759,42 @@ impl Store for PostgresStore {
                 &q.name_contains,
                 &q.before,
             ],
-        ))
+        )
+        .await
     }
 
-    fn update(
+    async fn replace(
         &self,
-        id: &str,
-        now: i64,
-        change: Change<'_>,
-        edit: Edit<'_>,
+        row: TokenRow,
+        expected_version: u64,
+        audit: &AuditRecord,
     ) -> Result<TokenRow, StoreError> {
-        let select = format!(
-            "SELECT {COLUMNS} FROM tokens WHERE id = $1 AND status <> 'revoked' FOR UPDATE"
-        );
-        let (row, changed) = self.block(self.run(async |c| {
+        let written = pg!(self, |c| {
+            let mut row = row.clone();
             let tx = c.transaction().await?;
-            let Some(found) = tx.query_opt(&select, &[&id]).await? else {
+            let current = tx
+                .query_opt(
+                    "SELECT version, requests_allowed, requests_denied, last_used_at
+                         FROM tokens WHERE id = $1 FOR UPDATE",
+                    &[&row.id],
+                )
+                .await?;
+            let Some(current) = current else {
                 return Err(StoreError::NotFound.into());
             };
-            let mut row = from_row(&found)?;
-            let before = row.clone();
-            if !edit(&mut row)? {
-                return Ok((row, false));
+            if current.get::<_, i64>(0) as u64 != expected_version {
+                return Err(StoreError::Stale.into());
             }
-            row.updated_at = now;
+            row.requests_allowed = current.get::<_, i64>(1).max(0) as u64;
+            row.requests_denied = current.get::<_, i64>(2).max(0) as u64;
+            row.last_used_at = current.get(3);
             row.version = next_version(&tx).await?;
             let retired = retired_json(&row)?;
             tx.execute(
-                "UPDATE tokens SET hash = $2, name = $3, status = $4, max_rps = $5, burst = $6,
-                     updated_at = $7, expires_at = $8, version = $9, rotated_at = $10,
-                     retired = $11
-                 WHERE id = $1",
+                "UPDATE tokens SET hash = $2, name = $3, status = $4, max_rps = $5,
+                         burst = $6, updated_at = $7, expires_at = $8, version = $9,
+                         rotated_at = $10, retired = $11
+                     WHERE id = $1",
                 &[
                     &row.id,
                     &row.hash,
@@ -773,98 +810,49 @@ impl Store for PostgresStore {
                 ],
             )
             .await?;
-            let (old, new) = audit::diff(&before, &row);
-            append_audit(&tx, now, change, &row, Some(old), Some(new)).await?;
+            append_audit(&tx, audit).await?;
             tx.commit().await?;
-            Ok((row, true))
-        }))?;
-        if changed {
-            self.published.publish(row.version);
-        }
-        Ok(row)
-    }
-
-    fn version(&self) -> Result<u64, StoreError> {
-        let v = self.block(async {
-            tokio::time::timeout(self.timeout, read_version(&self.pool))
-                .await
-                .map_err(|_| StoreError::Unavailable("no answer from PostgreSQL".into()))?
+            Ok(row)
         })?;
-        self.published.publish(v);
-        Ok(v)
+        self.published.publish(written.version);
+        Ok(written)
     }
 
-    fn changes_since(&self, since: u64, limit: u32) -> Result<Vec<TokenRow>, StoreError> {
-        let sql =
-            format!("SELECT {COLUMNS} FROM tokens WHERE version > $1 ORDER BY version LIMIT $2");
-        self.block(self.token_rows(&sql, &[&clamp(since), &i64::from(limit)]))
-    }
-
-    fn snapshot_page(
-        &self,
-        after_id: Option<&str>,
-        limit: u32,
-    ) -> Result<Vec<TokenRow>, StoreError> {
-        let sql = format!(
-            "SELECT {COLUMNS} FROM tokens WHERE ($1::text IS NULL OR id > $1) ORDER BY id LIMIT $2"
-        );
-        self.block(self.token_rows(&sql, &[&after_id, &i64::from(limit)]))
-    }
-
-    fn live_count(&self) -> Result<u64, StoreError> {
-        self.block(self.run(async |c| {
-            let stmt = c
-                .prepare_cached("SELECT count(*) FROM tokens WHERE status <> 'revoked'")
-                .await?;
-            let n: i64 = c.query_one(&stmt, &[]).await?.get(0);
-            Ok(n.max(0) as u64)
-        }))
-    }
-
-    fn subscribe(&self) -> watch::Receiver<u64> {
-        self.published.0.subscribe()
-    }
-
-    fn horizon(&self) -> Result<u64, StoreError> {
-        self.block(self.run(async |c| {
-            let n: i64 = c
-                .query_one("SELECT horizon FROM tokengate_sync", &[])
-                .await?
-                .get(0);
-            Ok(n.max(0) as u64)
-        }))
-    }
-
-    fn record_usage(&self, now: i64, entries: &[UsageEntry]) -> Result<usize, StoreError> {
+    async fn record_usage(&self, now: i64, entries: &[UsageEntry]) -> Result<usize, StoreError> {
         let ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
         let allowed: Vec<i64> = entries.iter().map(|e| clamp(e.allowed)).collect();
         let denied: Vec<i64> = entries.iter().map(|e| clamp(e.denied)).collect();
         let seen: Vec<i64> = entries.iter().map(|e| e.last_used_at.min(now)).collect();
-        self.block(self.run(async |c| {
-            // One statement; a report naming an id twice adds both. Sums are taken as
-            // numeric and capped, so that no counter overflows.
-            let n = c
-                .execute(
+        pg!(self, |c| {
+            // One statement (a deadlock with another report is retried by `run`: the
+            // statement rolled back whole). Sums are numeric and capped: no overflow.
+            let stmt = c
+                .prepare_cached(
                     "UPDATE tokens t SET
                          requests_allowed = LEAST(t.requests_allowed + u.allowed, 9223372036854775807)::bigint,
                          requests_denied = LEAST(t.requests_denied + u.denied, 9223372036854775807)::bigint,
                          last_used_at = GREATEST(COALESCE(t.last_used_at, 0), u.seen)
-                     FROM (SELECT id, sum(allowed) AS allowed, sum(denied) AS denied, max(seen) AS seen
+                     FROM (SELECT id, sum(allowed) AS allowed, sum(denied) AS denied,
+                                  max(seen) AS seen, count(*) AS n
                            FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[])
                                 AS e(id, allowed, denied, seen)
-                           GROUP BY id ORDER BY id) u
-                     WHERE t.id = u.id",
-                    &[&ids, &allowed, &denied, &seen],
+                           GROUP BY id) u
+                     WHERE t.id = u.id
+                     RETURNING u.n",
                 )
                 .await?;
-            Ok(n as usize)
-        }))
+            let matched = c.query(&stmt, &[&ids, &allowed, &denied, &seen]).await?;
+            Ok(matched
+                .iter()
+                .map(|r| r.get::<_, i64>(0).max(0) as usize)
+                .sum())
+        })
     }
 
-    fn audit(&self, q: &AuditQuery) -> Result<Vec<AuditEntry>, StoreError> {
+    async fn audit(&self, q: &AuditQuery) -> Result<Vec<AuditEntry>, StoreError> {
         let before_seq = q.before_seq.map(clamp);
         let limit = i64::from(q.limit);
-        self.block(self.run(async |c| {
+        pg!(self, |c| {
             let stmt = c
                 .prepare_cached(
                     "SELECT seq, at, actor, action, token_id, token_name, before, after FROM audit
@@ -901,153 +889,230 @@ impl Store for PostgresStore {
                     after: r.get(7),
                 })
                 .collect())
-        }))
+        })
     }
 
-    fn purge(&self, now: i64, cutoff: i64) -> Result<Vec<TokenRow>, StoreError> {
-        let select = format!(
-            "SELECT {COLUMNS} FROM tokens
-             WHERE (status = 'revoked' AND updated_at <= $1) OR expires_at <= $1
-             ORDER BY id FOR UPDATE"
+    async fn version(&self) -> Result<u64, StoreError> {
+        let v = pg!(self, |c| {
+            let stmt = c
+                .prepare_cached("SELECT version FROM tokengate_sync")
+                .await?;
+            let v: i64 = c.query_one(&stmt, &[]).await?.get(0);
+            Ok(v.max(0) as u64)
+        })?;
+        self.published.publish(v);
+        Ok(v)
+    }
+
+    async fn changes_since(&self, since: u64, limit: u32) -> Result<Changes, StoreError> {
+        let sql =
+            format!("SELECT {COLUMNS} FROM tokens WHERE version > $1 ORDER BY version LIMIT $2");
+        pg!(self, |c| {
+            // One snapshot for the rows, the horizon and the count.
+            let tx = c
+                .build_transaction()
+                .isolation_level(IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
+                .await?;
+            let stmt = tx.prepare_cached(&sql).await?;
+            let found = rows(&tx.query(&stmt, &[&clamp(since), &i64::from(limit)]).await?)?;
+            let horizon: i64 = tx
+                .query_one("SELECT horizon FROM tokengate_sync", &[])
+                .await?
+                .get(0);
+            let live = live_count(&tx).await?;
+            tx.commit().await?;
+            Ok(Changes {
+                rows: found,
+                horizon: horizon.max(0) as u64,
+                live,
+            })
+        })
+    }
+
+    async fn snapshot_page(&self, after_id: Option<&str>, limit: u32) -> Result<Page, StoreError> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM tokens WHERE ($1::text IS NULL OR id > $1) ORDER BY id LIMIT $2"
         );
-        self.block(self.run(async |c| {
+        pg!(self, |c| {
+            let tx = c
+                .build_transaction()
+                .isolation_level(IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
+                .await?;
+            let stmt = tx.prepare_cached(&sql).await?;
+            let found = rows(&tx.query(&stmt, &[&after_id, &i64::from(limit)]).await?)?;
+            let live = live_count(&tx).await?;
+            tx.commit().await?;
+            Ok(Page { rows: found, live })
+        })
+    }
+
+    async fn claim_period(&self, job: &str, now: i64, period: i64) -> Result<bool, StoreError> {
+        pg!(self, |c| {
+            // A concurrent claimant waits for the row and re-checks the condition against
+            // the committed claim, so one wins.
+            let n = c
+                .execute(
+                    "INSERT INTO job_runs (name, last_run, runs) VALUES ($1, $2, 1)
+                     ON CONFLICT (name) DO UPDATE
+                         SET last_run = excluded.last_run, runs = job_runs.runs + 1
+                     WHERE job_runs.last_run <= excluded.last_run - $3",
+                    &[&job, &now, &period],
+                )
+                .await?;
+            Ok(n == 1)
+        })
+    }
+
+    async fn period_runs(&self, job: &str) -> Result<u64, StoreError> {
+        pg!(self, |c| {
+            let n = c
+                .query_opt("SELECT runs FROM job_runs WHERE name = $1", &[&job])
+                .await?
+                .map_or(0, |r| r.get::<_, i64>(0));
+            Ok(n.max(0) as u64)
+        })
+    }
+
+    async fn expiring(&self, now: i64, until: i64) -> Result<Vec<Expiring>, StoreError> {
+        let sql = format!(
+            "SELECT {COLUMNS},
+                    (SELECT min(lead) FROM expiry_warnings w
+                     WHERE w.token_id = t.id AND w.expires_at = t.expires_at)
+             FROM tokens t WHERE status <> 'revoked' AND expires_at > $1 AND expires_at <= $2
+             ORDER BY id"
+        );
+        pg!(self, |c| {
+            let found = c.query(&sql, &[&now, &until]).await?;
+            found
+                .iter()
+                .map(|r| {
+                    Ok(Expiring {
+                        token: from_row(r)?,
+                        warned_lead: r.try_get(17).map_err(decode)?,
+                    })
+                })
+                .collect()
+        })
+    }
+
+    async fn record_warning(
+        &self,
+        warning: &WarningRecord,
+        audit: &AuditRecord,
+        event: Option<&Event>,
+    ) -> Result<bool, StoreError> {
+        pg!(self, |c| {
             let tx = c.transaction().await?;
-            let purged = rows(&tx.query(&select, &[&cutoff]).await?)?;
-            let change = Change {
-                actor: SYSTEM,
-                action: "token.purged",
-            };
-            let mut horizon = 0u64;
-            for r in &purged {
-                let before = Value::Object(audit::fields(r));
-                append_audit(&tx, now, change, r, Some(before), None).await?;
-                tx.execute("DELETE FROM tokens WHERE id = $1", &[&r.id])
-                    .await?;
-                tx.execute("DELETE FROM expiry_warnings WHERE token_id = $1", &[&r.id])
-                    .await?;
-                horizon = horizon.max(r.version);
+            let inserted = tx
+                .execute(
+                    "INSERT INTO expiry_warnings (token_id, expires_at, lead, issued_at)
+                     VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                    &[
+                        &warning.token_id,
+                        &warning.expires_at,
+                        &warning.lead,
+                        &warning.at,
+                    ],
+                )
+                .await?;
+            if inserted == 0 {
+                return Ok(false);
             }
-            if horizon > 0 {
+            append_audit(&tx, audit).await?;
+            if let Some(e) = event {
                 tx.execute(
-                    "UPDATE tokengate_sync SET horizon = GREATEST(horizon, $1)",
-                    &[&clamp(horizon)],
+                    "INSERT INTO outbox (event_id, event_type, payload, created_at, next_attempt_at)
+                     VALUES ($1, $2, $3, $4, $4)",
+                    &[&e.id, &e.kind, &e.payload, &e.at],
                 )
                 .await?;
             }
+            tx.commit().await?;
+            Ok(true)
+        })
+    }
+
+    async fn purgeable(&self, cutoff: i64, limit: u32) -> Result<Vec<TokenRow>, StoreError> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM tokens
+             WHERE (status = 'revoked' AND updated_at <= $1) OR expires_at <= $1
+             ORDER BY id LIMIT $2"
+        );
+        self.token_rows(&sql, &[&cutoff, &i64::from(limit)]).await
+    }
+
+    async fn purge(&self, row: &TokenRow, audit: &AuditRecord) -> Result<bool, StoreError> {
+        let version = clamp(row.version);
+        pg!(self, |c| {
+            let tx = c.transaction().await?;
+            let deleted = tx
+                .execute(
+                    "DELETE FROM tokens WHERE id = $1 AND version = $2",
+                    &[&row.id, &version],
+                )
+                .await?;
+            if deleted == 0 {
+                return Ok(false);
+            }
             tx.execute(
-                "DELETE FROM outbox WHERE COALESCE(delivered_at, failed_at) <= $1",
-                &[&cutoff],
+                "DELETE FROM expiry_warnings WHERE token_id = $1",
+                &[&row.id],
+            )
+            .await?;
+            append_audit(&tx, audit).await?;
+            tx.execute(
+                "UPDATE tokengate_sync SET horizon = GREATEST(horizon, $1)",
+                &[&version],
             )
             .await?;
             tx.commit().await?;
-            Ok(purged)
-        }))
+            Ok(true)
+        })
     }
 
-    fn warn_expiring(
+    async fn prune_outbox(&self, cutoff: i64) -> Result<u64, StoreError> {
+        pg!(self, |c| {
+            Ok(c.execute(
+                "DELETE FROM outbox WHERE COALESCE(delivered_at, failed_at) <= $1",
+                &[&cutoff],
+            )
+            .await?)
+        })
+    }
+
+    async fn claim_deliveries(
         &self,
         now: i64,
-        leads: &[i64],
-        webhook: WebhookEvent<'_>,
-    ) -> Result<Vec<Warning>, StoreError> {
-        let Some(&widest) = leads.iter().max() else {
-            return Ok(vec![]);
-        };
-        let select = format!(
-            "SELECT {COLUMNS} FROM tokens WHERE status <> 'revoked'
-               AND expires_at > $1 AND expires_at <= $2 ORDER BY id"
-        );
-        self.block(self.run(async |c| {
-            let tx = c.transaction().await?;
-            let candidates = rows(
-                &tx.query(&select, &[&now, &now.saturating_add(widest)])
-                    .await?,
-            )?;
-            let mut issued = vec![];
-            for token in candidates {
-                let Some(expires_at) = token.expires_at else {
-                    continue;
-                };
-                let remaining = expires_at - now;
-                let Some(lead) = leads.iter().copied().filter(|l| *l >= remaining).min() else {
-                    continue;
-                };
-                let done: bool = tx
-                    .query_one(
-                        "SELECT EXISTS (SELECT 1 FROM expiry_warnings
-                             WHERE token_id = $1 AND expires_at = $2 AND lead <= $3)",
-                        &[&token.id, &expires_at, &lead],
-                    )
-                    .await?
-                    .get(0);
-                if done {
-                    continue;
-                }
-                let inserted = tx
-                    .execute(
-                        "INSERT INTO expiry_warnings (token_id, expires_at, lead, issued_at)
-                         VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-                        &[&token.id, &expires_at, &lead, &now],
-                    )
-                    .await?;
-                if inserted == 0 {
-                    continue;
-                }
-                let after = serde_json::json!({
-                    "expires_at": audit::rfc3339(expires_at),
-                    "warning_lead_seconds": lead,
-                });
-                let change = Change {
-                    actor: SYSTEM,
-                    action: "token.expiry_warning",
-                };
-                append_audit(&tx, now, change, &token, None, Some(after)).await?;
-                let warning = Warning {
-                    token,
-                    lead_seconds: lead,
-                };
-                if let Some(make) = webhook {
-                    let (event_id, event_type, payload) = make(&warning);
-                    tx.execute(
-                        "INSERT INTO outbox (event_id, event_type, payload, created_at, next_attempt_at)
-                         VALUES ($1, $2, $3, $4, $4)",
-                        &[&event_id, &event_type, &payload, &now],
-                    )
-                    .await?;
-                }
-                issued.push(warning);
-            }
-            tx.commit().await?;
-            Ok(issued)
-        }))
-    }
-
-    fn due_deliveries(&self, now: i64, limit: u32) -> Result<Vec<Delivery>, StoreError> {
+        lease_until: i64,
+        limit: u32,
+    ) -> Result<Vec<Delivery>, StoreError> {
         let limit = i64::from(limit);
-        self.block(self.run(async |c| {
+        pg!(self, |c| {
+            // SKIP LOCKED: a replica claiming at the same moment takes other events.
             let found = c
                 .query(
-                    "SELECT id, event_id, event_type, payload, attempts FROM outbox
-                     WHERE delivered_at IS NULL AND failed_at IS NULL AND next_attempt_at <= $1
-                     ORDER BY id LIMIT $2",
-                    &[&now, &limit],
+                    "UPDATE outbox SET next_attempt_at = $2
+                     WHERE id IN (
+                         SELECT id FROM outbox
+                         WHERE delivered_at IS NULL AND failed_at IS NULL
+                           AND next_attempt_at <= $1
+                         ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED)
+                     RETURNING id, event_id, event_type, payload, attempts",
+                    &[&now, &lease_until, &limit],
                 )
                 .await?;
-            Ok(found
-                .iter()
-                .map(|r| Delivery {
-                    id: r.get(0),
-                    event_id: r.get(1),
-                    event_type: r.get(2),
-                    payload: r.get(3),
-                    attempts: r.get::<_, i32>(4).max(0) as u32,
-                })
-                .collect())
-        }))
+            let mut due = deliveries(&found);
+            due.sort_by_key(|d| d.id);
+            Ok(due)
+        })
     }
 
-    fn delivery_result(&self, id: i64, outcome: &DeliveryOutcome) -> Result<(), StoreError> {
-        self.block(self.run(async |c| {
+    async fn delivery_result(&self, id: i64, outcome: &DeliveryOutcome) -> Result<(), StoreError> {
+        pg!(self, |c| {
             match outcome {
                 DeliveryOutcome::Delivered { at } => {
                     c.execute(
@@ -1078,6 +1143,86 @@ impl Store for PostgresStore {
                 }
             };
             Ok(())
-        }))
+        })
+    }
+
+    async fn insert_session(&self, s: &SessionRow, max: usize) -> Result<(), StoreError> {
+        let max = i64::try_from(max).unwrap_or(i64::MAX);
+        pg!(self, |c| {
+            let tx = c.transaction().await?;
+            let held: i64 = tx
+                .query_one("SELECT count(*) FROM sessions", &[])
+                .await?
+                .get(0);
+            let over = (held + 1 - max).max(0);
+            if over > 0 {
+                tx.execute(
+                    "DELETE FROM sessions WHERE key IN
+                       (SELECT key FROM sessions ORDER BY last_used_at LIMIT $1)",
+                    &[&over],
+                )
+                .await?;
+            }
+            tx.execute(
+                "INSERT INTO sessions (key, actor, started_at, last_used_at)
+                 VALUES ($1, $2, $3, $4)",
+                &[&s.key, &s.actor, &s.started_at, &s.last_used_at],
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    async fn touch_session(
+        &self,
+        key: &str,
+        now: i64,
+        idle_after: i64,
+        started_after: i64,
+    ) -> Result<Option<SessionRow>, StoreError> {
+        pg!(self, |c| {
+            let stmt = c
+                .prepare_cached(
+                    "UPDATE sessions SET last_used_at = GREATEST(last_used_at, $2)
+                     WHERE key = $1 AND last_used_at > $3 AND started_at > $4
+                     RETURNING actor, started_at, last_used_at",
+                )
+                .await?;
+            let found = c
+                .query_opt(&stmt, &[&key, &now, &idle_after, &started_after])
+                .await?;
+            match found {
+                Some(r) => Ok(Some(SessionRow {
+                    key: key.to_string(),
+                    actor: r.get(0),
+                    started_at: r.get(1),
+                    last_used_at: r.get(2),
+                })),
+                None => {
+                    c.execute("DELETE FROM sessions WHERE key = $1", &[&key])
+                        .await?;
+                    Ok(None)
+                }
+            }
+        })
+    }
+
+    async fn delete_session(&self, key: &str) -> Result<(), StoreError> {
+        pg!(self, |c| {
+            c.execute("DELETE FROM sessions WHERE key = $1", &[&key])
+                .await?;
+            Ok(())
+        })
+    }
+
+    async fn session_count(&self) -> Result<u64, StoreError> {
+        pg!(self, |c| {
+            let n: i64 = c
+                .query_one("SELECT count(*) FROM sessions", &[])
+                .await?
+                .get(0);
+            Ok(n.max(0) as u64)
+        })
     }
 }

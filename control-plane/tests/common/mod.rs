@@ -1,12 +1,15 @@
 //! Shared by the API test files: `spawn_app` serves `app(state)` on a real socket.
 #![allow(dead_code)]
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokengate::api::{app, Admin, AppState, ConsoleSettings};
+use tokengate::api::{Admin, ConsoleSettings};
+use tokengate::app::{Application, Config, Database};
+use tokengate::domain::housekeeping::Jobs;
+use tokengate::domain::sessions::Limits;
 use tokengate::policy::Policy;
-use tokengate::sessions::{Limits, Sessions};
-use tokengate::store::{SqliteStore, Store};
+use tokengate::store::{PgSettings, Store};
 use tokio::sync::watch;
 
 pub const ADMIN: &str = "admin-credential-0123456789";
@@ -42,6 +45,7 @@ pub struct TestApp {
     pub url: String,
     pub shutdown: watch::Sender<bool>,
     pub store: Arc<dyn Store>,
+    rt: tokio::runtime::Runtime,
     _dir: tempfile::TempDir,
 }
 
@@ -58,17 +62,12 @@ pub fn spawn_app_with(page_size: u32, policy: Policy) -> TestApp {
     )
 }
 
-pub fn spawn_app_console(
-    page_size: u32,
-    policy: Policy,
-    console: ConsoleSettings,
-    limits: Limits,
-) -> TestApp {
-    let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("t.db")).unwrap());
-    let (shutdown, rx) = watch::channel(false);
-    let state = AppState {
-        store: store.clone(),
+/// The configuration the API tests run with: SQLite in `dir`, no background jobs to speak
+/// of (they run on the test's own clock, through `run_once`).
+pub fn config(dir: &std::path::Path, page_size: u32, policy: Policy) -> Config {
+    Config {
+        database: Database::Sqlite(dir.join("t.db")),
+        postgres: PgSettings::default(),
         admins: vec![
             Admin {
                 name: "admin".into(),
@@ -78,38 +77,69 @@ pub fn spawn_app_console(
                 name: "ops".into(),
                 secret: OPS.into(),
             },
-        ]
-        .into(),
+        ],
         sync_token: SYNC.into(),
         policy,
         sync_max_wait: Duration::from_secs(5),
         sync_page_size: page_size,
-        shutdown: rx,
-        sessions: Arc::new(Sessions::new(limits)),
-        console,
-    };
-    let (tx, addr) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            tx.send(l.local_addr().unwrap()).unwrap();
-            axum::serve(l, app(state)).await.unwrap();
-        });
+        jobs: Jobs {
+            warning_leads: vec![],
+            retention: None,
+            purge_interval: i64::MAX,
+            webhook: None,
+        },
+        jobs_interval: Duration::from_secs(3600),
+        console: ConsoleSettings::default(),
+        sessions: Limits::default(),
+    }
+}
+
+pub fn spawn_app_console(
+    page_size: u32,
+    policy: Policy,
+    console: ConsoleSettings,
+    limits: Limits,
+) -> TestApp {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path(), page_size, policy);
+    config.console = console;
+    config.sessions = limits;
+    spawn(config, dir)
+}
+
+/// Builds the application exactly as `tokengate serve` does and serves it on a free port.
+pub fn spawn(config: Config, dir: tempfile::TempDir) -> TestApp {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (shutdown, mut rx) = watch::channel(false);
+    let (app, listener) = rt.block_on(async {
+        let app = Application::build(config).await.unwrap();
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        (app, l)
     });
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let store = app.store();
+    rt.spawn(app.serve(listener, async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    }));
     TestApp {
-        url: format!("http://{}", addr.recv().unwrap()),
+        url,
         shutdown,
         store,
+        rt,
         _dir: dir,
     }
 }
 
 impl TestApp {
+    /// Runs a future (a store or domain call) to completion on the app's runtime.
+    pub fn block_on<T>(&self, f: impl Future<Output = T>) -> T {
+        self.rt.block_on(f)
+    }
+
     pub fn call(
         &self,
         method: &str,
