@@ -6,7 +6,8 @@
 use crate::api::{app, Admin, AppState, ConsoleSettings};
 use crate::domain::housekeeping::{self, Jobs};
 use crate::domain::sessions::Limits;
-use crate::domain::{Sessions, Tokens};
+use crate::domain::{Feed, Sessions, Tokens};
+use crate::metrics::{Metered, Metrics};
 use crate::policy::Policy;
 use crate::store::{PgSettings, PostgresStore, SqliteStore, Store};
 use axum::Router;
@@ -100,9 +101,15 @@ pub struct Application {
 
 impl Application {
     pub async fn build(config: Config) -> Result<Application, String> {
-        let store = config.database.open(config.postgres).await?;
+        let metrics = Arc::new(Metrics::default());
+        let store: Arc<dyn Store> = Arc::new(Metered::new(
+            config.database.open(config.postgres).await?,
+            metrics.clone(),
+        ));
         let (shutdown, shutdown_rx) = watch::channel(false);
         let state = AppState {
+            feed: Arc::new(Feed::new(store.clone(), config.sync_page_size)),
+            metrics: metrics.clone(),
             tokens: Arc::new(Tokens::new(store.clone(), config.policy)),
             sessions: Arc::new(Sessions::new(store.clone(), config.sessions)),
             store: store.clone(),
@@ -117,6 +124,7 @@ impl Application {
             store,
             config.jobs,
             config.jobs_interval,
+            metrics,
             shutdown_rx,
         ))];
         Ok(Application {

@@ -6,6 +6,7 @@ pub mod client;
 pub mod console;
 pub mod domain;
 pub mod duration;
+pub mod metrics;
 pub mod policy;
 pub mod secrets;
 pub mod serve;

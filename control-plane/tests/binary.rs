@@ -336,3 +336,86 @@ fn rusqlite_user_version(path: &std::path::Path, v: u32) -> String {
         .unwrap();
     format!("sqlite://{}", path.display())
 }
+
+/// Status, `Retry-After` and the `error` code of an answer, whatever its status.
+fn answer(r: Result<ureq::Response, ureq::Error>) -> (u16, Option<String>, String) {
+    let resp = match r {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("{e}"),
+    };
+    let status = resp.status();
+    let retry = resp.header("retry-after").map(str::to_string);
+    let body: serde_json::Value = resp.into_json().unwrap_or_default();
+    let code = body["error"].as_str().unwrap_or_default().to_string();
+    (status, retry, code)
+}
+
+#[test]
+fn while_postgres_is_down_calls_answer_503_and_readyz_is_false_then_all_recovers() {
+    let cluster = tokengate_pgtest::PgCluster::start();
+    let port = free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tokengate"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--db"])
+        .arg(cluster.url())
+        .args(["--db-timeout", "2s"])
+        .env("TOKENGATE_ADMIN_TOKEN", ADMIN)
+        .env("TOKENGATE_SYNC_TOKEN", SYNC)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    let get = |path: &str| answer(ureq::get(&format!("{url}{path}")).call());
+    let admin = |method: &str, path: &str| {
+        let req = ureq::request(method, &format!("{url}{path}"))
+            .set("authorization", &format!("Bearer {ADMIN}"));
+        answer(if method == "POST" {
+            req.send_string(r#"{"name":"x"}"#)
+        } else {
+            req.call()
+        })
+    };
+    let start = Instant::now();
+    while ureq::get(&format!("{url}/readyz")).call().is_err() {
+        assert!(start.elapsed() < Duration::from_secs(30), "never ready");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(admin("POST", "/v1/tokens").0, 201);
+
+    cluster.stop();
+    let (status, retry, code) = admin("POST", "/v1/tokens");
+    assert_eq!((status, code.as_str()), (503, "store_unavailable"));
+    assert_eq!(retry.as_deref(), Some("1"));
+    assert_eq!(admin("GET", "/v1/tokens").0, 503);
+    let sync = answer(
+        ureq::get(&format!("{url}/v1/sync?since=0"))
+            .set("authorization", &format!("Bearer {SYNC}"))
+            .call(),
+    );
+    assert_eq!((sync.0, sync.2.as_str()), (503, "store_unavailable"));
+    let (status, _, code) = get("/readyz");
+    assert_eq!((status, code.as_str()), (503, "store_unavailable"));
+    assert_eq!(get("/healthz").0, 200, "alive, just not ready");
+    assert!(child.try_wait().unwrap().is_none(), "still running");
+
+    cluster.start_again();
+    let start = Instant::now();
+    while get("/readyz").0 != 200 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "never ready again"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(admin("POST", "/v1/tokens").0, 201);
+    let listed: serde_json::Value = ureq::get(&format!("{url}/v1/tokens"))
+        .set("authorization", &format!("Bearer {ADMIN}"))
+        .call()
+        .unwrap()
+        .into_json()
+        .unwrap();
+    assert_eq!(listed["tokens"].as_array().unwrap().len(), 2);
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

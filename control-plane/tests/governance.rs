@@ -566,6 +566,8 @@ fn the_openapi_document_and_the_routes_agree() {
     }
     let mut served = vec![
         "GET /healthz",
+        "GET /readyz",
+        "GET /metrics",
         "GET /v1/openapi.json",
         "POST /v1/tokens",
         "GET /v1/tokens",

@@ -11,7 +11,7 @@ use serde_json::json;
 pub struct ErrorBody {
     /// A snake_case code: `invalid_field`, `invalid_body`, `unauthorized`, `csrf_failed`, `not_found`,
     /// `no_route`, `method_not_allowed`, `conflict`, `payload_too_large`, `unsupported_media_type`,
-    /// `store_unavailable` (503, with `Retry-After`), `internal`.
+    /// `store_unavailable` (503, with `Retry-After`), `shutting_down` (503), `internal`.
     pub error: String,
     pub message: String,
     /// The field or query parameter at fault (`invalid_field`), or `content-type`
@@ -42,6 +42,8 @@ pub enum ApiError {
     Conflict(String),
     /// The database is unreachable; the client should try again shortly.
     StoreUnavailable(String),
+    /// The server is stopping (a readiness probe's answer).
+    ShuttingDown,
     Internal(String),
 }
 
@@ -130,6 +132,10 @@ impl IntoResponse for ApiError {
                 )
                     .into_response();
             }
+            ApiError::ShuttingDown => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({"error": "shutting_down", "message": "This replica is shutting down."}),
+            ),
             ApiError::Internal(detail) => {
                 tracing::error!(%detail, "internal error");
                 (

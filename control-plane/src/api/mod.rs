@@ -12,11 +12,13 @@ mod usage;
 
 pub use error::ApiError;
 
-use crate::domain::{Sessions, Tokens};
+use crate::domain::{Feed, Sessions, Tokens};
+use crate::metrics::Metrics;
 use crate::store::Store;
-use axum::extract::Request;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::header::CONTENT_TYPE;
 use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use std::sync::Arc;
@@ -40,6 +42,9 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     pub tokens: Arc<Tokens>,
     pub sessions: Arc<Sessions>,
+    /// Answers woken long-polls, one read per version.
+    pub feed: Arc<Feed>,
+    pub metrics: Arc<Metrics>,
     pub admins: Arc<[Admin]>,
     pub sync_token: Arc<str>,
     /// Longest a `/v1/sync` long-poll is held (also its default).
@@ -71,15 +76,38 @@ impl Default for ConsoleSettings {
     }
 }
 
-/// One line per request. The path only: queries and headers may carry what must not be logged.
-async fn access_log(req: Request, next: Next) -> Response {
+/// The route template a request matched (`/v1/tokens/{id}`), carried out to the access log.
+#[derive(Clone)]
+struct Route(String);
+
+async fn tag_route(req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| Route(p.as_str().to_string()));
+    let mut resp = next.run(req).await;
+    if let Some(r) = route {
+        resp.extensions_mut().insert(r);
+    }
+    resp
+}
+
+/// One line per request, and the request counted by route template and status. The path
+/// only: queries and headers may carry what must not be logged.
+async fn access_log(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
     let started = Instant::now();
     let resp = next.run(req).await;
+    let status = resp.status().as_u16();
+    let route = resp
+        .extensions()
+        .get::<Route>()
+        .map_or("unmatched", |r| r.0.as_str());
+    state.metrics.http(route, method.as_str(), status);
     tracing::info!(
         %method,
         %path,
-        status = resp.status().as_u16(),
+        status,
         ms = started.elapsed().as_secs_f64() * 1e3,
         "request"
     );
@@ -87,9 +115,46 @@ async fn access_log(req: Request, next: Next) -> Response {
 }
 
 #[utoipa::path(get, path = "/healthz", tag = "operations",
-    responses((status = 200, description = "The server is up", content_type = "application/json")))]
+    responses((status = 200, description = "The process answers (liveness)", content_type = "application/json")))]
 async fn healthz() -> Json<serde_json::Value> {
     Json(serde_json::json!({"status": "ok"}))
+}
+
+/// How long a readiness probe waits for the database.
+const READY_TIMEOUT: Duration = Duration::from_secs(2);
+
+async fn store_ready(state: &AppState) -> Result<(), ApiError> {
+    if *state.shutdown.borrow() {
+        return Err(ApiError::ShuttingDown);
+    }
+    match tokio::time::timeout(READY_TIMEOUT, state.store.ping()).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(ApiError::StoreUnavailable(format!(
+            "no answer within {READY_TIMEOUT:?}"
+        ))),
+    }
+}
+
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses((status = 200, description = "The store answers: this replica can serve", content_type = "application/json"),
+        (status = 503, description = "The store does not answer (`store_unavailable`), or the server is shutting down (`shutting_down`)", body = error::ErrorBody)))]
+async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    store_ready(&state).await?;
+    Ok(Json(serde_json::json!({"status": "ready"})))
+}
+
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text format (no token ids, names or credentials in labels)", content_type = "text/plain")))]
+async fn metrics(State(state): State<AppState>) -> Response {
+    let ready = store_ready(&state).await.is_ok();
+    let body = state
+        .metrics
+        .render(state.store.as_ref(), state.feed.reads(), ready);
+    (
+        [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        body,
+    )
+        .into_response()
 }
 
 async fn no_route() -> ApiError {
@@ -124,6 +189,8 @@ fn routes(state: &AppState) -> OpenApiRouter<AppState> {
         ));
     OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(metrics))
         .routes(routes!(session::sign_in, session::current))
         .merge(admin)
         .merge(filters)
@@ -152,8 +219,9 @@ pub fn app(state: AppState) -> Router {
                 async move { Json(doc.as_ref().clone()) }
             }),
         )
+        .route_layer(middleware::from_fn(tag_route))
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(middleware::from_fn(access_log))
+        .layer(middleware::from_fn_with_state(state.clone(), access_log))
         .with_state(state)
 }

@@ -2,9 +2,15 @@
 
 use super::body::Params;
 use super::{ApiError, AppState};
+use crate::domain::feed::Answer;
+use crate::metrics::SyncAnswer;
 use crate::store::{Status, TokenRow};
+use axum::body::{Body, Bytes};
 use axum::extract::State;
+use axum::http::header::CONTENT_TYPE;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
+use std::sync::Arc;
 use std::time::Duration;
 use tokengate_wire::{SyncRecord, SyncResponse, SyncStatus};
 
@@ -122,25 +128,40 @@ async fn snapshot(
     })
 }
 
-/// The changes after `since`, or `None` when the client is older than a purge and must
-/// start over from a snapshot.
-async fn changes(state: &AppState, since: u64) -> Result<Option<SyncResponse>, ApiError> {
-    let changes = state
-        .store
-        .changes_since(since, state.sync_page_size)
-        .await?;
-    // Purged rows never reach a client that is older than them: it starts over.
-    if since < changes.horizon {
-        return Ok(None);
+/// A shared answer as JSON, serialised by the first poll that sends it.
+fn rendered(state: &AppState, answer: &Answer) -> Result<Arc<[u8]>, ApiError> {
+    if let Some(body) = answer.rendered.get() {
+        return Ok(body.clone());
     }
-    Ok(Some(SyncResponse {
+    let rows = answer.changes.rows.clone();
+    let body = serde_json::to_vec(&SyncResponse {
         store_id: state.store.store_id().to_string(),
-        version: changes.rows.last().map_or(since, |r| r.version),
+        version: rows.last().map_or(answer.since, |r| r.version),
         snapshot: false,
-        changes: to_wire_all(changes.rows),
+        changes: to_wire_all(rows),
         next_cursor: None,
-        token_count: changes.live,
-    }))
+        token_count: answer.changes.live,
+    })
+    .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(answer.rendered.get_or_init(|| body.into()).clone())
+}
+
+fn json(body: Arc<[u8]>) -> Response {
+    (
+        [(CONTENT_TYPE, "application/json")],
+        Body::from(Bytes::from_owner(body)),
+    )
+        .into_response()
+}
+
+async fn answer_snapshot(
+    state: &AppState,
+    version: u64,
+    after: Option<String>,
+) -> Result<Response, ApiError> {
+    let page = snapshot(state, version, after).await?;
+    state.metrics.sync_answer(SyncAnswer::Snapshot);
+    Ok(Json(page).into_response())
 }
 
 #[utoipa::path(get, path = "/v1/sync", tag = "filters", security(("sync" = [])),
@@ -157,7 +178,7 @@ async fn changes(state: &AppState, since: u64) -> Result<Option<SyncResponse>, A
 pub async fn sync(
     State(state): State<AppState>,
     Params(params): Params,
-) -> Result<Json<SyncResponse>, ApiError> {
+) -> Result<Response, ApiError> {
     let q = SyncQuery::from_params(params);
     let since = number("since", q.since.as_deref())?.unwrap_or(0);
     let wait = number("wait", q.wait.as_deref())?
@@ -165,14 +186,15 @@ pub async fn sync(
         .min(state.sync_max_wait);
     if let Some(c) = &q.cursor {
         let (version, after) = parse_cursor(c)?;
-        return Ok(Json(snapshot(&state, version, Some(after)).await?));
+        return answer_snapshot(&state, version, Some(after)).await;
     }
     // Subscribe before reading the version so that no change can slip between the two.
     let mut changed = state.store.subscribe();
     let mut current = *changed.borrow_and_update();
     if since > current {
-        // This replica may not have heard of a change that another one handed out yet: ask
-        // the database before taking the client for one from another store.
+        // This replica may not have heard yet of a change that another one handed out: ask
+        // the database before taking the client for one of another store's. (Were it taken
+        // for one, the client would get a snapshot at an older version: a step back.)
         current = state.store.version().await?;
     }
     let foreign = q
@@ -182,9 +204,11 @@ pub async fn sync(
     // A client that names this store holds its state, even an empty one at version 0.
     let fresh = since == 0 && q.store_id.is_none();
     if fresh || since > current || foreign {
-        return Ok(Json(snapshot(&state, current, None).await?));
+        return answer_snapshot(&state, current, None).await;
     }
+    let mut seen = current;
     if since == current {
+        let _held = state.metrics.hold_poll();
         let mut shutdown = state.shutdown.clone();
         let deadline = tokio::time::sleep(wait);
         tokio::pin!(deadline);
@@ -194,7 +218,8 @@ pub async fn sync(
             }
             tokio::select! {
                 r = changed.changed() => {
-                    if r.is_err() || *changed.borrow_and_update() > since {
+                    seen = *changed.borrow_and_update();
+                    if r.is_err() || seen > since {
                         break;
                     }
                 }
@@ -207,8 +232,18 @@ pub async fn sync(
             }
         }
     }
-    match changes(&state, since).await? {
-        Some(answer) => Ok(Json(answer)),
-        None => Ok(Json(snapshot(&state, current, None).await?)),
+    // Every poll woken by the same version shares this read.
+    let answer = state.feed.changes(since, seen).await?;
+    // Purged rows never reach a client that is older than them: it starts over.
+    if since < answer.changes.horizon {
+        return answer_snapshot(&state, seen.max(current), None).await;
     }
+    state
+        .metrics
+        .sync_answer(if answer.changes.rows.is_empty() {
+            SyncAnswer::NoChange
+        } else {
+            SyncAnswer::Changes
+        });
+    Ok(json(rendered(&state, &answer)?))
 }

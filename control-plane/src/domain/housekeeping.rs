@@ -7,6 +7,7 @@
 //! as an argument, so tests drive it with any clock.
 
 use super::audit::{self, EXPIRY_WARNING, SYSTEM};
+use crate::metrics::Metrics;
 use crate::store::{AuditRecord, DeliveryOutcome, Event, Store, StoreError, WarningRecord};
 use crate::webhook::{self, Webhook};
 use std::sync::Arc;
@@ -37,8 +38,19 @@ pub struct Jobs {
 pub struct Report {
     pub warned: usize,
     pub delivered: usize,
+    /// Failed attempts, given up or not.
     pub failed: usize,
+    /// Of those, the events given up on.
+    pub gave_up: usize,
     pub purged: usize,
+}
+
+/// What one round ran: the jobs of the periods this replica claimed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Round {
+    pub jobs: bool,
+    pub purge: bool,
+    pub report: Report,
 }
 
 /// The tightest lead that applies to a token `remaining` seconds from expiry: a token
@@ -131,6 +143,7 @@ async fn deliver(
             }
             DeliveryOutcome::GaveUp { error } => {
                 report.failed += 1;
+                report.gave_up += 1;
                 tracing::error!(event = %d.event_id, %error, attempts = d.attempts + 1, "webhook delivery failed; giving up");
             }
         }
@@ -185,31 +198,29 @@ pub async fn run_once(
 }
 
 /// One round at `now`: the jobs of every period this replica claims (`interval` seconds for
-/// warnings and deliveries, the purge interval for purging). Returns what it ran, if
-/// anything.
+/// warnings and deliveries, the purge interval for purging).
 pub async fn tick(
     store: &dyn Store,
     jobs: &Jobs,
     interval: i64,
     now: i64,
-) -> Result<Option<Report>, StoreError> {
-    let mine = store.claim_period(JOBS, now, interval).await?;
-    let purge_now = jobs.retention.is_some()
-        && jobs.purge_interval < i64::MAX
-        && store.claim_period(PURGE, now, jobs.purge_interval).await?;
-    if !mine && !purge_now {
-        return Ok(None);
+) -> Result<Round, StoreError> {
+    let mut round = Round {
+        jobs: store.claim_period(JOBS, now, interval).await?,
+        ..Round::default()
+    };
+    if round.jobs {
+        round.report = run_once(store, jobs, now, false).await?;
     }
-    let mut report = Report::default();
-    if mine {
-        report = run_once(store, jobs, now, false).await?;
-    }
-    if purge_now {
-        if let Some(retention) = jobs.retention {
-            report.purged = purge(store, retention, now).await?;
+    if let Some(retention) = jobs.retention {
+        if jobs.purge_interval < i64::MAX
+            && store.claim_period(PURGE, now, jobs.purge_interval).await?
+        {
+            round.purge = true;
+            round.report.purged = purge(store, retention, now).await?;
         }
     }
-    Ok(Some(report))
+    Ok(round)
 }
 
 /// Runs the jobs every `interval` until shutdown.
@@ -217,10 +228,13 @@ pub async fn run(
     store: Arc<dyn Store>,
     jobs: Jobs,
     interval: Duration,
+    metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let period = i64::try_from(interval.as_secs().max(1)).unwrap_or(i64::MAX);
-    let mut ticker = tokio::time::interval(interval);
+    // The first round one interval after start: whether a period is due is the database's
+    // to say (another replica may just have run it), not this process's start.
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -231,8 +245,18 @@ pub async fn run(
             return;
         }
         // A round in progress finishes before shutdown is looked at again.
-        if let Err(e) = tick(store.as_ref(), &jobs, period, super::now()).await {
-            tracing::error!(error = %e, "housekeeping failed; retrying next round");
+        match tick(store.as_ref(), &jobs, period, super::now()).await {
+            Ok(round) => {
+                let r = &round.report;
+                metrics.webhooks(r.delivered, r.failed - r.gave_up, r.gave_up);
+                if round.jobs {
+                    metrics.job_run(false);
+                }
+                if round.purge {
+                    metrics.job_run(true);
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "housekeeping failed; retrying next round"),
         }
     }
 }

@@ -3,11 +3,13 @@
 //! into HTTP; a store only persists what is decided here.
 
 pub mod audit;
+pub mod feed;
 pub mod housekeeping;
 pub mod sessions;
 pub mod tokens;
 
 pub use audit::rfc3339;
+pub use feed::Feed;
 pub use sessions::Sessions;
 pub use tokens::Tokens;
 
