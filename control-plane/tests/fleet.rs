@@ -12,17 +12,94 @@ use tokengate::app::Database;
 use tokengate::domain::housekeeping::{tick, Jobs};
 use tokengate::policy::Policy;
 use tokengate::webhook::Webhook;
+use tokengate_pgtest::proxy::{Cut, TcpProxy};
+
+fn replica(url: &str) -> TestApp {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path(), 100, Policy::default());
+    config.database = Database::Postgres(url.to_string());
+    config.postgres.timeout = Duration::from_secs(2);
+    spawn(config, dir)
+}
 
 fn replicas(n: usize) -> Vec<TestApp> {
     let url = tokengate_pgtest::shared().fresh_database();
-    (0..n)
-        .map(|_| {
-            let dir = tempfile::tempdir().unwrap();
-            let mut config = config(dir.path(), 100, Policy::default());
-            config.database = Database::Postgres(url.clone());
-            spawn(config, dir)
-        })
-        .collect()
+    (0..n).map(|_| replica(&url)).collect()
+}
+
+fn known_version(app: &TestApp) -> u64 {
+    let m = app.request("GET", "/metrics", &[], None).text;
+    m.lines()
+        .find_map(|l| l.strip_prefix("tokengate_sync_version ")?.parse().ok())
+        .unwrap()
+}
+
+/// A replica whose connections to PostgreSQL go through a proxy that stops forwarding:
+/// it says it is not ready, the other replica carries on, and no poller is ever handed a
+/// version older than one it already holds.
+#[test]
+fn a_replica_cut_off_from_postgres_is_not_ready_and_never_steps_a_poller_back() {
+    let cluster = tokengate_pgtest::shared();
+    let url = cluster.fresh_database();
+    let proxy = TcpProxy::start(([127, 0, 0, 1], cluster.port()).into());
+    let a = replica(&url);
+    let b = replica(&proxy.url(&url, cluster.port()));
+    let store_id = a.sync("since=0")["store_id"].as_str().unwrap().to_string();
+    a.create(r#"{"name":"one"}"#);
+    let start = Instant::now();
+    while known_version(&b) < 1 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "b never heard of version 1"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    proxy.set(Cut::Blackhole);
+    a.create(r#"{"name":"two"}"#);
+    let held = a.sync(&format!("since=0&store_id={store_id}"));
+    assert_eq!(held["version"], 2, "a poller now holds version 2");
+    // Asked by that poller, the cut-off replica must not answer with what it last knew.
+    let r = b.request(
+        "GET",
+        &format!("/v1/sync?since=2&store_id={store_id}&wait=1"),
+        &[("authorization", &format!("Bearer {SYNC}"))],
+        None,
+    );
+    assert_eq!(r.status, 503, "answered {}: {}", r.status, r.text);
+    assert_eq!(r.json["error"], "store_unavailable");
+    let ready = b.request("GET", "/readyz", &[], None);
+    assert_eq!(
+        (ready.status, ready.json["error"].as_str()),
+        (503, Some("store_unavailable"))
+    );
+    assert_eq!(a.request("GET", "/readyz", &[], None).status, 200);
+    let (s, _) = b.admin("POST", "/v1/tokens", Some(r#"{"name":"refused"}"#));
+    assert_eq!(s, 503);
+    a.create(r#"{"name":"three"}"#);
+
+    proxy.set(Cut::Open);
+    let start = Instant::now();
+    while b.request("GET", "/readyz", &[], None).status != 200 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "b never ready again"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let caught_up = b.sync(&format!("since=2&store_id={store_id}&wait=1"));
+    assert_eq!(caught_up["version"], 3, "{caught_up}");
+    assert_eq!(caught_up["snapshot"], false);
+    // And it hears of changes again (its listener reconnected).
+    a.create(r#"{"name":"four"}"#);
+    let start = Instant::now();
+    while known_version(&b) < 4 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "b never heard of version 4"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 #[test]

@@ -15,6 +15,8 @@
 //! The binaries come from `$PG_BINDIR`, else `pg_config --bindir`, else the newest
 //! `/usr/lib/postgresql/*/bin`.
 
+pub mod proxy;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};

@@ -379,22 +379,29 @@ async fn listen(
     cfg: tokio_postgres::Config,
     pool: Pool,
     published: Published,
-    recheck: Duration,
+    settings: PgSettings,
     mut stop: watch::Receiver<bool>,
 ) {
+    let (recheck, timeout) = (settings.recheck, settings.timeout);
     let mut backoff = Duration::from_millis(100);
     loop {
         if *stop.borrow() {
             return;
         }
+        // The connect timeout covers the socket only; a server that accepts and then says
+        // nothing must not hold the listener either.
         let connected = tokio::select! {
-            c = cfg.connect(NoTls) => c,
+            c = tokio::time::timeout(timeout, cfg.connect(NoTls)) => c,
             _ = stop.changed() => return,
         };
         let (client, mut connection) = match connected {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "change listener cannot connect to PostgreSQL; retrying");
+            Ok(Ok(c)) => c,
+            failed => {
+                let error = match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => format!("no answer within {timeout:?}"),
+                };
+                tracing::warn!(%error, "change listener cannot connect to PostgreSQL; retrying");
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = stop.changed() => return,
@@ -420,9 +427,12 @@ async fn listen(
                 }
             }
         });
-        if let Err(e) = client.batch_execute(&format!("LISTEN {CHANNEL}")).await {
-            tracing::warn!(error = %e, "change listener cannot LISTEN; retrying");
+        let listening =
+            tokio::time::timeout(timeout, client.batch_execute(&format!("LISTEN {CHANNEL}"))).await;
+        if !matches!(listening, Ok(Ok(()))) {
+            tracing::warn!("change listener cannot LISTEN; retrying");
             driver.abort();
+            tokio::time::sleep(backoff).await;
             continue;
         }
         backoff = Duration::from_millis(100);
@@ -431,17 +441,30 @@ async fn listen(
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             // The first tick is immediate: re-read after every (re)connection.
-            let alive = tokio::select! {
-                _ = ticker.tick() => true,
-                w = wake.recv() => w.is_some(),
+            let woken = tokio::select! {
+                _ = ticker.tick() => false,
+                w = wake.recv() => match w {
+                    Some(()) => true,
+                    None => break,
+                },
                 _ = stop.changed() => { driver.abort(); return; }
             };
-            if !alive {
-                break;
-            }
             // Coalesce a burst of notifications into one read.
             while wake.try_recv().is_ok() {}
-            match read_version(&pool).await {
+            // A listening connection cut off without a reset (a silent partition) looks
+            // alive and hears nothing: on each periodic check, see that it answers, else
+            // connect again. (A notification proves it alive.)
+            if !woken {
+                let alive = tokio::time::timeout(timeout, client.simple_query("SELECT 1")).await;
+                if !matches!(alive, Ok(Ok(_))) {
+                    tracing::warn!("change listener's connection does not answer; reconnecting");
+                    break;
+                }
+            }
+            match tokio::time::timeout(timeout, read_version(&pool))
+                .await
+                .unwrap_or_else(|_| Err(StoreError::Unavailable("no answer".into())))
+            {
                 Ok(v) => published.publish(v),
                 Err(e) => tracing::debug!(error = %e, "cannot re-read the version"),
             }
@@ -493,9 +516,11 @@ impl PostgresStore {
     /// Connects, migrates (under the migration lock) and starts listening for changes.
     pub async fn open(url: &str, settings: PgSettings) -> Result<PostgresStore, StoreError> {
         let cfg = config(url, &settings)?;
-        let (mut client, connection) = cfg
-            .connect(NoTls)
+        let (mut client, connection) = tokio::time::timeout(settings.timeout, cfg.connect(NoTls))
             .await
+            .map_err(|_| {
+                StoreError::Unavailable(format!("no answer within {:?}", settings.timeout))
+            })?
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         let driver = tokio::spawn(connection);
         let store_id = migrate(&mut client).await.map_err(|e| match e {
@@ -508,7 +533,9 @@ impl PostgresStore {
             cfg.clone(),
             NoTls,
             ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
+                // A connection cut off silently looks open: check each one as it leaves
+                // the pool (a round trip), so that calls after a partition do not meet it.
+                recycling_method: RecyclingMethod::Verified,
             },
         );
         let pool = Pool::builder(manager)
@@ -525,7 +552,7 @@ impl PostgresStore {
             cfg,
             pool.clone(),
             published.clone(),
-            settings.recheck,
+            settings,
             stop_rx,
         ));
         Ok(PostgresStore {
