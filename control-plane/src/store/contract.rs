@@ -815,7 +815,7 @@ mod fleet {
             "postgres",
             &format!(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
-                 WHERE datname = '{db}' AND query LIKE 'LISTEN%'"
+                 WHERE datname = '{db}' AND application_name = 'tokengate listener'"
             ),
         )
         .await;

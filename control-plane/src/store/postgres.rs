@@ -383,6 +383,13 @@ async fn listen(
     mut stop: watch::Receiver<bool>,
 ) {
     let (recheck, timeout) = (settings.recheck, settings.timeout);
+    // Told apart from the pool's connections in pg_stat_activity.
+    let mut cfg = cfg;
+    let name = format!(
+        "{} listener",
+        cfg.get_application_name().unwrap_or("tokengate")
+    );
+    cfg.application_name(name);
     let mut backoff = Duration::from_millis(100);
     loop {
         if *stop.borrow() {
