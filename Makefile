@@ -27,7 +27,7 @@ OCI_DIR       := target/oci/tokengate-filter
 
 export ENVOY_BIN
 
-.PHONY: help tools browser postgres build run test unit e2e validate check-k8s oci check-oci check-containers docker-up docker-down fmt lint bench bench-quick bench-build fuzz clean-run
+.PHONY: help tools browser postgres build run run-ha test unit e2e validate check-k8s oci check-oci check-containers docker-up docker-down fmt lint bench bench-quick bench-build fuzz clean-run
 
 help: ## list the targets
 	@echo "tokengate make targets:"
@@ -87,6 +87,9 @@ build: ## build the filter (wasm), the control plane and the demo upstream (rele
 
 run: tools build ## run control plane, demo upstream and Envoy locally; Ctrl-C stops all
 	ENVOY_BIN="$(ENVOY_BIN)" WASM="$(WASM)" envoy/run.sh
+
+run-ha: tools postgres build ## two control-plane replicas on a local PostgreSQL (.run/pg) behind one Envoy; prints how to kill one
+	ENVOY_BIN="$(ENVOY_BIN)" WASM="$(WASM)" envoy/run-ha.sh
 
 validate: tools ## check envoy/envoy.yaml with `envoy --mode validate` (needs the wasm)
 	@test -f $(WASM) || $(CARGO) build --release --target $(WASM_TARGET) -p tokengate-filter
@@ -148,7 +151,7 @@ fuzz: ## property tests of the parsers and decoders with FUZZ_CASES cases each (
 	 n=$$(awk '/^test result: ok\./ { n += $$4 } END { print n + 0 }' "$$log"); \
 	 echo "make fuzz: $$n properties x $(FUZZ_CASES) cases = $$(( n * $(FUZZ_CASES) )) cases in $$(( $$(date +%s) - start )) s"
 
-clean-run: ## remove .run/ (local database, rendered config, logs of make run)
+clean-run: ## remove .run/ (local databases (SQLite, and the PostgreSQL cluster of make run-ha), rendered config, logs)
 	rm -rf .run
 
 oci: ## pack the filter as an OCI image (layout dir + tarball) for Istio's oci:// and print its digests
