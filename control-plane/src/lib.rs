@@ -7,6 +7,7 @@ pub mod console;
 pub mod domain;
 pub mod duration;
 pub mod metrics;
+pub mod migrate;
 pub mod policy;
 pub mod secrets;
 pub mod serve;

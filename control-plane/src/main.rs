@@ -1,6 +1,6 @@
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
-use tokengate::{client, serve};
+use tokengate::{client, migrate, serve};
 
 /// tokengate: access tokens with per-token rate limits for Envoy and Istio.
 #[derive(Parser)]
@@ -18,6 +18,9 @@ enum Command {
     Token(client::TokenArgs),
     /// Read the audit trail of a running control plane
     Audit(client::AuditArgs),
+    /// Copy every token, the audit trail and the rest into an empty database (e.g. from
+    /// SQLite to PostgreSQL)
+    Migrate(migrate::MigrateArgs),
 }
 
 fn main() -> ExitCode {
@@ -47,5 +50,24 @@ fn main() -> ExitCode {
         }
         Command::Token(args) => client::run(args),
         Command::Audit(args) => client::run_audit(args),
+        Command::Migrate(args) => {
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("error: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(migrate::run(args)) {
+                Ok(summary) => {
+                    println!("{summary}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
 }

@@ -3,7 +3,7 @@
 //! never a token id, name, owner or credential.
 
 use crate::store::{
-    AuditEntry, AuditQuery, AuditRecord, Changes, Delivery, DeliveryOutcome, Event, Expiring,
+    AuditEntry, AuditQuery, AuditRecord, Changes, Delivery, DeliveryOutcome, Dump, Event, Expiring,
     ListQuery, Page, SessionRow, Store, StoreError, TokenRow, WarningRecord,
 };
 use async_trait::async_trait;
@@ -446,6 +446,12 @@ impl Store for Metered {
     }
     async fn session_count(&self) -> Result<u64, StoreError> {
         timed!(self, "session_count", self.inner.session_count())
+    }
+    async fn export(&self) -> Result<Dump, StoreError> {
+        timed!(self, "export", self.inner.export())
+    }
+    async fn import(&self, dump: &Dump) -> Result<(), StoreError> {
+        timed!(self, "import", self.inner.import(dump))
     }
 }
 

@@ -419,3 +419,76 @@ fn while_postgres_is_down_calls_answer_503_and_readyz_is_false_then_all_recovers
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+#[test]
+fn migrate_moves_a_sqlite_install_to_postgres_and_filters_keep_their_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = dir.path().join("t.db");
+    let port = free_port();
+    let s = serve(&sqlite, port);
+    let mut ids = vec![];
+    for name in ["a", "b", "c"] {
+        let v: serde_json::Value = s
+            .admin("POST", "/v1/tokens")
+            .send_string(&format!(r#"{{"name":"{name}","max_rps":5}}"#))
+            .unwrap()
+            .into_json()
+            .unwrap();
+        ids.push(v["id"].as_str().unwrap().to_string());
+    }
+    s.admin("POST", &format!("/v1/tokens/{}/suspend", ids[1]))
+        .call()
+        .unwrap();
+    let sync = |url: &str, q: &str| -> serde_json::Value {
+        ureq::get(&format!("{url}/v1/sync?{q}"))
+            .set("authorization", &format!("Bearer {SYNC}"))
+            .call()
+            .unwrap()
+            .into_json()
+            .unwrap()
+    };
+    let held = sync(&s.url, "since=0");
+    let list = |url: &str| -> serde_json::Value {
+        ureq::get(&format!("{url}/v1/tokens"))
+            .set("authorization", &format!("Bearer {ADMIN}"))
+            .call()
+            .unwrap()
+            .into_json()
+            .unwrap()
+    };
+    let before = list(&s.url);
+    drop(s.stderr());
+
+    let pg = tokengate_pgtest::shared().fresh_database();
+    let migrate = |from: &str, to: &str| {
+        Command::new(env!("CARGO_BIN_EXE_tokengate"))
+            .args(["migrate", "--from", from, "--to", to])
+            .output()
+            .unwrap()
+    };
+    let from = format!("sqlite://{}", sqlite.display());
+    let out = migrate(&from, &pg);
+    assert!(out.status.success(), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("copied 3 tokens (version 4)"), "{said}");
+
+    let s = serve(&pg, free_port());
+    assert_eq!(list(&s.url), before, "the same tokens, versions and usage");
+    // A filter that held the SQLite store's state goes on from its version: no snapshot.
+    let store_id = held["store_id"].as_str().unwrap();
+    let next = sync(&s.url, &format!("since=4&store_id={store_id}&wait=1"));
+    assert_eq!(
+        (next["snapshot"].as_bool(), next["version"].as_u64()),
+        (Some(false), Some(4))
+    );
+    // The target is no longer empty: a second run is refused and changes nothing.
+    let again = migrate(&from, &pg);
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("migrate into an empty one"),
+        "{again:?}"
+    );
+    let missing = migrate("/nonexistent/t.db", &pg);
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no such file"));
+    drop(s.stderr());
+}

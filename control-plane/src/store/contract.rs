@@ -760,8 +760,100 @@ async fn no_poller_misses_a_change_made_through_any_replica(f: &mut Fixture) {
     assert_eq!(f.store().version().await.unwrap(), 160 + 4 * 14);
 }
 
+/// Fills a store with one of everything a dump carries.
+async fn populate(s: &dyn Store) {
+    for i in 1..=3 {
+        let mut r = row(&format!("tok_{i}"));
+        r.expires_at = Some(1_000 * i);
+        insert(s, r).await;
+    }
+    set_status(s, "tok_2", Status::Suspended).await.unwrap();
+    set_status(s, "tok_3", Status::Revoked).await.unwrap();
+    s.record_usage(
+        50,
+        &[UsageEntry {
+            id: "tok_1".into(),
+            allowed: 7,
+            denied: 2,
+            last_used_at: 40,
+        }],
+    )
+    .await
+    .unwrap();
+    let warned = s.token("tok_1").await.unwrap().unwrap();
+    let w = WarningRecord {
+        token_id: "tok_1".into(),
+        expires_at: 1_000,
+        lead: 3_600,
+        at: 5,
+    };
+    let ev = Event {
+        id: "evt_1".into(),
+        kind: "token.expiring".into(),
+        payload: "{\"a\":1}".into(),
+        at: 5,
+    };
+    s.record_warning(&w, &entry("token.expiry_warning", &warned), Some(&ev))
+        .await
+        .unwrap();
+    s.claim_period("jobs", 10, 10).await.unwrap();
+    let gone = s.token("tok_3").await.unwrap().unwrap();
+    assert!(s.purge(&gone, &entry("token.purged", &gone)).await.unwrap());
+}
+
+/// Everything moves, the target takes the store id and the versions, and a second import
+/// into it is refused.
+async fn a_dump_moves_into_an_empty_store(from: &mut Fixture, to: &mut Fixture) {
+    populate(from.store()).await;
+    let dump = from.store().export().await.unwrap();
+    assert_eq!((dump.tokens.len(), dump.version, dump.horizon), (2, 5, 5));
+    to.store().import(&dump).await.unwrap();
+    to.reopen().await;
+    let t = to.store();
+    assert_eq!(t.export().await.unwrap(), dump);
+    assert_eq!(t.store_id(), from.store().store_id());
+    assert_eq!(t.version().await.unwrap(), 5);
+    assert_eq!(
+        t.changes_since(0, 10).await.unwrap(),
+        from.store().changes_since(0, 10).await.unwrap()
+    );
+    // Both go on from the same point: the next version and the next audit entry.
+    assert_eq!(insert(t, row("tok_9")).await.version, 6);
+    let trail = t
+        .audit(&AuditQuery {
+            limit: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(trail[0].seq > dump.audit.last().unwrap().seq);
+    assert!(matches!(
+        t.import(&dump).await,
+        Err(StoreError::Conflict(_))
+    ));
+}
+
 mod fleet {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_sqlite_store_moves_to_postgres() {
+        a_dump_moves_into_an_empty_store(
+            &mut Fixture::sqlite().await,
+            &mut Fixture::postgres().await,
+        )
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_postgres_store_moves_to_sqlite() {
+        a_dump_moves_into_an_empty_store(
+            &mut Fixture::postgres().await,
+            &mut Fixture::sqlite().await,
+        )
+        .await;
+    }
+
     use std::time::{Duration, Instant};
 
     async fn wait_for(rx: &tokio::sync::watch::Receiver<u64>, version: u64) {

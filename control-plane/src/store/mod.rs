@@ -179,6 +179,38 @@ pub struct SessionRow {
     pub last_used_at: i64,
 }
 
+/// An outbox event as stored, with its delivery state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxRow {
+    pub id: i64,
+    pub event_id: String,
+    pub event_type: String,
+    pub payload: String,
+    pub created_at: i64,
+    pub attempts: u32,
+    pub next_attempt_at: i64,
+    pub delivered_at: Option<i64>,
+    pub failed_at: Option<i64>,
+    pub last_error: Option<String>,
+}
+
+/// Everything a store holds but console sessions, to move it into another store
+/// (`tokengate migrate`). The store id and the versions move too, so that filters keep their
+/// state across the move.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dump {
+    pub store_id: String,
+    pub version: u64,
+    pub horizon: u64,
+    /// With their creation order.
+    pub tokens: Vec<(TokenRow, i64)>,
+    pub audit: Vec<AuditEntry>,
+    pub warnings: Vec<WarningRecord>,
+    pub outbox: Vec<OutboxRow>,
+    /// Periodic job claims: name, last run, runs.
+    pub jobs: Vec<(String, i64, u64)>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreError {
     NotFound,
@@ -295,6 +327,12 @@ pub trait Store: Send + Sync + 'static {
     async fn delete_session(&self, key: &str) -> Result<(), StoreError>;
     /// How many sessions are held (ended or not).
     async fn session_count(&self) -> Result<u64, StoreError>;
+
+    /// Everything but sessions, read in one snapshot.
+    async fn export(&self) -> Result<Dump, StoreError>;
+    /// Writes a dump into this store, which must be empty (`Conflict` otherwise); it takes
+    /// the dump's store id and versions.
+    async fn import(&self, dump: &Dump) -> Result<(), StoreError>;
 }
 
 /// The committed version as one process knows it; only ever moves forward.

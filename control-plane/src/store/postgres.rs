@@ -23,8 +23,9 @@
 //! refused, naming both versions.
 
 use super::{
-    AuditEntry, AuditQuery, AuditRecord, Changes, Delivery, DeliveryOutcome, Event, Expiring,
-    ListQuery, Page, Published, SessionRow, Status, Store, StoreError, TokenRow, WarningRecord,
+    AuditEntry, AuditQuery, AuditRecord, Changes, Delivery, DeliveryOutcome, Dump, Event, Expiring,
+    ListQuery, OutboxRow, Page, Published, SessionRow, Status, Store, StoreError, TokenRow,
+    WarningRecord,
 };
 use async_trait::async_trait;
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod};
@@ -1258,5 +1259,248 @@ impl Store for PostgresStore {
                 .get(0);
             Ok(n.max(0) as u64)
         })
+    }
+
+    async fn export(&self) -> Result<Dump, StoreError> {
+        let store_id = self.store_id.clone();
+        pg!(self, |c| {
+            let tx = c
+                .build_transaction()
+                .isolation_level(IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
+                .await?;
+            let tokens = tx
+                .query(
+                    &format!("SELECT {COLUMNS}, created_seq FROM tokens ORDER BY id"),
+                    &[],
+                )
+                .await?
+                .iter()
+                .map(|r| Ok((from_row(r)?, r.try_get::<_, i64>(17).map_err(decode)?)))
+                .collect::<Result<Vec<_>, StoreError>>()?;
+            let audit = tx
+                .query(
+                    "SELECT seq, at, actor, action, token_id, token_name, before, after
+                     FROM audit ORDER BY seq",
+                    &[],
+                )
+                .await?
+                .iter()
+                .map(|r| AuditEntry {
+                    seq: r.get::<_, i64>(0).max(0) as u64,
+                    at: r.get(1),
+                    actor: r.get(2),
+                    action: r.get(3),
+                    token_id: r.get(4),
+                    token_name: r.get(5),
+                    before: r.get(6),
+                    after: r.get(7),
+                })
+                .collect();
+            let warnings = tx
+                .query(
+                    "SELECT token_id, expires_at, lead, issued_at FROM expiry_warnings
+                     ORDER BY token_id, expires_at, lead",
+                    &[],
+                )
+                .await?
+                .iter()
+                .map(|r| WarningRecord {
+                    token_id: r.get(0),
+                    expires_at: r.get(1),
+                    lead: r.get(2),
+                    at: r.get(3),
+                })
+                .collect();
+            let outbox = tx
+                .query(
+                    "SELECT id, event_id, event_type, payload, created_at, attempts,
+                            next_attempt_at, delivered_at, failed_at, last_error
+                     FROM outbox ORDER BY id",
+                    &[],
+                )
+                .await?
+                .iter()
+                .map(|r| OutboxRow {
+                    id: r.get(0),
+                    event_id: r.get(1),
+                    event_type: r.get(2),
+                    payload: r.get(3),
+                    created_at: r.get(4),
+                    attempts: r.get::<_, i32>(5).max(0) as u32,
+                    next_attempt_at: r.get(6),
+                    delivered_at: r.get(7),
+                    failed_at: r.get(8),
+                    last_error: r.get(9),
+                })
+                .collect();
+            let jobs = tx
+                .query(
+                    "SELECT name, last_run, runs FROM job_runs ORDER BY name",
+                    &[],
+                )
+                .await?
+                .iter()
+                .map(|r| (r.get(0), r.get(1), r.get::<_, i64>(2).max(0) as u64))
+                .collect();
+            let sync = tx
+                .query_one("SELECT version, horizon FROM tokengate_sync", &[])
+                .await?;
+            tx.commit().await?;
+            Ok(Dump {
+                store_id: store_id.clone(),
+                version: sync.get::<_, i64>(0).max(0) as u64,
+                horizon: sync.get::<_, i64>(1).max(0) as u64,
+                tokens,
+                audit,
+                warnings,
+                outbox,
+                jobs,
+            })
+        })
+    }
+
+    async fn import(&self, dump: &Dump) -> Result<(), StoreError> {
+        pg!(self, |c| {
+            let tx = c.transaction().await?;
+            // Lock the version row first: no replica may write while the dump goes in.
+            let version: i64 = tx
+                .query_one("SELECT version FROM tokengate_sync FOR UPDATE", &[])
+                .await?
+                .get(0);
+            let used: i64 = tx
+                .query_one(
+                    "SELECT (SELECT count(*) FROM tokens) + (SELECT count(*) FROM audit)",
+                    &[],
+                )
+                .await?
+                .get(0);
+            if used > 0 || version > 0 {
+                return Err(StoreError::Conflict(
+                    "the target database already holds tokens; migrate into an empty one".into(),
+                )
+                .into());
+            }
+            let insert_token = tx
+                .prepare(&format!(
+                    "INSERT INTO tokens ({COLUMNS}, created_seq) VALUES
+                     ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,
+                      $17, $18)"
+                ))
+                .await?;
+            for (r, created_seq) in &dump.tokens {
+                tx.execute(
+                    &insert_token,
+                    &[
+                        &r.id,
+                        &r.hash,
+                        &r.name,
+                        &r.kind.as_str(),
+                        &r.owner,
+                        &r.status.as_str(),
+                        &r.max_rps.map(i64::from),
+                        &r.burst.map(i64::from),
+                        &r.created_at,
+                        &r.updated_at,
+                        &r.expires_at,
+                        &r.last_used_at,
+                        &clamp(r.version),
+                        &clamp(r.requests_allowed),
+                        &clamp(r.requests_denied),
+                        &r.rotated_at,
+                        &retired_json(r)?,
+                        created_seq,
+                    ],
+                )
+                .await?;
+            }
+            let insert_audit = tx
+                .prepare(
+                    "INSERT INTO audit (seq, at, actor, action, token_id, token_name, before, after)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                )
+                .await?;
+            for a in &dump.audit {
+                tx.execute(
+                    &insert_audit,
+                    &[
+                        &clamp(a.seq),
+                        &a.at,
+                        &a.actor,
+                        &a.action,
+                        &a.token_id,
+                        &a.token_name,
+                        &a.before,
+                        &a.after,
+                    ],
+                )
+                .await?;
+            }
+            for w in &dump.warnings {
+                tx.execute(
+                    "INSERT INTO expiry_warnings (token_id, expires_at, lead, issued_at)
+                     VALUES ($1, $2, $3, $4)",
+                    &[&w.token_id, &w.expires_at, &w.lead, &w.at],
+                )
+                .await?;
+            }
+            for o in &dump.outbox {
+                tx.execute(
+                    "INSERT INTO outbox (id, event_id, event_type, payload, created_at, attempts,
+                         next_attempt_at, delivered_at, failed_at, last_error)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                    &[
+                        &o.id,
+                        &o.event_id,
+                        &o.event_type,
+                        &o.payload,
+                        &o.created_at,
+                        &i32::try_from(o.attempts).unwrap_or(i32::MAX),
+                        &o.next_attempt_at,
+                        &o.delivered_at,
+                        &o.failed_at,
+                        &o.last_error,
+                    ],
+                )
+                .await?;
+            }
+            for (name, last_run, runs) in &dump.jobs {
+                tx.execute(
+                    "INSERT INTO job_runs (name, last_run, runs) VALUES ($1, $2, $3)
+                     ON CONFLICT (name) DO UPDATE
+                         SET last_run = excluded.last_run, runs = excluded.runs",
+                    &[name, last_run, &clamp(*runs)],
+                )
+                .await?;
+            }
+            // The sequences continue after the imported rows.
+            tx.batch_execute(
+                "SELECT setval(pg_get_serial_sequence('audit', 'seq'),
+                               GREATEST((SELECT max(seq) FROM audit), 1));
+                 SELECT setval(pg_get_serial_sequence('outbox', 'id'),
+                               GREATEST((SELECT max(id) FROM outbox), 1));",
+            )
+            .await?;
+            tx.execute(
+                "UPDATE tokengate_sync SET version = $1, horizon = $2",
+                &[&clamp(dump.version), &clamp(dump.horizon)],
+            )
+            .await?;
+            tx.execute(
+                "UPDATE tokengate_meta SET value = $1 WHERE key = 'store_id'",
+                &[&dump.store_id],
+            )
+            .await?;
+            tx.execute(
+                "SELECT pg_notify($1, $2)",
+                &[&CHANNEL, &dump.version.to_string()],
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(())
+        })?;
+        self.published.publish(dump.version);
+        Ok(())
     }
 }

@@ -3,8 +3,9 @@
 //! calls take turns on one connection, off the async workers.
 
 use super::{
-    AuditEntry, AuditQuery, AuditRecord, Changes, Delivery, DeliveryOutcome, Event, Expiring,
-    ListQuery, Page, Published, SessionRow, Status, Store, StoreError, TokenRow, WarningRecord,
+    AuditEntry, AuditQuery, AuditRecord, Changes, Delivery, DeliveryOutcome, Dump, Event, Expiring,
+    ListQuery, OutboxRow, Page, Published, SessionRow, Status, Store, StoreError, TokenRow,
+    WarningRecord,
 };
 use async_trait::async_trait;
 use rand::distributions::{Alphanumeric, DistString};
@@ -874,6 +875,189 @@ impl Store for SqliteStore {
                 .map(|n| n.max(0) as u64)
         })
         .await
+    }
+
+    async fn export(&self) -> Result<Dump, StoreError> {
+        let store_id = self.inner.store_id.clone();
+        self.with(move |c, _| {
+            let tx = c.transaction()?;
+            let mut stmt = tx.prepare(&format!(
+                "SELECT {COLUMNS}, coalesce(created_seq, 0) FROM tokens ORDER BY id"
+            ))?;
+            let tokens = stmt
+                .query_map([], |r| Ok((from_row(r)?, r.get::<_, i64>(17)?)))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            drop(stmt);
+            let mut stmt = tx.prepare(
+                "SELECT seq, at, actor, action, token_id, token_name, before, after FROM audit
+                 ORDER BY seq",
+            )?;
+            let audit = stmt
+                .query_map([], audit_from_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            drop(stmt);
+            let mut stmt = tx.prepare(
+                "SELECT token_id, expires_at, lead, issued_at FROM expiry_warnings
+                 ORDER BY token_id, expires_at, lead",
+            )?;
+            let warnings = stmt
+                .query_map([], |r| {
+                    Ok(WarningRecord {
+                        token_id: r.get(0)?,
+                        expires_at: r.get(1)?,
+                        lead: r.get(2)?,
+                        at: r.get(3)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            drop(stmt);
+            let mut stmt = tx.prepare(
+                "SELECT id, event_id, event_type, payload, created_at, attempts, next_attempt_at,
+                        delivered_at, failed_at, last_error FROM outbox ORDER BY id",
+            )?;
+            let outbox = stmt
+                .query_map([], |r| {
+                    Ok(OutboxRow {
+                        id: r.get(0)?,
+                        event_id: r.get(1)?,
+                        event_type: r.get(2)?,
+                        payload: r.get(3)?,
+                        created_at: r.get(4)?,
+                        attempts: r.get(5)?,
+                        next_attempt_at: r.get(6)?,
+                        delivered_at: r.get(7)?,
+                        failed_at: r.get(8)?,
+                        last_error: r.get(9)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            drop(stmt);
+            let mut stmt = tx.prepare("SELECT name, last_run, runs FROM job_runs ORDER BY name")?;
+            let jobs = stmt
+                .query_map([], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)?.max(0) as u64))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            drop(stmt);
+            let dump = Dump {
+                store_id,
+                version: meta_number(&tx, "version")?,
+                horizon: meta_number(&tx, "horizon")?,
+                tokens,
+                audit,
+                warnings,
+                outbox,
+                jobs,
+            };
+            tx.commit()?;
+            Ok(dump)
+        })
+        .await
+    }
+
+    async fn import(&self, dump: &Dump) -> Result<(), StoreError> {
+        let dump = dump.clone();
+        self.with(move |c, published| {
+            let tx = c.transaction()?;
+            let used: i64 = tx.query_row(
+                "SELECT (SELECT count(*) FROM tokens) + (SELECT count(*) FROM audit)",
+                [],
+                |r| r.get(0),
+            )?;
+            if used > 0 || meta_number(&tx, "version")? > 0 {
+                return Ok(Err(StoreError::Conflict(
+                    "the target database already holds tokens; migrate into an empty one".into(),
+                )));
+            }
+            for (r, created_seq) in &dump.tokens {
+                tx.execute(
+                    &format!(
+                        "INSERT INTO tokens ({COLUMNS}, created_seq) VALUES
+                         (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
+                          ?17, ?18)"
+                    ),
+                    params![
+                        r.id,
+                        r.hash,
+                        r.name,
+                        r.kind.as_str(),
+                        r.owner,
+                        r.status.as_str(),
+                        r.max_rps,
+                        r.burst,
+                        r.created_at,
+                        r.updated_at,
+                        r.expires_at,
+                        r.last_used_at,
+                        r.version as i64,
+                        clamp(r.requests_allowed),
+                        clamp(r.requests_denied),
+                        r.rotated_at,
+                        retired_text(r)?,
+                        created_seq
+                    ],
+                )?;
+            }
+            for a in &dump.audit {
+                tx.execute(
+                    "INSERT INTO audit (seq, at, actor, action, token_id, token_name, before, after)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                    params![
+                        clamp(a.seq),
+                        a.at,
+                        a.actor,
+                        a.action,
+                        a.token_id,
+                        a.token_name,
+                        a.before.as_ref().map(Value::to_string),
+                        a.after.as_ref().map(Value::to_string)
+                    ],
+                )?;
+            }
+            for w in &dump.warnings {
+                tx.execute(
+                    "INSERT INTO expiry_warnings (token_id, expires_at, lead, issued_at)
+                     VALUES (?1, ?2, ?3, ?4)",
+                    params![w.token_id, w.expires_at, w.lead, w.at],
+                )?;
+            }
+            for o in &dump.outbox {
+                tx.execute(
+                    "INSERT INTO outbox (id, event_id, event_type, payload, created_at, attempts,
+                         next_attempt_at, delivered_at, failed_at, last_error)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                    params![
+                        o.id,
+                        o.event_id,
+                        o.event_type,
+                        o.payload,
+                        o.created_at,
+                        o.attempts,
+                        o.next_attempt_at,
+                        o.delivered_at,
+                        o.failed_at,
+                        o.last_error
+                    ],
+                )?;
+            }
+            for (name, last_run, runs) in &dump.jobs {
+                tx.execute(
+                    "INSERT INTO job_runs (name, last_run, runs) VALUES (?1, ?2, ?3)
+                     ON CONFLICT(name) DO UPDATE SET last_run = excluded.last_run, runs = excluded.runs",
+                    params![name, last_run, clamp(*runs)],
+                )?;
+            }
+            set_meta(&tx, "version", dump.version)?;
+            set_meta(&tx, "horizon", dump.horizon)?;
+            tx.execute(
+                "UPDATE meta SET value = ?1 WHERE key = 'store_id'",
+                [&dump.store_id],
+            )?;
+            tx.commit()?;
+            published.publish(dump.version);
+            Ok(Ok(()))
+        })
+        .await?
     }
 }
 
