@@ -163,7 +163,7 @@ check-oci: oci ## recompute the OCI image's digests and check its contents (skop
 
 check-containers: tools check-oci $(PYTOOLS)/.kubernetes-validate-$(KUBERNETES_VALIDATE_VERSION) ## check the compose file, Dockerfiles and compose Envoy config without a Docker engine
 	@mkdir -p .run
-	LISTEN_ADDRESS=0.0.0.0 ADMIN_ADDRESS=0.0.0.0 UPSTREAM_HOST=demo-upstream CONTROL_PLANE_HOST=control-plane \
+	LISTEN_ADDRESS=0.0.0.0 ADMIN_ADDRESS=0.0.0.0 UPSTREAM_HOST=demo-upstream CONTROL_PLANE_HOST=control-plane-replicas \
 	  SYNC_TOKEN=validate-only WASM_PATH=$(CURDIR)/$(WASM) envoy/render.sh envoy/envoy.yaml .run/compose.validate.yaml
 	"$(ENVOY_BIN)" --mode validate -c .run/compose.validate.yaml --base-id $(VALIDATE_BASE_ID) --disable-hot-restart -l warning
 	sh -n envoy/render.sh envoy/compose/entrypoint.sh
@@ -173,7 +173,9 @@ docker-up: ## run the same stack with docker compose (needs a Docker engine); pr
 	$(CARGO) build --release --target $(WASM_TARGET) -p tokengate-filter
 	@export TOKENGATE_ADMIN_TOKEN="$${TOKENGATE_ADMIN_TOKEN:-$$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')}"; \
 	 export TOKENGATE_SYNC_TOKEN="$${TOKENGATE_SYNC_TOKEN:-$$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')}"; \
+	 export TOKENGATE_DB_PASSWORD="$${TOKENGATE_DB_PASSWORD:-$$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')}"; \
 	 echo "TOKENGATE_ADMIN_TOKEN=$$TOKENGATE_ADMIN_TOKEN"; \
+	 echo "TOKENGATE_DB_PASSWORD=$$TOKENGATE_DB_PASSWORD (keep it: the database volume uses it from now on)"; \
 	 echo "then: export TOKENGATE_ADMIN_TOKEN=<that> and use the commands that make run prints"; \
 	 docker compose -f envoy/docker-compose.yaml up --build
 

@@ -1,11 +1,15 @@
 #!/usr/bin/env python3
 """Checks the Kubernetes and Istio manifests as an operator would apply them.
 
-For each overlay (gateway, sidecar): renders it with `kubectl kustomize` (with generated
-credentials, as the README tells operators to create them), validates every Kubernetes object
-strictly against the Kubernetes API schemas (kubernetes-validate), the WasmPlugin and Gateway
-API objects against the schemas in ./schemas, checks the references between objects, and
-loads each WasmPlugin's pluginConfig into the real filter with `envoy --mode validate`.
+For each overlay (gateway, sidecar, and gateway with the cloudnative-pg component in place of
+database-url, as the README tells operators to switch): renders it with `kubectl kustomize`
+(with generated credentials and database URL, as the README tells operators to create them),
+validates every Kubernetes object strictly against the Kubernetes API schemas
+(kubernetes-validate), the WasmPlugin, Gateway API and CloudNativePG objects against the
+schemas in ./schemas, checks the references between objects and what a fleet of control-plane
+replicas needs (replicas, rolling updates, a disruption budget, readiness on /readyz, the
+database URL from a Secret), and loads each WasmPlugin's pluginConfig into the real filter
+with `envoy --mode validate`.
 
 Usage: check.py --envoy ENVOY_BIN --wasm FILTER.wasm [--base-id N]
 Needs: kubectl (for its built-in kustomize), PyYAML, jsonschema, kubernetes-validate.
@@ -28,7 +32,9 @@ import yaml
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 K8S_VERSION = "1.32.0"
-OVERLAYS = ["gateway", "sidecar"]
+OVERLAYS = ["gateway", "sidecar", "gateway-cloudnative-pg"]
+# The keys CloudNativePG writes in the `<cluster>-app` Secret.
+CNPG_APP_KEYS = {"username", "password", "host", "port", "dbname", "uri", "jdbc-uri", "pgpass"}
 PROBLEMS = []
 
 
@@ -44,6 +50,7 @@ def load_schema(name):
 CRD_SCHEMAS = {
     "extensions.istio.io/v1alpha1": load_schema("wasmplugin.extensions.istio.io.v1alpha1.json"),
     "gateway.networking.k8s.io/v1": load_schema("gateway.networking.k8s.io.v1.json"),
+    "postgresql.cnpg.io/v1": load_schema("cluster.postgresql.cnpg.io.v1.json"),
 }
 
 
@@ -88,6 +95,16 @@ def check_references(overlay, docs, sync_token, admin_token):
     data = {k: base64.b64decode(v).decode() for k, v in secret.get("data", {}).items()}
     if data != {"admin-token": admin_token, "sync-token": sync_token}:
         problem(overlay, f"the Secret holds {sorted(data)} but not the generated credentials")
+    # Secret keys a pod may read: those in the rendered Secrets, and those CloudNativePG
+    # writes for each Cluster it runs.
+    secret_keys = {}
+    for d in docs:
+        if d["kind"] == "Secret":
+            keys = set(d.get("data", {})) | set(d.get("stringData", {}))
+            secret_keys[(d["metadata"]["namespace"], d["metadata"]["name"])] = keys
+        if d["kind"] == "Cluster" and d["apiVersion"].startswith("postgresql.cnpg.io/"):
+            secret_keys[(d["metadata"]["namespace"], d["metadata"]["name"] + "-app")] = CNPG_APP_KEYS
+    check_fleet(overlay, docs, secret_keys)
     for d in docs:
         if d["kind"] != "Deployment":
             continue
@@ -110,7 +127,7 @@ def check_references(overlay, docs, sync_token, admin_token):
                         problem(name, f"{probe} uses port {how['port']!r}, which the container does not name")
             for env in c.get("env", []):
                 ref = env.get("valueFrom", {}).get("secretKeyRef")
-                if ref and (ref["name"] != "tokengate-credentials" or ref["key"] not in data):
+                if ref and ref["key"] not in secret_keys.get((d["metadata"]["namespace"], ref["name"]), set()):
                     problem(name, f"env {env['name']} refers to a missing secret key {ref}")
             for vm in c.get("volumeMounts", []):
                 vols = {v["name"]: v for v in pod["spec"].get("volumes", [])}
@@ -159,6 +176,58 @@ def check_references(overlay, docs, sync_token, admin_token):
                         problem(overlay, f"HTTPRoute backend {b} is not a Service port")
 
 
+def check_fleet(overlay, docs, secret_keys):
+    """What several control-plane replicas on one database need."""
+    by = index(docs)
+    d = by.get(("Deployment", "tokengate", "tokengate"))
+    if not d:
+        problem(overlay, "Deployment tokengate/tokengate is missing")
+        return
+    name = f"{overlay}: Deployment/tokengate"
+    spec = d["spec"]
+    pod = spec["template"]["spec"]
+    if spec.get("replicas", 1) < 2:
+        problem(name, "the control plane must run at least 2 replicas (no single point of failure)")
+    strategy = spec.get("strategy", {})
+    if strategy.get("type", "RollingUpdate") != "RollingUpdate":
+        problem(name, "replicas on a shared database update one at a time (RollingUpdate)")
+    if str(strategy.get("rollingUpdate", {}).get("maxUnavailable", "25%")) not in ("0", "0%"):
+        problem(name, "a rolling update must keep every replica until its successor is ready (maxUnavailable: 0)")
+    c = next((c for c in pod["containers"] if c["name"] == "tokengate"), None)
+    if c is None:
+        problem(name, "no container named tokengate")
+        return
+    if c.get("readinessProbe", {}).get("httpGet", {}).get("path") != "/readyz":
+        problem(name, "readiness must be /readyz (ready while the database answers)")
+    if c.get("livenessProbe", {}).get("httpGet", {}).get("path") != "/healthz":
+        problem(name, "liveness must be /healthz (a replica cut off from the database is not restarted)")
+    db = next((e for e in c.get("env", []) if e["name"] == "TOKENGATE_DB"), None)
+    ref = (db or {}).get("valueFrom", {}).get("secretKeyRef")
+    if not ref:
+        problem(name, "TOKENGATE_DB must come from a Secret (it holds the database password)")
+    elif ref["key"] not in secret_keys.get(("tokengate", ref["name"]), set()):
+        problem(name, f"TOKENGATE_DB refers to a missing secret key {ref}")
+    generated = next((x for x in docs if x["kind"] == "Secret" and ref
+                      and x["metadata"]["name"] == ref["name"]), None)
+    if generated is not None:
+        url = base64.b64decode(generated.get("data", {}).get(ref["key"], "")).decode()
+        if not url.startswith(("postgres://", "postgresql://")):
+            problem(name, f"the database URL in Secret {ref['name']} is not a postgres:// URL")
+    if any("persistentVolumeClaim" in v for v in pod.get("volumes", [])):
+        problem(name, "replicas share the database, not a volume: no PersistentVolumeClaim")
+    pdbs = [x for x in docs if x["kind"] == "PodDisruptionBudget" and x["metadata"]["namespace"] == "tokengate"
+            and labels_match(x["spec"].get("selector", {}).get("matchLabels"), spec["template"]["metadata"]["labels"])]
+    if len(pdbs) != 1:
+        problem(name, f"expected one PodDisruptionBudget for the replicas, found {len(pdbs)}")
+    else:
+        budget = pdbs[0]["spec"]
+        if not (1 <= budget.get("minAvailable", 0) < spec.get("replicas", 1)):
+            problem(name, "the disruption budget must keep one replica and still let a node drain (1 <= minAvailable < replicas)")
+    for cl in (x for x in docs if x["kind"] == "Cluster"):
+        if cl["spec"]["instances"] < 2:
+            problem(overlay, f"Cluster/{cl['metadata']['name']} needs a standby (instances >= 2) for failover")
+
+
 def check_plugin_config_loads(overlay, docs, envoy, wasm, base_id):
     """The real filter must accept the pluginConfig Istio will hand it."""
     plugin = next((d for d in docs if d["kind"] == "WasmPlugin"), None)
@@ -202,6 +271,18 @@ def main():
             f.write(f"admin-token={admin}\n")
         with open(os.path.join(work, "base", "sync.env"), "w") as f:
             f.write(f"sync-token={sync}\n")
+        with open(os.path.join(work, "database-url", "database.env"), "w") as f:
+            f.write(f"url=postgres://tokengate:{secrets.token_hex(16)}@postgres.example.com:5432/tokengate\n")
+        # The README's switch to CloudNativePG: the overlay names ../cloudnative-pg in place
+        # of ../database-url.
+        shutil.copytree(os.path.join(work, "gateway"), os.path.join(work, "gateway-cloudnative-pg"))
+        k = os.path.join(work, "gateway-cloudnative-pg", "kustomization.yaml")
+        with open(k) as f:
+            text = f.read()
+        if "- ../database-url" not in text:
+            problem("gateway", "the overlay does not list ../database-url among its components")
+        with open(k, "w") as f:
+            f.write(text.replace("- ../database-url", "- ../cloudnative-pg"))
         for i, overlay in enumerate(OVERLAYS):
             docs = render(overlay, work)
             if not docs:
