@@ -204,9 +204,25 @@ fn retryable(e: &tokio_postgres::Error) -> bool {
     })
 }
 
+/// The error with the server's own words, when it said any ("db error" alone says nothing).
+fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(d) => format!("{} ({})", d.message(), d.code().code()),
+        None => e.to_string(),
+    }
+}
+
+/// A pool error, described like a query's.
+fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
+    StoreError::Unavailable(match e {
+        deadpool_postgres::PoolError::Backend(e) => format!("cannot connect: {}", describe(&e)),
+        other => other.to_string(),
+    })
+}
+
 fn classify(e: tokio_postgres::Error) -> StoreError {
     if connection_lost(&e) {
-        return StoreError::Unavailable(e.to_string());
+        return StoreError::Unavailable(describe(&e));
     }
     if e.code() == Some(&SqlState::UNIQUE_VIOLATION) {
         let detail = e
@@ -214,7 +230,7 @@ fn classify(e: tokio_postgres::Error) -> StoreError {
             .map_or_else(|| e.to_string(), |d| d.message().to_string());
         return StoreError::Conflict(detail);
     }
-    StoreError::Backend(e.to_string())
+    StoreError::Backend(describe(&e))
 }
 
 fn decode(e: impl std::fmt::Display) -> StoreError {
@@ -363,10 +379,7 @@ async fn migrate_locked(client: &mut tokio_postgres::Client) -> Result<String, P
 }
 
 async fn read_version(pool: &Pool) -> Result<u64, StoreError> {
-    let client = pool
-        .get()
-        .await
-        .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+    let client = pool.get().await.map_err(pool_error)?;
     let row = client
         .query_one("SELECT version FROM tokengate_sync", &[])
         .await
@@ -494,7 +507,7 @@ macro_rules! pg {
             attempts += 1;
             let mut client = match store.pool.get().await {
                 Ok(c) => c,
-                Err(e) => break Err(StoreError::Unavailable(e.to_string())),
+                Err(e) => break Err(pool_error(e)),
             };
             let outcome = {
                 let $c = &mut client;
@@ -529,7 +542,7 @@ impl PostgresStore {
             .map_err(|_| {
                 StoreError::Unavailable(format!("no answer within {:?}", settings.timeout))
             })?
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            .map_err(|e| StoreError::Unavailable(describe(&e)))?;
         let driver = tokio::spawn(connection);
         let store_id = migrate(&mut client).await.map_err(|e| match e {
             PgError::Db(e) => classify(e),
