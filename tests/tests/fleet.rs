@@ -247,10 +247,14 @@ fn killing_a_replica_under_traffic_and_writes_loses_no_acknowledged_write() {
     );
 }
 
+/// A write's answer: the replica, the status, the error code, `Retry-After`, and the id of
+/// the token created.
+type WriteAnswer = (usize, u16, Option<String>, Option<String>, Option<String>);
+
 /// Creates tokens on every replica in turn until stopped; remembers each answer.
 struct Writer {
     stop: Arc<AtomicBool>,
-    answers: Arc<Mutex<Vec<(usize, u16, Option<String>, Option<String>, Option<String>)>>>,
+    answers: Arc<Mutex<Vec<WriteAnswer>>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -301,7 +305,7 @@ impl Writer {
             .count()
     }
 
-    fn finish(mut self) -> Vec<(usize, u16, Option<String>, Option<String>, Option<String>)> {
+    fn finish(mut self) -> Vec<WriteAnswer> {
         self.stop.store(true, Ordering::SeqCst);
         if let Some(t) = self.thread.take() {
             t.join().unwrap();
