@@ -2,9 +2,14 @@
 # Runs tokengate locally: the control plane, the demo upstream and Envoy with the filter.
 # Called by `make run` (which installs and builds first); Ctrl-C stops all three.
 #
-# State lives in .run/ (git-ignored): the SQLite database, the rendered Envoy config and
-# one log per process. The database survives restarts, so tokens created in one session
-# still work in the next one if you reuse the admin token (export TOKENGATE_ADMIN_TOKEN).
+# State lives in .run/ (git-ignored; RUN_DIR moves it): the SQLite database, the rendered
+# Envoy config and one log per process. The database survives restarts, so tokens created
+# in one session still work in the next one if you reuse the admin token (export
+# TOKENGATE_ADMIN_TOKEN).
+#
+# Ports, each moved by the variable of the same name (`make run LISTEN_PORT=10100 ...`):
+# LISTEN_PORT (Envoy's listener), ADMIN_PORT (Envoy's admin), UPSTREAM_PORT (the demo
+# upstream), CONTROL_PLANE_PORT (tokengate serve); BASE_ID is Envoy's --base-id.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -22,7 +27,7 @@ CONTROL_PLANE_PORT="${CONTROL_PLANE_PORT:-8081}"
 # shares an id with a test's Envoy. Hot restart is off: a local run has no use for it and
 # it would leave shared memory behind in /dev/shm after every kill.
 BASE_ID="${BASE_ID:-7301}"
-RUN_DIR="$ROOT/.run"
+RUN_DIR="${RUN_DIR:-$ROOT/.run}"
 
 die() { echo "run: $*" >&2; exit 1; }
 
@@ -30,12 +35,14 @@ for bin in "$ENVOY_BIN" "$TOKENGATE_BIN" "$DEMO_UPSTREAM_BIN"; do
   [ -x "$bin" ] || die "$bin is missing: use \`make run\`, which installs and builds everything"
 done
 [ -f "$WASM" ] || die "$WASM is missing: use \`make run\`, which builds it"
+case "$WASM" in /*) WASM_PATH="$WASM" ;; *) WASM_PATH="$ROOT/$WASM" ;; esac
 command -v curl >/dev/null || die "curl is needed to check readiness"
 
 port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-for port in "$LISTEN_PORT" "$ADMIN_PORT" "$UPSTREAM_PORT" "$CONTROL_PLANE_PORT"; do
+for var in LISTEN_PORT ADMIN_PORT UPSTREAM_PORT CONTROL_PLANE_PORT; do
+  port="${!var}"
   if port_busy "$port"; then
-    die "127.0.0.1:$port is already in use (another \`make run\`?); stop it first"
+    die "127.0.0.1:$port ($var) is already in use (another \`make run\`?); stop it, or move this port: make run $var=<free port>"
   fi
 done
 
@@ -53,10 +60,13 @@ else
 fi
 # The sync credential only lets Envoy read /v1/sync; a fresh one each run is fine.
 TOKENGATE_SYNC_TOKEN="$(random_hex)"
-export TOKENGATE_ADMIN_TOKEN TOKENGATE_SYNC_TOKEN
+# Each credential goes only to the process that needs it: both to the control plane, the
+# sync credential to Envoy through its rendered configuration, none to the demo upstream.
+# An admin token exported by the caller would otherwise reach every child's environment.
+export -n TOKENGATE_ADMIN_TOKEN TOKENGATE_SYNC_TOKEN
 
 LISTEN_PORT=$LISTEN_PORT ADMIN_PORT=$ADMIN_PORT UPSTREAM_PORT=$UPSTREAM_PORT \
-  CONTROL_PLANE_PORT=$CONTROL_PLANE_PORT WASM_PATH="$ROOT/$WASM" SYNC_TOKEN="$TOKENGATE_SYNC_TOKEN" \
+  CONTROL_PLANE_PORT=$CONTROL_PLANE_PORT WASM_PATH="$WASM_PATH" SYNC_TOKEN="$TOKENGATE_SYNC_TOKEN" \
   envoy/render.sh envoy/envoy.yaml "$RUN_DIR/envoy.yaml" || die "cannot render envoy/envoy.yaml"
 
 pids=()
@@ -73,13 +83,14 @@ trap cleanup EXIT
 trap 'cleanup; exit 130' INT
 trap 'cleanup; exit 143' TERM
 
-"$TOKENGATE_BIN" serve --listen "127.0.0.1:$CONTROL_PLANE_PORT" --db "$RUN_DIR/tokengate.db" \
+TOKENGATE_ADMIN_TOKEN="$TOKENGATE_ADMIN_TOKEN" TOKENGATE_SYNC_TOKEN="$TOKENGATE_SYNC_TOKEN" \
+  "$TOKENGATE_BIN" serve --listen "127.0.0.1:$CONTROL_PLANE_PORT" --db "$RUN_DIR/tokengate.db" \
   >>"$RUN_DIR/control-plane.log" 2>&1 &
 pids+=($!)
 DEMO_UPSTREAM_LISTEN="127.0.0.1:$UPSTREAM_PORT" "$DEMO_UPSTREAM_BIN" \
   >>"$RUN_DIR/demo-upstream.log" 2>&1 &
 pids+=($!)
-# Envoy logs to stderr, kept in .run/envoy.log (unlike --log-path, written line by line).
+# Envoy logs to stderr, kept in $RUN_DIR/envoy.log (unlike --log-path, written line by line).
 "$ENVOY_BIN" -c "$RUN_DIR/envoy.yaml" --concurrency 2 --base-id "$BASE_ID" --disable-hot-restart -l info \
   >>"$RUN_DIR/envoy.log" 2>&1 &
 pids+=($!)
@@ -107,7 +118,7 @@ tokengate is running
   control plane          http://127.0.0.1:$CONTROL_PLANE_PORT
   web console            http://127.0.0.1:$CONTROL_PLANE_PORT/   (sign in with the admin token)
   demo upstream          http://127.0.0.1:$UPSTREAM_PORT
-  state and logs         .run/
+  state and logs         $RUN_DIR/
 
 Admin token ($admin_source):
   $TOKENGATE_ADMIN_TOKEN
@@ -149,5 +160,5 @@ set +e
 wait -n "${pids[@]}"
 status=$?
 set -e
-echo "run: a process exited (status $status); see the logs in .run/" >&2
+echo "run: a process exited (status $status); see the logs in $RUN_DIR/" >&2
 exit "$status"

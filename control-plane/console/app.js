@@ -190,12 +190,12 @@ function firstPage() {
 }
 
 function expiryCell(t) {
-  if (!t.expires_at) return el('td', { class: 'muted' }, 'Never');
+  if (!t.expires_at) return el('td', { class: 'muted', 'data-label': 'Expires' }, 'Never');
   const left = (Date.parse(t.expires_at) - Date.now()) / 1000;
   const warn = state.session && left <= state.session.expiry_warning_seconds;
   const cls = t.expired || left <= 0 ? 'expired' : warn ? 'warn' : '';
   const hint = t.expired || left <= 0 ? `expired ${fromNow(t.expires_at)}` : `expires ${fromNow(t.expires_at)}`;
-  return el('td', { class: cls, title: t.expires_at },
+  return el('td', { class: cls, title: t.expires_at, 'data-label': 'Expires' },
     el('span', { class: 'date' }, when(t.expires_at)), el('span', { class: 'hint' }, hint));
 }
 
@@ -210,16 +210,16 @@ function tokenRow(t) {
   }, label);
   const toggle = t.status === 'suspended' ? act('reactivate', 'Reactivate') : act('suspend', 'Suspend');
   const lastUsed = t.last_used_at
-    ? el('td', { title: t.last_used_at }, fromNow(t.last_used_at))
-    : el('td', { class: 'muted' }, 'Never used');
+    ? el('td', { title: t.last_used_at, 'data-label': 'Last used' }, fromNow(t.last_used_at))
+    : el('td', { class: 'muted', 'data-label': 'Last used' }, 'Never used');
   const grace = t.old_secret_valid_until
     ? el('span', { class: 'hint' }, `old secret works until ${when(t.old_secret_valid_until)}`) : null;
   return el('tr', { 'data-id': t.id, 'data-status': t.status },
     el('th', { scope: 'row' }, el('span', { class: 'name' }, t.name), el('span', { class: 'hint mono' }, t.id), grace),
-    el('td', {}, t.kind),
-    el('td', {}, t.owner),
-    el('td', { class: 'status-cell' }, statusBadge(t)),
-    el('td', { class: 'num' }, t.max_rps === null ? el('span', { class: 'muted' }, 'Unlimited') : String(t.max_rps)),
+    el('td', { 'data-label': 'Kind' }, t.kind),
+    el('td', { 'data-label': 'Owner' }, t.owner),
+    el('td', { class: 'status-cell', 'data-label': 'Status' }, statusBadge(t)),
+    el('td', { class: 'num', 'data-label': 'Max RPS' }, t.max_rps === null ? el('span', { class: 'muted' }, 'Unlimited') : String(t.max_rps)),
     expiryCell(t),
     lastUsed,
     el('td', { class: 'row-actions' },
@@ -502,11 +502,11 @@ async function loadAudit(fresh) {
   if (fresh) state.auditCursor = null;
   const page = await api('GET', '/v1/audit?' + auditQuery());
   const rows = page.entries.map((e) => el('tr', { 'data-seq': String(e.seq) },
-    el('td', { title: e.at }, when(e.at)),
-    el('td', {}, e.actor),
-    el('td', {}, el('code', {}, e.action)),
-    el('td', {}, el('span', { class: 'name' }, e.token_name), el('span', { class: 'hint mono' }, e.token_id)),
-    el('td', { class: 'change' }, describeChange(e)),
+    el('td', { title: e.at, 'data-label': 'When' }, when(e.at)),
+    el('td', { 'data-label': 'Actor' }, e.actor),
+    el('td', { 'data-label': 'Action' }, el('code', {}, e.action)),
+    el('td', { 'data-label': 'Token' }, el('span', { class: 'name' }, e.token_name), el('span', { class: 'hint mono' }, e.token_id)),
+    el('td', { class: 'change', 'data-label': 'Change' }, describeChange(e)),
   ));
   const body = $('audit').tBodies[0];
   if (fresh) body.replaceChildren(...rows); else body.append(...rows);

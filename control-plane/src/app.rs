@@ -4,12 +4,14 @@
 //! store. `tokengate serve` and the tests build it the same way.
 
 use crate::api::{app, Admin, AppState, ConsoleSettings};
+use crate::connections::{self, Limits as ConnectionLimits};
 use crate::domain::housekeeping::{self, Jobs};
 use crate::domain::sessions::Limits;
 use crate::domain::{Feed, Sessions, Tokens};
 use crate::metrics::{Metered, Metrics};
 use crate::policy::Policy;
 use crate::store::{PgSettings, PostgresStore, SqliteStore, Store};
+use crate::throttle::{self, Throttle};
 use axum::Router;
 use std::future::Future;
 use std::path::PathBuf;
@@ -91,10 +93,15 @@ pub struct Config {
     pub jobs_interval: Duration,
     pub console: ConsoleSettings,
     pub sessions: Limits,
+    /// Client connections: deadlines and the cap.
+    pub connections: ConnectionLimits,
+    /// How many refused credentials an address may present.
+    pub throttle: throttle::Settings,
 }
 
 pub struct Application {
     state: AppState,
+    connections: ConnectionLimits,
     shutdown: watch::Sender<bool>,
     jobs: Vec<JoinHandle<()>>,
 }
@@ -119,6 +126,7 @@ impl Application {
             sync_page_size: config.sync_page_size,
             shutdown: shutdown_rx.clone(),
             console: config.console,
+            throttle: Arc::new(Throttle::new(config.throttle)),
         };
         let jobs = vec![tokio::spawn(housekeeping::run(
             store,
@@ -129,6 +137,7 @@ impl Application {
         ))];
         Ok(Application {
             state,
+            connections: config.connections,
             shutdown,
             jobs,
         })
@@ -155,16 +164,20 @@ impl Application {
     ) -> Result<(), String> {
         let router = self.router();
         let shutdown = self.shutdown.clone();
-        let served = axum::serve(listener, router)
-            .with_graceful_shutdown(async move {
+        connections::serve(
+            listener,
+            router,
+            self.connections,
+            self.state.metrics.clone(),
+            async move {
                 signal.await;
                 tracing::info!("shutting down: releasing long-polls");
                 let _ = shutdown.send(true);
-            })
-            .await
-            .map_err(|e| e.to_string());
+            },
+        )
+        .await;
         self.stop().await;
-        served
+        Ok(())
     }
 
     /// Stops the background jobs (a round in progress finishes) and closes the store.

@@ -1,6 +1,7 @@
 //! `GET /metrics`: the control plane's own figures in the Prometheus text format. Labels are
-//! fixed words only (a route template, a method, a status, a store operation, an outcome):
-//! never a token id, name, owner or credential.
+//! fixed words only (a route template, a method, a status, a store operation, an outcome, a
+//! kind of credential, a reason): never a token, a token id or name, an owner, a credential
+//! or a client address.
 
 use crate::store::{
     AuditEntry, AuditQuery, AuditRecord, Changes, Delivery, DeliveryOutcome, Dump, Event, Expiring,
@@ -40,6 +41,68 @@ impl Histogram {
     }
 }
 
+/// Which credential a failed check presented.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Credential {
+    /// An admin credential in `Authorization: Bearer`.
+    Admin,
+    /// The sync credential (`/v1/sync`, `/v1/usage`).
+    Sync,
+    /// An admin credential at the console's sign-in (`POST /v1/session`).
+    SignIn,
+}
+
+impl Credential {
+    /// The throttle allowance it counts against: admin credentials share one.
+    pub fn pool(self) -> crate::throttle::Pool {
+        match self {
+            Credential::Admin | Credential::SignIn => crate::throttle::Pool::Admin,
+            Credential::Sync => crate::throttle::Pool::Sync,
+        }
+    }
+
+    pub const ALL: [Credential; 3] = [Credential::Admin, Credential::Sync, Credential::SignIn];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Credential::Admin => "admin",
+            Credential::Sync => "sync",
+            Credential::SignIn => "sign_in",
+        }
+    }
+}
+
+/// Why the server closed a connection on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closed {
+    /// No complete request head within `--header-read-timeout`.
+    HeaderTimeout,
+    /// No request within `--idle-timeout` after the last one.
+    IdleTimeout,
+    /// Closed while idle to make room under `--max-connections`.
+    Evicted,
+    /// A request body not received within `--body-read-timeout` (answered 408).
+    BodyTimeout,
+}
+
+impl Closed {
+    pub const ALL: [Closed; 4] = [
+        Closed::HeaderTimeout,
+        Closed::IdleTimeout,
+        Closed::Evicted,
+        Closed::BodyTimeout,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Closed::HeaderTimeout => "header_timeout",
+            Closed::IdleTimeout => "idle_timeout",
+            Closed::Evicted => "evicted",
+            Closed::BodyTimeout => "body_timeout",
+        }
+    }
+}
+
 /// How a sync answer went.
 #[derive(Debug, Clone, Copy)]
 pub enum SyncAnswer {
@@ -51,6 +114,11 @@ pub enum SyncAnswer {
 /// Counters and gauges, updated where things happen.
 #[derive(Default)]
 pub struct Metrics {
+    auth_failures: [AtomicU64; 3],
+    auth_throttled: AtomicU64,
+    connections_open: AtomicU64,
+    connections_accepted: AtomicU64,
+    connections_closed: [AtomicU64; 4],
     polls_held: AtomicI64,
     sync_changes: AtomicU64,
     sync_no_change: AtomicU64,
@@ -79,7 +147,50 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// What the exposition reads from the store and the feed at the moment it is rendered.
+pub struct Live {
+    pub ready: bool,
+    pub backend: &'static str,
+    pub version: u64,
+    /// Pool figures: (open, idle, waiting, most allowed).
+    pub pool: Option<(usize, usize, usize, usize)>,
+    pub feed_reads: u64,
+}
+
+impl Live {
+    pub fn of(store: &dyn Store, feed_reads: u64, ready: bool) -> Live {
+        Live {
+            ready,
+            backend: store.backend(),
+            version: *store.subscribe().borrow(),
+            pool: store.pool(),
+            feed_reads,
+        }
+    }
+}
+
 impl Metrics {
+    pub fn auth_failure(&self, c: Credential) {
+        self.auth_failures[c as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn auth_throttled(&self) {
+        self.auth_throttled.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn connection_opened(&self) {
+        self.connections_accepted.fetch_add(1, Ordering::Relaxed);
+        self.connections_open.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn connection_ended(&self) {
+        self.connections_open.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    pub fn connection_closed(&self, why: Closed) {
+        self.connections_closed[why as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn hold_poll(&self) -> HeldPoll<'_> {
         self.polls_held.fetch_add(1, Ordering::Relaxed);
         HeldPoll(self)
@@ -131,8 +242,10 @@ impl Metrics {
         *lock(&self.store_errors).entry((op, kind)).or_default() += 1;
     }
 
-    /// The exposition: these counters plus what the store and the feed know right now.
-    pub fn render(&self, store: &dyn Store, feed_reads: u64, ready: bool) -> String {
+    /// The exposition (Prometheus text, version 0.0.4): these counters plus what the store
+    /// and the feed know right now.
+    pub fn render(&self, live: &Live) -> String {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let mut out = String::new();
         let mut metric = |name: &str, kind: &str, help: &str, lines: &[(String, String)]| {
             let _ = writeln!(out, "# HELP {name} {help}");
@@ -143,22 +256,62 @@ impl Metrics {
         };
         let one = |v: String| vec![(String::new(), v)];
         metric(
+            "tokengate_auth_failures_total",
+            "counter",
+            "Credentials refused, by the kind of credential presented.",
+            &Credential::ALL.map(|c| {
+                (
+                    format!("{{credential=\"{}\"}}", c.as_str()),
+                    get(&self.auth_failures[c as usize]).to_string(),
+                )
+            }),
+        );
+        metric(
+            "tokengate_auth_throttled_total",
+            "counter",
+            "Requests answered 429 because their address failed too many credential checks.",
+            &one(get(&self.auth_throttled).to_string()),
+        );
+        metric(
+            "tokengate_connections_open",
+            "gauge",
+            "Client connections open now.",
+            &one(get(&self.connections_open).to_string()),
+        );
+        metric(
+            "tokengate_connections_accepted_total",
+            "counter",
+            "Client connections accepted.",
+            &one(get(&self.connections_accepted).to_string()),
+        );
+        metric(
+            "tokengate_connections_closed_total",
+            "counter",
+            "Connections the server closed on its own, by reason.",
+            &Closed::ALL.map(|why| {
+                (
+                    format!("{{reason=\"{}\"}}", why.as_str()),
+                    get(&self.connections_closed[why as usize]).to_string(),
+                )
+            }),
+        );
+        metric(
             "tokengate_ready",
             "gauge",
             "1 while the store answers (as /readyz).",
-            &one(u8::from(ready).to_string()),
+            &one(u8::from(live.ready).to_string()),
         );
         metric(
             "tokengate_store_info",
             "gauge",
             "The store backend in use.",
-            &[(format!("{{backend=\"{}\"}}", store.backend()), "1".into())],
+            &[(format!("{{backend=\"{}\"}}", live.backend), "1".into())],
         );
         metric(
             "tokengate_sync_version",
             "gauge",
             "The latest committed version this replica knows of.",
-            &one(store.subscribe().borrow().to_string()),
+            &one(live.version.to_string()),
         );
         metric(
             "tokengate_sync_polls_held",
@@ -186,7 +339,7 @@ impl Metrics {
             "tokengate_sync_reads_total",
             "counter",
             "Database reads made to answer long-polls (one per version for all polls woken by it).",
-            &one(feed_reads.to_string()),
+            &one(live.feed_reads.to_string()),
         );
         let histograms = lock(&self.store).clone();
         let mut lines = vec![];
@@ -220,7 +373,7 @@ impl Metrics {
             "Failed store calls by operation and kind (unavailable: the database did not answer).",
             &errors,
         );
-        if let Some((size, idle, waiting, max)) = store.pool() {
+        if let Some((size, idle, waiting, max)) = live.pool {
             metric(
                 "tokengate_db_pool_connections",
                 "gauge",
@@ -341,11 +494,13 @@ impl Store for Metered {
         row: TokenRow,
         expected_version: u64,
         audit: &AuditRecord,
+        raise_horizon: bool,
     ) -> Result<TokenRow, StoreError> {
         timed!(
             self,
             "replace",
-            self.inner.replace(row, expected_version, audit)
+            self.inner
+                .replace(row, expected_version, audit, raise_horizon)
         )
     }
     async fn record_usage(&self, now: i64, entries: &[UsageEntry]) -> Result<usize, StoreError> {
@@ -458,6 +613,42 @@ impl Store for Metered {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn live() -> Live {
+        Live {
+            ready: true,
+            backend: "sqlite",
+            version: 7,
+            pool: None,
+            feed_reads: 3,
+        }
+    }
+
+    #[test]
+    fn every_family_has_its_header_and_samples() {
+        let m = Metrics::default();
+        m.auth_failure(Credential::Sync);
+        m.auth_failure(Credential::Sync);
+        m.connection_opened();
+        m.connection_closed(Closed::Evicted);
+        m.http("/v1/tokens/{id}", "GET", 404);
+        let text = m.render(&live());
+        assert!(text.contains("tokengate_auth_failures_total{credential=\"sync\"} 2\n"));
+        assert!(text.contains("tokengate_auth_failures_total{credential=\"admin\"} 0\n"));
+        assert!(text.contains("tokengate_connections_open 1\n"));
+        assert!(text.contains("tokengate_connections_closed_total{reason=\"evicted\"} 1\n"));
+        assert!(text.contains("tokengate_sync_version 7\n"));
+        assert!(text.contains("tokengate_sync_reads_total 3\n"));
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let name = line.split(['{', ' ']).next().unwrap();
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .filter(|f| text.contains(&format!("# TYPE {f} histogram")))
+                .unwrap_or(name);
+            assert!(text.contains(&format!("# TYPE {family} ")), "{line}");
+        }
+    }
 
     #[test]
     fn histograms_are_cumulative() {

@@ -17,7 +17,8 @@ pub struct Policy {
     pub service: KindPolicy,
 }
 
-/// A policy refusal: the API field it is about and a sentence that states the limit.
+/// A policy refusal: the API field it is about and a phrase, following the field's name,
+/// that states the limit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
     pub field: &'static str,
@@ -46,13 +47,13 @@ impl Policy {
             (None, Some(max)) => Err(Refusal {
                 field,
                 message: format!(
-                    "{kind} tokens must expire within {} ({max} seconds); `never` is not allowed",
+                    "is required: {kind} tokens must expire within {} ({max} seconds), `never` is not allowed",
                     duration::format(max)
                 ),
             }),
             (None, None) if p.require_expiry => Err(Refusal {
                 field,
-                message: format!("{kind} tokens must have an expiry; `never` is not allowed"),
+                message: format!("is required: {kind} tokens must have an expiry, `never` is not allowed"),
             }),
             (Some(t), Some(max))
                 if t.saturating_sub(now) > i64::try_from(max).unwrap_or(i64::MAX) =>
@@ -60,7 +61,7 @@ impl Policy {
                 Err(Refusal {
                     field,
                     message: format!(
-                        "{kind} tokens may be valid for at most {} ({max} seconds) from now",
+                        "is too far ahead: {kind} tokens may be valid for at most {} ({max} seconds) from now",
                         duration::format(max)
                     ),
                 })

@@ -3,12 +3,15 @@
 
 use crate::api::{Admin, ConsoleSettings};
 use crate::app::{Application, Config, Database};
+use crate::connections::{self, Limits as ConnectionLimits};
 use crate::domain::housekeeping::Jobs;
 use crate::domain::sessions::Limits;
 use crate::duration;
 use crate::policy::{KindPolicy, Policy};
 use crate::secrets::same_secret;
 use crate::store::PgSettings;
+use crate::strength;
+use crate::throttle;
 use crate::webhook::Webhook;
 use clap::Args;
 use std::path::{Path, PathBuf};
@@ -34,8 +37,8 @@ pub struct ServeArgs {
     pub db_pool_size: u32,
     /// PostgreSQL: longest a database call may take before the API answers 503
     /// `store_unavailable` (e.g. 5s)
-    #[arg(long, env = "TOKENGATE_DB_TIMEOUT", default_value = "5s", value_parser = lifetime)]
-    pub db_timeout: Lifetime,
+    #[arg(long, env = "TOKENGATE_DB_TIMEOUT", default_value = "5s", value_parser = span)]
+    pub db_timeout: Span,
     /// Admin credential for the token API (its audit actor name is `admin`)
     #[arg(long, env = "TOKENGATE_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
@@ -114,6 +117,51 @@ pub struct ServeArgs {
     /// over HTTPS, e.g. behind a TLS-terminating proxy)
     #[arg(long, env = "TOKENGATE_SECURE_COOKIES", default_value_t = false)]
     pub secure_cookies: bool,
+    /// A client must send a whole request head within this time of connecting, or of its
+    /// first byte on a kept-alive connection; else it is disconnected
+    #[arg(long, env = "TOKENGATE_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = span)]
+    pub header_read_timeout: Span,
+    /// A kept-alive connection with no request for this long is closed (keep it longer
+    /// than the idle timeout of the proxies in front, e.g. Envoy's 60s in envoy/)
+    #[arg(long, env = "TOKENGATE_IDLE_TIMEOUT", default_value = "75s", value_parser = span)]
+    pub idle_timeout: Span,
+    /// A request body must arrive within this time of its head; else 408
+    #[arg(long, env = "TOKENGATE_BODY_READ_TIMEOUT", default_value = "30s", value_parser = span)]
+    pub body_read_timeout: Span,
+    /// Most client connections open at once; at the cap, the connection idle longest is
+    /// closed for a new one [default: the open-file limit less 64]
+    #[arg(long, env = "TOKENGATE_MAX_CONNECTIONS",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: Option<u32>,
+    /// Refused credentials a client address may present at once before it is answered 429
+    #[arg(long, env = "TOKENGATE_AUTH_FAILURE_BURST", default_value_t = 10,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub auth_failure_burst: u32,
+    /// After the burst, one more refused credential is allowed per this interval
+    #[arg(long, env = "TOKENGATE_AUTH_FAILURE_INTERVAL", default_value = "6s", value_parser = span)]
+    pub auth_failure_interval: Span,
+    /// Log format: `text` (plain when stderr is not a terminal) or `json` (one object per
+    /// line, for log collectors)
+    #[arg(long, env = "TOKENGATE_LOG_FORMAT", default_value = "text", value_enum)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// A duration option that must be longer than zero and cannot be `never`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span(pub Duration);
+
+fn span(s: &str) -> Result<Span, String> {
+    match duration::parse(s)? {
+        None => Err("`never` is not allowed here".into()),
+        Some(0) => Err("must be longer than 0s".into()),
+        Some(secs) => Ok(Span(Duration::from_secs(secs))),
+    }
 }
 
 /// A duration option: seconds, or `None` for `never`.
@@ -171,9 +219,7 @@ fn admin_file(path: &Path) -> Result<Vec<Admin>, String> {
                 "{at}: the name must be 1 to 64 letters, digits or . _ @ -"
             ));
         }
-        if secret.trim().len() < 16 {
-            return Err(format!("{at}: the secret must be at least 16 characters"));
-        }
+        check_secret(&format!("{at}: the secret"), secret.trim())?;
         admins.push(Admin {
             name: name.into(),
             secret: secret.trim().to_string(),
@@ -282,38 +328,42 @@ fn credential(
     value: &Option<String>,
     file: &Option<PathBuf>,
 ) -> Result<String, String> {
+    let env = name.to_uppercase().replace('-', "_");
     let (secret, source) = match (value, file) {
-        (Some(v), _) => (v.clone(), format!("--{name}")),
+        (Some(v), _) => (v.clone(), format!("--{name} (TOKENGATE_{env})")),
         (None, Some(path)) => (
             std::fs::read_to_string(path)
                 .map_err(|e| format!("cannot read --{name}-file {}: {e}", path.display()))?,
-            format!("--{name}-file"),
+            format!("the {name} in --{name}-file {}", path.display()),
         ),
         (None, None) => {
-            let env = name.to_uppercase().replace('-', "_");
             return Err(format!(
                 "the {name} is required: set TOKENGATE_{env} or TOKENGATE_{env}_FILE"
             ));
         }
     };
     let secret = secret.trim().to_string();
-    if secret.len() < 16 {
-        return Err(format!("{source} must be at least 16 characters"));
-    }
+    check_secret(&source, &secret)?;
     Ok(secret)
 }
 
-fn pg_settings(args: &ServeArgs) -> Result<PgSettings, String> {
-    let timeout = args
-        .db_timeout
-        .0
-        .filter(|s| *s > 0)
-        .ok_or("--db-timeout must be a positive duration")?;
-    Ok(PgSettings {
+fn pg_settings(args: &ServeArgs) -> PgSettings {
+    PgSettings {
         pool_size: args.db_pool_size as usize,
-        timeout: Duration::from_secs(timeout),
+        timeout: args.db_timeout.0,
         ..PgSettings::default()
-    })
+    }
+}
+
+/// At least 16 characters and not easily guessed.
+fn check_secret(what: &str, secret: &str) -> Result<(), String> {
+    if secret.chars().count() < 16 {
+        return Err(format!(
+            "{what} must be at least 16 characters: {}",
+            strength::HOW_TO_GENERATE
+        ));
+    }
+    strength::check(what, secret)
 }
 
 async fn shutdown_signal() {
@@ -353,7 +403,7 @@ pub fn config(args: &ServeArgs) -> Result<Config, String> {
         .ok_or("--jobs-interval cannot be `never`")?;
     Ok(Config {
         database: Database::parse(&args.db)?,
-        postgres: pg_settings(args)?,
+        postgres: pg_settings(args),
         admins,
         sync_token,
         policy: policy(args),
@@ -367,18 +417,33 @@ pub fn config(args: &ServeArgs) -> Result<Config, String> {
             expiry_warning_seconds: args.expiry_warnings.0.iter().copied().max().unwrap_or(0),
         },
         sessions: session_limits(args)?,
+        connections: ConnectionLimits {
+            header_read: args.header_read_timeout.0,
+            idle: args.idle_timeout.0,
+            body_read: args.body_read_timeout.0,
+            max_connections: args
+                .max_connections
+                .map_or_else(connections::default_max_connections, |n| {
+                    usize::try_from(n).unwrap_or(usize::MAX)
+                }),
+        },
+        throttle: throttle::Settings {
+            burst: args.auth_failure_burst,
+            interval: args.auth_failure_interval.0,
+        },
     })
 }
 
 pub async fn run(args: ServeArgs) -> Result<(), String> {
     let config = config(&args)?;
     let db = config.database.to_string();
+    let max_connections = config.connections.max_connections;
     let app = Application::build(config).await?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    tracing::info!(%addr, %db, "listening");
+    tracing::info!(%addr, %db, max_connections, "listening");
     app.serve(listener, shutdown_signal()).await
 }
 
@@ -392,7 +457,7 @@ mod tests {
         let path = dir.path().join("admins");
         std::fs::write(
             &path,
-            "# platform team\n\nalice: alice-secret-0123456789 \nci-bot@team:bot-secret-0123456789\n",
+            "# platform team\n\nalice: alice-secret-0123456789 \nci-bot@team:bot-secret-7f3a9c01d2\n",
         )
         .unwrap();
         let admins = admin_file(&path).unwrap();
@@ -403,6 +468,9 @@ mod tests {
         assert!(admin_file(&path).unwrap_err().contains("line 1"));
         std::fs::write(&path, "alice:short\n").unwrap();
         assert!(admin_file(&path).unwrap_err().contains("at least 16"));
+        std::fs::write(&path, "alice:aaaaaaaaaaaaaaaaaaaaaaaa\n").unwrap();
+        let e = admin_file(&path).unwrap_err();
+        assert!(e.contains("line 1: the secret is too easy to guess"), "{e}");
     }
 
     #[test]

@@ -104,9 +104,14 @@ pub fn backoff(attempts: u32) -> i64 {
 }
 
 impl Webhook {
-    /// One attempt (blocking). Any 2xx is delivered.
+    /// One attempt (blocking). Any 2xx is delivered. Redirects are not followed: a
+    /// receiver must not be able to bounce signed events to another address, so a 3xx is a
+    /// failed attempt like any other answer that is not a 2xx.
     pub fn send(&self, d: &Delivery, now: i64) -> Result<(), String> {
-        let agent = ureq::AgentBuilder::new().timeout(self.timeout).build();
+        let agent = ureq::AgentBuilder::new()
+            .timeout(self.timeout)
+            .redirects(0)
+            .build();
         let result = agent
             .post(&self.url)
             .set("content-type", "application/json")
@@ -122,7 +127,11 @@ impl Webhook {
             )
             .send_string(&d.payload);
         match result {
-            Ok(_) => Ok(()),
+            Ok(r) if (200..300).contains(&r.status()) => Ok(()),
+            Ok(r) if (300..400).contains(&r.status()) => {
+                Err(format!("HTTP {} (redirects are not followed)", r.status()))
+            }
+            Ok(r) => Err(format!("HTTP {}", r.status())),
             Err(ureq::Error::Status(code, _)) => Err(format!("HTTP {code}")),
             Err(e) => Err(e.kind().to_string()),
         }

@@ -152,12 +152,104 @@ fn lifecycle_update_suspend_reactivate_revoke() {
     assert_eq!(s, 204);
     for (m, p) in [
         ("GET", path.clone()),
-        ("DELETE", path.clone()),
         ("POST", format!("{path}/reactivate")),
     ] {
         assert_eq!(app.admin(m, &p, None).0, 404, "{m} {p}");
     }
     assert_eq!(app.admin("PATCH", &path, Some(r#"{"name":"z"}"#)).0, 404);
+}
+
+/// A second revoke is not "no such token": it says the token was already revoked, and when.
+#[test]
+fn revoking_a_revoked_token_says_so() {
+    let app = spawn_app(100);
+    let id = app.create(r#"{"name":"twice"}"#)["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let path = format!("/v1/tokens/{id}");
+    assert_eq!(app.admin("DELETE", &path, None).0, 204);
+    let version = app.sync("since=0")["version"].clone();
+    let (s, v) = app.admin("DELETE", &path, None);
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (409, Some("already_revoked")),
+        "{v}"
+    );
+    let at = v["revoked_at"].as_str().unwrap();
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("already revoked at {at}")),
+        "{v}"
+    );
+    // Nothing changed: no new version.
+    assert_eq!(app.sync("since=0")["version"], version);
+    // Other calls on it answer 404, saying it was revoked rather than unknown.
+    let (s, v) = app.admin("POST", &format!("{path}/suspend"), None);
+    assert_eq!((s, v["revoked_at"].as_str()), (404, Some(at)), "{v}");
+    assert!(v["message"].as_str().unwrap().contains("revoked"), "{v}");
+    let (s, v) = app.admin("DELETE", "/v1/tokens/tok_never_was", None);
+    assert_eq!((s, v["error"].as_str()), (404, Some("not_found")), "{v}");
+}
+
+/// `status=expired` finds expired tokens; `active` and `suspended` leave them out.
+#[test]
+fn expired_is_a_status_to_filter_by() {
+    use tokengate::store::AuditRecord;
+    let app = spawn_app(100);
+    let id_of = |v: serde_json::Value| v["id"].as_str().unwrap().to_string();
+    let live = id_of(app.create(r#"{"name":"live"}"#));
+    let old = id_of(app.create(r#"{"name":"old","expires_in_seconds":3600}"#));
+    let old_suspended = id_of(app.create(r#"{"name":"old-suspended","expires_in_seconds":3600}"#));
+    let suspended = id_of(app.create(r#"{"name":"suspended"}"#));
+    for id in [&old_suspended, &suspended] {
+        assert_eq!(
+            app.admin("POST", &format!("/v1/tokens/{id}/suspend"), None)
+                .0,
+            200
+        );
+    }
+    // Expire two of them without waiting for a clock: their expiry moves into the past.
+    let now = chrono::Utc::now().timestamp();
+    for id in [&old, &old_suspended] {
+        let mut row = app.block_on(app.store.token(id)).unwrap().unwrap();
+        let version = row.version;
+        row.expires_at = Some(now - 60);
+        let entry = AuditRecord {
+            at: now,
+            actor: "test".into(),
+            action: "token.updated",
+            token_id: id.to_string(),
+            token_name: row.name.clone(),
+            before: None,
+            after: None,
+        };
+        app.block_on(app.store.replace(row, version, &entry, false))
+            .unwrap();
+    }
+    let ids = |status: &str| {
+        let (s, v) = app.admin("GET", &format!("/v1/tokens?status={status}"), None);
+        assert_eq!(s, 200, "{v}");
+        let mut ids: Vec<String> = v["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["id"].as_str().unwrap().to_string())
+            .collect();
+        ids.sort();
+        ids
+    };
+    let sorted = |mut v: Vec<&String>| {
+        v.sort();
+        v.into_iter().cloned().collect::<Vec<_>>()
+    };
+    assert_eq!(ids("expired"), sorted(vec![&old, &old_suspended]));
+    assert_eq!(ids("active"), vec![live]);
+    assert_eq!(ids("suspended"), vec![suspended]);
+    let (s, v) = app.admin("GET", "/v1/tokens?status=revoked", None);
+    assert_eq!((s, v["field"].as_str()), (400, Some("status")), "{v}");
 }
 
 #[test]

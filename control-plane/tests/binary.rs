@@ -1,67 +1,13 @@
 //! The real `tokengate serve` process: durability across `kill -9`, graceful shutdown,
 //! start-up errors, and logs that never hold a secret.
 
+mod common;
+
+use common::process::*;
+use common::{ADMIN, SYNC};
 use std::io::Read;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-const ADMIN: &str = "admin-credential-0123456789";
-const SYNC: &str = "sync-credential-0123456789";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Server {
-    child: Child,
-    url: String,
-}
-
-fn serve(db: impl AsRef<std::ffi::OsStr>, port: u16) -> Server {
-    let child = Command::new(env!("CARGO_BIN_EXE_tokengate"))
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--db"])
-        .arg(db)
-        .env("TOKENGATE_ADMIN_TOKEN", ADMIN)
-        .env("TOKENGATE_SYNC_TOKEN", SYNC)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let url = format!("http://127.0.0.1:{port}");
-    let start = Instant::now();
-    while ureq::get(&format!("{url}/healthz")).call().is_err() {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "tokengate serve did not come up"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Server { child, url }
-}
-
-impl Server {
-    fn admin(&self, method: &str, path: &str) -> ureq::Request {
-        ureq::request(method, &format!("{}{path}", self.url))
-            .set("authorization", &format!("Bearer {ADMIN}"))
-    }
-
-    fn stderr(mut self) -> String {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let mut s = String::new();
-        self.child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut s)
-            .unwrap();
-        s
-    }
-}
 
 #[test]
 fn acknowledged_writes_survive_kill_9() {
@@ -491,4 +437,280 @@ fn migrate_moves_a_sqlite_install_to_postgres_and_filters_keep_their_state() {
     let missing = migrate("/nonexistent/t.db", &pg);
     assert!(String::from_utf8_lossy(&missing.stderr).contains("no such file"));
     drop(s.stderr());
+}
+
+#[test]
+fn guessable_credentials_are_refused_at_start_with_how_to_make_one() {
+    for (var, weak) in [
+        ("TOKENGATE_ADMIN_TOKEN", "aaaaaaaaaaaaaaaa"),
+        ("TOKENGATE_ADMIN_TOKEN", "password12345678"),
+        ("TOKENGATE_SYNC_TOKEN", "0123456789abcdef"),
+    ] {
+        let mut env = vec![("TOKENGATE_ADMIN_TOKEN", ADMIN)];
+        env.retain(|(k, _)| *k != var);
+        env.push((var, weak));
+        refuses_to_start(&[], &env, "too easy to guess");
+        refuses_to_start(&[], &env, "openssl rand -hex 32");
+    }
+    refuses_to_start(
+        &["--admin-token", "abcabcabcabcabcabcabc"],
+        &[],
+        "--admin-token (TOKENGATE_ADMIN_TOKEN) is too easy to guess",
+    );
+}
+
+/// Reads `stream` until the server closes it (end of file or reset); false if it stays
+/// open for `within`.
+fn closed_within(stream: &mut std::net::TcpStream, within: Duration) -> bool {
+    let end = Instant::now() + within;
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        stream.set_read_timeout(Some(left)).unwrap();
+        match stream.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return false,
+            Err(_) => return true,
+        }
+    }
+}
+
+fn metric(url: &str, line_start: &str) -> u64 {
+    let text = ureq::get(&format!("{url}/metrics"))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(line_start))
+        .unwrap_or_else(|| panic!("{line_start} not in {text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Sockets that send half a request, or nothing, or trickle a body, must not hold the
+/// control plane: with an open-file limit of 256 (so a connection cap of 192), 400 of them
+/// are opened; `/v1/sync` and the admin API still answer at once, a long-poll held longer
+/// than every deadline still completes, and the server closes every hostile socket.
+#[test]
+fn slow_and_idle_clients_cannot_lock_out_sync_and_admins() {
+    use std::io::Write;
+    const HEADER_DEADLINE: Duration = Duration::from_secs(3);
+    let dir = tempfile::tempdir().unwrap();
+    let s = serve_with(
+        dir.path().join("t.db"),
+        free_port(),
+        &[
+            "--header-read-timeout",
+            "3s",
+            "--idle-timeout",
+            "4s",
+            "--body-read-timeout",
+            "3s",
+        ],
+        Some(256),
+    );
+    let addr = s.url.trim_start_matches("http://").to_string();
+    let sync = |query: &str| {
+        ureq::get(&format!("{}/v1/sync?{query}", s.url))
+            .set("authorization", &format!("Bearer {SYNC}"))
+            .timeout(Duration::from_secs(60))
+            .call()
+            .unwrap()
+    };
+    let first: serde_json::Value = sync("since=0").into_json().unwrap();
+    // A long-poll on its own connection, held for 6 s: longer than the header, idle and
+    // body deadlines; it must not be cut short or closed to make room.
+    let poll_url = format!(
+        "{}/v1/sync?since={}&store_id={}&wait=6",
+        s.url,
+        first["version"],
+        first["store_id"].as_str().unwrap()
+    );
+    let poll = std::thread::spawn(move || {
+        let t = Instant::now();
+        let r = ureq::get(&poll_url)
+            .set("authorization", &format!("Bearer {SYNC}"))
+            .timeout(Duration::from_secs(60))
+            .call();
+        (
+            t.elapsed(),
+            r.map(|r| r.status()).map_err(|e| e.to_string()),
+        )
+    });
+    // Let the poll reach the server before the flood.
+    std::thread::sleep(Duration::from_millis(300));
+
+    let server_addr: std::net::SocketAddr = addr.parse().unwrap();
+    let mut hostile: Vec<std::net::TcpStream> = (0..400)
+        .map(|i| {
+            let mut c = std::net::TcpStream::connect_timeout(&server_addr, Duration::from_secs(20))
+                .unwrap_or_else(|e| panic!("hostile connection {i}: {e}"));
+            match i % 3 {
+                0 => c.write_all(b"GET /v1/sync?since=0 HTTP/1.1\r\nHost: x\r\n").unwrap(),
+                1 => c
+                    .write_all(b"POST /v1/session HTTP/1.1\r\nHost: x\r\ncontent-length: 100\r\n\r\n{\"cred")
+                    .unwrap(),
+                _ => {}
+            }
+            c
+        })
+        .collect();
+    let opened = Instant::now();
+
+    // The filters' sync and the admin API answer within a second.
+    let t = Instant::now();
+    let r = sync("since=0");
+    let sync_took = t.elapsed();
+    assert_eq!(r.status(), 200);
+    let t = Instant::now();
+    let r = s.admin("GET", "/v1/tokens").call().unwrap();
+    let admin_took = t.elapsed();
+    assert_eq!(r.status(), 200);
+    println!("with 400 hostile sockets: /v1/sync answered in {sync_took:?}, GET /v1/tokens in {admin_took:?}");
+    assert!(
+        sync_took < Duration::from_secs(1),
+        "/v1/sync took {sync_took:?}"
+    );
+    assert!(
+        admin_took < Duration::from_secs(1),
+        "admin API took {admin_took:?}"
+    );
+
+    // Every hostile socket is closed: at the latest when its deadline passes.
+    for (i, c) in hostile.iter_mut().enumerate() {
+        let left = (opened + HEADER_DEADLINE + Duration::from_secs(20))
+            .saturating_duration_since(Instant::now());
+        assert!(closed_within(c, left), "hostile socket {i} still open");
+    }
+    println!(
+        "all 400 closed {:?} after the last was opened",
+        opened.elapsed()
+    );
+
+    let (held, status) = poll.join().unwrap();
+    assert_eq!(status, Ok(200));
+    assert!(
+        held >= Duration::from_secs(5),
+        "the long-poll was answered after {held:?}"
+    );
+
+    // A kept-alive connection that goes quiet is closed after the idle timeout.
+    let mut idle = std::net::TcpStream::connect(&addr).unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let n = idle.read(&mut buf).unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    assert!(closed_within(&mut idle, Duration::from_secs(4 + 20)));
+
+    // A body that trickles is answered 408 once its deadline passes.
+    let mut slow = std::net::TcpStream::connect(&addr).unwrap();
+    slow.write_all(b"POST /v1/session HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\ncontent-length: 50\r\n\r\n{\"cre")
+        .unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(3 + 20)))
+        .unwrap();
+    let mut answer = String::new();
+    let _ = slow.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("request_timeout"), "{answer}");
+
+    assert!(
+        metric(
+            &s.url,
+            "tokengate_connections_closed_total{reason=\"evicted\"}"
+        ) > 0
+    );
+    assert!(
+        metric(
+            &s.url,
+            "tokengate_connections_closed_total{reason=\"header_timeout\"}"
+        ) > 0
+    );
+    assert!(
+        metric(
+            &s.url,
+            "tokengate_connections_closed_total{reason=\"idle_timeout\"}"
+        ) > 0
+    );
+    assert!(
+        metric(
+            &s.url,
+            "tokengate_connections_closed_total{reason=\"body_timeout\"}"
+        ) > 0
+    );
+    let log = s.stderr();
+    assert!(log.contains("max_connections=192"), "{log}");
+    assert!(!log.contains("Too many open files"), "{log}");
+}
+
+/// The log is plain text when stderr is not a terminal, with whole milliseconds; a refused
+/// credential is logged with the client's address and never the credential itself; and
+/// `--log-format json` writes one JSON object per line.
+#[test]
+fn logs_are_plain_or_json_and_name_the_address_of_a_refused_credential() {
+    const GUESS: &str = "guessed-credential-5e0c2d7b9a";
+    let dir = tempfile::tempdir().unwrap();
+    let s = serve(dir.path().join("t.db"), free_port());
+    let r = ureq::get(&format!("{}/v1/tokens", s.url))
+        .set("authorization", &format!("Bearer {GUESS}"))
+        .call();
+    assert!(matches!(r, Err(ureq::Error::Status(401, _))));
+    s.admin("GET", "/v1/tokens").call().unwrap();
+    let log = s.stderr();
+    assert!(
+        !log.contains('\u{1b}'),
+        "colour codes in a log file: {log:?}"
+    );
+    assert!(!log.contains(GUESS) && !log.contains(ADMIN), "{log}");
+    let refused = log
+        .lines()
+        .find(|l| l.contains("credential refused"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(refused.contains("client=127.0.0.1"), "{refused}");
+    assert!(
+        refused.contains("credential=\"admin\"") || refused.contains("credential=admin"),
+        "{refused}"
+    );
+    let request = log
+        .lines()
+        .find(|l| l.contains("status=200") && l.contains("path=/v1/tokens"))
+        .unwrap_or_else(|| panic!("{log}"));
+    let ms = request
+        .split("ms=")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap();
+    assert!(
+        ms.parse::<u64>().is_ok(),
+        "not whole milliseconds: {request}"
+    );
+
+    let s = serve_with(
+        dir.path().join("t.db"),
+        free_port(),
+        &["--log-format", "json"],
+        None,
+    );
+    s.admin("GET", "/v1/tokens").call().unwrap();
+    let log = s.stderr();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let request = lines
+        .iter()
+        .find(|l| l["message"] == "request" && l["path"] == "/v1/tokens")
+        .unwrap_or_else(|| panic!("{log}"));
+    assert_eq!(request["status"], 200);
+    assert!(request["ms"].is_u64(), "{request}");
+    assert_eq!(request["client"], "127.0.0.1");
 }

@@ -591,3 +591,116 @@ fn the_openapi_document_and_the_routes_agree() {
     let (s, v) = app.admin("GET", "/v1/tokens/x/explode", None);
     assert_eq!((s, v["error"].as_str()), (404, Some("no_route")));
 }
+
+#[test]
+fn rapid_rotations_leave_one_old_secret_and_no_pile_up() {
+    let app = spawn_app(1000);
+    let t = app.create(r#"{"name":"spinning"}"#);
+    let tid = id(&t);
+    let first = t["token"].as_str().unwrap().to_string();
+    let start = app.sync("since=0");
+    let store_id = start["store_id"].as_str().unwrap().to_string();
+    let v0 = start["version"].as_u64().unwrap();
+
+    let mut secrets = vec![first];
+    let mut before_last = 0;
+    for _ in 0..200 {
+        let (s, r) = app.admin(
+            "POST",
+            &format!("/v1/tokens/{tid}/rotate"),
+            Some(r#"{"grace_seconds":600}"#),
+        );
+        assert_eq!(s, 200, "{r}");
+        before_last = r["version"].as_u64().unwrap() - 1;
+        secrets.push(r["token"].as_str().unwrap().to_string());
+    }
+    let hash = |i: usize| sha256_hex(secrets[i].as_bytes());
+    let status_in = |recs: &[Value], i: usize| {
+        recs.iter()
+            .find(|r| r["hash"] == hash(i))
+            .map(|r| r["status"].as_str().unwrap().to_string())
+    };
+
+    // A snapshot holds the secret and the one old secret still in its grace.
+    let snapshot = app.sync("since=0");
+    let recs = records_for(&snapshot, &tid);
+    assert_eq!(recs.len(), 2, "{recs:#?}");
+    assert_eq!(status_in(&recs, 200).as_deref(), Some("active"));
+    assert_eq!(status_in(&recs, 199).as_deref(), Some("active"));
+
+    // A poller one rotation behind learns that the grace it knew of was cut short.
+    let changes = app.sync(&format!("since={before_last}&store_id={store_id}"));
+    assert_eq!(changes["snapshot"], false, "{changes}");
+    let recs = records_for(&changes, &tid);
+    assert!(recs.len() <= 3, "{recs:#?}");
+    assert_eq!(status_in(&recs, 198).as_deref(), Some("revoked"));
+    assert_eq!(status_in(&recs, 199).as_deref(), Some("active"));
+
+    // A poller that missed the rotations cannot be told about every secret it may hold, so
+    // it starts over from a snapshot, which mentions none of them.
+    let behind = app.sync(&format!("since={v0}&store_id={store_id}"));
+    assert_eq!(behind["snapshot"], true, "{behind}");
+    let recs = records_for(&behind, &tid);
+    assert!((0..199).all(|i| status_in(&recs, i).is_none()), "{recs:#?}");
+}
+
+/// A receiver that answers with a redirect does not get to send signed events elsewhere:
+/// the redirect is a failed attempt, retried later at the configured URL.
+#[test]
+fn webhook_redirects_are_not_followed() {
+    let app = spawn_app(100);
+    let elsewhere = receiver(0);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let target = elsewhere.url.clone();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let redirect = move |code: u16| {
+                let target = target.clone();
+                axum::routing::post(move || async move {
+                    (
+                        axum::http::StatusCode::from_u16(code).unwrap(),
+                        [(axum::http::header::LOCATION, target)],
+                    )
+                })
+            };
+            let app = axum::Router::new()
+                .route("/307", redirect(307))
+                .route("/302", redirect(302))
+                .route("/308", redirect(308));
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            tx.send(l.local_addr().unwrap()).unwrap();
+            axum::serve(l, app).await.unwrap();
+        });
+    });
+    let addr = rx.recv().unwrap();
+    app.create(r#"{"name":"soon","expires_in_seconds":3600}"#);
+    let t0 = now();
+    for (i, code) in [307, 302, 308].into_iter().enumerate() {
+        let jobs = Jobs {
+            warning_leads: vec![DAY],
+            retention: None,
+            purge_interval: i64::MAX,
+            webhook: Some(Webhook {
+                url: format!("http://{addr}/{code}"),
+                secret: "webhook-secret-0123456789".into(),
+                max_attempts: 5,
+                timeout: std::time::Duration::from_secs(5),
+            }),
+        };
+        // Each run is the next attempt of the one event (the backoff has passed by then).
+        let r = app
+            .block_on(run_once(
+                app.store.as_ref(),
+                &jobs,
+                t0 + 1000 * i as i64,
+                false,
+            ))
+            .unwrap();
+        assert_eq!((r.delivered, r.failed), (0, 1), "{code}: {r:?}");
+    }
+    assert!(elsewhere.got.lock().unwrap().is_empty());
+}

@@ -1188,6 +1188,8 @@ fn the_sync_credential_changes_nothing_and_reads_no_tokens() {
         let may = path == "/v1/sync"
             || path == "/v1/usage"
             || path == "/healthz"
+            || path == "/readyz"
+            || path == "/metrics"
             || path == "/v1/openapi.json";
         if may {
             continue;
@@ -1248,4 +1250,93 @@ fn the_sync_credential_changes_nothing_and_reads_no_tokens() {
     }
     assert_eq!(state(&app), before);
     println!("refused to the sync credential: {}", tried.join(", "));
+}
+
+/// Names and owners are shown in the console, the CLI and the audit trail: a character that
+/// shows as nothing would let `al\u{200b}ice` pass for `alice`.
+#[test]
+fn invisible_and_format_characters_in_names_and_owners_are_refused() {
+    let app = spawn_app(100);
+    let id = app.create(r#"{"name":"plain"}"#)["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for c in [
+        "\\u061c", "\\u200b", "\\ufeff", "\\u00ad", "\\u200d", "\\u2060", "\\u3164", "\\u180e",
+        "\\ue000",
+    ] {
+        for (method, path, body, field) in [
+            (
+                "POST",
+                "/v1/tokens".to_string(),
+                format!(r#"{{"name":"al{c}ice"}}"#),
+                "name",
+            ),
+            (
+                "POST",
+                "/v1/tokens".to_string(),
+                format!(r#"{{"name":"x","owner":"al{c}ice"}}"#),
+                "owner",
+            ),
+            (
+                "POST",
+                "/v1/tokens".to_string(),
+                format!(r#"{{"name":"x","kind":"service","owner":"{c}team"}}"#),
+                "owner",
+            ),
+            (
+                "PATCH",
+                format!("/v1/tokens/{id}"),
+                format!(r#"{{"name":"al{c}ice"}}"#),
+                "name",
+            ),
+        ] {
+            let (s, v) = app.admin(method, &path, Some(&body));
+            assert_eq!(
+                (s, v["error"].as_str(), v["field"].as_str()),
+                (400, Some("invalid_field"), Some(field)),
+                "{method} {body}: {v}"
+            );
+            let m = v["message"].as_str().unwrap();
+            assert!(m.starts_with(&format!("{field} must not contain")), "{m}");
+            assert!(m.contains("U+"), "{m}");
+        }
+    }
+    let (_, list) = app.admin("GET", "/v1/tokens", None);
+    assert_eq!(list["tokens"].as_array().unwrap().len(), 1, "{list}");
+    let (_, t) = app.admin("GET", &format!("/v1/tokens/{id}"), None);
+    assert_eq!(t["name"], "plain");
+}
+
+/// A field error's message names its field once, as the subject of a sentence.
+#[test]
+fn field_errors_name_their_field_once() {
+    let app = spawn_app(100);
+    for (body, field, message) in [
+        (
+            r#"{"name":"x","kind":"service"}"#,
+            "owner",
+            "owner is required for service tokens: name the group that owns the automation.",
+        ),
+        (
+            r#"{"name":"x","max_rps":0}"#,
+            "max_rps",
+            "max_rps must be between 1 and 1000000, or null for unlimited.",
+        ),
+        (
+            r#"{"name":"x","expires_in_seconds":60,"expires_at":"2999-01-01T00:00:00Z"}"#,
+            "expires_at",
+            "expires_at cannot be given with expires_in_seconds: give one or the other.",
+        ),
+    ] {
+        let (s, v) = app.admin("POST", "/v1/tokens", Some(body));
+        assert_eq!((s, v["field"].as_str()), (400, Some(field)), "{v}");
+        assert_eq!(v["message"], message, "{v}");
+    }
+    let (s, v) = app.admin("GET", "/v1/tokens?colour=red", None);
+    assert_eq!(s, 400);
+    assert_eq!(
+        v["message"], "colour is not a known query parameter.",
+        "{v}"
+    );
 }

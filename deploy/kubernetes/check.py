@@ -5,11 +5,12 @@ For each overlay (gateway, sidecar, and gateway with the cloudnative-pg componen
 database-url, as the README tells operators to switch): renders it with `kubectl kustomize`
 (with generated credentials and database URL, as the README tells operators to create them),
 validates every Kubernetes object strictly against the Kubernetes API schemas
-(kubernetes-validate), the WasmPlugin, Gateway API and CloudNativePG objects against the
-schemas in ./schemas, checks the references between objects and what a fleet of control-plane
-replicas needs (replicas, rolling updates, a disruption budget, readiness on /readyz, the
-database URL from a Secret), and loads each WasmPlugin's pluginConfig into the real filter
-with `envoy --mode validate`.
+(kubernetes-validate), the WasmPlugin, EnvoyFilter, Gateway API and CloudNativePG objects
+against the schemas in ./schemas, checks the references between objects and what a fleet of
+control-plane replicas needs (replicas, rolling updates, a disruption budget, readiness on
+/readyz, the database URL from a Secret), loads each WasmPlugin's pluginConfig into the real
+filter with `envoy --mode validate`, and checks that an EnvoyFilter makes the same proxies
+drop (or reject) headers with underscores, with a patch that Envoy accepts.
 
 Usage: check.py --envoy ENVOY_BIN --wasm FILTER.wasm [--base-id N]
 Needs: kubectl (for its built-in kustomize), PyYAML, jsonschema, kubernetes-validate.
@@ -50,8 +51,13 @@ def load_schema(name):
 CRD_SCHEMAS = {
     "extensions.istio.io/v1alpha1": load_schema("wasmplugin.extensions.istio.io.v1alpha1.json"),
     "gateway.networking.k8s.io/v1": load_schema("gateway.networking.k8s.io.v1.json"),
+    "networking.istio.io/v1alpha3": load_schema("envoyfilter.networking.istio.io.v1alpha3.json"),
     "postgresql.cnpg.io/v1": load_schema("cluster.postgresql.cnpg.io.v1.json"),
 }
+HCM = "envoy.filters.network.http_connection_manager"
+HCM_TYPE = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+# Istio labels the pods it deploys for a Gateway (Gateway API) with the Gateway's name.
+GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
 
 
 def render(overlay, workdir):
@@ -255,6 +261,68 @@ def check_plugin_config_loads(overlay, docs, envoy, wasm, base_id):
         problem(overlay, f"the filter refused the WasmPlugin's pluginConfig:\n{out.stdout}{out.stderr}")
 
 
+def merged(base, patch):
+    """An EnvoyFilter MERGE, as Istio applies it to the proto: maps merge, the rest is replaced."""
+    out = dict(base)
+    for k, v in patch.items():
+        out[k] = merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def check_underscore_headers(overlay, docs, envoy, base_id):
+    """The proxies that run the WasmPlugin must drop or reject headers with underscores."""
+    filters = [d for d in docs if d["kind"] == "EnvoyFilter"]
+    plugin = next((d for d in docs if d["kind"] == "WasmPlugin"), None)
+    if len(filters) != 1 or plugin is None:
+        problem(overlay, f"expected one EnvoyFilter for headers with underscores, found {len(filters)}")
+        return
+    ef, spec = filters[0], plugin["spec"]
+    where = f"{overlay}: EnvoyFilter/{ef['metadata']['name']}"
+    if ef["metadata"]["namespace"] != plugin["metadata"]["namespace"]:
+        problem(where, "is not in the WasmPlugin's namespace")
+    labels = ef["spec"].get("workloadSelector", {}).get("labels")
+    if "selector" in spec:
+        want_labels, want_context = spec["selector"]["matchLabels"], "SIDECAR_INBOUND"
+    else:
+        gateways = [r["name"] for r in spec.get("targetRefs", []) if r["kind"] == "Gateway"]
+        want_labels = {GATEWAY_NAME_LABEL: gateways[0]} if gateways else None
+        want_context = "GATEWAY"
+    if labels != want_labels:
+        problem(where, f"workloadSelector {labels} does not select the WasmPlugin's proxies {want_labels}")
+    for i, cp in enumerate(ef["spec"]["configPatches"]):
+        at = f"{where} configPatches[{i}]"
+        match = cp.get("match", {})
+        if cp["applyTo"] != "NETWORK_FILTER" or cp["patch"]["operation"] != "MERGE" \
+                or match.get("listener", {}).get("filterChain", {}).get("filter", {}).get("name") != HCM:
+            problem(at, f"must MERGE into the NETWORK_FILTER {HCM}")
+            continue
+        if match.get("context") != want_context:
+            problem(at, f"context is {match.get('context')}, the WasmPlugin runs in {want_context}")
+        typed = cp["patch"]["value"].get("typed_config", {})
+        action = typed.get("common_http_protocol_options", {}).get("headers_with_underscores_action")
+        if action not in ("DROP_HEADER", "REJECT_REQUEST"):
+            problem(at, f"headers_with_underscores_action is {action!r}, not DROP_HEADER or REJECT_REQUEST")
+        if typed.get("@type") != HCM_TYPE:
+            problem(at, f"typed_config @type is {typed.get('@type')!r}")
+            continue
+        # The patch merged into a plain connection manager must be a configuration Envoy takes.
+        hcm = merged({"@type": HCM_TYPE, "stat_prefix": "inbound",
+                      "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": []}]},
+                      "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+                          "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]},
+                     typed)
+        config = {"static_resources": {"listeners": [{
+            "name": "inbound", "address": {"socket_address": {"address": "127.0.0.1", "port_value": 10000}},
+            "filter_chains": [{"filters": [{"name": HCM, "typed_config": hcm}]}]}]}}
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+            yaml.safe_dump(config, f)
+        out = subprocess.run([envoy, "--mode", "validate", "-c", f.name, "--base-id", str(base_id),
+                              "--disable-hot-restart", "-l", "warning"], capture_output=True, text=True)
+        os.unlink(f.name)
+        if out.returncode != 0:
+            problem(at, f"Envoy refused the patched connection manager:\n{out.stdout}{out.stderr}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--envoy", required=True)
@@ -291,6 +359,7 @@ def main():
                 validate_object(overlay, d)
             check_references(overlay, docs, sync, admin)
             check_plugin_config_loads(overlay, docs, args.envoy, args.wasm, args.base_id + i)
+            check_underscore_headers(overlay, docs, args.envoy, args.base_id + i)
             kinds = sorted({d["kind"] for d in docs})
             print(f"{overlay}: {len(docs)} objects checked ({', '.join(kinds)})")
     if PROBLEMS:

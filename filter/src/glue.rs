@@ -1,9 +1,12 @@
 //! The thin proxy-wasm layer: host calls in, decisions out. Every host call's error is
 //! handled (a trapped VM would answer 503 to everything until reloaded).
 
+use crate::abi;
 use crate::authorize::{self, Denial, Outcome, Verdict};
 use crate::config::Config;
-use crate::request_header;
+use crate::forward;
+use crate::grpc;
+use crate::host::{self, Headers, Level};
 use crate::response;
 use crate::store::{Clock, SharedStore, StoreError};
 use crate::sync::{Phase, SyncClient, SyncFailure};
@@ -11,12 +14,12 @@ use crate::timefmt;
 use crate::usage::{self, Reporter, Tally};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
+use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MetricType};
 use std::cell::RefCell;
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
 use std::rc::Rc;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
@@ -29,18 +32,13 @@ struct HostStore;
 
 impl SharedStore for HostStore {
     fn get(&self, key: &str) -> Result<(Option<Vec<u8>>, u32), StoreError> {
-        match hostcalls::get_shared_data(key) {
-            Ok((value, cas)) => Ok((value, cas.unwrap_or(0))),
-            Err(_) => Err(StoreError::Host),
-        }
+        host::shared_get(key).map_err(|_| StoreError::Host)
     }
     fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), StoreError> {
-        let cas = if cas == 0 { None } else { Some(cas) };
-        match hostcalls::set_shared_data(key, Some(value), cas) {
-            Ok(()) => Ok(()),
-            Err(Status::CasMismatch) => Err(StoreError::CasMismatch),
-            Err(_) => Err(StoreError::Host),
-        }
+        host::shared_set(key, value, cas).map_err(|e| match e {
+            host::SetError::CasMismatch => StoreError::CasMismatch,
+            host::SetError::Host => StoreError::Host,
+        })
     }
 }
 
@@ -48,16 +46,12 @@ struct HostClock;
 
 impl Clock for HostClock {
     fn now_nanos(&self) -> u64 {
-        hostcalls::get_current_time()
-            .ok()
-            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-            .map(|d| d.as_nanos().min(u128::from(u64::MAX)) as u64)
-            .unwrap_or(0)
+        host::now_nanos().unwrap_or(0)
     }
 }
 
-fn log(level: LogLevel, message: &str) {
-    let _ = hostcalls::log(level, message);
+fn log(level: Level, message: &str) {
+    host::log(level, message);
 }
 
 /// Counter and gauge ids, defined once per VM; Envoy merges them by name across workers.
@@ -225,7 +219,7 @@ impl Root {
             Err(status) => {
                 bump(shared.metrics.sync_failure);
                 log(
-                    LogLevel::Warn,
+                    Level::Warn,
                     &format!(
                         "cannot call cluster `{}` ({status:?}); retrying with backoff",
                         cfg.control_plane_cluster
@@ -332,7 +326,7 @@ fn response_status(num_headers: usize) -> Option<u32> {
     if num_headers == 0 {
         return None;
     }
-    hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status")
+    host::map_value(Headers::HttpCallResponse, ":status")
         .ok()
         .flatten()
         .and_then(|v| {
@@ -398,7 +392,7 @@ impl Context for Root {
                     SyncFailure::Store => "shared data write failed".to_string(),
                 };
                 log(
-                    LogLevel::Warn,
+                    Level::Warn,
                     &format!("sync failed ({why}); keeping the current token state, retrying with backoff"),
                 );
             }
@@ -418,7 +412,7 @@ impl RootContext for Root {
         let config = match Config::parse(&raw) {
             Ok(c) => c,
             Err(e) => {
-                log(LogLevel::Error, &e.to_string());
+                log(Level::Error, &e.to_string());
                 return false;
             }
         };
@@ -493,16 +487,69 @@ struct Request {
 const EXPIRES_HEADER: &str = "x-tokengate-token-expires";
 
 fn header(name: &str) -> Option<Vec<u8>> {
-    request_header::get(name)
+    host::request_header(name)
 }
 
-fn refuse(d: Denial, expires_at: Option<&str>) {
-    let r = response::refusal(d);
-    let mut headers: Vec<(&str, &str)> = r.headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+/// Whether the request is gRPC, so that its refusal is a gRPC answer.
+fn is_grpc() -> bool {
+    let content_type = host::map_value(Headers::Request, "content-type")
+        .ok()
+        .flatten();
+    grpc::is_grpc(content_type.as_deref())
+}
+
+/// Answers a refused request: the JSON refusal, or for gRPC a trailers-only answer whose
+/// `grpc-status` Envoy sets from the code given (with `content-type: application/grpc`);
+/// the message and the rest travel as metadata, so the body stays empty.
+fn refuse(d: Denial, expires_at: Option<&str>, grpc: bool) {
+    let (status, headers, body, grpc_status) = if grpc {
+        let g = grpc::refusal(d);
+        (
+            g.http_status,
+            g.metadata,
+            String::new(),
+            Some(g.code as u32),
+        )
+    } else {
+        let r = response::refusal(d);
+        (r.status, r.headers, r.body, None)
+    };
+    let mut headers: Vec<(&str, &[u8])> = headers.iter().map(|(n, v)| (*n, v.as_bytes())).collect();
     if let Some(t) = expires_at {
-        headers.push((EXPIRES_HEADER, t));
+        headers.push((EXPIRES_HEADER, t.as_bytes()));
     }
-    let _ = hostcalls::send_http_response(r.status, headers, Some(r.body.as_bytes()));
+    if let Err(e) = host::send_local_response(status, &headers, body.as_bytes(), grpc_status) {
+        log(
+            Level::Warn,
+            &format!("cannot send the {status} answer (host status {e})"),
+        );
+    }
+}
+
+/// Readies an admitted request for the upstream: removes the credential headers and any
+/// client-sent tokengate header (see `forward`), then sets the identity headers. An error
+/// means the upstream could see a secret or a spoofed identity, so the caller refuses.
+fn forward_upstream(shared: &Shared, identity: &authorize::Identity) -> Result<(), String> {
+    let status = |s| format!("host status {s}");
+    let pairs = host::map_pairs(Headers::Request).map_err(status)?;
+    let pairs = abi::decode_pairs(&pairs).ok_or("a malformed header map")?;
+    let names = pairs.iter().map(|(name, _)| *name);
+    for name in forward::headers_to_remove(&shared.config, names, &shared.identity_headers) {
+        host::remove(Headers::Request, name).map_err(status)?;
+    }
+    let values: [&[u8]; 4] = [
+        &identity.id,
+        &identity.name,
+        &identity.owner,
+        identity.kind.as_str().as_bytes(),
+    ];
+    for (name, value) in shared.identity_headers.iter().zip(values) {
+        // Replacing removes every client-sent copy before setting ours (Envoy's setCopy;
+        // the first-copy-only behaviour was removed from Envoy long ago), in one host call
+        // rather than a remove and an add.
+        host::replace(Headers::Request, name, value).map_err(status)?;
+    }
+    Ok(())
 }
 
 impl Context for Request {}
@@ -510,7 +557,7 @@ impl Context for Request {}
 impl HttpContext for Request {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let Some(shared) = self.shared.clone() else {
-            refuse(Denial::StateUnavailable, None);
+            refuse(Denial::StateUnavailable, None, is_grpc());
             return Action::Pause;
         };
         let cfg = &shared.config;
@@ -535,31 +582,17 @@ impl HttpContext for Request {
         }
         match verdict.outcome {
             Outcome::Allow(identity) => {
-                for name in &cfg.token_headers {
-                    let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, name);
-                }
-                if cfg.bearer
-                    && header("authorization")
-                        .is_some_and(|v| authorize::bearer_token(&v).is_some())
-                {
-                    let _ =
-                        hostcalls::remove_map_value(MapType::HttpRequestHeaders, "authorization");
-                }
-                let values: [&[u8]; 4] = [
-                    &identity.id,
-                    &identity.name,
-                    &identity.owner,
-                    identity.kind.as_str().as_bytes(),
-                ];
-                for (name, value) in shared.identity_headers.iter().zip(values) {
-                    // Replacing removes every client-sent copy before setting ours (Envoy's
-                    // setCopy; the first-copy-only behaviour was removed from Envoy long
-                    // ago), in one host call rather than a remove and an add.
-                    let _ = hostcalls::set_map_value_bytes(
-                        MapType::HttpRequestHeaders,
-                        name,
-                        Some(value),
+                if let Err(why) = forward_upstream(&shared, &identity) {
+                    log(
+                        Level::Warn,
+                        &format!("cannot edit the request's headers ({why}); refusing it"),
                     );
+                    self.expires_at = None;
+                    shared
+                        .outcomes
+                        .bump(shared.metrics.denied(Denial::StateUnavailable));
+                    refuse(Denial::StateUnavailable, None, is_grpc());
+                    return Action::Pause;
                 }
                 shared.outcomes.bump(shared.metrics.allowed);
                 Action::Continue
@@ -572,7 +605,7 @@ impl HttpContext for Request {
                     _ => None,
                 };
                 self.expires_at = None;
-                refuse(d, announce.as_deref());
+                refuse(d, announce.as_deref(), is_grpc());
                 Action::Pause
             }
         }
@@ -580,7 +613,8 @@ impl HttpContext for Request {
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         if let Some(t) = self.expires_at.take() {
-            let _ = hostcalls::add_map_value(MapType::HttpResponseHeaders, EXPIRES_HEADER, &t);
+            // Only a courtesy to the client: nothing to undo if the host refuses it.
+            let _ = host::add(Headers::Response, EXPIRES_HEADER, t.as_bytes());
         }
         Action::Continue
     }

@@ -1,12 +1,16 @@
 //! tokengate's proxy-wasm filter.
 //!
 //! The decisions live in plain Rust modules with no proxy-wasm types (`authorize`, `gcra`,
-//! `record`, `sync`, `usage`, `config`, `response`, `timefmt`) and are unit-tested natively; `glue` binds them
-//! to the proxy-wasm ABI and is only built for wasm32.
+//! `record`, `sync`, `usage`, `config`, `response`, `grpc`, `forward`, `timefmt`, and `abi`, the
+//! ABI's encodings) and are unit-tested natively; `glue` binds them to the proxy-wasm ABI
+//! through `host`'s status-checked calls and is only built for wasm32.
 
+pub mod abi;
 pub mod authorize;
 pub mod config;
+pub mod forward;
 pub mod gcra;
+pub mod grpc;
 pub mod record;
 pub mod response;
 pub mod store;
@@ -20,4 +24,4 @@ mod properties;
 #[cfg(target_arch = "wasm32")]
 mod glue;
 #[cfg(target_arch = "wasm32")]
-mod request_header;
+mod host;

@@ -6,6 +6,8 @@ use crate::authorize::Denial;
 pub struct Refusal {
     pub status: u32,
     pub code: &'static str,
+    /// The human sentence of the body (also a gRPC refusal's `grpc-message`).
+    pub message: &'static str,
     pub headers: Vec<(&'static str, String)>,
     pub body: String,
 }
@@ -17,7 +19,7 @@ fn body(code: &str, message: &str) -> String {
 }
 
 pub fn refusal(d: Denial) -> Refusal {
-    let (status, code, message, mut headers): (u32, &'static str, &str, Vec<(&'static str, String)>) =
+    let (status, code, message, mut headers): (u32, &'static str, &'static str, Vec<(&'static str, String)>) =
         match d {
             Denial::MissingToken => (
                 401,
@@ -59,6 +61,7 @@ pub fn refusal(d: Denial) -> Refusal {
     Refusal {
         status,
         code,
+        message,
         headers,
         body: body(code, message),
     }

@@ -227,6 +227,19 @@ impl Browser {
         assert!(done.is_some(), "{css} is still shown");
     }
 
+    /// Resizes the window; returns the page's viewport width, as CSS sees it.
+    pub fn set_window_size(&self, width: u32, height: u32) -> u64 {
+        self.command(
+            "POST",
+            "/window/rect",
+            Some(json!({ "width": width, "height": height })),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        self.run("return window.innerWidth;", json!([]))
+            .as_u64()
+            .unwrap_or_default()
+    }
+
     /// Saves a PNG of the window.
     pub fn screenshot(&self, path: &Path) {
         let v = self

@@ -446,6 +446,10 @@ pub struct Stack {
     /// Where the next `start_envoy` sends control-plane calls (a fault proxy, say);
     /// `None`: the control plane itself, or every replica.
     pub envoy_control_plane_port: Option<u16>,
+    /// Text replacements `(from, to)` applied to the rendered Envoy configuration by the
+    /// next `start_envoy`, for a test that needs a setting other than the shipped one;
+    /// each `from` must occur in the configuration.
+    pub envoy_config_edits: Vec<(String, String)>,
     control_plane: Option<Child>,
     replicas: Vec<Option<Child>>,
     upstream: Option<Child>,
@@ -507,6 +511,7 @@ impl Stack {
             plugin_extra: String::new(),
             sync_wait_seconds: 20,
             envoy_control_plane_port: None,
+            envoy_config_edits: Vec::new(),
             control_plane: None,
             upstream: None,
             envoy: None,
@@ -717,6 +722,15 @@ impl Stack {
         self.check_alive("demo upstream", |s| &mut s.upstream, &log);
     }
 
+    /// Puts an upstream the test runs itself (a gRPC server, say) in place of the demo
+    /// upstream, which is stopped; takes effect at the next `start_envoy`.
+    pub fn replace_upstream(&mut self, port: u16) {
+        if let Some(mut child) = self.upstream.take() {
+            kill(&mut child);
+        }
+        self.upstream_port = port;
+    }
+
     /// Starts (or restarts) the control plane on the stack's database, port and
     /// credentials, and waits for `/healthz`.
     pub fn start_control_plane(&mut self) {
@@ -798,6 +812,13 @@ impl Stack {
             fields.push_str(&format!(", {}", self.plugin_extra));
         }
         let mut config = config.replace(anchor, &fields);
+        for (from, to) in &self.envoy_config_edits {
+            assert!(
+                config.contains(from.as_str()),
+                "the rendered envoy.yaml has no {from:?} to replace"
+            );
+            config = config.replace(from.as_str(), to);
+        }
         if self.envoy_control_plane_port.is_none() {
             for i in 1..self.replica_count() {
                 config = add_control_plane_endpoint(&config, self.replica_port(i));

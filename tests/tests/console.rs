@@ -280,3 +280,85 @@ fn the_console_drives_a_token_through_its_life_and_envoy_follows() {
     b.find("#signin-view");
     assert!(!b.is_shown("#tokens-view"));
 }
+
+/// Everything in a row of the token list, as the user sees it at this width: each cell's
+/// box and whether it is clipped by the table's scroll container or the page.
+const NARROW_CHECK: &str = "
+    const vw = document.documentElement.clientWidth;
+    const wrap = document.querySelector('#tokens').closest('.table-wrap');
+    const problems = [];
+    if (document.documentElement.scrollWidth > vw)
+        problems.push(`the page scrolls sideways: ${document.documentElement.scrollWidth} > ${vw}`);
+    if (wrap.scrollWidth > wrap.clientWidth)
+        problems.push(`the table scrolls sideways: ${wrap.scrollWidth} > ${wrap.clientWidth}`);
+    const rows = [...document.querySelectorAll('#tokens tbody tr')];
+    for (const row of rows) {
+        for (const cell of row.querySelectorAll('.status-cell, .row-actions button, .name')) {
+            const r = cell.getBoundingClientRect();
+            const w = wrap.getBoundingClientRect();
+            if (r.width === 0 || r.left < Math.max(0, w.left) - 0.5 || r.right > Math.min(vw, w.right) + 0.5)
+                problems.push(`${row.dataset.id} ${cell.className || cell.textContent}: ${r.left}..${r.right} outside 0..${Math.min(vw, w.right)}`);
+        }
+        // Either the Status column heading is on screen, or the cell carries its label.
+        const status = row.querySelector('.status-cell');
+        const heading = [...document.querySelectorAll('#tokens thead th')].find((th) => th.textContent === 'Status');
+        const h = heading.getBoundingClientRect();
+        const headed = h.width > 1 && h.height > 1 && h.left >= 0 && h.right <= vw;
+        const label = getComputedStyle(status, '::before').content;
+        if (!headed && !label.includes('Status'))
+            problems.push(`the status of ${row.dataset.id} has neither a heading nor a label (${label})`);
+    }
+    return { rows: rows.length, problems };";
+
+#[test]
+fn the_token_list_is_usable_420_px_wide() {
+    let stack = Stack::start_with(tokengate_e2e::Options {
+        envoy: false,
+        ..Default::default()
+    });
+    let Some(b) = browser(&stack) else { return };
+    stack.create_token(
+        json!({"name": "mobile-checkout", "max_rps": 25, "expires_in_seconds": 2 * 86_400}),
+    );
+    let (paused, _) = stack.create_token(json!({
+        "name": "nightly-warehouse-export", "kind": "service", "owner": "data-engineering-team"
+    }));
+    stack.token_action(&paused, "suspend");
+    stack.create_token(json!({"name": "a-token-name-of-fifty-characters-no-spaces-at-all"}));
+
+    let width = b.set_window_size(420, 900);
+    assert!(
+        (400..=420).contains(&width),
+        "the viewport is {width} px wide, not about 420"
+    );
+    b.goto(&stack.control_plane_url());
+    sign_in(&b, &stack);
+    tokengate_e2e::try_wait_until(PROPAGATION, || row_names(&b).len() == 3);
+    assert_eq!(row_names(&b).len(), 3);
+    let v = b.run(NARROW_CHECK, json!([]));
+    b.screenshot(&artifact("tokens-420.png"));
+    let problems: Vec<String> = serde_json::from_value(v["problems"].clone()).unwrap_or_default();
+    assert!(
+        problems.is_empty(),
+        "at {width} px (screenshot target/console/tokens-420.png):\n{}",
+        problems.join("\n")
+    );
+    // The row actions still work at this width.
+    b.click(&row_button(&paused, "reactivate"));
+    b.wait_text(
+        &format!("#tokens tr[data-id=\"{paused}\"] .status-cell"),
+        "active",
+        |t| t.contains("active"),
+    );
+    // The audit trail does not scroll sideways either.
+    b.click("#nav-audit");
+    b.find("#audit tbody tr");
+    let sideways = b.run(
+        "const vw = document.documentElement.clientWidth;
+         const wrap = document.querySelector('#audit').closest('.table-wrap');
+         return [document.documentElement.scrollWidth - vw, wrap.scrollWidth - wrap.clientWidth];",
+        json!([]),
+    );
+    b.screenshot(&artifact("audit-420.png"));
+    assert_eq!(sideways, json!([0, 0]), "the audit trail scrolls sideways");
+}

@@ -443,7 +443,8 @@ fn write_once(api: &Api, rng: &mut Rng, model: &Mutex<Model>, seq: u64, highest:
             // A revoke answers without the record, so its version is unknown here.
             t.version_floor_only = true;
         }
-        Ok(r) if r.status == 404 => {
+        // 409 `already_revoked` answers a second revoke.
+        Ok(r) if r.status == 404 || (r.status == 409 && matches!(op, Op::Revoke)) => {
             *acked += 1;
             if !t.candidates.iter().any(|s| s.status == "revoked") {
                 violations.push(format!(
@@ -817,7 +818,8 @@ fn client(
         match r.status {
             200 => acks.push((id, Some(Record::from_api(&r.json()).version))),
             204 => acks.push((id, None)),
-            404 => gone.push(id),
+            // 409 `already_revoked` answers a second revoke.
+            404 | 409 if method == "DELETE" || r.status == 404 => gone.push(id),
             s => panic!("{method} {path} {body:?}: {s} {}", r.body),
         }
     }

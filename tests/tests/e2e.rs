@@ -558,7 +558,8 @@ fn cli_manages_tokens_that_envoy_enforces() {
         stack.call_with_token(&secret).error_code().as_deref() == Some("invalid_token")
     });
 
-    // Failures: an API refusal exits 1 with the API's message, no control plane exits 2.
+    // Failures: an API refusal exits 1 with the API's message, no control plane exits 3,
+    // and neither does Envoy's listener: the CLI says it is Envoy, not the control plane.
     let run = |args: &[&str], url: &str| {
         std::process::Command::new(&stack.bins.tokengate)
             .args(args)
@@ -583,11 +584,21 @@ fn cli_manages_tokens_that_envoy_enforces() {
         "{bad:?}"
     );
     let down = run(&["token", "list"], "http://127.0.0.1:9");
-    assert_eq!(down.status.code(), Some(2));
+    assert_eq!(down.status.code(), Some(3));
     assert!(
         String::from_utf8_lossy(&down.stderr).contains("cannot reach the control plane"),
         "{down:?}"
     );
+    let envoy = format!("http://{}", stack.envoy_addr());
+    let misdirected = run(&["token", "list"], &envoy);
+    assert_eq!(misdirected.status.code(), Some(3), "{misdirected:?}");
+    let said = String::from_utf8_lossy(&misdirected.stderr);
+    assert!(
+        said.contains(&format!("{envoy} is an Envoy listener"))
+            && said.contains("point --url or TOKENGATE_URL at `tokengate serve`"),
+        "{said}"
+    );
+    assert!(!said.contains("malformed"), "{said}");
     assert_no_secrets_in_logs(&stack, &[&secret, &human_secret, &stack.admin_token]);
 }
 

@@ -5,7 +5,7 @@
 
 use serde_json::{json, Value};
 use std::time::Duration;
-use tokengate_e2e::{http_raw, Response, Stack};
+use tokengate_e2e::{http_raw, Options, Response, Stack};
 
 const STATE_LOAD: Duration = Duration::from_secs(40);
 
@@ -181,6 +181,39 @@ fn hostile_token_headers_get_their_documented_answers_and_never_trap_the_vm() {
             error: "",
         },
         Case {
+            what: "X-API-Token valid, the same token after Bearer and a tab",
+            lines: vec![
+                line("X-API-Token", &good),
+                line("Authorization", &format!("Bearer\t{good}")),
+            ],
+            status: 200,
+            error: "",
+        },
+        Case {
+            what: "X-API-Token valid, the same token in Authorization bare",
+            lines: vec![line("X-API-Token", &good), line("Authorization", &good)],
+            status: 200,
+            error: "",
+        },
+        Case {
+            what: "X-API-Token valid, the same token in Basic credentials",
+            lines: vec![
+                line("X-API-Token", &good),
+                line("Authorization", &format!("Basic {good}")),
+            ],
+            status: 200,
+            error: "",
+        },
+        Case {
+            what: "X-API-Token valid, another token after a lower-case scheme, no space",
+            lines: vec![
+                line("X-API-Token", &good),
+                line("Authorization", &format!("bearer{other}")),
+            ],
+            status: 200,
+            error: "",
+        },
+        Case {
             what: "both headers, X-API-Token garbage and the bearer valid",
             lines: vec![
                 line("X-API-Token", "tg_garbage"),
@@ -269,6 +302,14 @@ fn hostile_token_headers_get_their_documented_answers_and_never_trap_the_vm() {
                 "{}",
                 case.what
             );
+            for secret in [&good, &other] {
+                assert!(
+                    !r.body.contains(secret.as_str()),
+                    "{}: a secret reached the upstream: {}",
+                    case.what,
+                    r.body
+                );
+            }
         }
     }
     assert!(
@@ -320,4 +361,127 @@ fn hostile_token_headers_get_their_documented_answers_and_never_trap_the_vm() {
         "the VM reported a trap or panic:\n{}",
         stack.logs_tail(40)
     );
+}
+
+/// A request carrying a valid token and tokengate headers spelt with underscores (and in
+/// mixed case): CGI-style upstreams (WSGI, Rack, PHP) read `x_tokengate_token_id` as
+/// `x-tokengate-token-id`. Returns what the upstream saw.
+fn send_underscored_spoofs(stack: &Stack, good: &str) -> Response {
+    let r = raw(
+        stack,
+        &[
+            line("X-API-Token", good).as_slice(),
+            line("x_tokengate_token_id", "tok_SPOOF").as_slice(),
+            line("X-Tokengate-Token_Owner", "root").as_slice(),
+            line("X_TOKENGATE_TOKEN_KIND", "spoofed-kind").as_slice(),
+            line("x_tokengate_token_name", "spoofed-name").as_slice(),
+            line("x_tokengate_token_expires", "spoofed-expiry").as_slice(),
+            line("x-tokengate-token-expires", "spoofed-expiry").as_slice(),
+            line("X-Tokengate-Anything", "spoofed-other").as_slice(),
+            line("x_api_token", good).as_slice(),
+        ],
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    r
+}
+
+/// No header the upstream could read as a tokengate header, other than the filter's own
+/// four identity headers with the token's real values, and no secret.
+fn assert_only_real_identity(r: &Response, id: &str, good: &str) {
+    let headers = upstream_headers(r);
+    let cgi = |name: &str| name.to_ascii_lowercase().replace('_', "-");
+    let tokengate: Vec<&String> = headers
+        .keys()
+        .filter(|n| cgi(n).starts_with("x-tokengate-"))
+        .collect();
+    assert_eq!(
+        tokengate,
+        [
+            "x-tokengate-token-id",
+            "x-tokengate-token-kind",
+            "x-tokengate-token-name",
+            "x-tokengate-token-owner"
+        ],
+        "upstream saw {headers:?}"
+    );
+    assert_eq!(headers["x-tokengate-token-id"], id);
+    assert_eq!(headers["x-tokengate-token-owner"], "spoof-check-owner");
+    assert_eq!(headers["x-tokengate-token-kind"], "user");
+    for spoof in ["SPOOF", "root", "spoofed", good] {
+        assert!(
+            !r.body.contains(spoof),
+            "{spoof:?} reached the upstream: {}",
+            r.body
+        );
+    }
+    assert!(
+        !headers
+            .keys()
+            .any(|n| cgi(n) == "x-api-token" || n == "authorization"),
+        "a credential header reached the upstream: {headers:?}"
+    );
+}
+
+#[test]
+fn underscored_identity_headers_are_dropped_by_the_shipped_envoy_configuration() {
+    let stack = Stack::start();
+    let (id, good) =
+        stack.create_token(json!({"name": "spoof-check", "owner": "spoof-check-owner"}));
+    stack.wait_for_status(&good, 200, STATE_LOAD);
+    let dropped = "http1.dropped_headers_with_underscores";
+    let before = stack.envoy_stat(dropped);
+    let r = send_underscored_spoofs(&stack, &good);
+    assert_only_real_identity(&r, &id, &good);
+    // Envoy itself dropped the six underscored names, before the filter.
+    assert_eq!(stack.envoy_stat(dropped) - before, 6);
+}
+
+#[test]
+fn underscored_identity_headers_are_removed_by_the_filter_when_envoy_allows_them() {
+    // As an Envoy that keeps Envoy's default (ALLOW), Istio's sidecars and gateways among
+    // them unless configured otherwise: the filter is then the only line of defence.
+    let mut stack = Stack::start_with(Options {
+        envoy: false,
+        ..Options::default()
+    });
+    stack.envoy_config_edits.push((
+        "headers_with_underscores_action: DROP_HEADER".into(),
+        "headers_with_underscores_action: ALLOW".into(),
+    ));
+    stack.start_envoy();
+    let (id, good) =
+        stack.create_token(json!({"name": "spoof-check", "owner": "spoof-check-owner"}));
+    stack.wait_for_status(&good, 200, STATE_LOAD);
+    let r = send_underscored_spoofs(&stack, &good);
+    assert_eq!(
+        stack.envoy_stat("http1.dropped_headers_with_underscores"),
+        0
+    );
+    assert_only_real_identity(&r, &id, &good);
+}
+
+#[test]
+fn every_shipped_envoy_configuration_drops_or_rejects_headers_with_underscores() {
+    // envoy/envoy.yaml is also what docker compose renders; the Istio overlays carry an
+    // EnvoyFilter, checked by `make check-k8s`.
+    for file in ["envoy/envoy.yaml", "envoy/snippet.yaml"] {
+        let path = tokengate_e2e::workspace_root().join(file);
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {file}: {e}"));
+        let managers = text
+            .matches("- name: envoy.filters.network.http_connection_manager")
+            .count();
+        let protected = text
+            .lines()
+            .filter(|l| {
+                let l = l.trim();
+                l == "headers_with_underscores_action: DROP_HEADER"
+                    || l == "headers_with_underscores_action: REJECT_REQUEST"
+            })
+            .count();
+        assert!(managers > 0, "{file}: no http_connection_manager");
+        assert_eq!(
+            protected, managers,
+            "{file}: every http_connection_manager must set headers_with_underscores_action"
+        );
+    }
 }

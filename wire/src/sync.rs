@@ -15,8 +15,9 @@
 //!   `version` is the last change's version, so asking again with it fetches the rest at once.
 //!   With no change, the server holds the request up to `wait` seconds and then answers with
 //!   no changes and the same version.
-//! * A token may travel as several records with the same id: its secret's, and one per
-//!   rotated-out secret in its grace period, which expires when the grace ends.
+//! * A token may travel as several records with the same id: its secret's, one for the
+//!   rotated-out secret in its grace period (it expires when the grace ends), and, in
+//!   changes, a `revoked` record for a secret whose grace a later rotation cut short.
 
 use serde::{Deserialize, Serialize};
 

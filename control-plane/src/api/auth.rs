@@ -2,17 +2,22 @@
 //! audit API, and the sync credential (it sits in every proxy's configuration) that may only
 //! read `/v1/sync` and report `/v1/usage`. The web console's session cookie stands for the
 //! admin credential it was signed in with, and must bring its CSRF token on every change.
+//! Every presented credential goes through `guarded`, which slows guessing per address.
 
 use super::error::ApiError;
-use super::AppState;
+use super::{client_ip, AppState};
 use crate::domain::sessions::now_ms;
+use crate::metrics::Credential;
 use crate::secrets::same_secret;
+use crate::throttle::retry_after_secs;
 use axum::extract::{Request, State};
 use axum::http::header::{AUTHORIZATION, COOKIE as COOKIE_HEADER};
 use axum::http::{HeaderMap, Method};
 use axum::middleware::Next;
 use axum::response::Response;
+use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 /// The console's session cookie.
 pub const COOKIE: &str = "tokengate_session";
@@ -61,6 +66,37 @@ fn changes_state(method: &Method) -> bool {
     !matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
 }
 
+/// Compares a presented credential, unless its address has failed too often: then 429,
+/// whether the credential is right or not. A refusal is counted and logged with the
+/// address and the kind of credential, never the credential.
+pub fn guarded<T>(
+    state: &AppState,
+    client: IpAddr,
+    kind: Credential,
+    verify: impl FnOnce() -> Option<T>,
+) -> Result<T, ApiError> {
+    let now = Instant::now();
+    if let Err(wait) = state.throttle.check(client, kind.pool(), now) {
+        state.metrics.auth_throttled();
+        return Err(ApiError::Throttled {
+            retry_after_secs: retry_after_secs(wait),
+        });
+    }
+    if let Some(ok) = verify() {
+        return Ok(ok);
+    }
+    state.metrics.auth_failure(kind);
+    tracing::warn!(%client, credential = kind.as_str(), "credential refused");
+    if let Some(wait) = state.throttle.failed(client, kind.pool(), now) {
+        tracing::warn!(
+            %client,
+            retry_after_s = retry_after_secs(wait),
+            "too many refused credentials: this address gets 429 until then"
+        );
+    }
+    Err(ApiError::Unauthorized)
+}
+
 /// An admin credential in `Authorization: Bearer`, or a console session cookie (with its
 /// CSRF token on anything but a read).
 pub async fn require_admin(
@@ -69,7 +105,12 @@ pub async fn require_admin(
     next: Next,
 ) -> Result<Response, ApiError> {
     let who = if let Some(c) = presented(&req) {
-        admin_named_by(&state, c).ok_or(ApiError::Unauthorized)?
+        guarded(
+            &state,
+            client_ip(req.extensions()),
+            Credential::Admin,
+            || admin_named_by(&state, c),
+        )?
     } else if let Some(id) = session_cookie(req.headers()) {
         let session = state
             .sessions
@@ -95,8 +136,12 @@ pub async fn require_sync(
     req: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    match presented(&req) {
-        Some(c) if same_secret(c, state.sync_token.as_bytes()) => Ok(next.run(req).await),
-        _ => Err(ApiError::Unauthorized),
-    }
+    let c = presented(&req).ok_or(ApiError::Unauthorized)?;
+    guarded(
+        &state,
+        client_ip(req.extensions()),
+        Credential::Sync,
+        || same_secret(c, state.sync_token.as_bytes()).then_some(()),
+    )?;
+    Ok(next.run(req).await)
 }

@@ -52,8 +52,13 @@ fn too_large(limit: usize) -> ApiError {
 async fn read_limited(mut body: Body, limit: usize) -> Result<Bytes, ApiError> {
     let mut buf = Vec::new();
     while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
-        let frame = frame
-            .map_err(|e| ApiError::Body(format!("The request body could not be read: {e}.")))?;
+        let frame = frame.map_err(|e| {
+            if crate::connections::is_body_timeout(&e) {
+                ApiError::BodyTimeout
+            } else {
+                ApiError::Body(format!("The request body could not be read: {e}."))
+            }
+        })?;
         if let Ok(data) = frame.into_data() {
             if buf.len() + data.len() > limit {
                 return Err(too_large(limit));

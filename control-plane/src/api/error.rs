@@ -1,6 +1,6 @@
 //! API errors: `{"error": code, "message": sentence, "field"?: name}` with the right status.
 
-use crate::domain::DomainError;
+use crate::domain::{rfc3339, DomainError};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -9,19 +9,23 @@ use serde_json::json;
 /// Every error answer's body.
 #[derive(serde::Serialize, utoipa::ToSchema)]
 pub struct ErrorBody {
-    /// A snake_case code: `invalid_field`, `invalid_body`, `unauthorized`, `csrf_failed`, `not_found`,
-    /// `no_route`, `method_not_allowed`, `conflict`, `payload_too_large`, `unsupported_media_type`,
+    /// A snake_case code: `invalid_field`, `invalid_body`, `unauthorized`, `too_many_failures`,
+    /// `csrf_failed`, `not_found`, `no_route`, `method_not_allowed`, `request_timeout`,
+    /// `conflict`, `already_revoked`, `payload_too_large`, `unsupported_media_type`,
     /// `store_unavailable` (503, with `Retry-After`), `shutting_down` (503), `internal`.
     pub error: String,
     pub message: String,
     /// The field or query parameter at fault (`invalid_field`), or `content-type`
     /// (`unsupported_media_type`).
     pub field: Option<String>,
+    /// When the token was revoked (`already_revoked`, or `not_found` for a revoked token).
+    pub revoked_at: Option<String>,
 }
 
 #[derive(Debug)]
 pub enum ApiError {
-    /// 400 about one field of the body or query.
+    /// 400 about one field of the body or query; `message` is a phrase that follows the
+    /// field's name ("must be between 1 and 1000").
     Field {
         field: String,
         message: String,
@@ -29,9 +33,23 @@ pub enum ApiError {
     /// 400 about the body as a whole.
     Body(String),
     Unauthorized,
+    /// The client's address failed too many credential checks.
+    Throttled {
+        retry_after_secs: u64,
+    },
+    /// The request body did not arrive within the body deadline.
+    BodyTimeout,
     /// A console session's change without its CSRF token.
     Csrf,
     NotFound,
+    /// The token was revoked (Unix seconds): a 404 that says so.
+    Revoked {
+        at: i64,
+    },
+    /// A revoke of a token that was already revoked.
+    AlreadyRevoked {
+        at: i64,
+    },
     /// No route for the path (not the same as an unknown token).
     NoRoute,
     /// The path exists, the method does not.
@@ -60,6 +78,7 @@ impl From<DomainError> for ApiError {
     fn from(e: DomainError) -> ApiError {
         match e {
             DomainError::NotFound => ApiError::NotFound,
+            DomainError::Revoked { at } => ApiError::Revoked { at },
             DomainError::Conflict(m) => ApiError::Conflict(m),
             DomainError::Invalid { field, message } => ApiError::field(field, message),
             DomainError::Unavailable(m) => ApiError::StoreUnavailable(m),
@@ -79,7 +98,7 @@ impl IntoResponse for ApiError {
         let (status, body) = match self {
             ApiError::Field { field, message } => (
                 StatusCode::BAD_REQUEST,
-                json!({"error": "invalid_field", "message": format!("{field}: {message}"), "field": field}),
+                json!({"error": "invalid_field", "message": format!("{field} {message}."), "field": field}),
             ),
             ApiError::Body(message) => (
                 StatusCode::BAD_REQUEST,
@@ -94,6 +113,24 @@ impl IntoResponse for ApiError {
                 )
                     .into_response();
             }
+            ApiError::Throttled { retry_after_secs } => {
+                let body = json!({"error": "too_many_failures", "message": format!("Too many refused credentials from this address; try again in {retry_after_secs} s.")});
+                return (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    [(header::RETRY_AFTER, retry_after_secs.to_string())],
+                    Json(body),
+                )
+                    .into_response();
+            }
+            ApiError::BodyTimeout => {
+                let body = json!({"error": "request_timeout", "message": "The request body did not arrive in time."});
+                return (
+                    StatusCode::REQUEST_TIMEOUT,
+                    [(header::CONNECTION, "close")],
+                    Json(body),
+                )
+                    .into_response();
+            }
             ApiError::Csrf => (
                 StatusCode::FORBIDDEN,
                 json!({"error": "csrf_failed", "message": "A console session's changes need its CSRF token in X-CSRF-Token."}),
@@ -101,6 +138,14 @@ impl IntoResponse for ApiError {
             ApiError::NotFound => (
                 StatusCode::NOT_FOUND,
                 json!({"error": "not_found", "message": "No such token."}),
+            ),
+            ApiError::Revoked { at } => (
+                StatusCode::NOT_FOUND,
+                json!({"error": "not_found", "message": format!("The token was revoked at {}; a revoked token cannot be shown or changed.", rfc3339(at)), "revoked_at": rfc3339(at)}),
+            ),
+            ApiError::AlreadyRevoked { at } => (
+                StatusCode::CONFLICT,
+                json!({"error": "already_revoked", "message": format!("The token was already revoked at {}.", rfc3339(at)), "revoked_at": rfc3339(at)}),
             ),
             ApiError::NoRoute => (
                 StatusCode::NOT_FOUND,

@@ -13,14 +13,16 @@ mod usage;
 pub use error::ApiError;
 
 use crate::domain::{Feed, Sessions, Tokens};
-use crate::metrics::Metrics;
+use crate::metrics::{Live, Metrics};
 use crate::store::Store;
-use axum::extract::{MatchedPath, Request, State};
+use crate::throttle::Throttle;
+use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::http::header::CONTENT_TYPE;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -53,6 +55,8 @@ pub struct AppState {
     /// Turns true when the server is shutting down: waiting long-polls answer at once.
     pub shutdown: watch::Receiver<bool>,
     pub console: ConsoleSettings,
+    /// Failed credential checks per client address.
+    pub throttle: Arc<Throttle>,
 }
 
 /// The web console's settings.
@@ -92,10 +96,19 @@ async fn tag_route(req: Request, next: Next) -> Response {
     resp
 }
 
+/// The client's address: the TCP peer (without one, as in a test that serves the router
+/// directly, the unspecified address).
+pub fn client_ip(extensions: &axum::http::Extensions) -> IpAddr {
+    extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip())
+}
+
 /// One line per request, and the request counted by route template and status. The path
 /// only: queries and headers may carry what must not be logged.
 async fn access_log(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let client = client_ip(req.extensions());
     let started = Instant::now();
     let resp = next.run(req).await;
     let status = resp.status().as_u16();
@@ -108,7 +121,8 @@ async fn access_log(State(state): State<AppState>, req: Request, next: Next) -> 
         %method,
         %path,
         status,
-        ms = started.elapsed().as_secs_f64() * 1e3,
+        ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        %client,
         "request"
     );
     resp
@@ -144,12 +158,11 @@ async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>
 }
 
 #[utoipa::path(get, path = "/metrics", tag = "operations",
-    responses((status = 200, description = "Prometheus text format (no token ids, names or credentials in labels)", content_type = "text/plain")))]
+    responses((status = 200, description = "Prometheus text (no token ids, names, credentials or client addresses in labels): credential checks refused and throttled, connections, long-polls, sync answers and reads, the version, store latency and errors, the database pool, webhook outcomes, job runs, requests by route and status", content_type = "text/plain")))]
 async fn metrics(State(state): State<AppState>) -> Response {
     let ready = store_ready(&state).await.is_ok();
-    let body = state
-        .metrics
-        .render(state.store.as_ref(), state.feed.reads(), ready);
+    let live = Live::of(state.store.as_ref(), state.feed.reads(), ready);
+    let body = state.metrics.render(&live);
     (
         [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
         body,

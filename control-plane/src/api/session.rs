@@ -2,17 +2,19 @@
 //! cookie (HttpOnly, SameSite=Strict) and a CSRF token that the page sends back in
 //! `X-CSRF-Token` with every change; the credential itself never stays in the browser.
 
-use super::auth::{admin_named_by, session_cookie, Actor, COOKIE};
+use super::auth::{admin_named_by, guarded, session_cookie, Actor, COOKIE};
 use super::body::{parse_json, JsonBody};
 use super::{ApiError, AppState};
 use crate::domain::sessions::now_ms;
+use crate::metrics::Credential;
 use crate::policy::KindPolicy;
-use axum::extract::{Request, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::header::SET_COOKIE;
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use utoipa::ToSchema;
 
 #[derive(Deserialize, ToSchema)]
@@ -83,9 +85,11 @@ fn cookie(state: &AppState, value: &str, max_age: u64) -> Result<HeaderValue, Ap
         (status = 400, description = "No credential given", body = super::error::ErrorBody),
         (status = 413, description = "The body is over 64 kB", body = super::error::ErrorBody),
         (status = 415, description = "The body is not sent as application/json", body = super::error::ErrorBody),
-        (status = 401, description = "Not an admin credential", body = super::error::ErrorBody)))]
+        (status = 401, description = "Not an admin credential", body = super::error::ErrorBody),
+        (status = 429, description = "Too many refused credentials from this address; see Retry-After", body = super::error::ErrorBody)))]
 pub async fn sign_in(
     State(state): State<AppState>,
+    connect: Option<Extension<ConnectInfo<SocketAddr>>>,
     JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
     let b: SignIn = parse_json(&body)?;
@@ -93,9 +97,9 @@ pub async fn sign_in(
         .credential
         .filter(|c| !c.trim().is_empty())
         .ok_or_else(|| ApiError::field("credential", "is required"))?;
-    let actor = admin_named_by(&state, credential.trim().as_bytes()).ok_or_else(|| {
-        tracing::info!("console sign-in refused");
-        ApiError::Unauthorized
+    let client = connect.map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0 .0.ip());
+    let actor = guarded(&state, client, Credential::SignIn, || {
+        admin_named_by(&state, credential.trim().as_bytes())
     })?;
     let issued = state.sessions.start(&actor, now_ms()).await?;
     tracing::info!(actor = %actor, "console sign-in");

@@ -47,8 +47,9 @@ impl SyncQuery {
 
 /// A token's records: its secret's, and one per rotated-out secret still on record. An old
 /// secret expires with its grace, so the filters refuse it then even if the control plane is
-/// unreachable; once the grace is over it travels as a tombstone.
-fn to_wire(r: TokenRow, now: i64, out: &mut Vec<SyncRecord>) {
+/// unreachable; once the grace is over it travels as a tombstone in changes. A snapshot
+/// leaves such tombstones out: whatever a snapshot does not mention is gone.
+fn to_wire(r: TokenRow, now: i64, snapshot: bool, out: &mut Vec<SyncRecord>) {
     let status = match r.status {
         Status::Active => SyncStatus::Active,
         Status::Suspended => SyncStatus::Suspended,
@@ -67,10 +68,12 @@ fn to_wire(r: TokenRow, now: i64, out: &mut Vec<SyncRecord>) {
         version: r.version,
     };
     for old in &r.retired {
-        let status = if old.until <= now {
-            SyncStatus::Revoked
-        } else {
+        let status = if old.until > now {
             status
+        } else if snapshot {
+            continue;
+        } else {
+            SyncStatus::Revoked
         };
         let expires_at = Some(r.expires_at.map_or(old.until, |t| t.min(old.until)));
         out.push(record(old.hash.clone(), status, expires_at));
@@ -78,11 +81,11 @@ fn to_wire(r: TokenRow, now: i64, out: &mut Vec<SyncRecord>) {
     out.push(record(r.hash.clone(), status, r.expires_at));
 }
 
-fn to_wire_all(rows: Vec<TokenRow>) -> Vec<SyncRecord> {
+fn to_wire_all(rows: Vec<TokenRow>, snapshot: bool) -> Vec<SyncRecord> {
     let now = chrono::Utc::now().timestamp();
     let mut out = Vec::with_capacity(rows.len());
     for r in rows {
-        to_wire(r, now, &mut out);
+        to_wire(r, now, snapshot, &mut out);
     }
     out
 }
@@ -122,7 +125,7 @@ async fn snapshot(
         store_id: state.store.store_id().to_string(),
         version,
         snapshot: true,
-        changes: to_wire_all(page.rows),
+        changes: to_wire_all(page.rows, true),
         next_cursor,
         token_count: page.live,
     })
@@ -138,7 +141,7 @@ fn rendered(state: &AppState, answer: &Answer) -> Result<Arc<[u8]>, ApiError> {
         store_id: state.store.store_id().to_string(),
         version: rows.last().map_or(answer.since, |r| r.version),
         snapshot: false,
-        changes: to_wire_all(rows),
+        changes: to_wire_all(rows, false),
         next_cursor: None,
         token_count: answer.changes.live,
     })

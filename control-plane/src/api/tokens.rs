@@ -142,7 +142,7 @@ pub async fn create(
         (Some(_), Some(_)) => {
             return Err(ApiError::field(
                 "expires_at",
-                "give either expires_in_seconds or expires_at, not both",
+                "cannot be given with expires_in_seconds: give one or the other",
             ))
         }
         (Some(0), None) => {
@@ -204,7 +204,7 @@ pub struct Listing {
 #[into_params(parameter_in = Query)]
 #[allow(dead_code)]
 pub struct ListParams {
-    /// `active` or `suspended`.
+    /// `active`, `suspended` (both: not expired) or `expired` (whether suspended or not).
     status: Option<String>,
     owner: Option<String>,
     /// `user` or `service`.
@@ -237,10 +237,19 @@ pub async fn list(
     let mut cursor = None;
     for (k, v) in q {
         match k.as_str() {
+            // Statuses as shown: an expired token is `expired`, whether or not it was
+            // suspended, and is neither `active` nor `suspended`.
             "status" => {
-                query.status = match Status::parse(&v) {
-                    Some(s @ (Status::Active | Status::Suspended)) => Some(s),
-                    _ => return Err(ApiError::field("status", "must be `active` or `suspended`")),
+                (query.status, query.expired) = match v.as_str() {
+                    "active" => (Some(Status::Active), Some((false, now))),
+                    "suspended" => (Some(Status::Suspended), Some((false, now))),
+                    "expired" => (None, Some((true, now))),
+                    _ => {
+                        return Err(ApiError::field(
+                            "status",
+                            "must be `active`, `suspended` or `expired`",
+                        ))
+                    }
                 }
             }
             "owner" => query.owner = Some(v),
@@ -410,14 +419,18 @@ pub async fn reactivate(
     params(("id" = String, Path, description = "Token id")),
     responses((status = 204, description = "Revoked: the filters refuse it from now on"),
         (status = 401, description = "No or wrong admin credential", body = super::error::ErrorBody),
-        (status = 404, description = "No such token", body = super::error::ErrorBody)))]
+        (status = 404, description = "No such token", body = super::error::ErrorBody),
+        (status = 409, description = "Already revoked (`already_revoked`, with `revoked_at`)", body = super::error::ErrorBody)))]
 pub async fn revoke(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
     TokenId(id): TokenId,
 ) -> Result<StatusCode, ApiError> {
-    set_status(state, actor, id, Status::Revoked).await?;
-    Ok(StatusCode::NO_CONTENT)
+    match set_status(state, actor, id, Status::Revoked).await {
+        Ok(_) => Ok(StatusCode::NO_CONTENT),
+        Err(ApiError::Revoked { at }) => Err(ApiError::AlreadyRevoked { at }),
+        Err(e) => Err(e),
+    }
 }
 
 #[derive(Deserialize, ToSchema)]

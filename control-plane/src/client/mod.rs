@@ -1,34 +1,62 @@
-//! `tokengate token ...`: the admin CLI, a thin client of the REST API.
+//! `tokengate token ...` and `tokengate audit`: the admin CLI, a thin client of the REST API.
 
+mod http;
 mod output;
+
+pub use http::Origin;
 
 use chrono::{SecondsFormat, Utc};
 use clap::{Args, Subcommand};
+use http::{Client, Refusal};
 use serde_json::{json, Map, Value};
 use std::process::ExitCode;
 
+/// Exit codes of `tokengate token` and `tokengate audit`.
+pub mod exit {
+    /// The control plane refused the request (bad input, no such token, ...).
+    pub const REFUSED: u8 = 1;
+    /// The command line is wrong (clap's own code for usage errors).
+    pub const USAGE: u8 = 2;
+    /// Nothing answers at the URL, or what answers is not the control plane.
+    pub const UNREACHABLE: u8 = 3;
+    /// No admin credential, or the control plane refused it (or throttles its address).
+    pub const CREDENTIAL: u8 = 4;
+}
+
+/// Shown under the help of `token` and `audit`.
+pub const EXIT_CODES: &str = "Exit codes: 0 done; 1 refused by the control plane (bad \
+input, no such token, ...); 2 usage error; 3 control plane unreachable, or the URL is not \
+one (e.g. Envoy's port); 4 admin credential missing, refused or throttled.";
+
 /// How to reach the control plane; shared by `token` and `audit`.
 #[derive(Args, Debug)]
+#[command(next_help_heading = "Global options")]
 pub struct Connection {
     /// Control plane URL
     #[arg(
         long,
         env = "TOKENGATE_URL",
         default_value = "http://127.0.0.1:8081",
+        hide_env_values = true,
+        value_name = "URL",
         global = true
     )]
     pub url: String,
-    /// Admin credential
+    /// Admin credential (prefer the environment variable: a flag shows in `ps`)
     #[arg(
         long,
         env = "TOKENGATE_ADMIN_TOKEN",
         hide_env_values = true,
+        value_name = "CREDENTIAL",
         global = true
     )]
     pub admin_token: Option<String>,
     /// Print the API's JSON instead of text
     #[arg(long, global = true)]
     pub json: bool,
+    /// Where `admin_token` came from; set after parsing.
+    #[arg(skip)]
+    pub admin_token_from: Option<Origin>,
 }
 
 #[derive(Args, Debug)]
@@ -45,123 +73,173 @@ pub struct AuditArgs {
     #[command(flatten)]
     pub conn: Connection,
     /// Only this token's entries
-    #[arg(long)]
+    #[arg(long, value_name = "ID")]
     pub token: Option<String>,
     /// Only this admin credential's (or `system`'s) entries
-    #[arg(long)]
+    #[arg(long, value_name = "NAME")]
     pub actor: Option<String>,
-    /// Only this action, e.g. token.suspended
-    #[arg(long)]
+    /// Only this action
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(crate::domain::audit::ACTIONS.iter().copied()))]
     pub action: Option<String>,
-    /// From this RFC 3339 time
-    #[arg(long)]
+    /// From this time on (RFC 3339, e.g. 2030-01-31T00:00:00Z)
+    #[arg(long, value_name = "TIME")]
     pub since: Option<String>,
-    /// Before this RFC 3339 time
-    #[arg(long)]
+    /// Before this time (RFC 3339)
+    #[arg(long, value_name = "TIME")]
     pub until: Option<String>,
-    #[arg(long)]
+    /// Entries per page, 1 to 1000 [default: 100]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub limit: Option<u32>,
+    /// Continue a listing from the cursor it printed
     #[arg(long)]
     pub cursor: Option<String>,
+}
+
+/// A number, or `none` (unlimited, or the default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NumberOrNone {
+    Number(u32),
+    None,
+}
+
+fn number_or_none(v: &str) -> Result<NumberOrNone, String> {
+    if v.eq_ignore_ascii_case("none") {
+        return Ok(NumberOrNone::None);
+    }
+    v.parse::<u32>()
+        .map(NumberOrNone::Number)
+        .map_err(|_| "takes a whole number or `none`".to_string())
+}
+
+/// A duration such as `30d`, or `never`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expiry(pub Option<u64>);
+
+fn expiry(v: &str) -> Result<Expiry, String> {
+    crate::duration::parse(v).map(Expiry)
+}
+
+/// A duration such as `7d`; `never` is not one.
+fn span(v: &str) -> Result<u64, String> {
+    crate::duration::parse(v)?.ok_or_else(|| "`never` is not allowed here".to_string())
 }
 
 #[derive(Subcommand, Debug)]
 pub enum TokenCommand {
     /// Create a token; its secret is printed this once
     Create {
+        /// Name shown in lists, the audit trail and the upstream's identity header
         #[arg(long)]
         name: String,
-        /// user (acts for a person) or service (acts for an automation)
-        #[arg(long)]
+        /// `user` acts for a person; `service` acts for an automation owned by a group
+        #[arg(long, value_parser = ["user", "service"])]
         kind: Option<String>,
+        /// The person (user tokens; default: the admin credential's name) or the owning
+        /// group (service tokens; required)
         #[arg(long)]
         owner: Option<String>,
-        #[arg(long)]
+        /// Requests per second per Envoy [default: unlimited]
+        #[arg(long, value_name = "N")]
         max_rps: Option<u32>,
-        #[arg(long)]
+        /// Requests allowed at once, with --max-rps [default: one second's worth]
+        #[arg(long, value_name = "N")]
         burst: Option<u32>,
-        /// 1h, 1d, 7d, 30d, 60d, 90d (any number of s, m, h or d) or never
-        #[arg(long, conflicts_with = "expires_at")]
-        expires_in: Option<String>,
-        /// RFC 3339 time, e.g. 2030-01-31T00:00:00Z
-        #[arg(long)]
+        /// Expiry from now: 1h, 1d, 7d, 30d, 60d, 90d (any number of s, m, h or d), or never
+        #[arg(long, value_name = "DURATION", value_parser = expiry, conflicts_with = "expires_at")]
+        expires_in: Option<Expiry>,
+        /// Expiry as an RFC 3339 time, e.g. 2030-01-31T00:00:00Z
+        #[arg(long, value_name = "TIME")]
         expires_at: Option<String>,
     },
-    /// List tokens
+    /// List tokens, a page at a time
     List {
-        #[arg(long)]
+        /// Only tokens with this status (an expired token is `expired`, not `active` or
+        /// `suspended`)
+        #[arg(long, value_parser = ["active", "suspended", "expired"])]
         status: Option<String>,
+        /// Only tokens whose name contains this (ASCII letters in either case)
+        #[arg(long, value_name = "TEXT")]
+        name: Option<String>,
+        /// Only tokens of this owner
         #[arg(long)]
         owner: Option<String>,
-        #[arg(long)]
+        /// Only tokens of this kind
+        #[arg(long, value_parser = ["user", "service"])]
         kind: Option<String>,
         /// Only tokens that expire within this time from now, e.g. 7d
-        #[arg(long)]
-        expiring_within: Option<String>,
-        #[arg(long)]
+        #[arg(long, value_name = "DURATION", value_parser = span)]
+        expiring_within: Option<u64>,
+        /// Tokens per page, 1 to 1000 [default: 100]
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1000))]
         limit: Option<u32>,
+        /// Continue a listing from the cursor it printed
         #[arg(long)]
         cursor: Option<String>,
     },
     /// Show one token
-    Get { id: String },
-    /// Change a token's name, limit or expiry
-    Update {
+    Get {
+        /// Token id, tok_...
         id: String,
+    },
+    /// Change a token's name, limit or expiry
+    #[command(group(clap::ArgGroup::new("change").required(true).multiple(true)
+        .args(["name", "max_rps", "burst", "expires_in", "expires_at"])))]
+    Update {
+        /// Token id, tok_...
+        id: String,
+        /// New name
         #[arg(long)]
         name: Option<String>,
-        /// a number, or `none` for unlimited
-        #[arg(long)]
-        max_rps: Option<String>,
-        /// a number, or `none` for the default
-        #[arg(long)]
-        burst: Option<String>,
-        /// 1h, 30d ... from now, or never
-        #[arg(long, conflicts_with = "expires_at")]
-        expires_in: Option<String>,
-        #[arg(long)]
+        /// Requests per second per Envoy, or `none` for unlimited
+        #[arg(long, value_name = "N|none", value_parser = number_or_none)]
+        max_rps: Option<NumberOrNone>,
+        /// Requests allowed at once, or `none` for one second's worth
+        #[arg(long, value_name = "N|none", value_parser = number_or_none)]
+        burst: Option<NumberOrNone>,
+        /// New expiry from now (1h, 30d ...), or never
+        #[arg(long, value_name = "DURATION", value_parser = expiry, conflicts_with = "expires_at")]
+        expires_in: Option<Expiry>,
+        /// New expiry as an RFC 3339 time
+        #[arg(long, value_name = "TIME")]
         expires_at: Option<String>,
     },
     /// Refuse the token until it is reactivated
-    Suspend { id: String },
+    Suspend {
+        /// Token id, tok_...
+        id: String,
+    },
     /// Admit a suspended token again
-    Reactivate { id: String },
+    Reactivate {
+        /// Token id, tok_...
+        id: String,
+    },
     /// Issue a new secret for the token (printed this once); same id and settings
     Rotate {
+        /// Token id, tok_...
         id: String,
-        /// How long the old secret keeps working, e.g. 1h (default: refused at once)
-        #[arg(long)]
-        grace: Option<String>,
+        /// How long the old secret keeps working, e.g. 1h (at most 30d) [default: refused at
+        /// once]
+        #[arg(long, value_name = "DURATION", value_parser = span)]
+        grace: Option<u64>,
     },
     /// Revoke the token for good
-    Revoke { id: String },
+    Revoke {
+        /// Token id, tok_...
+        id: String,
+    },
 }
 
-/// Why a command failed, and so its exit code.
-enum Failure {
-    /// Bad arguments or an API refusal: exit 1.
-    Refused(String),
-    /// No credential or no control plane: exit 2.
-    Setup(String),
+/// Why a command failed, and so its exit code (see `exit`).
+pub enum Failure {
+    /// The control plane refused the request.
+    Api(Refusal),
+    /// Nothing answers at the URL, or not the control plane.
+    Unreachable(String),
+    /// No admin credential, or a refused one.
+    Credential(String),
 }
 
-fn number_or_none(flag: &str, v: &str) -> Result<Value, Failure> {
-    if v.eq_ignore_ascii_case("none") {
-        return Ok(Value::Null);
-    }
-    v.parse::<u32>()
-        .map(Value::from)
-        .map_err(|_| Failure::Refused(format!("--{flag} takes a number or `none`, not `{v}`")))
-}
-
-fn expiry_from(expires_in: Option<&str>) -> Result<Option<Option<u64>>, Failure> {
-    expires_in
-        .map(crate::duration::parse)
-        .transpose()
-        .map_err(Failure::Refused)
-}
-
-fn create_body(cmd: &TokenCommand) -> Result<Value, Failure> {
+fn create_body(cmd: &TokenCommand) -> Value {
     let TokenCommand::Create {
         name,
         kind,
@@ -172,30 +250,30 @@ fn create_body(cmd: &TokenCommand) -> Result<Value, Failure> {
         expires_at,
     } = cmd
     else {
-        return Ok(Value::Null);
+        return Value::Null;
     };
     let mut b = Map::new();
     b.insert("name".into(), json!(name));
     let optional = [
         ("kind", kind.clone().map(Value::from)),
         ("owner", owner.clone().map(Value::from)),
-    ];
-    for (k, v) in optional.into_iter().chain([
         ("max_rps", max_rps.map(Value::from)),
         ("burst", burst.map(Value::from)),
         ("expires_at", expires_at.clone().map(Value::from)),
-    ]) {
+        (
+            "expires_in_seconds",
+            expires_in.and_then(|e| e.0).map(Value::from),
+        ),
+    ];
+    for (k, v) in optional {
         if let Some(v) = v {
             b.insert(k.into(), v);
         }
     }
-    if let Some(Some(secs)) = expiry_from(expires_in.as_deref())? {
-        b.insert("expires_in_seconds".into(), json!(secs));
-    }
-    Ok(Value::Object(b))
+    Value::Object(b)
 }
 
-fn update_body(cmd: &TokenCommand, now: chrono::DateTime<Utc>) -> Result<Value, Failure> {
+fn update_body(cmd: &TokenCommand, now: chrono::DateTime<Utc>) -> Value {
     let TokenCommand::Update {
         name,
         max_rps,
@@ -205,25 +283,29 @@ fn update_body(cmd: &TokenCommand, now: chrono::DateTime<Utc>) -> Result<Value, 
         ..
     } = cmd
     else {
-        return Ok(Value::Null);
+        return Value::Null;
+    };
+    let number = |v: NumberOrNone| match v {
+        NumberOrNone::Number(n) => json!(n),
+        NumberOrNone::None => Value::Null,
     };
     let mut b = Map::new();
     if let Some(n) = name {
         b.insert("name".into(), json!(n));
     }
     if let Some(v) = max_rps {
-        b.insert("max_rps".into(), number_or_none("max-rps", v)?);
+        b.insert("max_rps".into(), number(*v));
     }
     if let Some(v) = burst {
-        b.insert("burst".into(), number_or_none("burst", v)?);
+        b.insert("burst".into(), number(*v));
     }
-    match expiry_from(expires_in.as_deref())? {
-        Some(None) => {
+    match expires_in {
+        Some(Expiry(None)) => {
             b.insert("expires_at".into(), Value::Null);
         }
-        Some(Some(secs)) => {
+        Some(Expiry(Some(secs))) => {
             let at =
-                now + chrono::Duration::seconds(i64::try_from(secs).unwrap_or(i64::MAX / 1000));
+                now + chrono::Duration::seconds(i64::try_from(*secs).unwrap_or(i64::MAX / 1000));
             b.insert(
                 "expires_at".into(),
                 json!(at.to_rfc3339_opts(SecondsFormat::Secs, true)),
@@ -234,62 +316,7 @@ fn update_body(cmd: &TokenCommand, now: chrono::DateTime<Utc>) -> Result<Value, 
     if let Some(t) = expires_at {
         b.insert("expires_at".into(), json!(t));
     }
-    if b.is_empty() {
-        return Err(Failure::Refused(
-            "nothing to update: give --name, --max-rps, --burst, --expires-in or --expires-at"
-                .into(),
-        ));
-    }
-    Ok(Value::Object(b))
-}
-
-struct Client {
-    url: String,
-    auth: String,
-}
-
-impl Client {
-    /// Sends one admin call; `Ok(None)` for an empty (204) answer.
-    fn send(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<&Value>,
-    ) -> Result<Option<Value>, Failure> {
-        let req = ureq::request(method, &format!("{}{path}", self.url.trim_end_matches('/')))
-            .set("authorization", &self.auth)
-            .timeout(std::time::Duration::from_secs(30));
-        let result = match body {
-            Some(b) => req.send_json(b),
-            None => req.call(),
-        };
-        let resp = match result {
-            Ok(r) => r,
-            Err(ureq::Error::Status(_, r)) => {
-                let v: Value = r.into_json().unwrap_or(Value::Null);
-                let mut msg = v["message"]
-                    .as_str()
-                    .unwrap_or("the control plane refused the request")
-                    .to_string();
-                if let Some(f) = v["field"].as_str() {
-                    msg.push_str(&format!(" (field: {f})"));
-                }
-                return Err(Failure::Refused(msg));
-            }
-            Err(e) => {
-                return Err(Failure::Setup(format!(
-                    "cannot reach the control plane at {}: {e}",
-                    self.url
-                )));
-            }
-        };
-        if resp.status() == 204 {
-            return Ok(None);
-        }
-        resp.into_json().map(Some).map_err(|e| {
-            Failure::Refused(format!("the control plane sent an unreadable answer: {e}"))
-        })
-    }
+    Value::Object(b)
 }
 
 fn encode(v: &str) -> String {
@@ -310,13 +337,14 @@ fn client(conn: &Connection) -> Result<Client, Failure> {
         .as_deref()
         .filter(|t| !t.is_empty())
         .ok_or_else(|| {
-            Failure::Setup(
-                "no admin credential: set TOKENGATE_ADMIN_TOKEN or pass --admin-token".into(),
+            Failure::Credential(
+                "no admin credential: set TOKENGATE_ADMIN_TOKEN (or pass --admin-token)".into(),
             )
         })?;
     Ok(Client {
         url: conn.url.clone(),
         auth: format!("Bearer {admin}"),
+        origin: conn.admin_token_from.unwrap_or(Origin::Env),
     })
 }
 
@@ -335,6 +363,18 @@ fn query(params: &[(&str, Option<&str>)]) -> String {
     } else {
         format!("?{}", q.join("&"))
     }
+}
+
+/// The command that fetches the next page: the same filters and limit, and the cursor.
+fn next_page(command: &str, flags: &[(&str, Option<&str>)], cursor: &str) -> String {
+    let mut words = vec![command.to_string()];
+    for (flag, value) in flags {
+        if let Some(v) = value {
+            words.push(format!("--{flag} {}", output::shell_quote(v)));
+        }
+    }
+    words.push(format!("--cursor {}", output::shell_quote(cursor)));
+    format!("more: {}\n", words.join(" "))
 }
 
 fn with_secret(v: &Value, json: bool) -> String {
@@ -359,15 +399,17 @@ fn execute(args: &TokenArgs) -> Result<String, Failure> {
             output::record(&v)
         }
     };
+    let token_path = |id: &str| format!("/v1/tokens/{}", encode(id));
     match &args.command {
         cmd @ TokenCommand::Create { .. } => {
             let v = client
-                .send("POST", "/v1/tokens", Some(&create_body(cmd)?))?
+                .send("POST", "/v1/tokens", Some(&create_body(cmd)), "token")?
                 .unwrap_or(Value::Null);
             Ok(with_secret(&v, json))
         }
         TokenCommand::List {
             status,
+            name,
             owner,
             kind,
             expiring_within,
@@ -375,18 +417,30 @@ fn execute(args: &TokenArgs) -> Result<String, Failure> {
             cursor,
         } => {
             let limit = limit.map(|l| l.to_string());
+            let within = expiring_within.map(crate::duration::format);
+            let filters = [
+                ("status", status.as_deref()),
+                ("name", name.as_deref()),
+                ("owner", owner.as_deref()),
+                ("kind", kind.as_deref()),
+                ("expiring-within", within.as_deref()),
+                ("limit", limit.as_deref()),
+            ];
             let path = format!(
                 "/v1/tokens{}",
                 query(&[
                     ("status", status.as_deref()),
+                    ("name_contains", name.as_deref()),
                     ("owner", owner.as_deref()),
                     ("kind", kind.as_deref()),
-                    ("expiring_within", expiring_within.as_deref()),
+                    ("expiring_within", within.as_deref()),
                     ("cursor", cursor.as_deref()),
                     ("limit", limit.as_deref()),
                 ])
             );
-            let v = client.send("GET", &path, None)?.unwrap_or(Value::Null);
+            let v = client
+                .send("GET", &path, None, "tokens")?
+                .unwrap_or(Value::Null);
             if json {
                 return Ok(pretty(&v));
             }
@@ -397,56 +451,61 @@ fn execute(args: &TokenArgs) -> Result<String, Failure> {
                     .unwrap_or_default(),
             );
             if let Some(c) = v["next_cursor"].as_str() {
-                out.push_str(&format!("more: tokengate token list --cursor {c}\n"));
+                out.push_str(&next_page("tokengate token list", &filters, c));
             }
             Ok(out)
         }
-        TokenCommand::Get { id } => Ok(shown(client.send(
-            "GET",
-            &format!("/v1/tokens/{}", encode(id)),
-            None,
-        )?)),
+        TokenCommand::Get { id } => Ok(shown(client.send("GET", &token_path(id), None, "id")?)),
         cmd @ TokenCommand::Update { id, .. } => {
-            let body = update_body(cmd, Utc::now())?;
+            let body = update_body(cmd, Utc::now());
             Ok(shown(client.send(
                 "PATCH",
-                &format!("/v1/tokens/{}", encode(id)),
+                &token_path(id),
                 Some(&body),
+                "id",
             )?))
         }
         TokenCommand::Suspend { id } => Ok(shown(client.send(
             "POST",
-            &format!("/v1/tokens/{}/suspend", encode(id)),
+            &format!("{}/suspend", token_path(id)),
             None,
+            "id",
         )?)),
         TokenCommand::Reactivate { id } => Ok(shown(client.send(
             "POST",
-            &format!("/v1/tokens/{}/reactivate", encode(id)),
+            &format!("{}/reactivate", token_path(id)),
             None,
+            "id",
         )?)),
         TokenCommand::Rotate { id, grace } => {
             let mut body = Map::new();
-            if let Some(g) = grace {
-                let secs = crate::duration::parse(g)
-                    .map_err(Failure::Refused)?
-                    .ok_or_else(|| Failure::Refused("--grace cannot be `never`".into()))?;
+            if let Some(secs) = grace {
                 body.insert("grace_seconds".into(), json!(secs));
             }
             let v = client
                 .send(
                     "POST",
-                    &format!("/v1/tokens/{}/rotate", encode(id)),
+                    &format!("{}/rotate", token_path(id)),
                     Some(&Value::Object(body)),
+                    "token",
                 )?
                 .unwrap_or(Value::Null);
             Ok(with_secret(&v, json))
         }
         TokenCommand::Revoke { id } => {
-            client.send("DELETE", &format!("/v1/tokens/{}", encode(id)), None)?;
-            Ok(if json {
-                pretty(&json!({"revoked": id}))
-            } else {
-                format!("revoked {id}\n")
+            // Revoking twice reaches what was asked for; say so rather than fail.
+            let already = match client.send("DELETE", &token_path(id), None, "id") {
+                Ok(_) => None,
+                Err(Failure::Api(r)) if r.error == "already_revoked" => {
+                    Some(r.body["revoked_at"].as_str().unwrap_or("?").to_string())
+                }
+                Err(e) => return Err(e),
+            };
+            Ok(match (json, already) {
+                (true, None) => pretty(&json!({"revoked": id})),
+                (true, Some(at)) => pretty(&json!({"revoked": id, "already_revoked_at": at})),
+                (false, None) => format!("revoked {id}\n"),
+                (false, Some(at)) => format!("{id} was already revoked at {at}\n"),
             })
         }
     }
@@ -455,19 +514,20 @@ fn execute(args: &TokenArgs) -> Result<String, Failure> {
 fn execute_audit(args: &AuditArgs) -> Result<String, Failure> {
     let client = client(&args.conn)?;
     let limit = args.limit.map(|l| l.to_string());
-    let path = format!(
-        "/v1/audit{}",
-        query(&[
-            ("token", args.token.as_deref()),
-            ("actor", args.actor.as_deref()),
-            ("action", args.action.as_deref()),
-            ("since", args.since.as_deref()),
-            ("until", args.until.as_deref()),
-            ("cursor", args.cursor.as_deref()),
-            ("limit", limit.as_deref()),
-        ])
-    );
-    let v = client.send("GET", &path, None)?.unwrap_or(Value::Null);
+    let filters = [
+        ("token", args.token.as_deref()),
+        ("actor", args.actor.as_deref()),
+        ("action", args.action.as_deref()),
+        ("since", args.since.as_deref()),
+        ("until", args.until.as_deref()),
+        ("limit", limit.as_deref()),
+    ];
+    let mut params = filters.to_vec();
+    params.push(("cursor", args.cursor.as_deref()));
+    let path = format!("/v1/audit{}", query(&params));
+    let v = client
+        .send("GET", &path, None, "entries")?
+        .unwrap_or(Value::Null);
     if args.conn.json {
         return Ok(pretty(&v));
     }
@@ -478,7 +538,7 @@ fn execute_audit(args: &AuditArgs) -> Result<String, Failure> {
             .unwrap_or_default(),
     );
     if let Some(c) = v["next_cursor"].as_str() {
-        out.push_str(&format!("more: tokengate audit --cursor {c}\n"));
+        out.push_str(&next_page("tokengate audit", &filters, c));
     }
     Ok(out)
 }
@@ -492,20 +552,17 @@ pub fn run_audit(args: AuditArgs) -> ExitCode {
 }
 
 fn finish(result: Result<String, Failure>) -> ExitCode {
-    match result {
+    let (msg, code) = match result {
         Ok(out) => {
             print!("{out}");
-            ExitCode::SUCCESS
+            return ExitCode::SUCCESS;
         }
-        Err(Failure::Refused(msg)) => {
-            eprintln!("error: {msg}");
-            ExitCode::from(1)
-        }
-        Err(Failure::Setup(msg)) => {
-            eprintln!("error: {msg}");
-            ExitCode::from(2)
-        }
-    }
+        Err(Failure::Api(r)) => (r.message, exit::REFUSED),
+        Err(Failure::Unreachable(m)) => (m, exit::UNREACHABLE),
+        Err(Failure::Credential(m)) => (m, exit::CREDENTIAL),
+    };
+    eprintln!("error: {msg}");
+    ExitCode::from(code)
 }
 
 #[cfg(test)]
@@ -519,7 +576,7 @@ mod tests {
             owner: None,
             max_rps,
             burst: None,
-            expires_in: expires_in.map(str::to_string),
+            expires_in: expires_in.map(|e| expiry(e).unwrap()),
             expires_at: None,
         }
     }
@@ -528,23 +585,23 @@ mod tests {
         TokenCommand::Update {
             id: "tok_1".into(),
             name: None,
-            max_rps: max_rps.map(str::to_string),
+            max_rps: max_rps.map(|v| number_or_none(v).unwrap()),
             burst: None,
-            expires_in: expires_in.map(str::to_string),
+            expires_in: expires_in.map(|e| expiry(e).unwrap()),
             expires_at: None,
         }
     }
 
     #[test]
     fn create_sends_only_what_was_given() {
-        let b = create_body(&create(Some(5), Some("30d"))).ok().unwrap();
+        let b = create_body(&create(Some(5), Some("30d")));
         assert_eq!(
             b,
             json!({"name":"n","kind":"service","max_rps":5,"expires_in_seconds":2_592_000})
         );
-        let b = create_body(&create(None, Some("never"))).ok().unwrap();
+        let b = create_body(&create(None, Some("never")));
         assert_eq!(b, json!({"name":"n","kind":"service"}));
-        assert!(create_body(&create(None, Some("soon"))).is_err());
+        assert!(expiry("soon").is_err());
     }
 
     #[test]
@@ -553,26 +610,40 @@ mod tests {
             .unwrap()
             .with_timezone(&Utc);
         assert_eq!(
-            update_body(&update(Some("none"), None), now).ok().unwrap(),
+            update_body(&update(Some("none"), None), now),
             json!({"max_rps": null})
         );
         assert_eq!(
-            update_body(&update(Some("7"), Some("never")), now)
-                .ok()
-                .unwrap(),
+            update_body(&update(Some("7"), Some("never")), now),
             json!({"max_rps": 7, "expires_at": null})
         );
         assert_eq!(
-            update_body(&update(None, Some("1d")), now).ok().unwrap(),
+            update_body(&update(None, Some("1d")), now),
             json!({"expires_at": "2030-01-02T00:00:00Z"})
         );
-        assert!(update_body(&update(None, None), now).is_err());
-        assert!(update_body(&update(Some("fast"), None), now).is_err());
+        assert!(number_or_none("fast").is_err());
     }
 
     #[test]
     fn query_values_are_encoded() {
         assert_eq!(encode("a b&c"), "a%20b%26c");
         assert_eq!(encode("tok_Ab-1"), "tok_Ab-1");
+    }
+
+    #[test]
+    fn the_next_page_keeps_the_filters_and_the_limit() {
+        assert_eq!(
+            next_page(
+                "tokengate token list",
+                &[
+                    ("status", Some("active")),
+                    ("owner", Some("data eng")),
+                    ("kind", None),
+                    ("limit", Some("20"))
+                ],
+                "tok_X"
+            ),
+            "more: tokengate token list --status active --owner 'data eng' --limit 20 --cursor tok_X\n"
+        );
     }
 }

@@ -18,13 +18,34 @@ fn or(v: &Value, absent: &str) -> String {
     }
 }
 
+/// The status as shown: an expired token is `expired`, whatever its stored status.
+fn status(r: &Value) -> String {
+    if r["expired"] == Value::Bool(true) {
+        "expired".to_string()
+    } else {
+        text(&r["status"])
+    }
+}
+
+/// A word a POSIX shell reads back as `v`.
+pub fn shell_quote(v: &str) -> String {
+    let plain = !v.is_empty()
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./:@%+=,".contains(&b));
+    if plain {
+        v.to_string()
+    } else {
+        format!("'{}'", v.replace('\'', "'\\''"))
+    }
+}
+
 pub fn record(r: &Value) -> String {
     let rows = [
         ("id", text(&r["id"])),
         ("name", text(&r["name"])),
         ("kind", text(&r["kind"])),
         ("owner", text(&r["owner"])),
-        ("status", text(&r["status"])),
+        ("status", status(r)),
         ("max_rps", or(&r["max_rps"], "unlimited")),
         (
             "burst",
@@ -117,7 +138,8 @@ pub fn table(tokens: &[Value]) -> String {
         "MAX_RPS",
         "EXPIRES",
         "LAST_USED",
-        "REQUESTS",
+        "ALLOWED",
+        "DENIED",
     ]
     .map(String::from);
     let mut rows = vec![header.to_vec()];
@@ -127,15 +149,12 @@ pub fn table(tokens: &[Value]) -> String {
             text(&t["name"]),
             text(&t["kind"]),
             text(&t["owner"]),
-            text(&t["status"]),
+            status(t),
             or(&t["max_rps"], "-"),
             or(&t["expires_at"], "never"),
             or(&t["last_used_at"], "-"),
-            format!(
-                "{}/{}",
-                or(&t["requests_allowed"], "0"),
-                or(&t["requests_denied"], "0")
-            ),
+            or(&t["requests_allowed"], "0"),
+            or(&t["requests_denied"], "0"),
         ]);
     }
     columns(rows)
@@ -158,7 +177,8 @@ mod tests {
         let col = lines[0].find("MAX_RPS").unwrap();
         assert_eq!(&lines[1][col..col + 1], "-");
         assert_eq!(&lines[2][col..col + 1], "5");
-        assert!(lines[1].ends_with("0/0"), "{}", lines[1]);
+        assert!(lines[0].ends_with("ALLOWED  DENIED"), "{}", lines[0]);
+        assert!(lines[1].ends_with("0        0"), "{}", lines[1]);
         let exp = lines[0].find("EXPIRES").unwrap();
         assert_eq!(&lines[1][exp..exp + 5], "never");
         assert_eq!(table(&[]), "(no tokens)\n");
@@ -172,6 +192,23 @@ mod tests {
         ]);
         assert!(t.contains("status: active -> suspended"), "{t}");
         assert!(t.lines().nth(2).unwrap().ends_with("purged"), "{t}");
+    }
+
+    #[test]
+    fn expired_tokens_show_as_expired() {
+        let t = json!({"id":"tok_a","name":"n","kind":"user","owner":"o","status":"suspended","expired":true});
+        assert!(record(&t).contains("status: expired\n"));
+        assert!(table(&[t]).lines().nth(1).unwrap().contains(" expired "));
+        let t = json!({"id":"tok_a","status":"active","expired":false});
+        assert!(record(&t).contains("status: active\n"));
+    }
+
+    #[test]
+    fn shell_words_are_quoted_when_needed() {
+        assert_eq!(shell_quote("tok_Ab-1"), "tok_Ab-1");
+        assert_eq!(shell_quote("data eng"), "'data eng'");
+        assert_eq!(shell_quote("it's"), "'it'\\''s'");
+        assert_eq!(shell_quote(""), "''");
     }
 
     #[test]

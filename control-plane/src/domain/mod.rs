@@ -17,9 +17,14 @@ use crate::store::StoreError;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DomainError {
-    /// No such token (or revoked, or purged).
+    /// No such token (or purged).
     NotFound,
-    /// A value is refused; names the API field.
+    /// The token was revoked at this time (Unix seconds); it is kept only for the filters.
+    Revoked {
+        at: i64,
+    },
+    /// A value is refused; names the API field, and says why in a phrase that follows the
+    /// field's name ("must be between 1 and 1000").
     Invalid {
         field: &'static str,
         message: String,
@@ -43,7 +48,8 @@ impl std::fmt::Display for DomainError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             DomainError::NotFound => write!(f, "not found"),
-            DomainError::Invalid { field, message } => write!(f, "{field}: {message}"),
+            DomainError::Revoked { at } => write!(f, "revoked at {at}"),
+            DomainError::Invalid { field, message } => write!(f, "{field} {message}"),
             DomainError::Conflict(m) | DomainError::Internal(m) => write!(f, "{m}"),
             DomainError::Unavailable(m) => write!(f, "store unavailable: {m}"),
         }

@@ -5,19 +5,14 @@
 
 use super::{audit, DomainError};
 use crate::policy::{Policy, Refusal};
+use crate::rotation;
 use crate::secrets;
-use crate::store::{
-    AuditEntry, AuditQuery, ListQuery, RetiredSecret, Status, Store, StoreError, TokenRow,
-};
+use crate::store::{AuditEntry, AuditQuery, ListQuery, Status, Store, StoreError, TokenRow};
 use std::sync::Arc;
 use tokengate_wire::{Kind, UsageEntry};
 
 pub const MAX_RPS: u32 = 1_000_000;
 pub const MAX_BURST: u32 = 10_000_000;
-/// Longest an old secret may keep working after a rotation.
-pub const MAX_GRACE_SECONDS: u64 = 30 * 86_400;
-/// Longest `name` and `owner`, in characters (Unicode scalar values).
-pub const MAX_TEXT: usize = 128;
 /// The latest expiry RFC 3339 can write with its four-digit year: 9999-12-31T23:59:59Z.
 pub const MAX_EXPIRY: i64 = 253_402_300_799;
 /// Attempts at a change that keeps meeting concurrent changes before giving up (409).
@@ -32,33 +27,9 @@ impl From<Refusal> for DomainError {
     }
 }
 
-/// Characters that would let a name break a table row or a log line, or make it read as
-/// something else where it is shown (the console, the CLI, the audit trail).
-fn disguises(c: char) -> bool {
-    match c {
-        // Line and paragraph separators.
-        '\u{2028}' | '\u{2029}' => true,
-        // Bidirectional marks, embeddings, overrides and isolates.
-        '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' => true,
-        _ => c.is_control(),
-    }
-}
-
+/// A name or owner (see `crate::text`).
 pub fn check_text(field: &'static str, v: &str) -> Result<(), DomainError> {
-    let n = v.chars().count();
-    if n == 0 || n > MAX_TEXT {
-        return Err(DomainError::invalid(
-            field,
-            format!("must be 1 to {MAX_TEXT} characters"),
-        ));
-    }
-    if v.chars().any(disguises) {
-        return Err(DomainError::invalid(
-            field,
-            "must not contain control characters, line separators or bidirectional formatting characters",
-        ));
-    }
-    Ok(())
+    crate::text::check(v).map_err(|m| DomainError::invalid(field, m))
 }
 
 pub fn check_max_rps(v: Option<u32>) -> Result<(), DomainError> {
@@ -139,24 +110,13 @@ pub struct WithSecret {
     pub secret: String,
 }
 
-/// The secrets a rotation at `now` leaves honoured: the replaced one until `now + grace`;
-/// any older one still in its grace is cut short (refused from now on).
-pub fn rotate_secrets(row: &mut TokenRow, new_hash: String, now: i64, grace: u64) {
-    let mut retired: Vec<RetiredSecret> = row
-        .retired
-        .iter()
-        .filter(|s| s.until >= now)
-        .map(|s| RetiredSecret {
-            hash: s.hash.clone(),
-            until: now,
-        })
-        .collect();
-    retired.push(RetiredSecret {
-        hash: std::mem::replace(&mut row.hash, new_hash),
-        until: now.saturating_add(i64::try_from(grace).unwrap_or(i64::MAX)),
-    });
-    row.retired = retired;
-    row.rotated_at = Some(now);
+/// Whether a change leaves out a secret hash that the token carried (its `hash` or a
+/// `retired` one). A poller that has not seen the token's previous version may hold that hash
+/// as valid and would never hear of it again, so such a change raises the horizon, as a
+/// purge does: a poller that far behind starts over from a snapshot.
+fn drops_a_secret(before: &TokenRow, after: &TokenRow) -> bool {
+    let kept = |h: &str| after.hash == h || after.retired.iter().any(|s| s.hash == h);
+    !kept(&before.hash) || before.retired.iter().any(|s| !kept(&s.hash))
 }
 
 pub struct Tokens {
@@ -221,11 +181,14 @@ impl Tokens {
         Ok(WithSecret { token, secret })
     }
 
-    /// A live token; a revoked one is gone as far as the API is concerned.
+    /// A live token; a revoked one (kept only for the filters) says when it was revoked.
     pub async fn get(&self, id: &str) -> Result<TokenRow, DomainError> {
         match self.store.token(id).await? {
-            Some(r) if r.status != Status::Revoked => Ok(r),
-            _ => Err(DomainError::NotFound),
+            None => Err(DomainError::NotFound),
+            Some(r) if r.status == Status::Revoked => {
+                Err(DomainError::Revoked { at: r.updated_at })
+            }
+            Some(r) => Ok(r),
         }
     }
 
@@ -266,7 +229,12 @@ impl Tokens {
             }
             after.updated_at = now;
             let entry = audit::change(now, actor, action, Some(&before), &after);
-            match self.store.replace(after, before.version, &entry).await {
+            let dropped = drops_a_secret(&before, &after);
+            match self
+                .store
+                .replace(after, before.version, &entry, dropped)
+                .await
+            {
                 Err(StoreError::Stale) => continue,
                 other => return Ok(other?),
             }
@@ -350,17 +318,17 @@ impl Tokens {
         grace: u64,
         now: i64,
     ) -> Result<WithSecret, DomainError> {
-        if grace > MAX_GRACE_SECONDS {
+        if grace > rotation::MAX_GRACE_SECONDS {
             return Err(DomainError::invalid(
                 "grace_seconds",
-                format!("must be at most {MAX_GRACE_SECONDS} (30 days)"),
+                format!("must be at most {} (30 days)", rotation::MAX_GRACE_SECONDS),
             ));
         }
         let secret = secrets::new_token();
         let hash = secrets::sha256_hex(secret.as_bytes());
         let token = self
             .change(actor, audit::ROTATED, id, now, |row| {
-                rotate_secrets(row, hash.clone(), now, grace);
+                rotation::rotate(row, hash.clone(), now, grace);
                 Ok(())
             })
             .await?;

@@ -128,7 +128,7 @@ async fn set_status(s: &dyn Store, id: &str, to: Status) -> Result<TokenRow, Sto
     after.status = to;
     after.updated_at = 2;
     let e = entry("token.updated", &after);
-    s.replace(after, before.version, &e).await
+    s.replace(after, before.version, &e, false).await
 }
 
 async fn ids(s: &dyn Store, q: ListQuery) -> Vec<String> {
@@ -180,7 +180,7 @@ async fn a_replace_needs_the_version_it_read_and_keeps_usage(f: &mut Fixture) {
     edited.name = "renamed".into();
     let e = entry("token.updated", &edited);
     let written = s
-        .replace(edited.clone(), created.version, &e)
+        .replace(edited.clone(), created.version, &e, false)
         .await
         .unwrap();
     assert_eq!(written.version, 2);
@@ -191,12 +191,15 @@ async fn a_replace_needs_the_version_it_read_and_keeps_usage(f: &mut Fixture) {
     );
     // Another writer read version 1 too: its change must be decided again.
     assert_eq!(
-        s.replace(edited.clone(), created.version, &e).await,
+        s.replace(edited.clone(), created.version, &e, false).await,
         Err(StoreError::Stale)
     );
     let mut ghost = row("tok_9");
     ghost.version = 1;
-    assert_eq!(s.replace(ghost, 1, &e).await, Err(StoreError::NotFound));
+    assert_eq!(
+        s.replace(ghost, 1, &e, false).await,
+        Err(StoreError::NotFound)
+    );
     assert_eq!(
         s.version().await.unwrap(),
         2,
@@ -204,6 +207,12 @@ async fn a_replace_needs_the_version_it_read_and_keeps_usage(f: &mut Fixture) {
     );
     let stored = s.token("tok_1").await.unwrap().unwrap();
     assert_eq!((stored.name.as_str(), stored.version), ("renamed", 2));
+    assert_eq!(s.changes_since(0, 10).await.unwrap().horizon, 0);
+    // A change that drops a secret raises the horizon to the version it replaces.
+    let mut rotated = stored.clone();
+    rotated.hash = format!("{:0>64}", "f");
+    s.replace(rotated, 2, &e, true).await.unwrap();
+    assert_eq!(s.changes_since(0, 10).await.unwrap().horizon, 2);
 }
 
 async fn revoked_rows_are_tombstones_for_sync_but_gone_from_lists(f: &mut Fixture) {

@@ -99,6 +99,8 @@ pub struct ListQuery {
     pub after: Option<String>,
     /// Tokens expiring after now and at or before this time.
     pub expiring: Option<(i64, i64)>,
+    /// `(true, now)`: only tokens expired at `now`; `(false, now)`: only tokens that are not.
+    pub expired: Option<(bool, i64)>,
     /// Names containing this, ignoring ASCII case.
     pub name_contains: Option<String>,
     /// Newest first (in creation order) instead of by id.
@@ -113,7 +115,8 @@ pub struct ListQuery {
 pub struct Changes {
     /// By version, at most the limit asked for.
     pub rows: Vec<TokenRow>,
-    /// Highest version of any purged row: a client holding an older version resnapshots.
+    /// Highest version of any purged row or dropped secret: a client holding an older
+    /// version resnapshots.
     pub horizon: u64,
     /// Tokens that are not revoked.
     pub live: u64,
@@ -258,13 +261,15 @@ pub trait Store: Send + Sync + 'static {
     /// Live (not revoked) tokens.
     async fn list(&self, q: &ListQuery) -> Result<Vec<TokenRow>, StoreError>;
     /// Writes `row` over the stored token if that is still at `expected_version`, taking the
-    /// next version and appending `audit` in the same transaction. `Stale` when the token
-    /// moved on, `NotFound` when it is gone. Usage counters are kept as stored.
+    /// next version and appending `audit` in the same transaction; with `raise_horizon`, the
+    /// horizon rises to `expected_version` in it too. `Stale` when the token moved on,
+    /// `NotFound` when it is gone. Usage counters are kept as stored.
     async fn replace(
         &self,
         row: TokenRow,
         expected_version: u64,
         audit: &AuditRecord,
+        raise_horizon: bool,
     ) -> Result<TokenRow, StoreError>;
     /// Adds reported request counts (no new version); last use only moves forward and is
     /// capped at `now`. Returns how many entries matched a token.

@@ -788,6 +788,7 @@ impl Store for PostgresStore {
                AND ($5::bigint IS NULL OR (expires_at > $5 AND expires_at <= $6))
                AND ($8::text IS NULL OR strpos(lower(name), lower($8)) > 0)
                AND ($9::text IS NULL OR created_seq < (SELECT created_seq FROM tokens WHERE id = $9))
+               AND ($10::boolean IS NULL OR $10 = (expires_at IS NOT NULL AND expires_at <= $11))
              ORDER BY {order} LIMIT $7"
         );
         let status = q.status.map(Status::as_str);
@@ -806,6 +807,8 @@ impl Store for PostgresStore {
                 &limit,
                 &q.name_contains,
                 &q.before,
+                &q.expired.map(|e| e.0),
+                &q.expired.map(|e| e.1),
             ],
         )
         .await
@@ -816,6 +819,7 @@ impl Store for PostgresStore {
         row: TokenRow,
         expected_version: u64,
         audit: &AuditRecord,
+        raise_horizon: bool,
     ) -> Result<TokenRow, StoreError> {
         let written = pg!(self, |c| {
             let mut row = row.clone();
@@ -837,6 +841,13 @@ impl Store for PostgresStore {
             row.requests_denied = current.get::<_, i64>(2).max(0) as u64;
             row.last_used_at = current.get(3);
             row.version = next_version(&tx).await?;
+            if raise_horizon {
+                tx.execute(
+                    "UPDATE tokengate_sync SET horizon = GREATEST(horizon, $1)",
+                    &[&clamp(expected_version)],
+                )
+                .await?;
+            }
             let retired = retired_json(&row)?;
             tx.execute(
                 "UPDATE tokens SET hash = $2, name = $3, status = $4, max_rps = $5,

@@ -430,6 +430,7 @@ impl Store for SqliteStore {
                AND (?5 IS NULL OR (expires_at > ?5 AND expires_at <= ?6))
                AND (?8 IS NULL OR instr(lower(name), lower(?8)) > 0)
                AND (?9 IS NULL OR created_seq < (SELECT created_seq FROM tokens WHERE id = ?9))
+               AND (?10 IS NULL OR ?10 = (expires_at IS NOT NULL AND expires_at <= ?11))
              ORDER BY {order} LIMIT ?7"
         );
         let q = q.clone();
@@ -445,6 +446,8 @@ impl Store for SqliteStore {
                 Box::new(q.limit),
                 Box::new(q.name_contains),
                 Box::new(q.before),
+                Box::new(q.expired.map(|e| e.0)),
+                Box::new(q.expired.map(|e| e.1)),
             ],
         )
         .await
@@ -455,6 +458,7 @@ impl Store for SqliteStore {
         row: TokenRow,
         expected_version: u64,
         audit: &AuditRecord,
+        raise_horizon: bool,
     ) -> Result<TokenRow, StoreError> {
         let audit = audit.clone();
         self.with(move |c, published| {
@@ -471,6 +475,10 @@ impl Store for SqliteStore {
                 Some(_) => {}
             }
             row.version = next_version(&tx)?;
+            if raise_horizon {
+                let horizon = meta_number(&tx, "horizon")?.max(expected_version);
+                set_meta(&tx, "horizon", horizon)?;
+            }
             tx.execute(
                 "UPDATE tokens SET hash = ?2, name = ?3, status = ?4, max_rps = ?5,
                          burst = ?6, updated_at = ?7, expires_at = ?8, version = ?9,

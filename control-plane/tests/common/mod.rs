@@ -1,15 +1,19 @@
 //! Shared by the API test files: `spawn_app` serves `app(state)` on a real socket.
 #![allow(dead_code)]
 
+pub mod process;
+
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokengate::api::{Admin, ConsoleSettings};
 use tokengate::app::{Application, Config, Database};
+use tokengate::connections;
 use tokengate::domain::housekeeping::Jobs;
 use tokengate::domain::sessions::Limits;
 use tokengate::policy::Policy;
 use tokengate::store::{PgSettings, Store};
+use tokengate::throttle;
 use tokio::sync::watch;
 
 pub const ADMIN: &str = "admin-credential-0123456789";
@@ -62,6 +66,22 @@ pub fn spawn_app_with(page_size: u32, policy: Policy) -> TestApp {
     )
 }
 
+/// Generous enough that tests sending wrong credentials on purpose are not throttled.
+pub fn lenient_throttle() -> throttle::Settings {
+    throttle::Settings {
+        burst: 1000,
+        interval: Duration::from_millis(1),
+    }
+}
+
+/// Serves with these credential-throttle settings.
+pub fn spawn_app_throttled(settings: throttle::Settings) -> TestApp {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path(), 100, Policy::default());
+    config.throttle = settings;
+    spawn(config, dir)
+}
+
 /// The configuration the API tests run with: SQLite in `dir`, no background jobs to speak
 /// of (they run on the test's own clock, through `run_once`).
 pub fn config(dir: &std::path::Path, page_size: u32, policy: Policy) -> Config {
@@ -91,6 +111,8 @@ pub fn config(dir: &std::path::Path, page_size: u32, policy: Policy) -> Config {
         jobs_interval: Duration::from_secs(3600),
         console: ConsoleSettings::default(),
         sessions: Limits::default(),
+        connections: connections::Limits::default(),
+        throttle: lenient_throttle(),
     }
 }
 

@@ -1,0 +1,45 @@
+//! The Prometheus names that the README documents for the filter's stats are the ones a
+//! real Envoy serves at `/stats/prometheus`, with the documented types, and every
+//! `tokengate_` metric Envoy serves is documented.
+
+use std::collections::BTreeMap;
+use tokengate_e2e::{workspace_root, Stack};
+
+/// `(prometheus name, type)` from the README's "Envoy stats" table.
+fn documented() -> BTreeMap<String, String> {
+    let readme = std::fs::read_to_string(workspace_root().join("README.md")).expect("README.md");
+    let section = readme
+        .split("### Envoy stats")
+        .nth(1)
+        .expect("README has an \"Envoy stats\" section");
+    let mut names = BTreeMap::new();
+    for row in section.lines().take_while(|l| !l.starts_with("## ")) {
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        // | `/stats` | `/stats/prometheus` | type | what |
+        if cells.len() == 6 && cells[1].starts_with("`wasmcustom.") {
+            names.insert(cells[2].trim_matches('`').to_string(), cells[3].to_string());
+        }
+    }
+    names
+}
+
+#[test]
+fn the_readme_names_the_stats_envoy_serves_to_prometheus() {
+    let docs = documented();
+    assert!(docs.len() >= 14, "the README's stats table: {docs:?}");
+    let stack = Stack::start();
+    let r = stack.envoy_admin("/stats/prometheus");
+    assert_eq!(r.status, 200);
+    let served: BTreeMap<String, String> = r
+        .body
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_once(' '))
+        .filter(|(name, _)| name.starts_with("tokengate_"))
+        .map(|(name, kind)| (name.to_string(), kind.to_string()))
+        .collect();
+    assert_eq!(
+        docs, served,
+        "README (left) and Envoy's /stats/prometheus (right) disagree"
+    );
+}
