@@ -3,6 +3,12 @@
 # .run/pg, two control-plane replicas on it, the demo upstream, and an Envoy whose
 # control-plane cluster lists both replicas. Called by `make run-ha` (which installs and
 # builds first); Ctrl-C stops everything (the database is kept for the next run).
+#
+# State lives in .run/ (RUN_DIR moves it): the cluster in pg/, one log per process. Ports,
+# each moved by the variable of the same name: LISTEN_PORT (Envoy's listener), ADMIN_PORT
+# (Envoy's admin), UPSTREAM_PORT (the demo upstream), CONTROL_PLANE_PORT and
+# CONTROL_PLANE_PORT_2 (the replicas), PG_PORT (PostgreSQL; 0: a free one); BASE_ID is
+# Envoy's --base-id.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -21,7 +27,7 @@ CONTROL_PLANE_PORT_2="${CONTROL_PLANE_PORT_2:-8082}"
 # PostgreSQL listens on loopback only; PG_PORT 0 picks a free port.
 PG_PORT="${PG_PORT:-0}"
 BASE_ID="${BASE_ID:-7302}"
-RUN_DIR="$ROOT/.run"
+RUN_DIR="${RUN_DIR:-$ROOT/.run}"
 PG_DIR="$RUN_DIR/pg"
 
 die() { echo "run-ha: $*" >&2; exit 1; }
@@ -30,6 +36,7 @@ for bin in "$ENVOY_BIN" "$TOKENGATE_BIN" "$DEMO_UPSTREAM_BIN"; do
   [ -x "$bin" ] || die "$bin is missing: use \`make run-ha\`, which installs and builds everything"
 done
 [ -f "$WASM" ] || die "$WASM is missing: use \`make run-ha\`, which builds it"
+case "$WASM" in /*) WASM_PATH="$WASM" ;; *) WASM_PATH="$ROOT/$WASM" ;; esac
 command -v curl >/dev/null || die "curl is needed to check readiness"
 
 PG_BINDIR="${PG_BINDIR:-$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)}"
@@ -39,7 +46,7 @@ PG_BINDIR="${PG_BINDIR:-$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V 
 port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 for var in LISTEN_PORT ADMIN_PORT UPSTREAM_PORT CONTROL_PLANE_PORT CONTROL_PLANE_PORT_2; do
   if port_busy "${!var}"; then
-    die "127.0.0.1:${!var} is already in use (another \`make run\`?); stop it or set $var"
+    die "127.0.0.1:${!var} ($var) is already in use (another \`make run\`?); stop it, or move this port: make run-ha $var=<free port>"
   fi
 done
 if [ "$PG_PORT" = 0 ]; then
@@ -65,7 +72,7 @@ else
   chmod 700 "$RUN_DIR"
 fi
 if [ ! -f "$PG_DIR/data/PG_VERSION" ]; then
-  echo "run-ha: initialising a PostgreSQL cluster in .run/pg"
+  echo "run-ha: initialising a PostgreSQL cluster in $PG_DIR"
   mkdir -p "$PG_DIR"
   [ "$(id -u)" = 0 ] && chown postgres "$PG_DIR"
   # Trust on loopback: a local demo database. Production uses a password or certificates.
@@ -74,7 +81,7 @@ if [ ! -f "$PG_DIR/data/PG_VERSION" ]; then
 fi
 as_pg "$PG_BINDIR/pg_ctl" -D "$PG_DIR/data" -l "$PG_DIR/server.log" -w -t 60 \
   -o "-p $PG_PORT -k $PG_DIR -c listen_addresses=127.0.0.1" start >/dev/null ||
-  { tail -n 20 "$PG_DIR/server.log" >&2; die "PostgreSQL did not start; see .run/pg/server.log"; }
+  { tail -n 20 "$PG_DIR/server.log" >&2; die "PostgreSQL did not start; see $PG_DIR/server.log"; }
 pg_stop() { as_pg "$PG_BINDIR/pg_ctl" -D "$PG_DIR/data" -m fast stop >/dev/null 2>&1 || true; }
 if [ "$(as_pg "$PG_BINDIR/psql" -X -A -t -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres \
         -c "SELECT 1 FROM pg_database WHERE datname = 'tokengate'")" != 1 ]; then
@@ -90,10 +97,13 @@ else
   admin_source="generated for this run"
 fi
 TOKENGATE_SYNC_TOKEN="$(random_hex)"
+# Each credential goes only to the process that needs it: both to the replicas, the sync
+# credential to Envoy through its rendered configuration, none to the demo upstream.
+export -n TOKENGATE_ADMIN_TOKEN TOKENGATE_SYNC_TOKEN
 
 LISTEN_PORT=$LISTEN_PORT ADMIN_PORT=$ADMIN_PORT UPSTREAM_PORT=$UPSTREAM_PORT \
   CONTROL_PLANE_PORTS="$CONTROL_PLANE_PORT $CONTROL_PLANE_PORT_2" \
-  WASM_PATH="$ROOT/$WASM" SYNC_TOKEN="$TOKENGATE_SYNC_TOKEN" \
+  WASM_PATH="$WASM_PATH" SYNC_TOKEN="$TOKENGATE_SYNC_TOKEN" \
   envoy/render.sh envoy/envoy.yaml "$RUN_DIR/envoy-ha.yaml" || die "cannot render envoy/envoy.yaml"
 
 pids=()
@@ -150,9 +160,9 @@ tokengate is running with two control-plane replicas on PostgreSQL
   Envoy (protected API)  http://127.0.0.1:$LISTEN_PORT    admin http://127.0.0.1:$ADMIN_PORT
   replica 1              http://127.0.0.1:$CONTROL_PLANE_PORT   (pid $(cat "$RUN_DIR/replica-1.pid"))
   replica 2              http://127.0.0.1:$CONTROL_PLANE_PORT_2   (pid $(cat "$RUN_DIR/replica-2.pid"))
-  PostgreSQL             $DB_URL   (data in .run/pg)
+  PostgreSQL             $DB_URL   (data in $PG_DIR)
   demo upstream          http://127.0.0.1:$UPSTREAM_PORT
-  logs                   .run/replica-1.log, .run/replica-2.log, .run/envoy-ha.log
+  logs                   $RUN_DIR/: replica-1.log, replica-2.log, envoy-ha.log
 
 Admin token ($admin_source):
   $TOKENGATE_ADMIN_TOKEN
@@ -170,7 +180,7 @@ In another terminal:
   curl -s http://127.0.0.1:$ADMIN_PORT/clusters | grep tokengate_control_plane | grep -E 'health_flags|rq_active'
 
   # kill one replica the hard way: Envoy carries on with the other
-  kill -9 \$(cat .run/replica-1.pid)
+  kill -9 \$(cat $RUN_DIR/replica-1.pid)
   curl -s http://127.0.0.1:$ADMIN_PORT/clusters | grep tokengate_control_plane | grep health_flags
   $TOKENGATE_BIN token suspend --url \$R2 <id>    # through the survivor
   curl -i -H "X-API-Token: <paste the token>" http://127.0.0.1:$LISTEN_PORT/hello   # 403 within ms
@@ -179,7 +189,7 @@ In another terminal:
   # each replica's readiness and metrics
   curl -s \$R2/readyz; curl -s \$R2/metrics | grep -E '^tokengate_(ready|sync_polls_held|sync_version)'
 
-Press Ctrl-C to stop (the database stays in .run/pg; make clean-run removes it).
+Press Ctrl-C to stop (the database stays in $PG_DIR; make clean-run removes .run/).
 MSG
 
 # Stay in the foreground until Ctrl-C. A replica may be killed on purpose: only Envoy or the
@@ -188,5 +198,5 @@ set +e
 while kill -0 "${pids[2]}" 2>/dev/null && kill -0 "${pids[3]}" 2>/dev/null; do
   sleep 1
 done
-echo "run-ha: envoy or the demo upstream exited; see the logs in .run/" >&2
+echo "run-ha: envoy or the demo upstream exited; see the logs in $RUN_DIR/" >&2
 exit 1
