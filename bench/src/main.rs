@@ -1,13 +1,13 @@
 //! `tokengate-bench [--quick] [section ...]`: runs the benchmark sections (all by default:
-//! variants, accuracy, propagation, scale; `report` only rewrites the results from the
+//! variants, accuracy, propagation, scale, fleet; `report` only rewrites the results from the
 //! figures of earlier runs), keeps each one's figures in
 //! `target/bench/<section>.json`, and writes the tables of `docs/benchmarks.md` and the
 //! chart `docs/benchmarks.svg` from every section's latest figures.
 
 use std::time::Instant;
-use tokengate_bench::{accuracy, out_dir, propagation, report, scale, variants, Depth};
+use tokengate_bench::{accuracy, fleet, out_dir, propagation, report, scale, variants, Depth};
 
-const SECTIONS: [&str; 4] = ["variants", "accuracy", "propagation", "scale"];
+const SECTIONS: [&str; 5] = ["variants", "accuracy", "propagation", "scale", "fleet"];
 
 fn main() {
     // Every process the bench starts is stopped by a destructor, which an aborting panic
@@ -54,7 +54,8 @@ fn main() {
             "variants" => variants::run(depth),
             "accuracy" => accuracy::run(depth),
             "propagation" => propagation::run(depth),
-            _ => scale::run(depth),
+            "scale" => scale::run(depth),
+            _ => fleet::run(depth),
         };
         let path = out_dir().join(format!("{section}.json"));
         let text = serde_json::to_string_pretty(&figures).expect("figures are JSON");

@@ -14,9 +14,9 @@
 //!
 //! Change signal. A write sends `NOTIFY tokengate_changes` in its transaction (delivered at
 //! commit). One connection per replica LISTENs, and a notification only wakes it: it then
-//! reads the version from the database and publishes that. Notifications sent while the
-//! listening connection is down are lost, so the listener re-reads the version after every
-//! (re)connection and every `recheck` interval as well.
+//! reads the version from the database (on its own connection) and publishes that.
+//! Notifications sent while the listening connection is down are lost, so the listener
+//! re-reads the version after every (re)connection and every `recheck` interval as well.
 //!
 //! Migrations run at start under a session advisory lock, so replicas that start at once
 //! migrate one after the other; a database whose schema is newer than this binary knows is
@@ -238,9 +238,14 @@ fn decode(e: impl std::fmt::Display) -> StoreError {
 }
 
 fn from_row(r: &Row) -> Result<TokenRow, StoreError> {
-    let text = |i: usize| r.try_get::<_, String>(i).map_err(decode);
-    let int = |i: usize| r.try_get::<_, i64>(i).map_err(decode);
-    let opt = |i: usize| r.try_get::<_, Option<i64>>(i).map_err(decode);
+    from_row_at(r, 0)
+}
+
+/// A token from `COLUMNS` starting at column `at` of a row.
+fn from_row_at(r: &Row, at: usize) -> Result<TokenRow, StoreError> {
+    let text = |i: usize| r.try_get::<_, String>(at + i).map_err(decode);
+    let int = |i: usize| r.try_get::<_, i64>(at + i).map_err(decode);
+    let opt = |i: usize| r.try_get::<_, Option<i64>>(at + i).map_err(decode);
     let small = |i: usize| -> Result<Option<u32>, StoreError> {
         opt(i)?
             .map(|v| u32::try_from(v).map_err(decode))
@@ -248,7 +253,7 @@ fn from_row(r: &Row) -> Result<TokenRow, StoreError> {
     };
     let kind = text(3)?;
     let status = text(5)?;
-    let retired: Value = r.try_get(16).map_err(decode)?;
+    let retired: Value = r.try_get(at + 16).map_err(decode)?;
     Ok(TokenRow {
         id: text(0)?,
         hash: text(1)?,
@@ -308,9 +313,13 @@ fn config(url: &str, settings: &PgSettings) -> Result<tokio_postgres::Config, St
         cfg.application_name("tokengate");
     }
     // A peer that vanishes without a reset (a cut cable, a dropped route) must not hold a
-    // connection forever: unacknowledged data fails the socket after this long.
+    // connection forever: unacknowledged data fails the socket after the user timeout, and
+    // an idle one fails its keepalive probes (10 s idle, then 3 probes 2 s apart) rather
+    // than after the kernel's default of about eleven minutes.
     cfg.keepalives(true)
         .keepalives_idle(Duration::from_secs(10))
+        .keepalives_interval(Duration::from_secs(2))
+        .keepalives_retries(3)
         .tcp_user_timeout(settings.timeout.max(Duration::from_secs(2)) * 2);
     Ok(cfg)
 }
@@ -391,7 +400,6 @@ async fn read_version(pool: &Pool) -> Result<u64, StoreError> {
 /// re-reads the version and publishes it.
 async fn listen(
     cfg: tokio_postgres::Config,
-    pool: Pool,
     published: Published,
     settings: PgSettings,
     mut stop: watch::Receiver<bool>,
@@ -462,32 +470,27 @@ async fn listen(
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             // The first tick is immediate: re-read after every (re)connection.
-            let woken = tokio::select! {
-                _ = ticker.tick() => false,
-                w = wake.recv() => match w {
-                    Some(()) => true,
-                    None => break,
-                },
+            tokio::select! {
+                _ = ticker.tick() => {}
+                w = wake.recv() => if w.is_none() { break },
                 _ = stop.changed() => { driver.abort(); return; }
-            };
+            }
             // Coalesce a burst of notifications into one read.
             while wake.try_recv().is_ok() {}
-            // A listening connection cut off without a reset (a silent partition) looks
-            // alive and hears nothing: on each periodic check, see that it answers, else
-            // connect again. (A notification proves it alive.)
-            if !woken {
-                let alive = tokio::time::timeout(timeout, client.simple_query("SELECT 1")).await;
-                if !matches!(alive, Ok(Ok(_))) {
+            // Read on the listening connection itself: one round trip, and a check that it
+            // still answers (one cut off without a reset, a silent partition, looks alive and
+            // hears nothing), else connect again.
+            let read = tokio::time::timeout(
+                timeout,
+                client.query_one("SELECT version FROM tokengate_sync", &[]),
+            )
+            .await;
+            match read {
+                Ok(Ok(row)) => published.publish(row.get::<_, i64>(0).max(0) as u64),
+                _ => {
                     tracing::warn!("change listener's connection does not answer; reconnecting");
                     break;
                 }
-            }
-            match tokio::time::timeout(timeout, read_version(&pool))
-                .await
-                .unwrap_or_else(|_| Err(StoreError::Unavailable("no answer".into())))
-            {
-                Ok(v) => published.publish(v),
-                Err(e) => tracing::debug!(error = %e, "cannot re-read the version"),
             }
         }
         drop(client);
@@ -569,13 +572,7 @@ impl PostgresStore {
             .map_err(|e| StoreError::Backend(e.to_string()))?;
         let published = Published::new(read_version(&pool).await?);
         let (stop, stop_rx) = watch::channel(false);
-        let listener = tokio::spawn(listen(
-            cfg,
-            pool.clone(),
-            published.clone(),
-            settings,
-            stop_rx,
-        ));
+        let listener = tokio::spawn(listen(cfg, published.clone(), settings, stop_rx));
         Ok(PostgresStore {
             pool,
             store_id,
@@ -633,28 +630,32 @@ impl Drop for PostgresStore {
     }
 }
 
-/// Takes the next version inside the caller's transaction; the row stays locked until it
-/// ends (see the module comment), and the change is announced at commit.
-async fn next_version(tx: &deadpool_postgres::Transaction<'_>) -> Result<u64, PgError> {
-    let row = tx
-        .query_one(
-            "UPDATE tokengate_sync SET version = version + 1 RETURNING version",
-            &[],
-        )
-        .await?;
-    let v: i64 = row.get(0);
-    tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &v.to_string()])
-        .await?;
-    Ok(v.max(0) as u64)
+/// The start of a write's last statement: takes the next version (raising the horizon to
+/// `$horizon` when `$raise`) and announces it at commit. The counter row stays locked from
+/// here to the end of the transaction (see the module comment), so every write does all
+/// else first: the lock is held for this one statement and the commit.
+fn next_version() -> String {
+    format!(
+        "WITH v AS (
+             UPDATE tokengate_sync SET version = version + 1,
+                 horizon = CASE WHEN $1 THEN GREATEST(horizon, $2) ELSE horizon END
+             RETURNING version),
+         n AS (SELECT pg_notify('{CHANNEL}', version::text) FROM v)"
+    )
 }
 
 async fn append_audit(
     tx: &deadpool_postgres::Transaction<'_>,
     a: &AuditRecord,
 ) -> Result<(), PgError> {
+    let stmt = tx
+        .prepare_cached(
+            "INSERT INTO audit (at, actor, action, token_id, token_name, before, after)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .await?;
     tx.execute(
-        "INSERT INTO audit (at, actor, action, token_id, token_name, before, after)
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        &stmt,
         &[
             &a.at,
             &a.actor,
@@ -671,14 +672,6 @@ async fn append_audit(
 
 fn retired_json(r: &TokenRow) -> Result<Value, PgError> {
     serde_json::to_value(&r.retired).map_err(|e| PgError::Store(StoreError::Backend(e.to_string())))
-}
-
-async fn live_count(c: &impl GenericClient) -> Result<u64, PgError> {
-    let n: i64 = c
-        .query_one("SELECT count(*) FROM tokens WHERE status <> 'revoked'", &[])
-        .await?
-        .get(0);
-    Ok(n.max(0) as u64)
 }
 
 fn deliveries(found: &[Row]) -> Vec<Delivery> {
@@ -733,36 +726,45 @@ impl Store for PostgresStore {
         let created = pg!(self, |c| {
             let mut row = row.clone();
             let tx = c.transaction().await?;
-            row.version = next_version(&tx).await?;
+            append_audit(&tx, audit).await?;
             let retired = retired_json(&row)?;
             // The version doubles as the creation order: it is taken in commit order.
-            tx.execute(
-                &format!(
-                    "INSERT INTO tokens ({COLUMNS}, created_seq)
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, 0, 0,
-                                 $14, $15, $13)"
-                ),
-                &[
-                    &row.id,
-                    &row.hash,
-                    &row.name,
-                    &row.kind.as_str(),
-                    &row.owner,
-                    &row.status.as_str(),
-                    &row.max_rps.map(i64::from),
-                    &row.burst.map(i64::from),
-                    &row.created_at,
-                    &row.updated_at,
-                    &row.expires_at,
-                    &row.last_used_at,
-                    &(row.version as i64),
-                    &row.rotated_at,
-                    &retired,
-                ],
-            )
-            .await?;
-            append_audit(&tx, audit).await?;
+            let stmt = tx
+                .prepare_cached(&format!(
+                    "{}
+                     INSERT INTO tokens ({COLUMNS}, created_seq)
+                     SELECT $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, v.version,
+                            0, 0, $15, $16, v.version
+                     FROM v, n RETURNING version",
+                    next_version()
+                ))
+                .await?;
+            let version: i64 = tx
+                .query_one(
+                    &stmt,
+                    &[
+                        &false,
+                        &0i64,
+                        &row.id,
+                        &row.hash,
+                        &row.name,
+                        &row.kind.as_str(),
+                        &row.owner,
+                        &row.status.as_str(),
+                        &row.max_rps.map(i64::from),
+                        &row.burst.map(i64::from),
+                        &row.created_at,
+                        &row.updated_at,
+                        &row.expires_at,
+                        &row.last_used_at,
+                        &row.rotated_at,
+                        &retired,
+                    ],
+                )
+                .await?
+                .get(0);
             tx.commit().await?;
+            row.version = version.max(0) as u64;
             Ok(row)
         })?;
         self.published.publish(created.version);
@@ -824,14 +826,13 @@ impl Store for PostgresStore {
         let written = pg!(self, |c| {
             let mut row = row.clone();
             let tx = c.transaction().await?;
-            let current = tx
-                .query_opt(
+            let lock = tx
+                .prepare_cached(
                     "SELECT version, requests_allowed, requests_denied, last_used_at
-                         FROM tokens WHERE id = $1 FOR UPDATE",
-                    &[&row.id],
+                     FROM tokens WHERE id = $1 FOR UPDATE",
                 )
                 .await?;
-            let Some(current) = current else {
+            let Some(current) = tx.query_opt(&lock, &[&row.id]).await? else {
                 return Err(StoreError::NotFound.into());
             };
             if current.get::<_, i64>(0) as u64 != expected_version {
@@ -840,37 +841,40 @@ impl Store for PostgresStore {
             row.requests_allowed = current.get::<_, i64>(1).max(0) as u64;
             row.requests_denied = current.get::<_, i64>(2).max(0) as u64;
             row.last_used_at = current.get(3);
-            row.version = next_version(&tx).await?;
-            if raise_horizon {
-                tx.execute(
-                    "UPDATE tokengate_sync SET horizon = GREATEST(horizon, $1)",
-                    &[&clamp(expected_version)],
-                )
-                .await?;
-            }
-            let retired = retired_json(&row)?;
-            tx.execute(
-                "UPDATE tokens SET hash = $2, name = $3, status = $4, max_rps = $5,
-                         burst = $6, updated_at = $7, expires_at = $8, version = $9,
-                         rotated_at = $10, retired = $11
-                     WHERE id = $1",
-                &[
-                    &row.id,
-                    &row.hash,
-                    &row.name,
-                    &row.status.as_str(),
-                    &row.max_rps.map(i64::from),
-                    &row.burst.map(i64::from),
-                    &row.updated_at,
-                    &row.expires_at,
-                    &(row.version as i64),
-                    &row.rotated_at,
-                    &retired,
-                ],
-            )
-            .await?;
             append_audit(&tx, audit).await?;
+            let retired = retired_json(&row)?;
+            let stmt = tx
+                .prepare_cached(&format!(
+                    "{}
+                     UPDATE tokens SET hash = $4, name = $5, status = $6, max_rps = $7,
+                         burst = $8, updated_at = $9, expires_at = $10, version = v.version,
+                         rotated_at = $11, retired = $12
+                     FROM v, n WHERE id = $3 RETURNING tokens.version",
+                    next_version()
+                ))
+                .await?;
+            let version: i64 = tx
+                .query_one(
+                    &stmt,
+                    &[
+                        &raise_horizon,
+                        &clamp(expected_version),
+                        &row.id,
+                        &row.hash,
+                        &row.name,
+                        &row.status.as_str(),
+                        &row.max_rps.map(i64::from),
+                        &row.burst.map(i64::from),
+                        &row.updated_at,
+                        &row.expires_at,
+                        &row.rotated_at,
+                        &retired,
+                    ],
+                )
+                .await?
+                .get(0);
             tx.commit().await?;
+            row.version = version.max(0) as u64;
             Ok(row)
         })?;
         self.published.publish(written.version);
@@ -964,48 +968,56 @@ impl Store for PostgresStore {
     }
 
     async fn changes_since(&self, since: u64, limit: u32) -> Result<Changes, StoreError> {
-        let sql =
-            format!("SELECT {COLUMNS} FROM tokens WHERE version > $1 ORDER BY version LIMIT $2");
+        // One statement, so one snapshot, for the rows, the horizon and the count: one round
+        // trip per read (the feed makes one per version for every poll it wakes).
+        let sql = format!(
+            "SELECT s.horizon, c.live, t.* FROM
+                 (SELECT horizon FROM tokengate_sync) s
+                 CROSS JOIN (SELECT count(*) AS live FROM tokens WHERE status <> 'revoked') c
+                 LEFT JOIN LATERAL (SELECT {COLUMNS} FROM tokens WHERE version > $1
+                                    ORDER BY version LIMIT $2) t ON true"
+        );
         pg!(self, |c| {
-            // One snapshot for the rows, the horizon and the count.
-            let tx = c
-                .build_transaction()
-                .isolation_level(IsolationLevel::RepeatableRead)
-                .read_only(true)
-                .start()
-                .await?;
-            let stmt = tx.prepare_cached(&sql).await?;
-            let found = rows(&tx.query(&stmt, &[&clamp(since), &i64::from(limit)]).await?)?;
-            let horizon: i64 = tx
-                .query_one("SELECT horizon FROM tokengate_sync", &[])
-                .await?
-                .get(0);
-            let live = live_count(&tx).await?;
-            tx.commit().await?;
-            Ok(Changes {
-                rows: found,
-                horizon: horizon.max(0) as u64,
-                live,
-            })
+            let stmt = c.prepare_cached(&sql).await?;
+            let found = c.query(&stmt, &[&clamp(since), &i64::from(limit)]).await?;
+            let mut changes = Changes {
+                rows: Vec::with_capacity(found.len()),
+                horizon: 0,
+                live: 0,
+            };
+            for r in &found {
+                changes.horizon = r.get::<_, i64>(0).max(0) as u64;
+                changes.live = r.get::<_, i64>(1).max(0) as u64;
+                if r.try_get::<_, Option<String>>(2).map_err(decode)?.is_some() {
+                    changes.rows.push(from_row_at(r, 2)?);
+                }
+            }
+            Ok(changes)
         })
     }
 
     async fn snapshot_page(&self, after_id: Option<&str>, limit: u32) -> Result<Page, StoreError> {
         let sql = format!(
-            "SELECT {COLUMNS} FROM tokens WHERE ($1::text IS NULL OR id > $1) ORDER BY id LIMIT $2"
+            "SELECT c.live, t.* FROM
+                 (SELECT count(*) AS live FROM tokens WHERE status <> 'revoked') c
+                 LEFT JOIN LATERAL (SELECT {COLUMNS} FROM tokens
+                                    WHERE ($1::text IS NULL OR id > $1)
+                                    ORDER BY id LIMIT $2) t ON true"
         );
         pg!(self, |c| {
-            let tx = c
-                .build_transaction()
-                .isolation_level(IsolationLevel::RepeatableRead)
-                .read_only(true)
-                .start()
-                .await?;
-            let stmt = tx.prepare_cached(&sql).await?;
-            let found = rows(&tx.query(&stmt, &[&after_id, &i64::from(limit)]).await?)?;
-            let live = live_count(&tx).await?;
-            tx.commit().await?;
-            Ok(Page { rows: found, live })
+            let stmt = c.prepare_cached(&sql).await?;
+            let found = c.query(&stmt, &[&after_id, &i64::from(limit)]).await?;
+            let mut page = Page {
+                rows: Vec::with_capacity(found.len()),
+                live: 0,
+            };
+            for r in &found {
+                page.live = r.get::<_, i64>(0).max(0) as u64;
+                if r.try_get::<_, Option<String>>(1).map_err(decode)?.is_some() {
+                    page.rows.push(from_row_at(r, 1)?);
+                }
+            }
+            Ok(page)
         })
     }
 
