@@ -154,10 +154,10 @@ $(OHA):
 bench-build: tools build $(OHA)
 	$(CARGO) build --profile bench-driver -p tokengate-bench
 
-bench: bench-build ## benchmarks: variants, accuracy, propagation, scale (~15 min); writes docs/benchmarks.md
+bench: bench-build postgres ## benchmarks: variants, accuracy, propagation, scale, fleet (~17 min); writes docs/benchmarks.md
 	OHA=$(OHA) target/bench-driver/tokengate-bench
 
-bench-quick: bench-build ## a one-minute subset of make bench, for developers (results in target/bench/)
+bench-quick: bench-build postgres ## a one-minute subset of make bench, for developers (results in target/bench/)
 	OHA=$(OHA) target/bench-driver/tokengate-bench --quick
 
 # Cases per property for `make fuzz`; `make test` runs the same properties with 256.

@@ -718,12 +718,12 @@ fn housekeeping(cluster: &PgCluster, plan: &Plan) -> Value {
         .expect("revoke");
         assert_eq!(r.status, 204);
     }
-    let runs = |job: &str| -> Vec<f64> {
+    let runs = |job: &str| -> Vec<u64> {
         (0..3)
             .map(|i| {
                 stack
                     .replica_metric(i, &format!("tokengate_job_runs_total{{job=\"{job}\"}}"))
-                    .unwrap_or(0.0)
+                    .unwrap_or(0.0) as u64
             })
             .collect()
     };
@@ -806,8 +806,17 @@ pub fn run(depth: Depth) -> Value {
     let creates = creates(&cluster, &plan);
     eprintln!("fleet: housekeeping on three replicas");
     let housekeeping = housekeeping(&cluster, &plan);
+    let output = |cmd: &str, args: &[&str]| {
+        std::process::Command::new(cmd)
+            .args(args)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default()
+    };
     json!({
         "postgres": version,
+        "commit": output("git", &["rev-parse", "--short", "HEAD"]),
+        "date": output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
         "writes": writes,
         "across": across,
         "polls": polls,
@@ -836,8 +845,10 @@ pub fn markdown(v: &Value) -> String {
     let mut md = String::new();
     md.push_str(&format!(
         "### Control plane fleet\n\nSeveral replicas on one PostgreSQL ({}, a throwaway cluster \
-         of the real server), from `bench/src/fleet.rs`.\n\n",
-        v["postgres"].as_str().unwrap_or("?")
+         of the real server), from `bench/src/fleet.rs`; commit {}, {}.\n\n",
+        v["postgres"].as_str().unwrap_or("?"),
+        v["commit"].as_str().unwrap_or("?"),
+        v["date"].as_str().unwrap_or("?"),
     ));
     md.push_str("| target | result | |\n|---|---|---|\n");
     md.push_str(&format!(
