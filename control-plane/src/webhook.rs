@@ -167,6 +167,17 @@ mod tests {
     }
 
     #[test]
+    fn signatures_match_a_known_answer() {
+        // Computed apart from this crate: Python's hmac.new(secret, b"1700000000." + body,
+        // hashlib.sha256).hexdigest().
+        let body = br#"{"id":"evt_x","type":"token.expiring"}"#;
+        assert_eq!(
+            sign("webhook-secret-0123456789", 1_700_000_000, body),
+            "t=1700000000,v1=27016120c7172814a8b491a726ffab18fb9845a4cba77bb4aa7fd2f2974fd35b"
+        );
+    }
+
+    #[test]
     fn backoff_doubles_up_to_a_cap() {
         assert_eq!((0..4).map(backoff).collect::<Vec<_>>(), [1, 2, 4, 8]);
         assert_eq!(backoff(40), MAX_BACKOFF_SECS);

@@ -9,6 +9,9 @@ use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// The control plane's debug line for a sync poll it holds.
+const HELD: &str = "sync poll held until a change";
+
 #[test]
 fn acknowledged_writes_survive_kill_9() {
     let dir = tempfile::tempdir().unwrap();
@@ -32,7 +35,7 @@ fn acknowledged_writes_survive_kill_9() {
     s.child.kill().unwrap();
     s.child.wait().unwrap();
 
-    let s = serve(&db, port);
+    let mut s = serve(&db, port);
     let got: serde_json::Value = s
         .admin("GET", &format!("/v1/tokens/{id}"))
         .call()
@@ -42,7 +45,7 @@ fn acknowledged_writes_survive_kill_9() {
     assert_eq!(got["status"], "suspended");
     assert_eq!(got["version"], suspended["version"]);
     assert_eq!(got["max_rps"], 3);
-    let log = s.stderr();
+    let log = s.stop();
     assert!(
         !log.contains(created["token"].as_str().unwrap()),
         "secret in the log"
@@ -54,10 +57,12 @@ fn acknowledged_writes_survive_kill_9() {
     assert!(log.contains("request"), "access log expected: {log}");
 }
 
-#[test]
-fn sigterm_answers_held_long_polls_then_exits_cleanly() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut s = serve(dir.path().join("t.db"), free_port());
+/// Starts a long-poll at the current version on another thread and waits until the server
+/// says it holds it; joining gives the answer's status and body.
+fn held_poll(
+    s: &common::process::Server,
+    wait_seconds: u64,
+) -> std::thread::JoinHandle<(Duration, u16, serde_json::Value)> {
     let first: serde_json::Value = ureq::get(&format!("{}/v1/sync?since=0", s.url))
         .set("authorization", &format!("Bearer {SYNC}"))
         .call()
@@ -65,33 +70,83 @@ fn sigterm_answers_held_long_polls_then_exits_cleanly() {
         .into_json()
         .unwrap();
     let url = format!(
-        "{}/v1/sync?since=0&store_id={}&wait=30",
+        "{}/v1/sync?since={}&store_id={}&wait={wait_seconds}",
         s.url,
+        first["version"],
         first["store_id"].as_str().unwrap()
     );
+    let held = s.log_lines(HELD);
     let poll = std::thread::spawn(move || {
         let t = Instant::now();
         let r = ureq::get(&url)
             .set("authorization", &format!("Bearer {SYNC}"))
-            .call();
-        (t.elapsed(), r.map(|r| r.status()))
+            .call()
+            .unwrap();
+        let status = r.status();
+        (t.elapsed(), status, r.into_json().unwrap())
     });
-    std::thread::sleep(Duration::from_millis(300));
-    let t = Instant::now();
+    s.wait_for_log(HELD, held, Duration::from_secs(60));
+    poll
+}
+
+#[test]
+fn a_change_answers_a_held_poll_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    // The poll may be held for 300 s: only a change that fails to wake it lets it run out.
+    let s = serve_with(
+        dir.path().join("t.db"),
+        free_port(),
+        &["--sync-max-wait-seconds", "300"],
+    );
+    let (status, created) = s.call("POST", "/v1/tokens", Some(r#"{"name":"x"}"#));
+    assert_eq!(status, 201, "{created}");
+    let id = created["id"].as_str().unwrap();
+    let poll = held_poll(&s, 300);
+    let changed_at = Instant::now();
+    let (status, suspended) = s.call("POST", &format!("/v1/tokens/{id}/suspend"), None);
+    assert_eq!(status, 200, "{suspended}");
+    let (held, status, answer) = poll.join().unwrap();
+    eprintln!(
+        "a held poll answered {:?} after the suspend returned",
+        changed_at.elapsed()
+    );
+    assert_eq!(status, 200);
+    assert!(held < Duration::from_secs(300), "ran to its wait: {held:?}");
+    assert_eq!(answer["version"], suspended["version"], "{answer}");
+    assert_eq!(answer["changes"][0]["id"], id, "{answer}");
+    assert_eq!(answer["changes"][0]["status"], "suspended", "{answer}");
+}
+
+#[test]
+fn sigterm_answers_held_long_polls_then_exits_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = serve_with(
+        dir.path().join("t.db"),
+        free_port(),
+        &["--sync-max-wait-seconds", "300"],
+    );
+    let poll = held_poll(&s, 300);
     let kill = Command::new("kill")
         .args(["-TERM", &s.child.id().to_string()])
         .status()
         .unwrap();
     assert!(kill.success());
-    let (held, status) = poll.join().unwrap();
-    assert_eq!(status.unwrap(), 200);
-    assert!(
-        held < Duration::from_secs(5),
-        "poll held {held:?} after SIGTERM"
+    let signalled = Instant::now();
+    let (held, status, answer) = poll.join().unwrap();
+    eprintln!(
+        "a held poll answered {:?} after SIGTERM",
+        signalled.elapsed()
     );
-    let exit = s.child.wait().unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(
+        answer["changes"].as_array().map(Vec::len),
+        Some(0),
+        "{answer}"
+    );
+    // Only a poll that SIGTERM did not release runs to its 300 s.
+    assert!(held < Duration::from_secs(300), "ran to its wait: {held:?}");
+    let exit = s.wait_exit(Duration::from_secs(120));
     assert!(exit.success(), "{exit:?}");
-    assert!(t.elapsed() < Duration::from_secs(5));
 }
 
 #[test]
@@ -229,7 +284,7 @@ fn on_postgres_acknowledged_writes_survive_kill_9_and_the_password_is_never_logg
         .unwrap();
     s.child.kill().unwrap();
     s.child.wait().unwrap();
-    let s = serve(&with_password, port);
+    let mut s = serve(&with_password, port);
     let got: serde_json::Value = s
         .admin("GET", &format!("/v1/tokens/{id}"))
         .call()
@@ -237,7 +292,7 @@ fn on_postgres_acknowledged_writes_survive_kill_9_and_the_password_is_never_logg
         .into_json()
         .unwrap();
     assert_eq!(got["status"], "suspended");
-    let log = s.stderr();
+    let log = s.stop();
     assert!(
         !log.contains("db-password-0123456789"),
         "password in the log: {log}"
@@ -250,7 +305,7 @@ fn a_database_with_a_newer_schema_refuses_to_start_naming_both_versions() {
     let cluster = tokengate_pgtest::shared();
     let url = cluster.fresh_database();
     let s = serve(&url, free_port());
-    drop(s.stderr());
+    drop(s);
     cluster.psql(
         url.rsplit('/').next().unwrap(),
         "UPDATE tokengate_schema SET version = 99",
@@ -258,7 +313,7 @@ fn a_database_with_a_newer_schema_refuses_to_start_naming_both_versions() {
     let dir = tempfile::tempdir().unwrap();
     let sqlite = dir.path().join("t.db");
     let s = serve(&sqlite, free_port());
-    drop(s.stderr());
+    drop(s);
     let conn = rusqlite_user_version(&sqlite, 99);
     for db in [url.as_str(), conn.as_str()] {
         let out = Command::new(env!("CARGO_BIN_EXE_tokengate"))
@@ -403,7 +458,7 @@ fn migrate_moves_a_sqlite_install_to_postgres_and_filters_keep_their_state() {
             .unwrap()
     };
     let before = list(&s.url);
-    drop(s.stderr());
+    drop(s);
 
     let pg = tokengate_pgtest::shared().fresh_database();
     let migrate = |from: &str, to: &str| {
@@ -436,7 +491,7 @@ fn migrate_moves_a_sqlite_install_to_postgres_and_filters_keep_their_state() {
     );
     let missing = migrate("/nonexistent/t.db", &pg);
     assert!(String::from_utf8_lossy(&missing.stderr).contains("no such file"));
-    drop(s.stderr());
+    drop(s);
 }
 
 #[test]
@@ -503,7 +558,7 @@ fn slow_and_idle_clients_cannot_lock_out_sync_and_admins() {
     use std::io::Write;
     const HEADER_DEADLINE: Duration = Duration::from_secs(3);
     let dir = tempfile::tempdir().unwrap();
-    let s = serve_with(
+    let mut s = serve_limited(
         dir.path().join("t.db"),
         free_port(),
         &[
@@ -645,7 +700,7 @@ fn slow_and_idle_clients_cannot_lock_out_sync_and_admins() {
             "tokengate_connections_closed_total{reason=\"body_timeout\"}"
         ) > 0
     );
-    let log = s.stderr();
+    let log = s.stop();
     assert!(log.contains("max_connections=192"), "{log}");
     assert!(!log.contains("Too many open files"), "{log}");
 }
@@ -657,13 +712,13 @@ fn slow_and_idle_clients_cannot_lock_out_sync_and_admins() {
 fn logs_are_plain_or_json_and_name_the_address_of_a_refused_credential() {
     const GUESS: &str = "guessed-credential-5e0c2d7b9a";
     let dir = tempfile::tempdir().unwrap();
-    let s = serve(dir.path().join("t.db"), free_port());
+    let mut s = serve(dir.path().join("t.db"), free_port());
     let r = ureq::get(&format!("{}/v1/tokens", s.url))
         .set("authorization", &format!("Bearer {GUESS}"))
         .call();
     assert!(matches!(r, Err(ureq::Error::Status(401, _))));
     s.admin("GET", "/v1/tokens").call().unwrap();
-    let log = s.stderr();
+    let log = s.stop();
     assert!(
         !log.contains('\u{1b}'),
         "colour codes in a log file: {log:?}"
@@ -694,14 +749,13 @@ fn logs_are_plain_or_json_and_name_the_address_of_a_refused_credential() {
         "not whole milliseconds: {request}"
     );
 
-    let s = serve_with(
+    let mut s = serve_with(
         dir.path().join("t.db"),
         free_port(),
         &["--log-format", "json"],
-        None,
     );
     s.admin("GET", "/v1/tokens").call().unwrap();
-    let log = s.stderr();
+    let log = s.stop();
     let lines: Vec<serde_json::Value> = log
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))

@@ -177,10 +177,8 @@ pub fn judge(
 pub fn expiry_to_announce(cfg: &Config, seen: Option<&Seen>, now_nanos: u64) -> Option<i64> {
     let exp = seen?.expires_at?;
     let now = (now_nanos / 1_000_000_000) as i64;
-    (cfg.expiry_warning_seconds > 0
-        && exp > now
-        && exp - now <= i64::from(cfg.expiry_warning_seconds))
-    .then_some(exp)
+    // A window of 0 s (announcing off) holds no expiry that is still ahead.
+    (exp > now && exp - now <= i64::from(cfg.expiry_warning_seconds)).then_some(exp)
 }
 
 /// One GCRA admission with compare-and-swap. Out of retries means refused, never admitted.
@@ -319,6 +317,17 @@ mod tests {
         )
         .unwrap();
         assert_eq!(expiry_to_announce(&off, Some(&in_an_hour), NOW), None);
+        // The window's ends: seven days ahead is inside; expiring now has nothing to say.
+        let week = now_s + 7 * 86_400;
+        assert_eq!(
+            expiry_to_announce(&c, Some(&seen(Some(week))), NOW),
+            Some(week)
+        );
+        assert_eq!(
+            expiry_to_announce(&c, Some(&seen(Some(week + 1))), NOW),
+            None
+        );
+        assert_eq!(expiry_to_announce(&c, Some(&seen(Some(now_s))), NOW), None);
     }
 
     #[test]

@@ -350,6 +350,43 @@ mod tests {
     }
 
     #[test]
+    fn bounds_between_fields_admit_their_equal() {
+        let c = Config::parse(
+            br#"{"control_plane_cluster":"cp","sync_token":"x","tick_ms":100,"lease_ms":300,
+                "backoff_initial_ms":400,"backoff_max_ms":400}"#,
+        )
+        .unwrap();
+        assert_eq!((c.tick_ms, c.lease_ms), (100, 300));
+        assert_eq!((c.backoff_initial_ms, c.backoff_max_ms), (400, 400));
+        assert_eq!(
+            field_of(
+                r#"{"control_plane_cluster":"cp","sync_token":"x","tick_ms":100,"lease_ms":299}"#
+            ),
+            "lease_ms"
+        );
+        assert_eq!(
+            field_of(
+                r#"{"control_plane_cluster":"cp","sync_token":"x","backoff_initial_ms":400,"backoff_max_ms":399}"#
+            ),
+            "backoff_max_ms"
+        );
+    }
+
+    #[test]
+    fn a_configured_proxy_id_is_kept_and_an_empty_one_is_none() {
+        let with = |id: &str| {
+            Config::parse(
+                format!(r#"{{"control_plane_cluster":"cp","sync_token":"x","proxy_id":"{id}"}}"#)
+                    .as_bytes(),
+            )
+            .unwrap()
+            .proxy_id
+        };
+        assert_eq!(with("node-7"), Some("node-7".to_string()));
+        assert_eq!(with(""), None, "empty: Envoy's node id");
+    }
+
+    #[test]
     fn display_names_the_field() {
         let e = Config::parse(br#"{"sync_token":"x"}"#).unwrap_err();
         assert_eq!(

@@ -7,6 +7,7 @@ use crate::config::Config;
 use crate::forward;
 use crate::grpc;
 use crate::host::{self, Headers, Level};
+use crate::metrics::{self, Counter, Gauge};
 use crate::response;
 use crate::store::{Clock, SharedStore, StoreError};
 use crate::sync::{Phase, SyncClient, SyncFailure};
@@ -56,53 +57,25 @@ fn log(level: Level, message: &str) {
 
 /// Counter and gauge ids, defined once per VM; Envoy merges them by name across workers.
 struct Metrics {
-    allowed: Option<u32>,
-    missing_token: Option<u32>,
-    invalid_token: Option<u32>,
-    token_expired: Option<u32>,
-    token_suspended: Option<u32>,
-    rate_limited: Option<u32>,
-    state_unavailable: Option<u32>,
-    sync_success: Option<u32>,
-    sync_failure: Option<u32>,
-    tokens: Option<u32>,
-    state_version: Option<u32>,
-    usage_reports: Option<u32>,
-    usage_failures: Option<u32>,
-    usage_dropped: Option<u32>,
+    counters: [Option<u32>; Counter::ALL.len()],
+    gauges: [Option<u32>; Gauge::ALL.len()],
 }
 
 impl Metrics {
     fn define() -> Metrics {
-        let counter = |name: &str| hostcalls::define_metric(MetricType::Counter, name).ok();
-        let gauge = |name: &str| hostcalls::define_metric(MetricType::Gauge, name).ok();
         Metrics {
-            allowed: counter("tokengate.allowed"),
-            missing_token: counter("tokengate.denied.missing_token"),
-            invalid_token: counter("tokengate.denied.invalid_token"),
-            token_expired: counter("tokengate.denied.token_expired"),
-            token_suspended: counter("tokengate.denied.token_suspended"),
-            rate_limited: counter("tokengate.denied.rate_limited"),
-            state_unavailable: counter("tokengate.denied.token_state_unavailable"),
-            sync_success: counter("tokengate.sync.success"),
-            sync_failure: counter("tokengate.sync.failure"),
-            tokens: gauge("tokengate.tokens"),
-            state_version: gauge("tokengate.state_version"),
-            usage_reports: counter("tokengate.usage.reports"),
-            usage_failures: counter("tokengate.usage.failures"),
-            usage_dropped: counter("tokengate.usage.dropped"),
+            counters: Counter::ALL
+                .map(|c| hostcalls::define_metric(MetricType::Counter, c.name()).ok()),
+            gauges: Gauge::ALL.map(|g| hostcalls::define_metric(MetricType::Gauge, g.name()).ok()),
         }
     }
 
-    fn denied(&self, d: Denial) -> Option<u32> {
-        match d {
-            Denial::MissingToken => self.missing_token,
-            Denial::InvalidToken => self.invalid_token,
-            Denial::TokenExpired => self.token_expired,
-            Denial::TokenSuspended => self.token_suspended,
-            Denial::RateLimited { .. } => self.rate_limited,
-            Denial::StateUnavailable => self.state_unavailable,
-        }
+    fn counter(&self, c: Counter) -> Option<u32> {
+        self.counters.get(c.index()).copied().flatten()
+    }
+
+    fn gauge(&self, g: Gauge) -> Option<u32> {
+        self.gauges.get(g.index()).copied().flatten()
     }
 }
 
@@ -217,7 +190,7 @@ impl Root {
         ) {
             Ok(token) => self.pending = Some(token),
             Err(status) => {
-                bump(shared.metrics.sync_failure);
+                bump(shared.metrics.counter(Counter::SyncFailure));
                 log(
                     Level::Warn,
                     &format!(
@@ -241,10 +214,13 @@ impl Root {
             let mut tally = shared.usage.borrow_mut();
             (tally.drain(), tally.take_dropped())
         };
-        add(shared.metrics.usage_dropped, dropped);
+        add(shared.metrics.counter(Counter::UsageDropped), dropped);
         for batch in entries.chunks(USAGE_BATCH_ENTRIES) {
             if hostcalls::enqueue_shared_queue(queue, Some(&usage::encode_batch(batch))).is_err() {
-                add(shared.metrics.usage_dropped, batch.len() as u64);
+                add(
+                    shared.metrics.counter(Counter::UsageDropped),
+                    usage::requests(batch),
+                );
             }
         }
     }
@@ -261,13 +237,13 @@ impl Root {
             match hostcalls::dequeue_shared_queue(queue) {
                 Ok(Some(bytes)) => match usage::decode_batch(&bytes) {
                     Some(entries) => self.usage_pending.merge(entries),
-                    None => bump(shared.metrics.usage_dropped),
+                    None => bump(shared.metrics.counter(Counter::UsageDropped)),
                 },
                 _ => break,
             }
         }
         add(
-            shared.metrics.usage_dropped,
+            shared.metrics.counter(Counter::UsageDropped),
             self.usage_pending.take_dropped(),
         );
         let cfg = &shared.config;
@@ -300,7 +276,7 @@ impl Root {
         ) {
             Ok(token) => self.usage_call = Some(token),
             Err(_) => {
-                bump(shared.metrics.usage_failures);
+                bump(shared.metrics.counter(Counter::UsageFailures));
                 self.reporter
                     .on_result(cfg, &mut self.usage_pending, false, now);
             }
@@ -312,9 +288,9 @@ impl Root {
         let ok = num_headers > 0
             && response_status(num_headers).is_some_and(|s| (200..300).contains(&s));
         bump(if ok {
-            shared.metrics.usage_reports
+            shared.metrics.counter(Counter::UsageReports)
         } else {
-            shared.metrics.usage_failures
+            shared.metrics.counter(Counter::UsageFailures)
         });
         self.reporter
             .on_result(&shared.config, &mut self.usage_pending, ok, Self::now_ms());
@@ -377,14 +353,14 @@ impl Context for Root {
         );
         match result {
             Ok(applied) => {
-                bump(shared.metrics.sync_success);
+                bump(shared.metrics.counter(Counter::SyncSuccess));
                 if let Some(state) = applied.state {
-                    record(shared.metrics.tokens, state.token_count);
-                    record(shared.metrics.state_version, state.version);
+                    record(shared.metrics.gauge(Gauge::Tokens), state.token_count);
+                    record(shared.metrics.gauge(Gauge::StateVersion), state.version);
                 }
             }
             Err(e) => {
-                bump(shared.metrics.sync_failure);
+                bump(shared.metrics.counter(Counter::SyncFailure));
                 let why = match e {
                     SyncFailure::Unreachable => "no answer".to_string(),
                     SyncFailure::Status(code) => format!("HTTP {code}"),
@@ -588,17 +564,22 @@ impl HttpContext for Request {
                         &format!("cannot edit the request's headers ({why}); refusing it"),
                     );
                     self.expires_at = None;
+                    let refusal = Denial::StateUnavailable;
                     shared
                         .outcomes
-                        .bump(shared.metrics.denied(Denial::StateUnavailable));
-                    refuse(Denial::StateUnavailable, None, is_grpc());
+                        .bump(shared.metrics.counter(metrics::denied(refusal)));
+                    refuse(refusal, None, is_grpc());
                     return Action::Pause;
                 }
-                shared.outcomes.bump(shared.metrics.allowed);
+                shared
+                    .outcomes
+                    .bump(shared.metrics.counter(Counter::Allowed));
                 Action::Continue
             }
             Outcome::Deny(d) => {
-                shared.outcomes.bump(shared.metrics.denied(d));
+                shared
+                    .outcomes
+                    .bump(shared.metrics.counter(metrics::denied(d)));
                 // Only a caller who may retry later learns when its token ends.
                 let announce = match d {
                     Denial::RateLimited { .. } => self.expires_at.take(),

@@ -1,9 +1,9 @@
 //! tokengate's proxy-wasm filter.
 //!
 //! The decisions live in plain Rust modules with no proxy-wasm types (`authorize`, `gcra`,
-//! `record`, `sync`, `usage`, `config`, `response`, `grpc`, `forward`, `timefmt`, and `abi`, the
-//! ABI's encodings) and are unit-tested natively; `glue` binds them to the proxy-wasm ABI
-//! through `host`'s status-checked calls and is only built for wasm32.
+//! `metrics`, `record`, `sync`, `usage`, `config`, `response`, `grpc`, `forward`, `timefmt`,
+//! and `abi`, the ABI's encodings) and are unit-tested natively; `glue` binds them to the
+//! proxy-wasm ABI through `host`'s status-checked calls and is only built for wasm32.
 
 pub mod abi;
 pub mod authorize;
@@ -11,6 +11,7 @@ pub mod config;
 pub mod forward;
 pub mod gcra;
 pub mod grpc;
+pub mod metrics;
 pub mod record;
 pub mod response;
 pub mod store;

@@ -313,6 +313,9 @@ mod tests {
         assert_eq!(decode_state(&enc), Some(s));
         assert_eq!(state_generation(&enc), Some(7));
         assert_eq!(state_generation(&enc[..5]), None);
+        // The generation is read from the first 13 bytes alone.
+        assert_eq!(state_generation(&enc[..13]), Some(7));
+        assert_eq!(state_generation(&enc[..12]), None);
         assert_eq!(decode_state(&enc[..enc.len() - 1]), None);
     }
 

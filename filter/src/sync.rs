@@ -346,7 +346,9 @@ fn take_generation(store: &dyn SharedStore, current: Option<&State>) -> Result<u
 }
 
 /// Writes one record unless a newer one of the same generation is already there (a slower,
-/// older answer must not undo a newer change).
+/// older answer must not undo a newer change). A record's generation never goes down: the
+/// late page of a snapshot that another leader's newer snapshot superseded must not make a
+/// record of the newer one look stale.
 fn write_record(
     store: &dyn SharedStore,
     rec: &SyncRecord,
@@ -356,15 +358,17 @@ fn write_record(
         return Err(SyncFailure::Malformed);
     }
     let key = record::token_key(&rec.hash);
-    let value = record::encode_token(rec, generation);
     let mut written = false;
     for _ in 0..WRITE_RETRIES {
         let (existing, cas) = store.get(&key).map_err(|_| SyncFailure::Store)?;
-        if let Some(old) = existing.as_deref().and_then(record::decode_token) {
+        let old = existing.as_deref().and_then(record::decode_token);
+        if let Some(old) = &old {
             if old.generation >= generation && old.version > rec.version {
                 return Ok(());
             }
         }
+        let generation = old.map_or(generation, |o| o.generation.max(generation));
+        let value = record::encode_token(rec, generation);
         match store.set(&key, &value, cas) {
             Ok(()) => {
                 written = true;
@@ -803,7 +807,203 @@ mod tests {
         assert!(sc.on_tick(&c, &s, "", 0).is_some());
         assert_eq!(sc.on_tick(&c, &s, "", 34_000), None);
         assert_eq!(sc.phase(), Phase::Polling { since_ms: 0 });
-        sc.on_tick(&c, &s, "", 36_000);
+        // The wait (5 s) plus 30 s, and not a millisecond sooner.
+        sc.on_tick(&c, &s, "", 35_000);
+        assert_eq!(sc.phase(), Phase::Polling { since_ms: 0 });
+        sc.on_tick(&c, &s, "", 35_001);
         assert!(matches!(sc.phase(), Phase::Backoff { .. }));
+        assert_eq!(sc.failures(), 1);
+    }
+
+    #[test]
+    fn a_lease_lapses_at_its_expiry() {
+        let s = MemStore::default();
+        assert!(hold_lease(&s, 1, 1_000, 2_000));
+        assert!(!hold_lease(&s, 2, 2_999, 2_000));
+        assert!(hold_lease(&s, 2, 3_000, 2_000), "expired at 3 000");
+    }
+
+    #[test]
+    fn leadership_follows_the_lease() {
+        let c = cfg();
+        let s = MemStore::default();
+        let (mut a, mut b) = (SyncClient::new(1), SyncClient::new(2));
+        assert!(!a.is_leader(), "no tick yet");
+        a.on_tick(&c, &s, "", 0);
+        b.on_tick(&c, &s, "", 0);
+        assert!(a.is_leader());
+        assert!(!b.is_leader());
+        // `a` stops ticking; once its lease lapses `b` leads, and `a` learns it at its tick.
+        b.on_tick(&c, &s, "", u64::from(c.lease_ms));
+        assert!(b.is_leader());
+        a.on_tick(&c, &s, "", u64::from(c.lease_ms) + 1);
+        assert!(!a.is_leader());
+    }
+
+    #[test]
+    fn a_callout_that_cannot_be_sent_backs_off() {
+        let c = cfg();
+        let s = MemStore::default();
+        let mut sc = SyncClient::new(1);
+        assert!(sc.on_tick(&c, &s, "", 1_000).is_some());
+        sc.on_dispatch_failed(&c, 1_000);
+        assert_eq!(sc.failures(), 1);
+        let Phase::Backoff { until_ms } = sc.phase() else {
+            panic!("expected backoff, got {:?}", sc.phase())
+        };
+        let delay = until_ms - 1_000;
+        let initial = u64::from(c.backoff_initial_ms);
+        assert!(
+            (initial - initial / 8..=initial).contains(&delay),
+            "{delay}"
+        );
+        assert_eq!(sc.on_tick(&c, &s, "", until_ms - 1), None);
+        assert!(sc.on_tick(&c, &s, "", until_ms).is_some());
+    }
+
+    #[test]
+    fn jitter_spreads_a_fleet_over_the_whole_window() {
+        // After the same failures, holders wait between 7/8 of the exponential delay and
+        // all of it, and between them they cover that window end to end.
+        let c = cfg();
+        for failures in 1..=8u32 {
+            let base = (u64::from(c.backoff_initial_ms) << (failures - 1))
+                .min(u64::from(c.backoff_max_ms));
+            let mut delays = std::collections::BTreeSet::new();
+            for holder in 0..4_096u64 {
+                let mut sc = SyncClient::new(holder.wrapping_mul(0x2545_F491_4F6C_DD1D));
+                for _ in 0..failures {
+                    sc.on_dispatch_failed(&c, 0);
+                }
+                let Phase::Backoff { until_ms } = sc.phase() else {
+                    panic!("expected backoff")
+                };
+                delays.insert(until_ms);
+            }
+            let (least, most) = (delays.first().copied(), delays.last().copied());
+            assert_eq!(
+                (least, most),
+                (Some(base - base / 8), Some(base)),
+                "after {failures} failures"
+            );
+            assert!(
+                delays.len() as u64 > base / 16,
+                "after {failures} failures only {} different delays",
+                delays.len()
+            );
+        }
+    }
+
+    #[test]
+    fn an_early_answer_at_the_same_version_is_paced() {
+        let c = cfg();
+        let s = MemStore::default();
+        let a = secret('a');
+        let mut sc = SyncClient::new(1);
+        sc.on_tick(&c, &s, "", 0);
+        let snapshot = resp(5, true, vec![rec(&a, 5, SyncStatus::Active)], None);
+        let (_, next) = sc.on_response(&c, &s, "", 10, Some(200), Some(&snapshot));
+        assert!(next.is_some());
+        // "Nothing new" at the version held, long before half the wait: paced.
+        let same = resp(5, false, vec![], None);
+        let (r, next) = sc.on_response(&c, &s, "", 20, Some(200), Some(&same));
+        assert!(r.is_ok());
+        assert_eq!(next, None);
+        assert_eq!(
+            sc.phase(),
+            Phase::Backoff {
+                until_ms: 20 + u64::from(c.backoff_initial_ms)
+            }
+        );
+    }
+
+    #[test]
+    fn an_answer_is_early_before_half_the_wait() {
+        // The wait is 5 s: an empty answer 2 499 ms into the poll is early, 2 500 ms is not.
+        let c = cfg();
+        let s = MemStore::default();
+        let a = secret('a');
+        let mut sc = SyncClient::new(1);
+        sc.on_tick(&c, &s, "", 0);
+        let snapshot = resp(5, true, vec![rec(&a, 5, SyncStatus::Active)], None);
+        sc.on_response(&c, &s, "", 0, Some(200), Some(&snapshot))
+            .0
+            .unwrap();
+        let same = resp(5, false, vec![], None);
+        let (_, next) = sc.on_response(&c, &s, "", 2_499, Some(200), Some(&same));
+        assert_eq!(next, None, "early: paced");
+        assert!(sc.on_tick(&c, &s, "", 2_499 + 250).is_some());
+        let (_, next) = sc.on_response(&c, &s, "", 2_749 + 2_500, Some(200), Some(&same));
+        assert!(
+            next.is_some(),
+            "held for half the wait: polled again at once"
+        );
+    }
+
+    #[test]
+    fn only_limited_live_tokens_get_rate_state() {
+        let c = cfg();
+        let s = MemStore::default();
+        let (a, b, d) = (secret('a'), secret('b'), secret('d'));
+        let mut limited = rec(&a, 1, SyncStatus::Active);
+        limited.max_rps = Some(5);
+        let unlimited = rec(&b, 2, SyncStatus::Active);
+        let mut revoked = rec(&d, 3, SyncStatus::Revoked);
+        revoked.max_rps = Some(5);
+        let mut sc = SyncClient::new(1);
+        sc.on_tick(&c, &s, "", 0);
+        let body = resp(3, true, vec![limited, unlimited, revoked], None);
+        sc.on_response(&c, &s, "", 0, Some(200), Some(&body))
+            .0
+            .unwrap();
+        let has_rate_state = |t: &str| {
+            s.map
+                .borrow()
+                .contains_key(&record::rate_key(&hash_hex(t.as_bytes())))
+        };
+        assert!(has_rate_state(&a));
+        assert!(!has_rate_state(&b), "unlimited");
+        assert!(!has_rate_state(&d), "revoked");
+    }
+
+    #[test]
+    fn a_late_page_of_a_superseded_snapshot_hides_nothing() {
+        // Leader `a` is part-way through a paged snapshot when its lease lapses; `b` loads a
+        // whole snapshot (a newer generation). `a`'s late second page lists a token of that
+        // snapshot again: it must stay part of it.
+        let c = cfg();
+        let s = MemStore::default();
+        let (x, y) = (secret('x'), secret('y'));
+        let mut a = SyncClient::new(1);
+        let mut b = SyncClient::new(2);
+        assert!(a.on_tick(&c, &s, "", 0).is_some());
+        let page1 = resp(10, true, vec![rec(&x, 3, SyncStatus::Active)], Some("c1"));
+        a.on_response(&c, &s, "", 0, Some(200), Some(&page1))
+            .0
+            .unwrap();
+        let later = u64::from(c.lease_ms) + 1;
+        assert!(b.on_tick(&c, &s, "", later).is_some(), "b takes over");
+        let whole = resp(
+            10,
+            true,
+            vec![
+                rec(&x, 3, SyncStatus::Active),
+                rec(&y, 5, SyncStatus::Active),
+            ],
+            None,
+        );
+        b.on_response(&c, &s, "", later, Some(200), Some(&whole))
+            .0
+            .unwrap();
+        let page2 = resp(10, true, vec![rec(&y, 5, SyncStatus::Active)], None);
+        a.on_response(&c, &s, "", later + 1, Some(200), Some(&page2))
+            .0
+            .unwrap();
+        assert!(matches!(allows(&s, &x), Outcome::Allow(_)));
+        assert!(
+            matches!(allows(&s, &y), Outcome::Allow(_)),
+            "{:?}",
+            allows(&s, &y)
+        );
     }
 }

@@ -42,4 +42,58 @@ mod tests {
         assert_eq!(rfc3339(4_102_444_800), "2100-01-01T00:00:00Z");
         assert_eq!(rfc3339(-1), "1969-12-31T23:59:59Z");
     }
+
+    #[test]
+    fn century_and_era_boundaries() {
+        // Computed apart from this module, with Python's datetime.
+        for (secs, text) in [
+            (-62_135_596_800, "0001-01-01T00:00:00Z"),
+            (-11_670_912_000, "1600-03-01T00:00:00Z"),
+            (-8_515_238_401, "1700-02-28T23:59:59Z"),
+            (-8_515_238_400, "1700-03-01T00:00:00Z"),
+            (-2_203_891_200, "1900-03-01T00:00:00Z"),
+            (951_825_600, "2000-02-29T12:00:00Z"),
+            (4_107_456_000, "2100-02-28T00:00:00Z"),
+            (4_107_542_400, "2100-03-01T00:00:00Z"),
+            (7_263_216_000, "2200-03-01T00:00:00Z"),
+            (10_445_327_999, "2300-12-31T23:59:59Z"),
+            (13_574_563_200, "2400-02-29T00:00:00Z"),
+            (13_574_649_600, "2400-03-01T00:00:00Z"),
+            (253_402_300_799, "9999-12-31T23:59:59Z"),
+        ] {
+            assert_eq!(rfc3339(secs), text, "{secs}");
+        }
+    }
+
+    #[test]
+    fn every_day_from_1600_to_2800_follows_the_one_before() {
+        // A calendar walked one day at a time with the Gregorian leap rule, against the
+        // closed formula, over three 400-year eras.
+        let leap = |y: i64| (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+        let month_days = |y: i64, m: u32| match m {
+            2 if leap(y) => 29,
+            2 => 28,
+            4 | 6 | 9 | 11 => 30,
+            _ => 31,
+        };
+        let (mut y, mut m, mut d) = (1600i64, 1u32, 1u32);
+        let mut secs = -11_676_096_000i64; // 1600-01-01
+        while y < 2800 {
+            assert_eq!(
+                rfc3339(secs),
+                format!("{y:04}-{m:02}-{d:02}T00:00:00Z"),
+                "{secs}"
+            );
+            secs += 86_400;
+            d += 1;
+            if d > month_days(y, m) {
+                d = 1;
+                m += 1;
+                if m > 12 {
+                    m = 1;
+                    y += 1;
+                }
+            }
+        }
+    }
 }

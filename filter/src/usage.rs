@@ -13,7 +13,8 @@ struct Counts {
     last_used_at: i64,
 }
 
-/// Counts by token id, holding at most `cap` ids; what does not fit is dropped and counted.
+/// Counts by token id, holding at most `cap` ids; what does not fit is dropped, and the
+/// requests it counted are added up in `dropped`.
 #[derive(Debug, Default)]
 pub struct Tally {
     counts: HashMap<Vec<u8>, Counts>,
@@ -32,7 +33,9 @@ impl Tally {
 
     fn add(&mut self, id: &[u8], allowed: u64, denied: u64, last_used_at: i64) {
         if !self.counts.contains_key(id) && self.counts.len() >= self.cap {
-            self.dropped = self.dropped.saturating_add(1);
+            // In requests, whether one request or a worker's whole entry is dropped, so
+            // that the stat says how much usage never reached the control plane.
+            self.dropped = self.dropped.saturating_add(allowed.saturating_add(denied));
             return;
         }
         // Looked up by slice first so that counting a known id allocates nothing.
@@ -60,7 +63,7 @@ impl Tally {
         self.counts.is_empty()
     }
 
-    /// Counts lost to the bound since the last call.
+    /// Requests whose counts were lost to the bound since the last call.
     pub fn take_dropped(&mut self) -> u64 {
         std::mem::take(&mut self.dropped)
     }
@@ -77,6 +80,13 @@ impl Tally {
             })
             .collect()
     }
+}
+
+/// The requests a batch of entries counts.
+pub fn requests(entries: &[UsageEntry]) -> u64 {
+    entries.iter().fold(0u64, |n, e| {
+        n.saturating_add(e.allowed).saturating_add(e.denied)
+    })
 }
 
 /// A worker's batch on the shared queue.
@@ -231,6 +241,24 @@ mod tests {
     }
 
     #[test]
+    fn what_does_not_fit_is_dropped_in_requests() {
+        let mut t = Tally::new(1);
+        t.count(b"tok_a", true, 1);
+        t.count(b"tok_b", false, 1);
+        assert_eq!(t.take_dropped(), 1);
+        // A worker's entry that does not fit loses every request it counted.
+        t.merge(vec![entry("tok_c", 5, 2, 1), entry("tok_a", 1, 1, 2)]);
+        assert_eq!(t.take_dropped(), 7);
+        assert_eq!(t.drain(), [entry("tok_a", 2, 1, 2)]);
+        assert_eq!(
+            requests(&[entry("tok_a", 5, 2, 1), entry("tok_b", 0, 3, 1)]),
+            10
+        );
+        assert_eq!(requests(&[entry("tok_a", u64::MAX, 1, 1)]), u64::MAX);
+        assert_eq!(requests(&[]), 0);
+    }
+
+    #[test]
     fn batches_round_trip() {
         let batch = vec![entry("tok_a", 1, 2, 3)];
         assert_eq!(decode_batch(&encode_batch(&batch)), Some(batch));
@@ -265,6 +293,76 @@ mod tests {
         // The next report waits for the interval.
         assert_eq!(r.on_tick(&c, &mut pending, "p", 1_500), None);
         assert!(r.on_tick(&c, &mut pending, "p", 2_030).is_some());
+    }
+
+    /// Fails `n` reports in a row from `now`; the waits the reporter chose.
+    fn backoffs(c: &Config, n: usize) -> Vec<u64> {
+        let mut r = Reporter::new();
+        let mut pending = Tally::new(10);
+        let mut now = 0;
+        let mut waits = vec![];
+        for _ in 0..n {
+            pending.count(b"tok_a", true, 1);
+            assert!(r.on_tick(c, &mut pending, "p", now).is_some(), "at {now}");
+            r.on_result(c, &mut pending, false, now);
+            let Phase::Backoff { until_ms } = r.phase() else {
+                panic!("expected backoff, got {:?}", r.phase())
+            };
+            waits.push(until_ms - now);
+            // Nothing before the wait is over, even once the usual interval has passed.
+            assert_eq!(r.on_tick(c, &mut pending, "p", until_ms - 1), None);
+            assert!(matches!(r.phase(), Phase::Backoff { .. }));
+            now = until_ms;
+        }
+        waits
+    }
+
+    #[test]
+    fn failed_reports_back_off_exponentially_to_a_cap() {
+        // `usage_report_ms` 1 s doubling up to `backoff_max_ms` (10 s by default).
+        assert_eq!(
+            backoffs(&cfg(), 6),
+            [1_000, 2_000, 4_000, 8_000, 10_000, 10_000]
+        );
+        // A cap below the report interval leaves the interval as the floor.
+        let slow = Config::parse(
+            br#"{"control_plane_cluster":"cp","sync_token":"x","usage_report_ms":20000,"backoff_max_ms":5000}"#,
+        )
+        .unwrap();
+        assert_eq!(backoffs(&slow, 2), [20_000, 20_000]);
+    }
+
+    #[test]
+    fn the_report_timeout_is_the_interval_within_one_and_ten_seconds() {
+        let with = |ms: u32| {
+            report_timeout_ms(
+                &Config::parse(
+                    format!(
+                        r#"{{"control_plane_cluster":"cp","sync_token":"x","usage_report_ms":{ms}}}"#
+                    )
+                    .as_bytes(),
+                )
+                .unwrap(),
+            )
+        };
+        assert_eq!(
+            [with(100), with(5_000), with(600_000)],
+            [1_000, 5_000, 10_000]
+        );
+    }
+
+    #[test]
+    fn a_report_is_given_up_just_after_its_timeout_and_five_seconds() {
+        let c = cfg();
+        let mut r = Reporter::new();
+        let mut pending = Tally::new(10);
+        pending.count(b"tok_a", true, 1);
+        assert!(r.on_tick(&c, &mut pending, "p", 0).is_some());
+        let limit = report_timeout_ms(&c) + 5_000;
+        assert_eq!(r.on_tick(&c, &mut pending, "p", limit), None);
+        assert_eq!(r.phase(), Phase::Sending { since_ms: 0 });
+        r.on_tick(&c, &mut pending, "p", limit + 1);
+        assert!(matches!(r.phase(), Phase::Backoff { .. }));
     }
 
     #[test]

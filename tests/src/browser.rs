@@ -2,7 +2,9 @@
 //! HTTP and JSON), for the web console's end-to-end test.
 //!
 //! Found at `$CHROMIUM` / `$CHROMEDRIVER`, else Debian's `/usr/bin/chromium` and
-//! `/usr/bin/chromedriver` (`make browser` installs them where apt is available).
+//! `/usr/bin/chromedriver` (`make browser` installs them where apt is available). Only a
+//! browser that is not installed is a reason not to run; one that is installed and does not
+//! start is a failure.
 
 use crate::{free_ports, http, try_wait_until, Response};
 use base64::Engine;
@@ -15,8 +17,15 @@ use std::time::Duration;
 
 /// The key under which WebDriver names an element.
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
-/// How long a lookup waits for its element to appear and be shown.
-const FIND_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a lookup waits for its element to appear and be shown: generous, for a busy
+/// machine.
+const FIND_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long ChromeDriver may take to answer `/status` as ready.
+const DRIVER_READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Chromium or ChromeDriver is not installed: the one reason the browser test does not run.
+#[derive(Debug)]
+pub struct NotInstalled(pub String);
 
 pub struct Browser {
     driver: Child,
@@ -31,40 +40,52 @@ fn program(var: &str, default: &str) -> PathBuf {
 }
 
 impl Browser {
-    /// Starts ChromeDriver and a headless Chromium with a fresh profile under `dir`; or says
-    /// why it cannot (no browser installed).
-    pub fn start(dir: &Path) -> Result<Browser, String> {
+    /// Starts ChromeDriver and a headless Chromium with a fresh profile under `dir`. Says so
+    /// when either is not installed; panics when an installed one fails to start.
+    pub fn start(dir: &Path) -> Result<Browser, NotInstalled> {
         let chromium = program("CHROMIUM", "/usr/bin/chromium");
         let chromedriver = program("CHROMEDRIVER", "/usr/bin/chromedriver");
         for p in [&chromium, &chromedriver] {
             if !p.exists() {
-                return Err(format!(
+                return Err(NotInstalled(format!(
                     "{} is not installed (run `make browser`, or set CHROMIUM and CHROMEDRIVER)",
                     p.display()
-                ));
+                )));
             }
         }
         let port = free_ports(1)[0];
-        let log = fs::File::create(dir.join("chromedriver.log")).map_err(|e| e.to_string())?;
+        let log_path = dir.join("chromedriver.log");
+        let log = fs::File::create(&log_path)
+            .unwrap_or_else(|e| panic!("create {}: {e}", log_path.display()));
         let driver = Command::new(&chromedriver)
             .arg(format!("--port={port}"))
-            .stdout(log.try_clone().map_err(|e| e.to_string())?)
+            .stdout(log.try_clone().expect("clone the log file handle"))
             .stderr(log)
             .stdin(Stdio::null())
             .spawn()
-            .map_err(|e| format!("start {}: {e}", chromedriver.display()))?;
+            .unwrap_or_else(|e| panic!("start {}: {e}", chromedriver.display()));
         let mut browser = Browser {
             driver,
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             session: String::new(),
         };
-        let ready = try_wait_until(Duration::from_secs(20), || {
-            browser
-                .raw("GET", "/status", None)
-                .is_ok_and(|r| r.json()["value"]["ready"] == true)
+        let mut exited = None;
+        let ready = try_wait_until(DRIVER_READY_TIMEOUT, || {
+            exited = browser.driver.try_wait().ok().flatten();
+            exited.is_some()
+                || browser
+                    .raw("GET", "/status", None)
+                    .is_ok_and(|r| r.json()["value"]["ready"] == true)
         });
-        if ready.is_none() {
-            return Err("chromedriver did not become ready in 20 s".into());
+        if ready.is_none() || exited.is_some() {
+            panic!(
+                "{} did not become ready ({}); its log:\n{}",
+                chromedriver.display(),
+                exited.map_or(format!("not in {DRIVER_READY_TIMEOUT:?}"), |s| format!(
+                    "it exited: {s}"
+                )),
+                fs::read_to_string(&log_path).unwrap_or_default()
+            );
         }
         let profile = dir.join("chromium-profile");
         let caps = json!({"capabilities": {"alwaysMatch": {
@@ -82,12 +103,17 @@ impl Browser {
         }}});
         let r = browser
             .raw("POST", "/session", Some(&caps))
-            .map_err(|e| format!("new session: {e}"))?;
-        let v = r.json();
-        browser.session = v["value"]["sessionId"]
-            .as_str()
-            .ok_or_else(|| format!("new session refused: {}", r.body))?
-            .to_string();
+            .unwrap_or_else(|e| panic!("ChromeDriver: new session: {e}"));
+        browser.session = serde_json::from_str::<Value>(&r.body)
+            .ok()
+            .and_then(|v| v["value"]["sessionId"].as_str().map(str::to_string))
+            .unwrap_or_else(|| {
+                panic!(
+                    "ChromeDriver refused a Chromium session ({}): {}",
+                    chromium.display(),
+                    r.body
+                )
+            });
         Ok(browser)
     }
 

@@ -2,9 +2,10 @@
 //!
 //! Envoy's control-plane cluster points here instead of at `tokengate serve`. In
 //! [`Fault::Pass`] every call is forwarded untouched; any other fault replaces the answer to
-//! `GET /v1/sync` (other paths, such as `/v1/usage`, always pass). The proxy counts the sync
-//! calls it sees and the most that were open at once, which is how a test tells a bounded
-//! backoff from a storm of callouts, and one long-poll per Envoy from one per worker.
+//! `GET /v1/sync` (other paths, such as `/v1/usage`, always pass). The proxy records when each
+//! sync call came and what it got, and the most that were open at once, which is how a test
+//! tells exponential backoff from a fixed retry or a storm of callouts, and one long-poll per
+//! Envoy from one per worker.
 
 use serde_json::{json, Value};
 use std::io::{self, Read, Write};
@@ -39,6 +40,8 @@ struct Counters {
     sync_calls: AtomicU64,
     open: AtomicU64,
     max_open: AtomicU64,
+    /// When each sync call was answered from, and the fault it met.
+    calls: Mutex<Vec<(Instant, Fault)>>,
 }
 
 /// A running proxy; stops accepting when dropped.
@@ -85,6 +88,15 @@ impl FaultProxy {
     /// Sync calls seen so far.
     pub fn sync_calls(&self) -> u64 {
         self.counters.sync_calls.load(Ordering::SeqCst)
+    }
+
+    /// When each sync call so far came (once its request was read) and the fault it met.
+    pub fn sync_call_log(&self) -> Vec<(Instant, Fault)> {
+        self.counters
+            .calls
+            .lock()
+            .map(|c| c.clone())
+            .unwrap_or_default()
     }
 
     /// The most sync calls that were open at the same moment.
@@ -193,7 +205,11 @@ fn serve(
     counters.sync_calls.fetch_add(1, Ordering::SeqCst);
     let open = counters.open.fetch_add(1, Ordering::SeqCst) + 1;
     counters.max_open.fetch_max(open, Ordering::SeqCst);
-    let result = sync_reply(&mut conn, upstream, &head, &body, fault);
+    let current = fault.lock().map(|f| f.clone()).unwrap_or(Fault::Pass);
+    if let Ok(mut calls) = counters.calls.lock() {
+        calls.push((Instant::now(), current.clone()));
+    }
+    let result = sync_reply(&mut conn, upstream, &head, &body, current);
     counters.open.fetch_sub(1, Ordering::SeqCst);
     result
 }
@@ -203,9 +219,8 @@ fn sync_reply(
     upstream: SocketAddr,
     head: &str,
     body: &[u8],
-    fault: &Mutex<Fault>,
+    current: Fault,
 ) -> io::Result<()> {
-    let current = fault.lock().map(|f| f.clone()).unwrap_or(Fault::Pass);
     match current {
         Fault::Pass => {
             let reply = forward(upstream, head, body)?;

@@ -174,7 +174,40 @@ pub fn http_raw(addr: SocketAddr, request: &[u8]) -> io::Result<Response> {
     exchange(stream, request, false)
 }
 
+/// `GET path` once per header set, one after another on one kept-alive connection, so that
+/// every request lands on the same Envoy worker within a few milliseconds.
+pub fn calls_on_one_connection(
+    addr: SocketAddr,
+    path: &str,
+    requests: &[Vec<(&str, &str)>],
+) -> io::Result<Vec<Response>> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(30)))?;
+    stream.set_nodelay(true)?;
+    let mut responses = Vec::with_capacity(requests.len());
+    for headers in requests {
+        let mut req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n");
+        for (name, value) in headers {
+            req.push_str(&format!("{name}: {value}\r\n"));
+        }
+        req.push_str("\r\n");
+        let r = exchange_on(&mut stream, req.as_bytes(), false)?;
+        if r.header("connection")
+            .is_some_and(|c| c.eq_ignore_ascii_case("close"))
+        {
+            return Err(bad(format!("the server closed the connection after {r:?}")));
+        }
+        responses.push(r);
+    }
+    Ok(responses)
+}
+
 fn exchange(mut stream: TcpStream, request: &[u8], head: bool) -> io::Result<Response> {
+    exchange_on(&mut stream, request, head)
+}
+
+fn exchange_on(stream: &mut TcpStream, request: &[u8], head: bool) -> io::Result<Response> {
     stream.write_all(request)?;
     // Read until the response is complete by its own framing rather than until EOF: a
     // server may keep the socket open for a while after answering (Envoy's delayed close).
@@ -450,6 +483,11 @@ pub struct Stack {
     /// next `start_envoy`, for a test that needs a setting other than the shipped one;
     /// each `from` must occur in the configuration.
     pub envoy_config_edits: Vec<(String, String)>,
+    /// `TOKENGATE_LOG` of the next `start_control_plane`: `debug` unless a test says
+    /// otherwise, because the suite checks that no secret reaches any log.
+    pub control_plane_log: String,
+    /// Extra `tokengate serve` options for the next `start_control_plane`.
+    pub control_plane_args: Vec<String>,
     control_plane: Option<Child>,
     replicas: Vec<Option<Child>>,
     upstream: Option<Child>,
@@ -512,6 +550,8 @@ impl Stack {
             sync_wait_seconds: 20,
             envoy_control_plane_port: None,
             envoy_config_edits: Vec::new(),
+            control_plane_log: "debug".into(),
+            control_plane_args: Vec::new(),
             control_plane: None,
             upstream: None,
             envoy: None,
@@ -624,10 +664,10 @@ impl Stack {
             .arg(self.replica_addr(i).to_string())
             .arg("--db")
             .arg(self.replica_db.get(&i).unwrap_or(&self.db))
+            .args(&self.control_plane_args)
             .env("TOKENGATE_ADMIN_TOKEN", &self.admin_token)
             .env("TOKENGATE_SYNC_TOKEN", &self.sync_token)
-            // Verbose on purpose: the suite checks that no token secret reaches any log.
-            .env("RUST_LOG", "info,tokengate=debug");
+            .env("TOKENGATE_LOG", &self.control_plane_log);
         cmd.envs(self.control_plane_env.iter().map(|(k, v)| (k, v)));
         let child = cmd
             .stdin(Stdio::null())
@@ -748,11 +788,11 @@ impl Stack {
             .arg(self.control_plane_addr().to_string())
             .arg("--db")
             .arg(&self.db)
+            .args(&self.control_plane_args)
             .envs(self.control_plane_env.iter().map(|(k, v)| (k, v)))
             .env("TOKENGATE_ADMIN_TOKEN", &self.admin_token)
             .env("TOKENGATE_SYNC_TOKEN", &self.sync_token)
-            // Verbose on purpose: the suite checks that no token secret reaches any log.
-            .env("RUST_LOG", "info,tokengate=debug")
+            .env("TOKENGATE_LOG", &self.control_plane_log)
             .stdin(Stdio::null())
             .stdout(log_file(&log))
             .stderr(f)

@@ -2,14 +2,16 @@
 //! Envoy: every change made by clicking in the page is checked where it matters, in what a
 //! client calling through Envoy gets back.
 //!
-//! Needs Chromium and ChromeDriver (`make browser`); without them the test says so and
-//! passes, so the rest of `make test` still runs where no browser can be installed.
+//! Needs Chromium and ChromeDriver (`make browser`, which `make test` runs). Where they are
+//! not installed the test prints `SKIPPED` with the reason and passes, so the rest of `make
+//! test` still runs where no browser can be installed; an installed browser that fails to
+//! start fails the test.
 
 use serde_json::{json, Value};
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
-use tokengate_e2e::browser::Browser;
+use tokengate_e2e::browser::{Browser, NotInstalled};
 use tokengate_e2e::{wait_until, workspace_root, Stack};
 
 const PROPAGATION: Duration = Duration::from_secs(10);
@@ -18,7 +20,7 @@ const STATE_LOAD: Duration = Duration::from_secs(40);
 fn browser(stack: &Stack) -> Option<Browser> {
     match Browser::start(&stack.dir) {
         Ok(b) => Some(b),
-        Err(why) => {
+        Err(NotInstalled(why)) => {
             // Straight to stderr: the test harness would swallow `eprintln!` of a pass.
             let _ = writeln!(
                 std::io::stderr(),

@@ -17,6 +17,31 @@ const PROPAGATION: Duration = Duration::from_secs(10);
 const WAIT_SECONDS: u32 = 2;
 /// The filter's callout timeout for a sync poll: its wait plus 5 s.
 const CALLOUT_TIMEOUT: Duration = Duration::from_secs(WAIT_SECONDS as u64 + 5);
+/// The plugin's backoff after a failed sync (its defaults): 250 ms doubling to 10 s.
+const BACKOFF_INITIAL_MS: u64 = 250;
+const BACKOFF_MAX_MS: u64 = 10_000;
+
+/// The shortest wait the filter may leave after its `n`th failure in a row (1-based): the
+/// exponential delay, less the most its jitter takes off (an eighth), less a millisecond
+/// for clocks read at millisecond resolution.
+fn least_backoff_ms(n: u32) -> u64 {
+    let base = BACKOFF_INITIAL_MS
+        .saturating_mul(1 << (n - 1).min(20))
+        .min(BACKOFF_MAX_MS);
+    (base - base / 8).saturating_sub(1)
+}
+
+/// The gaps between consecutive sync calls that met `fault`, from the first one after
+/// `since`.
+fn gaps(proxy: &FaultProxy, fault: &Fault, since: Instant) -> Vec<Duration> {
+    let times: Vec<Instant> = proxy
+        .sync_call_log()
+        .into_iter()
+        .filter(|(t, f)| *t >= since && f == fault)
+        .map(|(t, _)| t)
+        .collect();
+    times.windows(2).map(|w| w[1] - w[0]).collect()
+}
 
 struct Tokens {
     good: String,
@@ -76,6 +101,9 @@ fn every_control_plane_fault_keeps_the_last_good_state_without_a_storm() {
     let proxy = FaultProxy::start(stack.control_plane_addr());
     stack.envoy_control_plane_port = Some(proxy.port);
     stack.sync_wait_seconds = WAIT_SECONDS;
+    // One sync leader throughout, however slowly a busy machine runs its ticks: a new
+    // leader would start its own backoff from the beginning.
+    stack.plugin_extra = r#""lease_ms": 600000"#.into();
 
     let (_, good) = stack.create_token(json!({"name": "faults-good"}));
     let (suspended_id, suspended) = stack.create_token(json!({"name": "faults-suspended"}));
@@ -120,10 +148,14 @@ fn every_control_plane_fault_keeps_the_last_good_state_without_a_storm() {
     ];
     for (label, fault, window) in faults {
         let counts_failure = !matches!(fault, Fault::OldVersion { .. });
-        // Let the poll in flight end (a held long-poll lasts WAIT_SECONDS) before counting.
-        proxy.set(fault);
-        std::thread::sleep(Duration::from_secs(u64::from(WAIT_SECONDS) + 1));
+        // Answered at once, so the backoff alone spaces the calls.
+        let fails_fast = matches!(fault, Fault::Status(_) | Fault::Garbage);
         let failures = stack.envoy_stat("wasmcustom.tokengate.sync.failure");
+        let set_at = Instant::now();
+        proxy.set(fault.clone());
+        // Let the poll in flight end (a held long-poll lasts WAIT_SECONDS) before counting
+        // calls in the window.
+        std::thread::sleep(Duration::from_secs(u64::from(WAIT_SECONDS) + 1));
         let calls = proxy.sync_calls();
         proxy.reset_max_open();
 
@@ -134,19 +166,43 @@ fn every_control_plane_fault_keeps_the_last_good_state_without_a_storm() {
         let max_open = proxy.max_open_sync_calls();
         eprintln!(
             "{label:<32} {checked:>4} requests served from the last good state; \
-             {calls} sync calls and {new_failures} failures counted in {window:?}; \
-             at most {max_open} open at once"
+             {calls} sync calls in {window:?}, {new_failures} failures counted since the \
+             fault began; at most {max_open} open at once"
         );
         if counts_failure {
             assert!(new_failures >= 1, "{label}: no sync failure counted");
         }
-        // Exponential backoff from 250 ms gives about log2(window / 250 ms) tries; paced
-        // "nothing new" answers come at most every 250 ms. Either way, no storm.
-        let bound = window.as_millis() as u64 / 250 + 2;
+        // No storm: retries and paced "nothing new" answers come at most every 250 ms.
+        let bound = window.as_millis() as u64 / BACKOFF_INITIAL_MS + 2;
         assert!(
             calls <= bound,
             "{label}: {calls} sync calls in {window:?}, a storm"
         );
+        // And the spacing: after the n-th failure in a row the next call waits at least the
+        // n-th exponential delay (a fixed 250 ms retry fails from the second gap on, and
+        // only a lower bound is checked, which a busy machine cannot break). Answers with
+        // nothing new are paced by the initial delay, not backed off.
+        if fails_fast {
+            wait_until(
+                Duration::from_secs(60),
+                &format!("{label}: five sync calls meeting the fault"),
+                || gaps(&proxy, &fault, set_at).len() >= 4,
+            );
+        }
+        let gaps = gaps(&proxy, &fault, set_at);
+        for (i, gap) in gaps.iter().enumerate() {
+            let least = if counts_failure {
+                least_backoff_ms(i as u32 + 1)
+            } else {
+                BACKOFF_INITIAL_MS - 1
+            };
+            assert!(
+                gap.as_millis() as u64 >= least,
+                "{label}: call {} came {gap:?} after the one before, under {least} ms; gaps {gaps:?}",
+                i + 2
+            );
+        }
+        eprintln!("{label:<32} gaps between sync calls meeting the fault: {gaps:?}");
         assert!(max_open <= 1, "{label}: {max_open} polls open at once");
         assert_eq!(
             stack.envoy_stat("wasmcustom.tokengate.state_version"),
@@ -187,7 +243,11 @@ fn killed_mid_traffic_the_control_plane_is_missed_counted_and_rejoined() {
     let (_, good) = stack.create_token(json!({"name": "survivor"}));
     let (_, short) = stack.create_token(json!({"name": "short", "expires_in_seconds": 4}));
     stack.wait_for_status(&good, 200, STATE_LOAD);
-    stack.wait_for_status(&short, 200, PROPAGATION);
+    // Loaded by the filter: admitted, or already expired on a machine slower than 4 s.
+    wait_until(PROPAGATION, "the short-lived token loaded", || {
+        let r = stack.call_with_token(&short);
+        r.status == 200 || r.error_code().as_deref() == Some("token_expired")
+    });
     let failures = stack.envoy_stat("wasmcustom.tokengate.sync.failure");
     let vms = stack.vm_health();
 

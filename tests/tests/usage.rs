@@ -77,7 +77,17 @@ fn usage_counted_in_envoy_reaches_last_used_at() {
 #[test]
 fn responses_announce_an_expiry_inside_the_warning_window() {
     let stack = Stack::start();
-    let (_, soon) = stack.create_token(json!({"name": "soon", "expires_in_seconds": 3600}));
+    let created = stack
+        .admin(
+            "POST",
+            "/v1/tokens",
+            Some(&json!({"name": "soon", "expires_in_seconds": 3600})),
+        )
+        .json();
+    let soon = created["token"].as_str().expect("secret").to_string();
+    let expires_at =
+        chrono::DateTime::parse_from_rfc3339(created["expires_at"].as_str().expect("expires_at"))
+            .expect("an RFC 3339 time");
     let (_, later) =
         stack.create_token(json!({"name": "later", "expires_in_seconds": 30 * 86_400}));
     let (_, never) = stack.create_token(json!({"name": "never"}));
@@ -87,11 +97,9 @@ fn responses_announce_an_expiry_inside_the_warning_window() {
         .header("x-tokengate-token-expires")
         .expect("expiry header")
         .to_string();
-    let t = chrono::DateTime::parse_from_rfc3339(&announced)
-        .unwrap()
-        .timestamp();
-    let expected = chrono::Utc::now().timestamp() + 3600;
-    assert!((t - expected).abs() <= 5, "{announced}");
+    // Exactly the expiry the control plane gave the token.
+    let t = chrono::DateTime::parse_from_rfc3339(&announced).expect("an RFC 3339 time");
+    assert_eq!(t, expires_at, "{announced}");
     for quiet in [&later, &never] {
         stack.wait_for_status(quiet, 200, PROPAGATION);
         assert_eq!(

@@ -109,4 +109,12 @@ mod tests {
         assert!(!json.contains("next_cursor"));
         assert_eq!(serde_json::from_str::<SyncResponse>(&json).unwrap(), r);
     }
+
+    #[test]
+    fn a_kind_reads_as_it_travels() {
+        for (kind, text) in [(Kind::User, "user"), (Kind::Service, "service")] {
+            assert_eq!(kind.as_str(), text);
+            assert_eq!(serde_json::to_value(kind).unwrap(), text);
+        }
+    }
 }

@@ -212,6 +212,11 @@ pub async fn sync(
     let mut seen = current;
     if since == current {
         let _held = state.metrics.hold_poll();
+        tracing::debug!(
+            since,
+            wait_seconds = wait.as_secs(),
+            "sync poll held until a change"
+        );
         let mut shutdown = state.shutdown.clone();
         let deadline = tokio::time::sleep(wait);
         tokio::pin!(deadline);

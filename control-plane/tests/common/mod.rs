@@ -1,4 +1,5 @@
-//! Shared by the API test files: `spawn_app` serves `app(state)` on a real socket.
+//! Shared by the API test files: `spawn_app` serves `app(state)` on a real socket;
+//! `process` runs the real binary.
 #![allow(dead_code)]
 
 pub mod process;
