@@ -350,8 +350,12 @@ impl Server {
         peer: SocketAddr,
         stop: watch::Receiver<bool>,
     ) {
+        // The connection's whole life at trace: enough to follow one client's sockets
+        // without logging anything it sent.
+        tracing::trace!(client = %peer, connection = id, "connection opened");
         // The socket lives inside `drive`: it is closed before the slot is given back.
         self.clone().drive(conn, stream, peer, stop).await;
+        tracing::trace!(client = %peer, connection = id, "connection closed");
         self.registry.lock().remove(&id);
         self.metrics.connection_ended();
         self.registry.ended.notify_waiters();
