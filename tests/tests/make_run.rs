@@ -359,7 +359,8 @@ fn make_test_says_it_skips_the_manifest_check_without_kubectl() {
     assert!(!without.contains("deploy/kubernetes/check.py"));
     let with = make(&["-n", "test", "KUBECTL=/usr/bin/kubectl"]);
     assert!(with.contains("deploy/kubernetes/check.py"));
-    assert!(!with.contains("SKIPPED"));
+    // (Other targets' recipes, printed by -n, may mention SKIPPED: the browser's does.)
+    assert!(!with.contains("kubectl not found"), "{with}");
 }
 
 /// `make run-ha` (envoy/run-ha.sh) for real, on free ports and a private state directory: it
