@@ -359,7 +359,7 @@ fn make_test_says_it_skips_the_manifest_check_without_kubectl() {
     assert!(!without.contains("deploy/kubernetes/check.py"));
     let with = make(&["-n", "test", "KUBECTL=/usr/bin/kubectl"]);
     assert!(with.contains("deploy/kubernetes/check.py"));
-    // (Other targets' recipes, printed by -n, may mention SKIPPED: the browser's does.)
+    // (`make -n` prints every recipe, the browser target's own SKIPPED messages included.)
     assert!(!with.contains("kubectl not found"), "{with}");
 }
 
