@@ -38,7 +38,7 @@ OCI_DIR       := target/oci/tokengate-filter
 
 export ENVOY_BIN
 
-.PHONY: help tools browser build run test skip-k8s unit e2e validate check-k8s oci check-oci check-containers docker-up docker-down fmt lint bench bench-quick bench-build fuzz mutants clean-run
+.PHONY: help tools browser postgres build run run-ha test skip-k8s unit e2e validate check-k8s oci check-oci check-containers docker-up docker-down fmt lint bench bench-quick bench-build fuzz mutants clean-run
 
 help: ## list the targets and the variables of make run
 	@echo "tokengate make targets:"
@@ -93,6 +93,20 @@ browser: ## install Chromium and ChromeDriver for the console's browser test (De
 	  fi; \
 	fi
 
+postgres: ## install Debian's postgresql server (apt) unless its initdb and pg_ctl are there; tests and make run-ha need it
+	@bindir="$${PG_BINDIR:-$$(pg_config --bindir 2>/dev/null || true)}"; \
+	if [ -x "$$bindir/initdb" ] && [ -x "$$bindir/pg_ctl" ] || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	  echo "postgres: $$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | tail -n 1 || echo "$$bindir")"; \
+	elif ! command -v apt-get >/dev/null; then \
+	  echo "postgres: PostgreSQL's server binaries are needed (initdb, pg_ctl; 13 or newer); install them or set PG_BINDIR" >&2; exit 1; \
+	else \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else \
+	    echo "postgres: apt-get needs root: sudo apt-get install postgresql" >&2; exit 1; fi; \
+	  echo "postgres: installing Debian's postgresql"; \
+	  $$SUDO apt-get install -y -qq postgresql >/dev/null \
+	    || { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq postgresql >/dev/null; }; \
+	fi
+
 build: ## build both filter flavors (wasm, native module), the control plane and the demo upstream (release)
 	$(CARGO) build --release --target $(WASM_TARGET) -p tokengate-filter
 	$(CARGO) build --profile native -p tokengate-native
@@ -100,6 +114,9 @@ build: ## build both filter flavors (wasm, native module), the control plane and
 
 run: tools build ## run control plane, demo upstream and Envoy locally (FLAVOR=wasm|native); Ctrl-C stops all
 	ENVOY_BIN="$(ENVOY_BIN)" WASM="$(WASM)" MODULE="$(MODULE)" FLAVOR="$(FLAVOR)" envoy/run.sh
+
+run-ha: tools postgres build ## two control-plane replicas on a local PostgreSQL (.run/pg) behind one Envoy; prints how to kill one
+	ENVOY_BIN="$(ENVOY_BIN)" WASM="$(WASM)" envoy/run-ha.sh
 
 validate: tools ## check the shipped Envoy configurations of both flavors with `envoy --mode validate`
 	@test -f $(WASM) || $(CARGO) build --release --target $(WASM_TARGET) -p tokengate-filter
@@ -124,7 +141,9 @@ check-k8s: tools $(PYTOOLS)/.kubernetes-validate-$(KUBERNETES_VALIDATE_VERSION) 
 	@command -v kubectl >/dev/null || { echo "check-k8s: kubectl is needed for its built-in kustomize (Debian: apt-get install kubectl, or see kubernetes.io)" >&2; exit 1; }
 	PYTHONPATH=$(PYTOOLS) $(PYTHON) deploy/kubernetes/check.py --envoy "$(ENVOY_BIN)" --wasm "$(CURDIR)/$(WASM)" --module "$(CURDIR)/$(MODULE)"
 
-test: tools fmt lint browser build validate $(if $(KUBECTL),check-k8s,skip-k8s) check-containers ## formatting and clippy, everything the tests need, then unit and end-to-end tests
+SKIP_K8S_NOTE := make test: kubectl not found, so the Kubernetes/Istio manifest check (make check-k8s) was SKIPPED; install kubectl to run it
+
+test: tools fmt lint browser postgres build validate $(if $(KUBECTL),check-k8s,skip-k8s) check-containers ## formatting and clippy, everything the tests need, then unit and end-to-end tests
 	$(CARGO) test --workspace
 	@$(if $(KUBECTL),true,echo "$(SKIP_K8S_NOTE)")
 
@@ -133,11 +152,11 @@ skip-k8s:
 
 # The bench crate's integration test loads its Envoy configurations into Envoy, so only its
 # unit tests run here.
-unit: ## unit tests only (no Envoy, no build of the filter needed)
+unit: postgres ## unit tests only (no Envoy, no build of the filter needed)
 	$(CARGO) test --workspace --exclude tokengate-e2e --exclude tokengate-bench
 	$(CARGO) test -p tokengate-bench --lib --bins
 
-e2e: tools browser build ## end-to-end tests only, with their measurements printed
+e2e: tools browser postgres build ## end-to-end tests only, with their measurements printed
 	$(CARGO) test -p tokengate-e2e -- --nocapture
 
 fmt: ## check formatting
@@ -169,10 +188,10 @@ bench-build: tools build $(OHA)
 	$(CARGO) build --profile native -p tokengate-native --features waterfall-return --target-dir target/waterfall
 	cp target/waterfall/native/libtokengate_native.so target/bench/waterfall/native-return.so
 
-bench: bench-build ## benchmarks: variants A-F, the wasm waterfall, accuracy and propagation (both flavors), scale (~30 min); writes docs/benchmarks.md
+bench: bench-build postgres ## benchmarks: variants A-F, the wasm waterfall, accuracy and propagation (both flavors), scale, fleet (~35 min); writes docs/benchmarks.md
 	OHA=$(OHA) target/bench-driver/tokengate-bench
 
-bench-quick: bench-build ## a one-minute subset of make bench, for developers (results in target/bench/)
+bench-quick: bench-build postgres ## a one-minute subset of make bench, for developers (results in target/bench/)
 	OHA=$(OHA) target/bench-driver/tokengate-bench --quick
 
 # Cases per property for `make fuzz`; `make test` runs the same properties with 256.
@@ -209,7 +228,7 @@ mutants: $(CARGO_MUTANTS) ## mutation testing of the filter's pure modules and w
 	 if [ -s "$$missed" ]; then echo "make mutants: survivors (in $$missed):"; cat "$$missed"; fi; \
 	 exit $$status
 
-clean-run: ## remove .run/ (local database, rendered config, logs of make run)
+clean-run: ## remove .run/ (local databases (SQLite, and the PostgreSQL cluster of make run-ha), rendered config, logs)
 	rm -rf .run
 
 oci: ## pack the filter as an OCI image (layout dir + tarball) for Istio's oci:// and print its digests
@@ -221,7 +240,7 @@ check-oci: oci ## recompute the OCI image's digests and check its contents (skop
 
 check-containers: tools check-oci $(PYTOOLS)/.kubernetes-validate-$(KUBERNETES_VALIDATE_VERSION) ## check the compose file, Dockerfiles and compose Envoy config without a Docker engine
 	@mkdir -p .run
-	LISTEN_ADDRESS=0.0.0.0 ADMIN_ADDRESS=0.0.0.0 UPSTREAM_HOST=demo-upstream CONTROL_PLANE_HOST=control-plane \
+	LISTEN_ADDRESS=0.0.0.0 ADMIN_ADDRESS=0.0.0.0 UPSTREAM_HOST=demo-upstream CONTROL_PLANE_HOST=control-plane-replicas \
 	  SYNC_TOKEN=validate-only WASM_PATH=$(CURDIR)/$(WASM) envoy/render.sh envoy/envoy.yaml .run/compose.validate.yaml
 	"$(ENVOY_BIN)" --mode validate -c .run/compose.validate.yaml --base-id $(VALIDATE_BASE_ID) --disable-hot-restart -l warning
 	sh -n envoy/render.sh envoy/compose/entrypoint.sh
@@ -231,7 +250,9 @@ docker-up: ## run the same stack with docker compose (needs a Docker engine); pr
 	$(CARGO) build --release --target $(WASM_TARGET) -p tokengate-filter
 	@export TOKENGATE_ADMIN_TOKEN="$${TOKENGATE_ADMIN_TOKEN:-$$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')}"; \
 	 export TOKENGATE_SYNC_TOKEN="$${TOKENGATE_SYNC_TOKEN:-$$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')}"; \
+	 export TOKENGATE_DB_PASSWORD="$${TOKENGATE_DB_PASSWORD:-$$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')}"; \
 	 echo "TOKENGATE_ADMIN_TOKEN=$$TOKENGATE_ADMIN_TOKEN"; \
+	 echo "TOKENGATE_DB_PASSWORD=$$TOKENGATE_DB_PASSWORD (keep it: the database volume uses it from now on)"; \
 	 echo "then: export TOKENGATE_ADMIN_TOKEN=<that> and use the commands that make run prints"; \
 	 docker compose -f envoy/docker-compose.yaml up --build
 

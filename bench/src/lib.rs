@@ -1,13 +1,14 @@
 //! `make bench`: tokengate measured against what users would otherwise run, on the same
 //! pinned Envoy, with ratios taken inside one run because the machine is shared and noisy.
 //!
-//! Each section (`variants`, `waterfall`, `accuracy`, `propagation`, `scale`) returns its figures as
+//! Each section (`variants`, `waterfall`, `accuracy`, `propagation`, `scale`, `fleet`) returns its figures as
 //! JSON; `report` turns them into the tables of `docs/benchmarks.md` and `chart` into the
 //! picture beside them.
 
 pub mod accuracy;
 pub mod chart;
 pub mod client;
+pub mod fleet;
 pub mod load;
 pub mod procstat;
 pub mod propagation;

@@ -1,14 +1,16 @@
 //! `tokengate-bench [--quick] [section ...]`: runs the benchmark sections (all by default:
-//! variants, waterfall, accuracy and propagation for each flavor, scale; `report` only
-//! rewrites the results from the figures of earlier runs), keeps each one's figures in
+//! variants, waterfall, accuracy and propagation for each flavor, scale, fleet; `report`
+//! only rewrites the results from the figures of earlier runs), keeps each one's figures in
 //! `target/bench/<section>.json`, and writes the tables of `docs/benchmarks.md` and the
 //! chart `docs/benchmarks.svg` from every section's latest figures.
 
 use std::time::Instant;
-use tokengate_bench::{accuracy, out_dir, propagation, report, scale, variants, waterfall, Depth};
+use tokengate_bench::{
+    accuracy, fleet, out_dir, propagation, report, scale, variants, waterfall, Depth,
+};
 use tokengate_e2e::Flavor;
 
-const SECTIONS: [&str; 7] = [
+const SECTIONS: [&str; 8] = [
     "variants",
     "waterfall",
     "accuracy",
@@ -16,6 +18,7 @@ const SECTIONS: [&str; 7] = [
     "propagation",
     "propagation-native",
     "scale",
+    "fleet",
 ];
 
 fn main() {
@@ -66,7 +69,8 @@ fn main() {
             "accuracy-native" => accuracy::run(depth, Flavor::Native),
             "propagation" => propagation::run(depth, Flavor::Wasm),
             "propagation-native" => propagation::run(depth, Flavor::Native),
-            _ => scale::run(depth),
+            "scale" => scale::run(depth),
+            _ => fleet::run(depth),
         };
         let path = out_dir().join(format!("{section}.json"));
         let text = serde_json::to_string_pretty(&figures).expect("figures are JSON");

@@ -4,7 +4,7 @@
 //! (`make bench-quick`) only into `target/bench/`, since a minute's figures are not the ones
 //! to publish.
 
-use crate::{accuracy, chart, out_dir, propagation, scale, variants, waterfall, Depth};
+use crate::{accuracy, chart, fleet, out_dir, propagation, scale, variants, waterfall, Depth};
 use serde_json::Value;
 use std::fs;
 use std::process::Command;
@@ -102,6 +102,10 @@ pub fn render() -> (String, Option<String>) {
     }
     if let Some(v) = load("scale") {
         md.push_str(&scale::markdown(&v));
+        md.push('\n');
+    }
+    if let Some(v) = load("fleet") {
+        md.push_str(&fleet::markdown(&v));
         md.push('\n');
     }
     (md, svg)

@@ -16,6 +16,8 @@
 mod control_plane;
 mod longpoll;
 
+pub use longpoll::open_file_limit;
+
 use crate::load::{oha, Mode};
 use crate::procstat::{cpu_micros, rss_kib};
 use crate::{median, Depth, Envoy};

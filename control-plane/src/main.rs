@@ -2,7 +2,7 @@ use clap::parser::ValueSource;
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
-use tokengate::{client, serve};
+use tokengate::{client, migrate, serve};
 
 /// tokengate: access tokens with per-token rate limits for Envoy and Istio.
 #[derive(Parser)]
@@ -22,6 +22,9 @@ enum Command {
     /// Read the audit trail of a running control plane
     #[command(after_help = client::EXIT_CODES)]
     Audit(client::AuditArgs),
+    /// Copy every token, the audit trail and the rest into an empty database (e.g. from
+    /// SQLite to PostgreSQL)
+    Migrate(migrate::MigrateArgs),
     /// Print a shell completion script, e.g. `tokengate completions bash > /etc/bash_completion.d/tokengate`
     Completions {
         /// bash, zsh, fish, elvish or powershell
@@ -93,6 +96,25 @@ fn main() -> ExitCode {
         Command::Audit(mut args) => {
             args.conn.admin_token_from = admin_token_origin(&matches);
             client::run_audit(args)
+        }
+        Command::Migrate(args) => {
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("error: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(migrate::run(args)) {
+                Ok(summary) => {
+                    println!("{summary}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Command::Completions { shell } => {
             let mut script = Vec::new();

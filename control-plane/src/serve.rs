@@ -1,31 +1,44 @@
-//! `tokengate serve`: options, start-up (migrations, credentials) and graceful shutdown.
+//! `tokengate serve`: options, their checks, and the process around the `Application`
+//! (listening, signals).
 
-use crate::api::{app, Admin, AppState, ConsoleSettings};
+use crate::api::{Admin, ConsoleSettings};
+use crate::app::{Application, Config, Database};
 use crate::connections::{self, Limits as ConnectionLimits};
+use crate::domain::housekeeping::Jobs;
+use crate::domain::sessions::Limits;
 use crate::duration;
-use crate::housekeeping::{self, Jobs};
-use crate::metrics::Metrics;
 use crate::policy::{KindPolicy, Policy};
 use crate::secrets::same_secret;
-use crate::sessions::{Limits, Sessions};
-use crate::store::SqliteStore;
+use crate::store::PgSettings;
 use crate::strength;
-use crate::throttle::{self, Throttle};
+use crate::throttle;
 use crate::webhook::Webhook;
 use clap::Args;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::watch;
 
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
     /// Address to listen on
     #[arg(long, env = "TOKENGATE_LISTEN", default_value = "127.0.0.1:8081")]
     pub listen: String,
-    /// SQLite database file (created, and migrated, at start)
-    #[arg(long, env = "TOKENGATE_DB", default_value = "tokengate.db")]
-    pub db: PathBuf,
+    /// The database: a SQLite file (a path or `sqlite://PATH`; created and migrated at
+    /// start), or `postgres://USER[:PASSWORD]@HOST:PORT/DB` shared by several replicas
+    #[arg(
+        long,
+        env = "TOKENGATE_DB",
+        default_value = "tokengate.db",
+        hide_env_values = true
+    )]
+    pub db: String,
+    /// PostgreSQL: most connections this replica opens (plus one that listens for changes)
+    #[arg(long, env = "TOKENGATE_DB_POOL_SIZE", default_value_t = 16,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub db_pool_size: u32,
+    /// PostgreSQL: longest a database call may take before the API answers 503
+    /// `store_unavailable` (e.g. 5s)
+    #[arg(long, env = "TOKENGATE_DB_TIMEOUT", default_value = "5s", value_parser = span)]
+    pub db_timeout: Span,
     /// Admin credential for the token API (its audit actor name is `admin`)
     #[arg(long, env = "TOKENGATE_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
@@ -334,6 +347,14 @@ fn credential(
     Ok(secret)
 }
 
+fn pg_settings(args: &ServeArgs) -> PgSettings {
+    PgSettings {
+        pool_size: args.db_pool_size as usize,
+        timeout: args.db_timeout.0,
+        ..PgSettings::default()
+    }
+}
+
 /// At least 16 characters and not easily guessed.
 fn check_secret(what: &str, secret: &str) -> Result<(), String> {
     if secret.chars().count() < 16 {
@@ -366,8 +387,9 @@ async fn shutdown_signal() {
     }
 }
 
-pub async fn run(args: ServeArgs) -> Result<(), String> {
-    let admins = admins(&args)?;
+/// Checks every option and builds the configuration.
+pub fn config(args: &ServeArgs) -> Result<Config, String> {
+    let admins = admins(args)?;
     let sync_token = credential("sync-token", &args.sync_token, &args.sync_token_file)?;
     if admins
         .iter()
@@ -375,72 +397,54 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
     {
         return Err("the admin and sync credentials must differ".into());
     }
-    let jobs = jobs(&args)?;
     let jobs_interval = args
         .jobs_interval
         .0
         .ok_or("--jobs-interval cannot be `never`")?;
-    let store = SqliteStore::open(&args.db)
-        .map_err(|e| format!("cannot open database {}: {e}", args.db.display()))?;
-    let (shutdown_tx, shutdown) = watch::channel(false);
-    let store: Arc<dyn crate::store::Store> = Arc::new(store);
-    let metrics = Arc::new(Metrics::default());
-    let limits = ConnectionLimits {
-        header_read: args.header_read_timeout.0,
-        idle: args.idle_timeout.0,
-        body_read: args.body_read_timeout.0,
-        max_connections: args
-            .max_connections
-            .map_or_else(connections::default_max_connections, |n| {
-                usize::try_from(n).unwrap_or(usize::MAX)
-            }),
-    };
-    let state = AppState {
-        store: store.clone(),
-        admins: admins.into(),
-        sync_token: sync_token.into(),
-        policy: policy(&args),
+    Ok(Config {
+        database: Database::parse(&args.db)?,
+        postgres: pg_settings(args),
+        admins,
+        sync_token,
+        policy: policy(args),
         sync_max_wait: Duration::from_secs(args.sync_max_wait_seconds),
         sync_page_size: args.sync_page_size,
-        shutdown: shutdown.clone(),
-        sessions: Arc::new(Sessions::new(session_limits(&args)?)),
+        jobs: jobs(args)?,
+        jobs_interval: Duration::from_secs(jobs_interval.max(1)),
         console: ConsoleSettings {
             enabled: args.console,
             secure_cookies: args.secure_cookies,
             expiry_warning_seconds: args.expiry_warnings.0.iter().copied().max().unwrap_or(0),
         },
-        throttle: Arc::new(Throttle::new(throttle::Settings {
+        sessions: session_limits(args)?,
+        connections: ConnectionLimits {
+            header_read: args.header_read_timeout.0,
+            idle: args.idle_timeout.0,
+            body_read: args.body_read_timeout.0,
+            max_connections: args
+                .max_connections
+                .map_or_else(connections::default_max_connections, |n| {
+                    usize::try_from(n).unwrap_or(usize::MAX)
+                }),
+        },
+        throttle: throttle::Settings {
             burst: args.auth_failure_burst,
             interval: args.auth_failure_interval.0,
-        })),
-        metrics: metrics.clone(),
-    };
-    tokio::spawn(housekeeping::run(
-        store,
-        jobs,
-        Duration::from_secs(jobs_interval),
-        shutdown,
-    ));
+        },
+    })
+}
+
+pub async fn run(args: ServeArgs) -> Result<(), String> {
+    let config = config(&args)?;
+    let db = config.database.to_string();
+    let max_connections = config.connections.max_connections;
+    let app = Application::build(config).await?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    tracing::info!(
-        %addr,
-        db = %args.db.display(),
-        max_connections = limits.max_connections,
-        "listening"
-    );
-    connections::serve(listener, app(state), limits, metrics, async move {
-        shutdown_signal().await;
-        tracing::info!("shutting down: releasing long-polls");
-        let _ = shutdown_tx.send(true);
-        // Keep the sender alive until the server has drained.
-        std::mem::forget(shutdown_tx);
-    })
-    .await;
-    tracing::info!("stopped");
-    Ok(())
+    tracing::info!(%addr, %db, max_connections, "listening");
+    app.serve(listener, shutdown_signal()).await
 }
 
 #[cfg(test)]

@@ -1,8 +1,11 @@
 //! Expiry-warning webhooks: the event payload, its HMAC signature, and delivery with retries.
-//! Events wait in the store's outbox, so a restart neither loses nor repeats a warning;
-//! delivery is at least once, and receivers de-duplicate on the event id.
+//! Events wait in the store's outbox, so a restart neither loses nor repeats a warning, and
+//! each is leased to one replica at a time. A replica that dies between sending and
+//! recording the result leaves the event to be sent again when its lease ends, so delivery
+//! is at least once, and receivers de-duplicate on the event id.
 
-use crate::store::{rfc3339, Delivery, DeliveryOutcome, Warning};
+use crate::domain::rfc3339;
+use crate::store::{Delivery, DeliveryOutcome, TokenRow};
 use hmac::{Hmac, Mac};
 use rand::distributions::{Alphanumeric, DistString};
 use sha2::Sha256;
@@ -23,13 +26,12 @@ pub struct Webhook {
     pub timeout: Duration,
 }
 
-/// The event for a warning: (event id, type, JSON payload).
-pub fn expiring_event(w: &Warning, now: i64) -> (String, String, String) {
+/// The event for a warning at `lead` seconds before expiry: (event id, type, JSON payload).
+pub fn expiring_event(t: &TokenRow, lead: i64, now: i64) -> (String, String, String) {
     let id = format!(
         "evt_{}",
         Alphanumeric.sample_string(&mut rand::rngs::OsRng, 20)
     );
-    let t = &w.token;
     let expires_at = t.expires_at.unwrap_or(now);
     let payload = serde_json::json!({
         "id": id,
@@ -45,7 +47,7 @@ pub fn expiring_event(w: &Warning, now: i64) -> (String, String, String) {
                 "expires_at": rfc3339(expires_at),
             },
             "expires_in_seconds": (expires_at - now).max(0),
-            "warning_lead_seconds": w.lead_seconds,
+            "warning_lead_seconds": lead,
         }
     });
     (id, EVENT_EXPIRING.to_string(), payload.to_string())

@@ -197,7 +197,7 @@ fn revoking_a_revoked_token_says_so() {
 /// `status=expired` finds expired tokens; `active` and `suspended` leave them out.
 #[test]
 fn expired_is_a_status_to_filter_by() {
-    use tokengate::store::Change;
+    use tokengate::store::AuditRecord;
     let app = spawn_app(100);
     let id_of = |v: serde_json::Value| v["id"].as_str().unwrap().to_string();
     let live = id_of(app.create(r#"{"name":"live"}"#));
@@ -214,19 +214,19 @@ fn expired_is_a_status_to_filter_by() {
     // Expire two of them without waiting for a clock: their expiry moves into the past.
     let now = chrono::Utc::now().timestamp();
     for id in [&old, &old_suspended] {
-        app.store
-            .update(
-                id,
-                now,
-                Change {
-                    actor: "test",
-                    action: "token.updated",
-                },
-                &|r| {
-                    r.expires_at = Some(now - 60);
-                    Ok(true)
-                },
-            )
+        let mut row = app.block_on(app.store.token(id)).unwrap().unwrap();
+        let version = row.version;
+        row.expires_at = Some(now - 60);
+        let entry = AuditRecord {
+            at: now,
+            actor: "test".into(),
+            action: "token.updated",
+            token_id: id.to_string(),
+            token_name: row.name.clone(),
+            before: None,
+            after: None,
+        };
+        app.block_on(app.store.replace(row, version, &entry, false))
             .unwrap();
     }
     let ids = |status: &str| {
@@ -388,4 +388,94 @@ fn an_empty_store_is_long_polled_not_resnapshotted() {
         t.elapsed()
     );
     assert_eq!(v["snapshot"], false);
+}
+
+/// The value of a sample in a Prometheus text exposition (the line that starts with
+/// `series`, labels included).
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+fn metrics(app: &TestApp) -> String {
+    let r = app.request("GET", "/metrics", &[], None);
+    assert_eq!(r.status, 200);
+    assert!(r.header("content-type").unwrap().starts_with("text/plain"));
+    r.text
+}
+
+#[test]
+fn every_poll_woken_by_one_change_is_answered_from_one_read() {
+    let app = spawn_app(100);
+    let store_id = app.sync("since=0")["store_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    const POLLS: usize = 200;
+    let polls: Vec<_> = (0..POLLS)
+        .map(|_| app.poll_in_background(&format!("since=0&store_id={store_id}&wait=60")))
+        .collect();
+    let held = |m: &str| sample(m, "tokengate_sync_polls_held").unwrap_or(0.0);
+    let start = Instant::now();
+    while held(&metrics(&app)) < POLLS as f64 {
+        assert!(start.elapsed() < Duration::from_secs(60), "polls not held");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let reads = |m: &str| sample(m, "tokengate_sync_reads_total").unwrap();
+    let before = reads(&metrics(&app));
+    let t = app.create(r#"{"name":"wakes-everyone"}"#);
+    for p in polls {
+        let (_, v) = p.join().unwrap();
+        assert_eq!(v["changes"][0]["id"], t["id"], "{v}");
+        assert_eq!(v["version"], 1);
+    }
+    let m = metrics(&app);
+    assert_eq!(reads(&m) - before, 1.0, "{POLLS} polls, one read");
+    assert_eq!(held(&m), 0.0);
+    assert_eq!(
+        sample(&m, "tokengate_sync_answers_total{kind=\"changes\"}"),
+        Some(POLLS as f64)
+    );
+}
+
+#[test]
+fn readiness_and_metrics_name_no_token() {
+    let app = spawn_app(100);
+    let r = app.request("GET", "/readyz", &[], None);
+    assert_eq!((r.status, r.json["status"].as_str()), (200, Some("ready")));
+    let t = app.create(r#"{"name":"secret-project-name","owner":"owner-nobody-knows"}"#);
+    let id = t["id"].as_str().unwrap();
+    app.admin("POST", &format!("/v1/tokens/{id}/suspend"), None);
+    app.admin("GET", "/v1/tokens/tok_doesnotexist", None);
+    let m = metrics(&app);
+    for secret in [
+        id,
+        t["token"].as_str().unwrap(),
+        "secret-project-name",
+        "owner-nobody-knows",
+        "tok_doesnotexist",
+        ADMIN,
+        SYNC,
+    ] {
+        assert!(!m.contains(secret), "{secret} in the metrics:\n{m}");
+    }
+    for series in [
+        "tokengate_ready 1",
+        "tokengate_store_info{backend=\"sqlite\"} 1",
+        "tokengate_sync_version 2",
+        "tokengate_http_requests_total{route=\"/v1/tokens/{id}/suspend\",method=\"POST\",status=\"200\"} 1",
+        "tokengate_http_requests_total{route=\"/v1/tokens/{id}\",method=\"GET\",status=\"404\"} 1",
+        "tokengate_http_requests_total{route=\"/v1/tokens\",method=\"POST\",status=\"201\"} 1",
+    ] {
+        assert!(m.contains(series), "{series} missing:\n{m}");
+    }
+    assert!(
+        sample(&m, "tokengate_store_seconds_count{op=\"insert\"}").unwrap() >= 1.0,
+        "{m}"
+    );
+    // Every line is a comment or `name{labels} number`.
+    for line in m.lines().filter(|l| !l.starts_with('#')) {
+        let (_, value) = line.rsplit_once(' ').unwrap();
+        assert!(value.parse::<f64>().is_ok(), "{line}");
+    }
 }

@@ -35,7 +35,7 @@ fn ok(s: &Server, args: &[&str]) -> String {
 
 fn server() -> (tempfile::TempDir, Server) {
     let dir = tempfile::tempdir().unwrap();
-    let s = serve(&dir.path().join("t.db"), free_port());
+    let s = serve(dir.path().join("t.db"), free_port());
     (dir, s)
 }
 

@@ -7,8 +7,8 @@ mod common;
 use common::*;
 use std::time::{Duration, Instant};
 use tokengate::api::ConsoleSettings;
+use tokengate::domain::sessions::Limits;
 use tokengate::policy::{KindPolicy, Policy};
-use tokengate::sessions::Limits;
 
 #[test]
 fn the_page_and_its_assets_are_served_with_a_strict_policy() {

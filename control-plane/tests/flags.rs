@@ -194,7 +194,7 @@ fn expiry_warnings_reach_the_webhook_signed_as_documented() {
     let secret = "webhook-secret-0123456789";
     let dir = tempfile::tempdir().unwrap();
     let s = serve_with(
-        &dir.path().join("t.db"),
+        dir.path().join("t.db"),
         free_port(),
         &[
             "--webhook-url",
@@ -286,7 +286,7 @@ fn purged(s: &Server, id: &str) -> i64 {
 fn revoked_tokens_are_purged_once_older_than_the_retention() {
     let dir = tempfile::tempdir().unwrap();
     let s = serve_with(
-        &dir.path().join("t.db"),
+        dir.path().join("t.db"),
         free_port(),
         &[
             "--jobs-interval",
@@ -321,7 +321,7 @@ fn revoked_tokens_are_purged_once_older_than_the_retention() {
 fn purges_run_at_the_purge_interval() {
     let dir = tempfile::tempdir().unwrap();
     let s = serve_with(
-        &dir.path().join("t.db"),
+        dir.path().join("t.db"),
         free_port(),
         &[
             "--jobs-interval",
@@ -350,7 +350,7 @@ fn purges_run_at_the_purge_interval() {
 fn purge_interval_never_keeps_revoked_tokens() {
     let dir = tempfile::tempdir().unwrap();
     let s = serve_with(
-        &dir.path().join("t.db"),
+        dir.path().join("t.db"),
         free_port(),
         &[
             "--jobs-interval",
@@ -385,7 +385,7 @@ fn purge_interval_never_keeps_revoked_tokens() {
 fn maximum_lifetimes_apply_per_kind() {
     let dir = tempfile::tempdir().unwrap();
     let s = serve_with(
-        &dir.path().join("t.db"),
+        dir.path().join("t.db"),
         free_port(),
         &["--user-max-lifetime", "1d", "--service-max-lifetime", "7d"],
     );
@@ -449,9 +449,9 @@ fn maximum_lifetimes_apply_per_kind() {
 #[test]
 fn console_false_serves_the_api_only() {
     let dir = tempfile::tempdir().unwrap();
-    let on = serve_with(&dir.path().join("on.db"), free_port(), &[]);
+    let on = serve_with(dir.path().join("on.db"), free_port(), &[]);
     let off = serve_with(
-        &dir.path().join("off.db"),
+        dir.path().join("off.db"),
         free_port(),
         &["--console", "false"],
     );

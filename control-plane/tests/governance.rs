@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use serde_json::{json, Value};
 use std::sync::{Arc, Mutex};
-use tokengate::housekeeping::{run_once, Jobs};
+use tokengate::domain::housekeeping::{run_once, Jobs};
 use tokengate::policy::{KindPolicy, Policy};
 use tokengate::secrets::sha256_hex;
 use tokengate::webhook::{self, Webhook};
@@ -255,7 +255,7 @@ fn usage_reports_add_up_without_a_new_version() {
         ),
         (Some(14), Some(4))
     );
-    assert_eq!(v["last_used_at"], tokengate::store::rfc3339(seen));
+    assert_eq!(v["last_used_at"], tokengate::domain::rfc3339(seen));
     assert_eq!(v["version"].as_u64(), Some(version));
     let (_, listed) = app.admin("GET", "/v1/tokens", None);
     assert_eq!(listed["tokens"][0]["requests_allowed"].as_u64(), Some(14));
@@ -407,15 +407,23 @@ fn expiry_warnings_are_audited_listed_and_delivered_signed_once_with_retries() {
     app.create(r#"{"name":"forever"}"#);
     let t0 = now();
     // The first delivery attempt gets a 500; the warning is issued and queued regardless.
-    let r = run_once(app.store.as_ref(), &jobs, t0, false).unwrap();
+    let r = app
+        .block_on(run_once(app.store.as_ref(), &jobs, t0, false))
+        .unwrap();
     assert_eq!((r.warned, r.delivered, r.failed), (1, 0, 1));
     assert!(hook.got.lock().unwrap().is_empty());
     // Not yet due for a retry; then retried and delivered; never issued twice.
-    let r = run_once(app.store.as_ref(), &jobs, t0, false).unwrap();
+    let r = app
+        .block_on(run_once(app.store.as_ref(), &jobs, t0, false))
+        .unwrap();
     assert_eq!((r.warned, r.delivered), (0, 0));
-    let r = run_once(app.store.as_ref(), &jobs, t0 + 1, false).unwrap();
+    let r = app
+        .block_on(run_once(app.store.as_ref(), &jobs, t0 + 1, false))
+        .unwrap();
     assert_eq!((r.warned, r.delivered), (0, 1));
-    let r = run_once(app.store.as_ref(), &jobs, t0 + 2, false).unwrap();
+    let r = app
+        .block_on(run_once(app.store.as_ref(), &jobs, t0 + 2, false))
+        .unwrap();
     assert_eq!(r, Default::default());
 
     let got = hook.got.lock().unwrap().clone();
@@ -449,7 +457,9 @@ fn expiry_warnings_are_audited_listed_and_delivered_signed_once_with_retries() {
     assert!(!body.contains(t["token"].as_str().unwrap()));
 
     // A day before expiry the tighter lead fires.
-    let r = run_once(app.store.as_ref(), &jobs, t0 + DAY + 10, false).unwrap();
+    let r = app
+        .block_on(run_once(app.store.as_ref(), &jobs, t0 + DAY + 10, false))
+        .unwrap();
     assert_eq!((r.warned, r.delivered), (1, 1));
     let (_, audit) = app.admin("GET", "/v1/audit?action=token.expiry_warning", None);
     let leads: Vec<_> = audit["entries"]
@@ -480,9 +490,13 @@ fn purge_removes_old_revoked_and_expired_tokens_from_lists_and_sync() {
         purge_interval: 3600,
         webhook: None,
     };
-    let r = run_once(app.store.as_ref(), &jobs, now() + 29 * DAY, true).unwrap();
+    let r = app
+        .block_on(run_once(app.store.as_ref(), &jobs, now() + 29 * DAY, true))
+        .unwrap();
     assert_eq!(r.purged, 0);
-    let r = run_once(app.store.as_ref(), &jobs, now() + 31 * DAY, true).unwrap();
+    let r = app
+        .block_on(run_once(app.store.as_ref(), &jobs, now() + 31 * DAY, true))
+        .unwrap();
     assert_eq!(r.purged, 2);
     let (s, _) = app.admin("GET", &format!("/v1/tokens/{}", id(&short)), None);
     assert_eq!(s, 404);
@@ -552,6 +566,7 @@ fn the_openapi_document_and_the_routes_agree() {
     }
     let mut served = vec![
         "GET /healthz",
+        "GET /readyz",
         "GET /metrics",
         "GET /v1/openapi.json",
         "POST /v1/tokens",
@@ -677,7 +692,14 @@ fn webhook_redirects_are_not_followed() {
             }),
         };
         // Each run is the next attempt of the one event (the backoff has passed by then).
-        let r = run_once(app.store.as_ref(), &jobs, t0 + 1000 * i as i64, false).unwrap();
+        let r = app
+            .block_on(run_once(
+                app.store.as_ref(),
+                &jobs,
+                t0 + 1000 * i as i64,
+                false,
+            ))
+            .unwrap();
         assert_eq!((r.delivered, r.failed), (0, 1), "{code}: {r:?}");
     }
     assert!(elsewhere.got.lock().unwrap().is_empty());

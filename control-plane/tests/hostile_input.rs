@@ -1188,6 +1188,7 @@ fn the_sync_credential_changes_nothing_and_reads_no_tokens() {
         let may = path == "/v1/sync"
             || path == "/v1/usage"
             || path == "/healthz"
+            || path == "/readyz"
             || path == "/metrics"
             || path == "/v1/openapi.json";
         if may {

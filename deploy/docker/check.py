@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Checks what docker compose would use, without a Docker engine: the compose file's build
-contexts, Dockerfiles, bind mounts, ports, required credentials and service names, and each
-Dockerfile's stages, COPY sources, user and entrypoint. (The compose Envoy configuration
+contexts, Dockerfiles, bind mounts, ports, required credentials, service names and network
+aliases, health checks the start order waits for, the control-plane replicas' shared
+database, and each Dockerfile's stages, COPY sources, user and entrypoint. (The compose Envoy configuration
 itself is validated by `envoy --mode validate` in the Makefile.)
 
 Usage: check.py   (from anywhere; needs PyYAML)
@@ -17,7 +18,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 COMPOSE = os.path.join(ROOT, "envoy", "docker-compose.yaml")
 # The ports `make run` uses; compose publishes the same ones.
 PORTS = {"envoy": {"127.0.0.1:10000:10000", "127.0.0.1:9901:9901"},
-         "control-plane": {"127.0.0.1:8081:8081"}, "demo-upstream": {"127.0.0.1:8080:8080"}}
+         "control-plane": {"127.0.0.1:8081:8081"}, "control-plane-2": {"127.0.0.1:8082:8081"},
+         "demo-upstream": {"127.0.0.1:8080:8080"}, "postgres": set()}
+REPLICAS = ["control-plane", "control-plane-2"]
 PROBLEMS = []
 
 
@@ -91,12 +94,46 @@ def main():
         if set(svc.get("ports", [])) != PORTS.get(name, set()):
             problem(f"{name}: ports {svc.get('ports')} differ from make run's {sorted(PORTS.get(name, []))}")
         for key, value in (svc.get("environment") or {}).items():
-            if "TOKEN" in key and not re.fullmatch(r"\$\{\w+:\?.+\}", str(value)):
+            if key == "TOKENGATE_DB":
+                continue
+            if ("TOKEN" in key or "PASSWORD" in key) and not re.fullmatch(r"\$\{\w+:\?.+\}", str(value)):
                 problem(f"{name}: {key} must come from the user's environment with ${{VAR:?message}}")
+        for dep, how in (svc.get("depends_on") or {}).items() if isinstance(svc.get("depends_on"), dict) else []:
+            if dep not in services:
+                problem(f"{name}: depends on {dep}, which is not a service")
+            elif how.get("condition") == "service_healthy" and not services[dep].get("healthcheck"):
+                problem(f"{name}: waits for {dep} to be healthy, but {dep} has no healthcheck")
+    aliases = {a for n in REPLICAS
+               for a in ((services.get(n, {}).get("networks") or {}).get("default") or {}).get("aliases", [])}
+    urls = set()
+    for n in REPLICAS:
+        svc = services.get(n, {})
+        url = str((svc.get("environment") or {}).get("TOKENGATE_DB", ""))
+        urls.add(url)
+        m = re.fullmatch(r"postgres://(\w+):\$\{(\w+):\?.+\}@([\w-]+):5432/(\w+)", url)
+        if not m:
+            problem(f"{n}: TOKENGATE_DB must be postgres://USER:${{PASSWORD:?message}}@SERVICE:5432/DB, not {url!r}")
+            continue
+        user, password_var, host, db = m.groups()
+        pg = (services.get(host) or {}).get("environment") or {}
+        if host not in services:
+            problem(f"{n}: TOKENGATE_DB names host {host}, which is not a service")
+        elif (pg.get("POSTGRES_USER"), pg.get("POSTGRES_DB")) != (user, db):
+            problem(f"{n}: TOKENGATE_DB's user and database differ from {host}'s POSTGRES_USER and POSTGRES_DB")
+        elif f"${{{password_var}:?" not in str(pg.get("POSTGRES_PASSWORD", "")):
+            problem(f"{n}: TOKENGATE_DB's password is not {host}'s POSTGRES_PASSWORD")
+        if ((svc.get("depends_on") or {}).get(host) or {}).get("condition") != "service_healthy":
+            problem(f"{n}: must wait for {host} to be healthy (a replica refuses to start without its database)")
+        if not set(((svc.get("networks") or {}).get("default") or {}).get("aliases", [])) & aliases:
+            problem(f"{n}: does not answer to the replicas' shared alias")
+    if len(urls) != 1:
+        problem(f"the replicas {REPLICAS} must share one database, not {sorted(urls)}")
     entry = open(os.path.join(base, "compose", "entrypoint.sh")).read()
     for var, svc in re.findall(r"(UPSTREAM_HOST|CONTROL_PLANE_HOST)=([\w-]+)", entry):
-        if svc not in services:
-            problem(f"compose/entrypoint.sh: {var}={svc} is not a compose service")
+        if svc not in services and svc not in aliases:
+            problem(f"compose/entrypoint.sh: {var}={svc} is neither a compose service nor a network alias")
+        if var == "CONTROL_PLANE_HOST" and svc not in aliases:
+            problem(f"compose/entrypoint.sh: Envoy must reach every replica (the shared alias), not {svc}")
     mounts = {v.split(":")[1] for v in services.get("envoy", {}).get("volumes", [])}
     for path in re.findall(r"/etc/tokengate/[\w.-]+", entry):
         if path not in mounts:

@@ -2,15 +2,19 @@
 """Checks the Kubernetes and Istio manifests as an operator would apply them.
 
 For each overlay (gateway, sidecar: Istio and the wasm filter; envoy-gateway: Envoy Gateway
-and the native module): renders it with `kubectl kustomize` (with generated credentials, as
-the README tells operators to create them), validates every Kubernetes object strictly against
-the Kubernetes API schemas (kubernetes-validate), the WasmPlugin, EnvoyFilter, Gateway API and
-Envoy Gateway objects against the schemas in ./schemas, checks the references between objects,
-loads each plugin configuration into the real filter with `envoy --mode validate` (a
-WasmPlugin's pluginConfig into the wasm filter, an EnvoyExtensionPolicy's module config into
-the native module, through the control-plane cluster its EnvoyProxy merges into the
-bootstrap), and checks that the same proxies drop (or reject) headers with underscores: an
-EnvoyFilter whose patch Envoy accepts (Istio), a ClientTrafficPolicy (Envoy Gateway).
+and the native module; gateway with the cloudnative-pg component in place of database-url, as
+the README tells operators to switch): renders it with `kubectl kustomize` (with generated
+credentials and database URL, as the README tells operators to create them), validates every
+Kubernetes object strictly against the Kubernetes API schemas (kubernetes-validate), the
+WasmPlugin, EnvoyFilter, Gateway API, Envoy Gateway and CloudNativePG objects against the
+schemas in ./schemas, checks the references between objects and what a fleet of control-plane
+replicas needs (replicas, rolling updates, a disruption budget, readiness on /readyz, the
+database URL from a Secret), loads each plugin configuration into the real filter with `envoy
+--mode validate` (a WasmPlugin's pluginConfig into the wasm filter, an EnvoyExtensionPolicy's
+module config into the native module, through the control-plane cluster its EnvoyProxy merges
+into the bootstrap), and checks that the same proxies drop (or reject) headers with
+underscores: an EnvoyFilter whose patch Envoy accepts (Istio), a ClientTrafficPolicy (Envoy
+Gateway).
 
 Usage: check.py --envoy ENVOY_BIN --wasm FILTER.wasm --module LIBTOKENGATE_NATIVE.so [--base-id N]
 Needs: kubectl (for its built-in kustomize), PyYAML, jsonschema, kubernetes-validate.
@@ -33,7 +37,9 @@ import yaml
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 K8S_VERSION = "1.32.0"
-OVERLAYS = ["gateway", "sidecar", "envoy-gateway"]
+OVERLAYS = ["gateway", "sidecar", "envoy-gateway", "gateway-cloudnative-pg"]
+# The keys CloudNativePG writes in the `<cluster>-app` Secret.
+CNPG_APP_KEYS = {"username", "password", "host", "port", "dbname", "uri", "jdbc-uri", "pgpass"}
 PROBLEMS = []
 
 
@@ -51,6 +57,7 @@ CRD_SCHEMAS = {
     "gateway.networking.k8s.io/v1": load_schema("gateway.networking.k8s.io.v1.json"),
     "gateway.envoyproxy.io/v1alpha1": load_schema("gateway.envoyproxy.io.v1alpha1.json"),
     "networking.istio.io/v1alpha3": load_schema("envoyfilter.networking.istio.io.v1alpha3.json"),
+    "postgresql.cnpg.io/v1": load_schema("cluster.postgresql.cnpg.io.v1.json"),
 }
 HCM = "envoy.filters.network.http_connection_manager"
 HCM_TYPE = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
@@ -99,6 +106,16 @@ def check_references(overlay, docs, sync_token, admin_token):
     data = {k: base64.b64decode(v).decode() for k, v in secret.get("data", {}).items()}
     if data != {"admin-token": admin_token, "sync-token": sync_token}:
         problem(overlay, f"the Secret holds {sorted(data)} but not the generated credentials")
+    # Secret keys a pod may read: those in the rendered Secrets, and those CloudNativePG
+    # writes for each Cluster it runs.
+    secret_keys = {}
+    for d in docs:
+        if d["kind"] == "Secret":
+            keys = set(d.get("data", {})) | set(d.get("stringData", {}))
+            secret_keys[(d["metadata"]["namespace"], d["metadata"]["name"])] = keys
+        if d["kind"] == "Cluster" and d["apiVersion"].startswith("postgresql.cnpg.io/"):
+            secret_keys[(d["metadata"]["namespace"], d["metadata"]["name"] + "-app")] = CNPG_APP_KEYS
+    check_fleet(overlay, docs, secret_keys)
     for d in docs:
         if d["kind"] != "Deployment":
             continue
@@ -121,7 +138,7 @@ def check_references(overlay, docs, sync_token, admin_token):
                         problem(name, f"{probe} uses port {how['port']!r}, which the container does not name")
             for env in c.get("env", []):
                 ref = env.get("valueFrom", {}).get("secretKeyRef")
-                if ref and (ref["name"] != "tokengate-credentials" or ref["key"] not in data):
+                if ref and ref["key"] not in secret_keys.get((d["metadata"]["namespace"], ref["name"]), set()):
                     problem(name, f"env {env['name']} refers to a missing secret key {ref}")
             for vm in c.get("volumeMounts", []):
                 vols = {v["name"]: v for v in pod["spec"].get("volumes", [])}
@@ -273,6 +290,58 @@ def check_module_config_loads(overlay, docs, envoy, module, base_id):
         problem(overlay, f"the native module refused the EnvoyExtensionPolicy's config:\n{out.stdout}{out.stderr}")
 
 
+def check_fleet(overlay, docs, secret_keys):
+    """What several control-plane replicas on one database need."""
+    by = index(docs)
+    d = by.get(("Deployment", "tokengate", "tokengate"))
+    if not d:
+        problem(overlay, "Deployment tokengate/tokengate is missing")
+        return
+    name = f"{overlay}: Deployment/tokengate"
+    spec = d["spec"]
+    pod = spec["template"]["spec"]
+    if spec.get("replicas", 1) < 2:
+        problem(name, "the control plane must run at least 2 replicas (no single point of failure)")
+    strategy = spec.get("strategy", {})
+    if strategy.get("type", "RollingUpdate") != "RollingUpdate":
+        problem(name, "replicas on a shared database update one at a time (RollingUpdate)")
+    if str(strategy.get("rollingUpdate", {}).get("maxUnavailable", "25%")) not in ("0", "0%"):
+        problem(name, "a rolling update must keep every replica until its successor is ready (maxUnavailable: 0)")
+    c = next((c for c in pod["containers"] if c["name"] == "tokengate"), None)
+    if c is None:
+        problem(name, "no container named tokengate")
+        return
+    if c.get("readinessProbe", {}).get("httpGet", {}).get("path") != "/readyz":
+        problem(name, "readiness must be /readyz (ready while the database answers)")
+    if c.get("livenessProbe", {}).get("httpGet", {}).get("path") != "/healthz":
+        problem(name, "liveness must be /healthz (a replica cut off from the database is not restarted)")
+    db = next((e for e in c.get("env", []) if e["name"] == "TOKENGATE_DB"), None)
+    ref = (db or {}).get("valueFrom", {}).get("secretKeyRef")
+    if not ref:
+        problem(name, "TOKENGATE_DB must come from a Secret (it holds the database password)")
+    elif ref["key"] not in secret_keys.get(("tokengate", ref["name"]), set()):
+        problem(name, f"TOKENGATE_DB refers to a missing secret key {ref}")
+    generated = next((x for x in docs if x["kind"] == "Secret" and ref
+                      and x["metadata"]["name"] == ref["name"]), None)
+    if generated is not None:
+        url = base64.b64decode(generated.get("data", {}).get(ref["key"], "")).decode()
+        if not url.startswith(("postgres://", "postgresql://")):
+            problem(name, f"the database URL in Secret {ref['name']} is not a postgres:// URL")
+    if any("persistentVolumeClaim" in v for v in pod.get("volumes", [])):
+        problem(name, "replicas share the database, not a volume: no PersistentVolumeClaim")
+    pdbs = [x for x in docs if x["kind"] == "PodDisruptionBudget" and x["metadata"]["namespace"] == "tokengate"
+            and labels_match(x["spec"].get("selector", {}).get("matchLabels"), spec["template"]["metadata"]["labels"])]
+    if len(pdbs) != 1:
+        problem(name, f"expected one PodDisruptionBudget for the replicas, found {len(pdbs)}")
+    else:
+        budget = pdbs[0]["spec"]
+        if not (1 <= budget.get("minAvailable", 0) < spec.get("replicas", 1)):
+            problem(name, "the disruption budget must keep one replica and still let a node drain (1 <= minAvailable < replicas)")
+    for cl in (x for x in docs if x["kind"] == "Cluster"):
+        if cl["spec"]["instances"] < 2:
+            problem(overlay, f"Cluster/{cl['metadata']['name']} needs a standby (instances >= 2) for failover")
+
+
 def check_plugin_config_loads(overlay, docs, envoy, wasm, base_id):
     """The real filter must accept the pluginConfig Istio will hand it."""
     plugin = next((d for d in docs if d["kind"] == "WasmPlugin"), None)
@@ -400,6 +469,18 @@ def main():
             f.write(f"admin-token={admin}\n")
         with open(os.path.join(work, "base", "sync.env"), "w") as f:
             f.write(f"sync-token={sync}\n")
+        with open(os.path.join(work, "database-url", "database.env"), "w") as f:
+            f.write(f"url=postgres://tokengate:{secrets.token_hex(16)}@postgres.example.com:5432/tokengate\n")
+        # The README's switch to CloudNativePG: the overlay names ../cloudnative-pg in place
+        # of ../database-url.
+        shutil.copytree(os.path.join(work, "gateway"), os.path.join(work, "gateway-cloudnative-pg"))
+        k = os.path.join(work, "gateway-cloudnative-pg", "kustomization.yaml")
+        with open(k) as f:
+            text = f.read()
+        if "- ../database-url" not in text:
+            problem("gateway", "the overlay does not list ../database-url among its components")
+        with open(k, "w") as f:
+            f.write(text.replace("- ../database-url", "- ../cloudnative-pg"))
         for i, overlay in enumerate(OVERLAYS):
             docs = render(overlay, work)
             if not docs:

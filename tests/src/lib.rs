@@ -467,6 +467,28 @@ pub fn unknown_token() -> String {
     tokengate_wire::token::compose(&random).expect("compose a token")
 }
 
+/// The rendered configuration with one more endpoint in the control-plane cluster (another
+/// replica on the same host), as `envoy/render.sh` does for `CONTROL_PLANE_PORTS`.
+pub fn add_control_plane_endpoint(config: &str, port: u16) -> String {
+    let mut out = String::with_capacity(config.len() + 200);
+    let mut added = false;
+    let mut in_cluster = false;
+    for line in config.lines() {
+        out.push_str(line);
+        out.push('\n');
+        if line.contains("cluster_name: tokengate_control_plane") {
+            in_cluster = true;
+        }
+        if in_cluster && !added && line.trim_start().starts_with("- endpoint: {") {
+            let (head, _) = line.split_at(line.find("port_value: ").expect("an endpoint line"));
+            out.push_str(&format!("{head}port_value: {port} }} }} }}\n"));
+            added = true;
+        }
+    }
+    assert!(added, "no control-plane endpoint line in the configuration");
+    out
+}
+
 /// Renders `envoy/envoy.yaml` (the shipped template) by replacing every `${NAME}`.
 pub fn render_envoy_config(vars: &[(&str, String)]) -> String {
     render_envoy_template("envoy/envoy.yaml", vars)
@@ -524,13 +546,23 @@ pub struct Stack {
     pub upstream_port: u16,
     pub envoy_port: u16,
     pub envoy_admin_port: u16,
+    /// The SQLite file of a single control plane (see `db`).
     pub db_path: PathBuf,
+    /// `--db` of every control-plane process: `db_path`, or a PostgreSQL URL shared by the
+    /// replicas of `start_fleet`.
+    pub db: String,
+    /// Ports of the replicas after the first (whose port is `control_plane_port`).
+    pub replica_ports: Vec<u16>,
+    /// Extra environment for the control-plane processes.
+    pub control_plane_env: Vec<(String, String)>,
+    /// `--db` of a given replica when it differs from `db` (a replica behind a proxy).
+    pub replica_db: std::collections::BTreeMap<usize, String>,
     /// Extra plugin configuration fields (`"name": value, ...`) for the next `start_envoy`.
     pub plugin_extra: String,
     /// The plugin's `sync_wait_seconds` for the next `start_envoy` (the shipped config's 20).
     pub sync_wait_seconds: u32,
     /// Where the next `start_envoy` sends control-plane calls (a fault proxy, say);
-    /// `None`: the control plane itself.
+    /// `None`: the control plane itself, or every replica.
     pub envoy_control_plane_port: Option<u16>,
     /// Text replacements `(from, to)` applied to the rendered Envoy configuration by the
     /// next `start_envoy`, for a test that needs a setting other than the shipped one;
@@ -542,6 +574,7 @@ pub struct Stack {
     /// Extra `tokengate serve` options for the next `start_control_plane`.
     pub control_plane_args: Vec<String>,
     control_plane: Option<Child>,
+    replicas: Vec<Option<Child>>,
     upstream: Option<Child>,
     envoy: Option<Child>,
     control_plane_starts: u32,
@@ -590,8 +623,14 @@ impl Stack {
         ));
         fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
         let ports = free_ports(4);
+        let db_path = dir.join("tokengate.db");
         let mut stack = Stack {
-            db_path: dir.join("tokengate.db"),
+            db: db_path.display().to_string(),
+            db_path,
+            replica_ports: vec![],
+            control_plane_env: vec![],
+            replica_db: Default::default(),
+            replicas: vec![],
             dir,
             bins,
             flavor: opts.flavor,
@@ -637,6 +676,159 @@ impl Stack {
     }
     pub fn control_plane_url(&self) -> String {
         format!("http://{}", self.control_plane_addr())
+    }
+
+    /// `n` control-plane replicas on the PostgreSQL database `db_url`, started at once (so
+    /// that they race for the first migration) and waited for (`/readyz`), the demo
+    /// upstream, and, if asked, an Envoy whose control-plane cluster lists every replica.
+    pub fn start_fleet(db_url: &str, n: usize, envoy: bool) -> Stack {
+        Stack::start_fleet_with(db_url, n, envoy, |_| {})
+    }
+
+    /// As `start_fleet`, with `prepare` run before any replica starts (to point one at a
+    /// proxy through `replica_db`, say).
+    pub fn start_fleet_with(
+        db_url: &str,
+        n: usize,
+        envoy: bool,
+        prepare: impl FnOnce(&mut Stack),
+    ) -> Stack {
+        assert!(n >= 1);
+        let mut stack = Stack::start_with(Options {
+            control_plane: false,
+            envoy: false,
+        });
+        stack.db = db_url.to_string();
+        stack.replica_ports = free_ports(n - 1);
+        stack.replicas = (1..n).map(|_| None).collect();
+        prepare(&mut stack);
+        for i in 0..n {
+            stack.spawn_replica(i);
+        }
+        for i in 0..n {
+            stack.wait_replica_ready(i);
+        }
+        if envoy {
+            stack.start_envoy();
+        }
+        stack
+    }
+
+    /// How many control-plane replicas the stack has (running or not).
+    pub fn replica_count(&self) -> usize {
+        1 + self.replica_ports.len()
+    }
+
+    pub fn replica_port(&self, i: usize) -> u16 {
+        if i == 0 {
+            self.control_plane_port
+        } else {
+            self.replica_ports[i - 1]
+        }
+    }
+
+    pub fn replica_addr(&self, i: usize) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.replica_port(i)))
+    }
+
+    fn replica_child(&mut self, i: usize) -> &mut Option<Child> {
+        if i == 0 {
+            &mut self.control_plane
+        } else {
+            &mut self.replicas[i - 1]
+        }
+    }
+
+    fn spawn_replica(&mut self, i: usize) {
+        assert!(
+            self.replica_child(i).is_none(),
+            "replica {i} already running"
+        );
+        self.control_plane_starts += 1;
+        let log = if i == 0 {
+            self.dir.join("control-plane.log")
+        } else {
+            self.dir.join(format!("control-plane-{i}.log"))
+        };
+        let mut f = log_file(&log);
+        let _ = writeln!(f, "---- harness: start #{} ----", self.control_plane_starts);
+        let mut cmd = Command::new(&self.bins.tokengate);
+        cmd.arg("serve")
+            .arg("--listen")
+            .arg(self.replica_addr(i).to_string())
+            .arg("--db")
+            .arg(self.replica_db.get(&i).unwrap_or(&self.db))
+            .args(&self.control_plane_args)
+            .env("TOKENGATE_ADMIN_TOKEN", &self.admin_token)
+            .env("TOKENGATE_SYNC_TOKEN", &self.sync_token)
+            .env("TOKENGATE_LOG", &self.control_plane_log);
+        cmd.envs(self.control_plane_env.iter().map(|(k, v)| (k, v)));
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(log_file(&log))
+            .stderr(f)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", self.bins.tokengate.display()));
+        *self.replica_child(i) = Some(child);
+    }
+
+    fn wait_replica_ready(&mut self, i: usize) {
+        let addr = self.replica_addr(i);
+        self.wait_ready(&format!("replica {i} /readyz"), |s| {
+            http(addr, "GET", "/readyz", &[], None).is_ok_and(|r| r.status == 200)
+                || s.exited(|s| s.replica_child(i))
+        });
+        if self.exited(|s| s.replica_child(i)) {
+            panic!(
+                "replica {i} exited during start-up; logs:\n{}",
+                self.logs_tail(40)
+            );
+        }
+    }
+
+    /// Starts (again) replica `i` and waits until it is ready.
+    pub fn start_replica(&mut self, i: usize) {
+        self.spawn_replica(i);
+        self.wait_replica_ready(i);
+    }
+
+    /// Kills replica `i` with SIGKILL and waits for it to be gone.
+    pub fn kill_replica(&mut self, i: usize) {
+        if let Some(mut child) = self.replica_child(i).take() {
+            kill(&mut child);
+        }
+    }
+
+    /// Whether replica `i` is still running.
+    pub fn replica_alive(&mut self, i: usize) -> bool {
+        !self.exited(|s| s.replica_child(i))
+    }
+
+    /// A call to replica `i` with the admin credential; `Err` when it cannot be reached.
+    pub fn admin_on(
+        &self,
+        i: usize,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> io::Result<Response> {
+        let auth = format!("Bearer {}", self.admin_token);
+        let body = body.map(Value::to_string);
+        http(
+            self.replica_addr(i),
+            method,
+            path,
+            &[("Accept", "application/json"), ("Authorization", &auth)],
+            body.as_deref(),
+        )
+    }
+
+    /// A metric of replica `i` (`GET /metrics`), by its whole series name.
+    pub fn replica_metric(&self, i: usize, series: &str) -> Option<f64> {
+        let r = http(self.replica_addr(i), "GET", "/metrics", &[], None).ok()?;
+        r.body
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
     }
 
     /// Envoy's `--base-id`: unique among live stacks because the admin port is, so two
@@ -689,8 +881,9 @@ impl Stack {
             .arg("--listen")
             .arg(self.control_plane_addr().to_string())
             .arg("--db")
-            .arg(&self.db_path)
+            .arg(&self.db)
             .args(&self.control_plane_args)
+            .envs(self.control_plane_env.iter().map(|(k, v)| (k, v)))
             .env("TOKENGATE_ADMIN_TOKEN", &self.admin_token)
             .env("TOKENGATE_SYNC_TOKEN", &self.sync_token)
             .env("TOKENGATE_LOG", &self.control_plane_log)
@@ -767,6 +960,11 @@ impl Stack {
                 "the rendered envoy.yaml has no {from:?} to replace"
             );
             config = config.replace(from.as_str(), to);
+        }
+        if self.envoy_control_plane_port.is_none() {
+            for i in 1..self.replica_count() {
+                config = add_control_plane_endpoint(&config, self.replica_port(i));
+            }
         }
         let config_path = self.dir.join("envoy.yaml");
         fs::write(&config_path, config).expect("write rendered envoy.yaml");
@@ -1053,6 +1251,7 @@ impl Stack {
 
 impl Drop for Stack {
     fn drop(&mut self) {
+        let replicas: Vec<Child> = self.replicas.iter_mut().filter_map(Option::take).collect();
         for child in [
             self.envoy.take(),
             self.control_plane.take(),
@@ -1060,6 +1259,7 @@ impl Drop for Stack {
         ]
         .into_iter()
         .flatten()
+        .chain(replicas)
         {
             let mut child = child;
             kill(&mut child);

@@ -378,3 +378,139 @@ fn make_test_says_it_skips_the_manifest_check_without_kubectl() {
     // (`make -n` prints every recipe, the browser target's own SKIPPED messages included.)
     assert!(!with.contains("kubectl not found"), "{with}");
 }
+
+/// `make run-ha` (envoy/run-ha.sh) for real, on free ports and a private state directory: it
+/// comes up with two replicas on its own PostgreSQL, Envoy carries on when one replica is
+/// killed as its printed instructions say, and Ctrl-C stops everything, PostgreSQL included.
+#[test]
+fn make_run_ha_survives_killing_a_replica_and_stops_its_database() {
+    let bins = Binaries::locate();
+    let vars = [
+        "LISTEN_PORT",
+        "ADMIN_PORT",
+        "UPSTREAM_PORT",
+        "CONTROL_PLANE_PORT",
+        "CONTROL_PLANE_PORT_2",
+        "PG_PORT",
+    ];
+    let ports: BTreeMap<&str, u16> = vars.into_iter().zip(free_ports(vars.len())).collect();
+    let dir = temp_dir("make-run-ha");
+    let mut cmd = Command::new("bash");
+    cmd.arg(workspace_root().join("envoy/run-ha.sh"))
+        .current_dir(workspace_root())
+        .env("ENVOY_BIN", &bins.envoy)
+        .env("WASM", &bins.wasm)
+        .env("TOKENGATE_BIN", &bins.tokengate)
+        .env("DEMO_UPSTREAM_BIN", &bins.demo_upstream)
+        .env("RUN_DIR", &dir)
+        .env("BASE_ID", ports["ADMIN_PORT"].to_string())
+        .env_remove("TOKENGATE_ADMIN_TOKEN")
+        .env_remove("TOKENGATE_SYNC_TOKEN")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (var, port) in &ports {
+        cmd.env(var, port.to_string());
+    }
+    let mut child = cmd.spawn().expect("start envoy/run-ha.sh");
+    let printed = Arc::new(Mutex::new(String::new()));
+    for stream in [
+        Box::new(child.stdout.take().expect("stdout")) as Box<dyn std::io::Read + Send>,
+        Box::new(child.stderr.take().expect("stderr")),
+    ] {
+        let printed = printed.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                let mut p = printed.lock().expect("lock");
+                p.push_str(&line);
+                p.push('\n');
+            }
+        });
+    }
+    let mut running = Running { child, dir };
+    let start = Instant::now();
+    while !printed
+        .lock()
+        .expect("lock")
+        .contains("Press Ctrl-C to stop")
+    {
+        if let Ok(Some(status)) = running.child.try_wait() {
+            panic!(
+                "run-ha.sh exited ({status}):\n{}",
+                printed.lock().expect("lock")
+            );
+        }
+        assert!(
+            start.elapsed() < READY_TIMEOUT * 3,
+            "run-ha.sh not ready:\n{}",
+            printed.lock().expect("lock")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = printed.lock().expect("lock").clone();
+    let admin = out
+        .lines()
+        .skip_while(|l| !l.starts_with("Admin token"))
+        .nth(1)
+        .expect("the admin token is printed")
+        .trim()
+        .to_string();
+    let auth = format!("Bearer {admin}");
+    let replica = |i: &str| SocketAddr::from(([127, 0, 0, 1], ports[i]));
+    let envoy = SocketAddr::from(([127, 0, 0, 1], ports["LISTEN_PORT"]));
+    let r = http(
+        replica("CONTROL_PLANE_PORT"),
+        "POST",
+        "/v1/tokens",
+        &[("Authorization", &auth)],
+        Some(r#"{"name":"demo"}"#),
+    )
+    .expect("create on replica 1");
+    assert_eq!(r.status, 201, "{r:?}");
+    let v = r.json();
+    let (id, token) = (v["id"].as_str().unwrap(), v["token"].as_str().unwrap());
+    let status_through_envoy =
+        || http(envoy, "GET", "/hello", &[("X-API-Token", token)], None).map(|r| r.status);
+    let wait_for = |want: u16| {
+        let start = Instant::now();
+        while status_through_envoy().ok() != Some(want) {
+            assert!(
+                start.elapsed() < READY_TIMEOUT,
+                "never {want} through Envoy"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_for(200);
+
+    // As printed: kill replica 1 the hard way, then suspend through replica 2.
+    assert!(out.contains("kill -9 $(cat "), "{out}");
+    let pid = fs::read_to_string(running.dir.join("replica-1.pid")).expect("replica-1.pid");
+    let killed = Command::new("kill")
+        .args(["-9", pid.trim()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let r = http(
+        replica("CONTROL_PLANE_PORT_2"),
+        "POST",
+        &format!("/v1/tokens/{id}/suspend"),
+        &[("Authorization", &auth)],
+        None,
+    )
+    .expect("suspend on replica 2");
+    assert_eq!(r.status, 200, "{r:?}");
+    wait_for(403);
+    assert!(
+        running.child.try_wait().expect("wait").is_none(),
+        "run-ha.sh exited"
+    );
+
+    let pg = SocketAddr::from(([127, 0, 0, 1], ports["PG_PORT"]));
+    assert!(std::net::TcpStream::connect(pg).is_ok(), "PostgreSQL is up");
+    drop(running);
+    assert!(
+        std::net::TcpStream::connect(pg).is_err(),
+        "PostgreSQL still answers after run-ha.sh stopped"
+    );
+}

@@ -1,25 +1,15 @@
 //! `GET /v1/audit`: the append-only trail of every change, newest first.
 
 use super::body::Params;
-use super::{blocking, ApiError, AppState};
-use crate::store::{rfc3339, AuditEntry, AuditQuery};
+use super::{ApiError, AppState};
+use crate::domain::audit::ACTIONS;
+use crate::domain::rfc3339;
+use crate::store::{AuditEntry, AuditQuery};
 use axum::extract::State;
 use axum::Json;
 use chrono::DateTime;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
-
-/// Every action the trail records.
-pub const ACTIONS: &[&str] = &[
-    "token.created",
-    "token.updated",
-    "token.suspended",
-    "token.reactivated",
-    "token.rotated",
-    "token.revoked",
-    "token.expiry_warning",
-    "token.purged",
-];
 
 #[derive(Serialize, ToSchema)]
 pub struct AuditView {
@@ -135,7 +125,7 @@ pub async fn list(
     }
     let limit = q.limit as usize;
     q.limit += 1;
-    let mut entries = blocking(&state, move |s| s.audit(&q)).await?;
+    let mut entries = state.tokens.audit(&q).await?;
     let next_cursor = if entries.len() > limit {
         entries.truncate(limit);
         entries.last().map(|e| e.seq.to_string())

@@ -6,6 +6,7 @@
 
 use super::error::ApiError;
 use super::{client_ip, AppState};
+use crate::domain::sessions::now_ms;
 use crate::metrics::Credential;
 use crate::secrets::same_secret;
 use crate::throttle::retry_after_secs;
@@ -113,7 +114,8 @@ pub async fn require_admin(
     } else if let Some(id) = session_cookie(req.headers()) {
         let session = state
             .sessions
-            .touch(id, Instant::now())
+            .touch(id, now_ms())
+            .await?
             .ok_or(ApiError::Unauthorized)?;
         if changes_state(req.method()) {
             let csrf = req.headers().get(CSRF_HEADER).map(|v| v.as_bytes());

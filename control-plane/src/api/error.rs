@@ -1,6 +1,6 @@
 //! API errors: `{"error": code, "message": sentence, "field"?: name}` with the right status.
 
-use crate::store::{rfc3339, StoreError};
+use crate::domain::{rfc3339, DomainError};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -12,7 +12,7 @@ pub struct ErrorBody {
     /// A snake_case code: `invalid_field`, `invalid_body`, `unauthorized`, `too_many_failures`,
     /// `csrf_failed`, `not_found`, `no_route`, `method_not_allowed`, `request_timeout`,
     /// `conflict`, `already_revoked`, `payload_too_large`, `unsupported_media_type`,
-    /// `internal`.
+    /// `store_unavailable` (503, with `Retry-After`), `shutting_down` (503), `internal`.
     pub error: String,
     pub message: String,
     /// The field or query parameter at fault (`invalid_field`), or `content-type`
@@ -58,6 +58,10 @@ pub enum ApiError {
     /// A body that is not labelled as JSON.
     UnsupportedMediaType,
     Conflict(String),
+    /// The database is unreachable; the client should try again shortly.
+    StoreUnavailable(String),
+    /// The server is stopping (a readiness probe's answer).
+    ShuttingDown,
     Internal(String),
 }
 
@@ -70,15 +74,22 @@ impl ApiError {
     }
 }
 
-impl From<StoreError> for ApiError {
-    fn from(e: StoreError) -> ApiError {
+impl From<DomainError> for ApiError {
+    fn from(e: DomainError) -> ApiError {
         match e {
-            StoreError::NotFound => ApiError::NotFound,
-            StoreError::Revoked { at } => ApiError::Revoked { at },
-            StoreError::Conflict(m) => ApiError::Conflict(m),
-            StoreError::Invalid { field, message } => ApiError::field(field, message),
-            StoreError::Backend(m) => ApiError::Internal(m),
+            DomainError::NotFound => ApiError::NotFound,
+            DomainError::Revoked { at } => ApiError::Revoked { at },
+            DomainError::Conflict(m) => ApiError::Conflict(m),
+            DomainError::Invalid { field, message } => ApiError::field(field, message),
+            DomainError::Unavailable(m) => ApiError::StoreUnavailable(m),
+            DomainError::Internal(m) => ApiError::Internal(m),
         }
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> ApiError {
+        DomainError::from(e).into()
     }
 }
 
@@ -155,6 +166,20 @@ impl IntoResponse for ApiError {
             ApiError::Conflict(message) => (
                 StatusCode::CONFLICT,
                 json!({"error": "conflict", "message": message}),
+            ),
+            ApiError::StoreUnavailable(detail) => {
+                tracing::warn!(%detail, "store unavailable");
+                let body = json!({"error": "store_unavailable", "message": "The database is unavailable; try again shortly."});
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    [(header::RETRY_AFTER, "1")],
+                    Json(body),
+                )
+                    .into_response();
+            }
+            ApiError::ShuttingDown => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({"error": "shutting_down", "message": "This replica is shutting down."}),
             ),
             ApiError::Internal(detail) => {
                 tracing::error!(%detail, "internal error");

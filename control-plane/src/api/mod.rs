@@ -10,16 +10,14 @@ mod sync;
 mod tokens;
 mod usage;
 
-pub use audit::ACTIONS as AUDIT_ACTIONS;
 pub use error::ApiError;
 
-use crate::metrics::Metrics;
-use crate::policy::Policy;
-use crate::sessions::Sessions;
-use crate::store::{Store, StoreError};
+use crate::domain::{Feed, Sessions, Tokens};
+use crate::metrics::{Live, Metrics};
+use crate::store::Store;
 use crate::throttle::Throttle;
-use axum::extract::State;
-use axum::extract::{ConnectInfo, Request};
+use axum::extract::{ConnectInfo, MatchedPath, Request, State};
+use axum::http::header::CONTENT_TYPE;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -41,20 +39,24 @@ pub struct Admin {
 
 #[derive(Clone)]
 pub struct AppState {
+    /// Read directly only by the sync long-poll and the readiness check; every decision goes
+    /// through `tokens` and `sessions`.
     pub store: Arc<dyn Store>,
+    pub tokens: Arc<Tokens>,
+    pub sessions: Arc<Sessions>,
+    /// Answers woken long-polls, one read per version.
+    pub feed: Arc<Feed>,
+    pub metrics: Arc<Metrics>,
     pub admins: Arc<[Admin]>,
     pub sync_token: Arc<str>,
-    pub policy: Policy,
     /// Longest a `/v1/sync` long-poll is held (also its default).
     pub sync_max_wait: Duration,
     pub sync_page_size: u32,
     /// Turns true when the server is shutting down: waiting long-polls answer at once.
     pub shutdown: watch::Receiver<bool>,
-    pub sessions: Arc<Sessions>,
     pub console: ConsoleSettings,
     /// Failed credential checks per client address.
     pub throttle: Arc<Throttle>,
-    pub metrics: Arc<Metrics>,
 }
 
 /// The web console's settings.
@@ -78,16 +80,20 @@ impl Default for ConsoleSettings {
     }
 }
 
-/// Runs a store call off the async workers (SQLite fsyncs on every write).
-async fn blocking<T: Send + 'static>(
-    state: &AppState,
-    f: impl FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
-) -> Result<T, ApiError> {
-    let store = state.store.clone();
-    tokio::task::spawn_blocking(move || f(store.as_ref()))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-        .map_err(ApiError::from)
+/// The route template a request matched (`/v1/tokens/{id}`), carried out to the access log.
+#[derive(Clone)]
+struct Route(String);
+
+async fn tag_route(req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| Route(p.as_str().to_string()));
+    let mut resp = next.run(req).await;
+    if let Some(r) = route {
+        resp.extensions_mut().insert(r);
+    }
+    resp
 }
 
 /// The client's address: the TCP peer (without one, as in a test that serves the router
@@ -98,16 +104,23 @@ pub fn client_ip(extensions: &axum::http::Extensions) -> IpAddr {
         .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip())
 }
 
-/// One line per request. The path only: queries and headers may carry what must not be logged.
-async fn access_log(req: Request, next: Next) -> Response {
+/// One line per request, and the request counted by route template and status. The path
+/// only: queries and headers may carry what must not be logged.
+async fn access_log(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
     let client = client_ip(req.extensions());
     let started = Instant::now();
     let resp = next.run(req).await;
+    let status = resp.status().as_u16();
+    let route = resp
+        .extensions()
+        .get::<Route>()
+        .map_or("unmatched", |r| r.0.as_str());
+    state.metrics.http(route, method.as_str(), status);
     tracing::info!(
         %method,
         %path,
-        status = resp.status().as_u16(),
+        status,
         ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
         %client,
         "request"
@@ -116,21 +129,45 @@ async fn access_log(req: Request, next: Next) -> Response {
 }
 
 #[utoipa::path(get, path = "/healthz", tag = "operations",
-    responses((status = 200, description = "The server is up", content_type = "application/json")))]
+    responses((status = 200, description = "The process answers (liveness)", content_type = "application/json")))]
 async fn healthz() -> Json<serde_json::Value> {
     Json(serde_json::json!({"status": "ok"}))
 }
 
+/// How long a readiness probe waits for the database.
+const READY_TIMEOUT: Duration = Duration::from_secs(2);
+
+async fn store_ready(state: &AppState) -> Result<(), ApiError> {
+    if *state.shutdown.borrow() {
+        return Err(ApiError::ShuttingDown);
+    }
+    match tokio::time::timeout(READY_TIMEOUT, state.store.ping()).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(ApiError::StoreUnavailable(format!(
+            "no answer within {READY_TIMEOUT:?}"
+        ))),
+    }
+}
+
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses((status = 200, description = "The store answers: this replica can serve", content_type = "application/json"),
+        (status = 503, description = "The store does not answer (`store_unavailable`), or the server is shutting down (`shutting_down`)", body = error::ErrorBody)))]
+async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    store_ready(&state).await?;
+    Ok(Json(serde_json::json!({"status": "ready"})))
+}
+
 #[utoipa::path(get, path = "/metrics", tag = "operations",
-    responses((status = 200, description = "Prometheus text: failed and throttled credential checks, connections open and closed by reason", content_type = "text/plain")))]
-async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    responses((status = 200, description = "Prometheus text (no token ids, names, credentials or client addresses in labels): credential checks refused and throttled, connections, long-polls, sync answers and reads, the version, store latency and errors, the database pool, webhook outcomes, job runs, requests by route and status", content_type = "text/plain")))]
+async fn metrics(State(state): State<AppState>) -> Response {
+    let ready = store_ready(&state).await.is_ok();
+    let live = Live::of(state.store.as_ref(), state.feed.reads(), ready);
+    let body = state.metrics.render(&live);
     (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        state.metrics.render(),
+        [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        body,
     )
+        .into_response()
 }
 
 async fn no_route() -> ApiError {
@@ -165,6 +202,7 @@ fn routes(state: &AppState) -> OpenApiRouter<AppState> {
         ));
     OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .routes(routes!(healthz))
+        .routes(routes!(readyz))
         .routes(routes!(metrics))
         .routes(routes!(session::sign_in, session::current))
         .merge(admin)
@@ -194,8 +232,9 @@ pub fn app(state: AppState) -> Router {
                 async move { Json(doc.as_ref().clone()) }
             }),
         )
+        .route_layer(middleware::from_fn(tag_route))
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(middleware::from_fn(access_log))
+        .layer(middleware::from_fn_with_state(state.clone(), access_log))
         .with_state(state)
 }

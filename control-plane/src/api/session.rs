@@ -5,6 +5,7 @@
 use super::auth::{admin_named_by, guarded, session_cookie, Actor, COOKIE};
 use super::body::{parse_json, JsonBody};
 use super::{ApiError, AppState};
+use crate::domain::sessions::now_ms;
 use crate::metrics::Credential;
 use crate::policy::KindPolicy;
 use axum::extract::{ConnectInfo, Request, State};
@@ -14,7 +15,6 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::time::Instant;
 use utoipa::ToSchema;
 
 #[derive(Deserialize, ToSchema)]
@@ -61,8 +61,8 @@ fn view(state: &AppState, actor: &str, csrf: String) -> SessionView {
         actor: actor.to_string(),
         csrf_token: csrf,
         idle_timeout_seconds: state.sessions.limits().idle.as_secs(),
-        user: state.policy.user.into(),
-        service: state.policy.service.into(),
+        user: state.tokens.policy().user.into(),
+        service: state.tokens.policy().service.into(),
         expiry_warning_seconds: state.console.expiry_warning_seconds,
     }
 }
@@ -101,7 +101,7 @@ pub async fn sign_in(
     let actor = guarded(&state, client, Credential::SignIn, || {
         admin_named_by(&state, credential.trim().as_bytes())
     })?;
-    let issued = state.sessions.start(actor.clone(), Instant::now());
+    let issued = state.sessions.start(&actor, now_ms()).await?;
     tracing::info!(actor = %actor, "console sign-in");
     let max_age = state.sessions.limits().absolute.as_secs();
     let set = cookie(&state, &issued.id, max_age)?;
@@ -119,7 +119,8 @@ pub async fn current(
     let id = session_cookie(req.headers()).ok_or(ApiError::Unauthorized)?;
     let s = state
         .sessions
-        .touch(id, Instant::now())
+        .touch(id, now_ms())
+        .await?
         .ok_or(ApiError::Unauthorized)?;
     Ok(Json(view(&state, &s.actor, s.csrf)))
 }
@@ -135,7 +136,7 @@ pub async fn sign_out(
     req: Request,
 ) -> Result<Response, ApiError> {
     if let Some(id) = session_cookie(req.headers()) {
-        state.sessions.end(id);
+        state.sessions.end(id).await?;
     }
     if let Some(axum::Extension(a)) = actor {
         tracing::info!(actor = %a.0, "console sign-out");

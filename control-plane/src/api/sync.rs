@@ -1,10 +1,16 @@
 //! `GET /v1/sync`: the filters' long-poll. Semantics are documented in `tokengate_wire::sync`.
 
 use super::body::Params;
-use super::{blocking, ApiError, AppState};
+use super::{ApiError, AppState};
+use crate::domain::feed::Answer;
+use crate::metrics::SyncAnswer;
 use crate::store::{Status, TokenRow};
+use axum::body::{Body, Bytes};
 use axum::extract::State;
+use axum::http::header::CONTENT_TYPE;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
+use std::sync::Arc;
 use std::time::Duration;
 use tokengate_wire::{SyncRecord, SyncResponse, SyncStatus};
 
@@ -104,16 +110,14 @@ async fn snapshot(
     version: u64,
     after: Option<String>,
 ) -> Result<SyncResponse, ApiError> {
-    let page = state.sync_page_size;
-    let (rows, count) = blocking(state, move |s| {
-        let rows = s.snapshot_page(after.as_deref(), page + 1)?;
-        Ok((rows, s.live_count()?))
-    })
-    .await?;
-    let mut rows = rows;
-    let next_cursor = if rows.len() > page as usize {
-        rows.truncate(page as usize);
-        rows.last().map(|r| format!("{version}:{}", r.id))
+    let size = state.sync_page_size;
+    let mut page = state
+        .store
+        .snapshot_page(after.as_deref(), size + 1)
+        .await?;
+    let next_cursor = if page.rows.len() > size as usize {
+        page.rows.truncate(size as usize);
+        page.rows.last().map(|r| format!("{version}:{}", r.id))
     } else {
         None
     };
@@ -121,26 +125,46 @@ async fn snapshot(
         store_id: state.store.store_id().to_string(),
         version,
         snapshot: true,
-        changes: to_wire_all(rows, true),
+        changes: to_wire_all(page.rows, true),
         next_cursor,
-        token_count: count,
+        token_count: page.live,
     })
 }
 
-async fn changes(state: &AppState, since: u64) -> Result<SyncResponse, ApiError> {
-    let page = state.sync_page_size;
-    let (rows, count) = blocking(state, move |s| {
-        Ok((s.changes_since(since, page)?, s.live_count()?))
-    })
-    .await?;
-    Ok(SyncResponse {
+/// A shared answer as JSON, serialised by the first poll that sends it.
+fn rendered(state: &AppState, answer: &Answer) -> Result<Arc<[u8]>, ApiError> {
+    if let Some(body) = answer.rendered.get() {
+        return Ok(body.clone());
+    }
+    let rows = answer.changes.rows.clone();
+    let body = serde_json::to_vec(&SyncResponse {
         store_id: state.store.store_id().to_string(),
-        version: rows.last().map_or(since, |r| r.version),
+        version: rows.last().map_or(answer.since, |r| r.version),
         snapshot: false,
         changes: to_wire_all(rows, false),
         next_cursor: None,
-        token_count: count,
+        token_count: answer.changes.live,
     })
+    .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(answer.rendered.get_or_init(|| body.into()).clone())
+}
+
+fn json(body: Arc<[u8]>) -> Response {
+    (
+        [(CONTENT_TYPE, "application/json")],
+        Body::from(Bytes::from_owner(body)),
+    )
+        .into_response()
+}
+
+async fn answer_snapshot(
+    state: &AppState,
+    version: u64,
+    after: Option<String>,
+) -> Result<Response, ApiError> {
+    let page = snapshot(state, version, after).await?;
+    state.metrics.sync_answer(SyncAnswer::Snapshot);
+    Ok(Json(page).into_response())
 }
 
 #[utoipa::path(get, path = "/v1/sync", tag = "filters", security(("sync" = [])),
@@ -157,7 +181,7 @@ async fn changes(state: &AppState, since: u64) -> Result<SyncResponse, ApiError>
 pub async fn sync(
     State(state): State<AppState>,
     Params(params): Params,
-) -> Result<Json<SyncResponse>, ApiError> {
+) -> Result<Response, ApiError> {
     let q = SyncQuery::from_params(params);
     let since = number("since", q.since.as_deref())?.unwrap_or(0);
     let wait = number("wait", q.wait.as_deref())?
@@ -165,23 +189,29 @@ pub async fn sync(
         .min(state.sync_max_wait);
     if let Some(c) = &q.cursor {
         let (version, after) = parse_cursor(c)?;
-        return Ok(Json(snapshot(&state, version, Some(after)).await?));
+        return answer_snapshot(&state, version, Some(after)).await;
     }
     // Subscribe before reading the version so that no change can slip between the two.
     let mut changed = state.store.subscribe();
-    let current = *changed.borrow_and_update();
-    // Purged rows never reach a client that is older than them: it starts over.
-    let horizon = blocking(&state, |s| s.horizon()).await?;
+    let mut current = *changed.borrow_and_update();
+    if since > current {
+        // This replica may not have heard yet of a change that another one handed out: ask
+        // the database before taking the client for one of another store's. (Were it taken
+        // for one, the client would get a snapshot at an older version: a step back.)
+        current = state.store.version().await?;
+    }
     let foreign = q
         .store_id
         .as_deref()
         .is_some_and(|id| id != state.store.store_id());
     // A client that names this store holds its state, even an empty one at version 0.
     let fresh = since == 0 && q.store_id.is_none();
-    if fresh || since > current || foreign || since < horizon {
-        return Ok(Json(snapshot(&state, current, None).await?));
+    if fresh || since > current || foreign {
+        return answer_snapshot(&state, current, None).await;
     }
+    let mut seen = current;
     if since == current {
+        let _held = state.metrics.hold_poll();
         tracing::debug!(
             since,
             wait_seconds = wait.as_secs(),
@@ -196,7 +226,8 @@ pub async fn sync(
             }
             tokio::select! {
                 r = changed.changed() => {
-                    if r.is_err() || *changed.borrow_and_update() > since {
+                    seen = *changed.borrow_and_update();
+                    if r.is_err() || seen > since {
                         break;
                     }
                 }
@@ -209,5 +240,18 @@ pub async fn sync(
             }
         }
     }
-    Ok(Json(changes(&state, since).await?))
+    // Every poll woken by the same version shares this read.
+    let answer = state.feed.changes(since, seen).await?;
+    // Purged rows never reach a client that is older than them: it starts over.
+    if since < answer.changes.horizon {
+        return answer_snapshot(&state, seen.max(current), None).await;
+    }
+    state
+        .metrics
+        .sync_answer(if answer.changes.rows.is_empty() {
+            SyncAnswer::NoChange
+        } else {
+            SyncAnswer::Changes
+        });
+    Ok(json(rendered(&state, &answer)?))
 }

@@ -2,12 +2,11 @@
 
 use super::auth::Actor;
 use super::body::{nullable, parse_json, JsonBody, Params, TokenId};
-use super::{blocking, ApiError, AppState};
+use super::{ApiError, AppState};
+use crate::domain::rfc3339;
+use crate::domain::tokens::{Expiry, NewToken, Patch, MAX_EXPIRY};
 use crate::duration;
-use crate::policy::Refusal;
-use crate::rotation::{self, MAX_GRACE_SECONDS};
-use crate::secrets;
-use crate::store::{parse_kind, Change, ListQuery, Status, StoreError, TokenRow};
+use crate::store::{parse_kind, ListQuery, Status, TokenRow};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
@@ -16,11 +15,6 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use tokengate_wire::Kind;
 use utoipa::{IntoParams, ToSchema};
-
-const MAX_RPS: u32 = 1_000_000;
-const MAX_BURST: u32 = 10_000_000;
-
-use crate::store::rfc3339;
 
 /// A token as the API shows it (never its secret or hash).
 #[derive(Serialize, ToSchema)]
@@ -81,71 +75,16 @@ fn view(r: TokenRow) -> Json<TokenView> {
     Json(TokenView::new(r, Utc::now().timestamp()))
 }
 
-/// The latest expiry RFC 3339 can write with its four-digit year: 9999-12-31T23:59:59Z.
-const MAX_EXPIRY: i64 = 253_402_300_799;
-
-fn check_text(field: &str, v: &str) -> Result<(), ApiError> {
-    crate::text::check(v).map_err(|m| ApiError::field(field, m))
-}
-
-fn check_max_rps(v: Option<u32>) -> Result<(), ApiError> {
-    match v {
-        Some(n) if n == 0 || n > MAX_RPS => Err(ApiError::field(
-            "max_rps",
-            format!("must be between 1 and {MAX_RPS}, or null for unlimited"),
-        )),
-        _ => Ok(()),
-    }
-}
-
-fn check_burst(burst: Option<u32>, max_rps: Option<u32>) -> Result<(), ApiError> {
-    match burst {
-        Some(n) if n == 0 || n > MAX_BURST => Err(ApiError::field(
-            "burst",
-            format!("must be between 1 and {MAX_BURST}"),
-        )),
-        Some(_) if max_rps.is_none() => Err(ApiError::field(
-            "burst",
-            "needs max_rps: an unlimited token has no burst",
-        )),
-        _ => Ok(()),
-    }
-}
-
-fn parse_future_time(field: &str, v: &str, now: i64) -> Result<i64, ApiError> {
-    let t = DateTime::parse_from_rfc3339(v)
+/// An RFC 3339 time; whether it may be an expiry is the domain's to say.
+fn parse_time(field: &str, v: &str) -> Result<i64, ApiError> {
+    DateTime::parse_from_rfc3339(v)
+        .map(|t| t.timestamp())
         .map_err(|_| {
             ApiError::field(
                 field,
                 "must be an RFC 3339 time such as 2030-01-31T12:00:00Z",
             )
-        })?
-        .timestamp();
-    if t <= now {
-        return Err(ApiError::field(field, "must be in the future"));
-    }
-    if t > MAX_EXPIRY {
-        return Err(ApiError::field(
-            field,
-            "must be at most 9999-12-31T23:59:59Z",
-        ));
-    }
-    Ok(t)
-}
-
-impl From<Refusal> for ApiError {
-    fn from(r: Refusal) -> ApiError {
-        ApiError::field(r.field, r.message)
-    }
-}
-
-impl From<Refusal> for StoreError {
-    fn from(r: Refusal) -> StoreError {
-        StoreError::Invalid {
-            field: r.field,
-            message: r.message,
-        }
-    }
+        })
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -193,27 +132,13 @@ pub async fn create(
     let name = b
         .name
         .ok_or_else(|| ApiError::field("name", "is required"))?;
-    check_text("name", &name)?;
     let kind = match b.kind.as_deref() {
         None => Kind::User,
         Some(k) => {
             parse_kind(k).ok_or_else(|| ApiError::field("kind", "must be `user` or `service`"))?
         }
     };
-    let owner = match (b.owner, kind) {
-        (Some(o), _) => o,
-        (None, Kind::User) => actor.0.to_string(),
-        (None, Kind::Service) => {
-            return Err(ApiError::field(
-                "owner",
-                "is required for service tokens: name the group that owns the automation",
-            ))
-        }
-    };
-    check_text("owner", &owner)?;
-    check_max_rps(b.max_rps)?;
-    check_burst(b.burst, b.max_rps)?;
-    let (expires_at, field) = match (b.expires_in_seconds, b.expires_at) {
+    let expiry = match (b.expires_in_seconds, b.expires_at) {
         (Some(_), Some(_)) => {
             return Err(ApiError::field(
                 "expires_at",
@@ -226,59 +151,43 @@ pub async fn create(
                 "must be a positive number of seconds",
             ))
         }
-        (Some(s), None) => {
-            let t = now.saturating_add(i64::try_from(s).unwrap_or(i64::MAX));
-            // Past this an expiry cannot be written as RFC 3339, and would show as 1970.
-            if t > MAX_EXPIRY {
-                return Err(ApiError::field(
-                    "expires_in_seconds",
-                    "must end by 9999-12-31T23:59:59Z",
-                ));
-            }
-            (Some(t), "expires_in_seconds")
-        }
-        (None, Some(t)) => (
-            Some(parse_future_time("expires_at", &t, now)?),
-            "expires_at",
-        ),
-        (None, None) => (None, "expires_in_seconds"),
+        (Some(s), None) => Expiry {
+            // Saturated past the latest expiry, which the domain refuses.
+            at: Some(
+                now.saturating_add(i64::try_from(s).unwrap_or(i64::MAX))
+                    .min(MAX_EXPIRY + 1),
+            ),
+            field: "expires_in_seconds",
+        },
+        (None, Some(t)) => Expiry {
+            at: Some(parse_time("expires_at", &t)?),
+            field: "expires_at",
+        },
+        (None, None) => Expiry {
+            at: None,
+            field: "expires_in_seconds",
+        },
     };
-    state.policy.check(kind, now, expires_at, field)?;
-    let secret = secrets::new_token();
-    let row = TokenRow {
-        id: secrets::new_id(),
-        hash: secrets::sha256_hex(secret.as_bytes()),
-        name,
-        kind,
-        owner,
-        status: Status::Active,
-        max_rps: b.max_rps,
-        burst: b.burst,
-        created_at: now,
-        updated_at: now,
-        expires_at,
-        last_used_at: None,
-        version: 0,
-        requests_allowed: 0,
-        requests_denied: 0,
-        rotated_at: None,
-        retired: vec![],
-    };
-    let row = blocking(&state, move |s| {
-        s.create(
-            row,
-            Change {
-                actor: &actor.0,
-                action: "token.created",
+    let created = state
+        .tokens
+        .create(
+            &actor.0,
+            NewToken {
+                name,
+                kind,
+                owner: b.owner,
+                max_rps: b.max_rps,
+                burst: b.burst,
+                expiry,
             },
+            now,
         )
-    })
-    .await?;
+        .await?;
     Ok((
         StatusCode::CREATED,
         Json(WithSecret {
-            token: TokenView::new(row, now),
-            secret,
+            token: TokenView::new(created.token, now),
+            secret: created.secret,
         }),
     ))
 }
@@ -384,7 +293,7 @@ pub async fn list(
     let limit = query.limit as usize;
     // One extra row tells whether another page exists.
     query.limit += 1;
-    let mut rows = blocking(&state, move |s| s.list(&query)).await?;
+    let mut rows = state.tokens.list(&query).await?;
     let next_cursor = if rows.len() > limit {
         rows.truncate(limit);
         rows.last().map(|r| r.id.clone())
@@ -406,7 +315,7 @@ pub async fn get(
     State(state): State<AppState>,
     TokenId(id): TokenId,
 ) -> Result<Json<TokenView>, ApiError> {
-    Ok(view(blocking(&state, move |s| s.get(&id)).await?))
+    Ok(view(state.tokens.get(&id).await?))
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -427,13 +336,6 @@ pub struct PatchBody {
     #[serde(default, deserialize_with = "nullable")]
     #[schema(value_type = Option<String>)]
     expires_at: Option<Option<String>>,
-}
-
-fn change<'a>(actor: &'a Actor, action: &'static str) -> Change<'a> {
-    Change {
-        actor: &actor.0,
-        action,
-    }
 }
 
 #[utoipa::path(patch, path = "/v1/tokens/{id}", tag = "tokens", security(("admin" = [])),
@@ -459,58 +361,22 @@ pub async fn update(
         ));
     }
     let name = match p.name {
-        Some(Some(name)) => {
-            check_text("name", &name)?;
-            Some(name)
-        }
+        Some(Some(name)) => Some(name),
         Some(None) => return Err(ApiError::field("name", "cannot be null")),
         None => None,
     };
-    if let Some(max_rps) = p.max_rps {
-        check_max_rps(max_rps)?;
-    }
     let expires_at = match &p.expires_at {
-        Some(Some(t)) => Some(Some(parse_future_time("expires_at", t, now)?)),
+        Some(Some(t)) => Some(Some(parse_time("expires_at", t)?)),
         Some(None) => Some(None),
         None => None,
     };
-    let policy = state.policy;
-    let row = blocking(&state, move |s| {
-        s.update(
-            &id,
-            now,
-            change(&actor, "token.updated"),
-            &|row: &mut TokenRow| {
-                let before = row.clone();
-                if let Some(name) = &name {
-                    row.name = name.clone();
-                }
-                if let Some(max_rps) = p.max_rps {
-                    row.max_rps = max_rps;
-                    if max_rps.is_none() {
-                        row.burst = None;
-                    }
-                }
-                if let Some(burst) = p.burst {
-                    row.burst = burst;
-                }
-                if let Some(e) = expires_at {
-                    row.expires_at = e;
-                    policy.check(row.kind, now, e, "expires_at")?;
-                }
-                check_burst(row.burst, row.max_rps).map_err(|e| match e {
-                    ApiError::Field { message, .. } => StoreError::Invalid {
-                        field: "burst",
-                        message,
-                    },
-                    other => StoreError::Backend(format!("{other:?}")),
-                })?;
-                Ok(*row != before)
-            },
-        )
-    })
-    .await?;
-    Ok(view(row))
+    let patch = Patch {
+        name,
+        max_rps: p.max_rps,
+        burst: p.burst,
+        expires_at,
+    };
+    Ok(view(state.tokens.update(&actor.0, &id, patch, now).await?))
 }
 
 async fn set_status(
@@ -518,17 +384,9 @@ async fn set_status(
     actor: Actor,
     id: String,
     to: Status,
-    action: &'static str,
 ) -> Result<TokenRow, ApiError> {
     let now = Utc::now().timestamp();
-    blocking(&state, move |s| {
-        s.update(&id, now, change(&actor, action), &|row: &mut TokenRow| {
-            let changed = row.status != to;
-            row.status = to;
-            Ok(changed)
-        })
-    })
-    .await
+    Ok(state.tokens.set_status(&actor.0, &id, to, now).await?)
 }
 
 #[utoipa::path(post, path = "/v1/tokens/{id}/suspend", tag = "tokens", security(("admin" = [])),
@@ -541,9 +399,7 @@ pub async fn suspend(
     Extension(actor): Extension<Actor>,
     TokenId(id): TokenId,
 ) -> Result<Json<TokenView>, ApiError> {
-    Ok(view(
-        set_status(state, actor, id, Status::Suspended, "token.suspended").await?,
-    ))
+    Ok(view(set_status(state, actor, id, Status::Suspended).await?))
 }
 
 #[utoipa::path(post, path = "/v1/tokens/{id}/reactivate", tag = "tokens", security(("admin" = [])),
@@ -556,9 +412,7 @@ pub async fn reactivate(
     Extension(actor): Extension<Actor>,
     TokenId(id): TokenId,
 ) -> Result<Json<TokenView>, ApiError> {
-    Ok(view(
-        set_status(state, actor, id, Status::Active, "token.reactivated").await?,
-    ))
+    Ok(view(set_status(state, actor, id, Status::Active).await?))
 }
 
 #[utoipa::path(delete, path = "/v1/tokens/{id}", tag = "tokens", security(("admin" = [])),
@@ -572,7 +426,7 @@ pub async fn revoke(
     Extension(actor): Extension<Actor>,
     TokenId(id): TokenId,
 ) -> Result<StatusCode, ApiError> {
-    match set_status(state, actor, id, Status::Revoked, "token.revoked").await {
+    match set_status(state, actor, id, Status::Revoked).await {
         Ok(_) => Ok(StatusCode::NO_CONTENT),
         Err(ApiError::Revoked { at }) => Err(ApiError::AlreadyRevoked { at }),
         Err(e) => Err(e),
@@ -606,29 +460,10 @@ pub async fn rotate(
     } else {
         parse_json::<RotateBody>(&body)?.grace_seconds.unwrap_or(0)
     };
-    if grace > MAX_GRACE_SECONDS {
-        return Err(ApiError::field(
-            "grace_seconds",
-            format!("must be at most {MAX_GRACE_SECONDS} (30 days)"),
-        ));
-    }
     let now = Utc::now().timestamp();
-    let secret = secrets::new_token();
-    let hash = secrets::sha256_hex(secret.as_bytes());
-    let row = blocking(&state, move |s| {
-        s.update(
-            &id,
-            now,
-            change(&actor, "token.rotated"),
-            &|row: &mut TokenRow| {
-                rotation::rotate(row, hash.clone(), now, grace);
-                Ok(true)
-            },
-        )
-    })
-    .await?;
+    let rotated = state.tokens.rotate(&actor.0, &id, grace, now).await?;
     Ok(Json(WithSecret {
-        token: TokenView::new(row, now),
-        secret,
+        token: TokenView::new(rotated.token, now),
+        secret: rotated.secret,
     }))
 }

@@ -2,7 +2,7 @@
 //! documented in `tokengate_wire::usage`.
 
 use super::body::{parse_json, JsonBody, USAGE_BODY_LIMIT};
-use super::{blocking, ApiError, AppState};
+use super::{ApiError, AppState};
 use axum::extract::State;
 use axum::http::StatusCode;
 use chrono::Utc;
@@ -26,7 +26,7 @@ pub async fn report(
         )));
     }
     let now = Utc::now().timestamp();
-    let matched = blocking(&state, move |s| s.record_usage(now, &report.entries)).await?;
+    let matched = state.tokens.record_usage(&report.entries, now).await?;
     tracing::debug!(matched, "usage recorded");
     Ok(StatusCode::NO_CONTENT)
 }

@@ -79,7 +79,7 @@ pub struct AuditArgs {
     #[arg(long, value_name = "NAME")]
     pub actor: Option<String>,
     /// Only this action
-    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(crate::api::AUDIT_ACTIONS.iter().copied()))]
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(crate::domain::audit::ACTIONS.iter().copied()))]
     pub action: Option<String>,
     /// From this time on (RFC 3339, e.g. 2030-01-31T00:00:00Z)
     #[arg(long, value_name = "TIME")]

@@ -1,12 +1,19 @@
-//! Persistence behind one trait, so that a PostgreSQL backend for several replicas is an
-//! addition: versions come from the database and the change signal from the store.
+//! Persistence behind one trait, and nothing else: what to write is decided by the domain
+//! layer (`crate::domain`), which both backends share. A store assigns versions (in commit
+//! order, so that no poller can miss a change), keeps each write and its audit entry in one
+//! transaction, and publishes the latest committed version to its subscribers.
 
 mod audit;
+#[cfg(test)]
+mod contract;
+mod postgres;
 mod sqlite;
 
-pub use audit::{rfc3339, AuditEntry, AuditQuery};
+use async_trait::async_trait;
+pub use audit::{AuditEntry, AuditQuery, AuditRecord};
+pub use postgres::{redacted, PgSettings, PostgresStore};
 use serde::{Deserialize, Serialize};
-pub use sqlite::{SqliteStore, SYSTEM};
+pub use sqlite::SqliteStore;
 use tokengate_wire::{Kind, UsageEntry};
 use tokio::sync::watch;
 
@@ -103,21 +110,52 @@ pub struct ListQuery {
     pub limit: u32,
 }
 
-/// Who made a change and what it was, for the audit trail.
-#[derive(Debug, Clone, Copy)]
-pub struct Change<'a> {
-    pub actor: &'a str,
-    pub action: &'static str,
-}
-
-/// An expiry warning issued (once per token, expiry time and lead time).
+/// Rows changed after a version, read in one snapshot with what a sync answer needs beside.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Warning {
-    pub token: TokenRow,
-    pub lead_seconds: i64,
+pub struct Changes {
+    /// By version, at most the limit asked for.
+    pub rows: Vec<TokenRow>,
+    /// Highest version of any purged row or dropped secret: a client holding an older
+    /// version resnapshots.
+    pub horizon: u64,
+    /// Tokens that are not revoked.
+    pub live: u64,
 }
 
-/// A webhook delivery waiting in the outbox.
+/// One page of a full snapshot (tombstones included), by id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page {
+    pub rows: Vec<TokenRow>,
+    pub live: u64,
+}
+
+/// A token whose expiry is near, with the tightest warning lead already issued for that
+/// expiry time (if any).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expiring {
+    pub token: TokenRow,
+    pub warned_lead: Option<i64>,
+}
+
+/// An expiry warning to record: once per token, expiry time and lead.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WarningRecord {
+    pub token_id: String,
+    pub expires_at: i64,
+    pub lead: i64,
+    pub at: i64,
+}
+
+/// A webhook event to put in the outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub id: String,
+    pub kind: String,
+    pub payload: String,
+    pub at: i64,
+}
+
+/// A webhook delivery taken from the outbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Delivery {
     pub id: i64,
@@ -134,91 +172,203 @@ pub enum DeliveryOutcome {
     GaveUp { error: String },
 }
 
-/// Builds a webhook event (id, type, payload) for a warning; `None` when no webhook is set.
-pub type WebhookEvent<'a> = Option<&'a (dyn Fn(&Warning) -> (String, String, String) + Sync)>;
+/// A console session as stored: the key is `sha256(session id)`; times in Unix
+/// milliseconds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionRow {
+    pub key: String,
+    pub actor: String,
+    pub started_at: i64,
+    pub last_used_at: i64,
+}
+
+/// An outbox event as stored, with its delivery state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxRow {
+    pub id: i64,
+    pub event_id: String,
+    pub event_type: String,
+    pub payload: String,
+    pub created_at: i64,
+    pub attempts: u32,
+    pub next_attempt_at: i64,
+    pub delivered_at: Option<i64>,
+    pub failed_at: Option<i64>,
+    pub last_error: Option<String>,
+}
+
+/// Everything a store holds but console sessions, to move it into another store
+/// (`tokengate migrate`). The store id and the versions move too, so that filters keep their
+/// state across the move.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dump {
+    pub store_id: String,
+    pub version: u64,
+    pub horizon: u64,
+    /// With their creation order.
+    pub tokens: Vec<(TokenRow, i64)>,
+    pub audit: Vec<AuditEntry>,
+    pub warnings: Vec<WarningRecord>,
+    pub outbox: Vec<OutboxRow>,
+    /// Periodic job claims: name, last run, runs.
+    pub jobs: Vec<(String, i64, u64)>,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreError {
     NotFound,
-    /// The token was revoked at this time (Unix seconds); its row is a tombstone.
-    Revoked {
-        at: i64,
-    },
+    /// The row moved on since it was read (another change, maybe on another replica).
+    Stale,
     Conflict(String),
-    /// An edit refused the change; names the API field.
-    Invalid {
-        field: &'static str,
-        message: String,
-    },
+    /// The database cannot be reached (or did not answer in time): try again later.
+    Unavailable(String),
     Backend(String),
 }
-
-/// Applies a change to a row; returns false when nothing changed (no new version).
-pub type Edit<'a> = &'a (dyn Fn(&mut TokenRow) -> Result<bool, StoreError> + Sync);
 
 impl std::fmt::Display for StoreError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             StoreError::NotFound => write!(f, "not found"),
-            StoreError::Revoked { at } => write!(f, "revoked at {at}"),
+            StoreError::Stale => write!(f, "changed concurrently"),
             StoreError::Conflict(m) | StoreError::Backend(m) => write!(f, "{m}"),
-            StoreError::Invalid { field, message } => write!(f, "{field} {message}"),
+            StoreError::Unavailable(m) => write!(f, "store unavailable: {m}"),
         }
     }
 }
 
+#[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Identifies this database; filters holding another store's state resnapshot.
     fn store_id(&self) -> &str;
-    /// Inserts a new token; `row.version` is assigned by the store. Audited.
-    fn create(&self, row: TokenRow, change: Change<'_>) -> Result<TokenRow, StoreError>;
-    /// A live token; `Revoked` for a tombstone.
-    fn get(&self, id: &str) -> Result<TokenRow, StoreError>;
-    /// Live tokens by id; revoked ones never.
-    fn list(&self, q: &ListQuery) -> Result<Vec<TokenRow>, StoreError>;
-    /// Runs `edit` on a live token (`Revoked` for a tombstone) in one transaction; a change gets a new version and an
-    /// audit entry in the same transaction. A change that drops a secret hash the row
-    /// carried (its `hash` or a `retired` one) raises the horizon to the row's previous
-    /// version, so that a poller that never saw that hash's last record starts over.
-    fn update(
-        &self,
-        id: &str,
-        now: i64,
-        change: Change<'_>,
-        edit: Edit<'_>,
-    ) -> Result<TokenRow, StoreError>;
-    /// The latest version handed out (0 for an empty store).
-    fn version(&self) -> Result<u64, StoreError>;
-    /// Every row (tombstones included) changed after `since`, by version.
-    fn changes_since(&self, since: u64, limit: u32) -> Result<Vec<TokenRow>, StoreError>;
-    /// Every row (tombstones included) by id, after `after_id`.
-    fn snapshot_page(
-        &self,
-        after_id: Option<&str>,
-        limit: u32,
-    ) -> Result<Vec<TokenRow>, StoreError>;
-    /// Tokens that are not revoked.
-    fn live_count(&self) -> Result<u64, StoreError>;
-    /// The latest committed version, published after every write.
+    /// `sqlite` or `postgres`.
+    fn backend(&self) -> &'static str;
+    /// The latest committed version this process knows of; only ever moves forward. Published
+    /// after every local write, and (PostgreSQL) after other replicas' writes are heard of.
     fn subscribe(&self) -> watch::Receiver<u64>;
-    /// Highest version of any purged row or dropped secret: a client holding an older
-    /// version resnapshots.
-    fn horizon(&self) -> Result<u64, StoreError>;
-    /// Adds reported request counts; no new version. Returns how many ids matched.
-    fn record_usage(&self, now: i64, entries: &[UsageEntry]) -> Result<usize, StoreError>;
+    /// Pool figures for metrics: (connections open, idle, callers waiting, most allowed).
+    fn pool(&self) -> Option<(usize, usize, usize, usize)> {
+        None
+    }
+    /// Whether the database answers (a round trip).
+    async fn ping(&self) -> Result<(), StoreError>;
+    /// Stops the store's background work and waits for it.
+    async fn close(&self) {}
+
+    /// Inserts a new token, taking the next version; `Conflict` on a taken id or hash.
+    async fn insert(&self, row: TokenRow, audit: &AuditRecord) -> Result<TokenRow, StoreError>;
+    /// A token by id, tombstones included.
+    async fn token(&self, id: &str) -> Result<Option<TokenRow>, StoreError>;
+    /// Live (not revoked) tokens.
+    async fn list(&self, q: &ListQuery) -> Result<Vec<TokenRow>, StoreError>;
+    /// Writes `row` over the stored token if that is still at `expected_version`, taking the
+    /// next version and appending `audit` in the same transaction; with `raise_horizon`, the
+    /// horizon rises to `expected_version` in it too. `Stale` when the token moved on,
+    /// `NotFound` when it is gone. Usage counters are kept as stored.
+    async fn replace(
+        &self,
+        row: TokenRow,
+        expected_version: u64,
+        audit: &AuditRecord,
+        raise_horizon: bool,
+    ) -> Result<TokenRow, StoreError>;
+    /// Adds reported request counts (no new version); last use only moves forward and is
+    /// capped at `now`. Returns how many entries matched a token.
+    async fn record_usage(&self, now: i64, entries: &[UsageEntry]) -> Result<usize, StoreError>;
     /// Audit entries, newest first.
-    fn audit(&self, q: &AuditQuery) -> Result<Vec<AuditEntry>, StoreError>;
-    /// Deletes tokens revoked or expired at or before `cutoff`, auditing each.
-    fn purge(&self, now: i64, cutoff: i64) -> Result<Vec<TokenRow>, StoreError>;
-    /// Issues the expiry warnings due at `now` for the given lead times (seconds), each once
-    /// per token, expiry time and lead, auditing each and queueing its webhook event.
-    fn warn_expiring(
+    async fn audit(&self, q: &AuditQuery) -> Result<Vec<AuditEntry>, StoreError>;
+
+    /// The latest committed version (0 for an empty store), read from the database and
+    /// published.
+    async fn version(&self) -> Result<u64, StoreError>;
+    /// Every row (tombstones included) changed after `since`, by version.
+    async fn changes_since(&self, since: u64, limit: u32) -> Result<Changes, StoreError>;
+    /// Every row (tombstones included) by id, after `after_id`.
+    async fn snapshot_page(&self, after_id: Option<&str>, limit: u32) -> Result<Page, StoreError>;
+
+    /// Claims the run of `job` due at `now` when none was claimed in the last `period`
+    /// seconds, by any replica: true for exactly one claimant per period.
+    async fn claim_period(&self, job: &str, now: i64, period: i64) -> Result<bool, StoreError>;
+    /// How often `job` was claimed, by every replica.
+    async fn period_runs(&self, job: &str) -> Result<u64, StoreError>;
+    /// Live tokens expiring after `now` and at or before `until`, by id.
+    async fn expiring(&self, now: i64, until: i64) -> Result<Vec<Expiring>, StoreError>;
+    /// Records a warning with its audit entry and (when given) its webhook event; false when
+    /// it was already recorded (nothing is written then).
+    async fn record_warning(
+        &self,
+        warning: &WarningRecord,
+        audit: &AuditRecord,
+        event: Option<&Event>,
+    ) -> Result<bool, StoreError>;
+    /// Tokens revoked (changed last) or expired at or before `cutoff`.
+    async fn purgeable(&self, cutoff: i64, limit: u32) -> Result<Vec<TokenRow>, StoreError>;
+    /// Deletes `row` if it is still at its version, with its audit entry, and raises the
+    /// horizon to its version; false when it moved on or is gone.
+    async fn purge(&self, row: &TokenRow, audit: &AuditRecord) -> Result<bool, StoreError>;
+    /// Forgets outbox events finished at or before `cutoff`.
+    async fn prune_outbox(&self, cutoff: i64) -> Result<u64, StoreError>;
+    /// Takes up to `limit` deliveries due at `now`, each leased until `lease_until` so that no
+    /// other replica takes it meanwhile.
+    async fn claim_deliveries(
         &self,
         now: i64,
-        leads: &[i64],
-        webhook: WebhookEvent<'_>,
-    ) -> Result<Vec<Warning>, StoreError>;
-    /// Outbox entries due for a delivery attempt.
-    fn due_deliveries(&self, now: i64, limit: u32) -> Result<Vec<Delivery>, StoreError>;
-    fn delivery_result(&self, id: i64, outcome: &DeliveryOutcome) -> Result<(), StoreError>;
+        lease_until: i64,
+        limit: u32,
+    ) -> Result<Vec<Delivery>, StoreError>;
+    async fn delivery_result(&self, id: i64, outcome: &DeliveryOutcome) -> Result<(), StoreError>;
+
+    /// Adds a session; when `max` are held, ended ones go first, then the least recently
+    /// used.
+    async fn insert_session(&self, s: &SessionRow, max: usize) -> Result<(), StoreError>;
+    /// The session with this key, marked as used at `now`, if it was used after
+    /// `idle_after` and started after `started_after`; an ended one is deleted.
+    async fn touch_session(
+        &self,
+        key: &str,
+        now: i64,
+        idle_after: i64,
+        started_after: i64,
+    ) -> Result<Option<SessionRow>, StoreError>;
+    async fn delete_session(&self, key: &str) -> Result<(), StoreError>;
+    /// How many sessions are held (ended or not).
+    async fn session_count(&self) -> Result<u64, StoreError>;
+
+    /// Everything but sessions, read in one snapshot.
+    async fn export(&self) -> Result<Dump, StoreError>;
+    /// Writes a dump into this store, which must be empty (`Conflict` otherwise); it takes
+    /// the dump's store id and versions.
+    async fn import(&self, dump: &Dump) -> Result<(), StoreError>;
+}
+
+/// The committed version as one process knows it; only ever moves forward.
+#[derive(Clone)]
+pub(crate) struct Published(watch::Sender<u64>);
+
+impl Published {
+    pub(crate) fn new(version: u64) -> Published {
+        Published(watch::channel(version).0)
+    }
+
+    pub(crate) fn publish(&self, version: u64) {
+        self.0.send_if_modified(|current| {
+            let newer = version > *current;
+            if newer {
+                *current = version;
+            }
+            newer
+        });
+    }
+
+    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
+        self.0.subscribe()
+    }
+}
+
+/// The refusal to run against a database that a newer tokengate has upgraded.
+pub fn newer_schema(database: usize, known: usize) -> String {
+    format!(
+        "the database schema is version {database}, newer than this tokengate ({}) knows \
+         (up to version {known}); run a tokengate at least as new as the one that upgraded it",
+        env!("CARGO_PKG_VERSION")
+    )
 }

@@ -4,15 +4,17 @@
 
 pub mod process;
 
+use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
-use tokengate::api::{app, Admin, AppState, ConsoleSettings};
+use std::time::{Duration, Instant};
+use tokengate::api::{Admin, ConsoleSettings};
+use tokengate::app::{Application, Config, Database};
 use tokengate::connections;
-use tokengate::metrics::Metrics;
+use tokengate::domain::housekeeping::Jobs;
+use tokengate::domain::sessions::Limits;
 use tokengate::policy::Policy;
-use tokengate::sessions::{Limits, Sessions};
-use tokengate::store::{SqliteStore, Store};
-use tokengate::throttle::{self, Throttle};
+use tokengate::store::{PgSettings, Store};
+use tokengate::throttle;
 use tokio::sync::watch;
 
 pub const ADMIN: &str = "admin-credential-0123456789";
@@ -48,6 +50,7 @@ pub struct TestApp {
     pub url: String,
     pub shutdown: watch::Sender<bool>,
     pub store: Arc<dyn Store>,
+    rt: tokio::runtime::Runtime,
     _dir: tempfile::TempDir,
 }
 
@@ -72,41 +75,20 @@ pub fn lenient_throttle() -> throttle::Settings {
     }
 }
 
-pub fn spawn_app_console(
-    page_size: u32,
-    policy: Policy,
-    console: ConsoleSettings,
-    limits: Limits,
-) -> TestApp {
-    spawn_app_full(page_size, policy, console, limits, lenient_throttle())
-}
-
 /// Serves with these credential-throttle settings.
 pub fn spawn_app_throttled(settings: throttle::Settings) -> TestApp {
-    spawn_app_full(
-        100,
-        Policy::default(),
-        ConsoleSettings::default(),
-        Limits::default(),
-        settings,
-    )
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path(), 100, Policy::default());
+    config.throttle = settings;
+    spawn(config, dir)
 }
 
-/// Serves `app(state)` the way `tokengate serve` does (`connections::serve`, with client
-/// addresses), on 127.0.0.1 and a free port.
-pub fn spawn_app_full(
-    page_size: u32,
-    policy: Policy,
-    console: ConsoleSettings,
-    limits: Limits,
-    throttle: throttle::Settings,
-) -> TestApp {
-    let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("t.db")).unwrap());
-    let (shutdown, rx) = watch::channel(false);
-    let metrics = Arc::new(Metrics::default());
-    let state = AppState {
-        store: store.clone(),
+/// The configuration the API tests run with: SQLite in `dir`, no background jobs to speak
+/// of (they run on the test's own clock, through `run_once`).
+pub fn config(dir: &std::path::Path, page_size: u32, policy: Policy) -> Config {
+    Config {
+        database: Database::Sqlite(dir.join("t.db")),
+        postgres: PgSettings::default(),
         admins: vec![
             Admin {
                 name: "admin".into(),
@@ -116,47 +98,71 @@ pub fn spawn_app_full(
                 name: "ops".into(),
                 secret: OPS.into(),
             },
-        ]
-        .into(),
+        ],
         sync_token: SYNC.into(),
         policy,
         sync_max_wait: Duration::from_secs(5),
         sync_page_size: page_size,
-        shutdown: rx,
-        sessions: Arc::new(Sessions::new(limits)),
-        console,
-        throttle: Arc::new(Throttle::new(throttle)),
-        metrics: metrics.clone(),
-    };
-    let (tx, addr) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            tx.send(l.local_addr().unwrap()).unwrap();
-            connections::serve(
-                l,
-                app(state),
-                connections::Limits::default(),
-                metrics,
-                std::future::pending(),
-            )
-            .await;
-        });
+        jobs: Jobs {
+            warning_leads: vec![],
+            retention: None,
+            purge_interval: i64::MAX,
+            webhook: None,
+        },
+        jobs_interval: Duration::from_secs(3600),
+        console: ConsoleSettings::default(),
+        sessions: Limits::default(),
+        connections: connections::Limits::default(),
+        throttle: lenient_throttle(),
+    }
+}
+
+pub fn spawn_app_console(
+    page_size: u32,
+    policy: Policy,
+    console: ConsoleSettings,
+    limits: Limits,
+) -> TestApp {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path(), page_size, policy);
+    config.console = console;
+    config.sessions = limits;
+    spawn(config, dir)
+}
+
+/// Builds the application exactly as `tokengate serve` does and serves it on a free port.
+pub fn spawn(config: Config, dir: tempfile::TempDir) -> TestApp {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (shutdown, mut rx) = watch::channel(false);
+    let (app, listener) = rt.block_on(async {
+        let app = Application::build(config).await.unwrap();
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        (app, l)
     });
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let store = app.store();
+    rt.spawn(app.serve(listener, async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    }));
     TestApp {
-        url: format!("http://{}", addr.recv().unwrap()),
+        url,
         shutdown,
         store,
+        rt,
         _dir: dir,
     }
 }
 
 impl TestApp {
+    /// Runs a future (a store or domain call) to completion on the app's runtime.
+    pub fn block_on<T>(&self, f: impl Future<Output = T>) -> T {
+        self.rt.block_on(f)
+    }
+
     pub fn call(
         &self,
         method: &str,
@@ -252,6 +258,22 @@ impl TestApp {
         let (s, v) = self.admin("POST", "/v1/tokens", Some(body));
         assert_eq!(s, 201, "{v}");
         v
+    }
+
+    /// Starts a sync long-poll on another thread; joining gives its duration and answer.
+    pub fn poll_in_background(
+        &self,
+        query: &str,
+    ) -> std::thread::JoinHandle<(Duration, serde_json::Value)> {
+        let url = format!("{}/v1/sync?{query}", self.url);
+        std::thread::spawn(move || {
+            let t = Instant::now();
+            let r = ureq::get(&url)
+                .set("authorization", &format!("Bearer {SYNC}"))
+                .call()
+                .unwrap();
+            (t.elapsed(), r.into_json().unwrap())
+        })
     }
 
     pub fn sync(&self, query: &str) -> serde_json::Value {

@@ -3,8 +3,8 @@
 //! written, so a test can wait for a line instead of sleeping.
 
 use super::{ADMIN, SYNC};
+use std::ffi::OsStr;
 use std::io::Read;
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -28,19 +28,25 @@ pub struct Server {
     reader: Option<JoinHandle<()>>,
 }
 
-/// `tokengate serve` on `db` and `port` with the test credentials.
-pub fn serve(db: &Path, port: u16) -> Server {
+/// `tokengate serve` on `db` (a SQLite file or a PostgreSQL URL) and `port` with the test
+/// credentials.
+pub fn serve(db: impl AsRef<OsStr>, port: u16) -> Server {
     serve_with(db, port, &[])
 }
 
 /// [`serve`] with more options; waits for `/healthz`.
-pub fn serve_with(db: &Path, port: u16, args: &[&str]) -> Server {
+pub fn serve_with(db: impl AsRef<OsStr>, port: u16, args: &[&str]) -> Server {
     serve_limited(db, port, args, None)
 }
 
 /// [`serve_with`], optionally under a lower open-file limit (set by a shell that then execs
 /// tokengate, so the child's pid is tokengate's).
-pub fn serve_limited(db: &Path, port: u16, args: &[&str], open_files: Option<u32>) -> Server {
+pub fn serve_limited(
+    db: impl AsRef<OsStr>,
+    port: u16,
+    args: &[&str],
+    open_files: Option<u32>,
+) -> Server {
     let mut cmd = match open_files {
         Some(n) => {
             let mut c = Command::new("sh");

@@ -1,0 +1,106 @@
+//! The audit trail's shape: which fields of a token it records, how a change is reduced to
+//! the fields that moved, and the actions it names. Secrets and their hashes are never among
+//! the fields.
+
+use crate::store::{AuditRecord, TokenRow};
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde_json::{Map, Value};
+
+pub const CREATED: &str = "token.created";
+pub const UPDATED: &str = "token.updated";
+pub const SUSPENDED: &str = "token.suspended";
+pub const REACTIVATED: &str = "token.reactivated";
+pub const ROTATED: &str = "token.rotated";
+pub const REVOKED: &str = "token.revoked";
+pub const EXPIRY_WARNING: &str = "token.expiry_warning";
+pub const PURGED: &str = "token.purged";
+
+/// Every action the trail records.
+pub const ACTIONS: &[&str] = &[
+    CREATED,
+    UPDATED,
+    SUSPENDED,
+    REACTIVATED,
+    ROTATED,
+    REVOKED,
+    EXPIRY_WARNING,
+    PURGED,
+];
+
+/// Who the trail names as the actor of the control plane's own jobs.
+pub const SYSTEM: &str = "system";
+
+pub fn rfc3339(t: i64) -> String {
+    DateTime::<Utc>::from_timestamp(t, 0)
+        .unwrap_or_default()
+        .to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+/// The audited fields of a token.
+pub fn fields(r: &TokenRow) -> Map<String, Value> {
+    let mut m = Map::new();
+    m.insert("name".into(), r.name.clone().into());
+    m.insert("kind".into(), r.kind.as_str().into());
+    m.insert("owner".into(), r.owner.clone().into());
+    m.insert("status".into(), r.status.as_str().into());
+    m.insert("max_rps".into(), r.max_rps.into());
+    m.insert("burst".into(), r.burst.into());
+    m.insert("expires_at".into(), r.expires_at.map(rfc3339).into());
+    m.insert("rotated_at".into(), r.rotated_at.map(rfc3339).into());
+    let grace = r.retired.iter().map(|s| s.until).max();
+    m.insert("old_secret_valid_until".into(), grace.map(rfc3339).into());
+    m
+}
+
+/// Reduces two versions of a token to the fields that differ.
+pub fn diff(before: &TokenRow, after: &TokenRow) -> (Value, Value) {
+    let (b, a) = (fields(before), fields(after));
+    let mut old = Map::new();
+    let mut new = Map::new();
+    for (k, v) in &a {
+        if b.get(k) != Some(v) {
+            old.insert(k.clone(), b.get(k).cloned().unwrap_or(Value::Null));
+            new.insert(k.clone(), v.clone());
+        }
+    }
+    (Value::Object(old), Value::Object(new))
+}
+
+/// The entry for a change of `before` into `after`; a creation when `before` is `None`.
+pub fn change(
+    at: i64,
+    actor: &str,
+    action: &'static str,
+    before: Option<&TokenRow>,
+    after: &TokenRow,
+) -> AuditRecord {
+    let (old, new) = match before {
+        Some(b) => {
+            let (old, new) = diff(b, after);
+            (Some(old), Some(new))
+        }
+        None => (None, Some(Value::Object(fields(after)))),
+    };
+    AuditRecord {
+        at,
+        actor: actor.to_string(),
+        action,
+        token_id: after.id.clone(),
+        token_name: after.name.clone(),
+        before: old,
+        after: new,
+    }
+}
+
+/// The entry for a purge: the token's fields as they were.
+pub fn purge(at: i64, r: &TokenRow) -> AuditRecord {
+    AuditRecord {
+        at,
+        actor: SYSTEM.to_string(),
+        action: PURGED,
+        token_id: r.id.clone(),
+        token_name: r.name.clone(),
+        before: Some(Value::Object(fields(r))),
+        after: None,
+    }
+}
