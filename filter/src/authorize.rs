@@ -2,12 +2,13 @@
 //! here; each flavor's glue feeds header bytes in and acts on the `Outcome`.
 
 use crate::config::Config;
+use crate::fleet;
 use crate::gcra::{self, Decision, Limit};
 use crate::record::{self, STATE_KEY};
 use crate::store::{compare_and_swap, CasError, SharedStore, Step};
 use sha2::{Digest, Sha256};
 use std::ops::Range;
-use tokengate_wire::{token, Kind, SyncStatus};
+use tokengate_wire::{token, Kind, LimitScope, SyncStatus};
 
 /// Returns the token carried by `Authorization: Bearer <token>`, if that is its scheme.
 /// The scheme with nothing after it is an empty (so invalid) token, as an empty
@@ -178,6 +179,9 @@ pub struct Verdict<V> {
     /// Set when the credential matched a live record (not for unknown or revoked tokens),
     /// whatever the outcome; always set when the request is allowed.
     pub token: Option<Token<V>>,
+    /// The request met a fleet-limited token's bucket: it counts as that token's demand on
+    /// this proxy.
+    pub fleet: bool,
 }
 
 /// Decides a request that presented `credential` (see [`extract`]) at `now_nanos`.
@@ -200,6 +204,7 @@ pub fn judge<S: SharedStore + ?Sized>(
     let deny = |d| Verdict {
         outcome: Outcome::Deny(d),
         token: None,
+        fleet: false,
     };
     let Some(credential) = credential else {
         return deny(Denial::MissingToken);
@@ -208,9 +213,9 @@ pub fn judge<S: SharedStore + ?Sized>(
         return deny(Denial::InvalidToken);
     }
     // Until a full snapshot is loaded no answer is trustworthy: fail closed.
-    let generation = match store.get(STATE_KEY) {
+    let (generation, proxies) = match store.get(STATE_KEY) {
         Ok((Some(v), _)) => match record::state_generation(v.as_ref()) {
-            Some(g) => g,
+            Some(g) => (g, record::state_proxies(v.as_ref())),
             None => return deny(Denial::StateUnavailable),
         },
         _ => return deny(Denial::StateUnavailable),
@@ -228,9 +233,10 @@ pub fn judge<S: SharedStore + ?Sized>(
     if rec.generation < generation || rec.status == SyncStatus::Revoked {
         return deny(Denial::InvalidToken);
     }
-    let (status, limit, expires_at) = (
+    let (status, limit, scope, expires_at) = (
         rec.status,
         Limit::new(rec.max_rps, rec.burst),
+        rec.limit_scope,
         rec.expires_at,
     );
     let whole = value.as_ref();
@@ -242,24 +248,40 @@ pub fn judge<S: SharedStore + ?Sized>(
         expires_at,
         record: value,
     };
-    let verdict = |outcome| Verdict {
+    let fleet = limit.is_some() && scope == LimitScope::Fleet;
+    let verdict = |outcome, fleet| Verdict {
         outcome,
         token: Some(token),
+        fleet,
     };
     if let Some(exp) = expires_at {
         if (now_nanos / 1_000_000_000) as i64 >= exp {
-            return verdict(Outcome::Deny(Denial::TokenExpired));
+            return verdict(Outcome::Deny(Denial::TokenExpired), false);
         }
     }
     if status == SyncStatus::Suspended {
-        return verdict(Outcome::Deny(Denial::TokenSuspended));
+        return verdict(Outcome::Deny(Denial::TokenSuspended), false);
     }
     if let Some(limit) = limit {
-        if let Err(d) = take(cfg, store, &record::rate_key(&hash), limit, now_nanos) {
-            return verdict(Outcome::Deny(d));
+        let bucket = Bucket {
+            limit,
+            scope,
+            proxies,
+        };
+        if let Err(d) = take(cfg, store, &record::rate_key(&hash), bucket, now_nanos) {
+            return verdict(Outcome::Deny(d), fleet);
         }
     }
-    verdict(Outcome::Allow)
+    verdict(Outcome::Allow, fleet)
+}
+
+/// A token's limit as this proxy enforces it (see [`fleet::pace`]).
+#[derive(Clone, Copy)]
+struct Bucket {
+    limit: Limit,
+    scope: LimitScope,
+    /// The proxies the control plane last counted.
+    proxies: u32,
 }
 
 /// When the response should carry the token's expiry: inside the warning window.
@@ -274,25 +296,30 @@ pub fn expiry_to_announce<V>(
     (exp > now && exp - now <= i64::from(cfg.expiry_warning_seconds)).then_some(exp)
 }
 
-/// One GCRA admission with compare-and-swap. Out of retries means refused, never admitted.
+/// One GCRA admission with compare-and-swap, at the pace the rate state's share (if any)
+/// sets; the share is written back as read. Out of retries means refused, never admitted.
 fn take<S: SharedStore + ?Sized>(
     cfg: &Config,
     store: &S,
     key: &str,
-    limit: Limit,
+    bucket: Bucket,
     now: u64,
 ) -> Result<(), Denial> {
+    // Clients see the token's own limit in the refusal's headers, whichever bucket refused.
+    let limit = bucket.limit;
     let limited = |retry_after_secs| Denial::RateLimited {
         retry_after_secs,
         max_rps: limit.rate_per_sec,
         burst: limit.burst,
     };
     let admitted = compare_and_swap(store, key, cfg.cas_retries, |value| {
-        match gcra::decide(limit, gcra::decode_tat(value), now) {
+        let (tat, share) = fleet::decode(value);
+        let pace = fleet::pace(limit, bucket.scope, share, bucket.proxies, now / 1_000_000);
+        match gcra::decide_paced(pace, tat, now) {
             Decision::Deny { retry_after_nanos } => {
                 Step::Keep(Err(limited(gcra::retry_after_secs(retry_after_nanos))))
             }
-            Decision::Allow { new_tat, .. } => Step::Write(gcra::encode_tat(new_tat), Ok(())),
+            Decision::Allow { new_tat, .. } => Step::Write(fleet::encode(new_tat, share), Ok(())),
         }
     });
     match admitted {
@@ -324,6 +351,7 @@ mod tests {
         let state = State {
             version: 1,
             generation,
+            proxies: 0,
             store_id: "s".into(),
             token_count: 0,
         };
@@ -341,6 +369,7 @@ mod tests {
             status: SyncStatus::Active,
             max_rps: None,
             burst: None,
+            limit_scope: Default::default(),
             expires_at: None,
             version: 1,
         };

@@ -37,6 +37,10 @@ pub struct Config {
     pub usage_max_tokens: u32,
     /// Responses carry the token's expiry once it is this close; 0: never.
     pub expiry_warning_seconds: u32,
+    /// Where the leader reports fleet demand and fetches this proxy's shares.
+    pub fleet_path: String,
+    /// How often it does.
+    pub fleet_report_ms: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,6 +92,8 @@ struct Raw {
     usage_report_ms: Option<u32>,
     usage_max_tokens: Option<u32>,
     expiry_warning_seconds: Option<u32>,
+    fleet_path: Option<String>,
+    fleet_report_ms: Option<u32>,
 }
 
 fn required(field: &str, v: Option<String>) -> Result<String, ConfigError> {
@@ -170,6 +176,10 @@ impl Config {
         if !usage_path.starts_with('/') {
             return Err(err("usage_path", "must start with `/`"));
         }
+        let fleet_path = raw.fleet_path.unwrap_or_else(|| "/v1/fleet".to_string());
+        if !fleet_path.starts_with('/') {
+            return Err(err("fleet_path", "must start with `/`"));
+        }
         let max_entries = u32::try_from(tokengate_wire::usage::MAX_ENTRIES).unwrap_or(u32::MAX);
         let tick_ms = in_range("tick_ms", raw.tick_ms, 200, 10, 60_000)?;
         let lease_ms = in_range("lease_ms", raw.lease_ms, 2_000, 100, 600_000)?;
@@ -227,6 +237,14 @@ impl Config {
                 0,
                 31_536_000,
             )?,
+            fleet_path,
+            fleet_report_ms: in_range(
+                "fleet_report_ms",
+                raw.fleet_report_ms,
+                1_000,
+                tokengate_wire::fleet::MIN_INTERVAL_MS,
+                tokengate_wire::fleet::MAX_INTERVAL_MS,
+            )?,
         })
     }
 }
@@ -254,6 +272,33 @@ mod tests {
         assert_eq!(c.usage_path, "/v1/usage");
         assert_eq!((c.usage_report_ms, c.usage_max_tokens), (5_000, 10_000));
         assert_eq!(c.expiry_warning_seconds, 604_800);
+        assert_eq!(
+            (c.fleet_path.as_str(), c.fleet_report_ms),
+            ("/v1/fleet", 1_000)
+        );
+    }
+
+    #[test]
+    fn fleet_fields_are_checked_and_named() {
+        for (extra, field) in [
+            (r#""fleet_report_ms":0"#, "fleet_report_ms"),
+            (r#""fleet_report_ms":99"#, "fleet_report_ms"),
+            (r#""fleet_report_ms":60001"#, "fleet_report_ms"),
+            (r#""fleet_report_ms":"1s""#, "fleet_report_ms"),
+            (r#""fleet_path":"v1/fleet""#, "fleet_path"),
+        ] {
+            let json = format!(
+                r#"{{"control_plane_cluster":"cp","sync_token":"s","{}}}"#,
+                &extra[1..]
+            );
+            let e = Config::parse(json.as_bytes()).unwrap_err();
+            assert_eq!(e.field, field, "{extra}: {e}");
+        }
+        let c = Config::parse(
+            br#"{"control_plane_cluster":"cp","sync_token":"s","fleet_report_ms":250}"#,
+        )
+        .unwrap();
+        assert_eq!(c.fleet_report_ms, 250);
     }
 
     #[test]

@@ -24,14 +24,32 @@ impl Limit {
         })
     }
 
-    /// Rounded up: rounding down would admit a little more than the rate, up to twice it for
-    /// rates near the nanosecond resolution.
-    fn interval(self) -> u64 {
-        NANOS_PER_SEC.div_ceil(u64::from(self.rate_per_sec)).max(1)
+    /// The bucket that enforces this limit whole.
+    pub fn pace(self) -> Pace {
+        Pace::of(u64::from(self.rate_per_sec) * 1_000, self.burst)
     }
+}
 
-    fn tolerance(self) -> u64 {
-        self.interval().saturating_mul(u64::from(self.burst))
+/// The bucket a proxy runs: requests spaced `interval` apart, `tolerance` ahead of now at
+/// most. A whole limit, or a proxy's share of a fleet limit (fractions of a request per
+/// second included).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pace {
+    interval: u64,
+    tolerance: u64,
+}
+
+impl Pace {
+    /// `rate_milli` thousandths of a request per second (at least 1), `burst` requests at
+    /// once (at least 1).
+    pub fn of(rate_milli: u64, burst: u32) -> Pace {
+        // Rounded up: rounding down would admit a little more than the rate, up to twice it
+        // for rates near the nanosecond resolution.
+        let interval = (NANOS_PER_SEC * 1_000).div_ceil(rate_milli.max(1)).max(1);
+        Pace {
+            interval,
+            tolerance: interval.saturating_mul(u64::from(burst.max(1))),
+        }
     }
 }
 
@@ -45,8 +63,13 @@ pub enum Decision {
 
 /// Decides one request arriving at `now` (nanoseconds) against the stored `tat`.
 pub fn decide(limit: Limit, tat: u64, now: u64) -> Decision {
-    let t = limit.interval();
-    let tau = limit.tolerance();
+    decide_paced(limit.pace(), tat, now)
+}
+
+/// [`decide`] for a bucket of any pace.
+pub fn decide_paced(pace: Pace, tat: u64, now: u64) -> Decision {
+    let t = pace.interval;
+    let tau = pace.tolerance;
     // A clock that went backwards is treated as "no time passed", never as credit.
     let new_tat = tat.max(now).saturating_add(t);
     let ahead = new_tat - now;
@@ -200,6 +223,24 @@ mod tests {
         let mut tat = 0;
         let admitted: u32 = (0..100).map(|ns| burst(fast, &mut tat, T0 + ns, 1)).sum();
         assert!(admitted <= 61, "{admitted}");
+    }
+
+    #[test]
+    fn a_fractional_pace_spaces_requests_by_its_rate() {
+        // A third of a request per second, burst 1: one admission every three seconds.
+        let p = Pace::of(333, 1);
+        let mut tat = 0;
+        let mut admitted = 0;
+        for ms in (0..30_000u64).step_by(10) {
+            if let Decision::Allow { new_tat, .. } = decide_paced(p, tat, T0 + ms * 1_000_000) {
+                tat = new_tat;
+                admitted += 1;
+            }
+        }
+        assert_eq!(admitted, 10);
+        assert_eq!(Limit::new(7, 3).unwrap().pace(), Pace::of(7_000, 3));
+        // A zero rate or burst is read as the least there is, never as unlimited.
+        assert_eq!(Pace::of(0, 0), Pace::of(1, 1));
     }
 
     #[test]

@@ -53,6 +53,8 @@ pub trait Host {
     /// The cross-worker queue, leader's end: moves the usage counts that workers handed over
     /// since the last tick into `into` (a bounded amount per tick).
     fn gather_usage(&self, into: &mut Tally);
+    /// The same for fleet demand: the counts of requests that met a fleet-limited bucket.
+    fn gather_fleet(&self, into: &mut Tally);
     fn count(&self, counter: Counter, n: u64);
     fn record(&self, gauge: Gauge, value: u64);
     fn log(&self, level: Level, message: &str);
@@ -86,6 +88,7 @@ pub mod fake {
         /// Refuse to send this many upcoming calls.
         pub refuse: Cell<u32>,
         pub queue: RefCell<Vec<Vec<UsageEntry>>>,
+        pub fleet_queue: RefCell<Vec<Vec<UsageEntry>>>,
         pub counters: RefCell<HashMap<Counter, u64>>,
         pub gauges: RefCell<HashMap<Gauge, u64>>,
         pub logs: RefCell<Vec<(Level, String)>>,
@@ -138,6 +141,11 @@ pub mod fake {
         }
         fn gather_usage(&self, into: &mut Tally) {
             for batch in self.queue.borrow_mut().drain(..) {
+                into.merge(batch);
+            }
+        }
+        fn gather_fleet(&self, into: &mut Tally) {
+            for batch in self.fleet_queue.borrow_mut().drain(..) {
                 into.merge(batch);
             }
         }

@@ -5,6 +5,7 @@
 //! [`Host`]'s.
 
 use crate::config::Config;
+use crate::fleet;
 use crate::host::{Call, Host, Level};
 use crate::metrics::{Counter, Gauge};
 use crate::sync::{SyncClient, SyncFailure};
@@ -19,6 +20,11 @@ pub struct Leader {
     reporter: Reporter,
     /// The workers' counts gathered by the leader, waiting for the next report.
     pending: Tally,
+    fleet: fleet::Reporter,
+    /// The workers' fleet demand gathered since the last fleet report.
+    demand: Tally,
+    /// Whether the last fleet report failed (logged once per outage, not once per second).
+    fleet_failing: bool,
     proxy_id: String,
     authorization: String,
 }
@@ -39,6 +45,9 @@ impl Leader {
             sync: SyncClient::new(holder),
             reporter: Reporter::new(),
             pending: Tally::new(cfg.usage_max_tokens),
+            fleet: fleet::Reporter::new(),
+            demand: Tally::new(cfg.usage_max_tokens),
+            fleet_failing: false,
             proxy_id,
             authorization: format!("Bearer {}", cfg.sync_token),
         }
@@ -60,6 +69,9 @@ impl Leader {
         }
         if cfg.usage_reporting && self.sync.is_leader() {
             self.report(cfg, host, now);
+        }
+        if self.sync.is_leader() {
+            self.report_fleet(cfg, host, now);
         }
     }
 
@@ -115,6 +127,38 @@ impl Leader {
             }
             return true;
         }
+        if self.fleet.is_current(call) {
+            let ok = answer.status.is_some_and(|s| (200..300).contains(&s));
+            let applied = match body().filter(|_| ok && answer.body_len <= fleet::MAX_ANSWER_BYTES)
+            {
+                Some(b) => fleet::apply(host.store(), &b, now).map_err(|e| format!("{e:?}")),
+                None => Err(match answer.status {
+                    Some(s) => format!("HTTP {s}"),
+                    None => "no answer".to_string(),
+                }),
+            };
+            match applied {
+                Ok(a) => {
+                    self.sync.set_proxies(a.proxies);
+                    if std::mem::take(&mut self.fleet_failing) {
+                        host.log(
+                            Level::Info,
+                            "fleet report answered again; shares are current",
+                        );
+                    }
+                }
+                Err(why) => {
+                    if !std::mem::replace(&mut self.fleet_failing, true) {
+                        host.log(
+                            Level::Warn,
+                            &format!("fleet report failed ({why}); keeping the current shares until they expire, then max_rps / proxies"),
+                        );
+                    }
+                }
+            }
+            self.fleet.on_result(cfg, !self.fleet_failing, now);
+            return true;
+        }
         if self.reporter.is_current(call) {
             let ok = answer.status.is_some_and(|s| (200..300).contains(&s));
             host.count(
@@ -155,6 +199,34 @@ impl Leader {
                 );
                 self.sync.on_dispatch_failed(cfg, now);
             }
+        }
+    }
+
+    fn report_fleet<H: Host>(&mut self, cfg: &Config, host: &H, now: u64) {
+        host.gather_fleet(&mut self.demand);
+        // Nothing to divide before the first snapshot: the filter refuses every request.
+        if !matches!(crate::sync::read_state(host.store()), Ok(Some(_))) {
+            return;
+        }
+        let Some(body) = self
+            .fleet
+            .on_tick(cfg, &mut self.demand, &self.proxy_id, now)
+        else {
+            return;
+        };
+        let call = Call {
+            cluster: &cfg.control_plane_cluster,
+            method: "POST",
+            path: &cfg.fleet_path,
+            authority: &cfg.control_plane_authority,
+            authorization: &self.authorization,
+            media_type: ("content-type", "application/json"),
+            body: Some(&body),
+            timeout_ms: fleet::report_timeout_ms(cfg),
+        };
+        match host.send(&call) {
+            Ok(id) => self.fleet.sent(id),
+            Err(_) => self.fleet.on_result(cfg, false, now),
         }
     }
 
@@ -230,11 +302,13 @@ mod tests {
                 status,
                 max_rps: None,
                 burst: None,
+                limit_scope: Default::default(),
                 expires_at: None,
                 version,
             }],
             next_cursor: None,
             token_count: 1,
+            proxies: None,
         })
         .unwrap()
     }
@@ -298,6 +372,82 @@ mod tests {
             "/v1/sync?since=4&store_id=store-a&wait=5&proxy_id=node-1"
         );
         assert_ne!(next.id, poll.id);
+    }
+
+    /// A snapshot of one token limited to `max_rps` (fleet scope), carrying the proxies the
+    /// control plane counts.
+    fn limited_snapshot(secret: &str, max_rps: u32, proxies: Option<u32>) -> Vec<u8> {
+        let mut r: SyncResponse =
+            serde_json::from_slice(&snapshot(4, SyncStatus::Active, secret)).unwrap();
+        r.changes[0].max_rps = Some(max_rps);
+        r.proxies = proxies;
+        serde_json::to_vec(&r).unwrap()
+    }
+
+    fn admitted(c: &Config, h: &FakeHost, secret: &str, n: u32) -> u32 {
+        (0..n)
+            .filter(|_| {
+                authorize(c, &h.store, Some(secret.as_bytes()), h.now_ms() * 1_000_000)
+                    == Outcome::Allow
+            })
+            .count() as u32
+    }
+
+    #[test]
+    fn the_leader_reports_fleet_demand_and_applies_its_share_until_it_expires() {
+        let (c, h) = (cfg(), host());
+        let mut l = Leader::new(&c, 1, "node-1".into());
+        l.on_tick(&c, &h);
+        let a = secret('a');
+        let poll = h.last();
+        // The snapshot says three proxies: before any share, a third of the limit.
+        assert!(answer(
+            &mut l,
+            &h,
+            poll.id,
+            ok(&limited_snapshot(&a, 30, Some(3)))
+        ));
+        assert_eq!(admitted(&c, &h, &a, 100), 10);
+        // The workers counted demand; the next tick reports it.
+        h.fleet_queue.borrow_mut().push(vec![UsageEntry {
+            id: "tok_1".into(),
+            allowed: 10,
+            denied: 90,
+            last_used_at: 1,
+        }]);
+        h.advance(1_000);
+        l.on_tick(&c, &h);
+        let report = h.last();
+        assert_eq!((report.method, report.path.as_str()), ("POST", "/v1/fleet"));
+        let sent: tokengate_wire::FleetReport =
+            serde_json::from_slice(report.body.as_deref().unwrap()).unwrap();
+        assert_eq!(sent.proxy_id, "node-1");
+        assert_eq!((sent.tokens[0].admitted, sent.tokens[0].refused), (10, 90));
+        // The answer: this proxy's share is 20 of the 30, burst 20.
+        let share = tokengate_wire::FleetAnswer {
+            proxies: 3,
+            ttl_ms: 3_000,
+            shares: vec![tokengate_wire::Share {
+                hash: hash_hex(a.as_bytes()),
+                max_rps: 30,
+                burst: 30,
+                rate_milli: 20_000,
+                share_burst: 20,
+            }],
+        };
+        assert!(answer(
+            &mut l,
+            &h,
+            report.id,
+            ok(&serde_json::to_vec(&share).unwrap())
+        ));
+        assert_eq!(admitted(&c, &h, &a, 100), 20, "the share's burst");
+        // The control plane goes away: the share holds until its time to live ends...
+        h.advance(1_000);
+        assert_eq!(admitted(&c, &h, &a, 100), 20);
+        // ...then a third of the limit again, never the whole of it.
+        h.advance(3_000);
+        assert_eq!(admitted(&c, &h, &a, 100), 10);
     }
 
     #[test]

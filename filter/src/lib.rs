@@ -13,6 +13,7 @@ pub mod abi;
 pub mod authorize;
 pub mod callout;
 pub mod config;
+pub mod fleet;
 pub mod forward;
 pub mod gcra;
 pub mod grpc;

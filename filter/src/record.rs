@@ -1,10 +1,10 @@
 //! Compact binary values kept in Envoy shared data. Shared data sits behind one process-wide
 //! mutex and every read copies the value, so values are small and decoding borrows.
 
-use tokengate_wire::{Kind, SyncRecord, SyncStatus};
+use tokengate_wire::{Kind, LimitScope, SyncRecord, SyncStatus};
 
-const TOKEN_FORMAT: u8 = 1;
-const STATE_FORMAT: u8 = 1;
+const TOKEN_FORMAT: u8 = 2;
+const STATE_FORMAT: u8 = 2;
 
 /// Shared-data keys. The token hash is the lower-hex sha256 of the secret.
 pub const STATE_KEY: &str = "tokengate:state";
@@ -83,6 +83,7 @@ pub struct TokenView<'a> {
     pub max_rps: u32,
     /// 0: the default (one second's worth).
     pub burst: u32,
+    pub limit_scope: LimitScope,
     /// Unix seconds.
     pub expires_at: Option<i64>,
     pub id: &'a [u8],
@@ -119,6 +120,10 @@ pub fn encode_token(r: &SyncRecord, generation: u32) -> Vec<u8> {
     });
     out.extend_from_slice(&r.max_rps.unwrap_or(0).to_le_bytes());
     out.extend_from_slice(&r.burst.unwrap_or(0).to_le_bytes());
+    out.push(match r.limit_scope {
+        LimitScope::Fleet => 0,
+        LimitScope::Proxy => 1,
+    });
     match r.expires_at {
         Some(t) => {
             out.push(1);
@@ -184,6 +189,11 @@ pub fn decode_token(buf: &[u8]) -> Option<TokenView<'_>> {
     };
     let max_rps = r.u32()?;
     let burst = r.u32()?;
+    let limit_scope = match r.u8()? {
+        0 => LimitScope::Fleet,
+        1 => LimitScope::Proxy,
+        _ => return None,
+    };
     let expires_at = match r.u8()? {
         0 => None,
         1 => Some(r.u64()? as i64),
@@ -202,6 +212,7 @@ pub fn decode_token(buf: &[u8]) -> Option<TokenView<'_>> {
         kind,
         max_rps,
         burst,
+        limit_scope,
         expires_at,
         id,
         name,
@@ -214,6 +225,9 @@ pub fn decode_token(buf: &[u8]) -> Option<TokenView<'_>> {
 pub struct State {
     pub version: u64,
     pub generation: u32,
+    /// The proxies the control plane last counted as live (0: not heard yet), which divide
+    /// a fleet limit when a proxy holds no share of it.
+    pub proxies: u32,
     pub store_id: String,
     pub token_count: u64,
 }
@@ -223,6 +237,7 @@ pub fn encode_state(s: &State) -> Vec<u8> {
     out.push(STATE_FORMAT);
     out.extend_from_slice(&s.version.to_le_bytes());
     out.extend_from_slice(&s.generation.to_le_bytes());
+    out.extend_from_slice(&s.proxies.to_le_bytes());
     out.extend_from_slice(&s.token_count.to_le_bytes());
     push_str(&mut out, &s.store_id);
     out
@@ -235,11 +250,13 @@ pub fn decode_state(buf: &[u8]) -> Option<State> {
     }
     let version = r.u64()?;
     let generation = r.u32()?;
+    let proxies = r.u32()?;
     let token_count = r.u64()?;
     let store_id = String::from_utf8(r.bytes()?.to_vec()).ok()?;
     Some(State {
         version,
         generation,
+        proxies,
         store_id,
         token_count,
     })
@@ -251,6 +268,13 @@ pub fn state_generation(buf: &[u8]) -> Option<u32> {
         return None;
     }
     buf[9..13].try_into().ok().map(u32::from_le_bytes)
+}
+
+/// Only the proxies last counted, for the request path (0 when unknown or unreadable).
+pub fn state_proxies(buf: &[u8]) -> u32 {
+    buf.get(13..17)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u32::from_le_bytes)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -287,6 +311,7 @@ mod tests {
             status,
             max_rps: Some(10),
             burst: Some(25),
+            limit_scope: Default::default(),
             expires_at: Some(1_900_000_000),
             version: 42,
         }
@@ -301,6 +326,14 @@ mod tests {
         assert_eq!(v.status, SyncStatus::Active);
         assert_eq!(v.kind, Kind::Service);
         assert_eq!((v.max_rps, v.burst), (10, 25));
+        assert_eq!(v.limit_scope, LimitScope::Fleet);
+        let mut per_proxy = record(SyncStatus::Active);
+        per_proxy.limit_scope = LimitScope::Proxy;
+        let enc2 = encode_token(&per_proxy, 3);
+        assert_eq!(decode_token(&enc2).unwrap().limit_scope, LimitScope::Proxy);
+        let mut bad_scope = enc2.clone();
+        bad_scope[23] = 7;
+        assert!(decode_token(&bad_scope).is_none());
         assert_eq!(v.expires_at, Some(1_900_000_000));
         assert_eq!(
             (v.id, v.name, v.owner),
@@ -342,7 +375,7 @@ mod tests {
         bad_status[13] = 9;
         assert!(decode_token(&bad_status).is_none());
         let mut bad_format = enc;
-        bad_format[0] = 2;
+        bad_format[0] = 1;
         assert!(decode_token(&bad_format).is_none());
     }
 
@@ -351,12 +384,15 @@ mod tests {
         let s = State {
             version: 99,
             generation: 7,
+            proxies: 3,
             store_id: "store-1".into(),
             token_count: 12,
         };
         let enc = encode_state(&s);
         assert_eq!(decode_state(&enc), Some(s));
         assert_eq!(state_generation(&enc), Some(7));
+        assert_eq!(state_proxies(&enc), 3);
+        assert_eq!(state_proxies(&enc[..16]), 0);
         assert_eq!(state_generation(&enc[..5]), None);
         // The generation is read from the first 13 bytes alone.
         assert_eq!(state_generation(&enc[..13]), Some(7));

@@ -83,6 +83,19 @@ pub enum Reply {
     },
 }
 
+/// A request of a known token, to count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Counted<'a> {
+    pub id: &'a [u8],
+    pub allowed: bool,
+    /// Unix seconds.
+    pub at: i64,
+    /// Count it for `POST /v1/usage`.
+    pub usage: bool,
+    /// Count it as fleet demand (`POST /v1/fleet`).
+    pub fleet: bool,
+}
+
 /// What [`handle`] decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Handled {
@@ -96,14 +109,15 @@ pub struct Handled {
 
 /// Decides one request at `now_nanos` (0: the host has no clock, so nothing can be trusted)
 /// and, when it may pass, rewrites its headers (see [`forward`]). `usage` counts the request
-/// for a known token (id, allowed, Unix second).
+/// for a known token: when usage is reported, or when it met a fleet-limited bucket (its
+/// [`Counted::fleet`] says so; the glue counts it as fleet demand then).
 pub fn handle<S, H>(
     cfg: &Config,
     ids: &IdentityHeaders,
     store: &S,
     headers: &mut H,
     now_nanos: u64,
-    usage: impl FnOnce(&[u8], bool, i64),
+    usage: impl FnOnce(Counted<'_>),
 ) -> Handled
 where
     S: SharedStore + ?Sized,
@@ -116,6 +130,7 @@ where
             authorize::Verdict {
                 outcome: Outcome::Deny(Denial::StateUnavailable),
                 token: None,
+                fleet: false,
             }
         } else {
             authorize::judge(
@@ -128,9 +143,14 @@ where
     };
     let mut expires_at = None;
     if let Some(token) = &verdict.token {
-        if cfg.usage_reporting {
-            let allowed = verdict.outcome == Outcome::Allow;
-            usage(token.id(), allowed, (now_nanos / 1_000_000_000) as i64);
+        if cfg.usage_reporting || verdict.fleet {
+            usage(Counted {
+                id: token.id(),
+                allowed: verdict.outcome == Outcome::Allow,
+                at: (now_nanos / 1_000_000_000) as i64,
+                usage: cfg.usage_reporting,
+                fleet: verdict.fleet,
+            });
         }
         expires_at = authorize::expiry_to_announce(cfg, Some(token), now_nanos);
     }
@@ -264,6 +284,7 @@ mod tests {
         now: u64,
         usage: impl FnOnce(&[u8], bool, i64),
     ) -> (Reply, Counter) {
+        let usage = |c: Counted<'_>| usage(c.id, c.allowed, c.at);
         let handled = handle(c, &IdentityHeaders::new(c), s, h, now, usage);
         (handled.reply, handled.counter)
     }
@@ -277,6 +298,7 @@ mod tests {
         let state = State {
             version: 1,
             generation: 1,
+            proxies: 0,
             store_id: "s".into(),
             token_count: 1,
         };
@@ -291,6 +313,7 @@ mod tests {
             status: SyncStatus::Active,
             max_rps: None,
             burst: None,
+            limit_scope: Default::default(),
             expires_at: None,
             version: 1,
         };
@@ -443,7 +466,7 @@ mod tests {
     fn a_request_whose_headers_cannot_be_edited_is_refused() {
         let (c, (s, secret)) = (cfg(), setup(|_| {}));
         let mut h = headers(&[("x-api-token", &secret), ("refuse-edits", "1")]);
-        let handled = handle(&c, &IdentityHeaders::new(&c), &s, &mut h, NOW, |_, _, _| {});
+        let handled = handle(&c, &IdentityHeaders::new(&c), &s, &mut h, NOW, |_| {});
         assert_eq!(
             (handled.reply, handled.counter),
             (

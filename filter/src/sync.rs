@@ -52,6 +52,8 @@ pub struct SyncClient {
     /// This root context's lease identity.
     holder: u64,
     leader: bool,
+    /// The proxies the control plane last counted (0: not heard yet), for the state.
+    proxies: u32,
 }
 
 /// Attempts to take or renew the sync lease; true while this holder leads.
@@ -106,7 +108,13 @@ impl SyncClient {
             snapshot: None,
             holder,
             leader: false,
+            proxies: 0,
         }
+    }
+
+    /// The proxies the control plane counted in its last fleet answer.
+    pub fn set_proxies(&mut self, proxies: u32) {
+        self.proxies = proxies;
     }
 
     pub fn phase(&self) -> Phase {
@@ -304,9 +312,13 @@ impl SyncClient {
             }
         }
         self.snapshot = None;
+        if let Some(p) = resp.proxies.filter(|p| *p > 0) {
+            self.proxies = p;
+        }
         let state = State {
             version: resp.version,
             generation,
+            proxies: self.proxies,
             store_id: resp.store_id.clone(),
             token_count: resp.token_count,
         };
@@ -395,8 +407,8 @@ fn commit_state<S: SharedStore + ?Sized>(
     state: State,
     snapshot: bool,
 ) -> Result<State, SyncFailure> {
-    let encoded = record::encode_state(&state);
     compare_and_swap(store, STATE_KEY, WRITE_RETRIES, |existing| {
+        let mut state = state.clone();
         if let Some(old) = existing.and_then(record::decode_state) {
             let newer_already = old.generation > state.generation
                 || (old.generation == state.generation
@@ -405,8 +417,12 @@ fn commit_state<S: SharedStore + ?Sized>(
             if newer_already {
                 return Step::Keep(old);
             }
+            // A leader that has not heard a count yet keeps the one on record.
+            if state.proxies == 0 {
+                state.proxies = old.proxies;
+            }
         }
-        Step::Write(encoded.as_slice(), state.clone())
+        Step::Write(record::encode_state(&state), state)
     })
     .map_err(store_failure)
 }
@@ -439,6 +455,7 @@ mod tests {
             status,
             max_rps: None,
             burst: None,
+            limit_scope: Default::default(),
             expires_at: None,
             version,
         }
@@ -457,6 +474,7 @@ mod tests {
             changes,
             next_cursor: cursor.map(str::to_string),
             token_count: 1,
+            proxies: None,
         })
         .unwrap()
     }

@@ -43,6 +43,8 @@ struct Worker {
     counts: [AtomicU64; Counter::ALL.len()],
     /// Requests by token since the leader's last tick.
     usage: Mutex<Tally>,
+    /// Fleet demand (requests that met a fleet-limited bucket) since then.
+    fleet: Mutex<Tally>,
 }
 
 impl Worker {
@@ -50,6 +52,7 @@ impl Worker {
         Worker {
             counts: std::array::from_fn(|_| AtomicU64::new(0)),
             usage: Mutex::new(Tally::new(cap)),
+            fleet: Mutex::new(Tally::new(cap)),
         }
     }
 }
@@ -330,9 +333,14 @@ impl Plugin for Tokengate {
             &self.store,
             &mut EnvoyHeaders(envoy),
             now_nanos(),
-            |id, allowed, at| {
+            |c| {
                 if let Some(w) = worker {
-                    lock(&w.usage).count(id, allowed, at);
+                    if c.usage {
+                        lock(&w.usage).count(c.id, c.allowed, c.at);
+                    }
+                    if c.fleet {
+                        lock(&w.fleet).count(c.id, c.allowed, c.at);
+                    }
                 }
             },
         );
@@ -407,6 +415,12 @@ impl Host for NativeHost<'_> {
     fn gather_usage(&self, into: &mut Tally) {
         for w in self.plugin.workers.iter() {
             lock(&w.usage).move_into(into);
+        }
+    }
+
+    fn gather_fleet(&self, into: &mut Tally) {
+        for w in self.plugin.workers.iter() {
+            lock(&w.fleet).move_into(into);
         }
     }
 

@@ -22,6 +22,7 @@ fn record(secret: &str, id: &str, max_rps: Option<u32>) -> SyncRecord {
         status: SyncStatus::Active,
         max_rps,
         burst: max_rps.map(|_| 1),
+        limit_scope: Default::default(),
         expires_at: None,
         version: 1,
     }
@@ -37,6 +38,7 @@ fn loaded(records: Vec<SyncRecord>) -> Loaded {
         version: 7,
         snapshot: true,
         token_count: records.len() as u64,
+        proxies: None,
         changes: records,
         next_cursor: None,
     })

@@ -37,6 +37,33 @@ impl Kind {
     }
 }
 
+/// Whose limit `max_rps` and `burst` are: the whole fleet's (every proxy holds a share; the
+/// default) or each proxy's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LimitScope {
+    #[default]
+    Fleet,
+    Proxy,
+}
+
+impl LimitScope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LimitScope::Fleet => "fleet",
+            LimitScope::Proxy => "proxy",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<LimitScope> {
+        match s {
+            "fleet" => Some(LimitScope::Fleet),
+            "proxy" => Some(LimitScope::Proxy),
+            _ => None,
+        }
+    }
+}
+
 /// Status as the filter needs it: revoked tokens travel as tombstones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -59,6 +86,9 @@ pub struct SyncRecord {
     pub max_rps: Option<u32>,
     /// `None`: one second's worth (`max_rps`).
     pub burst: Option<u32>,
+    /// Absent (an older control plane): the fleet's.
+    #[serde(default)]
+    pub limit_scope: LimitScope,
     /// Unix seconds; `None`: never expires.
     pub expires_at: Option<i64>,
     pub version: u64,
@@ -76,6 +106,10 @@ pub struct SyncResponse {
     pub next_cursor: Option<String>,
     /// Tokens that are not revoked, for the filter's gauge.
     pub token_count: u64,
+    /// Snapshot answers only: the proxies the control plane counts as live (the poller
+    /// included), so that a fresh proxy divides fleet limits before its first fleet answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxies: Option<u32>,
 }
 
 #[cfg(test)]
@@ -97,11 +131,13 @@ mod tests {
                 status: SyncStatus::Revoked,
                 max_rps: Some(5),
                 burst: None,
+                limit_scope: Default::default(),
                 expires_at: Some(1_900_000_000),
                 version: 7,
             }],
             next_cursor: None,
             token_count: 3,
+            proxies: None,
         };
         let json = serde_json::to_string(&r).unwrap();
         assert!(json.contains(r#""kind":"service""#));

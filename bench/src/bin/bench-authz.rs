@@ -219,6 +219,7 @@ mod tests {
             status,
             max_rps: None,
             burst: None,
+            limit_scope: Default::default(),
             expires_at,
             version: 1,
         }

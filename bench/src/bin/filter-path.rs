@@ -40,6 +40,7 @@ fn main() {
             // Every other token is limited, far above what this loop asks of it.
             max_rps: (i % 2 == 1).then_some(1_000_000),
             burst: None,
+            limit_scope: Default::default(),
             expires_at: None,
             version: i as u64 + 1,
         })
@@ -51,6 +52,7 @@ fn main() {
         changes,
         next_cursor: None,
         token_count: tokens as u64,
+        proxies: None,
     };
     let body = serde_json::to_vec(&snapshot).expect("json");
     let mut sync = SyncClient::new(1);

@@ -64,6 +64,7 @@ fn to_wire(r: TokenRow, now: i64, snapshot: bool, out: &mut Vec<SyncRecord>) {
         status,
         max_rps: r.max_rps,
         burst: r.burst,
+        limit_scope: Default::default(),
         expires_at,
         version: r.version,
     };
@@ -128,6 +129,7 @@ async fn snapshot(
         changes: to_wire_all(page.rows, true),
         next_cursor,
         token_count: page.live,
+        proxies: None,
     })
 }
 
@@ -144,6 +146,7 @@ fn rendered(state: &AppState, answer: &Answer) -> Result<Arc<[u8]>, ApiError> {
         changes: to_wire_all(rows, false),
         next_cursor: None,
         token_count: answer.changes.live,
+        proxies: None,
     })
     .map_err(|e| ApiError::Internal(e.to_string()))?;
     Ok(answer.rendered.get_or_init(|| body.into()).clone())

@@ -112,7 +112,7 @@ proptest! {
         gaps in prop::collection::vec(0..200_000_000u64, 1..64),
     ) {
         let store = MemStore::default();
-        let state = State { version: 1, generation: 1, store_id: "s".into(), token_count: 1 };
+        let state = State { version: 1, generation: 1, proxies: 0, store_id: "s".into(), token_count: 1 };
         store.set(STATE_KEY, &encode_state(&state), 0).unwrap();
         let hash = hash_hex(token.as_bytes());
         let rec = SyncRecord {
@@ -124,6 +124,7 @@ proptest! {
             status: SyncStatus::Active,
             max_rps: Some(rate),
             burst: Some(burst).filter(|b| *b > 0),
+            limit_scope: Default::default(),
             expires_at: None,
             version: 1,
         };

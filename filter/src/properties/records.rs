@@ -47,6 +47,7 @@ pub(super) fn sync_record() -> impl Strategy<Value = SyncRecord> {
                     status,
                     max_rps,
                     burst,
+                    limit_scope: Default::default(),
                     expires_at,
                     version,
                 }
@@ -55,14 +56,22 @@ pub(super) fn sync_record() -> impl Strategy<Value = SyncRecord> {
 }
 
 fn state() -> impl Strategy<Value = State> {
-    (any::<u64>(), any::<u32>(), "\\PC{0,40}", any::<u64>()).prop_map(
-        |(version, generation, store_id, token_count)| State {
-            version,
-            generation,
-            store_id,
-            token_count,
-        },
+    (
+        any::<u64>(),
+        any::<u32>(),
+        any::<u32>(),
+        "\\PC{0,40}",
+        any::<u64>(),
     )
+        .prop_map(
+            |(version, generation, proxies, store_id, token_count)| State {
+                version,
+                generation,
+                proxies,
+                store_id,
+                token_count,
+            },
+        )
 }
 
 /// The encoder's input that would produce `v`, when there is one.
@@ -77,6 +86,7 @@ fn record_of(v: &TokenView<'_>) -> Option<SyncRecord> {
         status: v.status,
         max_rps: (v.max_rps != 0).then_some(v.max_rps),
         burst: (v.burst != 0).then_some(v.burst),
+        limit_scope: v.limit_scope,
         expires_at: v.expires_at,
         version: v.version,
     })
@@ -187,6 +197,7 @@ proptest! {
             status: SyncStatus::Active,
             max_rps: None,
             burst: None,
+            limit_scope: Default::default(),
             expires_at: None,
             version: 1,
         };

@@ -29,6 +29,7 @@ fn record(secret: &str, status: SyncStatus, version: u64) -> SyncRecord {
         status,
         max_rps: None,
         burst: None,
+        limit_scope: Default::default(),
         expires_at: None,
         version,
     }
@@ -53,6 +54,7 @@ fn paged(
         changes,
         next_cursor,
         token_count,
+        proxies: None,
     })
     .unwrap()
 }

@@ -118,7 +118,14 @@ impl HttpContext for Request {
             &RequestStore(&shared),
             &mut headers,
             HostClock.now_nanos(),
-            |id, allowed, at| shared.usage.borrow_mut().count(id, allowed, at),
+            |c| {
+                if c.usage {
+                    shared.usage.borrow_mut().count(c.id, c.allowed, c.at);
+                }
+                if c.fleet {
+                    shared.fleet.borrow_mut().count(c.id, c.allowed, c.at);
+                }
+            },
         );
         if let Some(trouble) = &handled.trouble {
             log(Level::Warn, trouble);

@@ -112,6 +112,8 @@ pub struct Shared {
     metrics: Metrics,
     /// This worker's request counts by token since its last tick.
     pub usage: RefCell<Tally>,
+    /// This worker's fleet demand (requests that met a fleet-limited bucket) since then.
+    pub fleet: RefCell<Tally>,
     pub outcomes: Pending,
     /// The state key (loaded or not, snapshot generation) as of this worker's last tick.
     state: RefCell<Option<Vec<u8>>>,
@@ -144,8 +146,9 @@ impl SharedStore for RequestStore<'_> {
     }
 }
 
-/// The shared queue through which workers hand their counts to the sync leader.
+/// The shared queues through which workers hand their counts to the sync leader.
 const USAGE_QUEUE: &str = "tokengate.usage";
+const FLEET_QUEUE: &str = "tokengate.fleet";
 /// Most batches the leader takes off the queue per tick, so a tick stays short.
 const USAGE_BATCHES_PER_TICK: usize = 256;
 /// Most entries per queued batch, so one batch stays small.
@@ -155,6 +158,21 @@ const USAGE_BATCH_ENTRIES: usize = 500;
 struct WasmHost<'a> {
     shared: &'a Shared,
     queue: Option<u32>,
+    fleet_queue: Option<u32>,
+}
+
+/// Takes the workers' batches off `queue` into `into`.
+fn gather(queue: Option<u32>, into: &mut Tally, dropped: impl Fn(u64)) {
+    let Some(queue) = queue else { return };
+    for _ in 0..USAGE_BATCHES_PER_TICK {
+        match hostcalls::dequeue_shared_queue(queue) {
+            Ok(Some(bytes)) => match usage::decode_batch(&bytes) {
+                Some(entries) => into.merge(entries),
+                None => dropped(1),
+            },
+            _ => break,
+        }
+    }
 }
 
 impl Host for WasmHost<'_> {
@@ -177,16 +195,11 @@ impl Host for WasmHost<'_> {
         .map_err(|status| format!("{status:?}"))
     }
     fn gather_usage(&self, into: &mut Tally) {
-        let Some(queue) = self.queue else { return };
-        for _ in 0..USAGE_BATCHES_PER_TICK {
-            match hostcalls::dequeue_shared_queue(queue) {
-                Ok(Some(bytes)) => match usage::decode_batch(&bytes) {
-                    Some(entries) => into.merge(entries),
-                    None => self.count(Counter::UsageDropped, 1),
-                },
-                _ => break,
-            }
-        }
+        gather(self.queue, into, |n| self.count(Counter::UsageDropped, n));
+    }
+    fn gather_fleet(&self, into: &mut Tally) {
+        // Lost demand only makes a share lag; it is no request's count.
+        gather(self.fleet_queue, into, |_| {});
     }
     fn count(&self, counter: Counter, n: u64) {
         self.shared.metrics.add(counter, n);
@@ -203,6 +216,7 @@ pub struct Root {
     shared: Option<Rc<Shared>>,
     leader: Option<Leader>,
     usage_queue: Option<u32>,
+    fleet_queue: Option<u32>,
 }
 
 impl Root {
@@ -211,6 +225,7 @@ impl Root {
             shared: None,
             leader: None,
             usage_queue: None,
+            fleet_queue: None,
         }
     }
 
@@ -218,27 +233,34 @@ impl Root {
         WasmHost {
             shared,
             queue: self.usage_queue,
+            fleet_queue: self.fleet_queue,
         }
     }
 
-    /// Every worker: hands this tick's counts to the queue.
+    /// Every worker: hands this tick's counts to the queues.
     fn flush_usage(&self, shared: &Shared) {
-        let Some(queue) = self.usage_queue else {
-            return;
-        };
-        let (entries, dropped) = {
-            let mut tally = shared.usage.borrow_mut();
-            (tally.drain(), tally.take_dropped())
-        };
-        shared.metrics.add(Counter::UsageDropped, dropped);
-        for batch in entries.chunks(USAGE_BATCH_ENTRIES) {
-            if hostcalls::enqueue_shared_queue(queue, Some(&usage::encode_batch(batch))).is_err() {
-                shared
-                    .metrics
-                    .add(Counter::UsageDropped, usage::requests(batch));
-            }
+        if let Some(queue) = self.usage_queue {
+            let dropped = flush(&shared.usage, queue);
+            shared.metrics.add(Counter::UsageDropped, dropped);
+        }
+        if let Some(queue) = self.fleet_queue {
+            flush(&shared.fleet, queue);
         }
     }
+}
+
+/// Moves a worker's tally onto `queue`; returns the requests it could not hand over.
+fn flush(tally: &RefCell<Tally>, queue: u32) -> u64 {
+    let (entries, mut dropped) = {
+        let mut tally = tally.borrow_mut();
+        (tally.drain(), tally.take_dropped())
+    };
+    for batch in entries.chunks(USAGE_BATCH_ENTRIES) {
+        if hostcalls::enqueue_shared_queue(queue, Some(&usage::encode_batch(batch))).is_err() {
+            dropped += usage::requests(batch);
+        }
+    }
+    dropped
 }
 
 /// The `:status` of a callout's answer; `None` when it failed without one.
@@ -312,8 +334,10 @@ impl RootContext for Root {
             // Every worker's VM registers the same name and gets the same queue.
             self.usage_queue = hostcalls::register_shared_queue(USAGE_QUEUE).ok();
         }
+        self.fleet_queue = hostcalls::register_shared_queue(FLEET_QUEUE).ok();
         self.shared = Some(Rc::new(Shared {
             usage: RefCell::new(Tally::new(config.usage_max_tokens)),
+            fleet: RefCell::new(Tally::new(config.usage_max_tokens)),
             identity: IdentityHeaders::new(&config),
             config,
             metrics: Metrics::define(),
