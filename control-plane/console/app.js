@@ -209,6 +209,7 @@ function tokenRow(t) {
     type: 'button', class: cls || '', 'data-action': action, 'aria-label': `${label} ${t.name}`,
   }, label);
   const toggle = t.status === 'suspended' ? act('reactivate', 'Reactivate') : act('suspend', 'Suspend');
+  const fleet = t.max_rps !== null && t.limit_scope === 'fleet' ? act('fleet', 'Fleet') : null;
   const lastUsed = t.last_used_at
     ? el('td', { title: t.last_used_at, 'data-label': 'Last used' }, fromNow(t.last_used_at))
     : el('td', { class: 'muted', 'data-label': 'Last used' }, 'Never used');
@@ -219,11 +220,12 @@ function tokenRow(t) {
     el('td', { 'data-label': 'Kind' }, t.kind),
     el('td', { 'data-label': 'Owner' }, t.owner),
     el('td', { class: 'status-cell', 'data-label': 'Status' }, statusBadge(t)),
-    el('td', { class: 'num', 'data-label': 'Max RPS' }, t.max_rps === null ? el('span', { class: 'muted' }, 'Unlimited') : String(t.max_rps)),
+    el('td', { class: 'num', 'data-label': 'Max RPS' }, t.max_rps === null ? el('span', { class: 'muted' }, 'Unlimited')
+      : el('span', {}, String(t.max_rps), el('span', { class: 'hint', 'data-scope': t.limit_scope }, t.limit_scope === 'proxy' ? 'per Envoy' : 'whole fleet'))),
     expiryCell(t),
     lastUsed,
     el('td', { class: 'row-actions' },
-      toggle, act('edit', 'Edit'), act('rotate', 'Rotate'), act('audit', 'Audit'), act('revoke', 'Revoke', 'danger')),
+      toggle, act('edit', 'Edit'), fleet, act('rotate', 'Rotate'), act('audit', 'Audit'), act('revoke', 'Revoke', 'danger')),
   );
 }
 
@@ -243,6 +245,11 @@ async function rowAction(action, t) {
       break;
     }
     case 'edit': openEdit(t); break;
+    case 'fleet': {
+      const live = await api('GET', `/v1/tokens/${encodeURIComponent(t.id)}`);
+      say(fleetSummary(live), 'ok');
+      break;
+    }
     case 'rotate': openRotate(t); break;
     case 'revoke': openRevoke(t); break;
     case 'audit':
@@ -253,6 +260,16 @@ async function rowAction(action, t) {
       break;
     default: break;
   }
+}
+
+// The live fleet view of a fleet-limited token, in one sentence.
+function fleetSummary(t) {
+  const f = t.fleet;
+  if (!f) return `${t.name}: no fleet view (the limit is per Envoy, or there is none).`;
+  const rate = (x) => (Math.round(x * 10) / 10).toString();
+  const shares = f.shares.map((s) => `${s.proxy_id} admits ${rate(s.admitted_rps)}/s, share ${rate(s.share_rps)}/s`);
+  return `${t.name}: ${rate(f.admitted_rps)}/s admitted of ${t.max_rps}/s across ${f.proxies_seen} of ${f.proxies_live} live Envoys`
+    + (shares.length ? ` (${shares.join('; ')})` : '') + '.';
 }
 
 // ---- the one-time secret ----
@@ -378,6 +395,7 @@ async function submitGenerate(ev) {
     if (Number.isNaN(body.max_rps)) {
       return fieldError('g', { max_rps: 'rps' }, { field: 'max_rps', message: 'A whole number of requests per second, or empty for unlimited.' });
     }
+    body.limit_scope = $('g-scope').value;
   }
   const expiry = $('g-expiry').value;
   if (expiry === 'custom') {
@@ -394,7 +412,7 @@ async function submitGenerate(ev) {
     say(`Created ${created.name}.`, 'ok');
     await loadTokens();
   } catch (e) {
-    fieldError('g', { name: 'name', kind: 'kind', owner: 'owner', max_rps: 'rps', expires_in_seconds: 'expiry', expires_at: 'expiry' }, e);
+    fieldError('g', { name: 'name', kind: 'kind', owner: 'owner', max_rps: 'rps', limit_scope: 'scope', expires_in_seconds: 'expiry', expires_at: 'expiry' }, e);
   }
 }
 
@@ -405,6 +423,7 @@ function openEdit(t) {
   $('edit-title').textContent = `Edit ${t.name}`;
   $('e-name').value = t.name;
   $('e-rps').value = t.max_rps === null ? '' : String(t.max_rps);
+  $('e-scope').value = t.limit_scope || 'fleet';
   $('edit-dialog').showModal();
   $('e-name').focus();
 }
@@ -422,6 +441,7 @@ async function submitEdit(ev) {
     return fieldError('e', { max_rps: 'rps' }, { field: 'max_rps', message: 'A whole number of requests per second, or empty for unlimited.' });
   }
   if (rps !== t.max_rps) body.max_rps = rps;
+  if ($('e-scope').value !== t.limit_scope) body.limit_scope = $('e-scope').value;
   if (Object.keys(body).length === 0) { $('edit-dialog').close(); return; }
   try {
     const updated = await api('PATCH', `/v1/tokens/${encodeURIComponent(t.id)}`, body);
@@ -429,7 +449,7 @@ async function submitEdit(ev) {
     replaceRow(updated);
     say(`Saved ${updated.name}.`, 'ok');
   } catch (e) {
-    fieldError('e', { name: 'name', max_rps: 'rps' }, e);
+    fieldError('e', { name: 'name', max_rps: 'rps', limit_scope: 'scope' }, e);
   }
 }
 

@@ -7,7 +7,7 @@ use crate::api::{app, Admin, AppState, ConsoleSettings};
 use crate::connections::{self, Limits as ConnectionLimits};
 use crate::domain::housekeeping::{self, Jobs};
 use crate::domain::sessions::Limits;
-use crate::domain::{Feed, Sessions, Tokens};
+use crate::domain::{Feed, Fleet, Sessions, Tokens};
 use crate::metrics::{Metered, Metrics};
 use crate::policy::Policy;
 use crate::store::{PgSettings, PostgresStore, SqliteStore, Store};
@@ -119,6 +119,7 @@ impl Application {
             metrics: metrics.clone(),
             tokens: Arc::new(Tokens::new(store.clone(), config.policy)),
             sessions: Arc::new(Sessions::new(store.clone(), config.sessions)),
+            fleet: Arc::new(Fleet::new(store.clone())),
             store: store.clone(),
             admins: config.admins.into(),
             sync_token: config.sync_token.into(),

@@ -4,8 +4,9 @@
 //! or a client address.
 
 use crate::store::{
-    AuditEntry, AuditQuery, AuditRecord, Changes, Delivery, DeliveryOutcome, Dump, Event, Expiring,
-    ListQuery, Page, SessionRow, Store, StoreError, TokenRow, WarningRecord,
+    AuditEntry, AuditQuery, AuditRecord, Changes, Delivery, DeliveryOutcome, DemandOf, DemandRow,
+    Dump, Event, Expiring, ListQuery, Page, ProxySeen, SessionRow, Store, StoreError, TokenRow,
+    WarningRecord,
 };
 use async_trait::async_trait;
 use std::collections::BTreeMap;
@@ -13,7 +14,7 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokengate_wire::UsageEntry;
+use tokengate_wire::{TokenDemand, UsageEntry};
 use tokio::sync::watch;
 
 /// Upper bounds of the latency buckets, in seconds.
@@ -505,6 +506,34 @@ impl Store for Metered {
     }
     async fn record_usage(&self, now: i64, entries: &[UsageEntry]) -> Result<usize, StoreError> {
         timed!(self, "record_usage", self.inner.record_usage(now, entries))
+    }
+    async fn fleet_report(
+        &self,
+        proxy_id: &str,
+        interval_ms: u32,
+        now_ms: i64,
+        forget_ms: i64,
+        tokens: &[TokenDemand],
+    ) -> Result<(), StoreError> {
+        timed!(
+            self,
+            "fleet_report",
+            self.inner
+                .fleet_report(proxy_id, interval_ms, now_ms, forget_ms, tokens)
+        )
+    }
+    async fn fleet_proxies(&self, since_ms: i64) -> Result<Vec<ProxySeen>, StoreError> {
+        timed!(self, "fleet_proxies", self.inner.fleet_proxies(since_ms))
+    }
+    async fn fleet_demand(
+        &self,
+        of: DemandOf<'_>,
+        since_ms: i64,
+    ) -> Result<Vec<DemandRow>, StoreError> {
+        timed!(self, "fleet_demand", self.inner.fleet_demand(of, since_ms))
+    }
+    async fn tokens_by_id(&self, ids: &[String]) -> Result<Vec<TokenRow>, StoreError> {
+        timed!(self, "tokens_by_id", self.inner.tokens_by_id(ids))
     }
     async fn audit(&self, q: &AuditQuery) -> Result<Vec<AuditEntry>, StoreError> {
         timed!(self, "audit", self.inner.audit(q))

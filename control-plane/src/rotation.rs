@@ -46,6 +46,7 @@ mod tests {
             status: Status::Active,
             max_rps: None,
             burst: None,
+            limit_scope: Default::default(),
             created_at: 0,
             updated_at: 0,
             expires_at: None,

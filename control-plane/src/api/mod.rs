@@ -4,6 +4,7 @@ mod audit;
 mod auth;
 mod body;
 mod error;
+mod fleet;
 mod openapi;
 mod session;
 mod sync;
@@ -12,7 +13,7 @@ mod usage;
 
 pub use error::ApiError;
 
-use crate::domain::{Feed, Sessions, Tokens};
+use crate::domain::{Feed, Fleet, Sessions, Tokens};
 use crate::metrics::{Live, Metrics};
 use crate::store::Store;
 use crate::throttle::Throttle;
@@ -44,6 +45,8 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     pub tokens: Arc<Tokens>,
     pub sessions: Arc<Sessions>,
+    /// Fleet-wide limits: the proxies' reports and their shares.
+    pub fleet: Arc<Fleet>,
     /// Answers woken long-polls, one read per version.
     pub feed: Arc<Feed>,
     pub metrics: Arc<Metrics>,
@@ -196,6 +199,7 @@ fn routes(state: &AppState) -> OpenApiRouter<AppState> {
     let filters = OpenApiRouter::new()
         .routes(routes!(sync::sync))
         .routes(routes!(usage::report))
+        .routes(routes!(fleet::report))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             auth::require_sync,

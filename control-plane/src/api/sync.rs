@@ -20,8 +20,7 @@ struct SyncQuery {
     store_id: Option<String>,
     cursor: Option<String>,
     wait: Option<String>,
-    /// Identifies the proxy; accepted now so that fleet-aware limits can count proxies later.
-    #[allow(dead_code)]
+    /// Identifies the proxy: counted among the live ones in a snapshot's `proxies`.
     proxy_id: Option<String>,
 }
 
@@ -64,7 +63,7 @@ fn to_wire(r: TokenRow, now: i64, snapshot: bool, out: &mut Vec<SyncRecord>) {
         status,
         max_rps: r.max_rps,
         burst: r.burst,
-        limit_scope: Default::default(),
+        limit_scope: r.limit_scope,
         expires_at,
         version: r.version,
     };
@@ -110,6 +109,7 @@ async fn snapshot(
     state: &AppState,
     version: u64,
     after: Option<String>,
+    poller: Option<&str>,
 ) -> Result<SyncResponse, ApiError> {
     let size = state.sync_page_size;
     let mut page = state
@@ -129,7 +129,12 @@ async fn snapshot(
         changes: to_wire_all(page.rows, true),
         next_cursor,
         token_count: page.live,
-        proxies: None,
+        proxies: Some(
+            state
+                .fleet
+                .live_count(poller, chrono::Utc::now().timestamp_millis())
+                .await?,
+        ),
     })
 }
 
@@ -164,8 +169,9 @@ async fn answer_snapshot(
     state: &AppState,
     version: u64,
     after: Option<String>,
+    poller: Option<&str>,
 ) -> Result<Response, ApiError> {
-    let page = snapshot(state, version, after).await?;
+    let page = snapshot(state, version, after, poller).await?;
     state.metrics.sync_answer(SyncAnswer::Snapshot);
     Ok(Json(page).into_response())
 }
@@ -192,7 +198,7 @@ pub async fn sync(
         .min(state.sync_max_wait);
     if let Some(c) = &q.cursor {
         let (version, after) = parse_cursor(c)?;
-        return answer_snapshot(&state, version, Some(after)).await;
+        return answer_snapshot(&state, version, Some(after), q.proxy_id.as_deref()).await;
     }
     // Subscribe before reading the version so that no change can slip between the two.
     let mut changed = state.store.subscribe();
@@ -210,7 +216,7 @@ pub async fn sync(
     // A client that names this store holds its state, even an empty one at version 0.
     let fresh = since == 0 && q.store_id.is_none();
     if fresh || since > current || foreign {
-        return answer_snapshot(&state, current, None).await;
+        return answer_snapshot(&state, current, None, q.proxy_id.as_deref()).await;
     }
     let mut seen = current;
     if since == current {
@@ -247,7 +253,7 @@ pub async fn sync(
     let answer = state.feed.changes(since, seen).await?;
     // Purged rows never reach a client that is older than them: it starts over.
     if since < answer.changes.horizon {
-        return answer_snapshot(&state, seen.max(current), None).await;
+        return answer_snapshot(&state, seen.max(current), None, q.proxy_id.as_deref()).await;
     }
     state
         .metrics

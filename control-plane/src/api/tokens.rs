@@ -13,7 +13,7 @@ use axum::response::IntoResponse;
 use axum::{Extension, Json};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use tokengate_wire::Kind;
+use tokengate_wire::{Kind, LimitScope};
 use utoipa::{IntoParams, ToSchema};
 
 /// A token as the API shows it (never its secret or hash).
@@ -30,6 +30,13 @@ pub struct TokenView {
     status: &'static str,
     max_rps: Option<u32>,
     burst: Option<u32>,
+    /// `fleet`: `max_rps` and `burst` are one limit shared by every proxy; `proxy`: each
+    /// proxy's.
+    #[schema(value_type = String, example = "fleet")]
+    limit_scope: &'static str,
+    /// `GET /v1/tokens/{id}` of a fleet-limited token: the live fleet view.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fleet: Option<FleetJson>,
     created_at: String,
     expires_at: Option<String>,
     /// True once `expires_at` has passed (the filter refuses it with `token_expired`).
@@ -58,6 +65,8 @@ impl TokenView {
             status: r.status.as_str(),
             max_rps: r.max_rps,
             burst: r.burst,
+            limit_scope: r.limit_scope.as_str(),
+            fleet: None,
             created_at: rfc3339(r.created_at),
             expires_at: r.expires_at.map(rfc3339),
             last_used_at: r.last_used_at.map(rfc3339),
@@ -69,6 +78,60 @@ impl TokenView {
             version: r.version,
         }
     }
+}
+
+/// A fleet-limited token as the fleet enforces it now.
+#[derive(Serialize, ToSchema)]
+pub struct FleetJson {
+    /// Proxies reporting to the control plane now.
+    proxies_live: u32,
+    /// Live proxies that saw the token in the last 30 seconds.
+    proxies_seen: u32,
+    /// Requests per second the proxies let through, over their last report interval.
+    admitted_rps: f64,
+    refused_rps: f64,
+    /// Each proxy's share of `max_rps` and `burst`, by demand.
+    shares: Vec<ProxyShareJson>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ProxyShareJson {
+    proxy_id: String,
+    admitted_rps: f64,
+    refused_rps: f64,
+    share_rps: f64,
+    share_burst: u32,
+    /// When the proxy last reported the token.
+    seen_at: String,
+}
+
+impl FleetJson {
+    fn new(v: crate::domain::fleet::FleetView) -> FleetJson {
+        let round = |x: f64| (x * 1_000.0).round() / 1_000.0;
+        FleetJson {
+            proxies_live: v.proxies_live,
+            proxies_seen: v.proxies_seen,
+            admitted_rps: round(v.admitted_rps),
+            refused_rps: round(v.refused_rps),
+            shares: v
+                .parts
+                .into_iter()
+                .map(|p| ProxyShareJson {
+                    proxy_id: p.proxy_id,
+                    admitted_rps: round(p.admitted_rps),
+                    refused_rps: round(p.refused_rps),
+                    share_rps: round(p.share_rps),
+                    share_burst: p.share_burst,
+                    seen_at: crate::domain::audit::rfc3339_ms(p.seen_at_ms),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// `fleet` or `proxy`.
+fn parse_scope(v: &str) -> Result<LimitScope, ApiError> {
+    LimitScope::parse(v).ok_or_else(|| ApiError::field("limit_scope", "must be `fleet` or `proxy`"))
 }
 
 fn view(r: TokenRow) -> Json<TokenView> {
@@ -96,10 +159,13 @@ pub struct CreateBody {
     /// The person (user tokens; defaults to the admin credential's name) or the group
     /// (service tokens; required).
     owner: Option<String>,
-    /// Requests per second per Envoy; absent or null: unlimited.
+    /// Requests per second; absent or null: unlimited.
     max_rps: Option<u32>,
     /// Requests allowed at once; defaults to one second's worth.
     burst: Option<u32>,
+    /// `fleet` (default): `max_rps` and `burst` are one limit for every proxy together;
+    /// `proxy`: a limit per proxy.
+    limit_scope: Option<String>,
     expires_in_seconds: Option<u64>,
     /// RFC 3339.
     expires_at: Option<String>,
@@ -178,6 +244,12 @@ pub async fn create(
                 owner: b.owner,
                 max_rps: b.max_rps,
                 burst: b.burst,
+                limit_scope: b
+                    .limit_scope
+                    .as_deref()
+                    .map(parse_scope)
+                    .transpose()?
+                    .unwrap_or_default(),
                 expiry,
             },
             now,
@@ -315,7 +387,16 @@ pub async fn get(
     State(state): State<AppState>,
     TokenId(id): TokenId,
 ) -> Result<Json<TokenView>, ApiError> {
-    Ok(view(state.tokens.get(&id).await?))
+    let token = state.tokens.get(&id).await?;
+    let now = Utc::now();
+    let fleet = state
+        .fleet
+        .view(&token, now.timestamp_millis())
+        .await?
+        .map(FleetJson::new);
+    let mut v = TokenView::new(token, now.timestamp());
+    v.fleet = fleet;
+    Ok(Json(v))
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -332,6 +413,10 @@ pub struct PatchBody {
     #[serde(default, deserialize_with = "nullable")]
     #[schema(value_type = Option<u32>)]
     burst: Option<Option<u32>>,
+    /// `fleet` or `proxy`; cannot be null.
+    #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<String>)]
+    limit_scope: Option<Option<String>>,
     /// RFC 3339, or null for never (where the policy allows it).
     #[serde(default, deserialize_with = "nullable")]
     #[schema(value_type = Option<String>)]
@@ -355,11 +440,21 @@ pub async fn update(
 ) -> Result<Json<TokenView>, ApiError> {
     let p: PatchBody = parse_json(&body)?;
     let now = Utc::now().timestamp();
-    if p.name.is_none() && p.max_rps.is_none() && p.burst.is_none() && p.expires_at.is_none() {
+    if p.name.is_none()
+        && p.max_rps.is_none()
+        && p.burst.is_none()
+        && p.limit_scope.is_none()
+        && p.expires_at.is_none()
+    {
         return Err(ApiError::Body(
-            "Give at least one of name, max_rps, burst, expires_at.".into(),
+            "Give at least one of name, max_rps, burst, limit_scope, expires_at.".into(),
         ));
     }
+    let limit_scope = match p.limit_scope {
+        Some(Some(s)) => Some(parse_scope(&s)?),
+        Some(None) => return Err(ApiError::field("limit_scope", "cannot be null")),
+        None => None,
+    };
     let name = match p.name {
         Some(Some(name)) => Some(name),
         Some(None) => return Err(ApiError::field("name", "cannot be null")),
@@ -374,6 +469,7 @@ pub async fn update(
         name,
         max_rps: p.max_rps,
         burst: p.burst,
+        limit_scope,
         expires_at,
     };
     Ok(view(state.tokens.update(&actor.0, &id, patch, now).await?))

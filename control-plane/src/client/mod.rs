@@ -138,12 +138,16 @@ pub enum TokenCommand {
         /// group (service tokens; required)
         #[arg(long)]
         owner: Option<String>,
-        /// Requests per second per Envoy [default: unlimited]
+        /// Requests per second [default: unlimited]
         #[arg(long, value_name = "N")]
         max_rps: Option<u32>,
         /// Requests allowed at once, with --max-rps [default: one second's worth]
         #[arg(long, value_name = "N")]
         burst: Option<u32>,
+        /// `fleet`: --max-rps and --burst hold for all Envoys together; `proxy`: for each
+        /// Envoy [default: fleet]
+        #[arg(long, value_name = "SCOPE", value_parser = ["fleet", "proxy"])]
+        limit_scope: Option<String>,
         /// Expiry from now: 1h, 1d, 7d, 30d, 60d, 90d (any number of s, m, h or d), or never
         #[arg(long, value_name = "DURATION", value_parser = expiry, conflicts_with = "expires_at")]
         expires_in: Option<Expiry>,
@@ -183,19 +187,22 @@ pub enum TokenCommand {
     },
     /// Change a token's name, limit or expiry
     #[command(group(clap::ArgGroup::new("change").required(true).multiple(true)
-        .args(["name", "max_rps", "burst", "expires_in", "expires_at"])))]
+        .args(["name", "max_rps", "burst", "limit_scope", "expires_in", "expires_at"])))]
     Update {
         /// Token id, tok_...
         id: String,
         /// New name
         #[arg(long)]
         name: Option<String>,
-        /// Requests per second per Envoy, or `none` for unlimited
+        /// Requests per second, or `none` for unlimited
         #[arg(long, value_name = "N|none", value_parser = number_or_none)]
         max_rps: Option<NumberOrNone>,
         /// Requests allowed at once, or `none` for one second's worth
         #[arg(long, value_name = "N|none", value_parser = number_or_none)]
         burst: Option<NumberOrNone>,
+        /// `fleet` (the limit holds for all Envoys together) or `proxy` (for each Envoy)
+        #[arg(long, value_name = "SCOPE", value_parser = ["fleet", "proxy"])]
+        limit_scope: Option<String>,
         /// New expiry from now (1h, 30d ...), or never
         #[arg(long, value_name = "DURATION", value_parser = expiry, conflicts_with = "expires_at")]
         expires_in: Option<Expiry>,
@@ -246,6 +253,7 @@ fn create_body(cmd: &TokenCommand) -> Value {
         owner,
         max_rps,
         burst,
+        limit_scope,
         expires_in,
         expires_at,
     } = cmd
@@ -259,6 +267,7 @@ fn create_body(cmd: &TokenCommand) -> Value {
         ("owner", owner.clone().map(Value::from)),
         ("max_rps", max_rps.map(Value::from)),
         ("burst", burst.map(Value::from)),
+        ("limit_scope", limit_scope.clone().map(Value::from)),
         ("expires_at", expires_at.clone().map(Value::from)),
         (
             "expires_in_seconds",
@@ -278,6 +287,7 @@ fn update_body(cmd: &TokenCommand, now: chrono::DateTime<Utc>) -> Value {
         name,
         max_rps,
         burst,
+        limit_scope,
         expires_in,
         expires_at,
         ..
@@ -298,6 +308,9 @@ fn update_body(cmd: &TokenCommand, now: chrono::DateTime<Utc>) -> Value {
     }
     if let Some(v) = burst {
         b.insert("burst".into(), number(*v));
+    }
+    if let Some(v) = limit_scope {
+        b.insert("limit_scope".into(), json!(v));
     }
     match expires_in {
         Some(Expiry(None)) => {
@@ -576,6 +589,7 @@ mod tests {
             owner: None,
             max_rps,
             burst: None,
+            limit_scope: max_rps.map(|_| "proxy".into()),
             expires_in: expires_in.map(|e| expiry(e).unwrap()),
             expires_at: None,
         }
@@ -587,6 +601,7 @@ mod tests {
             name: None,
             max_rps: max_rps.map(|v| number_or_none(v).unwrap()),
             burst: None,
+            limit_scope: None,
             expires_in: expires_in.map(|e| expiry(e).unwrap()),
             expires_at: None,
         }
@@ -597,7 +612,7 @@ mod tests {
         let b = create_body(&create(Some(5), Some("30d")));
         assert_eq!(
             b,
-            json!({"name":"n","kind":"service","max_rps":5,"expires_in_seconds":2_592_000})
+            json!({"name":"n","kind":"service","max_rps":5,"limit_scope":"proxy","expires_in_seconds":2_592_000})
         );
         let b = create_body(&create(None, Some("never")));
         assert_eq!(b, json!({"name":"n","kind":"service"}));

@@ -58,6 +58,14 @@ pub fn record(r: &Value) -> String {
                 },
             ),
         ),
+        (
+            "limit_scope",
+            if r["max_rps"].is_null() {
+                "-".to_string()
+            } else {
+                or(&r["limit_scope"], "fleet")
+            },
+        ),
         ("expires_at", or(&r["expires_at"], "never")),
         ("created_at", text(&r["created_at"])),
         ("last_used_at", or(&r["last_used_at"], "-")),
@@ -68,6 +76,46 @@ pub fn record(r: &Value) -> String {
     if let Some(t) = r["old_secret_valid_until"].as_str() {
         out.push_str(&format!("old_secret_valid_until: {t}\n"));
     }
+    if r["fleet"].is_object() {
+        out.push_str(&fleet(r));
+    }
+    out
+}
+
+/// The live fleet view of a fleet-limited token: the total against the limit, then each
+/// proxy's demand and share.
+fn fleet(r: &Value) -> String {
+    let f = &r["fleet"];
+    let num = |v: &Value| v.as_f64().unwrap_or(0.0);
+    let mut out = format!(
+        "fleet: {} proxies live, {} saw the token; admitted {:.1}/s of {} (refused {:.1}/s)\n",
+        or(&f["proxies_live"], "0"),
+        or(&f["proxies_seen"], "0"),
+        num(&f["admitted_rps"]),
+        text(&r["max_rps"]),
+        num(&f["refused_rps"]),
+    );
+    let shares = f["shares"].as_array().cloned().unwrap_or_default();
+    if shares.is_empty() {
+        return out;
+    }
+    let mut rows = vec![vec![
+        "  proxy".to_string(),
+        "admitted/s".to_string(),
+        "refused/s".to_string(),
+        "share/s".to_string(),
+        "burst".to_string(),
+    ]];
+    for s in &shares {
+        rows.push(vec![
+            format!("  {}", text(&s["proxy_id"])),
+            format!("{:.1}", num(&s["admitted_rps"])),
+            format!("{:.1}", num(&s["refused_rps"])),
+            format!("{:.3}", num(&s["share_rps"])),
+            or(&s["share_burst"], "-"),
+        ]);
+    }
+    out.push_str(&columns(rows));
     out
 }
 

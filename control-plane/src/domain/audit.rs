@@ -36,6 +36,13 @@ pub fn rfc3339(t: i64) -> String {
         .to_rfc3339_opts(SecondsFormat::Secs, true)
 }
 
+/// Unix milliseconds as RFC 3339 with milliseconds.
+pub fn rfc3339_ms(t: i64) -> String {
+    DateTime::<Utc>::from_timestamp_millis(t)
+        .unwrap_or_default()
+        .to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
 /// The audited fields of a token.
 pub fn fields(r: &TokenRow) -> Map<String, Value> {
     let mut m = Map::new();
@@ -45,6 +52,7 @@ pub fn fields(r: &TokenRow) -> Map<String, Value> {
     m.insert("status".into(), r.status.as_str().into());
     m.insert("max_rps".into(), r.max_rps.into());
     m.insert("burst".into(), r.burst.into());
+    m.insert("limit_scope".into(), r.limit_scope.as_str().into());
     m.insert("expires_at".into(), r.expires_at.map(rfc3339).into());
     m.insert("rotated_at".into(), r.rotated_at.map(rfc3339).into());
     let grace = r.retired.iter().map(|s| s.until).max();

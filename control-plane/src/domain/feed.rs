@@ -124,6 +124,7 @@ mod tests {
             status: Status::Active,
             max_rps: None,
             burst: None,
+            limit_scope: Default::default(),
             created_at: 1,
             updated_at: 1,
             expires_at: None,

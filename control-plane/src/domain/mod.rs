@@ -4,12 +4,14 @@
 
 pub mod audit;
 pub mod feed;
+pub mod fleet;
 pub mod housekeeping;
 pub mod sessions;
 pub mod tokens;
 
 pub use audit::rfc3339;
 pub use feed::Feed;
+pub use fleet::Fleet;
 pub use sessions::Sessions;
 pub use tokens::Tokens;
 

@@ -9,7 +9,7 @@ use crate::rotation;
 use crate::secrets;
 use crate::store::{AuditEntry, AuditQuery, ListQuery, Status, Store, StoreError, TokenRow};
 use std::sync::Arc;
-use tokengate_wire::{Kind, UsageEntry};
+use tokengate_wire::{Kind, LimitScope, UsageEntry};
 
 pub const MAX_RPS: u32 = 1_000_000;
 pub const MAX_BURST: u32 = 10_000_000;
@@ -89,6 +89,7 @@ pub struct NewToken {
     pub owner: Option<String>,
     pub max_rps: Option<u32>,
     pub burst: Option<u32>,
+    pub limit_scope: LimitScope,
     pub expiry: Expiry,
 }
 
@@ -99,6 +100,7 @@ pub struct Patch {
     /// `Some(None)`: unlimited (which also clears the burst).
     pub max_rps: Option<Option<u32>>,
     pub burst: Option<Option<u32>>,
+    pub limit_scope: Option<LimitScope>,
     /// `Some(None)`: never (where the policy allows it).
     pub expires_at: Option<Option<i64>>,
 }
@@ -166,6 +168,7 @@ impl Tokens {
             status: Status::Active,
             max_rps: t.max_rps,
             burst: t.burst,
+            limit_scope: t.limit_scope,
             created_at: now,
             updated_at: now,
             expires_at: t.expiry.at,
@@ -279,6 +282,9 @@ impl Tokens {
             }
             if let Some(burst) = patch.burst {
                 row.burst = burst;
+            }
+            if let Some(scope) = patch.limit_scope {
+                row.limit_scope = scope;
             }
             if let Some(e) = patch.expires_at {
                 row.expires_at = e;

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use tokengate_wire::{Kind, UsageEntry};
+use tokengate_wire::{Kind, LimitScope, UsageEntry};
 
 type Opener = Box<dyn Fn() -> Pin<Box<dyn Future<Output = Arc<dyn Store>> + Send>> + Send>;
 
@@ -92,6 +92,7 @@ fn row(id: &str) -> TokenRow {
         status: Status::Active,
         max_rps: None,
         burst: None,
+        limit_scope: Default::default(),
         created_at: 1,
         updated_at: 1,
         expires_at: None,
@@ -1035,6 +1036,162 @@ mod fleet {
     }
 }
 
+fn demand(id: &str, admitted: u64, refused: u64) -> tokengate_wire::TokenDemand {
+    tokengate_wire::TokenDemand {
+        id: id.into(),
+        admitted,
+        refused,
+    }
+}
+
+async fn a_token_keeps_its_limit_scope(f: &mut Fixture) {
+    let s = f.store();
+    let mut r = row("tok_scope");
+    r.max_rps = Some(10);
+    r.limit_scope = LimitScope::Proxy;
+    let stored = insert(s, r).await;
+    assert_eq!(
+        s.token("tok_scope").await.unwrap().unwrap().limit_scope,
+        LimitScope::Proxy
+    );
+    let mut fleet = stored.clone();
+    fleet.limit_scope = LimitScope::Fleet;
+    let e = entry("token.updated", &fleet);
+    s.replace(fleet, stored.version, &e, false).await.unwrap();
+    assert_eq!(
+        s.token("tok_scope").await.unwrap().unwrap().limit_scope,
+        LimitScope::Fleet
+    );
+    f.reopen().await;
+    let s = f.store();
+    let changes = s.changes_since(0, 10).await.unwrap();
+    assert_eq!(changes.rows[0].limit_scope, LimitScope::Fleet);
+    insert(s, row("tok_other")).await;
+    let found = s
+        .tokens_by_id(&["tok_other".into(), "tok_none".into(), "tok_scope".into()])
+        .await
+        .unwrap();
+    assert_eq!(
+        found.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(),
+        ["tok_other", "tok_scope"]
+    );
+    assert!(s.tokens_by_id(&[]).await.unwrap().is_empty());
+}
+
+async fn fleet_reports_are_shared_and_forgotten(f: &mut Fixture) {
+    let (a, b) = (f.replica().await, f.replica().await);
+    a.fleet_report(
+        "envoy-a",
+        1_000,
+        10_000,
+        0,
+        &[demand("tok_1", 5, 1), demand("tok_2", 3, 0)],
+    )
+    .await
+    .unwrap();
+    b.fleet_report("envoy-b", 500, 10_200, 0, &[demand("tok_1", 2, 0)])
+        .await
+        .unwrap();
+    // A heartbeat: seen, with no demand.
+    b.fleet_report("envoy-c", 1_000, 10_300, 0, &[])
+        .await
+        .unwrap();
+    let proxies = a.fleet_proxies(0).await.unwrap();
+    assert_eq!(
+        proxies,
+        [
+            ProxySeen {
+                proxy_id: "envoy-a".into(),
+                interval_ms: 1_000,
+                seen_at_ms: 10_000
+            },
+            ProxySeen {
+                proxy_id: "envoy-b".into(),
+                interval_ms: 500,
+                seen_at_ms: 10_200
+            },
+            ProxySeen {
+                proxy_id: "envoy-c".into(),
+                interval_ms: 1_000,
+                seen_at_ms: 10_300
+            },
+        ]
+    );
+    assert_eq!(a.fleet_proxies(10_100).await.unwrap().len(), 2);
+    let row = |t: &str, p: &str, admitted, refused, interval_ms, seen_at_ms| DemandRow {
+        token_id: t.into(),
+        proxy_id: p.into(),
+        admitted,
+        refused,
+        interval_ms,
+        seen_at_ms,
+    };
+    // Every proxy's demand for the tokens envoy-b reported.
+    assert_eq!(
+        b.fleet_demand(DemandOf::TokensOf("envoy-b"), 0)
+            .await
+            .unwrap(),
+        [
+            row("tok_1", "envoy-a", 5, 1, 1_000, 10_000),
+            row("tok_1", "envoy-b", 2, 0, 500, 10_200)
+        ]
+    );
+    assert_eq!(
+        a.fleet_demand(DemandOf::Token("tok_2"), 0).await.unwrap(),
+        [row("tok_2", "envoy-a", 3, 0, 1_000, 10_000)]
+    );
+    assert!(a
+        .fleet_demand(DemandOf::TokensOf("envoy-c"), 0)
+        .await
+        .unwrap()
+        .is_empty());
+    // A newer report replaces the proxy's counts; an older one (a slow replica) does not.
+    a.fleet_report("envoy-a", 1_000, 11_000, 0, &[demand("tok_1", 9, 9)])
+        .await
+        .unwrap();
+    b.fleet_report("envoy-a", 1_000, 10_500, 0, &[demand("tok_1", 1, 1)])
+        .await
+        .unwrap();
+    assert_eq!(
+        a.fleet_demand(DemandOf::Token("tok_1"), 10_900)
+            .await
+            .unwrap(),
+        [row("tok_1", "envoy-a", 9, 9, 1_000, 11_000)]
+    );
+    // Counts beyond i64 are kept at its largest.
+    a.fleet_report("envoy-a", 1_000, 11_500, 0, &[demand("tok_3", u64::MAX, 0)])
+        .await
+        .unwrap();
+    assert_eq!(
+        a.fleet_demand(DemandOf::Token("tok_3"), 0).await.unwrap()[0].admitted,
+        i64::MAX as u64
+    );
+    // Whatever was last seen before the cut-off is forgotten.
+    b.fleet_report("envoy-b", 500, 20_000, 11_200, &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        a.fleet_proxies(0)
+            .await
+            .unwrap()
+            .iter()
+            .map(|p| p.proxy_id.as_str())
+            .collect::<Vec<_>>(),
+        ["envoy-a", "envoy-b"]
+    );
+    assert_eq!(
+        a.fleet_demand(DemandOf::Token("tok_1"), 0).await.unwrap(),
+        []
+    );
+    assert_eq!(
+        a.fleet_demand(DemandOf::Token("tok_3"), 0)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
 macro_rules! contract {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -1070,4 +1227,6 @@ contract!(
     a_period_is_claimed_by_one_replica,
     sessions_are_touched_ended_and_bounded,
     no_poller_misses_a_change_made_through_any_replica,
+    a_token_keeps_its_limit_scope,
+    fleet_reports_are_shared_and_forgotten,
 );

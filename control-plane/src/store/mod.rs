@@ -14,7 +14,7 @@ pub use audit::{AuditEntry, AuditQuery, AuditRecord};
 pub use postgres::{redacted, PgSettings, PostgresStore};
 use serde::{Deserialize, Serialize};
 pub use sqlite::SqliteStore;
-use tokengate_wire::{Kind, UsageEntry};
+use tokengate_wire::{Kind, LimitScope, TokenDemand, UsageEntry};
 use tokio::sync::watch;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,6 +64,8 @@ pub struct TokenRow {
     pub status: Status,
     pub max_rps: Option<u32>,
     pub burst: Option<u32>,
+    /// Whether `max_rps` and `burst` are the whole fleet's or each proxy's.
+    pub limit_scope: LimitScope,
     pub created_at: i64,
     pub updated_at: i64,
     pub expires_at: Option<i64>,
@@ -214,6 +216,40 @@ pub struct Dump {
     pub jobs: Vec<(String, i64, u64)>,
 }
 
+/// A proxy as its last fleet report left it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxySeen {
+    pub proxy_id: String,
+    pub interval_ms: u32,
+    /// Unix milliseconds.
+    pub seen_at_ms: i64,
+}
+
+/// One proxy's last reported demand for one token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DemandRow {
+    pub token_id: String,
+    pub proxy_id: String,
+    pub admitted: u64,
+    pub refused: u64,
+    pub interval_ms: u32,
+    /// Unix milliseconds.
+    pub seen_at_ms: i64,
+}
+
+/// Whose demand to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DemandOf<'a> {
+    /// Every proxy's, for the tokens this proxy reported.
+    TokensOf(&'a str),
+    /// Every proxy's, for this token.
+    Token(&'a str),
+}
+
+pub fn parse_scope(s: &str) -> Option<LimitScope> {
+    LimitScope::parse(s)
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreError {
     NotFound,
@@ -274,6 +310,27 @@ pub trait Store: Send + Sync + 'static {
     /// Adds reported request counts (no new version); last use only moves forward and is
     /// capped at `now`. Returns how many entries matched a token.
     async fn record_usage(&self, now: i64, entries: &[UsageEntry]) -> Result<usize, StoreError>;
+    /// A proxy's fleet report at `now_ms`: the proxy is seen, and each token's counts
+    /// replace that proxy's previous ones; reports and proxies last seen before `forget_ms`
+    /// are forgotten.
+    async fn fleet_report(
+        &self,
+        proxy_id: &str,
+        interval_ms: u32,
+        now_ms: i64,
+        forget_ms: i64,
+        tokens: &[TokenDemand],
+    ) -> Result<(), StoreError>;
+    /// Proxies seen at or after `since_ms`.
+    async fn fleet_proxies(&self, since_ms: i64) -> Result<Vec<ProxySeen>, StoreError>;
+    /// Demand reported at or after `since_ms`.
+    async fn fleet_demand(
+        &self,
+        of: DemandOf<'_>,
+        since_ms: i64,
+    ) -> Result<Vec<DemandRow>, StoreError>;
+    /// Tokens by id (tombstones included); unknown ids are left out.
+    async fn tokens_by_id(&self, ids: &[String]) -> Result<Vec<TokenRow>, StoreError>;
     /// Audit entries, newest first.
     async fn audit(&self, q: &AuditQuery) -> Result<Vec<AuditEntry>, StoreError>;
 

@@ -23,9 +23,9 @@
 //! refused, naming both versions.
 
 use super::{
-    AuditEntry, AuditQuery, AuditRecord, Changes, Delivery, DeliveryOutcome, Dump, Event, Expiring,
-    ListQuery, OutboxRow, Page, Published, SessionRow, Status, Store, StoreError, TokenRow,
-    WarningRecord,
+    AuditEntry, AuditQuery, AuditRecord, Changes, Delivery, DeliveryOutcome, DemandOf, DemandRow,
+    Dump, Event, Expiring, ListQuery, OutboxRow, Page, ProxySeen, Published, SessionRow, Status,
+    Store, StoreError, TokenRow, WarningRecord,
 };
 use async_trait::async_trait;
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod};
@@ -34,7 +34,7 @@ use serde_json::Value;
 use std::str::FromStr;
 use std::sync::Mutex;
 use std::time::Duration;
-use tokengate_wire::UsageEntry;
+use tokengate_wire::{TokenDemand, UsageEntry};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_postgres::error::SqlState;
@@ -43,7 +43,8 @@ use tokio_postgres::{AsyncMessage, IsolationLevel, NoTls, Row};
 /// Each entry upgrades the schema by one version (`tokengate_schema.version`); never edit a
 /// shipped one. A newer release's migrations must keep the previous release working, since
 /// replicas of both run side by side during a rolling update.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
     CREATE TABLE tokengate_meta (key text PRIMARY KEY, value text NOT NULL);
     CREATE TABLE tokengate_sync (
         one boolean PRIMARY KEY DEFAULT true CHECK (one),
@@ -124,7 +125,28 @@ const MIGRATIONS: &[&str] = &[r#"
         last_run bigint NOT NULL,
         runs bigint NOT NULL
     );
-"#];
+"#,
+    // Fleet-wide limits: each token's scope, the proxies' reports.
+    r#"
+    ALTER TABLE tokens ADD COLUMN limit_scope text NOT NULL DEFAULT 'fleet';
+    CREATE TABLE fleet_proxies (
+        proxy_id text PRIMARY KEY,
+        interval_ms integer NOT NULL,
+        seen_at_ms bigint NOT NULL
+    );
+    CREATE TABLE fleet_demand (
+        token_id text NOT NULL,
+        proxy_id text NOT NULL,
+        admitted bigint NOT NULL,
+        refused bigint NOT NULL,
+        interval_ms integer NOT NULL,
+        seen_at_ms bigint NOT NULL,
+        PRIMARY KEY (token_id, proxy_id)
+    );
+    CREATE INDEX fleet_demand_by_proxy ON fleet_demand (proxy_id, seen_at_ms);
+    CREATE INDEX fleet_demand_by_age ON fleet_demand (seen_at_ms);
+"#,
+];
 
 /// The schema version this binary migrates to.
 pub const SCHEMA_VERSION: usize = MIGRATIONS.len();
@@ -136,7 +158,8 @@ const CHANNEL: &str = "tokengate_changes";
 
 const COLUMNS: &str =
     "id, hash, name, kind, owner, status, max_rps, burst, created_at, updated_at, \
-     expires_at, last_used_at, version, requests_allowed, requests_denied, rotated_at, retired";
+     expires_at, last_used_at, version, requests_allowed, requests_denied, rotated_at, retired, \
+     limit_scope";
 
 /// Connection settings beyond the URL.
 #[derive(Debug, Clone, Copy)]
@@ -254,6 +277,7 @@ fn from_row_at(r: &Row, at: usize) -> Result<TokenRow, StoreError> {
     let kind = text(3)?;
     let status = text(5)?;
     let retired: Value = r.try_get(at + 16).map_err(decode)?;
+    let scope = text(17)?;
     Ok(TokenRow {
         id: text(0)?,
         hash: text(1)?,
@@ -263,6 +287,8 @@ fn from_row_at(r: &Row, at: usize) -> Result<TokenRow, StoreError> {
         status: Status::parse(&status).ok_or_else(|| decode(format!("status `{status}`")))?,
         max_rps: small(6)?,
         burst: small(7)?,
+        limit_scope: super::parse_scope(&scope)
+            .ok_or_else(|| decode(format!("limit_scope `{scope}`")))?,
         created_at: int(8)?,
         updated_at: int(9)?,
         expires_at: opt(10)?,
@@ -734,7 +760,7 @@ impl Store for PostgresStore {
                     "{}
                      INSERT INTO tokens ({COLUMNS}, created_seq)
                      SELECT $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, v.version,
-                            0, 0, $15, $16, v.version
+                            0, 0, $15, $16, $17, v.version
                      FROM v, n RETURNING version",
                     next_version()
                 ))
@@ -759,6 +785,7 @@ impl Store for PostgresStore {
                         &row.last_used_at,
                         &row.rotated_at,
                         &retired,
+                        &row.limit_scope.as_str(),
                     ],
                 )
                 .await?
@@ -848,7 +875,7 @@ impl Store for PostgresStore {
                     "{}
                      UPDATE tokens SET hash = $4, name = $5, status = $6, max_rps = $7,
                          burst = $8, updated_at = $9, expires_at = $10, version = v.version,
-                         rotated_at = $11, retired = $12
+                         rotated_at = $11, retired = $12, limit_scope = $13
                      FROM v, n WHERE id = $3 RETURNING tokens.version",
                     next_version()
                 ))
@@ -869,6 +896,7 @@ impl Store for PostgresStore {
                         &row.expires_at,
                         &row.rotated_at,
                         &retired,
+                        &row.limit_scope.as_str(),
                     ],
                 )
                 .await?
@@ -879,6 +907,122 @@ impl Store for PostgresStore {
         })?;
         self.published.publish(written.version);
         Ok(written)
+    }
+
+    async fn fleet_report(
+        &self,
+        proxy_id: &str,
+        interval_ms: u32,
+        now_ms: i64,
+        forget_ms: i64,
+        tokens: &[TokenDemand],
+    ) -> Result<(), StoreError> {
+        let ids: Vec<&str> = tokens.iter().map(|t| t.id.as_str()).collect();
+        let admitted: Vec<i64> = tokens.iter().map(|t| clamp(t.admitted)).collect();
+        let refused: Vec<i64> = tokens.iter().map(|t| clamp(t.refused)).collect();
+        let interval = i32::try_from(interval_ms).unwrap_or(i32::MAX);
+        pg!(self, |c| {
+            // One statement per table; a report names each token once (the domain merges
+            // duplicates), so the upsert never meets the same row twice.
+            let seen = c
+                .prepare_cached(
+                    "INSERT INTO fleet_proxies (proxy_id, interval_ms, seen_at_ms)
+                     VALUES ($1, $2, $3)
+                     ON CONFLICT (proxy_id) DO UPDATE SET interval_ms = $2,
+                         seen_at_ms = GREATEST(fleet_proxies.seen_at_ms, $3)",
+                )
+                .await?;
+            c.execute(&seen, &[&proxy_id, &interval, &now_ms]).await?;
+            if !ids.is_empty() {
+                let demand = c
+                    .prepare_cached(
+                        "INSERT INTO fleet_demand
+                             (token_id, proxy_id, admitted, refused, interval_ms, seen_at_ms)
+                         SELECT id, $4, a, r, $5, $6
+                         FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS e(id, a, r)
+                         ON CONFLICT (token_id, proxy_id) DO UPDATE SET
+                             admitted = EXCLUDED.admitted, refused = EXCLUDED.refused,
+                             interval_ms = EXCLUDED.interval_ms, seen_at_ms = EXCLUDED.seen_at_ms
+                         WHERE fleet_demand.seen_at_ms <= EXCLUDED.seen_at_ms",
+                    )
+                    .await?;
+                c.execute(
+                    &demand,
+                    &[&ids, &admitted, &refused, &proxy_id, &interval, &now_ms],
+                )
+                .await?;
+            }
+            let forget = c
+                .prepare_cached(
+                    "WITH d AS (DELETE FROM fleet_demand WHERE seen_at_ms < $1)
+                     DELETE FROM fleet_proxies WHERE seen_at_ms < $1",
+                )
+                .await?;
+            c.execute(&forget, &[&forget_ms]).await?;
+            Ok(())
+        })
+    }
+
+    async fn fleet_proxies(&self, since_ms: i64) -> Result<Vec<ProxySeen>, StoreError> {
+        pg!(self, |c| {
+            let stmt = c
+                .prepare_cached(
+                    "SELECT proxy_id, interval_ms, seen_at_ms FROM fleet_proxies
+                     WHERE seen_at_ms >= $1 ORDER BY proxy_id",
+                )
+                .await?;
+            let rows = c.query(&stmt, &[&since_ms]).await?;
+            Ok(rows
+                .iter()
+                .map(|r| ProxySeen {
+                    proxy_id: r.get(0),
+                    interval_ms: r.get::<_, i32>(1).max(0) as u32,
+                    seen_at_ms: r.get(2),
+                })
+                .collect())
+        })
+    }
+
+    async fn fleet_demand(
+        &self,
+        of: DemandOf<'_>,
+        since_ms: i64,
+    ) -> Result<Vec<DemandRow>, StoreError> {
+        let (sql, key) = match of {
+            DemandOf::TokensOf(p) => (
+                "SELECT token_id, proxy_id, admitted, refused, interval_ms, seen_at_ms
+                 FROM fleet_demand WHERE seen_at_ms >= $2 AND token_id IN
+                     (SELECT token_id FROM fleet_demand WHERE proxy_id = $1 AND seen_at_ms >= $2)
+                 ORDER BY token_id, proxy_id",
+                p,
+            ),
+            DemandOf::Token(t) => (
+                "SELECT token_id, proxy_id, admitted, refused, interval_ms, seen_at_ms
+                 FROM fleet_demand WHERE token_id = $1 AND seen_at_ms >= $2
+                 ORDER BY token_id, proxy_id",
+                t,
+            ),
+        };
+        pg!(self, |c| {
+            let stmt = c.prepare_cached(sql).await?;
+            let rows = c.query(&stmt, &[&key, &since_ms]).await?;
+            Ok(rows
+                .iter()
+                .map(|r| DemandRow {
+                    token_id: r.get(0),
+                    proxy_id: r.get(1),
+                    admitted: r.get::<_, i64>(2).max(0) as u64,
+                    refused: r.get::<_, i64>(3).max(0) as u64,
+                    interval_ms: r.get::<_, i32>(4).max(0) as u32,
+                    seen_at_ms: r.get(5),
+                })
+                .collect())
+        })
+    }
+
+    async fn tokens_by_id(&self, ids: &[String]) -> Result<Vec<TokenRow>, StoreError> {
+        let sql = format!("SELECT {COLUMNS} FROM tokens WHERE id = ANY($1) ORDER BY id");
+        self.token_rows(&sql, &[&ids]).await
     }
 
     async fn record_usage(&self, now: i64, entries: &[UsageEntry]) -> Result<usize, StoreError> {
@@ -1063,7 +1207,7 @@ impl Store for PostgresStore {
                 .map(|r| {
                     Ok(Expiring {
                         token: from_row(r)?,
-                        warned_lead: r.try_get(17).map_err(decode)?,
+                        warned_lead: r.try_get(18).map_err(decode)?,
                     })
                 })
                 .collect()
@@ -1313,7 +1457,7 @@ impl Store for PostgresStore {
                 )
                 .await?
                 .iter()
-                .map(|r| Ok((from_row(r)?, r.try_get::<_, i64>(17).map_err(decode)?)))
+                .map(|r| Ok((from_row(r)?, r.try_get::<_, i64>(18).map_err(decode)?)))
                 .collect::<Result<Vec<_>, StoreError>>()?;
             let audit = tx
                 .query(
@@ -1422,7 +1566,7 @@ impl Store for PostgresStore {
                 .prepare(&format!(
                     "INSERT INTO tokens ({COLUMNS}, created_seq) VALUES
                      ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,
-                      $17, $18)"
+                      $17, $18, $19)"
                 ))
                 .await?;
             for (r, created_seq) in &dump.tokens {
@@ -1446,6 +1590,7 @@ impl Store for PostgresStore {
                         &clamp(r.requests_denied),
                         &r.rotated_at,
                         &retired_json(r)?,
+                        &r.limit_scope.as_str(),
                         created_seq,
                     ],
                 )

@@ -3,9 +3,9 @@
 //! calls take turns on one connection, off the async workers.
 
 use super::{
-    AuditEntry, AuditQuery, AuditRecord, Changes, Delivery, DeliveryOutcome, Dump, Event, Expiring,
-    ListQuery, OutboxRow, Page, Published, SessionRow, Status, Store, StoreError, TokenRow,
-    WarningRecord,
+    AuditEntry, AuditQuery, AuditRecord, Changes, Delivery, DeliveryOutcome, DemandOf, DemandRow,
+    Dump, Event, Expiring, ListQuery, OutboxRow, Page, ProxySeen, Published, SessionRow, Status,
+    Store, StoreError, TokenRow, WarningRecord,
 };
 use async_trait::async_trait;
 use rand::distributions::{Alphanumeric, DistString};
@@ -13,7 +13,7 @@ use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
 use serde_json::Value;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use tokengate_wire::UsageEntry;
+use tokengate_wire::{TokenDemand, UsageEntry};
 use tokio::sync::watch;
 
 /// Each entry upgrades the schema by one `PRAGMA user_version`; never edit a shipped one.
@@ -101,6 +101,26 @@ const MIGRATIONS: &[&str] = &[
         runs INTEGER NOT NULL
     );
     "#,
+    // Fleet-wide limits: each token's scope, the proxies' reports.
+    r#"
+    ALTER TABLE tokens ADD COLUMN limit_scope TEXT NOT NULL DEFAULT 'fleet';
+    CREATE TABLE fleet_proxies (
+        proxy_id TEXT PRIMARY KEY,
+        interval_ms INTEGER NOT NULL,
+        seen_at_ms INTEGER NOT NULL
+    );
+    CREATE TABLE fleet_demand (
+        token_id TEXT NOT NULL,
+        proxy_id TEXT NOT NULL,
+        admitted INTEGER NOT NULL,
+        refused INTEGER NOT NULL,
+        interval_ms INTEGER NOT NULL,
+        seen_at_ms INTEGER NOT NULL,
+        PRIMARY KEY (token_id, proxy_id)
+    );
+    CREATE INDEX fleet_demand_by_proxy ON fleet_demand(proxy_id, seen_at_ms);
+    CREATE INDEX fleet_demand_by_age ON fleet_demand(seen_at_ms);
+    "#,
 ];
 
 /// The schema version this binary migrates to.
@@ -108,7 +128,8 @@ pub const SCHEMA_VERSION: usize = MIGRATIONS.len();
 
 const COLUMNS: &str =
     "id, hash, name, kind, owner, status, max_rps, burst, created_at, updated_at, \
-     expires_at, last_used_at, version, requests_allowed, requests_denied, rotated_at, retired";
+     expires_at, last_used_at, version, requests_allowed, requests_denied, rotated_at, retired, \
+     limit_scope";
 
 struct Inner {
     conn: Mutex<Connection>,
@@ -136,6 +157,7 @@ fn from_row(r: &Row<'_>) -> rusqlite::Result<TokenRow> {
     let kind: String = r.get(3)?;
     let status: String = r.get(5)?;
     let retired: String = r.get(16)?;
+    let scope: String = r.get(17)?;
     Ok(TokenRow {
         id: r.get(0)?,
         hash: r.get(1)?,
@@ -145,6 +167,7 @@ fn from_row(r: &Row<'_>) -> rusqlite::Result<TokenRow> {
         status: Status::parse(&status).ok_or_else(|| conversion("status", &status))?,
         max_rps: r.get(6)?,
         burst: r.get(7)?,
+        limit_scope: super::parse_scope(&scope).ok_or_else(|| conversion("limit_scope", &scope))?,
         created_at: r.get(8)?,
         updated_at: r.get(9)?,
         expires_at: r.get(10)?,
@@ -381,7 +404,7 @@ impl Store for SqliteStore {
             let sql = format!(
                 "INSERT INTO tokens ({COLUMNS}, created_seq)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, 0, 0, ?14, ?15,
-                         (SELECT COALESCE(MAX(created_seq), 0) + 1 FROM tokens))"
+                         ?16, (SELECT COALESCE(MAX(created_seq), 0) + 1 FROM tokens))"
             );
             tx.execute(
                 &sql,
@@ -400,7 +423,8 @@ impl Store for SqliteStore {
                     row.last_used_at,
                     row.version as i64,
                     row.rotated_at,
-                    retired_text(&row)?
+                    retired_text(&row)?,
+                    row.limit_scope.as_str()
                 ],
             )?;
             append_audit(&tx, &audit)?;
@@ -482,7 +506,7 @@ impl Store for SqliteStore {
             tx.execute(
                 "UPDATE tokens SET hash = ?2, name = ?3, status = ?4, max_rps = ?5,
                          burst = ?6, updated_at = ?7, expires_at = ?8, version = ?9,
-                         rotated_at = ?10, retired = ?11
+                         rotated_at = ?10, retired = ?11, limit_scope = ?12
                      WHERE id = ?1",
                 params![
                     row.id,
@@ -495,7 +519,8 @@ impl Store for SqliteStore {
                     row.expires_at,
                     row.version as i64,
                     row.rotated_at,
-                    retired_text(&row)?
+                    retired_text(&row)?,
+                    row.limit_scope.as_str()
                 ],
             )?;
             append_audit(&tx, &audit)?;
@@ -537,6 +562,123 @@ impl Store for SqliteStore {
             Ok(matched)
         })
         .await
+    }
+
+    async fn fleet_report(
+        &self,
+        proxy_id: &str,
+        interval_ms: u32,
+        now_ms: i64,
+        forget_ms: i64,
+        tokens: &[TokenDemand],
+    ) -> Result<(), StoreError> {
+        let (proxy_id, tokens) = (proxy_id.to_string(), tokens.to_vec());
+        self.with(move |c, _| {
+            let tx = c.transaction()?;
+            tx.execute(
+                "INSERT INTO fleet_proxies (proxy_id, interval_ms, seen_at_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (proxy_id) DO UPDATE SET interval_ms = ?2,
+                     seen_at_ms = max(seen_at_ms, ?3)",
+                params![proxy_id, interval_ms, now_ms],
+            )?;
+            {
+                let mut stmt = tx.prepare_cached(
+                    "INSERT INTO fleet_demand
+                         (token_id, proxy_id, admitted, refused, interval_ms, seen_at_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                     ON CONFLICT (token_id, proxy_id) DO UPDATE SET admitted = ?3,
+                         refused = ?4, interval_ms = ?5, seen_at_ms = ?6
+                     WHERE seen_at_ms <= ?6",
+                )?;
+                for t in &tokens {
+                    stmt.execute(params![
+                        t.id,
+                        proxy_id,
+                        clamp(t.admitted),
+                        clamp(t.refused),
+                        interval_ms,
+                        now_ms
+                    ])?;
+                }
+            }
+            tx.execute(
+                "DELETE FROM fleet_demand WHERE seen_at_ms < ?1",
+                [forget_ms],
+            )?;
+            tx.execute(
+                "DELETE FROM fleet_proxies WHERE seen_at_ms < ?1",
+                [forget_ms],
+            )?;
+            tx.commit()
+        })
+        .await
+    }
+
+    async fn fleet_proxies(&self, since_ms: i64) -> Result<Vec<ProxySeen>, StoreError> {
+        self.with(move |c, _| {
+            let mut stmt = c.prepare_cached(
+                "SELECT proxy_id, interval_ms, seen_at_ms FROM fleet_proxies
+                 WHERE seen_at_ms >= ?1 ORDER BY proxy_id",
+            )?;
+            let rows = stmt
+                .query_map([since_ms], |r| {
+                    Ok(ProxySeen {
+                        proxy_id: r.get(0)?,
+                        interval_ms: r.get(1)?,
+                        seen_at_ms: r.get(2)?,
+                    })
+                })?
+                .collect();
+            rows
+        })
+        .await
+    }
+
+    async fn fleet_demand(
+        &self,
+        of: DemandOf<'_>,
+        since_ms: i64,
+    ) -> Result<Vec<DemandRow>, StoreError> {
+        let (sql, key) = match of {
+            DemandOf::TokensOf(p) => (
+                "SELECT token_id, proxy_id, admitted, refused, interval_ms, seen_at_ms
+                 FROM fleet_demand WHERE seen_at_ms >= ?2 AND token_id IN
+                     (SELECT token_id FROM fleet_demand WHERE proxy_id = ?1 AND seen_at_ms >= ?2)
+                 ORDER BY token_id, proxy_id",
+                p.to_string(),
+            ),
+            DemandOf::Token(t) => (
+                "SELECT token_id, proxy_id, admitted, refused, interval_ms, seen_at_ms
+                 FROM fleet_demand WHERE token_id = ?1 AND seen_at_ms >= ?2
+                 ORDER BY token_id, proxy_id",
+                t.to_string(),
+            ),
+        };
+        self.with(move |c, _| {
+            let mut stmt = c.prepare_cached(sql)?;
+            let rows = stmt
+                .query_map(params![key, since_ms], |r| {
+                    Ok(DemandRow {
+                        token_id: r.get(0)?,
+                        proxy_id: r.get(1)?,
+                        admitted: r.get::<_, i64>(2)?.max(0) as u64,
+                        refused: r.get::<_, i64>(3)?.max(0) as u64,
+                        interval_ms: r.get(4)?,
+                        seen_at_ms: r.get(5)?,
+                    })
+                })?
+                .collect();
+            rows
+        })
+        .await
+    }
+
+    async fn tokens_by_id(&self, ids: &[String]) -> Result<Vec<TokenRow>, StoreError> {
+        let ids = serde_json::to_string(ids).map_err(backend)?;
+        let sql = format!(
+            "SELECT {COLUMNS} FROM tokens WHERE id IN (SELECT value FROM json_each(?1)) ORDER BY id"
+        );
+        self.rows(sql, vec![Box::new(ids)]).await
     }
 
     async fn audit(&self, q: &AuditQuery) -> Result<Vec<AuditEntry>, StoreError> {
@@ -893,7 +1035,7 @@ impl Store for SqliteStore {
                 "SELECT {COLUMNS}, coalesce(created_seq, 0) FROM tokens ORDER BY id"
             ))?;
             let tokens = stmt
-                .query_map([], |r| Ok((from_row(r)?, r.get::<_, i64>(17)?)))?
+                .query_map([], |r| Ok((from_row(r)?, r.get::<_, i64>(18)?)))?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             drop(stmt);
             let mut stmt = tx.prepare(
@@ -982,7 +1124,7 @@ impl Store for SqliteStore {
                     &format!(
                         "INSERT INTO tokens ({COLUMNS}, created_seq) VALUES
                          (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
-                          ?17, ?18)"
+                          ?17, ?18, ?19)"
                     ),
                     params![
                         r.id,
@@ -1002,6 +1144,7 @@ impl Store for SqliteStore {
                         clamp(r.requests_denied),
                         r.rotated_at,
                         retired_text(r)?,
+                        r.limit_scope.as_str(),
                         created_seq
                     ],
                 )?;

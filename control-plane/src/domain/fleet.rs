@@ -1,0 +1,517 @@
+//! Fleet-wide limits, the control plane's side: which proxies are live, what each asks of
+//! each fleet-limited token, and the share of the token's limit each gets. Reports and
+//! proxies live in the store, so that every replica computes the same shares.
+//!
+//! A token's limit is split among the live proxies that reported it recently: each gets a
+//! floor (a tenth of an equal share, so that a client that comes back is not refused on its
+//! first request), then the rest is water-filled by demand (admitted plus refused per
+//! second: no proxy gets more than it asks while another asks for more), and what nobody
+//! asks for is split equally as headroom. The shares add up to the limit exactly; the burst
+//! is split in the same proportions (at least 1 each).
+
+use super::DomainError;
+use crate::store::{DemandOf, DemandRow, Status, Store, TokenRow};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use tokengate_wire::fleet::{
+    FleetAnswer, FleetReport, Share, TokenDemand, MAX_INTERVAL_MS, MAX_PROXY_ID, MAX_TOKENS,
+    MIN_INTERVAL_MS,
+};
+use tokengate_wire::LimitScope;
+
+/// A proxy is live while seen within this many of its report intervals.
+pub const LIVE_INTERVALS: i64 = 3;
+/// A share holds this many of the proxy's report intervals without a newer answer.
+pub const TTL_INTERVALS: u32 = 3;
+/// A proxy that reported a token this recently holds at least the floor of it.
+pub const RECENT_MS: i64 = 30_000;
+/// Reports and proxies older than this are forgotten.
+pub const FORGET_MS: i64 = 10 * 60_000;
+/// The floor is an equal share divided by this.
+const FLOOR_DIVISOR: u64 = 10;
+/// More requests per second than any one proxy can see: a report claiming more is refused.
+pub const MAX_REPORTED_RPS: u64 = 100_000_000;
+
+/// What one proxy asks of a token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Claim {
+    pub proxy: String,
+    /// Requests per second (admitted and refused) over its last interval; 0 when it has
+    /// not reported the token in its last two intervals.
+    pub demand: f64,
+}
+
+/// One proxy's part of a token's limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Part {
+    pub proxy: String,
+    /// Thousandths of a request per second.
+    pub rate_milli: u64,
+    pub burst: u32,
+}
+
+/// Splits `max_rps` and `burst` among `claims` (see the module's documentation). Every
+/// claimant gets a non-zero rate and a burst of at least 1; the rates add up to `max_rps`.
+pub fn split(max_rps: u32, burst: u32, claims: &[Claim]) -> Vec<Part> {
+    let n = claims.len() as u64;
+    if n == 0 {
+        return vec![];
+    }
+    let total = u64::from(max_rps) * 1_000;
+    let floor = (total / (n * FLOOR_DIVISOR)).max(1);
+    let mut rest = total.saturating_sub(floor * n);
+    let want: Vec<u64> = claims
+        .iter()
+        .map(|c| ((c.demand.max(0.0) * 1_000.0).min(total as f64) as u64).saturating_sub(floor))
+        .collect();
+    let mut order: Vec<usize> = (0..claims.len()).collect();
+    order.sort_by_key(|&i| (want[i], i));
+    let mut give = vec![0u64; claims.len()];
+    for (k, &i) in order.iter().enumerate() {
+        let left = n - k as u64;
+        give[i] = want[i].min(rest / left);
+        rest -= give[i];
+    }
+    // Headroom nobody asked for, split equally (the remainder to the first ones).
+    for (k, &i) in order.iter().enumerate() {
+        let left = n - k as u64;
+        let extra = rest / left + u64::from(rest % left != 0);
+        give[i] += extra;
+        rest -= extra;
+    }
+    let burst = u64::from(burst.max(1));
+    claims
+        .iter()
+        .zip(give)
+        .map(|(c, g)| {
+            let rate_milli = floor + g;
+            Part {
+                proxy: c.proxy.clone(),
+                rate_milli,
+                burst: (u128::from(burst) * u128::from(rate_milli) / u128::from(total.max(1)))
+                    .clamp(1, u128::from(burst)) as u32,
+            }
+        })
+        .collect()
+}
+
+/// The demand a report row stands for at `now_ms`: its rate if it is from the proxy's last
+/// two intervals, else none (the proxy had no traffic since).
+pub fn demand(row: &DemandRow, now_ms: i64) -> f64 {
+    let interval = i64::from(row.interval_ms.max(1));
+    if now_ms - row.seen_at_ms > 2 * interval {
+        return 0.0;
+    }
+    row.admitted.saturating_add(row.refused) as f64 * 1_000.0 / interval as f64
+}
+
+/// Whether a proxy seen at `seen_at_ms`, reporting every `interval_ms`, is live at `now_ms`.
+pub fn is_live(seen_at_ms: i64, interval_ms: u32, now_ms: i64) -> bool {
+    now_ms - seen_at_ms <= LIVE_INTERVALS * i64::from(interval_ms.max(MIN_INTERVAL_MS))
+}
+
+/// A token whose limit is shared by the fleet.
+fn fleet_limited(t: &TokenRow) -> Option<(u32, u32)> {
+    let max_rps = t.max_rps?;
+    (t.status == Status::Active && t.limit_scope == LimitScope::Fleet)
+        .then(|| (max_rps, t.burst.unwrap_or(max_rps)))
+}
+
+/// The claims on one token by live proxies.
+fn claims(rows: &[&DemandRow], live: &BTreeSet<String>, now_ms: i64) -> Vec<Claim> {
+    rows.iter()
+        .filter(|r| live.contains(&r.proxy_id))
+        .map(|r| Claim {
+            proxy: r.proxy_id.clone(),
+            demand: demand(r, now_ms),
+        })
+        .collect()
+}
+
+/// One proxy's part of a token, as the API shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProxyPart {
+    pub proxy_id: String,
+    pub admitted_rps: f64,
+    pub refused_rps: f64,
+    pub share_rps: f64,
+    pub share_burst: u32,
+    /// Unix milliseconds of its last report of the token.
+    pub seen_at_ms: i64,
+}
+
+/// The live fleet view of a fleet-limited token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FleetView {
+    /// Proxies live now, whether they saw the token or not.
+    pub proxies_live: u32,
+    /// Live proxies that reported the token recently.
+    pub proxies_seen: u32,
+    pub admitted_rps: f64,
+    pub refused_rps: f64,
+    pub parts: Vec<ProxyPart>,
+}
+
+pub struct Fleet {
+    store: Arc<dyn Store>,
+}
+
+/// A report's refusal: a field, or more tokens than a report may carry.
+fn invalid(field: &'static str, message: impl Into<String>) -> DomainError {
+    DomainError::invalid(field, message)
+}
+
+/// Checks a report and merges tokens named twice.
+pub fn check(report: &FleetReport) -> Result<Vec<TokenDemand>, DomainError> {
+    let id = &report.proxy_id;
+    if id.is_empty() || id.len() > MAX_PROXY_ID {
+        return Err(invalid(
+            "proxy_id",
+            format!("must be 1 to {MAX_PROXY_ID} bytes long"),
+        ));
+    }
+    if id.chars().any(char::is_control) {
+        return Err(invalid("proxy_id", "must not contain control characters"));
+    }
+    if !(MIN_INTERVAL_MS..=MAX_INTERVAL_MS).contains(&report.interval_ms) {
+        return Err(invalid(
+            "interval_ms",
+            format!("must be between {MIN_INTERVAL_MS} and {MAX_INTERVAL_MS}"),
+        ));
+    }
+    let mut merged: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
+    for t in &report.tokens {
+        if t.id.is_empty() || t.id.len() > 64 || t.id.chars().any(char::is_control) {
+            return Err(invalid(
+                "tokens.id",
+                "must be a token id (1 to 64 bytes, no control characters)",
+            ));
+        }
+        let e = merged.entry(&t.id).or_default();
+        e.0 = e.0.saturating_add(t.admitted);
+        e.1 = e.1.saturating_add(t.refused);
+        let most = MAX_REPORTED_RPS * u64::from(report.interval_ms) / 1_000;
+        if e.0.saturating_add(e.1) > most {
+            return Err(invalid(
+                "tokens.admitted",
+                format!(
+                    "claims more than {MAX_REPORTED_RPS} requests per second for one token on one proxy"
+                ),
+            ));
+        }
+    }
+    if merged.len() > MAX_TOKENS {
+        return Err(invalid(
+            "tokens",
+            format!("may name at most {MAX_TOKENS} tokens"),
+        ));
+    }
+    Ok(merged
+        .into_iter()
+        .map(|(id, (admitted, refused))| TokenDemand {
+            id: id.to_string(),
+            admitted,
+            refused,
+        })
+        .collect())
+}
+
+impl Fleet {
+    pub fn new(store: Arc<dyn Store>) -> Fleet {
+        Fleet { store }
+    }
+
+    /// The proxies live at `now_ms`.
+    async fn live(&self, now_ms: i64) -> Result<BTreeSet<String>, DomainError> {
+        let since = now_ms - LIVE_INTERVALS * i64::from(MAX_INTERVAL_MS);
+        Ok(self
+            .store
+            .fleet_proxies(since)
+            .await?
+            .into_iter()
+            .filter(|p| is_live(p.seen_at_ms, p.interval_ms, now_ms))
+            .map(|p| p.proxy_id)
+            .collect())
+    }
+
+    /// How many proxies are live, counting `poller` (a proxy about to report) among them.
+    pub async fn live_count(&self, poller: Option<&str>, now_ms: i64) -> Result<u32, DomainError> {
+        let mut live = self.live(now_ms).await?;
+        if let Some(p) = poller.filter(|p| !p.is_empty()) {
+            live.insert(p.to_string());
+        }
+        Ok(u32::try_from(live.len().max(1)).unwrap_or(u32::MAX))
+    }
+
+    /// Records a report and answers the reporting proxy's shares.
+    pub async fn report(
+        &self,
+        report: &FleetReport,
+        now_ms: i64,
+    ) -> Result<FleetAnswer, DomainError> {
+        let tokens = check(report)?;
+        let proxy = report.proxy_id.as_str();
+        self.store
+            .fleet_report(
+                proxy,
+                report.interval_ms,
+                now_ms,
+                now_ms - FORGET_MS,
+                &tokens,
+            )
+            .await?;
+        let live = self.live(now_ms).await?;
+        let rows = self
+            .store
+            .fleet_demand(DemandOf::TokensOf(proxy), now_ms - RECENT_MS)
+            .await?;
+        let mut by_token: BTreeMap<&str, Vec<&DemandRow>> = BTreeMap::new();
+        for r in &rows {
+            by_token.entry(&r.token_id).or_default().push(r);
+        }
+        let ids: Vec<String> = by_token.keys().map(|k| k.to_string()).collect();
+        let now_s = now_ms / 1_000;
+        let mut shares = vec![];
+        for token in self.store.tokens_by_id(&ids).await? {
+            let Some((max_rps, burst)) = fleet_limited(&token) else {
+                continue;
+            };
+            let claims = claims(&by_token[token.id.as_str()], &live, now_ms);
+            let Some(part) = split(max_rps, burst, &claims)
+                .into_iter()
+                .find(|p| p.proxy == proxy)
+            else {
+                continue;
+            };
+            let hashes = std::iter::once(token.hash.as_str()).chain(
+                token
+                    .retired
+                    .iter()
+                    .filter(|s| s.until > now_s)
+                    .map(|s| s.hash.as_str()),
+            );
+            for hash in hashes {
+                shares.push(Share {
+                    hash: hash.to_string(),
+                    max_rps,
+                    burst,
+                    rate_milli: part.rate_milli,
+                    share_burst: part.burst,
+                });
+            }
+        }
+        Ok(FleetAnswer {
+            proxies: u32::try_from(live.len().max(1)).unwrap_or(u32::MAX),
+            ttl_ms: report.interval_ms.saturating_mul(TTL_INTERVALS),
+            shares,
+        })
+    }
+
+    /// The live fleet view of `token`; `None` unless its limit is the fleet's.
+    pub async fn view(
+        &self,
+        token: &TokenRow,
+        now_ms: i64,
+    ) -> Result<Option<FleetView>, DomainError> {
+        let Some((max_rps, burst)) = fleet_limited(token) else {
+            return Ok(None);
+        };
+        let live = self.live(now_ms).await?;
+        let rows = self
+            .store
+            .fleet_demand(DemandOf::Token(&token.id), now_ms - RECENT_MS)
+            .await?;
+        let rows: Vec<&DemandRow> = rows.iter().filter(|r| live.contains(&r.proxy_id)).collect();
+        let parts = split(max_rps, burst, &claims(&rows, &live, now_ms));
+        let rate = |r: &DemandRow, n: u64| {
+            if demand(r, now_ms) == 0.0 {
+                0.0
+            } else {
+                n as f64 * 1_000.0 / f64::from(r.interval_ms.max(1))
+            }
+        };
+        let parts: Vec<ProxyPart> = rows
+            .iter()
+            .zip(parts)
+            .map(|(r, p)| ProxyPart {
+                proxy_id: r.proxy_id.clone(),
+                admitted_rps: rate(r, r.admitted),
+                refused_rps: rate(r, r.refused),
+                share_rps: p.rate_milli as f64 / 1_000.0,
+                share_burst: p.burst,
+                seen_at_ms: r.seen_at_ms,
+            })
+            .collect();
+        Ok(Some(FleetView {
+            proxies_live: u32::try_from(live.len()).unwrap_or(u32::MAX),
+            proxies_seen: u32::try_from(parts.len()).unwrap_or(u32::MAX),
+            admitted_rps: parts.iter().map(|p| p.admitted_rps).sum(),
+            refused_rps: parts.iter().map(|p| p.refused_rps).sum(),
+            parts,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claim(proxy: &str, demand: f64) -> Claim {
+        Claim {
+            proxy: proxy.into(),
+            demand,
+        }
+    }
+
+    fn rates(parts: &[Part]) -> Vec<u64> {
+        parts.iter().map(|p| p.rate_milli).collect()
+    }
+
+    #[test]
+    fn shares_follow_demand_and_add_up_to_the_limit() {
+        // 80/15/5 of twice the limit: the small ones get what they ask, the big one the rest.
+        let parts = split(
+            100,
+            100,
+            &[claim("a", 160.0), claim("b", 30.0), claim("c", 10.0)],
+        );
+        assert_eq!(rates(&parts), [60_000, 30_000, 10_000]);
+        assert_eq!(
+            parts.iter().map(|p| p.burst).collect::<Vec<_>>(),
+            [60, 30, 10]
+        );
+        // Even demand above the limit: equal shares.
+        let parts = split(
+            10,
+            10,
+            &[claim("a", 20.0), claim("b", 20.0), claim("c", 20.0)],
+        );
+        assert_eq!(parts.iter().map(|p| p.rate_milli).sum::<u64>(), 10_000);
+        assert!(rates(&parts).iter().all(|r| (3_333..=3_334).contains(r)));
+        // One proxy alone: the whole limit.
+        assert_eq!(
+            rates(&split(1_000, 50, &[claim("a", 5_000.0)])),
+            [1_000_000]
+        );
+        assert_eq!(split(1_000, 50, &[claim("a", 5_000.0)])[0].burst, 50);
+        assert!(split(5, 5, &[]).is_empty());
+    }
+
+    #[test]
+    fn unused_capacity_is_headroom_split_equally() {
+        // Asking 10 of 100 between them: each gets what it asks (b: its floor, 5) plus half
+        // of what is left.
+        let parts = split(100, 100, &[claim("a", 6.0), claim("b", 4.0)]);
+        assert_eq!(parts.iter().map(|p| p.rate_milli).sum::<u64>(), 100_000);
+        assert_eq!(rates(&parts), [50_500, 49_500]);
+    }
+
+    #[test]
+    fn an_idle_proxy_keeps_a_floor_and_nobody_gets_zero() {
+        let parts = split(100, 100, &[claim("busy", 500.0), claim("idle", 0.0)]);
+        assert_eq!(rates(&parts), [95_000, 5_000]);
+        // More proxies than requests per second: still a non-zero rate and a burst of 1.
+        let many: Vec<Claim> = (0..7).map(|i| claim(&format!("p{i}"), 1.0)).collect();
+        let parts = split(1, 1, &many);
+        assert!(parts.iter().all(|p| p.rate_milli >= 1 && p.burst == 1));
+        assert_eq!(parts.iter().map(|p| p.rate_milli).sum::<u64>(), 1_000);
+    }
+
+    #[test]
+    fn hostile_demands_neither_overflow_nor_break_the_sum() {
+        for d in [f64::MAX, f64::INFINITY, f64::NAN, -5.0, 1e30] {
+            let parts = split(u32::MAX, u32::MAX, &[claim("a", d), claim("b", 1.0)]);
+            assert_eq!(
+                parts.iter().map(|p| p.rate_milli).sum::<u64>(),
+                u64::from(u32::MAX) * 1_000,
+                "{d}"
+            );
+        }
+    }
+
+    fn row(proxy: &str, admitted: u64, refused: u64, seen_at_ms: i64) -> DemandRow {
+        DemandRow {
+            token_id: "tok_1".into(),
+            proxy_id: proxy.into(),
+            admitted,
+            refused,
+            interval_ms: 1_000,
+            seen_at_ms,
+        }
+    }
+
+    #[test]
+    fn demand_is_a_rate_that_lapses_when_reports_stop() {
+        assert_eq!(demand(&row("a", 30, 70, 10_000), 10_500), 100.0);
+        assert_eq!(demand(&row("a", 30, 70, 10_000), 12_000), 100.0);
+        assert_eq!(demand(&row("a", 30, 70, 10_000), 12_001), 0.0);
+        assert!(is_live(10_000, 1_000, 13_000));
+        assert!(!is_live(10_000, 1_000, 13_001));
+    }
+
+    fn report(proxy_id: &str, interval_ms: u32, tokens: Vec<TokenDemand>) -> FleetReport {
+        FleetReport {
+            proxy_id: proxy_id.into(),
+            interval_ms,
+            tokens,
+        }
+    }
+
+    fn t(id: &str, admitted: u64, refused: u64) -> TokenDemand {
+        TokenDemand {
+            id: id.into(),
+            admitted,
+            refused,
+        }
+    }
+
+    fn field(r: Result<Vec<TokenDemand>, DomainError>) -> &'static str {
+        match r {
+            Err(DomainError::Invalid { field, .. }) => field,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn hostile_reports_are_refused_naming_the_field() {
+        assert_eq!(field(check(&report("", 1_000, vec![]))), "proxy_id");
+        assert_eq!(
+            field(check(&report(&"p".repeat(MAX_PROXY_ID + 1), 1_000, vec![]))),
+            "proxy_id"
+        );
+        assert_eq!(field(check(&report("envoy\n1", 1_000, vec![]))), "proxy_id");
+        assert_eq!(
+            field(check(&report("envoy\u{7f}", 1_000, vec![]))),
+            "proxy_id"
+        );
+        assert_eq!(field(check(&report("p", 0, vec![]))), "interval_ms");
+        assert_eq!(field(check(&report("p", 600_000, vec![]))), "interval_ms");
+        assert_eq!(
+            field(check(&report("p", 1_000, vec![t("tok_1", u64::MAX, 1)]))),
+            "tokens.admitted"
+        );
+        assert_eq!(
+            field(check(&report(
+                "p",
+                1_000,
+                vec![t("tok_1", MAX_REPORTED_RPS / 2 + 1, 0); 2]
+            ))),
+            "tokens.admitted",
+            "a token named twice is one claim"
+        );
+        assert_eq!(
+            field(check(&report("p", 1_000, vec![t("", 1, 1)]))),
+            "tokens.id"
+        );
+        // Named twice: merged.
+        assert_eq!(
+            check(&report(
+                "p",
+                1_000,
+                vec![t("tok_1", 1, 2), t("tok_1", 3, 4)]
+            ))
+            .unwrap(),
+            [t("tok_1", 4, 6)]
+        );
+    }
+}
