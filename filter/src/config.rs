@@ -219,7 +219,21 @@ impl Config {
             backoff_initial_ms,
             backoff_max_ms,
             cas_retries: in_range("cas_retries", raw.cas_retries, 16, 1, 1_000)?,
-            proxy_id: raw.proxy_id.filter(|p| !p.is_empty()),
+            proxy_id: match raw.proxy_id.filter(|p| !p.is_empty()) {
+                Some(p) if p.len() > tokengate_wire::fleet::MAX_PROXY_ID => {
+                    return Err(err(
+                        "proxy_id",
+                        format!(
+                            "must be at most {} bytes long",
+                            tokengate_wire::fleet::MAX_PROXY_ID
+                        ),
+                    ))
+                }
+                Some(p) if p.chars().any(char::is_control) => {
+                    return Err(err("proxy_id", "must not contain control characters"))
+                }
+                p => p,
+            },
             usage_reporting: raw.usage_reporting.unwrap_or(true),
             usage_path,
             usage_report_ms: in_range("usage_report_ms", raw.usage_report_ms, 5_000, 100, 600_000)?,
@@ -280,7 +294,11 @@ mod tests {
 
     #[test]
     fn fleet_fields_are_checked_and_named() {
+        let long = format!(r#""proxy_id":"{}""#, "p".repeat(129));
         for (extra, field) in [
+            (long.as_str(), "proxy_id"),
+            (r#""proxy_id":"envoy\n1""#, "proxy_id"),
+            (r#""proxy_id":"envoy\u0000""#, "proxy_id"),
             (r#""fleet_report_ms":0"#, "fleet_report_ms"),
             (r#""fleet_report_ms":99"#, "fleet_report_ms"),
             (r#""fleet_report_ms":60001"#, "fleet_report_ms"),

@@ -200,6 +200,17 @@ fn is_hash(s: &str) -> bool {
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
+/// The `message` of a control plane's JSON refusal, cut short, for the log.
+pub fn refusal(body: Option<&[u8]>) -> String {
+    #[derive(serde::Deserialize)]
+    struct Refusal {
+        message: String,
+    }
+    body.and_then(|b| serde_json::from_slice::<Refusal>(b).ok())
+        .map(|r| r.message.chars().take(200).collect())
+        .unwrap_or_default()
+}
+
 /// A body this large is no fleet answer (10,000 shares are about 2 MB).
 pub const MAX_ANSWER_BYTES: usize = 8 << 20;
 

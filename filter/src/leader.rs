@@ -8,6 +8,7 @@ use crate::config::Config;
 use crate::fleet;
 use crate::host::{Call, Host, Level};
 use crate::metrics::{Counter, Gauge};
+use crate::store::{compare_and_swap, Step};
 use crate::sync::{SyncClient, SyncFailure};
 use crate::usage::{self, Reporter, Tally};
 
@@ -26,8 +27,14 @@ pub struct Leader {
     /// Whether the last fleet report failed (logged once per outage, not once per second).
     fleet_failing: bool,
     proxy_id: String,
+    /// This candidate's lease identity.
+    holder: u64,
     authorization: String,
 }
+
+/// Where an Envoy that knows no id of its own keeps the one its first leader made up, so
+/// that a new leader reports as the same proxy.
+pub const PROXY_ID_KEY: &str = "tokengate:proxy_id";
 
 /// A callout's answer as the host received it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +56,7 @@ impl Leader {
             demand: Tally::new(cfg.usage_max_tokens),
             fleet_failing: false,
             proxy_id,
+            holder,
             authorization: format!("Bearer {}", cfg.sync_token),
         }
     }
@@ -58,12 +66,25 @@ impl Leader {
         self.sync.is_leader()
     }
 
+    /// The id sent with polls and reports (empty until one is known).
+    pub fn proxy_id(&self) -> &str {
+        &self.proxy_id
+    }
+
+    /// Names the proxy once the host can tell its id.
+    pub fn set_proxy_id(&mut self, id: String) {
+        self.proxy_id = id;
+    }
+
     pub fn sync(&self) -> &SyncClient {
         &self.sync
     }
 
     pub fn on_tick<H: Host>(&mut self, cfg: &Config, host: &H) {
         let now = host.now_ms();
+        if self.proxy_id.is_empty() && self.sync.is_leader() {
+            self.adopt_proxy_id(host);
+        }
         if let Some(path) = self.sync.on_tick(cfg, host.store(), &self.proxy_id, now) {
             self.poll(cfg, host, &path, now);
         }
@@ -199,6 +220,19 @@ impl Leader {
                 );
                 self.sync.on_dispatch_failed(cfg, now);
             }
+        }
+    }
+
+    /// The control plane counts proxies by id: an Envoy without one (no node id, no
+    /// `proxy_id`) gets one made up once and shared by its workers.
+    fn adopt_proxy_id<H: Host>(&mut self, host: &H) {
+        let made_up = format!("envoy-{:016x}", self.holder);
+        let id = compare_and_swap(host.store(), PROXY_ID_KEY, 4, |v| match v {
+            Some(v) if !v.is_empty() => Step::Keep(String::from_utf8_lossy(v).into_owned()),
+            _ => Step::Write(made_up.as_bytes(), made_up.clone()),
+        });
+        if let Ok(id) = id {
+            self.proxy_id = id;
         }
     }
 
@@ -448,6 +482,32 @@ mod tests {
         // ...then a third of the limit again, never the whole of it.
         h.advance(3_000);
         assert_eq!(admitted(&c, &h, &a, 100), 10);
+    }
+
+    #[test]
+    fn an_envoy_without_an_id_reports_under_one_made_up_for_all_its_leaders() {
+        let (c, h) = (cfg(), host());
+        let mut l = Leader::new(&c, 0xab, String::new());
+        l.on_tick(&c, &h);
+        let poll = h.last();
+        assert!(answer(
+            &mut l,
+            &h,
+            poll.id,
+            ok(&limited_snapshot(&secret('a'), 5, Some(1)))
+        ));
+        h.advance(1_000);
+        l.on_tick(&c, &h);
+        let report = h.last();
+        let sent: tokengate_wire::FleetReport =
+            serde_json::from_slice(report.body.as_deref().unwrap()).unwrap();
+        assert_eq!(sent.proxy_id, "envoy-00000000000000ab");
+        // The next leader of the same Envoy reports as the same proxy.
+        let mut next = Leader::new(&c, 0xcd, String::new());
+        h.advance(10_000);
+        next.on_tick(&c, &h);
+        next.on_tick(&c, &h);
+        assert_eq!(next.proxy_id(), "envoy-00000000000000ab");
     }
 
     #[test]

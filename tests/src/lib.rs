@@ -715,6 +715,38 @@ impl Stack {
         stack
     }
 
+    /// Another Envoy (of this stack's flavor) in front of this stack's control plane: its
+    /// own listener, admin port, `--base-id` and demo upstream, the same sync credential,
+    /// and `proxy_id` as the proxy's identity. `plugin_extra` is added to its plugin
+    /// configuration.
+    pub fn another_envoy(&self, proxy_id: &str, plugin_extra: &str) -> Stack {
+        let mut other = Stack::start_with(Options {
+            control_plane: false,
+            envoy: false,
+            flavor: self.flavor,
+        });
+        other.sync_token = self.sync_token.clone();
+        other.admin_token = self.admin_token.clone();
+        other.control_plane_port = self.control_plane_port;
+        other.set_proxy_id(proxy_id);
+        other.plugin_extra = plugin_extra.to_string();
+        other.start_envoy();
+        other
+    }
+
+    /// Names the next `start_envoy`'s Envoy `proxy_id` (its node id, and the native
+    /// flavor's configured `proxy_id`), so that several Envoys count as several proxies.
+    pub fn set_proxy_id(&mut self, proxy_id: &str) {
+        self.envoy_config_edits
+            .push(("id: tokengate-local".into(), format!("id: {proxy_id}")));
+        if self.flavor == Flavor::Native {
+            self.envoy_config_edits.push((
+                r#""proxy_id": "tokengate-local""#.into(),
+                format!(r#""proxy_id": "{proxy_id}""#),
+            ));
+        }
+    }
+
     /// How many control-plane replicas the stack has (running or not).
     pub fn replica_count(&self) -> usize {
         1 + self.replica_ports.len()

@@ -318,13 +318,9 @@ impl RootContext for Root {
                 return false;
             }
         };
-        let proxy_id = config.proxy_id.clone().unwrap_or_else(|| {
-            hostcalls::get_property(vec!["node", "id"])
-                .ok()
-                .flatten()
-                .map(|b| String::from_utf8_lossy(&b).into_owned())
-                .unwrap_or_default()
-        });
+        // Envoy's node id cannot be read yet while the plugin is configured: the first
+        // ticks read it (see `on_tick`).
+        let proxy_id = config.proxy_id.clone().unwrap_or_default();
         // std's RandomState is seeded from the host's random source (WASI random_get), so
         // each worker's root context gets its own lease identity.
         let holder = RandomState::new().build_hasher().finish();
@@ -356,6 +352,15 @@ impl RootContext for Root {
         self.flush_usage(&shared);
         let host = self.host(&shared);
         if let Some(leader) = self.leader.as_mut() {
+            if leader.proxy_id().is_empty() {
+                // `node` is the proxy-wasm name; Envoy's attribute is `xds.node`.
+                let node = [vec!["node", "id"], vec!["xds", "node", "id"]]
+                    .into_iter()
+                    .find_map(|path| hostcalls::get_property(path).ok().flatten());
+                if let Some(id) = node.filter(|id| !id.is_empty()) {
+                    leader.set_proxy_id(String::from_utf8_lossy(&id).into_owned());
+                }
+            }
             leader.on_tick(&shared.config, &host);
         }
         // A state the host cannot read is no state: requests fail closed until it can.
