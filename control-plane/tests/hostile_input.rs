@@ -345,6 +345,7 @@ fn token_bodies_refuse_hostile_input_naming_the_field() {
         ("burst", &["\"x\"", "false", "[]"]),
         ("expires_in_seconds", &["\"1h\"", "[]", "true"]),
         ("expires_at", &["123", "true", "{}"]),
+        ("limit_scope", &["1", "[]", "{}", "true"]),
     ] {
         for v in values {
             let body = if field == "name" {
@@ -380,6 +381,18 @@ fn token_bodies_refuse_hostile_input_naming_the_field() {
         bad(
             &format!(r#"{{"name":"x","max_rps":5,"burst":{v}}}"#),
             Some("burst"),
+        );
+    }
+    for v in [
+        "\"global\"",
+        "\"\"",
+        "\"FLEET\"",
+        "\"fleet \"",
+        "\"proxy\\u0000\"",
+    ] {
+        bad(
+            &format!(r#"{{"name":"x","limit_scope":{v}}}"#),
+            Some("limit_scope"),
         );
     }
     bad(r#"{"name":"x","burst":5}"#, Some("burst"));
@@ -945,7 +958,90 @@ fn other_bodies_refuse_hostile_input() {
         "payload_too_large",
         None,
     ));
+    // Fleet reports (sync credential): strict like the wire type; the proxy's id, the
+    // interval and the counts are checked before anything is recorded.
+    let long_proxy = "p".repeat(129);
+    let fleet = |f: &str| format!(r#"{{"proxy_id":"envoy-1","interval_ms":1000,"tokens":[],{f}}}"#);
+    for (body, field) in [
+        (r#"{"proxy_id":"p","interval_ms":1000,"tokens":"x"}"#.to_string(), Some("tokens")),
+        (r#"{"proxy_id":5,"interval_ms":1000,"tokens":[]}"#.to_string(), Some("proxy_id")),
+        (r#"{"proxy_id":"","interval_ms":1000,"tokens":[]}"#.to_string(), Some("proxy_id")),
+        (format!(r#"{{"proxy_id":"{long_proxy}","interval_ms":1000,"tokens":[]}}"#), Some("proxy_id")),
+        (r#"{"proxy_id":"envoy\n1","interval_ms":1000,"tokens":[]}"#.to_string(), Some("proxy_id")),
+        (r#"{"proxy_id":"envoy\u0007","interval_ms":1000,"tokens":[]}"#.to_string(), Some("proxy_id")),
+        (r#"{"proxy_id":"envoy\u001b[31m","interval_ms":1000,"tokens":[]}"#.to_string(), Some("proxy_id")),
+        (r#"{"proxy_id":"p","interval_ms":0,"tokens":[]}"#.to_string(), Some("interval_ms")),
+        (r#"{"proxy_id":"p","interval_ms":-1,"tokens":[]}"#.to_string(), Some("interval_ms")),
+        (r#"{"proxy_id":"p","interval_ms":3600000,"tokens":[]}"#.to_string(), Some("interval_ms")),
+        (r#"{"proxy_id":"p","interval_ms":1000,"tokens":[{"id":"tok_x","admitted":18446744073709551615,"refused":0}]}"#.to_string(), Some("tokens.admitted")),
+        (r#"{"proxy_id":"p","interval_ms":1000,"tokens":[{"id":"tok_x","admitted":100000001,"refused":0}]}"#.to_string(), Some("tokens.admitted")),
+        (r#"{"proxy_id":"p","interval_ms":1000,"tokens":[{"id":"tok_x","admitted":-1,"refused":0}]}"#.to_string(), Some("tokens[0].admitted")),
+        (r#"{"proxy_id":"p","interval_ms":1000,"tokens":[{"id":"","admitted":1,"refused":0}]}"#.to_string(), Some("tokens.id")),
+        (fleet(r#""extra":1"#), Some("extra")),
+        (format!(r#"{{"proxy_id":"p","interval_ms":1000,"tokens":{}}}"#, nested(100_000)), Some("tokens*")),
+        (nested(100_000), None),
+        (r#"{"proxy_id":"p","interval_ms":1000,"tokens":[]"#.to_string(), None),
+    ] {
+        let error = if field.is_some() { "invalid_field" } else { "invalid_body" };
+        cases.push(case("POST", "/v1/fleet", Who::Sync, Some(body.as_bytes()), 400, error, field));
+    }
+    let mut huge_fleet = fleet(r#""x":1"#).into_bytes();
+    huge_fleet.resize(2 * 1024 * 1024 + 1, b' ');
+    cases.push(case(
+        "POST",
+        "/v1/fleet",
+        Who::Sync,
+        Some(&huge_fleet),
+        413,
+        "payload_too_large",
+        None,
+    ));
+    let many_tokens = format!(
+        r#"{{"proxy_id":"p","interval_ms":1000,"tokens":[{}]}}"#,
+        vec![r#"{"id":"t","admitted":0,"refused":0}"#; 10_001].join(",")
+    );
+    assert!(many_tokens.len() < 2 * 1024 * 1024);
+    cases.push(case(
+        "POST",
+        "/v1/fleet",
+        Who::Sync,
+        Some(many_tokens.as_bytes()),
+        413,
+        "payload_too_large",
+        None,
+    ));
+    cases.push(case(
+        "POST",
+        "/v1/fleet",
+        Who::Admin,
+        Some(br#"{"proxy_id":"p","interval_ms":1000,"tokens":[]}"#),
+        401,
+        "unauthorized",
+        None,
+    ));
+    cases.push(case(
+        "PATCH",
+        &format!("/v1/tokens/{id}"),
+        Who::Admin,
+        Some(br#"{"limit_scope":null}"#),
+        400,
+        "invalid_field",
+        Some("limit_scope"),
+    ));
     print(&run(&app, &cases));
+    // A well-formed report is answered with the proxy's shares.
+    let r = raw(
+        &app,
+        "POST",
+        "/v1/fleet",
+        &[
+            ("authorization", &format!("Bearer {SYNC}")),
+            ("content-type", "application/json"),
+        ],
+        Some(format!(r#"{{"proxy_id":"envoy-1","interval_ms":1000,"tokens":[{{"id":"{id}","admitted":3,"refused":1}}]}}"#).as_bytes()),
+    );
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.json["proxies"], 1, "{}", r.text);
     // A report at the limit, of ids no token has, counts nothing and is taken.
     let mut fits = report.replace(&id, "tok_none").into_bytes();
     fits.resize(2 * 1024 * 1024, b' ');
@@ -1187,6 +1283,7 @@ fn the_sync_credential_changes_nothing_and_reads_no_tokens() {
     for (method, path) in routes(&app, &id) {
         let may = path == "/v1/sync"
             || path == "/v1/usage"
+            || path == "/v1/fleet"
             || path == "/healthz"
             || path == "/readyz"
             || path == "/metrics"
