@@ -18,6 +18,8 @@ WASM          := target/$(WASM_TARGET)/release/tokengate_filter.wasm
 MODULE        := target/native/libtokengate_native.so
 # Which data-plane flavor `make run` starts: wasm (proxy-wasm filter) or native (dynamic module).
 FLAVOR        ?= wasm
+# How many Envoys `make run` starts in front of the one control plane (fleet limits).
+ENVOYS        ?= 1
 PYTHON        ?= python3
 CARGO         ?= cargo
 # Envoy --base-id for `make validate`; `make run` uses its own, the tests one per stack.
@@ -53,6 +55,8 @@ help: ## list the targets and the variables of make run
 	@echo "  UPSTREAM_PORT=8080       the demo upstream"
 	@echo "  CONTROL_PLANE_PORT=8081  tokengate serve: API, sync and web console"
 	@echo "  BASE_ID=7301             Envoy's --base-id"
+	@echo "  ENVOYS=1                 how many Envoys (1 to 9) in front of the one control plane:"
+	@echo "                           listeners LISTEN_PORT+0.., admin ADMIN_PORT+0.., --base-id BASE_ID+0.."
 	@echo "  TOKENGATE_ADMIN_TOKEN    the admin credential (one is generated when unset)"
 	@echo "  ENVOY_BIN=$(ENVOY_BIN)"
 	@echo "                           set it to use your own Envoy; nothing is installed then"
@@ -112,8 +116,8 @@ build: ## build both filter flavors (wasm, native module), the control plane and
 	$(CARGO) build --profile native -p tokengate-native
 	$(CARGO) build --release -p tokengate -p tokengate-e2e
 
-run: tools build ## run control plane, demo upstream and Envoy locally (FLAVOR=wasm|native); Ctrl-C stops all
-	ENVOY_BIN="$(ENVOY_BIN)" WASM="$(WASM)" MODULE="$(MODULE)" FLAVOR="$(FLAVOR)" envoy/run.sh
+run: tools build ## run control plane, demo upstream and Envoy locally (FLAVOR=wasm|native, ENVOYS=N); Ctrl-C stops all
+	ENVOY_BIN="$(ENVOY_BIN)" WASM="$(WASM)" MODULE="$(MODULE)" FLAVOR="$(FLAVOR)" ENVOYS="$(ENVOYS)" envoy/run.sh
 
 run-ha: tools postgres build ## two control-plane replicas on a local PostgreSQL (.run/pg) behind one Envoy; prints how to kill one
 	ENVOY_BIN="$(ENVOY_BIN)" WASM="$(WASM)" envoy/run-ha.sh

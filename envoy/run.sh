@@ -11,6 +11,10 @@
 # Ports, each moved by the variable of the same name (`make run LISTEN_PORT=10100 ...`):
 # LISTEN_PORT (Envoy's listener), ADMIN_PORT (Envoy's admin), UPSTREAM_PORT (the demo
 # upstream), CONTROL_PLANE_PORT (tokengate serve); BASE_ID is Envoy's --base-id.
+#
+# ENVOYS=N (1 to 9) starts N Envoys in front of the one control plane, to watch one fleet
+# limit hold across them: Envoy i (from 1) listens on LISTEN_PORT+i-1, its admin on
+# ADMIN_PORT+i-1, with --base-id BASE_ID+i-1 and proxy id tokengate-local-i.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -31,6 +35,7 @@ CONTROL_PLANE_PORT="${CONTROL_PLANE_PORT:-8081}"
 # it would leave shared memory behind in /dev/shm after every kill.
 BASE_ID="${BASE_ID:-7301}"
 RUN_DIR="${RUN_DIR:-$ROOT/.run}"
+ENVOYS="${ENVOYS:-1}"
 
 die() { echo "run: $*" >&2; exit 1; }
 
@@ -46,12 +51,19 @@ esac
 case "$FILTER" in /*) FILTER_PATH="$FILTER" ;; *) FILTER_PATH="$ROOT/$FILTER" ;; esac
 command -v curl >/dev/null || die "curl is needed to check readiness"
 
+case "$ENVOYS" in [1-9]) ;; *) die "ENVOYS must be a number from 1 to 9, not \`$ENVOYS\`" ;; esac
+
 port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 for var in LISTEN_PORT ADMIN_PORT UPSTREAM_PORT CONTROL_PLANE_PORT; do
-  port="${!var}"
-  if port_busy "$port"; then
-    die "127.0.0.1:$port ($var) is already in use (another \`make run\`?); stop it, or move this port: make run $var=<free port>"
-  fi
+  count=1
+  case "$var" in LISTEN_PORT|ADMIN_PORT) count=$ENVOYS ;; esac
+  for i in $(seq 0 $((count - 1))); do
+    port=$(( ${!var} + i ))
+    if port_busy "$port"; then
+      shown="$var"; [ "$i" -gt 0 ] && shown="$var+$i"
+      die "127.0.0.1:$port ($shown) is already in use (another \`make run\`?); stop it, or move this port: make run $var=<free port>"
+    fi
+  done
 done
 
 random_hex() { od -An -N32 -tx1 /dev/urandom | tr -d ' \n'; }
@@ -73,16 +85,27 @@ TOKENGATE_SYNC_TOKEN="$(random_hex)"
 # An admin token exported by the caller would otherwise reach every child's environment.
 export -n TOKENGATE_ADMIN_TOKEN TOKENGATE_SYNC_TOKEN
 
-env LISTEN_PORT=$LISTEN_PORT ADMIN_PORT=$ADMIN_PORT UPSTREAM_PORT=$UPSTREAM_PORT \
-  CONTROL_PLANE_PORT=$CONTROL_PLANE_PORT "$FILTER_VAR=$FILTER_PATH" SYNC_TOKEN="$TOKENGATE_SYNC_TOKEN" \
-  envoy/render.sh "$TEMPLATE" "$RUN_DIR/envoy.yaml" || die "cannot render $TEMPLATE"
+# Envoy i's files: envoy.yaml and envoy.log for the first, envoy-i.* for the others.
+envoy_file() { if [ "$1" -eq 1 ]; then echo "$RUN_DIR/envoy.$2"; else echo "$RUN_DIR/envoy-$1.$2"; fi; }
+for i in $(seq 1 "$ENVOYS"); do
+  config="$(envoy_file "$i" yaml)"
+  env LISTEN_PORT=$((LISTEN_PORT + i - 1)) ADMIN_PORT=$((ADMIN_PORT + i - 1)) UPSTREAM_PORT=$UPSTREAM_PORT \
+    CONTROL_PLANE_PORT=$CONTROL_PLANE_PORT "$FILTER_VAR=$FILTER_PATH" SYNC_TOKEN="$TOKENGATE_SYNC_TOKEN" \
+    envoy/render.sh "$TEMPLATE" "$config" || die "cannot render $TEMPLATE"
+  if [ "$ENVOYS" -gt 1 ]; then
+    # Each Envoy is its own proxy to the control plane: its node id (and the native
+    # flavor's proxy_id) tell them apart.
+    sed -i -e "s/id: tokengate-local\$/id: tokengate-local-$i/" \
+      -e "s/\"proxy_id\": \"tokengate-local\"/\"proxy_id\": \"tokengate-local-$i\"/" "$config"
+  fi
+done
 
 pids=()
 cleanup() {
   trap - INT TERM EXIT
   if [ "${#pids[@]}" -gt 0 ]; then
     echo
-    echo "stopping tokengate, demo-upstream and envoy..."
+    echo "stopping tokengate, demo-upstream and envoy ($ENVOYS)..."
     kill "${pids[@]}" 2>/dev/null || true
     wait "${pids[@]}" 2>/dev/null || true
   fi
@@ -99,9 +122,11 @@ DEMO_UPSTREAM_LISTEN="127.0.0.1:$UPSTREAM_PORT" "$DEMO_UPSTREAM_BIN" \
   >>"$RUN_DIR/demo-upstream.log" 2>&1 &
 pids+=($!)
 # Envoy logs to stderr, kept in $RUN_DIR/envoy.log (unlike --log-path, written line by line).
-"$ENVOY_BIN" -c "$RUN_DIR/envoy.yaml" --concurrency 2 --base-id "$BASE_ID" --disable-hot-restart -l info \
-  >>"$RUN_DIR/envoy.log" 2>&1 &
-pids+=($!)
+for i in $(seq 1 "$ENVOYS"); do
+  "$ENVOY_BIN" -c "$(envoy_file "$i" yaml)" --concurrency 2 --base-id $((BASE_ID + i - 1)) \
+    --disable-hot-restart -l info >>"$(envoy_file "$i" log)" 2>&1 &
+  pids+=($!)
+done
 
 wait_for() { # name url log
   local i
@@ -117,12 +142,35 @@ wait_for() { # name url log
 }
 wait_for "control plane" "http://127.0.0.1:$CONTROL_PLANE_PORT/healthz" "$RUN_DIR/control-plane.log"
 wait_for "demo upstream" "http://127.0.0.1:$UPSTREAM_PORT/" "$RUN_DIR/demo-upstream.log"
-wait_for "envoy" "http://127.0.0.1:$ADMIN_PORT/ready" "$RUN_DIR/envoy.log"
+for i in $(seq 1 "$ENVOYS"); do
+  wait_for "envoy $i" "http://127.0.0.1:$((ADMIN_PORT + i - 1))/ready" "$(envoy_file "$i" log)"
+done
+
+if [ "$ENVOYS" -gt 1 ]; then
+  last_listen=$((LISTEN_PORT + ENVOYS - 1))
+  last_admin=$((ADMIN_PORT + ENVOYS - 1))
+  envoys_line="Envoys (protected API) http://127.0.0.1:$LISTEN_PORT..$last_listen  admin $ADMIN_PORT..$last_admin ($ENVOYS Envoys, one control plane)"
+  fleet_help="
+  # one limit for the whole fleet: a token's --max-rps holds for the $ENVOYS Envoys together
+  $TOKENGATE_BIN token create --name fleet-demo --max-rps 10      # note its id and secret
+  # send load to every Envoy at once, most of it to the first, and count the answers
+  for p in \$(seq $LISTEN_PORT $last_listen); do n=\$([ \$p = $LISTEN_PORT ] && echo 300 || echo 60)
+    (for i in \$(seq \$n); do curl -s -o /dev/null -w \"\$p %{http_code}\\n\" -H \"X-API-Token: <paste>\" http://127.0.0.1:\$p/hello; done | sort | uniq -c) &
+  done; wait
+  # watch the total hold: Envoys seen, admitted per second against the limit, each Envoy's share
+  watch -n 1 $TOKENGATE_BIN token get <id>
+  # or per Envoy, the old meaning of the limit
+  $TOKENGATE_BIN token update <id> --limit-scope proxy
+"
+else
+  envoys_line="Envoy (protected API)  http://127.0.0.1:$LISTEN_PORT    admin http://127.0.0.1:$ADMIN_PORT"
+  fleet_help=""
+fi
 
 cat <<MSG
 
 tokengate is running ($FLAVOR filter)
-  Envoy (protected API)  http://127.0.0.1:$LISTEN_PORT    admin http://127.0.0.1:$ADMIN_PORT
+  $envoys_line
   control plane          http://127.0.0.1:$CONTROL_PLANE_PORT
   web console            http://127.0.0.1:$CONTROL_PLANE_PORT/   (sign in with the admin token)
   demo upstream          http://127.0.0.1:$UPSTREAM_PORT
@@ -159,11 +207,11 @@ sign in; generate a token there and call the API with it as below. Or, in anothe
 
   # filter stats
   curl -s http://127.0.0.1:$ADMIN_PORT/stats | grep $STATS
-
+$fleet_help
 Press Ctrl-C to stop.
 MSG
 
-# Stay in the foreground until Ctrl-C, or until one of the three exits.
+# Stay in the foreground until Ctrl-C, or until one of the processes exits.
 set +e
 wait -n "${pids[@]}"
 status=$?

@@ -254,6 +254,102 @@ fn make_run_hands_each_credential_only_to_the_process_that_needs_it(flavor: Flav
     drop(running);
 }
 
+/// `make run ENVOYS=3`: three Envoys on consecutive ports, each its own proxy to the one
+/// control plane (a fleet-limited token's view counts three live proxies).
+#[test]
+fn make_run_starts_several_envoys_in_front_of_one_control_plane() {
+    let bins = Binaries::locate();
+    // Listener and admin ports with two free neighbours each.
+    let consecutive = || loop {
+        let p = free_ports(1)[0];
+        if p < 65_000 && (1..3).all(|i| TcpListener::bind(("127.0.0.1", p + i)).is_ok()) {
+            return p;
+        }
+    };
+    let mut ports = free_port_map();
+    ports.insert("LISTEN_PORT", consecutive());
+    ports.insert("ADMIN_PORT", consecutive());
+    let dir = temp_dir("make-run-envoys");
+    let admin = random_hex(32);
+    let mut child = run_sh(&bins, &ports, &dir, Flavor::Wasm)
+        .env("TOKENGATE_ADMIN_TOKEN", &admin)
+        .env("ENVOYS", "3")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start envoy/run.sh");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let running = Running { child, dir };
+    let printed = Arc::new(Mutex::new(String::new()));
+    {
+        let printed = printed.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let mut p = printed.lock().expect("lock");
+                p.push_str(&line);
+                p.push('\n');
+            }
+        });
+    }
+    let start = Instant::now();
+    while !printed
+        .lock()
+        .expect("lock")
+        .contains("Press Ctrl-C to stop.")
+    {
+        assert!(
+            start.elapsed() < READY_TIMEOUT * 2,
+            "run.sh not ready:\n{}",
+            printed.lock().expect("lock")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = printed.lock().expect("lock").clone();
+    assert!(out.contains("3 Envoys, one control plane"), "{out}");
+    assert!(
+        out.contains("--limit-scope proxy") && out.contains("token get"),
+        "{out}"
+    );
+    for i in 0..3 {
+        let envoy = SocketAddr::from(([127, 0, 0, 1], ports["LISTEN_PORT"] + i));
+        let r = http(envoy, "GET", "/hello", &[], None).expect("request through an Envoy");
+        assert_eq!(r.status, 401, "Envoy {i}: {r:?}");
+    }
+    let cp = SocketAddr::from(([127, 0, 0, 1], ports["CONTROL_PLANE_PORT"]));
+    let auth = format!("Bearer {admin}");
+    let created = http(
+        cp,
+        "POST",
+        "/v1/tokens",
+        &[("authorization", &auth)],
+        Some(r#"{"name":"fleet-demo","max_rps":10}"#),
+    )
+    .expect("create a token");
+    assert_eq!(created.status, 201, "{created:?}");
+    let id = created.json()["id"].as_str().expect("an id").to_string();
+    let live = || {
+        http(
+            cp,
+            "GET",
+            &format!("/v1/tokens/{id}"),
+            &[("authorization", &auth)],
+            None,
+        )
+        .ok()
+        .and_then(|r| r.json()["fleet"]["proxies_live"].as_u64())
+    };
+    let start = Instant::now();
+    while live() != Some(3) {
+        assert!(
+            start.elapsed() < READY_TIMEOUT,
+            "the control plane does not count three proxies: {:?}",
+            live()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(running);
+}
+
 #[test]
 fn a_busy_port_names_the_variable_that_moves_it() {
     let bins = Binaries::locate();
@@ -315,7 +411,7 @@ fn make_help_aligns_the_targets_and_lists_make_runs_variables() {
     }
     for var in PORT_VARS
         .iter()
-        .chain(&["BASE_ID", "TOKENGATE_ADMIN_TOKEN", "ENVOY_BIN"])
+        .chain(&["BASE_ID", "ENVOYS", "TOKENGATE_ADMIN_TOKEN", "ENVOY_BIN"])
     {
         assert!(
             help.lines().any(|l| l.trim_start().starts_with(var)),
