@@ -30,7 +30,7 @@ pub struct Sample {
 
 /// `GET path` with `X-API-Token: token`, keep-alive. The bytes hold the secret: they are
 /// written to the socket and nowhere else.
-fn request_bytes(addr: SocketAddr, path: &str, token: &str) -> Arc<[u8]> {
+pub(crate) fn request_bytes(addr: SocketAddr, path: &str, token: &str) -> Arc<[u8]> {
     format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nX-API-Token: {token}\r\n\r\n")
         .into_bytes()
         .into()
@@ -40,7 +40,7 @@ fn request_bytes(addr: SocketAddr, path: &str, token: &str) -> Arc<[u8]> {
 const BUF: usize = 16 * 1024;
 
 /// One keep-alive connection that reconnects when the server closes it.
-struct Conn {
+pub(crate) struct Conn {
     addr: SocketAddr,
     request: Arc<[u8]>,
     stream: Option<TcpStream>,
@@ -112,7 +112,7 @@ fn parse_head(raw: &[u8]) -> io::Result<Option<Head>> {
 }
 
 impl Conn {
-    fn new(addr: SocketAddr, request: Arc<[u8]>) -> Conn {
+    pub(crate) fn new(addr: SocketAddr, request: Arc<[u8]>) -> Conn {
         Conn {
             addr,
             request,
@@ -137,7 +137,7 @@ impl Conn {
     /// One request and its response; the status. Retries once on a fresh connection when
     /// a kept-alive one turns out closed before any byte of the answer (the server's idle
     /// close racing our next request), which is not an error of the server under test.
-    fn call(&mut self, sent: &mut Instant) -> io::Result<u16> {
+    pub(crate) fn call(&mut self, sent: &mut Instant) -> io::Result<u16> {
         let reused = self.stream.is_some();
         *sent = Instant::now();
         match self.exchange() {

@@ -547,7 +547,7 @@ fn many_polls(cluster: &PgCluster, plan: &Plan) -> Value {
 }
 
 /// The pid of replica `i` (its process listens on the replica's port).
-fn replica_pid(stack: &Stack, i: usize) -> u32 {
+pub(crate) fn replica_pid(stack: &Stack, i: usize) -> u32 {
     let port = stack.replica_port(i).to_string();
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {

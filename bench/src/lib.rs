@@ -9,6 +9,7 @@ pub mod accuracy;
 pub mod chart;
 pub mod client;
 pub mod fleet;
+pub mod fleet_accuracy;
 pub mod load;
 pub mod procstat;
 pub mod propagation;

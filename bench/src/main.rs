@@ -1,16 +1,18 @@
 //! `tokengate-bench [--quick] [section ...]`: runs the benchmark sections (all by default:
-//! variants, waterfall, accuracy and propagation for each flavor, scale, fleet; `report`
+//! variants, waterfall, accuracy and propagation for each flavor, scale, fleet, fleet
+//! accuracy; `report`
 //! only rewrites the results from the figures of earlier runs), keeps each one's figures in
 //! `target/bench/<section>.json`, and writes the tables of `docs/benchmarks.md` and the
 //! chart `docs/benchmarks.svg` from every section's latest figures.
 
 use std::time::Instant;
 use tokengate_bench::{
-    accuracy, fleet, out_dir, propagation, report, scale, variants, waterfall, Depth,
+    accuracy, fleet, fleet_accuracy, out_dir, propagation, report, scale, variants, waterfall,
+    Depth,
 };
 use tokengate_e2e::Flavor;
 
-const SECTIONS: [&str; 8] = [
+const SECTIONS: [&str; 9] = [
     "variants",
     "waterfall",
     "accuracy",
@@ -19,6 +21,7 @@ const SECTIONS: [&str; 8] = [
     "propagation-native",
     "scale",
     "fleet",
+    "fleet-accuracy",
 ];
 
 fn main() {
@@ -70,6 +73,7 @@ fn main() {
             "propagation" => propagation::run(depth, Flavor::Wasm),
             "propagation-native" => propagation::run(depth, Flavor::Native),
             "scale" => scale::run(depth),
+            "fleet-accuracy" => fleet_accuracy::run(depth),
             _ => fleet::run(depth),
         };
         let path = out_dir().join(format!("{section}.json"));

@@ -4,7 +4,9 @@
 //! (`make bench-quick`) only into `target/bench/`, since a minute's figures are not the ones
 //! to publish.
 
-use crate::{accuracy, chart, fleet, out_dir, propagation, scale, variants, waterfall, Depth};
+use crate::{
+    accuracy, chart, fleet, fleet_accuracy, out_dir, propagation, scale, variants, waterfall, Depth,
+};
 use serde_json::Value;
 use std::fs;
 use std::process::Command;
@@ -66,6 +68,11 @@ fn load(section: &str) -> Option<Value> {
     serde_json::from_str(&text).ok()
 }
 
+/// The chart of the fleet's admitted rate during a load shift, if that section ran.
+pub fn fleet_shift_chart() -> Option<String> {
+    fleet_accuracy::shift_chart(&load("fleet-accuracy")?)
+}
+
 /// The markdown of every section that has figures, and the chart's SVG if the variants ran.
 pub fn render() -> (String, Option<String>) {
     let mut md = String::new();
@@ -108,6 +115,10 @@ pub fn render() -> (String, Option<String>) {
         md.push_str(&fleet::markdown(&v));
         md.push('\n');
     }
+    if let Some(v) = load("fleet-accuracy") {
+        md.push_str(&fleet_accuracy::markdown(&v));
+        md.push('\n');
+    }
     (md, svg)
 }
 
@@ -127,6 +138,10 @@ pub fn write(depth: Depth) {
     if let Some(svg) = &svg {
         fs::write(out.join("benchmarks.svg"), svg).expect("write the chart");
     }
+    let shift = fleet_shift_chart();
+    if let Some(svg) = &shift {
+        fs::write(out.join("benchmarks-fleet-shift.svg"), svg).expect("write the shift chart");
+    }
     eprintln!("results: {}", out.join("results.md").display());
     if depth == Depth::Full {
         let docs = workspace_root().join("docs");
@@ -135,6 +150,10 @@ pub fn write(depth: Depth) {
         fs::write(&path, splice(&doc, &md)).expect("write docs/benchmarks.md");
         if let Some(svg) = svg {
             fs::write(docs.join("benchmarks.svg"), svg).expect("write docs/benchmarks.svg");
+        }
+        if let Some(svg) = shift {
+            fs::write(docs.join("benchmarks-fleet-shift.svg"), svg)
+                .expect("write docs/benchmarks-fleet-shift.svg");
         }
         eprintln!("updated {}", path.display());
     }
