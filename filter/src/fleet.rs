@@ -117,11 +117,12 @@ pub fn pace(
     }
 }
 
-/// `max_rps / proxies` (and the burst likewise, rounded up), for a proxy holding no share.
+/// `max_rps / proxies` (and the burst likewise, at least 1), for a proxy holding no share:
+/// the proxies together stay within the limit and its burst.
 pub fn fallback(limit: Limit, proxies: u32) -> Pace {
     let n = proxies.max(1);
     let rate_milli = (u64::from(limit.rate_per_sec) * 1_000 / u64::from(n)).max(1);
-    Pace::of(rate_milli, limit.burst.div_ceil(n))
+    Pace::of(rate_milli, (limit.burst / n).max(1))
 }
 
 /// Why an answer was not applied.
@@ -351,10 +352,11 @@ mod tests {
             pace(l, LimitScope::Fleet, Some(s), 3, NOW_MS),
             Pace::of(20_000, 20)
         );
-        // Expired: max_rps / the proxies last counted, burst likewise (rounded up).
+        // Expired: max_rps / the proxies last counted, burst likewise (rounded down: the
+        // bursts add up to no more than the token's).
         assert_eq!(
             pace(l, LimitScope::Fleet, Some(s), 3, NOW_MS + 3_000),
-            Pace::of(33_333, 34)
+            Pace::of(33_333, 33)
         );
         // Computed for another limit (the token changed since): not this token's share.
         let other = share(20_000, 20, limit(50, 50));

@@ -3,15 +3,20 @@
 //! proxies live in the store, so that every replica computes the same shares.
 //!
 //! A token's limit is split among the live proxies that reported it recently: each gets a
-//! floor (a tenth of an equal share, so that a client that comes back is not refused on its
-//! first request), then the rest is water-filled by demand (admitted plus refused per
-//! second: no proxy gets more than it asks while another asks for more), and what nobody
-//! asks for is split equally as headroom. The shares add up to the limit exactly; the burst
-//! is split in the same proportions (at least 1 each).
+//! floor (a tenth of an equal share while it has demand; a thousandth while it has none, so
+//! that a client that comes back is admitted at once, its burst of at least 1, without
+//! idle proxies holding back much of the limit), then the rest is water-filled by demand
+//! (admitted plus refused per second: no proxy gets more than it asks while another asks
+//! for more), and what nobody asks for is split equally as headroom. The shares add up to
+//! the limit exactly; the burst is split in the same proportions (at least 1 each).
+//!
+//! Each replica reads every proxy's demand at most every [`REFRESH_MS`] and answers reports
+//! from that read, with the reporting proxy's own demand taken fresh from its report: a
+//! report costs its writes and a computation, not a read of every other proxy's rows.
 
 use super::DomainError;
 use crate::store::{DemandOf, DemandRow, Status, Store, TokenRow};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use tokengate_wire::fleet::{
     FleetAnswer, FleetReport, Share, TokenDemand, MAX_INTERVAL_MS, MAX_PROXY_ID, MAX_TOKENS,
@@ -27,8 +32,12 @@ pub const TTL_INTERVALS: u32 = 3;
 pub const RECENT_MS: i64 = 30_000;
 /// Reports and proxies older than this are forgotten.
 pub const FORGET_MS: i64 = 10 * 60_000;
-/// The floor is an equal share divided by this.
+/// The floor of a proxy with demand is an equal share divided by this...
 const FLOOR_DIVISOR: u64 = 10;
+/// ...and of a proxy without.
+const IDLE_FLOOR_DIVISOR: u64 = 1_000;
+/// How old the read of every proxy's demand may be when a report is answered.
+pub const REFRESH_MS: i64 = 250;
 /// More requests per second than any one proxy can see: a report claiming more is refused.
 pub const MAX_REPORTED_RPS: u64 = 100_000_000;
 
@@ -58,11 +67,22 @@ pub fn split(max_rps: u32, burst: u32, claims: &[Claim]) -> Vec<Part> {
         return vec![];
     }
     let total = u64::from(max_rps) * 1_000;
-    let floor = (total / (n * FLOOR_DIVISOR)).max(1);
-    let mut rest = total.saturating_sub(floor * n);
+    let floors: Vec<u64> = claims
+        .iter()
+        .map(|c| {
+            let divisor = if c.demand > 0.0 {
+                FLOOR_DIVISOR
+            } else {
+                IDLE_FLOOR_DIVISOR
+            };
+            (total / (n * divisor)).max(1)
+        })
+        .collect();
+    let mut rest = total.saturating_sub(floors.iter().sum());
     let want: Vec<u64> = claims
         .iter()
-        .map(|c| ((c.demand.max(0.0) * 1_000.0).min(total as f64) as u64).saturating_sub(floor))
+        .zip(&floors)
+        .map(|(c, f)| ((c.demand.max(0.0) * 1_000.0).min(total as f64) as u64).saturating_sub(*f))
         .collect();
     let mut order: Vec<usize> = (0..claims.len()).collect();
     order.sort_by_key(|&i| (want[i], i));
@@ -83,7 +103,8 @@ pub fn split(max_rps: u32, burst: u32, claims: &[Claim]) -> Vec<Part> {
     claims
         .iter()
         .zip(give)
-        .map(|(c, g)| {
+        .zip(floors)
+        .map(|((c, g), floor)| {
             let rate_milli = floor + g;
             Part {
                 proxy: c.proxy.clone(),
@@ -96,10 +117,11 @@ pub fn split(max_rps: u32, burst: u32, claims: &[Claim]) -> Vec<Part> {
 }
 
 /// The demand a report row stands for at `now_ms`: its rate if it is from the proxy's last
-/// two intervals, else none (the proxy had no traffic since).
+/// report (an interval and a half, for the report's own travel), else none (the proxy had
+/// no traffic since).
 pub fn demand(row: &DemandRow, now_ms: i64) -> f64 {
     let interval = i64::from(row.interval_ms.max(1));
-    if now_ms - row.seen_at_ms > 2 * interval {
+    if now_ms - row.seen_at_ms > interval + interval / 2 {
         return 0.0;
     }
     row.admitted.saturating_add(row.refused) as f64 * 1_000.0 / interval as f64
@@ -154,6 +176,18 @@ pub struct FleetView {
 
 pub struct Fleet {
     store: Arc<dyn Store>,
+    /// Every proxy's demand as last read, shared by the reports answered meanwhile.
+    snapshot: tokio::sync::Mutex<Option<Arc<Snapshot>>>,
+}
+
+/// Every live proxy and every recent report, read at `at_ms`, with the tokens they name.
+struct Snapshot {
+    at_ms: i64,
+    live: BTreeSet<String>,
+    by_token: HashMap<String, Vec<DemandRow>>,
+    /// The tokens each proxy reported recently.
+    by_proxy: HashMap<String, Vec<String>>,
+    tokens: HashMap<String, TokenRow>,
 }
 
 /// A report's refusal: a field, or more tokens than a report may carry.
@@ -218,7 +252,49 @@ pub fn check(report: &FleetReport) -> Result<Vec<TokenDemand>, DomainError> {
 
 impl Fleet {
     pub fn new(store: Arc<dyn Store>) -> Fleet {
-        Fleet { store }
+        Fleet {
+            store,
+            snapshot: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// The snapshot, read again when it is older than [`REFRESH_MS`].
+    async fn snapshot(&self, now_ms: i64) -> Result<Arc<Snapshot>, DomainError> {
+        let mut held = self.snapshot.lock().await;
+        if let Some(s) = held.as_ref().filter(|s| now_ms - s.at_ms < REFRESH_MS) {
+            return Ok(s.clone());
+        }
+        let live = self.live(now_ms).await?;
+        let rows = self
+            .store
+            .fleet_demand(DemandOf::All, now_ms - RECENT_MS)
+            .await?;
+        let mut by_token: HashMap<String, Vec<DemandRow>> = HashMap::new();
+        let mut by_proxy: HashMap<String, Vec<String>> = HashMap::new();
+        for r in rows {
+            by_proxy
+                .entry(r.proxy_id.clone())
+                .or_default()
+                .push(r.token_id.clone());
+            by_token.entry(r.token_id.clone()).or_default().push(r);
+        }
+        let ids: Vec<String> = by_token.keys().cloned().collect();
+        let tokens = self
+            .store
+            .tokens_by_id(&ids)
+            .await?
+            .into_iter()
+            .map(|t| (t.id.clone(), t))
+            .collect();
+        let fresh = Arc::new(Snapshot {
+            at_ms: now_ms,
+            live,
+            by_token,
+            by_proxy,
+            tokens,
+        });
+        *held = Some(fresh.clone());
+        Ok(fresh)
     }
 
     /// The proxies live at `now_ms`.
@@ -260,23 +336,66 @@ impl Fleet {
                 &tokens,
             )
             .await?;
-        let live = self.live(now_ms).await?;
-        let rows = self
-            .store
-            .fleet_demand(DemandOf::TokensOf(proxy), now_ms - RECENT_MS)
-            .await?;
-        let mut by_token: BTreeMap<&str, Vec<&DemandRow>> = BTreeMap::new();
-        for r in &rows {
-            by_token.entry(&r.token_id).or_default().push(r);
-        }
-        let ids: Vec<String> = by_token.keys().map(|k| k.to_string()).collect();
+        let snap = self.snapshot(now_ms).await?;
+        let mut live = snap.live.clone();
+        live.insert(proxy.to_string());
+        // This proxy's demand as it just reported it; everyone else's as last read.
+        let own: HashMap<&str, DemandRow> = tokens
+            .iter()
+            .map(|t| {
+                let row = DemandRow {
+                    token_id: t.id.clone(),
+                    proxy_id: proxy.to_string(),
+                    admitted: t.admitted,
+                    refused: t.refused,
+                    interval_ms: report.interval_ms,
+                    seen_at_ms: now_ms,
+                };
+                (t.id.as_str(), row)
+            })
+            .collect();
+        let mut ids: BTreeSet<&str> = own.keys().copied().collect();
+        ids.extend(
+            snap.by_proxy
+                .get(proxy)
+                .into_iter()
+                .flatten()
+                .map(String::as_str),
+        );
+        let missing: Vec<String> = ids
+            .iter()
+            .filter(|id| !snap.tokens.contains_key(**id))
+            .map(|id| id.to_string())
+            .collect();
+        let fetched = if missing.is_empty() {
+            vec![]
+        } else {
+            self.store.tokens_by_id(&missing).await?
+        };
+        let fetched: HashMap<&str, &TokenRow> =
+            fetched.iter().map(|t| (t.id.as_str(), t)).collect();
         let now_s = now_ms / 1_000;
         let mut shares = vec![];
-        for token in self.store.tokens_by_id(&ids).await? {
-            let Some((max_rps, burst)) = fleet_limited(&token) else {
+        for id in ids {
+            let Some(token) = snap.tokens.get(id).or(fetched.get(id).copied()) else {
                 continue;
             };
-            let claims = claims(&by_token[token.id.as_str()], &live, now_ms);
+            let Some((max_rps, burst)) = fleet_limited(token) else {
+                continue;
+            };
+            let mut rows: Vec<&DemandRow> = snap
+                .by_token
+                .get(id)
+                .into_iter()
+                .flatten()
+                .filter(|r| r.proxy_id != proxy)
+                .collect();
+            match (own.get(id), snap.by_token.get(id)) {
+                (Some(fresh), _) => rows.push(fresh),
+                (None, Some(old)) => rows.extend(old.iter().filter(|r| r.proxy_id == proxy)),
+                (None, None) => {}
+            }
+            let claims = claims(&rows, &live, now_ms);
             let Some(part) = split(max_rps, burst, &claims)
                 .into_iter()
                 .find(|p| p.proxy == proxy)
@@ -408,7 +527,13 @@ mod tests {
 
     #[test]
     fn an_idle_proxy_keeps_a_floor_and_nobody_gets_zero() {
+        // An idle proxy (no demand in its last report) holds a thousandth of an equal share
+        // and a burst of 1: its next client is admitted at once, and it holds back little.
         let parts = split(100, 100, &[claim("busy", 500.0), claim("idle", 0.0)]);
+        assert_eq!(rates(&parts), [99_950, 50]);
+        assert_eq!(parts[1].burst, 1);
+        // With demand, the floor is a tenth of an equal share.
+        let parts = split(100, 100, &[claim("busy", 500.0), claim("small", 0.001)]);
         assert_eq!(rates(&parts), [95_000, 5_000]);
         // More proxies than requests per second: still a non-zero rate and a burst of 1.
         let many: Vec<Claim> = (0..7).map(|i| claim(&format!("p{i}"), 1.0)).collect();
@@ -443,8 +568,8 @@ mod tests {
     #[test]
     fn demand_is_a_rate_that_lapses_when_reports_stop() {
         assert_eq!(demand(&row("a", 30, 70, 10_000), 10_500), 100.0);
-        assert_eq!(demand(&row("a", 30, 70, 10_000), 12_000), 100.0);
-        assert_eq!(demand(&row("a", 30, 70, 10_000), 12_001), 0.0);
+        assert_eq!(demand(&row("a", 30, 70, 10_000), 11_500), 100.0);
+        assert_eq!(demand(&row("a", 30, 70, 10_000), 11_501), 0.0);
         assert!(is_live(10_000, 1_000, 13_000));
         assert!(!is_live(10_000, 1_000, 13_001));
     }
@@ -513,5 +638,71 @@ mod tests {
             .unwrap(),
             [t("tok_1", 4, 6)]
         );
+    }
+
+    async fn fleet_with_token(max_rps: u32) -> (Fleet, tempfile::TempDir, TokenRow) {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(crate::store::SqliteStore::open(&dir.path().join("t.db")).unwrap());
+        let tokens = super::super::Tokens::new(store.clone(), crate::policy::Policy::default());
+        let created = tokens
+            .create(
+                "admin",
+                super::super::tokens::NewToken {
+                    name: "shared".into(),
+                    kind: tokengate_wire::Kind::User,
+                    owner: None,
+                    max_rps: Some(max_rps),
+                    burst: None,
+                    limit_scope: LimitScope::Fleet,
+                    expiry: super::super::tokens::Expiry {
+                        at: None,
+                        field: "expires_at",
+                    },
+                },
+                1,
+            )
+            .await
+            .unwrap();
+        (Fleet::new(store), dir, created.token)
+    }
+
+    fn rate_of(a: &FleetAnswer) -> u64 {
+        a.shares.iter().map(|s| s.rate_milli).sum()
+    }
+
+    #[tokio::test]
+    async fn reports_get_shares_by_demand_with_their_own_demand_fresh() {
+        let (fleet, _dir, token) = fleet_with_token(100).await;
+        let now = 1_800_000_000_000;
+        let busy = report("busy", 1_000, vec![t(&token.id, 100, 60)]);
+        let small = report("small", 1_000, vec![t(&token.id, 20, 0)]);
+        // Alone, the busy proxy gets the whole limit, for the token's secret.
+        let a = fleet.report(&busy, now).await.unwrap();
+        assert_eq!((a.proxies, a.ttl_ms, rate_of(&a)), (1, 3_000, 100_000));
+        assert_eq!(a.shares[0].hash, token.hash);
+        // The small one reports within the snapshot's age: its own demand counts at once,
+        // the busy one's as last read.
+        let b = fleet.report(&small, now + 100).await.unwrap();
+        assert_eq!((b.proxies, rate_of(&b)), (2, 20_000));
+        // Past the snapshot's age the busy one sees the small one and gets the rest.
+        let a = fleet.report(&busy, now + 1_000).await.unwrap();
+        assert_eq!((a.proxies, rate_of(&a)), (2, 80_000));
+        // A heartbeat keeps a recent token's share, with the demand it last reported.
+        let a = fleet
+            .report(&report("busy", 1_000, vec![]), now + 1_400)
+            .await
+            .unwrap();
+        assert_eq!(rate_of(&a), 80_000);
+        // A proxy scope token gets no share.
+        let view = fleet.view(&token, now + 1_400).await.unwrap().unwrap();
+        assert_eq!((view.proxies_live, view.proxies_seen), (2, 2));
+        let mut per_proxy = token.clone();
+        per_proxy.limit_scope = LimitScope::Proxy;
+        assert!(fleet.view(&per_proxy, now).await.unwrap().is_none());
+        // The small proxy stops reporting: after three intervals it is gone, and the busy
+        // one gets the whole limit again.
+        let a = fleet.report(&busy, now + 4_200).await.unwrap();
+        assert_eq!((a.proxies, rate_of(&a)), (1, 100_000));
     }
 }

@@ -240,10 +240,10 @@ pub struct DemandRow {
 /// Whose demand to read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DemandOf<'a> {
-    /// Every proxy's, for the tokens this proxy reported.
-    TokensOf(&'a str),
     /// Every proxy's, for this token.
     Token(&'a str),
+    /// Every proxy's, for every token.
+    All,
 }
 
 pub fn parse_scope(s: &str) -> Option<LimitScope> {

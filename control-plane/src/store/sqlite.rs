@@ -640,18 +640,17 @@ impl Store for SqliteStore {
         since_ms: i64,
     ) -> Result<Vec<DemandRow>, StoreError> {
         let (sql, key) = match of {
-            DemandOf::TokensOf(p) => (
-                "SELECT token_id, proxy_id, admitted, refused, interval_ms, seen_at_ms
-                 FROM fleet_demand WHERE seen_at_ms >= ?2 AND token_id IN
-                     (SELECT token_id FROM fleet_demand WHERE proxy_id = ?1 AND seen_at_ms >= ?2)
-                 ORDER BY token_id, proxy_id",
-                p.to_string(),
-            ),
             DemandOf::Token(t) => (
                 "SELECT token_id, proxy_id, admitted, refused, interval_ms, seen_at_ms
                  FROM fleet_demand WHERE token_id = ?1 AND seen_at_ms >= ?2
                  ORDER BY token_id, proxy_id",
                 t.to_string(),
+            ),
+            DemandOf::All => (
+                "SELECT token_id, proxy_id, admitted, refused, interval_ms, seen_at_ms
+                 FROM fleet_demand WHERE ?1 = '' AND seen_at_ms >= ?2
+                 ORDER BY token_id, proxy_id",
+                String::new(),
             ),
         };
         self.with(move |c, _| {
