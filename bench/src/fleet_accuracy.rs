@@ -378,6 +378,14 @@ fn join_leave(stack: &Stack, envoys: &[Envoy], plan: &Plan) -> Value {
     std::thread::sleep(Duration::from_secs(plan.phase_seconds));
     let end = load.now_us();
     let samples = load.finish();
+    let fourth_answers: std::collections::BTreeMap<u16, usize> = samples
+        .iter()
+        .filter(|x| x.0 == 3)
+        .fold(Default::default(), |mut m, x| {
+            *m.entry(x.2).or_default() += 1;
+            m
+        });
+    eprintln!("  the fourth Envoy's answers by status: {fourth_answers:?}");
     let s = series(&samples, 4, end);
     let (join_s, leave_s) = (joined as f64 / 1e6, left as f64 / 1e6);
     let in_window = |from: f64, to: f64| -> Vec<Value> {

@@ -313,8 +313,15 @@ fn take<S: SharedStore + ?Sized>(
         burst: limit.burst,
     };
     let admitted = compare_and_swap(store, key, cfg.cas_retries, |value| {
-        let (tat, share) = fleet::decode(value);
-        let pace = fleet::pace(limit, bucket.scope, share, bucket.proxies, now / 1_000_000);
+        let (mut tat, share) = fleet::decode(value);
+        let now_ms = now / 1_000_000;
+        let pace = fleet::pace(limit, bucket.scope, share, bucket.proxies, now_ms);
+        if bucket.scope == LimitScope::Fleet
+            && share.is_some_and(|s| !fleet::holds(s, limit, now_ms))
+        {
+            // The share lapsed: the fallback's bucket, from no further ahead than it holds.
+            tat = fleet::rebase(tat, pace, now);
+        }
         match gcra::decide_paced(pace, tat, now) {
             Decision::Deny { retry_after_nanos } => {
                 Step::Keep(Err(limited(gcra::retry_after_secs(retry_after_nanos))))

@@ -106,15 +106,22 @@ pub fn pace(
         return limit.pace();
     }
     match share {
-        Some(s)
-            if now_ms < s.expires_ms
-                && s.max_rps == limit.rate_per_sec
-                && s.limit_burst == limit.burst =>
-        {
-            Pace::of(s.rate_milli, s.burst)
-        }
+        Some(s) if holds(s, limit, now_ms) => Pace::of(s.rate_milli, s.burst),
         _ => fallback(limit, proxies),
     }
+}
+
+/// Whether a stored share is this token's current one at `now_ms`.
+pub fn holds(s: Share, limit: Limit, now_ms: u64) -> bool {
+    now_ms < s.expires_ms && s.max_rps == limit.rate_per_sec && s.limit_burst == limit.burst
+}
+
+/// The TAT to run a bucket of a new pace from: at most a full tolerance ahead of now. A
+/// TAT pushed far ahead by a slow pace (an idle proxy's floor: one request every few
+/// seconds) would otherwise hold the proxy back that long after its share grew. No credit
+/// is given: the bucket starts as drained as the new pace allows.
+pub fn rebase(tat: u64, pace: Pace, now_nanos: u64) -> u64 {
+    tat.min(now_nanos.saturating_add(pace.tolerance()))
 }
 
 /// `max_rps / proxies` (and the burst likewise, at least 1), for a proxy holding no share:
@@ -166,6 +173,11 @@ pub fn apply<S: SharedStore + ?Sized>(
             None => Step::Keep(()),
             Some(v) => {
                 let (tat, _) = decode(Some(v));
+                let tat = rebase(
+                    tat,
+                    Pace::of(share.rate_milli, share.burst),
+                    now_ms * 1_000_000,
+                );
                 Step::Write(encode(tat, Some(share)), ())
             }
         });
@@ -448,6 +460,29 @@ mod tests {
         assert_eq!(s.get(&rate_key(&unknown)).unwrap().0, None);
         let (state, _) = s.get(STATE_KEY).unwrap();
         assert_eq!(record::state_proxies(&state.unwrap()), 3);
+    }
+
+    #[test]
+    fn a_grown_share_is_not_held_back_by_a_slow_pace_before_it() {
+        let s = loaded();
+        let held = "a".repeat(64);
+        // An idle floor of one request every 40 s admitted a request just now: its TAT is
+        // 40 s ahead.
+        let now_ns = NOW_MS * 1_000_000;
+        s.set(
+            &rate_key(&held),
+            &crate::gcra::encode_tat(now_ns + 40_000_000_000),
+            0,
+        )
+        .unwrap();
+        // The share grows to 30/s, burst 30: the bucket runs from at most one tolerance
+        // ahead, so the next request passes within a thirtieth of a second, not in 40 s.
+        apply(&s, &answer(vec![wire_share(&held, 30_000)], 3), NOW_MS).unwrap();
+        let (v, _) = s.get(&rate_key(&held)).unwrap();
+        let (tat, _) = decode(v.as_deref());
+        assert_eq!(tat, now_ns + Pace::of(30_000, 30).tolerance());
+        // A TAT within reach is kept as it is: no credit.
+        assert_eq!(rebase(now_ns + 5, Pace::of(30_000, 30), now_ns), now_ns + 5);
     }
 
     #[test]

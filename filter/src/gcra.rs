@@ -40,6 +40,11 @@ pub struct Pace {
 }
 
 impl Pace {
+    /// How far ahead of now the TAT may be for a request to pass.
+    pub fn tolerance(self) -> u64 {
+        self.tolerance
+    }
+
     /// `rate_milli` thousandths of a request per second (at least 1), `burst` requests at
     /// once (at least 1).
     pub fn of(rate_milli: u64, burst: u32) -> Pace {

@@ -116,12 +116,28 @@ pub fn split(max_rps: u32, burst: u32, claims: &[Claim]) -> Vec<Part> {
         .collect()
 }
 
+/// `part`, cut to what `live` proxies leave when all but `claimants` of them run at
+/// `max_rps / live` (and `burst / live`) each.
+pub fn first_share(part: Part, max_rps: u32, burst: u32, live: usize, claimants: usize) -> Part {
+    let live = live.max(claimants).max(1) as u64;
+    let others = live - claimants as u64;
+    let total = u64::from(max_rps) * 1_000;
+    let left = total - total / live * others;
+    let burst_left = u64::from(burst) - u64::from(burst) / live * others;
+    Part {
+        rate_milli: part.rate_milli.min(left).max(1),
+        burst: part.burst.min(burst_left.max(1) as u32).max(1),
+        ..part
+    }
+}
+
 /// The demand a report row stands for at `now_ms`: its rate if it is from the proxy's last
-/// report (an interval and a half, for the report's own travel), else none (the proxy had
-/// no traffic since).
+/// two intervals (reports come every interval and a tick, and are read up to
+/// [`REFRESH_MS`] late), else none (the proxy had no traffic since). Taking a busy proxy
+/// for an idle one would hand its share to the others while it still holds it.
 pub fn demand(row: &DemandRow, now_ms: i64) -> f64 {
     let interval = i64::from(row.interval_ms.max(1));
-    if now_ms - row.seen_at_ms > interval + interval / 2 {
+    if now_ms - row.seen_at_ms > 2 * interval + REFRESH_MS {
         return 0.0;
     }
     row.admitted.saturating_add(row.refused) as f64 * 1_000.0 / interval as f64
@@ -396,12 +412,22 @@ impl Fleet {
                 (None, None) => {}
             }
             let claims = claims(&rows, &live, now_ms);
-            let Some(part) = split(max_rps, burst, &claims)
+            let Some(mut part) = split(max_rps, burst, &claims)
                 .into_iter()
                 .find(|p| p.proxy == proxy)
             else {
                 continue;
             };
+            // A proxy's first report of a token may come before the others' (a token new
+            // to the fleet): it gets no more than what the live proxies that have not
+            // reported it leave, as they run at max_rps / live proxies meanwhile.
+            let first = !snap
+                .by_token
+                .get(id)
+                .is_some_and(|rows| rows.iter().any(|r| r.proxy_id == proxy));
+            if first {
+                part = first_share(part, max_rps, burst, live.len(), claims.len());
+            }
             let hashes = std::iter::once(token.hash.as_str()).chain(
                 token
                     .retired
@@ -480,6 +506,24 @@ mod tests {
             proxy: proxy.into(),
             demand,
         }
+    }
+
+    #[test]
+    fn a_first_report_leaves_room_for_the_live_proxies_that_have_not_reported_yet() {
+        let whole = Part {
+            proxy: "a".into(),
+            rate_milli: 100_000,
+            burst: 100,
+        };
+        // Three live, one claimant: at most a third, as the other two run at a third each.
+        let cut = first_share(whole.clone(), 100, 100, 3, 1);
+        assert_eq!((cut.rate_milli, cut.burst), (33_334, 34));
+        // Everyone has reported: nothing to leave.
+        let kept = first_share(whole.clone(), 100, 100, 3, 3);
+        assert_eq!((kept.rate_milli, kept.burst), (100_000, 100));
+        // Never zero.
+        let tiny = first_share(whole, 1, 1, 50, 1);
+        assert!(tiny.rate_milli >= 1 && tiny.burst >= 1);
     }
 
     fn rates(parts: &[Part]) -> Vec<u64> {
@@ -568,8 +612,8 @@ mod tests {
     #[test]
     fn demand_is_a_rate_that_lapses_when_reports_stop() {
         assert_eq!(demand(&row("a", 30, 70, 10_000), 10_500), 100.0);
-        assert_eq!(demand(&row("a", 30, 70, 10_000), 11_500), 100.0);
-        assert_eq!(demand(&row("a", 30, 70, 10_000), 11_501), 0.0);
+        assert_eq!(demand(&row("a", 30, 70, 10_000), 12_250), 100.0);
+        assert_eq!(demand(&row("a", 30, 70, 10_000), 12_251), 0.0);
         assert!(is_live(10_000, 1_000, 13_000));
         assert!(!is_live(10_000, 1_000, 13_001));
     }
