@@ -259,6 +259,24 @@ fn each_bad_field_is_refused_at_load_with_the_field_named(flavor: Flavor) {
             with_field("expiry_warning_seconds", Some("31536001")),
         ),
         ("sync_tokn", with_field("sync_tokn", Some(r#""typo""#))),
+        (
+            "fleet_path",
+            with_field("fleet_path", Some(r#""v1/fleet""#)),
+        ),
+        ("fleet_report_ms", with_field("fleet_report_ms", Some("0"))),
+        (
+            "fleet_report_ms",
+            with_field("fleet_report_ms", Some("60001")),
+        ),
+        (
+            "fleet_report_ms",
+            with_field("fleet_report_ms", Some(r#""1s""#)),
+        ),
+        ("proxy_id", with_field("proxy_id", Some(r#""envoy\n1""#))),
+        (
+            "proxy_id",
+            with_field("proxy_id", Some(&format!(r#""{}""#, "p".repeat(129)))),
+        ),
     ];
 
     let mut failures = Vec::new();
