@@ -580,6 +580,7 @@ fn the_openapi_document_and_the_routes_agree() {
         "GET /v1/audit",
         "GET /v1/sync",
         "POST /v1/usage",
+        "POST /v1/fleet",
         "POST /v1/session",
         "GET /v1/session",
         "DELETE /v1/session",
