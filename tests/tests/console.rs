@@ -136,6 +136,8 @@ fn the_console_drives_a_token_through_its_life_and_envoy_follows() {
     // window, so its trail holds only what the page did).
     b.click("#generate-form input[name=kind][value=user]");
     b.fill("#g-rps", "50");
+    // Each Envoy's limit, not the fleet's (the default).
+    b.choose("#g-scope", "proxy");
     b.choose("#g-expiry", "2592000");
     assert!(b.text("#g-expiry-hint").contains("will expire on"));
     b.screenshot(&artifact("generate.png"));
@@ -156,9 +158,16 @@ fn the_console_drives_a_token_through_its_life_and_envoy_follows() {
     let row = format!("#tokens tr[data-id=\"{id}\"]");
     let text = b.text(&row);
     assert!(
-        text.contains("50") && text.contains("active") && text.contains("expires in 30 days"),
+        text.contains("50")
+            && text.contains("per Envoy")
+            && text.contains("active")
+            && text.contains("expires in 30 days"),
         "{text}"
     );
+    let api = stack.admin("GET", &format!("/v1/tokens/{id}"), None).json();
+    assert_eq!(api["limit_scope"], "proxy", "{api}");
+    // A per-Envoy limit has no fleet view to show.
+    assert!(b.text(&row).contains("Edit") && !b.text(&row).contains("Fleet"));
     // The token works through Envoy.
     stack.wait_for_status(&secret, 200, STATE_LOAD);
     // Once hidden, the secret is gone from the page.
@@ -176,6 +185,20 @@ fn the_console_drives_a_token_through_its_life_and_envoy_follows() {
     b.click(&row_button(&id, "reactivate"));
     b.wait_text(&format!("{row} .status-cell"), "active", |t| t == "active");
     stack.wait_for_status(&secret, 200, PROPAGATION);
+
+    // Make the limit the fleet's: the row says so, the API too, and its fleet view answers.
+    b.click(&row_button(&id, "edit"));
+    b.choose("#e-scope", "fleet");
+    b.click("#edit-form button[type=submit]");
+    b.wait_text(&format!("{row} td.num"), "the fleet scope", |t| {
+        t.contains("whole fleet")
+    });
+    let api = stack.admin("GET", &format!("/v1/tokens/{id}"), None).json();
+    assert_eq!(api["limit_scope"], "fleet", "{api}");
+    b.click(&row_button(&id, "fleet"));
+    b.wait_text("#status", "the fleet view", |t| {
+        t.contains("admitted of 50/s across")
+    });
 
     // Edit the name and maxRPS.
     b.click(&row_button(&id, "edit"));
@@ -230,6 +253,7 @@ fn the_console_drives_a_token_through_its_life_and_envoy_follows() {
     let expected = [
         "token.rotated",
         "token.updated",
+        "token.updated",
         "token.reactivated",
         "token.suspended",
         "token.created",
@@ -237,6 +261,9 @@ fn the_console_drives_a_token_through_its_life_and_envoy_follows() {
     let done = tokengate_e2e::try_wait_until(PROPAGATION, || actions() == expected);
     assert!(done.is_some(), "audit for the token: {:?}", actions());
     assert!(b.text("#audit tbody").contains("max_rps: 50 → —"));
+    assert!(b
+        .text("#audit tbody")
+        .contains("limit_scope: proxy → fleet"));
     b.screenshot(&artifact("audit.png"));
     // The whole trail has the other tokens' creation too.
     b.fill("#a-token", "");
