@@ -133,43 +133,121 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
             "The request body must be a JSON object.".into(),
         ));
     }
-    let mut de = serde_json::Deserializer::from_slice(bytes);
-    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        let path = e.path().to_string();
-        // A syntax error while reading a key leaves an unknown segment: no field to blame.
-        let in_field = path != "."
-            && !e
-                .path()
-                .iter()
-                .any(|s| matches!(s, serde_path_to_error::Segment::Unknown));
-        let inner = e.into_inner();
-        let message = strip_position(&inner.to_string());
-        if in_field {
-            // Inside a field's value, even a syntax error (a broken string, a number out of
-            // range) is that field's.
-            if inner.is_syntax() || inner.is_eof() {
-                ApiError::field(&path, format!("is not valid JSON: {message}"))
-            } else {
-                ApiError::field(&path, message)
+    match read(bytes) {
+        Err(Refused::Serde(e)) if e.inner().to_string().starts_with(WHOLE_FLOAT) => {
+            match whole_numbers(bytes) {
+                Some(again) => read(&again).map_err(Refused::into_api),
+                None => Err(refusal(e)),
             }
-        } else if inner.is_syntax() || inner.is_eof() {
-            ApiError::Body(format!("The request body is not valid JSON: {inner}."))
-        } else if let Some(field) = quoted(&message, "unknown field `") {
-            ApiError::field(&field, "is not a known field")
-        } else if let Some(field) = quoted(&message, "duplicate field `") {
-            ApiError::field(&field, "is given more than once")
-        } else if let Some(field) = quoted(&message, "missing field `") {
-            ApiError::field(&field, "is required")
-        } else {
-            ApiError::Body(format!("Invalid request body: {message}."))
         }
-    })?;
+        r => r.map_err(Refused::into_api),
+    }
+}
+
+enum Refused {
+    Serde(serde_path_to_error::Error<serde_json::Error>),
+    Api(ApiError),
+}
+
+impl Refused {
+    fn into_api(self) -> ApiError {
+        match self {
+            Refused::Serde(e) => refusal(e),
+            Refused::Api(e) => e,
+        }
+    }
+}
+
+fn read<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Refused> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(Refused::Serde)?;
     de.end().map_err(|e| {
-        ApiError::Body(format!(
+        Refused::Api(ApiError::Body(format!(
             "The request body is not valid JSON: {e}: nothing may follow the object."
-        ))
+        )))
     })?;
     Ok(value)
+}
+
+/// How serde refuses a number with a fraction or an exponent where it reads an integer.
+const WHOLE_FLOAT: &str = "invalid type: floating point";
+
+/// `bytes` with every number that is written with a fraction or an exponent but is whole
+/// (`5.0`, `7e0`) written as the integer it equals, or `None` if there is none: JSON Schema,
+/// which the OpenAPI document speaks, counts them as integers. Strings are copied as they
+/// are; anything that is not JSON stays as it was, for the parser to refuse.
+fn whole_numbers(bytes: &[u8]) -> Option<Vec<u8>> {
+    // Within ±2^53 a float spells its integer exactly.
+    const EXACT: f64 = 9_007_199_254_740_992.0;
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut changed = false;
+    let mut i = 0;
+    while i < bytes.len() {
+        let start = i;
+        if bytes[i] == b'"' {
+            i += 1;
+            while i < bytes.len() && bytes[i] != b'"' {
+                i += if bytes[i] == b'\\' { 2 } else { 1 };
+            }
+            i = (i + 1).min(bytes.len());
+            out.extend_from_slice(&bytes[start..i]);
+        } else if bytes[i] == b'-' || bytes[i].is_ascii_digit() {
+            while i < bytes.len()
+                && matches!(bytes[i], b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E')
+            {
+                i += 1;
+            }
+            let token = &bytes[start..i];
+            let whole = std::str::from_utf8(token)
+                .ok()
+                .filter(|t| t.contains(['.', 'e', 'E']))
+                .and_then(|t| t.parse::<f64>().ok())
+                .filter(|f| f.fract() == 0.0 && f.abs() <= EXACT);
+            match whole {
+                Some(f) => {
+                    out.extend_from_slice((f as i64).to_string().as_bytes());
+                    changed = true;
+                }
+                None => out.extend_from_slice(token),
+            }
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    changed.then_some(out)
+}
+
+/// A body serde refused, as a 400 that names the field where it can.
+fn refusal(e: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
+    let path = e.path().to_string();
+    // A syntax error while reading a key leaves an unknown segment: no field to blame.
+    let in_field = path != "."
+        && !e
+            .path()
+            .iter()
+            .any(|s| matches!(s, serde_path_to_error::Segment::Unknown));
+    let inner = e.into_inner();
+    let message = strip_position(&inner.to_string());
+    if in_field {
+        // Inside a field's value, even a syntax error (a broken string, a number out of
+        // range) is that field's.
+        if inner.is_syntax() || inner.is_eof() {
+            ApiError::field(&path, format!("is not valid JSON: {message}"))
+        } else {
+            ApiError::field(&path, message)
+        }
+    } else if inner.is_syntax() || inner.is_eof() {
+        ApiError::Body(format!("The request body is not valid JSON: {inner}."))
+    } else if let Some(field) = quoted(&message, "unknown field `") {
+        ApiError::field(&field, "is not a known field")
+    } else if let Some(field) = quoted(&message, "duplicate field `") {
+        ApiError::field(&field, "is given more than once")
+    } else if let Some(field) = quoted(&message, "missing field `") {
+        ApiError::field(&field, "is required")
+    } else {
+        ApiError::Body(format!("Invalid request body: {message}."))
+    }
 }
 
 fn quoted(message: &str, prefix: &str) -> Option<String> {
@@ -222,6 +300,26 @@ mod tests {
         assert_eq!(field(r#"{"n":1,"n":2}"#), "n");
         assert_eq!(field(r#"{"n":1e400}"#), "n");
         assert_eq!(field(r#"{"n":4294967296}"#), "n");
+    }
+
+    #[test]
+    fn a_whole_float_is_an_integer() {
+        let b: B = parse_json(br#"{"n": 5.0, "m": 7e0}"#).unwrap();
+        assert_eq!((b.n, b.m), (Some(5), Some(Some(7))));
+        assert_eq!(field(r#"{"n": 5.5}"#), "n");
+        assert_eq!(field(r#"{"n": -1.0}"#), "n");
+        assert_eq!(field(r#"{"n": 4294967296.0}"#), "n");
+        // Nothing else is read differently: strings, duplicates, what follows the object.
+        assert_eq!(field(r#"{"n": 5.0, "n": 6}"#), "n");
+        assert_eq!(field(r#"{"n": 5.0, "zzz": "1.0"}"#), "zzz");
+        assert!(matches!(
+            parse_json::<B>(br#"{"n": 5.0} x"#),
+            Err(ApiError::Body(_))
+        ));
+        assert_eq!(
+            whole_numbers(br#"{"a": "2.0 \" 3.0", "b": [1.0, -2e1, 0.5, 1e400]}"#).unwrap(),
+            br#"{"a": "2.0 \" 3.0", "b": [1, -20, 0.5, 1e400]}"#
+        );
     }
 
     #[test]
