@@ -188,7 +188,6 @@ fn routes(state: &AppState) -> OpenApiRouter<AppState> {
         .routes(routes!(tokens::reactivate))
         .routes(routes!(tokens::rotate))
         .routes(routes!(audit::list))
-        .routes(routes!(session::sign_out))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             auth::require_admin,
@@ -204,7 +203,11 @@ fn routes(state: &AppState) -> OpenApiRouter<AppState> {
         .routes(routes!(healthz))
         .routes(routes!(readyz))
         .routes(routes!(metrics))
-        .routes(routes!(session::sign_in, session::current))
+        .routes(routes!(
+            session::sign_in,
+            session::current,
+            session::sign_out
+        ))
         .merge(admin)
         .merge(filters)
 }

@@ -2,15 +2,15 @@
 //! cookie (HttpOnly, SameSite=Strict) and a CSRF token that the page sends back in
 //! `X-CSRF-Token` with every change; the credential itself never stays in the browser.
 
-use super::auth::{admin_named_by, guarded, session_cookie, Actor, COOKIE};
+use super::auth::{admin_named_by, console_session, guarded, session_cookie, COOKIE};
 use super::body::{parse_json, JsonBody};
 use super::{ApiError, AppState};
 use crate::domain::sessions::now_ms;
 use crate::metrics::Credential;
 use crate::policy::KindPolicy;
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{ConnectInfo, State};
 use axum::http::header::SET_COOKIE;
-use axum::http::{HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
@@ -114,33 +114,30 @@ pub async fn sign_in(
         (status = 401, description = "Not signed in, or the session ended", body = super::error::ErrorBody)))]
 pub async fn current(
     State(state): State<AppState>,
-    req: Request,
+    method: Method,
+    headers: HeaderMap,
 ) -> Result<Json<SessionView>, ApiError> {
-    let id = session_cookie(req.headers()).ok_or(ApiError::Unauthorized)?;
-    let s = state
-        .sessions
-        .touch(id, now_ms())
-        .await?
-        .ok_or(ApiError::Unauthorized)?;
+    let s = console_session(&state, &headers, &method).await?;
     Ok(Json(view(&state, &s.actor, s.csrf)))
 }
 
-/// Behind `require_admin`, so a cookie sign-out needs its CSRF token.
+/// Ends the session the cookie names: it takes the cookie and its CSRF token, as every
+/// change in a session does. An admin credential has no session to end, so
+/// `Authorization` is not read here.
 #[utoipa::path(delete, path = "/v1/session", tag = "console", security(("session" = [])),
     responses((status = 204, description = "Signed out; the cookie is cleared"),
         (status = 401, description = "Not signed in", body = super::error::ErrorBody),
         (status = 403, description = "Missing or wrong X-CSRF-Token", body = super::error::ErrorBody)))]
 pub async fn sign_out(
     State(state): State<AppState>,
-    actor: Option<axum::Extension<Actor>>,
-    req: Request,
+    method: Method,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    if let Some(id) = session_cookie(req.headers()) {
+    let session = console_session(&state, &headers, &method).await?;
+    if let Some(id) = session_cookie(&headers) {
         state.sessions.end(id).await?;
     }
-    if let Some(axum::Extension(a)) = actor {
-        tracing::info!(actor = %a.0, "console sign-out");
-    }
+    tracing::info!(actor = %session.actor, "console sign-out");
     let clear = cookie(&state, "", 0)?;
     Ok((StatusCode::NO_CONTENT, [(SET_COOKIE, clear)]).into_response())
 }
