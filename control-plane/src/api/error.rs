@@ -15,8 +15,8 @@ pub struct ErrorBody {
     /// `store_unavailable` (503, with `Retry-After`), `shutting_down` (503), `internal`.
     pub error: String,
     pub message: String,
-    /// The field or query parameter at fault (`invalid_field`), or `content-type`
-    /// (`unsupported_media_type`).
+    /// The field or query parameter at fault (`invalid_field`, and `conflict` when a field
+    /// conflicts with the token's settings), or `content-type` (`unsupported_media_type`).
     pub field: Option<String>,
     /// When the token was revoked (`already_revoked`, or `not_found` for a revoked token).
     pub revoked_at: Option<String>,
@@ -58,6 +58,11 @@ pub enum ApiError {
     /// A body that is not labelled as JSON.
     UnsupportedMediaType,
     Conflict(String),
+    /// 409 about one field that conflicts with the token's current settings.
+    FieldConflict {
+        field: String,
+        message: String,
+    },
     /// The database is unreachable; the client should try again shortly.
     StoreUnavailable(String),
     /// The server is stopping (a readiness probe's answer).
@@ -81,6 +86,10 @@ impl From<DomainError> for ApiError {
             DomainError::Revoked { at } => ApiError::Revoked { at },
             DomainError::Conflict(m) => ApiError::Conflict(m),
             DomainError::Invalid { field, message } => ApiError::field(field, message),
+            DomainError::StateConflict { field, message } => ApiError::FieldConflict {
+                field: field.to_string(),
+                message,
+            },
             DomainError::Unavailable(m) => ApiError::StoreUnavailable(m),
             DomainError::Internal(m) => ApiError::Internal(m),
         }
@@ -166,6 +175,10 @@ impl IntoResponse for ApiError {
             ApiError::Conflict(message) => (
                 StatusCode::CONFLICT,
                 json!({"error": "conflict", "message": message}),
+            ),
+            ApiError::FieldConflict { field, message } => (
+                StatusCode::CONFLICT,
+                json!({"error": "conflict", "message": format!("{field} {message}."), "field": field}),
             ),
             ApiError::StoreUnavailable(detail) => {
                 tracing::warn!(%detail, "store unavailable");
