@@ -8,6 +8,7 @@ use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use axum::http::request::Parts;
 use axum::http::HeaderValue;
 use serde::de::{Deserialize, DeserializeOwned, Deserializer};
+use std::ops::RangeInclusive;
 use std::pin::Pin;
 
 /// Largest body the admin and session calls accept: a token body is a few hundred bytes, and
@@ -88,6 +89,27 @@ fn is_json(v: &HeaderValue) -> bool {
         }
         _ => true,
     })
+}
+
+/// A page of a listing (`limit`): how many entries it may hold, and how many by default.
+pub const LIMIT: RangeInclusive<u32> = 1..=1000;
+pub const DEFAULT_LIMIT: u32 = 100;
+
+/// Reads `limit`.
+pub fn limit(v: &str) -> Result<u32, ApiError> {
+    v.parse().ok().filter(|n| LIMIT.contains(n)).ok_or_else(|| {
+        ApiError::field(
+            "limit",
+            format!("must be between {} and {}", LIMIT.start(), LIMIT.end()),
+        )
+    })
+}
+
+/// `limit`'s schema.
+pub fn limit_schema() -> serde_json::Value {
+    let mut s = super::schema::integer(&LIMIT);
+    s["default"] = DEFAULT_LIMIT.into();
+    s
 }
 
 /// The query's parameters in order. A parameter given twice is refused rather than one of
