@@ -1141,9 +1141,26 @@ fn queries_and_path_ids_refuse_hostile_input() {
         r.headers
     );
     // Cursors are opaque but harmless: one this server never made is an empty page.
-    for q in ["cursor=%00", "cursor=zzzz", "order=newest&cursor=%27"] {
+    for q in ["cursor=zzzz", "order=newest&cursor=%27"] {
         let (s, v) = app.admin("GET", &format!("/v1/tokens?{q}"), None);
         assert_eq!(s, 200, "{q}: {v}");
+    }
+    // No query text holds U+0000, which PostgreSQL cannot take (it was a 500 there).
+    for q in [
+        "cursor=%00",
+        "owner=a%00",
+        "name_contains=%00",
+        "token=%00",
+        "actor=x%00y",
+    ] {
+        let path = if q.starts_with("token") || q.starts_with("actor") {
+            format!("/v1/audit?{q}")
+        } else {
+            format!("/v1/tokens?{q}")
+        };
+        let (s, v) = app.admin("GET", &path, None);
+        let name = q.split('=').next().unwrap();
+        assert_eq!((s, v["field"].as_str()), (400, Some(name)), "{q}: {v}");
     }
     // Lossy decoding of a query that is not UTF-8 still leads to a named refusal.
     let r = raw(

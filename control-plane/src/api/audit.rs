@@ -11,7 +11,7 @@ use axum::extract::State;
 use axum::Json;
 use chrono::DateTime;
 use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 use utoipa::openapi::path::{Parameter, ParameterIn};
 use utoipa::openapi::{RefOr, Schema};
 use utoipa::{IntoParams, ToSchema};
@@ -80,12 +80,8 @@ pub struct AuditParams;
 impl IntoParams for AuditParams {
     fn into_params(_: impl Fn() -> Option<ParameterIn>) -> Vec<Parameter> {
         vec![
-            schema::query(
-                "token",
-                "Entries about this token id",
-                json!({"type": "string"}),
-            ),
-            schema::query("actor", "Entries by this actor", json!({"type": "string"})),
+            schema::query("token", "Entries about this token id", body::text_schema()),
+            schema::query("actor", "Entries by this actor", body::text_schema()),
             schema::query("action", "Entries of this action", action_schema()),
             schema::query(
                 "since",

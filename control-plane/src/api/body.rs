@@ -2,6 +2,7 @@
 //! the field it is about.
 
 use super::error::ApiError;
+use super::schema::Pattern;
 use axum::body::{Body, Bytes, HttpBody};
 use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request};
 use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE};
@@ -112,8 +113,26 @@ pub fn limit_schema() -> serde_json::Value {
     s
 }
 
+/// Text the API reads from a query or a report may hold anything but U+0000, which
+/// PostgreSQL can neither store nor compare (SQLite can; both backends answer alike).
+pub static NO_NUL: Pattern = Pattern::new("^[^\\u0000]*$");
+
+/// A string of `NO_NUL`, as the document states it.
+pub fn text_schema() -> serde_json::Value {
+    NO_NUL.schema()
+}
+
+/// A 400 naming `field` if `v` holds U+0000.
+pub fn no_nul(field: &str, v: &str) -> Result<(), ApiError> {
+    if NO_NUL.matches(v) {
+        Ok(())
+    } else {
+        Err(ApiError::field(field, "must not contain U+0000"))
+    }
+}
+
 /// The query's parameters in order. A parameter given twice is refused rather than one of
-/// its values picked silently.
+/// its values picked silently, and none may hold U+0000.
 pub struct Params(pub Vec<(String, String)>);
 
 impl<S: Send + Sync> FromRequestParts<S> for Params {
@@ -124,17 +143,19 @@ impl<S: Send + Sync> FromRequestParts<S> for Params {
             Query::<Vec<(String, String)>>::try_from_uri(&parts.uri).map_err(|e| {
                 ApiError::Body(format!("The query string is invalid: {}.", e.body_text()))
             })?;
-        for (i, (name, _)) in pairs.iter().enumerate() {
+        for (i, (name, value)) in pairs.iter().enumerate() {
             if pairs[..i].iter().any(|(n, _)| n == name) {
                 return Err(ApiError::field(name, "is given more than once"));
             }
+            no_nul(name, value)?;
         }
         Ok(Params(pairs))
     }
 }
 
-/// The `{id}` of a `/v1/tokens/{id}` path. Any id that is no token's is a 404 from the store;
-/// only one that does not decode to text is refused here.
+/// The `{id}` of a `/v1/tokens/{id}` path. Any id that is no token's is a 404; only one that
+/// does not decode to text is refused here (and one holding U+0000, which no id holds, is a
+/// 404 without asking the store, which may not take it).
 pub struct TokenId(pub String);
 
 impl<S: Send + Sync> FromRequestParts<S> for TokenId {
@@ -144,6 +165,9 @@ impl<S: Send + Sync> FromRequestParts<S> for TokenId {
         let Path(id) = Path::<String>::from_request_parts(parts, state)
             .await
             .map_err(|_| ApiError::field("id", "must be percent-encoded UTF-8"))?;
+        if id.contains('\0') {
+            return Err(ApiError::NotFound);
+        }
         Ok(TokenId(id))
     }
 }

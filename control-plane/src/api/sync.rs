@@ -241,14 +241,14 @@ impl utoipa::IntoParams for SyncParams {
     ) -> Vec<utoipa::openapi::path::Parameter> {
         vec![
             schema::query("since", "The version the filter holds; 0 or absent: none", schema::unsigned()),
-            schema::query("store_id", "The store the filter's state came from", json!({"type": "string"})),
+            schema::query("store_id", "The store the filter's state came from", super::body::text_schema()),
             schema::query("cursor", "Snapshot paging: the previous page's `next_cursor`", CURSOR.schema()),
             schema::query(
                 "wait",
                 "Seconds to hold the poll when nothing changed (at most `--sync-max-wait-seconds`, the default)",
                 schema::unsigned(),
             ),
-            schema::query("proxy_id", "Identifies the proxy", json!({"type": "string"})),
+            schema::query("proxy_id", "Identifies the proxy", super::body::text_schema()),
         ]
     }
 }

@@ -367,7 +367,7 @@ impl IntoParams for ListParams {
                 "`active`, `suspended` (both: not expired) or `expired` (whether suspended or not)",
                 schema::one_of(&STATUS_FILTERS.map(|(n, _, _)| n)),
             ),
-            schema::query("owner", "Tokens of this owner", json!({"type": "string"})),
+            schema::query("owner", "Tokens of this owner", body::text_schema()),
             schema::query("kind", "Tokens of this kind", kind_schema()),
             schema::query(
                 "expiring_within",
@@ -377,7 +377,7 @@ impl IntoParams for ListParams {
             schema::query(
                 "name_contains",
                 "Tokens whose name contains this (ASCII letters match either case)",
-                json!({"type": "string"}),
+                body::text_schema(),
             ),
             schema::query(
                 "order",
@@ -388,7 +388,7 @@ impl IntoParams for ListParams {
             schema::query(
                 "cursor",
                 "The previous page's `next_cursor`",
-                json!({"type": "string"}),
+                body::text_schema(),
             ),
         ]
     }

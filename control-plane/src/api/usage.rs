@@ -1,7 +1,7 @@
 //! `POST /v1/usage`: request counts reported by each Envoy's sync leader. Semantics are
 //! documented in `tokengate_wire::usage`.
 
-use super::body::{parse_json, JsonBody, USAGE_BODY_LIMIT};
+use super::body::{no_nul, parse_json, JsonBody, USAGE_BODY_LIMIT};
 use super::openapi::{BadBody, Store, SyncCredential};
 use super::schema::{self, described};
 use super::{ApiError, AppState};
@@ -21,7 +21,7 @@ impl PartialSchema for Report {
     fn schema() -> RefOr<Schema> {
         let entry = schema::object(
             json!({
-                "id": described(json!({"type": "string"}), "Token id, never the secret or its hash"),
+                "id": described(super::body::text_schema(), "Token id, never the secret or its hash"),
                 "allowed": described(schema::unsigned(), "Requests let through since the previous report"),
                 "denied": described(schema::unsigned(), "Requests refused since the previous report"),
                 "last_used_at": described(schema::signed(), "Unix seconds of the latest request counted"),
@@ -30,7 +30,7 @@ impl PartialSchema for Report {
         );
         let mut report = schema::object(
             json!({
-                "proxy_id": {"type": "string", "default": ""},
+                "proxy_id": described(super::body::text_schema(), "Identifies the proxy"),
                 "entries": {"type": "array", "maxItems": MAX_ENTRIES, "items": entry,
                     "description": "More than this is a 413"},
             }),
@@ -62,6 +62,10 @@ pub async fn report(
     JsonBody(body): JsonBody<USAGE_BODY_LIMIT>,
 ) -> Result<StatusCode, ApiError> {
     let report: UsageReport = parse_json(&body)?;
+    no_nul("proxy_id", &report.proxy_id)?;
+    for (i, e) in report.entries.iter().enumerate() {
+        no_nul(&format!("entries[{i}].id"), &e.id)?;
+    }
     if report.entries.len() > MAX_ENTRIES {
         return Err(ApiError::TooLarge(format!(
             "A report may carry at most {MAX_ENTRIES} entries."
