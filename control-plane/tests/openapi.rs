@@ -577,3 +577,58 @@ fn each_operation_takes_exactly_the_credentials_it_documents() {
     }
     assert!(checked.len() >= 5 * 17, "{}", checked.len());
 }
+
+/// The operator's expiry policy is part of the creation body's schema, read from the
+/// configuration: what it says there (a kind that must expire, a longest lifetime) is what
+/// the server holds to, and with no policy there is no such rule.
+#[test]
+fn the_expiry_policy_is_in_the_document_as_configured() {
+    let (_, plain) = spawn_app(100).call("GET", "/v1/openapi.json", None, None);
+    let rules = plain["components"]["schemas"]["CreateBody"]["allOf"]
+        .as_array()
+        .unwrap()
+        .len();
+    let policy = tokengate::policy::Policy {
+        user: tokengate::policy::KindPolicy {
+            max_lifetime: Some(90 * 86_400),
+            require_expiry: false,
+        },
+        service: tokengate::policy::KindPolicy {
+            max_lifetime: None,
+            require_expiry: true,
+        },
+    };
+    let app = spawn_app_with(100, policy);
+    let (_, doc) = app.call("GET", "/v1/openapi.json", None, None);
+    let all = doc["components"]["schemas"]["CreateBody"]["allOf"]
+        .as_array()
+        .unwrap();
+    assert_eq!(all.len(), rules + 1, "one rule more than without a policy");
+    let rule = all.last().unwrap();
+    assert_eq!(rule["if"]["properties"]["kind"]["const"], "service");
+    let max = rule["else"]["properties"]["expires_in_seconds"]["maximum"]
+        .as_u64()
+        .expect("the user kind's longest lifetime");
+    assert_eq!(max, 90 * 86_400);
+    let must_expire = |kind: &str| !rule[kind]["anyOf"].is_null();
+    assert!(must_expire("else") && must_expire("then"));
+    let create = |body: Value| app.admin("POST", "/v1/tokens", Some(&body.to_string()));
+    let (s, v) = create(json!({"name": "u", "expires_in_seconds": max}));
+    assert_eq!(s, 201, "{v}");
+    for body in [
+        json!({"name": "u", "expires_in_seconds": max + 1}),
+        json!({"name": "u"}),
+        json!({"name": "s", "kind": "service", "owner": "ops"}),
+        json!({"name": "s", "kind": "service", "owner": "ops", "expires_in_seconds": null}),
+    ] {
+        let (s, v) = create(body.clone());
+        assert_eq!(
+            (s, v["field"].as_str()),
+            (400, Some("expires_in_seconds")),
+            "{body}: {v}"
+        );
+    }
+    let (s, v) = create(json!({"name": "s", "kind": "service", "owner": "ops",
+        "expires_at": "2099-01-31T12:00:00Z"}));
+    assert_eq!(s, 201, "{v}");
+}
