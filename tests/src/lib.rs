@@ -697,6 +697,7 @@ impl Stack {
         let mut stack = Stack::start_with(Options {
             control_plane: false,
             envoy: false,
+            ..Options::default()
         });
         stack.db = db_url.to_string();
         stack.replica_ports = free_ports(n - 1);
