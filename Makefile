@@ -15,6 +15,10 @@ ENVOY_DIR     := .tools/envoy
 ENVOY_BIN     ?= $(ENVOY_DIR)/envoy/_bin/envoy
 WASM_TARGET   := wasm32-wasip1
 WASM          := target/$(WASM_TARGET)/release/tokengate_filter.wasm
+# The native flavor: an Envoy dynamic module, built with the unwinding `native` profile.
+MODULE        := target/native/libtokengate_native.so
+# Which data-plane flavor `make run` starts: wasm (proxy-wasm filter) or native (dynamic module).
+FLAVOR        ?= wasm
 PYTHON        ?= python3
 CARGO         ?= cargo
 # Envoy --base-id for `make validate`; `make run` uses its own, the tests one per stack.
@@ -27,6 +31,7 @@ PIP_INSTALL   := $(PYTHON) -m pip install --quiet --disable-pip-version-check --
 # kubectl renders the Istio manifests for check-k8s; without it `make test` skips that check
 # and says so.
 KUBECTL       := $(shell command -v kubectl 2>/dev/null)
+SKIP_K8S_NOTE := make test: kubectl not found, so the Kubernetes/Istio manifest check (make check-k8s) was SKIPPED; install kubectl to run it
 KUBERNETES_VALIDATE_VERSION := 1.37.0
 # schemathesis for the OpenAPI conformance test (tests/tests/openapi.rs), in a virtualenv in
 # .tools/, pinned with every dependency in tests/schemathesis/requirements.txt. Set
@@ -49,6 +54,7 @@ help: ## list the targets and the variables of make run
 	   END { for (i = 1; i <= NR; i++) printf "  make %-" w "s  %s\n", name[i], text[i] }'
 	@echo
 	@echo "Variables (make run VAR=value, or in the environment):"
+	@echo "  FLAVOR=wasm              the filter: wasm (proxy-wasm) or native (Envoy dynamic module)"
 	@echo "  LISTEN_PORT=10000        Envoy's listener, the protected API"
 	@echo "  ADMIN_PORT=9901          Envoy's admin interface (/ready, /stats)"
 	@echo "  UPSTREAM_PORT=8080       the demo upstream"
@@ -118,32 +124,39 @@ $(SCHEMATHESIS_DIR)/.installed: $(SCHEMATHESIS_REQUIREMENTS)
 schemathesis: $(if $(filter file,$(origin SCHEMATHESIS_PYTHON)),$(SCHEMATHESIS_DIR)/.installed) ## install schemathesis (PyPI, pinned) into .tools/schemathesis for the OpenAPI test (unless SCHEMATHESIS_PYTHON is set)
 	@"$(SCHEMATHESIS_PYTHON)" -m schemathesis.cli --version
 
-build: ## build the filter (wasm), the control plane and the demo upstream (release)
+build: ## build both filter flavors (wasm, native module), the control plane and the demo upstream (release)
 	$(CARGO) build --release --target $(WASM_TARGET) -p tokengate-filter
+	$(CARGO) build --profile native -p tokengate-native
 	$(CARGO) build --release -p tokengate -p tokengate-e2e
 
-run: tools build ## run control plane, demo upstream and Envoy locally; Ctrl-C stops all
-	ENVOY_BIN="$(ENVOY_BIN)" WASM="$(WASM)" envoy/run.sh
+run: tools build ## run control plane, demo upstream and Envoy locally (FLAVOR=wasm|native); Ctrl-C stops all
+	ENVOY_BIN="$(ENVOY_BIN)" WASM="$(WASM)" MODULE="$(MODULE)" FLAVOR="$(FLAVOR)" envoy/run.sh
 
 run-ha: tools postgres build ## two control-plane replicas on a local PostgreSQL (.run/pg) behind one Envoy; prints how to kill one
 	ENVOY_BIN="$(ENVOY_BIN)" WASM="$(WASM)" envoy/run-ha.sh
 
-validate: tools ## check envoy/envoy.yaml with `envoy --mode validate` (needs the wasm)
+validate: tools ## check the shipped Envoy configurations of both flavors with `envoy --mode validate`
 	@test -f $(WASM) || $(CARGO) build --release --target $(WASM_TARGET) -p tokengate-filter
+	@test -f $(MODULE) || $(CARGO) build --profile native -p tokengate-native
 	@mkdir -p .run
 	SYNC_TOKEN=validate-only WASM_PATH=$(CURDIR)/$(WASM) envoy/render.sh envoy/envoy.yaml .run/envoy.validate.yaml
 	"$(ENVOY_BIN)" --mode validate -c .run/envoy.validate.yaml --base-id $(VALIDATE_BASE_ID) -l warning
 	sed -e "s|/etc/envoy/tokengate_filter.wasm|$(CURDIR)/$(WASM)|g" envoy/snippet.yaml > .run/snippet.validate.yaml
 	"$(ENVOY_BIN)" --mode validate -c .run/snippet.validate.yaml --base-id $(VALIDATE_BASE_ID) --disable-hot-restart -l warning
+	SYNC_TOKEN=validate-only MODULE_PATH=$(CURDIR)/$(MODULE) envoy/render.sh envoy/envoy-native.yaml .run/envoy-native.validate.yaml
+	"$(ENVOY_BIN)" --mode validate -c .run/envoy-native.validate.yaml --base-id $(VALIDATE_BASE_ID) --disable-hot-restart -l warning
+	sed -e "s|/etc/envoy/libtokengate_native.so|$(CURDIR)/$(MODULE)|g" envoy/snippet-native.yaml > .run/snippet-native.validate.yaml
+	"$(ENVOY_BIN)" --mode validate -c .run/snippet-native.validate.yaml --base-id $(VALIDATE_BASE_ID) --disable-hot-restart -l warning
 
 $(PYTOOLS)/.kubernetes-validate-$(KUBERNETES_VALIDATE_VERSION):
 	$(PIP_INSTALL) --upgrade --target $(PYTOOLS) kubernetes-validate==$(KUBERNETES_VALIDATE_VERSION)
 	touch $@
 
-check-k8s: tools $(PYTOOLS)/.kubernetes-validate-$(KUBERNETES_VALIDATE_VERSION) ## check the Kubernetes/Istio manifests (kustomize, schemas, references, plugin config)
+check-k8s: tools $(PYTOOLS)/.kubernetes-validate-$(KUBERNETES_VALIDATE_VERSION) ## check the Kubernetes manifests: Istio and Envoy Gateway (kustomize, schemas, references, plugin config)
 	@test -f $(WASM) || $(CARGO) build --release --target $(WASM_TARGET) -p tokengate-filter
+	@test -f $(MODULE) || $(CARGO) build --profile native -p tokengate-native
 	@command -v kubectl >/dev/null || { echo "check-k8s: kubectl is needed for its built-in kustomize (Debian: apt-get install kubectl, or see kubernetes.io)" >&2; exit 1; }
-	PYTHONPATH=$(PYTOOLS) $(PYTHON) deploy/kubernetes/check.py --envoy "$(ENVOY_BIN)" --wasm "$(CURDIR)/$(WASM)"
+	PYTHONPATH=$(PYTOOLS) $(PYTHON) deploy/kubernetes/check.py --envoy "$(ENVOY_BIN)" --wasm "$(CURDIR)/$(WASM)" --module "$(CURDIR)/$(MODULE)"
 
 SKIP_K8S_NOTE := make test: kubectl not found, so the Kubernetes/Istio manifest check (make check-k8s) was SKIPPED; install kubectl to run it
 
@@ -178,10 +191,21 @@ OHA         := .tools/oha/bin/oha
 $(OHA):
 	$(CARGO) install oha --locked --version $(OHA_VERSION) --root .tools/oha
 
+# The waterfall's wasm filters (bench section `waterfall`): the real filter cut after one
+# step each, built apart (target/waterfall) so that the shipped filter is never replaced.
+WATERFALL_STEPS := return read hash lookup identity
+
 bench-build: tools build $(OHA)
 	$(CARGO) build --profile bench-driver -p tokengate-bench
+	@mkdir -p target/bench/waterfall
+	for step in $(WATERFALL_STEPS); do \
+	  $(CARGO) build --release --target $(WASM_TARGET) -p tokengate-filter --features waterfall-$$step --target-dir target/waterfall && \
+	  cp target/waterfall/$(WASM_TARGET)/release/tokengate_filter.wasm target/bench/waterfall/$$step.wasm || exit 1; \
+	done
+	$(CARGO) build --profile native -p tokengate-native --features waterfall-return --target-dir target/waterfall
+	cp target/waterfall/native/libtokengate_native.so target/bench/waterfall/native-return.so
 
-bench: bench-build postgres ## benchmarks: variants, accuracy, propagation, scale, fleet (~17 min); writes docs/benchmarks.md
+bench: bench-build postgres ## benchmarks: variants A-F, the wasm waterfall, accuracy and propagation (both flavors), scale, fleet (~35 min); writes docs/benchmarks.md
 	OHA=$(OHA) target/bench-driver/tokengate-bench
 
 bench-quick: bench-build postgres ## a one-minute subset of make bench, for developers (results in target/bench/)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs tokengate locally: the control plane, the demo upstream and Envoy with the filter.
+# Runs tokengate locally: the control plane, the demo upstream and Envoy with the filter,
+# the proxy-wasm one (FLAVOR=wasm, the default) or the native dynamic module (FLAVOR=native).
 # Called by `make run` (which installs and builds first); Ctrl-C stops all three.
 #
 # State lives in .run/ (git-ignored; RUN_DIR moves it): the SQLite database, the rendered
@@ -17,6 +18,8 @@ cd "$ROOT"
 
 ENVOY_BIN="${ENVOY_BIN:-.tools/envoy/envoy/_bin/envoy}"
 WASM="${WASM:-target/wasm32-wasip1/release/tokengate_filter.wasm}"
+MODULE="${MODULE:-target/native/libtokengate_native.so}"
+FLAVOR="${FLAVOR:-wasm}"
 TOKENGATE_BIN="${TOKENGATE_BIN:-target/release/tokengate}"
 DEMO_UPSTREAM_BIN="${DEMO_UPSTREAM_BIN:-target/release/demo-upstream}"
 LISTEN_PORT="${LISTEN_PORT:-10000}"
@@ -34,8 +37,13 @@ die() { echo "run: $*" >&2; exit 1; }
 for bin in "$ENVOY_BIN" "$TOKENGATE_BIN" "$DEMO_UPSTREAM_BIN"; do
   [ -x "$bin" ] || die "$bin is missing: use \`make run\`, which installs and builds everything"
 done
-[ -f "$WASM" ] || die "$WASM is missing: use \`make run\`, which builds it"
-case "$WASM" in /*) WASM_PATH="$WASM" ;; *) WASM_PATH="$ROOT/$WASM" ;; esac
+case "$FLAVOR" in
+  wasm)   FILTER="$WASM"; TEMPLATE=envoy/envoy.yaml; FILTER_VAR=WASM_PATH; STATS=wasmcustom.tokengate ;;
+  native) FILTER="$MODULE"; TEMPLATE=envoy/envoy-native.yaml; FILTER_VAR=MODULE_PATH; STATS=dynamicmodulescustom.tokengate ;;
+  *) die "FLAVOR must be wasm or native, not \`$FLAVOR\`" ;;
+esac
+[ -f "$FILTER" ] || die "$FILTER is missing: use \`make run\`, which builds it"
+case "$FILTER" in /*) FILTER_PATH="$FILTER" ;; *) FILTER_PATH="$ROOT/$FILTER" ;; esac
 command -v curl >/dev/null || die "curl is needed to check readiness"
 
 port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
@@ -65,9 +73,9 @@ TOKENGATE_SYNC_TOKEN="$(random_hex)"
 # An admin token exported by the caller would otherwise reach every child's environment.
 export -n TOKENGATE_ADMIN_TOKEN TOKENGATE_SYNC_TOKEN
 
-LISTEN_PORT=$LISTEN_PORT ADMIN_PORT=$ADMIN_PORT UPSTREAM_PORT=$UPSTREAM_PORT \
-  CONTROL_PLANE_PORT=$CONTROL_PLANE_PORT WASM_PATH="$WASM_PATH" SYNC_TOKEN="$TOKENGATE_SYNC_TOKEN" \
-  envoy/render.sh envoy/envoy.yaml "$RUN_DIR/envoy.yaml" || die "cannot render envoy/envoy.yaml"
+env LISTEN_PORT=$LISTEN_PORT ADMIN_PORT=$ADMIN_PORT UPSTREAM_PORT=$UPSTREAM_PORT \
+  CONTROL_PLANE_PORT=$CONTROL_PLANE_PORT "$FILTER_VAR=$FILTER_PATH" SYNC_TOKEN="$TOKENGATE_SYNC_TOKEN" \
+  envoy/render.sh "$TEMPLATE" "$RUN_DIR/envoy.yaml" || die "cannot render $TEMPLATE"
 
 pids=()
 cleanup() {
@@ -113,7 +121,7 @@ wait_for "envoy" "http://127.0.0.1:$ADMIN_PORT/ready" "$RUN_DIR/envoy.log"
 
 cat <<MSG
 
-tokengate is running
+tokengate is running ($FLAVOR filter)
   Envoy (protected API)  http://127.0.0.1:$LISTEN_PORT    admin http://127.0.0.1:$ADMIN_PORT
   control plane          http://127.0.0.1:$CONTROL_PLANE_PORT
   web console            http://127.0.0.1:$CONTROL_PLANE_PORT/   (sign in with the admin token)
@@ -150,7 +158,7 @@ sign in; generate a token there and call the API with it as below. Or, in anothe
   $TOKENGATE_BIN token revoke <id>         # 401 from then on
 
   # filter stats
-  curl -s http://127.0.0.1:$ADMIN_PORT/stats | grep wasmcustom.tokengate
+  curl -s http://127.0.0.1:$ADMIN_PORT/stats | grep $STATS
 
 Press Ctrl-C to stop.
 MSG

@@ -13,7 +13,7 @@ use crate::{client, Depth, Envoy};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
-use tokengate_e2e::{http, Options, Stack};
+use tokengate_e2e::{http, Flavor, Options, Stack};
 
 /// The fresh token's bucket starts full: the first `burst` requests pass at once. Counting
 /// them in the rate would add burst / duration (10 % over 10 s, with the default burst of
@@ -60,18 +60,19 @@ fn plan(depth: Depth) -> Plan {
     }
 }
 
-pub fn run(depth: Depth) -> Value {
+pub fn run(depth: Depth, flavor: Flavor) -> Value {
     let plan = plan(depth);
     let measure = Duration::from_secs(plan.seconds);
     let stack = Stack::start_with(Options {
         control_plane: true,
         envoy: false,
+        ..Options::default()
     });
     let mut cells = Vec::new();
     for &workers in plan.workers {
         let envoy = Envoy::start(
-            &format!("acc-w{workers}"),
-            "tokengate",
+            &format!("acc-{}-w{workers}", flavor.name()),
+            template(flavor),
             workers,
             &[
                 ("CONTROL_PLANE_PORT", stack.control_plane_port.to_string()),
@@ -81,7 +82,15 @@ pub fn run(depth: Depth) -> Value {
         );
         for &max_rps in plan.rates {
             for &connections in plan.connections {
-                let cell = cell(&stack, &envoy, max_rps, connections, workers, measure);
+                let cell = cell(
+                    &stack,
+                    &envoy,
+                    flavor,
+                    max_rps,
+                    connections,
+                    workers,
+                    measure,
+                );
                 eprintln!(
                     "  maxRPS {max_rps:>4} × {connections:>2} conn × {workers} worker(s): \
                      offered {:.0}/s, admitted {:.1}/s ({:+.2} %), worst 1 s window {} of {}",
@@ -104,6 +113,7 @@ pub fn run(depth: Depth) -> Value {
     });
     json!({
         "depth": format!("{depth:?}"),
+        "flavor": flavor.name(),
         "warmup_seconds": WARMUP.as_secs(),
         "seconds": plan.seconds,
         "rate_tolerance_pct": RATE_TOLERANCE_PCT,
@@ -113,22 +123,35 @@ pub fn run(depth: Depth) -> Value {
     })
 }
 
+/// The bench template of a flavor's filter.
+pub fn template(flavor: Flavor) -> &'static str {
+    match flavor {
+        Flavor::Wasm => "tokengate",
+        Flavor::Native => "tokengate-native",
+    }
+}
+
 fn cell(
     stack: &Stack,
     envoy: &Envoy,
+    flavor: Flavor,
     max_rps: u32,
     connections: usize,
     workers: u32,
     measure: Duration,
 ) -> Value {
-    let name = format!("bench-accuracy-{max_rps}rps-c{connections}-w{workers}");
+    let name = format!(
+        "bench-accuracy-{}-{max_rps}rps-c{connections}-w{workers}",
+        flavor.name()
+    );
     let (_id, secret) = stack.create_token(json!({"name": name, "max_rps": max_rps}));
     wait_until_known(envoy, &secret, &name);
-    let allowed_before = envoy.stat("wasmcustom.tokengate.allowed");
+    let allowed = flavor.stat("tokengate.allowed");
+    let allowed_before = envoy.stat(&allowed);
     let r = client::run(envoy.addr(), PATH, &secret, connections, WARMUP + measure);
     // The filter hands its request counters to Envoy once per tick (200 ms).
     std::thread::sleep(Duration::from_millis(500));
-    let envoy_allowed = envoy.stat("wasmcustom.tokengate.allowed") - allowed_before;
+    let envoy_allowed = envoy.stat(&allowed) - allowed_before;
 
     let burst = max_rps;
     let (from, to) = (
@@ -253,6 +276,14 @@ pub fn worst_window_by_completion(times: &mut [u64], window_us: u64) -> usize {
     best
 }
 
+/// The flavor a section's figures are for, as a heading says it.
+pub fn flavor_title(v: &Value) -> &'static str {
+    match v["flavor"].as_str() {
+        Some("native") => "native module",
+        _ => "wasm filter",
+    }
+}
+
 fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
@@ -266,7 +297,7 @@ fn yes_no(ok: bool) -> &'static str {
 }
 
 pub fn markdown(v: &Value) -> String {
-    let mut md = String::from("### Rate-limit accuracy\n\n");
+    let mut md = format!("### Rate-limit accuracy ({})\n\n", flavor_title(v));
     let Some(cells) = v["cells"].as_array() else {
         md.push_str("(no figures)\n");
         return md;

@@ -600,6 +600,7 @@ fn creates(cluster: &PgCluster, plan: &Plan) -> Value {
     let sqlite = Stack::start_with(Options {
         control_plane: true,
         envoy: false,
+        ..Options::default()
     });
     let sqlite_rate = create_rate(
         &[sqlite.replica_addr(0)],

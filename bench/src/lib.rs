@@ -1,7 +1,7 @@
 //! `make bench`: tokengate measured against what users would otherwise run, on the same
 //! pinned Envoy, with ratios taken inside one run because the machine is shared and noisy.
 //!
-//! Each section (`variants`, `accuracy`, `propagation`, `scale`, `fleet`) returns its figures as
+//! Each section (`variants`, `waterfall`, `accuracy`, `propagation`, `scale`, `fleet`) returns its figures as
 //! JSON; `report` turns them into the tables of `docs/benchmarks.md` and `chart` into the
 //! picture beside them.
 
@@ -15,6 +15,7 @@ pub mod propagation;
 pub mod report;
 pub mod scale;
 pub mod variants;
+pub mod waterfall;
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -62,25 +63,51 @@ pub struct Envoy {
 
 impl Envoy {
     /// Starts Envoy on `bench/envoy/<template>.yaml` with `workers` worker threads and waits
-    /// for its admin `/ready`. `vars` fills the template; `LISTEN_PORT`, `ADMIN_PORT` and
-    /// `WASM_PATH` are filled here.
+    /// for its admin `/ready`. `vars` fills the template; `LISTEN_PORT`, `ADMIN_PORT`,
+    /// `WASM_PATH` and `MODULE_PATH` are filled here (`vars` may give another `WASM_PATH`).
     pub fn start(label: &str, template: &str, workers: u32, vars: &[(&str, String)]) -> Envoy {
+        Envoy::start_under(label, template, workers, vars, &[], Duration::from_secs(60))
+    }
+
+    /// [`Envoy::start`] under `wrapper` (a command and its arguments, Envoy's command line
+    /// appended: `valgrind --tool=callgrind ...`), ready within `ready_within`.
+    pub fn start_under(
+        label: &str,
+        template: &str,
+        workers: u32,
+        vars: &[(&str, String)],
+        wrapper: &[String],
+        ready_within: Duration,
+    ) -> Envoy {
         let bins = Binaries::locate();
         let ports = free_ports(2);
         let (port, admin_port) = (ports[0], ports[1]);
-        let mut all: Vec<(&str, String)> = vec![
+        // The caller's first: the first value given for a placeholder is the one used.
+        let mut all: Vec<(&str, String)> = vars.to_vec();
+        all.extend([
             ("LISTEN_PORT", port.to_string()),
             ("ADMIN_PORT", admin_port.to_string()),
             ("WASM_PATH", bins.wasm.display().to_string()),
-        ];
-        all.extend(vars.iter().cloned());
+        ]);
+        if template == "tokengate-native" {
+            all.push(("MODULE_PATH", bins.module().display().to_string()));
+        }
         let config = render(template, &all);
         let dir = out_dir().join("run");
         fs::create_dir_all(&dir).expect("create target/bench/run");
         let config_path = dir.join(format!("{label}.yaml"));
         fs::write(&config_path, config).expect("write the rendered config");
         let log = fs::File::create(dir.join(format!("{label}.log"))).expect("create the log");
-        let child = Command::new(&bins.envoy)
+        let (program, prefix): (&Path, &[String]) = match wrapper.split_first() {
+            Some((first, rest)) => (Path::new(first), rest),
+            None => (&bins.envoy, &[]),
+        };
+        let mut command = Command::new(program);
+        command.args(prefix);
+        if !wrapper.is_empty() {
+            command.arg(&bins.envoy);
+        }
+        let child = command
             .arg("-c")
             .arg(&config_path)
             .args(["--concurrency", &workers.to_string()])
@@ -111,8 +138,8 @@ impl Envoy {
                 );
             }
             assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "Envoy {label} not ready after 60 s"
+                start.elapsed() < ready_within,
+                "Envoy {label} not ready after {ready_within:?}"
             );
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -1,13 +1,25 @@
 //! `tokengate-bench [--quick] [section ...]`: runs the benchmark sections (all by default:
-//! variants, accuracy, propagation, scale, fleet; `report` only rewrites the results from the
-//! figures of earlier runs), keeps each one's figures in
+//! variants, waterfall, accuracy and propagation for each flavor, scale, fleet; `report`
+//! only rewrites the results from the figures of earlier runs), keeps each one's figures in
 //! `target/bench/<section>.json`, and writes the tables of `docs/benchmarks.md` and the
 //! chart `docs/benchmarks.svg` from every section's latest figures.
 
 use std::time::Instant;
-use tokengate_bench::{accuracy, fleet, out_dir, propagation, report, scale, variants, Depth};
+use tokengate_bench::{
+    accuracy, fleet, out_dir, propagation, report, scale, variants, waterfall, Depth,
+};
+use tokengate_e2e::Flavor;
 
-const SECTIONS: [&str; 5] = ["variants", "accuracy", "propagation", "scale", "fleet"];
+const SECTIONS: [&str; 8] = [
+    "variants",
+    "waterfall",
+    "accuracy",
+    "accuracy-native",
+    "propagation",
+    "propagation-native",
+    "scale",
+    "fleet",
+];
 
 fn main() {
     // Every process the bench starts is stopped by a destructor, which an aborting panic
@@ -52,8 +64,11 @@ fn main() {
         eprintln!("== {section} ({depth:?}) ==");
         let figures = match section.as_str() {
             "variants" => variants::run(depth),
-            "accuracy" => accuracy::run(depth),
-            "propagation" => propagation::run(depth),
+            "waterfall" => waterfall::run(depth),
+            "accuracy" => accuracy::run(depth, Flavor::Wasm),
+            "accuracy-native" => accuracy::run(depth, Flavor::Native),
+            "propagation" => propagation::run(depth, Flavor::Wasm),
+            "propagation-native" => propagation::run(depth, Flavor::Native),
             "scale" => scale::run(depth),
             _ => fleet::run(depth),
         };

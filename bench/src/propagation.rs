@@ -12,7 +12,7 @@ use crate::client::{Load, Poller};
 use crate::{percentile, Depth, Envoy};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
-use tokengate_e2e::{http, Options, Stack};
+use tokengate_e2e::{http, Flavor, Options, Stack};
 
 const WORKERS: u32 = 2;
 const POLLERS: usize = 4;
@@ -23,7 +23,7 @@ const TARGET_MS: f64 = 50.0;
 const TRIAL_TIMEOUT: Duration = Duration::from_secs(5);
 const PATH: &str = "/bench";
 
-pub fn run(depth: Depth) -> Value {
+pub fn run(depth: Depth, flavor: Flavor) -> Value {
     let trials = match depth {
         Depth::Full => 30,
         Depth::Quick => 5,
@@ -31,10 +31,11 @@ pub fn run(depth: Depth) -> Value {
     let stack = Stack::start_with(Options {
         control_plane: true,
         envoy: false,
+        ..Options::default()
     });
     let envoy = Envoy::start(
-        "propagation-w2",
-        "tokengate",
+        &format!("propagation-{}-w2", flavor.name()),
+        crate::accuracy::template(flavor),
         WORKERS,
         &[
             ("CONTROL_PLANE_PORT", stack.control_plane_port.to_string()),
@@ -99,6 +100,7 @@ pub fn run(depth: Depth) -> Value {
     );
     json!({
         "depth": format!("{depth:?}"),
+        "flavor": flavor.name(),
         "workers": WORKERS,
         "pollers": POLLERS,
         "pollers_per_worker": pollers_per_worker,
@@ -287,7 +289,10 @@ fn round2(x: f64) -> f64 {
 }
 
 pub fn markdown(v: &Value) -> String {
-    let mut md = String::from("### Propagation: suspend → 403 on every worker\n\n");
+    let mut md = format!(
+        "### Propagation: suspend → 403 on every worker ({})\n\n",
+        crate::accuracy::flavor_title(v)
+    );
     if v["trials"].is_null() {
         md.push_str("(no figures)\n");
         return md;

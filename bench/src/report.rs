@@ -4,7 +4,7 @@
 //! (`make bench-quick`) only into `target/bench/`, since a minute's figures are not the ones
 //! to publish.
 
-use crate::{accuracy, chart, fleet, out_dir, propagation, scale, variants, Depth};
+use crate::{accuracy, chart, fleet, out_dir, propagation, scale, variants, waterfall, Depth};
 use serde_json::Value;
 use std::fs;
 use std::process::Command;
@@ -84,13 +84,21 @@ pub fn render() -> (String, Option<String>) {
             md.push_str("![the variants side by side](benchmarks.svg)\n\n");
         }
     }
-    if let Some(v) = load("accuracy") {
-        md.push_str(&accuracy::markdown(&v));
+    if let Some(v) = load("waterfall") {
+        md.push_str(&waterfall::markdown(&v));
         md.push('\n');
     }
-    if let Some(v) = load("propagation") {
-        md.push_str(&propagation::markdown(&v));
-        md.push('\n');
+    for section in ["accuracy", "accuracy-native"] {
+        if let Some(v) = load(section) {
+            md.push_str(&accuracy::markdown(&v));
+            md.push('\n');
+        }
+    }
+    for section in ["propagation", "propagation-native"] {
+        if let Some(v) = load(section) {
+            md.push_str(&propagation::markdown(&v));
+            md.push('\n');
+        }
     }
     if let Some(v) = load("scale") {
         md.push_str(&scale::markdown(&v));

@@ -8,7 +8,9 @@
 //!   request goes through the GCRA compare-and-swap in shared data);
 //! - D: Envoy's own filters: `api_key_auth` over the same tokens and `local_ratelimit` with
 //!   a bucket per key (as large as C's limit);
-//! - E: `ext_authz` (HTTP) to `bench-authz`, a small service doing tokengate's lookup.
+//! - E: `ext_authz` (HTTP) to `bench-authz`, a small service doing tokengate's lookup;
+//! - F: tokengate's native module (an Envoy dynamic module), C's token: the same checks as
+//!   B and C, and the same GCRA on every request, without the wasm VM.
 //!
 //! All five stay up for the whole run and take turns, round after round, so that every
 //! ratio compares runs that met the same noise from the rest of a shared machine. A round
@@ -37,6 +39,8 @@ const LIMIT_RPS: u32 = 1_000_000;
 const CPU_RATIO_MAX: f64 = 1.5;
 const RPS_RATIO_MIN: f64 = 3.0;
 const P99_ADDED_MAX_US: f64 = 50.0;
+/// The native module's stretch goal: no more added CPU than Envoy's own filters.
+const NATIVE_CPU_RATIO_STRETCH: f64 = 1.0;
 
 struct Plan {
     rounds: usize,
@@ -256,7 +260,7 @@ fn check_gates(variants: &[Variant]) {
 }
 
 /// The credentials and per-key descriptors of D, as YAML flow lists.
-fn native_vars(tokens: &[(String, String)]) -> Vec<(&'static str, String)> {
+pub fn native_vars(tokens: &[(String, String)]) -> Vec<(&'static str, String)> {
     let credentials: Vec<String> = tokens
         .iter()
         .map(|(id, secret)| format!("{{key: \"{secret}\", client: \"{id}\"}}"))
@@ -283,6 +287,7 @@ pub fn run(depth: Depth) -> Value {
     let stack = Stack::start_with(Options {
         control_plane: true,
         envoy: false,
+        ..Options::default()
     });
 
     // B's token first, C's second; the rest make the state as large as D's key list.
@@ -295,6 +300,7 @@ pub fn run(depth: Depth) -> Value {
     }
     let unlimited = tokens[0].1.clone();
     let limited = tokens[1].1.clone();
+    let limited_for_f = limited.clone();
 
     let tokengate_vars = [
         ("CONTROL_PLANE_PORT", stack.control_plane_port.to_string()),
@@ -340,7 +346,7 @@ pub fn run(depth: Depth) -> Value {
         },
         Variant {
             key: "D",
-            label: "D: native",
+            label: "D: Envoy's",
             title: "D: api_key_auth + local_ratelimit",
             envoy: native,
             token: Some(limited),
@@ -356,11 +362,21 @@ pub fn run(depth: Depth) -> Value {
             authz: Some(authz),
             rounds: Vec::new(),
         },
+        Variant {
+            key: "F",
+            label: "F: module",
+            title: "F: tokengate native module, maxRPS 1,000,000",
+            envoy: start_envoy("variant-f", "tokengate-native", &tokengate_vars),
+            token: Some(limited_for_f),
+            authz: None,
+            rounds: Vec::new(),
+        },
     ];
     check_gates(&variants);
     eprintln!(
-        "variants: {} tokens, 5 Envoys up in {:.1} s",
+        "variants: {} tokens, {} Envoys up in {:.1} s",
         TOKENS,
+        variants.len(),
         started.elapsed().as_secs_f64()
     );
 
@@ -410,7 +426,13 @@ pub fn run(depth: Depth) -> Value {
         s["added_cpu_us_per_request"] = json!(added);
     }
     let medians: Vec<Summary> = summaries.iter().map(Summary::from_json).collect();
-    let targets = targets(&medians[0], &medians[1], &medians[3], &medians[4]);
+    let mut targets = targets(&medians[0], &medians[1], &medians[3], &medians[4]);
+    targets.extend(native_targets(
+        &medians[0],
+        &medians[3],
+        &medians[4],
+        &medians[5],
+    ));
     let figures = json!({
         "rounds": plan.rounds,
         "seconds_per_run": plan.load.as_secs_f64(),
@@ -521,6 +543,38 @@ fn targets(a: &Summary, b: &Summary, d: &Summary, e: &Summary) -> Vec<Value> {
             Some(p99_added),
             &format!("< {P99_ADDED_MAX_US}"),
             p99_added < P99_ADDED_MAX_US,
+        ),
+    ]
+}
+
+/// The native module's targets: its added CPU against Envoy's own filters (goal, then the
+/// stretch goal) and its throughput against ext_authz's.
+fn native_targets(a: &Summary, d: &Summary, e: &Summary, f: &Summary) -> Vec<Value> {
+    let f_added = f.cpu_us_per_request - a.cpu_us_per_request;
+    let d_added = d.cpu_us_per_request - a.cpu_us_per_request;
+    let cpu_ratio = (d_added > 0.0).then(|| f_added / d_added);
+    let rps_ratio = (e.rps > 0.0).then(|| f.rps / e.rps);
+    vec![
+        target(
+            "f_cpu_added_over_a / d_cpu_added_over_a",
+            "CPU the native module adds per request ÷ CPU Envoy's native filters add",
+            cpu_ratio,
+            &format!("≤ {CPU_RATIO_MAX}"),
+            cpu_ratio.is_some_and(|r| r <= CPU_RATIO_MAX),
+        ),
+        target(
+            "f_cpu_added_over_a / d_cpu_added_over_a (stretch)",
+            "the same, stretch goal",
+            cpu_ratio,
+            &format!("≤ {NATIVE_CPU_RATIO_STRETCH}"),
+            cpu_ratio.is_some_and(|r| r <= NATIVE_CPU_RATIO_STRETCH),
+        ),
+        target(
+            "f_rps / e_rps",
+            "the native module's throughput ÷ ext_authz's",
+            rps_ratio,
+            &format!("≥ {RPS_RATIO_MIN}"),
+            rps_ratio.is_some_and(|r| r >= RPS_RATIO_MIN),
         ),
     ]
 }
@@ -671,6 +725,26 @@ mod tests {
         assert_eq!(slow[0]["pass"], false, "15 / 5 = 3 > 1.5");
         assert_eq!(slow[1]["pass"], false, "2.5 < 3");
         assert_eq!(slow[2]["pass"], false, "100 µs ≥ 50");
+    }
+
+    #[test]
+    fn the_native_module_is_held_to_envoys_own_filters() {
+        let a = s(40_000.0, 20.0, 300.0);
+        let d = s(32_000.0, 25.0, 320.0);
+        let e = s(8_000.0, 90.0, 900.0);
+        let t = native_targets(&a, &d, &e, &s(36_000.0, 24.0, 310.0));
+        assert_eq!(t[0]["value"].as_f64(), Some(4.0 / 5.0));
+        assert_eq!(
+            (t[0]["pass"].clone(), t[1]["pass"].clone()),
+            (json!(true), json!(true))
+        );
+        assert_eq!(t[2]["value"].as_f64(), Some(4.5));
+        let t = native_targets(&a, &d, &e, &s(30_000.0, 27.0, 310.0));
+        assert_eq!(t[0]["value"].as_f64(), Some(7.0 / 5.0));
+        assert_eq!(
+            (t[0]["pass"].clone(), t[1]["pass"].clone()),
+            (json!(true), json!(false))
+        );
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! Every Envoy configuration the benchmarks use, rendered and loaded by the pinned Envoy in
-//! `--mode validate` (with the real filter for the tokengate variants), so that `make test`
+//! `--mode validate` (with the real filter, either flavor, for the tokengate variants), so that `make test`
 //! catches a configuration that `make bench` would only find broken a quarter of an hour in.
 
 use std::process::Command;
@@ -7,10 +7,11 @@ use tokengate_bench::render;
 use tokengate_e2e::{free_ports, workspace_root, Binaries};
 
 /// A plausible value for each placeholder the templates use.
-fn dummy(name: &str, wasm: &str) -> Option<String> {
+fn dummy(name: &str, wasm: &str, module: &str) -> Option<String> {
     Some(match name {
         "LISTEN_PORT" | "ADMIN_PORT" | "CONTROL_PLANE_PORT" | "AUTHZ_PORT" => "10001".into(),
         "WASM_PATH" => wasm.into(),
+        "MODULE_PATH" => module.into(),
         "SYNC_TOKEN" => "validate-only-sync-credential".into(),
         "PLUGIN_EXTRA" => r#""tick_ms": 200,"#.into(),
         "CREDENTIALS" => r#"[{key: "tg_key", client: "tok_a"}]"#.into(),
@@ -23,6 +24,7 @@ fn dummy(name: &str, wasm: &str) -> Option<String> {
 fn every_bench_configuration_loads_in_envoy() {
     let bins = Binaries::locate();
     let wasm = bins.wasm.display().to_string();
+    let module = bins.module().display().to_string();
     let dir = workspace_root().join("bench/envoy");
     let mut names: Vec<String> = std::fs::read_dir(&dir)
         .expect("bench/envoy")
@@ -46,7 +48,7 @@ fn every_bench_configuration_loads_in_envoy() {
         while let Some(start) = rest.find("${") {
             let end = rest[start..].find('}').expect("a closed placeholder") + start;
             let var = &rest[start + 2..end];
-            let value = dummy(var, &wasm)
+            let value = dummy(var, &wasm, &module)
                 .unwrap_or_else(|| panic!("{name}.yaml: no dummy value for ${{{var}}}: add one"));
             vars.push((var.to_string(), value));
             rest = &rest[end..];

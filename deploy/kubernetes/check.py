@@ -1,18 +1,22 @@
 #!/usr/bin/env python3
 """Checks the Kubernetes and Istio manifests as an operator would apply them.
 
-For each overlay (gateway, sidecar, and gateway with the cloudnative-pg component in place of
-database-url, as the README tells operators to switch): renders it with `kubectl kustomize`
-(with generated credentials and database URL, as the README tells operators to create them),
-validates every Kubernetes object strictly against the Kubernetes API schemas
-(kubernetes-validate), the WasmPlugin, EnvoyFilter, Gateway API and CloudNativePG objects
-against the schemas in ./schemas, checks the references between objects and what a fleet of
-control-plane replicas needs (replicas, rolling updates, a disruption budget, readiness on
-/readyz, the database URL from a Secret), loads each WasmPlugin's pluginConfig into the real
-filter with `envoy --mode validate`, and checks that an EnvoyFilter makes the same proxies
-drop (or reject) headers with underscores, with a patch that Envoy accepts.
+For each overlay (gateway, sidecar: Istio and the wasm filter; envoy-gateway: Envoy Gateway
+and the native module; gateway with the cloudnative-pg component in place of database-url, as
+the README tells operators to switch): renders it with `kubectl kustomize` (with generated
+credentials and database URL, as the README tells operators to create them), validates every
+Kubernetes object strictly against the Kubernetes API schemas (kubernetes-validate), the
+WasmPlugin, EnvoyFilter, Gateway API, Envoy Gateway and CloudNativePG objects against the
+schemas in ./schemas, checks the references between objects and what a fleet of control-plane
+replicas needs (replicas, rolling updates, a disruption budget, readiness on /readyz, the
+database URL from a Secret), loads each plugin configuration into the real filter with `envoy
+--mode validate` (a WasmPlugin's pluginConfig into the wasm filter, an EnvoyExtensionPolicy's
+module config into the native module, through the control-plane cluster its EnvoyProxy merges
+into the bootstrap), and checks that the same proxies drop (or reject) headers with
+underscores: an EnvoyFilter whose patch Envoy accepts (Istio), a ClientTrafficPolicy (Envoy
+Gateway).
 
-Usage: check.py --envoy ENVOY_BIN --wasm FILTER.wasm [--base-id N]
+Usage: check.py --envoy ENVOY_BIN --wasm FILTER.wasm --module LIBTOKENGATE_NATIVE.so [--base-id N]
 Needs: kubectl (for its built-in kustomize), PyYAML, jsonschema, kubernetes-validate.
 """
 import argparse
@@ -33,7 +37,7 @@ import yaml
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 K8S_VERSION = "1.32.0"
-OVERLAYS = ["gateway", "sidecar", "gateway-cloudnative-pg"]
+OVERLAYS = ["gateway", "sidecar", "envoy-gateway", "gateway-cloudnative-pg"]
 # The keys CloudNativePG writes in the `<cluster>-app` Secret.
 CNPG_APP_KEYS = {"username", "password", "host", "port", "dbname", "uri", "jdbc-uri", "pgpass"}
 PROBLEMS = []
@@ -51,6 +55,7 @@ def load_schema(name):
 CRD_SCHEMAS = {
     "extensions.istio.io/v1alpha1": load_schema("wasmplugin.extensions.istio.io.v1alpha1.json"),
     "gateway.networking.k8s.io/v1": load_schema("gateway.networking.k8s.io.v1.json"),
+    "gateway.envoyproxy.io/v1alpha1": load_schema("gateway.envoyproxy.io.v1alpha1.json"),
     "networking.istio.io/v1alpha3": load_schema("envoyfilter.networking.istio.io.v1alpha3.json"),
     "postgresql.cnpg.io/v1": load_schema("cluster.postgresql.cnpg.io.v1.json"),
 }
@@ -149,6 +154,20 @@ def check_references(overlay, docs, sync_token, admin_token):
                     and labels_match(d["spec"]["selector"], x["spec"]["template"]["metadata"]["labels"])]
             if not pods:
                 problem(f"{overlay}: Service/{d['metadata']['name']}", "selects no Deployment")
+    if any(d["kind"] == "EnvoyExtensionPolicy" for d in docs):
+        check_policy_references(overlay, docs, by, sync_token)
+    else:
+        check_wasmplugin_references(overlay, docs, by, sync_token)
+    for d in docs:
+        if d["kind"] == "HTTPRoute":
+            for rule in d["spec"].get("rules", []):
+                for b in rule.get("backendRefs", []):
+                    target = by.get(("Service", d["metadata"]["namespace"], b["name"]))
+                    if not target or b["port"] not in [x["port"] for x in target["spec"]["ports"]]:
+                        problem(overlay, f"HTTPRoute backend {b} is not a Service port")
+
+
+def check_wasmplugin_references(overlay, docs, by, sync_token):
     plugins = [d for d in docs if d["kind"] == "WasmPlugin"]
     if len(plugins) != 1:
         problem(overlay, f"expected one WasmPlugin, found {len(plugins)}")
@@ -173,13 +192,102 @@ def check_references(overlay, docs, sync_token, admin_token):
     for ref in spec.get("targetRefs", []):
         if (ref["kind"], ref.get("namespace", ns), ref["name"]) not in by:
             problem(overlay, f"WasmPlugin targetRef {ref} names no object in the overlay")
-    for d in docs:
-        if d["kind"] == "HTTPRoute":
-            for rule in d["spec"].get("rules", []):
-                for b in rule.get("backendRefs", []):
-                    target = by.get(("Service", d["metadata"]["namespace"], b["name"]))
-                    if not target or b["port"] not in [x["port"] for x in target["spec"]["ports"]]:
-                        problem(overlay, f"HTTPRoute backend {b} is not a Service port")
+
+
+def bootstrap_clusters(proxy):
+    """The clusters an EnvoyProxy merges into its fleet's bootstrap, by name."""
+    boot = proxy["spec"].get("bootstrap") or {}
+    if boot.get("type") != "Merge" or not boot.get("value"):
+        return {}
+    value = yaml.safe_load(boot["value"]) or {}
+    return {c["name"]: c for c in value.get("static_resources", {}).get("clusters", [])}
+
+
+def check_policy_references(overlay, docs, by, sync_token):
+    policies = [d for d in docs if d["kind"] == "EnvoyExtensionPolicy"]
+    if len(policies) != 1:
+        problem(overlay, f"expected one EnvoyExtensionPolicy, found {len(policies)}")
+        return
+    p = policies[0]
+    ns, spec = p["metadata"]["namespace"], p["spec"]
+    modules = spec.get("dynamicModule", [])
+    if len(modules) != 1:
+        problem(overlay, f"expected one dynamicModule in the policy, found {len(modules)}")
+        return
+    module, cfg = modules[0], modules[0].get("config") or {}
+    if cfg.get("sync_token") != sync_token:
+        problem(overlay, "the module config's sync_token is not the generated sync credential")
+    gateways = []
+    for ref in spec.get("targetRefs", []):
+        target = by.get((ref["kind"], ns, ref["name"]))
+        if not target:
+            problem(overlay, f"EnvoyExtensionPolicy targetRef {ref} names no object in the overlay")
+        elif target["kind"] == "Gateway":
+            gateways.append(target)
+    if not gateways:
+        problem(overlay, "the EnvoyExtensionPolicy attaches to no Gateway of the overlay")
+    for gw in gateways:
+        pref = gw["spec"].get("infrastructure", {}).get("parametersRef")
+        proxy = pref and by.get((pref["kind"], ns, pref["name"]))
+        if not proxy or pref.get("group") != "gateway.envoyproxy.io":
+            problem(overlay, f"Gateway {gw['metadata']['name']} names no EnvoyProxy of the overlay")
+            continue
+        entries = {e["name"]: e for e in proxy["spec"].get("dynamicModules", [])}
+        entry = entries.get(module["name"])
+        if not entry:
+            problem(overlay, f"module {module['name']!r} is not registered in EnvoyProxy {pref['name']}")
+        elif not entry.get("doNotClose"):
+            problem(overlay, f"module {module['name']!r} must be registered with doNotClose: true")
+        clusters = bootstrap_clusters(proxy)
+        cluster = clusters.get(cfg.get("control_plane_cluster"))
+        if not cluster:
+            problem(overlay, f"control_plane_cluster {cfg.get('control_plane_cluster')!r} is not in "
+                             f"EnvoyProxy {pref['name']}'s bootstrap (it has {sorted(clusters)})")
+            continue
+        svc = by.get(("Service", "tokengate", "tokengate"))
+        port = svc and next((x["port"] for x in svc["spec"]["ports"]), None)
+        addrs = [e["endpoint"]["address"]["socket_address"]
+                 for ep in cluster["load_assignment"]["endpoints"] for e in ep["lb_endpoints"]]
+        want = {"address": "tokengate.tokengate.svc.cluster.local", "port_value": port}
+        if [{k: a.get(k) for k in want} for a in addrs] != [want]:
+            problem(overlay, f"cluster {cluster['name']} reaches {addrs}, the Service is {want}")
+
+
+def check_module_config_loads(overlay, docs, envoy, module, base_id):
+    """The real native module must accept the policy's config, through the cluster its
+    EnvoyProxy merges into the bootstrap."""
+    policy = next((d for d in docs if d["kind"] == "EnvoyExtensionPolicy"), None)
+    if policy is None:
+        return
+    proxy = next((d for d in docs if d["kind"] == "EnvoyProxy"), None)
+    with open(os.path.join(ROOT, "envoy", "envoy-native.yaml")) as f:
+        template = f.read()
+    for name, value in {"LISTEN_ADDRESS": "127.0.0.1", "LISTEN_PORT": "10000", "ADMIN_ADDRESS": "127.0.0.1",
+                        "ADMIN_PORT": "9901", "UPSTREAM_PORT": "8080", "CONTROL_PLANE_PORT": "8081",
+                        "UPSTREAM_HOST": "127.0.0.1", "CONTROL_PLANE_HOST": "127.0.0.1", "SYNC_TOKEN": "unused",
+                        "MODULE_PATH": module}.items():
+        template = template.replace("${" + name + "}", value)
+    config = yaml.safe_load(template)
+    dm = policy["spec"]["dynamicModule"][0]
+    filters = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
+        "typed_config"]["http_filters"]
+    tokengate = next(f for f in filters if f["name"] == "envoy.filters.http.dynamic_modules")
+    tokengate["typed_config"]["filter_name"] = dm.get("filterName", "")
+    tokengate["typed_config"]["filter_config"] = {
+        "@type": "type.googleapis.com/google.protobuf.StringValue", "value": json.dumps(dm.get("config", {}))}
+    # The control-plane cluster as the EnvoyProxy gives it, instead of the template's.
+    clusters = bootstrap_clusters(proxy) if proxy else {}
+    config["static_resources"]["clusters"] = [
+        c for c in config["static_resources"]["clusters"] if c["name"] not in clusters
+    ] + list(clusters.values())
+    rendered = yaml.safe_dump(config)
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        f.write(rendered)
+    out = subprocess.run([envoy, "--mode", "validate", "-c", f.name, "--base-id", str(base_id),
+                          "--disable-hot-restart", "-l", "warning"], capture_output=True, text=True)
+    os.unlink(f.name)
+    if out.returncode != 0:
+        problem(overlay, f"the native module refused the EnvoyExtensionPolicy's config:\n{out.stdout}{out.stderr}")
 
 
 def check_fleet(overlay, docs, secret_keys):
@@ -269,8 +377,29 @@ def merged(base, patch):
     return out
 
 
+def check_gateway_underscore_headers(overlay, docs):
+    """Envoy Gateway: a ClientTrafficPolicy on the policy's Gateway drops or rejects headers
+    with underscores."""
+    policy = next((d for d in docs if d["kind"] == "EnvoyExtensionPolicy"), None)
+    gateways = {r["name"] for r in (policy or {}).get("spec", {}).get("targetRefs", []) if r["kind"] == "Gateway"}
+    ctps = [d for d in docs if d["kind"] == "ClientTrafficPolicy"]
+    covered = set()
+    for c in ctps:
+        where = f"{overlay}: ClientTrafficPolicy/{c['metadata']['name']}"
+        action = c["spec"].get("headers", {}).get("withUnderscoresAction")
+        if action not in ("DropHeader", "RejectRequest"):
+            problem(where, f"withUnderscoresAction is {action!r}, not DropHeader or RejectRequest")
+            continue
+        covered |= {r["name"] for r in c["spec"].get("targetRefs", []) if r["kind"] == "Gateway"}
+    if not gateways or not gateways <= covered:
+        problem(overlay, f"no ClientTrafficPolicy drops headers with underscores on Gateway(s) {sorted(gateways - covered)}")
+
+
 def check_underscore_headers(overlay, docs, envoy, base_id):
     """The proxies that run the WasmPlugin must drop or reject headers with underscores."""
+    if any(d["kind"] == "EnvoyExtensionPolicy" for d in docs):
+        check_gateway_underscore_headers(overlay, docs)
+        return
     filters = [d for d in docs if d["kind"] == "EnvoyFilter"]
     plugin = next((d for d in docs if d["kind"] == "WasmPlugin"), None)
     if len(filters) != 1 or plugin is None:
@@ -327,6 +456,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--envoy", required=True)
     ap.add_argument("--wasm", required=True)
+    ap.add_argument("--module", required=True)
     ap.add_argument("--base-id", type=int, default=7320)
     args = ap.parse_args()
     if shutil.which("kubectl") is None:
@@ -359,6 +489,7 @@ def main():
                 validate_object(overlay, d)
             check_references(overlay, docs, sync, admin)
             check_plugin_config_loads(overlay, docs, args.envoy, args.wasm, args.base_id + i)
+            check_module_config_loads(overlay, docs, args.envoy, args.module, args.base_id + i)
             check_underscore_headers(overlay, docs, args.envoy, args.base_id + i)
             kinds = sorted({d["kind"] for d in docs})
             print(f"{overlay}: {len(docs)} objects checked ({', '.join(kinds)})")

@@ -16,6 +16,8 @@ pub fn checked(status: u32) -> Result<(), u32> {
     }
 }
 
+use std::borrow::Cow;
+
 fn u32_at(bytes: &[u8], at: usize) -> Option<usize> {
     let b = bytes.get(at..at.checked_add(4)?)?;
     Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
@@ -72,10 +74,58 @@ pub fn encode_pairs(pairs: &[(&str, &[u8])]) -> Vec<u8> {
     out
 }
 
+/// The value of header `name` in a decoded map: `Some(empty)` for a header sent empty;
+/// every copy of a repeated header joined with `,` (as Envoy's `request.headers` attribute
+/// joins them), which no token contains, so that no single copy passes for the credential.
+/// Names compare case-insensitively; Envoy hands them over in lower case anyway.
+pub fn header_value<'a>(pairs: &[(&'a [u8], &'a [u8])], name: &str) -> Option<Cow<'a, [u8]>> {
+    let mut copies = pairs
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+        .map(|(_, v)| *v);
+    let first = copies.next()?;
+    let Some(second) = copies.next() else {
+        return Some(Cow::Borrowed(first));
+    };
+    let mut joined = [first, second].join(&b","[..]);
+    for more in copies {
+        joined.push(b',');
+        joined.extend_from_slice(more);
+    }
+    Some(Cow::Owned(joined))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_header_value_joins_every_copy() {
+        let pairs: Vec<(&[u8], &[u8])> = vec![
+            (b":path", b"/"),
+            (b"x-api-token", b"tg_a"),
+            (b"empty", b""),
+            (b"X-Dup", b"1"),
+            (b"x-dup", b"2"),
+            (b"x-dup", b"3"),
+        ];
+        assert_eq!(
+            header_value(&pairs, "x-api-token").as_deref(),
+            Some(&b"tg_a"[..])
+        );
+        assert_eq!(
+            header_value(&pairs, "X-API-TOKEN").as_deref(),
+            Some(&b"tg_a"[..])
+        );
+        assert_eq!(header_value(&pairs, "empty").as_deref(), Some(&b""[..]));
+        assert_eq!(
+            header_value(&pairs, "x-dup").as_deref(),
+            Some(&b"1,2,3"[..])
+        );
+        assert_eq!(header_value(&pairs, "absent"), None);
+        assert_eq!(header_value(&[], "x-api-token"), None);
+    }
 
     #[test]
     fn only_ok_is_ok() {

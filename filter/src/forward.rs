@@ -1,6 +1,6 @@
 //! What an admitted request takes upstream: which client-sent headers are removed before
-//! the identity headers are set. No proxy-wasm types here; the glue lists the request's
-//! header names and removes what [`headers_to_remove`] names.
+//! the identity headers are set. No host types here; the request flow asks each flavor's
+//! header map to remove what [`to_remove`] picks.
 
 use crate::config::Config;
 
@@ -42,24 +42,35 @@ pub fn must_remove(cfg: &Config, name: &[u8]) -> bool {
         || has_prefix(name, &cfg.identity_header_prefix)
 }
 
-/// The names among `names` (a request's header names, repeats allowed) to remove before
-/// the identity headers are set, each once. Names the filter is about to set are left
-/// out: setting a header replaces every copy of it anyway, which saves a host call.
+/// Whether an admitted request's header `name` is removed before the identity headers are
+/// set: it [`must_remove`], and it is not one of the `identity_headers` the filter is about
+/// to set (setting a header replaces every copy of it anyway, which saves a call).
+pub fn to_remove(cfg: &Config, name: &[u8], identity_headers: &[String]) -> bool {
+    must_remove(cfg, name) && !identity_headers.iter().any(|h| h.as_bytes() == name)
+}
+
+/// The names among `names` (a request's header names, repeats allowed) that `doomed` picks,
+/// each once: removing a name removes every copy of it.
+pub fn names_to_remove<'a>(
+    names: impl IntoIterator<Item = &'a [u8]>,
+    doomed: impl Fn(&[u8]) -> bool,
+) -> Vec<&'a [u8]> {
+    let mut out: Vec<&[u8]> = Vec::new();
+    for name in names {
+        if doomed(name) && !out.contains(&name) {
+            out.push(name);
+        }
+    }
+    out
+}
+
+/// The names among `names` to remove before the identity headers are set, each once.
 pub fn headers_to_remove<'a>(
     cfg: &Config,
     names: impl IntoIterator<Item = &'a [u8]>,
     identity_headers: &[String],
 ) -> Vec<&'a [u8]> {
-    let mut out: Vec<&[u8]> = Vec::new();
-    for name in names {
-        if must_remove(cfg, name)
-            && !identity_headers.iter().any(|h| h.as_bytes() == name)
-            && !out.contains(&name)
-        {
-            out.push(name);
-        }
-    }
-    out
+    names_to_remove(names, |name| to_remove(cfg, name, identity_headers))
 }
 
 #[cfg(test)]

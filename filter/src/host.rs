@@ -1,261 +1,154 @@
-//! Status-checked proxy-wasm host calls for everything a request touches (headers, the
-//! local reply, shared data, the clock) and for logging. The SDK's own wrappers panic on
-//! any status they do not expect, and its imports return a `Status` enum, so an unknown
-//! code would be an invalid enum value; a panic traps the VM, which then answers 503 to
-//! everything. These declare the same imports returning a plain integer and turn every
-//! status into a `Result` (see `abi`). `clippy.toml` disallows the SDK wrappers they
-//! replace.
-//!
-//! Reading a request header: the header-map call hands over only the first value of a
-//! repeated header, so a request carrying `X-API-Token` twice could have one value checked
-//! while the other is what a later hop reads. Envoy's `request.headers` attribute joins
-//! repeated values with `,`, which no token contains, so such a request is refused as
-//! malformed; it costs more than the map call, though, so it is kept for headers Envoy does
-//! not join itself. `authorization` is one of Envoy's inline headers, which its header map
-//! already joins, so the cheaper map call is exact for it.
+//! What the sync leader needs from the proxy it runs in. Each data-plane flavor implements
+//! [`Host`] (proxy-wasm host calls; Envoy's dynamic-module callbacks); the orchestration in
+//! [`crate::leader`] is written once against it and tested with [`fake::FakeHost`].
 
-use crate::abi::{self, STATUS_CAS_MISMATCH, STATUS_NOT_FOUND, STATUS_OK};
+use crate::metrics::{Counter, Gauge};
+use crate::store::SharedStore;
+use crate::usage::Tally;
 
-#[link(wasm_import_module = "env")]
-#[allow(clashing_extern_declarations)]
-extern "C" {
-    fn proxy_get_header_map_value(
-        map_type: u32,
-        key_data: *const u8,
-        key_size: usize,
-        return_value_data: *mut *mut u8,
-        return_value_size: *mut usize,
-    ) -> u32;
-    fn proxy_get_header_map_pairs(
-        map_type: u32,
-        return_map_data: *mut *mut u8,
-        return_map_size: *mut usize,
-    ) -> u32;
-    fn proxy_replace_header_map_value(
-        map_type: u32,
-        key_data: *const u8,
-        key_size: usize,
-        value_data: *const u8,
-        value_size: usize,
-    ) -> u32;
-    fn proxy_remove_header_map_value(map_type: u32, key_data: *const u8, key_size: usize) -> u32;
-    fn proxy_add_header_map_value(
-        map_type: u32,
-        key_data: *const u8,
-        key_size: usize,
-        value_data: *const u8,
-        value_size: usize,
-    ) -> u32;
-    fn proxy_get_property(
-        path_data: *const u8,
-        path_size: usize,
-        return_value_data: *mut *mut u8,
-        return_value_size: *mut usize,
-    ) -> u32;
-    fn proxy_send_local_response(
-        status_code: u32,
-        status_code_details_data: *const u8,
-        status_code_details_size: usize,
-        body_data: *const u8,
-        body_size: usize,
-        additional_headers_map_data: *const u8,
-        additional_headers_size: usize,
-        grpc_status: i32,
-    ) -> u32;
-    fn proxy_get_shared_data(
-        key_data: *const u8,
-        key_size: usize,
-        return_value_data: *mut *mut u8,
-        return_value_size: *mut usize,
-        return_cas: *mut u32,
-    ) -> u32;
-    fn proxy_set_shared_data(
-        key_data: *const u8,
-        key_size: usize,
-        value_data: *const u8,
-        value_size: usize,
-        cas: u32,
-    ) -> u32;
-    fn proxy_get_current_time_nanoseconds(return_time: *mut u64) -> u32;
-    fn proxy_log(level: u32, message_data: *const u8, message_size: usize) -> u32;
-}
-
-/// Header maps, by the ABI's numbers.
-#[derive(Clone, Copy)]
-#[repr(u32)]
-pub enum Headers {
-    Request = 0,
-    Response = 2,
-    HttpCallResponse = 6,
-}
-
-/// Log levels, by the ABI's numbers.
-#[derive(Clone, Copy)]
-#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Level {
-    Warn = 3,
-    Error = 4,
+    Info,
+    Warn,
+    Error,
 }
 
-/// Headers Envoy's header map joins when repeated (its inline headers) that a token can
-/// travel in.
-const JOINED_BY_ENVOY: [&str; 1] = ["authorization"];
-
-/// Takes ownership of a buffer the host handed over.
-fn owned(data: *mut u8, size: usize) -> Vec<u8> {
-    if data.is_null() {
-        return Vec::new();
-    }
-    // SAFETY: the host allocated `size` bytes at `data` through this module's
-    // `proxy_on_memory_allocate` (the SDK's, a `Vec` of capacity `size`); ownership passes
-    // to us, as in the SDK's own getters.
-    unsafe { Vec::from_raw_parts(data, size, size) }
+/// An HTTP request to the control plane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Call<'a> {
+    pub cluster: &'a str,
+    pub method: &'static str,
+    pub path: &'a str,
+    pub authority: &'a str,
+    /// The whole `authorization` value (`Bearer <sync credential>`).
+    pub authorization: &'a str,
+    /// `accept` for a GET, `content-type` for a POST, and its value.
+    pub media_type: (&'static str, &'static str),
+    pub body: Option<&'a [u8]>,
+    pub timeout_ms: u64,
 }
 
-/// A request header's value (repeats joined with `,`), `Some(empty)` for a header sent
-/// empty, `None` when absent or when the host could not answer.
-pub fn request_header(name: &str) -> Option<Vec<u8>> {
-    if JOINED_BY_ENVOY.contains(&name) {
-        return map_value(Headers::Request, name).ok().flatten();
-    }
-    let mut path = Vec::with_capacity(17 + name.len());
-    path.extend_from_slice(b"request\0headers\0");
-    path.extend_from_slice(name.as_bytes());
-    let mut data: *mut u8 = std::ptr::null_mut();
-    let mut size: usize = 0;
-    // SAFETY: valid pointers to our locals; the host writes a buffer it allocated.
-    let status = unsafe { proxy_get_property(path.as_ptr(), path.len(), &mut data, &mut size) };
-    (status == STATUS_OK).then(|| owned(data, size))
-}
-
-/// One value of a header map: `Ok(None)` when absent.
-pub fn map_value(map: Headers, name: &str) -> Result<Option<Vec<u8>>, u32> {
-    let mut data: *mut u8 = std::ptr::null_mut();
-    let mut size: usize = 0;
-    // SAFETY: valid pointers to our locals; the host writes a buffer it allocated.
-    let status = unsafe {
-        proxy_get_header_map_value(map as u32, name.as_ptr(), name.len(), &mut data, &mut size)
-    };
-    match status {
-        STATUS_OK => Ok(Some(owned(data, size))),
-        STATUS_NOT_FOUND => Ok(None),
-        other => Err(other),
+impl<'a> Call<'a> {
+    /// The request headers, in the order the control plane sees them.
+    pub fn headers(&self) -> [(&'a str, &'a str); 5] {
+        [
+            (":method", self.method),
+            (":path", self.path),
+            (":authority", self.authority),
+            ("authorization", self.authorization),
+            self.media_type,
+        ]
     }
 }
 
-/// A whole header map, serialized (decode it with `abi::decode_pairs`).
-pub fn map_pairs(map: Headers) -> Result<Vec<u8>, u32> {
-    let mut data: *mut u8 = std::ptr::null_mut();
-    let mut size: usize = 0;
-    // SAFETY: valid pointers to our locals; the host writes a buffer it allocated.
-    let status = unsafe { proxy_get_header_map_pairs(map as u32, &mut data, &mut size) };
-    abi::checked(status).map(|()| owned(data, size))
+pub trait Host {
+    type Store: SharedStore;
+    /// State shared by every worker of this Envoy.
+    fn store(&self) -> &Self::Store;
+    /// Milliseconds since the Unix epoch.
+    fn now_ms(&self) -> u64;
+    /// Sends `call`. `Ok`: the host's id for it, under which the answer will come back;
+    /// `Err`: why it could not be sent, for the log.
+    fn send(&self, call: &Call<'_>) -> Result<u64, String>;
+    /// The cross-worker queue, leader's end: moves the usage counts that workers handed over
+    /// since the last tick into `into` (a bounded amount per tick).
+    fn gather_usage(&self, into: &mut Tally);
+    fn count(&self, counter: Counter, n: u64);
+    fn record(&self, gauge: Gauge, value: u64);
+    fn log(&self, level: Level, message: &str);
 }
 
-/// Sets a header, replacing every copy already there.
-pub fn replace(map: Headers, name: &str, value: &[u8]) -> Result<(), u32> {
-    // SAFETY: the host only reads the given ranges.
-    abi::checked(unsafe {
-        proxy_replace_header_map_value(
-            map as u32,
-            name.as_ptr(),
-            name.len(),
-            value.as_ptr(),
-            value.len(),
-        )
-    })
-}
+/// A host in memory, for tests: a [`MemStore`](crate::store::fake::MemStore), a clock that
+/// tests move, calls recorded instead of sent, a queue of usage batches.
+#[cfg(test)]
+pub mod fake {
+    use super::*;
+    use crate::store::fake::MemStore;
+    use std::cell::{Cell, RefCell};
+    use std::collections::HashMap;
+    use tokengate_wire::UsageEntry;
 
-/// Removes every copy of a header (the name as bytes: it may not be UTF-8).
-pub fn remove(map: Headers, name: &[u8]) -> Result<(), u32> {
-    // SAFETY: the host only reads the given range.
-    abi::checked(unsafe { proxy_remove_header_map_value(map as u32, name.as_ptr(), name.len()) })
-}
-
-/// Adds a header beside any copies already there.
-pub fn add(map: Headers, name: &str, value: &[u8]) -> Result<(), u32> {
-    // SAFETY: the host only reads the given ranges.
-    abi::checked(unsafe {
-        proxy_add_header_map_value(
-            map as u32,
-            name.as_ptr(),
-            name.len(),
-            value.as_ptr(),
-            value.len(),
-        )
-    })
-}
-
-/// Answers the request from the filter. `grpc_status`: the request is gRPC and the host
-/// should answer it as such, with this status.
-pub fn send_local_response(
-    status: u32,
-    headers: &[(&str, &[u8])],
-    body: &[u8],
-    grpc_status: Option<u32>,
-) -> Result<(), u32> {
-    let headers = abi::encode_pairs(headers);
-    let grpc_status = grpc_status
-        .and_then(|s| i32::try_from(s).ok())
-        .unwrap_or(-1);
-    // SAFETY: the host only reads the given ranges.
-    abi::checked(unsafe {
-        proxy_send_local_response(
-            status,
-            std::ptr::null(),
-            0,
-            body.as_ptr(),
-            body.len(),
-            headers.as_ptr(),
-            headers.len(),
-            grpc_status,
-        )
-    })
-}
-
-/// A shared-data value and its CAS stamp (0 when absent); `Err` with the host's status.
-pub fn shared_get(key: &str) -> Result<(Option<Vec<u8>>, u32), u32> {
-    let mut data: *mut u8 = std::ptr::null_mut();
-    let mut size: usize = 0;
-    let mut cas: u32 = 0;
-    // SAFETY: valid pointers to our locals; the host writes a buffer it allocated.
-    let status =
-        unsafe { proxy_get_shared_data(key.as_ptr(), key.len(), &mut data, &mut size, &mut cas) };
-    match status {
-        STATUS_OK if data.is_null() => Ok((None, cas)),
-        STATUS_OK => Ok((Some(owned(data, size)), cas)),
-        STATUS_NOT_FOUND => Ok((None, 0)),
-        other => Err(other),
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct Sent {
+        pub id: u64,
+        pub method: &'static str,
+        pub path: String,
+        pub headers: Vec<(String, String)>,
+        pub body: Option<Vec<u8>>,
+        pub timeout_ms: u64,
     }
-}
 
-pub enum SetError {
-    CasMismatch,
-    Host,
-}
-
-/// Writes a shared-data value when `cas` is 0 or still current.
-pub fn shared_set(key: &str, value: &[u8], cas: u32) -> Result<(), SetError> {
-    // SAFETY: the host only reads the given ranges.
-    let status =
-        unsafe { proxy_set_shared_data(key.as_ptr(), key.len(), value.as_ptr(), value.len(), cas) };
-    match status {
-        STATUS_OK => Ok(()),
-        STATUS_CAS_MISMATCH => Err(SetError::CasMismatch),
-        _ => Err(SetError::Host),
+    #[derive(Default)]
+    pub struct FakeHost {
+        pub store: MemStore,
+        pub now_ms: Cell<u64>,
+        pub sent: RefCell<Vec<Sent>>,
+        /// Refuse to send this many upcoming calls.
+        pub refuse: Cell<u32>,
+        pub queue: RefCell<Vec<Vec<UsageEntry>>>,
+        pub counters: RefCell<HashMap<Counter, u64>>,
+        pub gauges: RefCell<HashMap<Gauge, u64>>,
+        pub logs: RefCell<Vec<(Level, String)>>,
+        next_id: Cell<u64>,
     }
-}
 
-/// The host's clock in nanoseconds since the Unix epoch; `None` when it did not answer.
-pub fn now_nanos() -> Option<u64> {
-    let mut t: u64 = 0;
-    // SAFETY: a valid pointer to our local.
-    let status = unsafe { proxy_get_current_time_nanoseconds(&mut t) };
-    (status == STATUS_OK).then_some(t)
-}
+    impl FakeHost {
+        pub fn counter(&self, c: Counter) -> u64 {
+            self.counters.borrow().get(&c).copied().unwrap_or(0)
+        }
+        pub fn gauge(&self, g: Gauge) -> Option<u64> {
+            self.gauges.borrow().get(&g).copied()
+        }
+        pub fn last(&self) -> Sent {
+            self.sent.borrow().last().cloned().expect("a call was sent")
+        }
+        pub fn advance(&self, ms: u64) {
+            self.now_ms.set(self.now_ms.get() + ms);
+        }
+    }
 
-pub fn log(level: Level, message: &str) {
-    // SAFETY: the host only reads the given range. A log line that cannot be written is
-    // dropped: there is nowhere else to say so.
-    let _ = unsafe { proxy_log(level as u32, message.as_ptr(), message.len()) };
+    impl Host for FakeHost {
+        type Store = MemStore;
+        fn store(&self) -> &MemStore {
+            &self.store
+        }
+        fn now_ms(&self) -> u64 {
+            self.now_ms.get()
+        }
+        fn send(&self, call: &Call<'_>) -> Result<u64, String> {
+            if self.refuse.get() > 0 {
+                self.refuse.set(self.refuse.get() - 1);
+                return Err("refused by the test".into());
+            }
+            self.next_id.set(self.next_id.get() + 1);
+            let id = self.next_id.get();
+            self.sent.borrow_mut().push(Sent {
+                id,
+                method: call.method,
+                path: call.path.to_string(),
+                headers: call
+                    .headers()
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                body: call.body.map(<[u8]>::to_vec),
+                timeout_ms: call.timeout_ms,
+            });
+            Ok(id)
+        }
+        fn gather_usage(&self, into: &mut Tally) {
+            for batch in self.queue.borrow_mut().drain(..) {
+                into.merge(batch);
+            }
+        }
+        fn count(&self, counter: Counter, n: u64) {
+            *self.counters.borrow_mut().entry(counter).or_default() += n;
+        }
+        fn record(&self, gauge: Gauge, value: u64) {
+            self.gauges.borrow_mut().insert(gauge, value);
+        }
+        fn log(&self, level: Level, message: &str) {
+            self.logs.borrow_mut().push((level, message.to_string()));
+        }
+    }
 }

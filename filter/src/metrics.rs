@@ -1,11 +1,11 @@
-//! The filter's Envoy stats: their names, and which counter a request's outcome adds to.
-//! Plain Rust so that the mapping from a refusal to its counter is tested natively; the glue
-//! only defines these names with Envoy and adds to what this module picks.
+//! The filter's stats: one definition of their names and of which refusal counts where, for
+//! both data-plane flavors, so that the mapping is tested natively; each flavor only defines
+//! these names with Envoy and adds to what this module picks. Low cardinality on purpose:
+//! never one metric per token.
 
-use crate::authorize::{Denial, Outcome};
+use crate::authorize::Denial;
 
-/// Every counter the filter defines (Envoy shows each as `wasmcustom.<name>`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Counter {
     Allowed,
     MissingToken,
@@ -19,12 +19,19 @@ pub enum Counter {
     UsageReports,
     UsageFailures,
     UsageDropped,
+    /// A hook of the native module panicked and answered 503 (a panic in the wasm filter
+    /// traps its VM instead, which Envoy counts itself).
+    Panics,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Gauge {
+    Tokens,
+    StateVersion,
 }
 
 impl Counter {
-    /// In declaration order, so that `ALL[c.index()] == c` and an array of metric ids can be
-    /// indexed by counter.
-    pub const ALL: [Counter; 12] = [
+    pub const ALL: [Counter; 13] = [
         Counter::Allowed,
         Counter::MissingToken,
         Counter::InvalidToken,
@@ -37,11 +44,8 @@ impl Counter {
         Counter::UsageReports,
         Counter::UsageFailures,
         Counter::UsageDropped,
+        Counter::Panics,
     ];
-
-    pub fn index(self) -> usize {
-        self as usize
-    }
 
     pub fn name(self) -> &'static str {
         match self {
@@ -57,26 +61,30 @@ impl Counter {
             Counter::UsageReports => "tokengate.usage.reports",
             Counter::UsageFailures => "tokengate.usage.failures",
             Counter::UsageDropped => "tokengate.usage.dropped",
+            Counter::Panics => "tokengate.panics",
+        }
+    }
+
+    /// Position in [`Counter::ALL`], for hosts that keep counts in an array.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The counter of a refusal: `tokengate.denied.<the error code the client gets>`.
+    pub fn denied(d: Denial) -> Counter {
+        match d {
+            Denial::MissingToken => Counter::MissingToken,
+            Denial::InvalidToken => Counter::InvalidToken,
+            Denial::TokenExpired => Counter::TokenExpired,
+            Denial::TokenSuspended => Counter::TokenSuspended,
+            Denial::RateLimited { .. } => Counter::RateLimited,
+            Denial::StateUnavailable => Counter::StateUnavailable,
         }
     }
 }
 
-/// Every gauge the filter defines.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Gauge {
-    /// Tokens not revoked, as the control plane last said.
-    Tokens,
-    /// The version of the token state in force.
-    StateVersion,
-}
-
 impl Gauge {
-    /// In declaration order, as [`Counter::ALL`].
     pub const ALL: [Gauge; 2] = [Gauge::Tokens, Gauge::StateVersion];
-
-    pub fn index(self) -> usize {
-        self as usize
-    }
 
     pub fn name(self) -> &'static str {
         match self {
@@ -84,35 +92,17 @@ impl Gauge {
             Gauge::StateVersion => "tokengate.state_version",
         }
     }
-}
 
-/// The counter that one request with this outcome adds one to.
-pub fn for_outcome(outcome: &Outcome) -> Counter {
-    match outcome {
-        Outcome::Allow(_) => Counter::Allowed,
-        Outcome::Deny(d) => denied(*d),
-    }
-}
-
-/// The counter of a refusal: `tokengate.denied.<the error code the client gets>`.
-pub fn denied(d: Denial) -> Counter {
-    match d {
-        Denial::MissingToken => Counter::MissingToken,
-        Denial::InvalidToken => Counter::InvalidToken,
-        Denial::TokenExpired => Counter::TokenExpired,
-        Denial::TokenSuspended => Counter::TokenSuspended,
-        Denial::RateLimited { .. } => Counter::RateLimited,
-        Denial::StateUnavailable => Counter::StateUnavailable,
+    pub fn index(self) -> usize {
+        self as usize
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::authorize::Identity;
     use crate::response;
-    use std::collections::HashSet;
-    use tokengate_wire::Kind;
+    use std::collections::BTreeSet;
 
     const DENIALS: [Denial; 6] = [
         Denial::MissingToken,
@@ -132,43 +122,31 @@ mod tests {
         for d in DENIALS {
             let code = response::refusal(d).code;
             assert_eq!(
-                for_outcome(&Outcome::Deny(d)).name(),
+                Counter::denied(d).name(),
                 format!("tokengate.denied.{code}"),
                 "{d:?}"
             );
         }
         // Six refusals, six different counters: no two share one.
-        let counters: HashSet<&str> = DENIALS.iter().map(|d| denied(*d).name()).collect();
+        let counters: BTreeSet<&str> = DENIALS.iter().map(|d| Counter::denied(*d).name()).collect();
         assert_eq!(counters.len(), DENIALS.len());
-    }
-
-    #[test]
-    fn an_allowed_request_counts_as_allowed() {
-        let identity = Identity {
-            id: b"tok_a".to_vec(),
-            name: b"a".to_vec(),
-            owner: b"o".to_vec(),
-            kind: Kind::User,
-        };
-        assert_eq!(for_outcome(&Outcome::Allow(identity)), Counter::Allowed);
         assert_eq!(Counter::Allowed.name(), "tokengate.allowed");
     }
 
     #[test]
-    fn the_lists_index_by_position_and_names_are_distinct() {
+    fn indexes_follow_the_lists_and_names_are_distinct() {
         for (i, c) in Counter::ALL.iter().enumerate() {
             assert_eq!(c.index(), i, "{c:?}");
         }
         for (i, g) in Gauge::ALL.iter().enumerate() {
             assert_eq!(g.index(), i, "{g:?}");
         }
-        let names: Vec<&str> = Counter::ALL
+        let names: BTreeSet<_> = Counter::ALL
             .iter()
             .map(|c| c.name())
             .chain(Gauge::ALL.iter().map(|g| g.name()))
             .collect();
-        let distinct: HashSet<&str> = names.iter().copied().collect();
-        assert_eq!(distinct.len(), names.len(), "{names:?}");
+        assert_eq!(names.len(), Counter::ALL.len() + Gauge::ALL.len());
         assert!(names.iter().all(|n| n.starts_with("tokengate.")));
         assert_eq!(
             [
@@ -176,7 +154,8 @@ mod tests {
                 Counter::SyncFailure,
                 Counter::UsageReports,
                 Counter::UsageFailures,
-                Counter::UsageDropped
+                Counter::UsageDropped,
+                Counter::Panics
             ]
             .map(Counter::name),
             [
@@ -184,7 +163,8 @@ mod tests {
                 "tokengate.sync.failure",
                 "tokengate.usage.reports",
                 "tokengate.usage.failures",
-                "tokengate.usage.dropped"
+                "tokengate.usage.dropped",
+                "tokengate.panics"
             ]
         );
         assert_eq!(

@@ -12,18 +12,63 @@ pub const LEASE_KEY: &str = "tokengate:lease";
 /// The last snapshot generation a sync leader took (u32, little-endian).
 pub const GENERATION_KEY: &str = "tokengate:generation";
 
-pub fn token_key(hash_hex: &str) -> String {
-    let mut k = String::with_capacity(5 + hash_hex.len());
-    k.push_str("tg:t:");
-    k.push_str(hash_hex);
-    k
+pub fn token_key(hash_hex: &str) -> Key {
+    Key::new("tg:t:", hash_hex)
 }
 
-pub fn rate_key(hash_hex: &str) -> String {
-    let mut k = String::with_capacity(5 + hash_hex.len());
-    k.push_str("tg:r:");
-    k.push_str(hash_hex);
-    k
+pub fn rate_key(hash_hex: &str) -> Key {
+    Key::new("tg:r:", hash_hex)
+}
+
+/// A shared-data key, built on the stack for the hex hash of a token so that the request
+/// path allocates nothing.
+#[derive(Clone)]
+pub enum Key {
+    Inline { buf: [u8; KEY_INLINE], len: usize },
+    Heap(String),
+}
+
+/// A prefix of five bytes and a lower-hex SHA-256.
+const KEY_INLINE: usize = 5 + 64;
+
+impl Key {
+    fn new(prefix: &str, rest: &str) -> Key {
+        let len = prefix.len() + rest.len();
+        if len > KEY_INLINE {
+            return Key::Heap(format!("{prefix}{rest}"));
+        }
+        let mut buf = [0u8; KEY_INLINE];
+        buf[..prefix.len()].copy_from_slice(prefix.as_bytes());
+        buf[prefix.len()..len].copy_from_slice(rest.as_bytes());
+        Key::Inline { buf, len }
+    }
+
+    pub fn as_str(&self) -> &str {
+        match self {
+            // Two whole `str`s side by side: always UTF-8.
+            Key::Inline { buf, len } => std::str::from_utf8(&buf[..*len]).unwrap_or_default(),
+            Key::Heap(s) => s,
+        }
+    }
+}
+
+impl std::ops::Deref for Key {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::fmt::Debug for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.as_str().fmt(f)
+    }
+}
+
+impl PartialEq<String> for Key {
+    fn eq(&self, other: &String) -> bool {
+        self.as_str() == other
+    }
 }
 
 /// A token record as the request path reads it.
@@ -334,5 +379,8 @@ mod tests {
         let h = "ab".repeat(32);
         assert_eq!(token_key(&h), format!("tg:t:{h}"));
         assert_eq!(rate_key(&h), format!("tg:r:{h}"));
+        assert!(matches!(token_key(&h), Key::Inline { .. }));
+        let long = "x".repeat(100);
+        assert_eq!(token_key(&long), format!("tg:t:{long}"));
     }
 }

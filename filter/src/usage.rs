@@ -2,6 +2,7 @@
 //! through a shared queue, and reported by the leader to `POST /v1/usage` in batches. Every
 //! buffer is bounded; a lost report loses its counts, never a request.
 
+use crate::callout::{self, Backoff, Callout};
 use crate::config::Config;
 use std::collections::HashMap;
 use tokengate_wire::{UsageEntry, UsageReport};
@@ -13,13 +14,24 @@ struct Counts {
     last_used_at: i64,
 }
 
+impl Counts {
+    fn is_zero(&self) -> bool {
+        self.allowed == 0 && self.denied == 0
+    }
+}
+
 /// Counts by token id, holding at most `cap` ids; what does not fit is dropped, and the
 /// requests it counted are added up in `dropped`.
+///
+/// A drained id keeps its (zeroed) entry for one more interval, so that counting a token that
+/// is in steady use allocates nothing; an id idle for a whole interval is forgotten.
 #[derive(Debug, Default)]
 pub struct Tally {
     counts: HashMap<Vec<u8>, Counts>,
     cap: usize,
     dropped: u64,
+    /// Ids with counts since the last drain.
+    active: usize,
 }
 
 impl Tally {
@@ -28,21 +40,32 @@ impl Tally {
             counts: HashMap::new(),
             cap: cap as usize,
             dropped: 0,
+            active: 0,
         }
     }
 
     fn add(&mut self, id: &[u8], allowed: u64, denied: u64, last_used_at: i64) {
-        if !self.counts.contains_key(id) && self.counts.len() >= self.cap {
-            // In requests, whether one request or a worker's whole entry is dropped, so
-            // that the stat says how much usage never reached the control plane.
-            self.dropped = self.dropped.saturating_add(allowed.saturating_add(denied));
-            return;
-        }
         // Looked up by slice first so that counting a known id allocates nothing.
         let c = match self.counts.get_mut(id) {
             Some(c) => c,
-            None => self.counts.entry(id.to_vec()).or_default(),
+            None => {
+                if self.counts.len() >= self.cap {
+                    // Only ids with counts use the bound: idle ones make room.
+                    self.counts.retain(|_, c| !c.is_zero());
+                }
+                if self.counts.len() >= self.cap {
+                    // In requests, whether one request or a worker's whole entry is
+                    // dropped, so that the stat says how much usage never reached the
+                    // control plane.
+                    self.dropped = self.dropped.saturating_add(allowed.saturating_add(denied));
+                    return;
+                }
+                self.counts.entry(id.to_vec()).or_default()
+            }
         };
+        if c.is_zero() && allowed.saturating_add(denied) > 0 {
+            self.active += 1;
+        }
         c.allowed = c.allowed.saturating_add(allowed);
         c.denied = c.denied.saturating_add(denied);
         c.last_used_at = c.last_used_at.max(last_used_at);
@@ -59,8 +82,17 @@ impl Tally {
         }
     }
 
+    /// Moves every count into `into` (a worker's counts into the leader's), leaving this
+    /// tally drained.
+    pub fn move_into(&mut self, into: &mut Tally) {
+        into.dropped = into
+            .dropped
+            .saturating_add(std::mem::take(&mut self.dropped));
+        self.drain_with(|id, c| into.add(id, c.allowed, c.denied, c.last_used_at));
+    }
+
     pub fn is_empty(&self) -> bool {
-        self.counts.is_empty()
+        self.active == 0
     }
 
     /// Requests whose counts were lost to the bound since the last call.
@@ -68,17 +100,31 @@ impl Tally {
         std::mem::take(&mut self.dropped)
     }
 
+    /// Hands every id with counts to `out` and zeroes it; forgets ids that had none.
+    fn drain_with(&mut self, mut out: impl FnMut(&[u8], Counts)) {
+        self.counts.retain(|id, c| {
+            if c.is_zero() {
+                return false;
+            }
+            out(id, *c);
+            *c = Counts::default();
+            true
+        });
+        self.active = 0;
+    }
+
     /// Empties the tally into report entries.
     pub fn drain(&mut self) -> Vec<UsageEntry> {
-        self.counts
-            .drain()
-            .map(|(id, c)| UsageEntry {
-                id: String::from_utf8_lossy(&id).into_owned(),
+        let mut entries = Vec::with_capacity(self.active);
+        self.drain_with(|id, c| {
+            entries.push(UsageEntry {
+                id: String::from_utf8_lossy(id).into_owned(),
                 allowed: c.allowed,
                 denied: c.denied,
                 last_used_at: c.last_used_at,
             })
-            .collect()
+        });
+        entries
     }
 }
 
@@ -98,6 +144,7 @@ pub fn decode_batch(bytes: &[u8]) -> Option<Vec<UsageEntry>> {
     serde_json::from_slice(bytes).ok()
 }
 
+/// Where the reporter is, as its callout machine says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
     Idle,
@@ -109,9 +156,8 @@ pub enum Phase {
 /// after a failure, whose counts go back into the tally.
 #[derive(Debug)]
 pub struct Reporter {
-    phase: Phase,
+    report: Callout,
     next_due_ms: u64,
-    failures: u32,
     in_flight: Vec<UsageEntry>,
 }
 
@@ -124,15 +170,28 @@ impl Default for Reporter {
 impl Reporter {
     pub fn new() -> Reporter {
         Reporter {
-            phase: Phase::Idle,
+            report: Callout::new(),
             next_due_ms: 0,
-            failures: 0,
             in_flight: vec![],
         }
     }
 
     pub fn phase(&self) -> Phase {
-        self.phase
+        match self.report.phase() {
+            callout::Phase::Idle => Phase::Idle,
+            callout::Phase::InFlight { since_ms, .. } => Phase::Sending { since_ms },
+            callout::Phase::Backoff { until_ms } => Phase::Backoff { until_ms },
+        }
+    }
+
+    /// The host accepted the report that began and named it `call`.
+    pub fn sent(&mut self, call: u64) {
+        self.report.sent(call);
+    }
+
+    /// Whether an answer to `call` answers the report in flight.
+    pub fn is_current(&self, call: u64) -> bool {
+        self.report.is_current(call)
     }
 
     /// Called on the leader's tick. Returns the body of a report to send now.
@@ -143,32 +202,24 @@ impl Reporter {
         proxy_id: &str,
         now_ms: u64,
     ) -> Option<Vec<u8>> {
-        match self.phase {
-            Phase::Sending { since_ms } => {
-                // The host answers every callout, at worst with its timeout; this only
-                // guards against a lost callback.
-                if now_ms.saturating_sub(since_ms) > report_timeout_ms(cfg) + 5_000 {
-                    self.on_result(cfg, pending, false, now_ms);
-                }
-                None
-            }
-            Phase::Backoff { until_ms } if now_ms < until_ms => None,
-            Phase::Idle | Phase::Backoff { .. } => {
-                self.phase = Phase::Idle;
-                if now_ms < self.next_due_ms || pending.is_empty() {
-                    return None;
-                }
-                let report = UsageReport {
-                    proxy_id: proxy_id.to_string(),
-                    entries: pending.drain(),
-                };
-                let body = serde_json::to_vec(&report).ok()?;
-                // Kept so that a failed report can put its counts back.
-                self.in_flight = report.entries;
-                self.phase = Phase::Sending { since_ms: now_ms };
-                Some(body)
-            }
+        // The host answers every callout, at worst with its timeout; this only guards
+        // against a lost callback.
+        if self.report.overdue(now_ms, report_timeout_ms(cfg) + 5_000) {
+            self.on_result(cfg, pending, false, now_ms);
+            return None;
         }
+        if !self.report.ready(now_ms) || now_ms < self.next_due_ms || pending.is_empty() {
+            return None;
+        }
+        let report = UsageReport {
+            proxy_id: proxy_id.to_string(),
+            entries: pending.drain(),
+        };
+        let body = serde_json::to_vec(&report).ok()?;
+        // Kept so that a failed report can put its counts back.
+        self.in_flight = report.entries;
+        self.report.begin(now_ms);
+        Some(body)
     }
 
     /// The report was answered (`ok`: a 2xx) or failed.
@@ -176,19 +227,17 @@ impl Reporter {
         let entries = std::mem::take(&mut self.in_flight);
         self.next_due_ms = now_ms.saturating_add(u64::from(cfg.usage_report_ms));
         if ok {
-            self.failures = 0;
-            self.phase = Phase::Idle;
+            self.report.succeed();
             return;
         }
         pending.merge(entries);
-        self.failures = self.failures.saturating_add(1);
-        let exp = self.failures.saturating_sub(1).min(20);
-        let wait = u64::from(cfg.usage_report_ms)
-            .saturating_mul(1u64 << exp)
-            .min(u64::from(cfg.backoff_max_ms).max(u64::from(cfg.usage_report_ms)));
-        self.phase = Phase::Backoff {
-            until_ms: now_ms.saturating_add(wait),
+        let interval = u64::from(cfg.usage_report_ms);
+        let backoff = Backoff {
+            initial_ms: interval,
+            max_ms: u64::from(cfg.backoff_max_ms).max(interval),
+            spread: None,
         };
+        self.report.fail(&backoff, now_ms);
     }
 }
 
@@ -238,6 +287,44 @@ mod tests {
             [entry("tok_a", 6, 1, 12), entry("tok_b", 1, 0, 11)]
         );
         assert!(t.is_empty());
+    }
+
+    #[test]
+    fn drained_ids_stay_for_an_interval_and_leave_when_idle() {
+        let mut t = Tally::new(2);
+        t.count(b"tok_a", true, 10);
+        t.count(b"tok_b", true, 10);
+        assert_eq!(t.drain().len(), 2);
+        assert!(t.is_empty());
+        assert_eq!(t.counts.len(), 2, "kept, zeroed, for the next interval");
+        t.count(b"tok_a", false, 11);
+        assert!(!t.is_empty());
+        // A new id finds the bound taken only by ids with counts: idle `tok_b` makes room.
+        t.count(b"tok_c", true, 12);
+        assert_eq!(t.take_dropped(), 0);
+        assert_eq!(
+            sorted(t.drain()),
+            [entry("tok_a", 0, 1, 11), entry("tok_c", 1, 0, 12)]
+        );
+        assert_eq!(t.drain(), []);
+        assert!(t.counts.is_empty(), "idle for a whole interval: forgotten");
+    }
+
+    #[test]
+    fn a_worker_tally_moves_into_the_leaders() {
+        let mut worker = Tally::new(1);
+        worker.count(b"tok_a", true, 5);
+        worker.count(b"tok_b", true, 5);
+        let mut leader = Tally::new(10);
+        leader.count(b"tok_a", false, 4);
+        worker.move_into(&mut leader);
+        assert!(worker.is_empty());
+        assert_eq!(
+            leader.take_dropped(),
+            1,
+            "the worker's drop travels with its counts"
+        );
+        assert_eq!(sorted(leader.drain()), [entry("tok_a", 1, 1, 5)]);
     }
 
     #[test]

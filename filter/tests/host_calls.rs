@@ -48,16 +48,30 @@ fn clippy_disallows_every_panicking_sdk_call_on_the_request_path() {
     }
 }
 
+/// Every Rust source under `dir`, in subdirectories too (the glue lives in `src/wasm/`).
+fn sources(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+    for entry in fs::read_dir(dir).expect("read a source directory") {
+        let path = entry.expect("dir entry").path();
+        if path.is_dir() {
+            sources(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+}
+
 #[test]
 fn the_filter_calls_none_of_them() {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
     let listed = disallowed();
     let mut found = Vec::new();
-    for entry in fs::read_dir(&src).expect("read filter/src") {
-        let path = entry.expect("dir entry").path();
-        if path.extension().is_none_or(|e| e != "rs") {
-            continue;
-        }
+    let mut files = Vec::new();
+    sources(&src, &mut files);
+    assert!(
+        files.iter().any(|p| p.ends_with("wasm/request.rs")),
+        "the glue's sources are not found"
+    );
+    for path in files {
         let text = fs::read_to_string(&path).expect("read a source file");
         for call in &listed {
             let needle = format!("hostcalls::{call}(");

@@ -1,5 +1,7 @@
 //! End-to-end harness: a real `tokengate serve`, the real `demo-upstream` and a real Envoy
-//! loading the real `tokengate_filter.wasm`, wired together on free loopback ports.
+//! loading the real filter, wired together on free loopback ports. The filter is either
+//! flavor ([`Flavor`]): the proxy-wasm `tokengate_filter.wasm` or the native dynamic module
+//! `libtokengate_native.so`; [`flavored!`] runs a test once with each.
 //!
 //! Each [`Stack`] lives in its own temporary directory (database, rendered Envoy
 //! configuration, one log file per process) and kills its processes when dropped, so tests
@@ -10,6 +12,7 @@
 //! - control plane: `$TOKENGATE_BIN`, else `target/release/tokengate`
 //! - demo upstream: `$DEMO_UPSTREAM_BIN`, else `target/release/demo-upstream`
 //! - filter:        `$TOKENGATE_WASM`, else `target/wasm32-wasip1/release/tokengate_filter.wasm`
+//! - native module: `$TOKENGATE_MODULE`, else `target/native/libtokengate_native.so`
 //! - Envoy:         `$ENVOY_BIN`, else `.tools/envoy/envoy/_bin/envoy`
 //!
 //! Relative paths are taken from the workspace root.
@@ -57,6 +60,60 @@ fn locate(env: &str, default: &str, what: &str) -> PathBuf {
     path
 }
 
+/// Which data-plane flavor a stack's Envoy runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavor {
+    /// The proxy-wasm filter (`envoy/envoy.yaml`).
+    Wasm,
+    /// The native dynamic module (`envoy/envoy-native.yaml`).
+    Native,
+}
+
+impl Flavor {
+    pub fn name(self) -> &'static str {
+        match self {
+            Flavor::Wasm => "wasm",
+            Flavor::Native => "native",
+        }
+    }
+
+    /// Where Envoy puts the filter's stats: wasm metrics and a dynamic module's metrics live
+    /// under different namespaces; the names after it are the same.
+    pub fn stat(self, name: &str) -> String {
+        match self {
+            Flavor::Wasm => format!("wasmcustom.{name}"),
+            Flavor::Native => format!("dynamicmodulescustom.{name}"),
+        }
+    }
+
+    fn template(self) -> &'static str {
+        match self {
+            Flavor::Wasm => "envoy/envoy.yaml",
+            Flavor::Native => "envoy/envoy-native.yaml",
+        }
+    }
+}
+
+/// Runs test function `name(flavor: Flavor)` once per flavor, as the tests `name::wasm` and
+/// `name::native`: `flavored!(name);` (attributes such as `#[ignore]` go before the name).
+#[macro_export]
+macro_rules! flavored {
+    ($(#[$attr:meta])* $name:ident) => {
+        mod $name {
+            #[test]
+            $(#[$attr])*
+            fn wasm() {
+                super::$name($crate::Flavor::Wasm)
+            }
+            #[test]
+            $(#[$attr])*
+            fn native() {
+                super::$name($crate::Flavor::Native)
+            }
+        }
+    };
+}
+
 /// Paths of everything a stack runs.
 #[derive(Debug, Clone)]
 pub struct Binaries {
@@ -86,6 +143,24 @@ impl Binaries {
                 "target/wasm32-wasip1/release/tokengate_filter.wasm",
                 "tokengate filter (wasm)",
             ),
+        }
+    }
+
+    /// The native module, panicking with a message that names `make test` if it is missing
+    /// (only the stacks that run it need it).
+    pub fn module(&self) -> PathBuf {
+        locate(
+            "TOKENGATE_MODULE",
+            "target/native/libtokengate_native.so",
+            "tokengate native module",
+        )
+    }
+
+    /// The filter artifact of `flavor`.
+    pub fn filter(&self, flavor: Flavor) -> PathBuf {
+        match flavor {
+            Flavor::Wasm => self.wasm.clone(),
+            Flavor::Native => self.module(),
         }
     }
 }
@@ -416,7 +491,13 @@ pub fn add_control_plane_endpoint(config: &str, port: u16) -> String {
 
 /// Renders `envoy/envoy.yaml` (the shipped template) by replacing every `${NAME}`.
 pub fn render_envoy_config(vars: &[(&str, String)]) -> String {
-    let template_path = workspace_root().join("envoy/envoy.yaml");
+    render_envoy_template("envoy/envoy.yaml", vars)
+}
+
+/// Renders a shipped template (a path under the workspace root) by replacing every
+/// `${NAME}`.
+pub fn render_envoy_template(template: &str, vars: &[(&str, String)]) -> String {
+    let template_path = workspace_root().join(template);
     let mut text = fs::read_to_string(&template_path)
         .unwrap_or_else(|e| panic!("read {}: {e}", template_path.display()));
     for (name, value) in vars {
@@ -424,7 +505,7 @@ pub fn render_envoy_config(vars: &[(&str, String)]) -> String {
     }
     if let Some(pos) = text.find("${") {
         let rest: String = text[pos..].chars().take(40).collect();
-        panic!("envoy/envoy.yaml has a placeholder the harness does not fill: {rest}");
+        panic!("{template} has a placeholder the harness does not fill: {rest}");
     }
     text
 }
@@ -440,6 +521,7 @@ static STACK_SEQ: AtomicU32 = AtomicU32::new(0);
 pub struct Options {
     pub control_plane: bool,
     pub envoy: bool,
+    pub flavor: Flavor,
 }
 
 impl Default for Options {
@@ -447,6 +529,7 @@ impl Default for Options {
         Options {
             control_plane: true,
             envoy: true,
+            flavor: Flavor::Wasm,
         }
     }
 }
@@ -455,6 +538,8 @@ impl Default for Options {
 pub struct Stack {
     pub dir: PathBuf,
     pub bins: Binaries,
+    /// The filter flavor every `start_envoy` runs.
+    pub flavor: Flavor,
     pub admin_token: String,
     pub sync_token: String,
     pub control_plane_port: u16,
@@ -510,9 +595,17 @@ fn kill(child: &mut Child) {
 }
 
 impl Stack {
-    /// Everything running and ready.
+    /// Everything running and ready, with the wasm filter.
     pub fn start() -> Stack {
         Stack::start_with(Options::default())
+    }
+
+    /// Everything running and ready, with the filter of `flavor`.
+    pub fn start_flavor(flavor: Flavor) -> Stack {
+        Stack::start_with(Options {
+            flavor,
+            ..Options::default()
+        })
     }
 
     /// Starts the demo upstream always, the control plane and Envoy as asked, and waits for
@@ -540,6 +633,7 @@ impl Stack {
             replicas: vec![],
             dir,
             bins,
+            flavor: opts.flavor,
             admin_token: format!("admin-{}", random_hex(16)),
             sync_token: format!("sync-{}", random_hex(16)),
             control_plane_port: ports[0],
@@ -603,6 +697,7 @@ impl Stack {
         let mut stack = Stack::start_with(Options {
             control_plane: false,
             envoy: false,
+            ..Options::default()
         });
         stack.db = db_url.to_string();
         stack.replica_ports = free_ports(n - 1);
@@ -820,28 +915,36 @@ impl Stack {
         self.start_control_plane();
     }
 
-    /// Renders the shipped `envoy/envoy.yaml` for this stack, starts Envoy and waits for
-    /// its admin `/ready`.
+    /// Renders the shipped template of the stack's flavor (`envoy/envoy.yaml` or
+    /// `envoy/envoy-native.yaml`), starts Envoy and waits for its admin `/ready`.
     pub fn start_envoy(&mut self) {
         assert!(self.envoy.is_none(), "envoy already running");
         self.envoy_starts += 1;
-        let config = render_envoy_config(&[
-            ("LISTEN_ADDRESS", "127.0.0.1".into()),
-            ("LISTEN_PORT", self.envoy_port.to_string()),
-            ("ADMIN_ADDRESS", "127.0.0.1".into()),
-            ("ADMIN_PORT", self.envoy_admin_port.to_string()),
-            ("UPSTREAM_PORT", self.upstream_port.to_string()),
-            (
-                "CONTROL_PLANE_PORT",
-                self.envoy_control_plane_port
-                    .unwrap_or(self.control_plane_port)
-                    .to_string(),
-            ),
-            ("UPSTREAM_HOST", "127.0.0.1".into()),
-            ("CONTROL_PLANE_HOST", "127.0.0.1".into()),
-            ("WASM_PATH", self.bins.wasm.display().to_string()),
-            ("SYNC_TOKEN", self.sync_token.clone()),
-        ]);
+        let filter = self.bins.filter(self.flavor).display().to_string();
+        let filter_var = match self.flavor {
+            Flavor::Wasm => "WASM_PATH",
+            Flavor::Native => "MODULE_PATH",
+        };
+        let config = render_envoy_template(
+            self.flavor.template(),
+            &[
+                ("LISTEN_ADDRESS", "127.0.0.1".into()),
+                ("LISTEN_PORT", self.envoy_port.to_string()),
+                ("ADMIN_ADDRESS", "127.0.0.1".into()),
+                ("ADMIN_PORT", self.envoy_admin_port.to_string()),
+                ("UPSTREAM_PORT", self.upstream_port.to_string()),
+                (
+                    "CONTROL_PLANE_PORT",
+                    self.envoy_control_plane_port
+                        .unwrap_or(self.control_plane_port)
+                        .to_string(),
+                ),
+                ("UPSTREAM_HOST", "127.0.0.1".into()),
+                ("CONTROL_PLANE_HOST", "127.0.0.1".into()),
+                (filter_var, filter),
+                ("SYNC_TOKEN", self.sync_token.clone()),
+            ],
+        );
         let anchor = r#""sync_wait_seconds": 20"#;
         assert!(
             config.contains(anchor),
@@ -879,7 +982,7 @@ impl Stack {
             .arg("--disable-hot-restart")
             .args(["-l", "info"])
             // The filter's own log lines at debug: they must not leak secrets either.
-            .args(["--component-log-level", "wasm:debug"])
+            .args(["--component-log-level", "wasm:debug,dynamic_modules:debug"])
             .stdin(Stdio::null())
             .stdout(log_file(&log))
             .stderr(log_file(&log))
@@ -1060,6 +1163,23 @@ impl Stack {
     pub fn envoy_stat(&self, name: &str) -> u64 {
         // The name as a regex matches itself (a dot matches a dot, among others).
         self.envoy_stats(name).get(name).copied().unwrap_or(0)
+    }
+
+    /// One of the filter's own stats (`tokengate.sync.failure`, ...), under the namespace of
+    /// the stack's flavor.
+    pub fn filter_stat(&self, name: &str) -> u64 {
+        self.envoy_stat(&self.flavor.stat(name))
+    }
+
+    /// What would show a failed filter: for the wasm flavor, Envoy's count of wasm VMs
+    /// created and of VM reloads (Envoy replaces a VM that failed, under the plugin's failure
+    /// policy: a trap shows in one or the other); for the native module, its count of
+    /// panics caught at the boundary (and Envoy answering at all).
+    pub fn filter_health(&self) -> (u64, u64) {
+        match self.flavor {
+            Flavor::Wasm => self.vm_health(),
+            Flavor::Native => (1, self.filter_stat("tokengate.panics")),
+        }
     }
 
     /// Envoy's count of wasm VMs created and of VM reloads (Envoy replaces a VM that

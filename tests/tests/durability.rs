@@ -219,6 +219,7 @@ fn paged_stack(plugin_extra: &str) -> Stack {
     let mut stack = Stack::start_with(Options {
         control_plane: false,
         envoy: false,
+        ..Options::default()
     });
     let wrapper = stack.dir.join("tokengate-paged.sh");
     std::fs::write(
@@ -246,7 +247,7 @@ fn paged_stack(plugin_extra: &str) -> Stack {
 fn assert_envoy_serves(stack: &Stack, version: u64, tokens: &[(String, String, String)]) {
     let mut last = 0;
     let reached = try_wait_until(PROPAGATION, || {
-        last = stack.envoy_stat("wasmcustom.tokengate.state_version");
+        last = stack.filter_stat("tokengate.state_version");
         last == version
     });
     assert!(

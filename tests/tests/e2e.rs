@@ -6,7 +6,7 @@
 
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
-use tokengate_e2e::{unknown_token, wait_until, Options, Response, Stack};
+use tokengate_e2e::{flavored, unknown_token, wait_until, Flavor, Options, Response, Stack};
 
 /// How long a change may take to reach Envoy before a test gives up. The design promises
 /// milliseconds; the slack is for a loaded CI machine.
@@ -91,9 +91,9 @@ fn timed_burst(stack: &Stack, token: &str, n: usize) -> (Vec<Response>, Duration
     (rs, start.elapsed())
 }
 
-#[test]
-fn allowed_request_reaches_upstream_with_identity_and_without_credential() {
-    let stack = Stack::start();
+flavored!(allowed_request_reaches_upstream_with_identity_and_without_credential);
+fn allowed_request_reaches_upstream_with_identity_and_without_credential(flavor: Flavor) {
+    let stack = Stack::start_flavor(flavor);
     let (id, secret) = stack.create_token(json!({
         "name": "billing-batch", "kind": "service", "owner": "team-billing"
     }));
@@ -167,9 +167,9 @@ fn allowed_request_reaches_upstream_with_identity_and_without_credential() {
     assert_no_secrets_in_logs(&stack, &[&secret]);
 }
 
-#[test]
-fn refusals_match_the_client_facing_table() {
-    let stack = Stack::start();
+flavored!(refusals_match_the_client_facing_table);
+fn refusals_match_the_client_facing_table(flavor: Flavor) {
+    let stack = Stack::start_flavor(flavor);
     // Make sure the filter has state first: otherwise unknown tokens get 503.
     let (_, good) = ready_token(&stack, json!({"name": "reference"}));
 
@@ -222,12 +222,13 @@ fn refusals_match_the_client_facing_table() {
     assert_no_secrets_in_logs(&stack, &[&good, &revoked, &expiring, &suspended]);
 }
 
-#[test]
-fn state_not_loaded_answers_503_until_the_control_plane_is_reachable() {
+flavored!(state_not_loaded_answers_503_until_the_control_plane_is_reachable);
+fn state_not_loaded_answers_503_until_the_control_plane_is_reachable(flavor: Flavor) {
     // Issue a token, then take the control plane away before Envoy ever sees it.
     let mut stack = Stack::start_with(Options {
         control_plane: true,
         envoy: false,
+        flavor,
     });
     let (id, secret) = stack.create_token(json!({"name": "early-bird"}));
     stack.stop_control_plane();
@@ -261,12 +262,13 @@ fn state_not_loaded_answers_503_until_the_control_plane_is_reachable() {
     assert_no_secrets_in_logs(&stack, &[&secret]);
 }
 
-#[test]
-fn a_snapshot_of_several_pages_reaches_envoy_whole() {
+flavored!(a_snapshot_of_several_pages_reaches_envoy_whole);
+fn a_snapshot_of_several_pages_reaches_envoy_whole(flavor: Flavor) {
     // Envoy starts against a store larger than one sync page.
     let mut stack = Stack::start_with(Options {
         control_plane: false,
         envoy: false,
+        flavor,
     });
     stack.control_plane_args = vec!["--sync-page-size".into(), "4".into()];
     stack.start_control_plane();
@@ -326,8 +328,8 @@ fn a_snapshot_of_several_pages_reaches_envoy_whole() {
     );
     wait_until(PROPAGATION, "the gauges show the whole snapshot", || {
         (
-            stack.envoy_stat("wasmcustom.tokengate.tokens"),
-            stack.envoy_stat("wasmcustom.tokengate.state_version"),
+            stack.filter_stat("tokengate.tokens"),
+            stack.filter_stat("tokengate.state_version"),
         ) == expected
     });
     assert_no_secrets_in_logs(&stack, &[&tokens[0].0]);
@@ -353,9 +355,9 @@ fn measure(stack: &Stack, token: &str, status: u16, n: usize) -> (Duration, Dura
     (first, start.elapsed())
 }
 
-#[test]
-fn suspend_and_reactivate_propagate_without_restart() {
-    let stack = Stack::start();
+flavored!(suspend_and_reactivate_propagate_without_restart);
+fn suspend_and_reactivate_propagate_without_restart(flavor: Flavor) {
+    let stack = Stack::start_flavor(flavor);
     let (id, secret) = ready_token(&stack, json!({"name": "flip-flop", "owner": "ops"}));
     let envoy_before = stack.envoy_admin("/server_info").json();
 
@@ -397,9 +399,9 @@ fn assert_rate_limited(r: &Response) {
     assert!(r.header("ratelimit").is_some(), "no RateLimit: {r:?}");
 }
 
-#[test]
-fn max_rps_limits_a_burst_across_workers() {
-    let stack = Stack::start();
+flavored!(max_rps_limits_a_burst_across_workers);
+fn max_rps_limits_a_burst_across_workers(flavor: Flavor) {
+    let stack = Stack::start_flavor(flavor);
     let (_, secret) = ready_token(&stack, json!({"name": "limited", "max_rps": 5}));
     // Let the bucket refill after the admission check above (5 rps: one second is a full
     // burst again).
@@ -447,9 +449,9 @@ fn max_rps_limits_a_burst_across_workers() {
     assert_no_secrets_in_logs(&stack, &[&secret]);
 }
 
-#[test]
-fn max_rps_changes_take_effect_live() {
-    let stack = Stack::start();
+flavored!(max_rps_changes_take_effect_live);
+fn max_rps_changes_take_effect_live(flavor: Flavor) {
+    let stack = Stack::start_flavor(flavor);
     let (id, secret) = ready_token(&stack, json!({"name": "tunable", "max_rps": 1}));
     let (rs, elapsed) = timed_burst(&stack, &secret, 10);
     let ok = admitted(&rs);
@@ -500,9 +502,9 @@ fn max_rps_changes_take_effect_live() {
     assert_no_secrets_in_logs(&stack, &[&secret]);
 }
 
-#[test]
-fn control_plane_outage_keeps_tokens_working_and_resyncs_after_restart() {
-    let mut stack = Stack::start();
+flavored!(control_plane_outage_keeps_tokens_working_and_resyncs_after_restart);
+fn control_plane_outage_keeps_tokens_working_and_resyncs_after_restart(flavor: Flavor) {
+    let mut stack = Stack::start_flavor(flavor);
     let (id, before) = ready_token(&stack, json!({"name": "survivor"}));
     let (_, short_lived) =
         stack.create_token(json!({"name": "short-lived", "expires_in_seconds": 3}));
@@ -549,6 +551,7 @@ fn admin_api_requires_the_admin_credential() {
     let stack = Stack::start_with(Options {
         control_plane: true,
         envoy: false,
+        ..Options::default()
     });
     let body = json!({"name": "nope"});
     let wrong = format!("Bearer {}x", stack.admin_token);
@@ -584,9 +587,9 @@ fn admin_api_requires_the_admin_credential() {
     assert_no_secrets_in_logs(&stack, &[&stack.admin_token, &stack.sync_token]);
 }
 
-#[test]
-fn cli_manages_tokens_that_envoy_enforces() {
-    let stack = Stack::start();
+flavored!(cli_manages_tokens_that_envoy_enforces);
+fn cli_manages_tokens_that_envoy_enforces(flavor: Flavor) {
+    let stack = Stack::start_flavor(flavor);
     let cli = |args: &[&str]| {
         let out = std::process::Command::new(&stack.bins.tokengate)
             .args(args)
@@ -719,15 +722,16 @@ fn cli_manages_tokens_that_envoy_enforces() {
     assert_no_secrets_in_logs(&stack, &[&secret, &human_secret, &stack.admin_token]);
 }
 
+flavored!(no_secret_reaches_any_log_metric_refusal_audit_entry_or_database_file);
 /// Every place a secret could leak to after a full run: each process's log, Envoy's
 /// stats, every refusal body a client got, the audit trail, and every byte of the
 /// database files (WAL included). Credentials are compared with `same_secret`, in
 /// constant time, in the control plane (see control-plane/src/secrets.rs).
-#[test]
-fn no_secret_reaches_any_log_metric_refusal_audit_entry_or_database_file() {
+fn no_secret_reaches_any_log_metric_refusal_audit_entry_or_database_file(flavor: Flavor) {
     let mut stack = Stack::start_with(Options {
         control_plane: false,
         envoy: false,
+        flavor,
     });
     // The control plane's most verbose level: trace logs all that debug does and more (the
     // server's connection handling).
@@ -857,13 +861,15 @@ fn sha256_hex(data: &[u8]) -> String {
         .collect()
 }
 
+flavored!(
+    #[ignore = "measurement; run by hand"]
+    propagation_trials
+);
 /// A measurement, not a check: `cargo test -p tokengate-e2e --release -- --ignored
 /// --nocapture propagation_trials` prints the median and maximum suspend → 403 times over
 /// 20 trials (first 403, and 20 consecutive 403s over fresh connections, i.e. every worker).
-#[test]
-#[ignore = "measurement; run by hand"]
-fn propagation_trials() {
-    let stack = Stack::start();
+fn propagation_trials(flavor: Flavor) {
+    let stack = Stack::start_flavor(flavor);
     let (id, secret) = ready_token(&stack, json!({"name": "trials"}));
     let (mut first, mut all) = (vec![], vec![]);
     for _ in 0..20 {

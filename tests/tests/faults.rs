@@ -8,7 +8,7 @@
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 use tokengate_e2e::fault::{Fault, FaultProxy};
-use tokengate_e2e::{unknown_token, wait_until, Options, Stack};
+use tokengate_e2e::{flavored, unknown_token, wait_until, Flavor, Options, Stack};
 
 const STATE_LOAD: Duration = Duration::from_secs(40);
 const PROPAGATION: Duration = Duration::from_secs(10);
@@ -92,11 +92,12 @@ fn sync_record(stack: &Stack, id: &str) -> (String, Value) {
     )
 }
 
-#[test]
-fn every_control_plane_fault_keeps_the_last_good_state_without_a_storm() {
+flavored!(every_control_plane_fault_keeps_the_last_good_state_without_a_storm);
+fn every_control_plane_fault_keeps_the_last_good_state_without_a_storm(flavor: Flavor) {
     let mut stack = Stack::start_with(Options {
         control_plane: true,
         envoy: false,
+        flavor,
     });
     let proxy = FaultProxy::start(stack.control_plane_addr());
     stack.envoy_control_plane_port = Some(proxy.port);
@@ -117,8 +118,8 @@ fn every_control_plane_fault_keeps_the_last_good_state_without_a_storm() {
     stack.start_envoy();
     stack.wait_for_status(&tokens.good, 200, STATE_LOAD);
     stack.wait_for_status(&tokens.suspended, 403, PROPAGATION);
-    let vms = stack.vm_health();
-    let mut version = stack.envoy_stat("wasmcustom.tokengate.state_version");
+    let vms = stack.filter_health();
+    let mut version = stack.filter_stat("tokengate.state_version");
     assert!(version > 0, "no state version gauge");
 
     // The stale answer replays the suspended token as active, at version 1.
@@ -150,7 +151,7 @@ fn every_control_plane_fault_keeps_the_last_good_state_without_a_storm() {
         let counts_failure = !matches!(fault, Fault::OldVersion { .. });
         // Answered at once, so the backoff alone spaces the calls.
         let fails_fast = matches!(fault, Fault::Status(_) | Fault::Garbage);
-        let failures = stack.envoy_stat("wasmcustom.tokengate.sync.failure");
+        let failures = stack.filter_stat("tokengate.sync.failure");
         let set_at = Instant::now();
         proxy.set(fault.clone());
         // Let the poll in flight end (a held long-poll lasts WAIT_SECONDS) before counting
@@ -162,7 +163,7 @@ fn every_control_plane_fault_keeps_the_last_good_state_without_a_storm() {
         let checked = keeps_serving(&stack, &tokens, window, label);
 
         let calls = proxy.sync_calls() - calls;
-        let new_failures = stack.envoy_stat("wasmcustom.tokengate.sync.failure") - failures;
+        let new_failures = stack.filter_stat("tokengate.sync.failure") - failures;
         let max_open = proxy.max_open_sync_calls();
         eprintln!(
             "{label:<32} {checked:>4} requests served from the last good state; \
@@ -205,18 +206,18 @@ fn every_control_plane_fault_keeps_the_last_good_state_without_a_storm() {
         eprintln!("{label:<32} gaps between sync calls meeting the fault: {gaps:?}");
         assert!(max_open <= 1, "{label}: {max_open} polls open at once");
         assert_eq!(
-            stack.envoy_stat("wasmcustom.tokengate.state_version"),
+            stack.filter_stat("tokengate.state_version"),
             version,
             "{label}: the state version moved"
         );
-        assert_eq!(stack.vm_health(), vms, "{label}: a VM failed");
+        assert_eq!(stack.filter_health(), vms, "{label}: a VM failed");
 
         // Recovery: the control plane answers properly again; a change reaches Envoy.
         proxy.set(Fault::Pass);
         let (_, fresh) = stack.create_token(json!({"name": format!("after {label}")}));
         let took = stack.wait_for_status(&fresh, 200, STATE_LOAD);
         eprintln!("{label:<32} recovered: a new token admitted {took:?} after the fault ended");
-        let now = stack.envoy_stat("wasmcustom.tokengate.state_version");
+        let now = stack.filter_stat("tokengate.state_version");
         assert!(now > version, "{label}: no progress after recovery");
         // The stale replay never resurrected the suspended token.
         assert_eq!(
@@ -225,7 +226,7 @@ fn every_control_plane_fault_keeps_the_last_good_state_without_a_storm() {
             "{label}"
         );
         wait_until(PROPAGATION, "the gauge settles", || {
-            stack.envoy_stat("wasmcustom.tokengate.state_version") == now
+            stack.filter_stat("tokengate.state_version") == now
         });
         // The next fault compares against the state after this recovery.
         version = now;
@@ -237,9 +238,9 @@ fn every_control_plane_fault_keeps_the_last_good_state_without_a_storm() {
     );
 }
 
-#[test]
-fn killed_mid_traffic_the_control_plane_is_missed_counted_and_rejoined() {
-    let mut stack = Stack::start();
+flavored!(killed_mid_traffic_the_control_plane_is_missed_counted_and_rejoined);
+fn killed_mid_traffic_the_control_plane_is_missed_counted_and_rejoined(flavor: Flavor) {
+    let mut stack = Stack::start_flavor(flavor);
     let (_, good) = stack.create_token(json!({"name": "survivor"}));
     let (_, short) = stack.create_token(json!({"name": "short", "expires_in_seconds": 4}));
     stack.wait_for_status(&good, 200, STATE_LOAD);
@@ -248,8 +249,8 @@ fn killed_mid_traffic_the_control_plane_is_missed_counted_and_rejoined() {
         let r = stack.call_with_token(&short);
         r.status == 200 || r.error_code().as_deref() == Some("token_expired")
     });
-    let failures = stack.envoy_stat("wasmcustom.tokengate.sync.failure");
-    let vms = stack.vm_health();
+    let failures = stack.filter_stat("tokengate.sync.failure");
+    let vms = stack.filter_health();
 
     // Traffic in flight while the control plane dies (SIGKILL).
     let addr = stack.envoy_addr();
@@ -281,9 +282,9 @@ fn killed_mid_traffic_the_control_plane_is_missed_counted_and_rejoined() {
     });
     // The failed polls are counted, with backoff.
     wait_until(Duration::from_secs(15), "sync failures counted", || {
-        stack.envoy_stat("wasmcustom.tokengate.sync.failure") > failures
+        stack.filter_stat("tokengate.sync.failure") > failures
     });
-    let counted = stack.envoy_stat("wasmcustom.tokengate.sync.failure") - failures;
+    let counted = stack.filter_stat("tokengate.sync.failure") - failures;
     eprintln!("sync failures counted while the control plane was down: {counted}");
 
     stack.start_control_plane();
@@ -291,5 +292,5 @@ fn killed_mid_traffic_the_control_plane_is_missed_counted_and_rejoined() {
     let took = stack.wait_for_status(&fresh, 200, STATE_LOAD);
     eprintln!("a token created after the restart was admitted after {took:?}");
     assert_eq!(stack.call_with_token(&good).status, 200);
-    assert_eq!(stack.vm_health(), vms, "a VM failed");
+    assert_eq!(stack.filter_health(), vms, "a VM failed");
 }

@@ -3,7 +3,7 @@
 
 use serde_json::{json, Value};
 use std::time::Duration;
-use tokengate_e2e::{wait_until, Stack};
+use tokengate_e2e::{flavored, wait_until, Flavor, Stack};
 
 const PROPAGATION: Duration = Duration::from_secs(10);
 const STATE_LOAD: Duration = Duration::from_secs(40);
@@ -48,9 +48,9 @@ fn assert_expired(r: &tokengate_e2e::Response) {
     );
 }
 
-#[test]
-fn rotation_grace_is_enforced_by_envoy_and_visible_in_the_cli() {
-    let mut stack = Stack::start();
+flavored!(rotation_grace_is_enforced_by_envoy_and_visible_in_the_cli);
+fn rotation_grace_is_enforced_by_envoy_and_visible_in_the_cli(flavor: Flavor) {
+    let mut stack = Stack::start_flavor(flavor);
     let (id, first) = stack.create_token(json!({
         "name": "nightly-export", "kind": "service", "owner": "data-eng",
         "expires_in_seconds": 3 * 86_400

@@ -10,7 +10,7 @@ use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokengate_e2e::{http, unknown_token, Options, Stack};
+use tokengate_e2e::{flavored, http, unknown_token, Flavor, Options, Stack};
 use tokio::runtime::Runtime;
 use tonic::metadata::MetadataMap;
 use tonic::transport::server::TcpIncoming;
@@ -71,10 +71,11 @@ fn start_upstream(rt: &Runtime) -> Upstream {
 }
 
 /// A stack whose Envoy routes to the gRPC upstream.
-fn grpc_stack(rt: &Runtime, control_plane: bool) -> (Stack, Upstream) {
+fn grpc_stack(rt: &Runtime, control_plane: bool, flavor: Flavor) -> (Stack, Upstream) {
     let mut stack = Stack::start_with(Options {
         control_plane,
         envoy: false,
+        flavor,
     });
     let upstream = start_upstream(rt);
     stack.replace_upstream(upstream.port);
@@ -183,11 +184,11 @@ const RETRY_UNAVAILABLE: RetryPolicy = RetryPolicy {
     retryable: &[Code::Unavailable],
 };
 
-#[test]
-fn grpc_calls_are_admitted_with_identity_and_refused_with_grpc_statuses() {
+flavored!(grpc_calls_are_admitted_with_identity_and_refused_with_grpc_statuses);
+fn grpc_calls_are_admitted_with_identity_and_refused_with_grpc_statuses(flavor: Flavor) {
     let _serial = one_at_a_time();
     let rt = runtime();
-    let (stack, upstream) = grpc_stack(&rt, true);
+    let (stack, upstream) = grpc_stack(&rt, true, flavor);
     let (id, good) = stack.create_token(json!({"name": "grpc-client", "owner": "grpc-team"}));
     let ch = rt.block_on(channel(&stack));
     wait_admitted(&rt, &ch, &good);
@@ -290,12 +291,12 @@ fn grpc_calls_are_admitted_with_identity_and_refused_with_grpc_statuses() {
     assert_eq!(requests, 1, "Envoy saw {requests} requests for one call");
 }
 
-#[test]
-fn grpc_calls_before_the_token_state_loads_are_unavailable_and_retried() {
+flavored!(grpc_calls_before_the_token_state_loads_are_unavailable_and_retried);
+fn grpc_calls_before_the_token_state_loads_are_unavailable_and_retried(flavor: Flavor) {
     let _serial = one_at_a_time();
     // No control plane: the filter has no token state, so it cannot judge any token.
     let rt = runtime();
-    let (stack, upstream) = grpc_stack(&rt, false);
+    let (stack, upstream) = grpc_stack(&rt, false, flavor);
     let ch = rt.block_on(channel(&stack));
     let token = unknown_token();
     let s = rt
@@ -363,12 +364,12 @@ async fn h2_request(
     (status, headers, String::from_utf8_lossy(&body).into_owned())
 }
 
-#[test]
-fn clients_that_are_not_grpc_get_the_json_answers_over_http2_and_http1() {
+flavored!(clients_that_are_not_grpc_get_the_json_answers_over_http2_and_http1);
+fn clients_that_are_not_grpc_get_the_json_answers_over_http2_and_http1(flavor: Flavor) {
     let _serial = one_at_a_time();
     let rt = runtime();
     // The shipped configuration with the demo upstream, which speaks HTTP/2 as well.
-    let stack = Stack::start();
+    let stack = Stack::start_flavor(flavor);
     let (id, good) = stack.create_token(json!({"name": "h2-client"}));
     stack.wait_for_status(&good, 200, STATE_LOAD);
     let ch = rt.block_on(channel(&stack));

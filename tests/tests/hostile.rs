@@ -5,7 +5,7 @@
 
 use serde_json::{json, Value};
 use std::time::Duration;
-use tokengate_e2e::{http_raw, Options, Response, Stack};
+use tokengate_e2e::{flavored, http_raw, Flavor, Options, Response, Stack};
 
 const STATE_LOAD: Duration = Duration::from_secs(40);
 
@@ -40,15 +40,15 @@ fn upstream_headers(r: &Response) -> serde_json::Map<String, Value> {
         .unwrap_or_else(|| panic!("no headers echoed: {r:?}"))
 }
 
-#[test]
-fn hostile_token_headers_get_their_documented_answers_and_never_trap_the_vm() {
-    let stack = Stack::start();
+flavored!(hostile_token_headers_get_their_documented_answers_and_never_trap_the_vm);
+fn hostile_token_headers_get_their_documented_answers_and_never_trap_the_vm(flavor: Flavor) {
+    let stack = Stack::start_flavor(flavor);
     let (id, good) = stack.create_token(json!({"name": "hostile-reference"}));
     stack.wait_for_status(&good, 200, STATE_LOAD);
     let (_, other) = stack.create_token(json!({"name": "hostile-other", "owner": "o2"}));
     stack.wait_for_status(&other, 200, STATE_LOAD);
     let bearer = format!("Bearer {good}");
-    let vms_before = stack.vm_health();
+    let vms_before = stack.filter_health();
     assert_eq!(vms_before.1, 0, "VM reloads before the test");
 
     struct Case {
@@ -352,9 +352,9 @@ fn hostile_token_headers_get_their_documented_answers_and_never_trap_the_vm() {
         assert_eq!(stack.call_with_token(&good).status, 200);
     }
     assert_eq!(
-        stack.vm_health(),
+        stack.filter_health(),
         vms_before,
-        "a wasm VM failed and was replaced"
+        "the filter failed (a wasm VM replaced, or a native hook panicked)"
     );
     assert!(
         !stack.logs().contains("Uncaught") && !stack.logs().contains("panicked"),
@@ -422,9 +422,9 @@ fn assert_only_real_identity(r: &Response, id: &str, good: &str) {
     );
 }
 
-#[test]
-fn underscored_identity_headers_are_dropped_by_the_shipped_envoy_configuration() {
-    let stack = Stack::start();
+flavored!(underscored_identity_headers_are_dropped_by_the_shipped_envoy_configuration);
+fn underscored_identity_headers_are_dropped_by_the_shipped_envoy_configuration(flavor: Flavor) {
+    let stack = Stack::start_flavor(flavor);
     let (id, good) =
         stack.create_token(json!({"name": "spoof-check", "owner": "spoof-check-owner"}));
     stack.wait_for_status(&good, 200, STATE_LOAD);
@@ -436,12 +436,13 @@ fn underscored_identity_headers_are_dropped_by_the_shipped_envoy_configuration()
     assert_eq!(stack.envoy_stat(dropped) - before, 6);
 }
 
-#[test]
-fn underscored_identity_headers_are_removed_by_the_filter_when_envoy_allows_them() {
+flavored!(underscored_identity_headers_are_removed_by_the_filter_when_envoy_allows_them);
+fn underscored_identity_headers_are_removed_by_the_filter_when_envoy_allows_them(flavor: Flavor) {
     // As an Envoy that keeps Envoy's default (ALLOW), Istio's sidecars and gateways among
     // them unless configured otherwise: the filter is then the only line of defence.
     let mut stack = Stack::start_with(Options {
         envoy: false,
+        flavor,
         ..Options::default()
     });
     stack.envoy_config_edits.push((
@@ -464,7 +465,12 @@ fn underscored_identity_headers_are_removed_by_the_filter_when_envoy_allows_them
 fn every_shipped_envoy_configuration_drops_or_rejects_headers_with_underscores() {
     // envoy/envoy.yaml is also what docker compose renders; the Istio overlays carry an
     // EnvoyFilter, checked by `make check-k8s`.
-    for file in ["envoy/envoy.yaml", "envoy/snippet.yaml"] {
+    for file in [
+        "envoy/envoy.yaml",
+        "envoy/snippet.yaml",
+        "envoy/envoy-native.yaml",
+        "envoy/snippet-native.yaml",
+    ] {
         let path = tokengate_e2e::workspace_root().join(file);
         let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {file}: {e}"));
         let managers = text

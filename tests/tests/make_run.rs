@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokengate_e2e::{free_ports, http, random_hex, workspace_root, Binaries, READY_TIMEOUT};
+use tokengate_e2e::{
+    flavored, free_ports, http, random_hex, workspace_root, Binaries, Flavor, READY_TIMEOUT,
+};
 
 const PORT_VARS: [&str; 4] = [
     "LISTEN_PORT",
@@ -31,19 +33,24 @@ fn temp_dir(what: &str) -> PathBuf {
     dir
 }
 
-/// `bash envoy/run.sh` with the tests' binaries, the given ports and a private state dir.
-fn run_sh(bins: &Binaries, ports: &BTreeMap<&str, u16>, run_dir: &Path) -> Command {
+/// `bash envoy/run.sh` with the tests' binaries, the given ports and a private state dir,
+/// running the filter of `flavor` (`make run FLAVOR=...`).
+fn run_sh(bins: &Binaries, ports: &BTreeMap<&str, u16>, run_dir: &Path, flavor: Flavor) -> Command {
     let mut cmd = Command::new("bash");
     cmd.arg(workspace_root().join("envoy/run.sh"))
         .current_dir(workspace_root())
         .env("ENVOY_BIN", &bins.envoy)
-        .env("WASM", &bins.wasm)
+        .env("FLAVOR", flavor.name())
+        .env("WASM", bins.filter(Flavor::Wasm))
         .env("TOKENGATE_BIN", &bins.tokengate)
         .env("DEMO_UPSTREAM_BIN", &bins.demo_upstream)
         .env("RUN_DIR", run_dir)
         .env("BASE_ID", ports["ADMIN_PORT"].to_string())
         .env_remove("TOKENGATE_SYNC_TOKEN")
         .stdin(Stdio::null());
+    if flavor == Flavor::Native {
+        cmd.env("MODULE", bins.module());
+    }
     for (var, port) in ports {
         cmd.env(var, port.to_string());
     }
@@ -127,14 +134,14 @@ fn process(pid: u32) -> (Vec<String>, Vec<String>) {
     )
 }
 
-#[test]
-fn make_run_hands_each_credential_only_to_the_process_that_needs_it() {
+flavored!(make_run_hands_each_credential_only_to_the_process_that_needs_it);
+fn make_run_hands_each_credential_only_to_the_process_that_needs_it(flavor: Flavor) {
     let bins = Binaries::locate();
     let ports = free_port_map();
     let dir = temp_dir("make-run");
     // As a user who exported their admin token before `make run`.
     let admin = random_hex(32);
-    let mut child = run_sh(&bins, &ports, &dir)
+    let mut child = run_sh(&bins, &ports, &dir, flavor)
         .env("TOKENGATE_ADMIN_TOKEN", &admin)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -183,6 +190,15 @@ fn make_run_hands_each_credential_only_to_the_process_that_needs_it() {
     let envoy = SocketAddr::from(([127, 0, 0, 1], ports["LISTEN_PORT"]));
     let r = http(envoy, "GET", "/hello", &[], None).expect("request through make run's Envoy");
     assert_eq!(r.status, 401, "{r:?}");
+    // ... and it is the filter of the flavor asked for.
+    assert!(
+        printed
+            .lock()
+            .expect("lock")
+            .contains(&format!("tokengate is running ({} filter)", flavor.name())),
+        "{}",
+        printed.lock().expect("lock")
+    );
 
     let mut seen = BTreeMap::new();
     for pid in children_of(running.child.id()) {
@@ -246,7 +262,7 @@ fn a_busy_port_names_the_variable_that_moves_it() {
         let busy = TcpListener::bind("127.0.0.1:0").expect("bind a port to occupy");
         ports.insert(var, busy.local_addr().expect("addr").port());
         let dir = temp_dir("make-run-busy");
-        let out: Output = run_sh(&bins, &ports, &dir)
+        let out: Output = run_sh(&bins, &ports, &dir, Flavor::Wasm)
             .env("TOKENGATE_ADMIN_TOKEN", random_hex(32))
             .output()
             .expect("run envoy/run.sh");

@@ -39,6 +39,7 @@ fn schemathesis_finds_the_document_true_to_the_server() {
     let mut stack = Stack::start_with(Options {
         control_plane: false,
         envoy: false,
+        ..Options::default()
     });
     stack.control_plane_args = [
         // schemathesis presents wrong credentials on purpose, hundreds of them (and the

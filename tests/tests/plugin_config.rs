@@ -1,11 +1,12 @@
-//! A bad plugin configuration, one field wrong at a time, loaded into the real filter by
-//! the real Envoy: Envoy refuses it, its log names the field, and the VM never panics.
+//! A bad plugin configuration, one field wrong at a time, loaded into the real filter (each
+//! flavor) by the real Envoy: Envoy refuses it, its log names the field, and the filter never
+//! panics.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
-use tokengate_e2e::{free_ports, random_hex, render_envoy_config, Binaries};
+use tokengate_e2e::{flavored, free_ports, random_hex, render_envoy_template, Binaries, Flavor};
 
 /// How long one Envoy run may take. Refusing a configuration takes a second or two; only an
 /// Envoy that accepted a bad one and kept serving gets anywhere near this.
@@ -19,28 +20,54 @@ const SHIPPED: &str = r#"{
                       "sync_wait_seconds": 20
                     }"#;
 
-fn rendered(bins: &Binaries, plugin_json: &str) -> String {
+/// The same in the native template, which also names the proxy.
+const SHIPPED_NATIVE: &str = r#"{
+                    "control_plane_cluster": "tokengate_control_plane",
+                    "control_plane_authority": "tokengate",
+                    "sync_token": "validate-only-sync-credential",
+                    "sync_wait_seconds": 20,
+                    "proxy_id": "tokengate-local"
+                  }"#;
+
+fn rendered(bins: &Binaries, flavor: Flavor, plugin_json: &str) -> String {
+    let (template, shipped, filter_var, indent) = match flavor {
+        Flavor::Wasm => (
+            "envoy/envoy.yaml",
+            SHIPPED,
+            "WASM_PATH",
+            "\n                      ",
+        ),
+        Flavor::Native => (
+            "envoy/envoy-native.yaml",
+            SHIPPED_NATIVE,
+            "MODULE_PATH",
+            "\n                    ",
+        ),
+    };
     // Free ports: the real start below binds the listener and the admin port.
     let ports = free_ports(4);
-    let config = render_envoy_config(&[
-        ("LISTEN_ADDRESS", "127.0.0.1".into()),
-        ("LISTEN_PORT", ports[0].to_string()),
-        ("ADMIN_ADDRESS", "127.0.0.1".into()),
-        ("ADMIN_PORT", ports[1].to_string()),
-        ("UPSTREAM_PORT", ports[2].to_string()),
-        ("CONTROL_PLANE_PORT", ports[3].to_string()),
-        ("UPSTREAM_HOST", "127.0.0.1".into()),
-        ("CONTROL_PLANE_HOST", "127.0.0.1".into()),
-        ("WASM_PATH", bins.wasm.display().to_string()),
-        ("SYNC_TOKEN", "validate-only-sync-credential".into()),
-    ]);
+    let config = render_envoy_template(
+        template,
+        &[
+            ("LISTEN_ADDRESS", "127.0.0.1".into()),
+            ("LISTEN_PORT", ports[0].to_string()),
+            ("ADMIN_ADDRESS", "127.0.0.1".into()),
+            ("ADMIN_PORT", ports[1].to_string()),
+            ("UPSTREAM_PORT", ports[2].to_string()),
+            ("CONTROL_PLANE_PORT", ports[3].to_string()),
+            ("UPSTREAM_HOST", "127.0.0.1".into()),
+            ("CONTROL_PLANE_HOST", "127.0.0.1".into()),
+            (filter_var, bins.filter(flavor).display().to_string()),
+            ("SYNC_TOKEN", "validate-only-sync-credential".into()),
+        ],
+    );
     assert!(
-        config.contains(SHIPPED),
+        config.contains(shipped),
         "the template's plugin configuration changed: update this test"
     );
     // The JSON sits in a YAML block scalar: every line keeps its indentation.
-    let indented = plugin_json.replace('\n', "\n                      ");
-    config.replace(SHIPPED, &indented)
+    let indented = plugin_json.replace('\n', indent);
+    config.replace(shipped, &indented)
 }
 
 /// Runs Envoy to its end; kills it and fails the test if it is still running at
@@ -129,8 +156,8 @@ fn with_field(field: &str, value: Option<&str>) -> String {
     format!("{{{}}}", body.join(", "))
 }
 
-#[test]
-fn each_bad_field_is_refused_at_load_with_the_field_named() {
+flavored!(each_bad_field_is_refused_at_load_with_the_field_named);
+fn each_bad_field_is_refused_at_load_with_the_field_named(flavor: Flavor) {
     let bins = Binaries::locate();
     let dir = temp_dir();
 
@@ -139,7 +166,7 @@ fn each_bad_field_is_refused_at_load_with_the_field_named() {
         &bins,
         &dir,
         "good",
-        &rendered(&bins, &with_field("x", None)),
+        &rendered(&bins, flavor, &with_field("x", None)),
         &["--mode", "validate"],
     );
     assert!(
@@ -241,7 +268,7 @@ fn each_bad_field_is_refused_at_load_with_the_field_named() {
             &bins,
             &dir,
             &format!("case{i}"),
-            &rendered(&bins, plugin),
+            &rendered(&bins, flavor, plugin),
             &["--mode", "validate"],
         );
         let log = log_of(&out);
@@ -272,7 +299,7 @@ fn each_bad_field_is_refused_at_load_with_the_field_named() {
         &bins,
         &dir,
         "not-json",
-        &rendered(&bins, "control_plane_cluster = x"),
+        &rendered(&bins, flavor, "control_plane_cluster = x"),
         &["--mode", "validate"],
     );
     let log = log_of(&out);
@@ -293,7 +320,7 @@ fn each_bad_field_is_refused_at_load_with_the_field_named() {
         &bins,
         &dir,
         "real-start",
-        &rendered(&bins, &plugin),
+        &rendered(&bins, flavor, &plugin),
         &["--concurrency", "1"],
     );
     let log = log_of(&out);

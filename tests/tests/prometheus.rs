@@ -3,7 +3,7 @@
 //! `tokengate_` metric Envoy serves is documented.
 
 use std::collections::BTreeMap;
-use tokengate_e2e::{workspace_root, Stack};
+use tokengate_e2e::{flavored, workspace_root, Flavor, Stack};
 
 /// `(prometheus name, type)` from the README's "Envoy stats" table.
 fn documented() -> BTreeMap<String, String> {
@@ -23,11 +23,21 @@ fn documented() -> BTreeMap<String, String> {
     names
 }
 
-#[test]
-fn the_readme_names_the_stats_envoy_serves_to_prometheus() {
+flavored!(the_readme_names_the_stats_envoy_serves_to_prometheus);
+fn the_readme_names_the_stats_envoy_serves_to_prometheus(flavor: Flavor) {
     let docs = documented();
     assert!(docs.len() >= 14, "the README's stats table: {docs:?}");
-    let stack = Stack::start();
+    // The native module's names carry Envoy's prefix and namespace for modules, as the
+    // README says below the table.
+    let prefix = match flavor {
+        Flavor::Wasm => "",
+        Flavor::Native => "envoy_dynamicmodulescustom_",
+    };
+    let docs: BTreeMap<String, String> = docs
+        .into_iter()
+        .map(|(name, kind)| (format!("{prefix}{name}"), kind))
+        .collect();
+    let stack = Stack::start_flavor(flavor);
     let r = stack.envoy_admin("/stats/prometheus");
     assert_eq!(r.status, 200);
     let served: BTreeMap<String, String> = r
@@ -35,7 +45,7 @@ fn the_readme_names_the_stats_envoy_serves_to_prometheus() {
         .lines()
         .filter_map(|l| l.strip_prefix("# TYPE "))
         .filter_map(|l| l.split_once(' '))
-        .filter(|(name, _)| name.starts_with("tokengate_"))
+        .filter(|(name, _)| name.starts_with(&format!("{prefix}tokengate_")))
         .map(|(name, kind)| (name.to_string(), kind.to_string()))
         .collect();
     assert_eq!(

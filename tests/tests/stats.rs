@@ -8,7 +8,8 @@ use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 use tokengate_e2e::{
-    calls_on_one_connection, try_wait_until, unknown_token, wait_until, Options, Stack,
+    calls_on_one_connection, flavored, try_wait_until, unknown_token, wait_until, Flavor, Options,
+    Stack,
 };
 
 /// Generous: counters reach Envoy on the workers' next tick (200 ms).
@@ -26,17 +27,19 @@ const REQUEST_COUNTERS: [&str; 7] = [
     "tokengate.denied.token_state_unavailable",
 ];
 
-/// Every `tokengate.*` stat Envoy shows, by name without the `wasmcustom.` prefix.
+/// Every `tokengate.*` stat Envoy shows, by name without the flavor's namespace
+/// (`wasmcustom.`, `dynamicmodulescustom.`).
 fn stats(stack: &Stack) -> BTreeMap<String, u64> {
+    let namespace = stack.flavor.stat("");
     stack
-        .envoy_stats("wasmcustom.tokengate")
+        .envoy_stats(&stack.flavor.stat("tokengate"))
         .into_iter()
-        .filter_map(|(name, v)| Some((name.strip_prefix("wasmcustom.")?.to_string(), v)))
+        .filter_map(|(name, v)| Some((name.strip_prefix(&namespace)?.to_string(), v)))
         .collect()
 }
 
 fn stat(stack: &Stack, name: &str) -> u64 {
-    stack.envoy_stat(&format!("wasmcustom.{name}"))
+    stack.filter_stat(name)
 }
 
 /// The stats some assertion of the test has checked.
@@ -123,7 +126,8 @@ fn statuses(stack: &Stack, headers: &[(&str, &str)], n: usize, status: u16, erro
     n as u64
 }
 
-/// The stat names the README's "Envoy stats" section lists.
+/// The stat names the README's "Envoy stats" section lists (under the wasm filter's
+/// namespace; the native module's are the same names under its own).
 fn documented() -> BTreeSet<String> {
     let readme = std::fs::read_to_string(tokengate_e2e::workspace_root().join("README.md"))
         .expect("README.md");
@@ -146,11 +150,12 @@ fn record(stack: &Stack, id: &str) -> Value {
     stack.admin("GET", &format!("/v1/tokens/{id}"), None).json()
 }
 
-#[test]
-fn every_documented_stat_counts_what_it_names() {
+flavored!(every_documented_stat_counts_what_it_names);
+fn every_documented_stat_counts_what_it_names(flavor: Flavor) {
     let mut stack = Stack::start_with(Options {
         control_plane: true,
         envoy: false,
+        flavor,
     });
     // Usage reports every 300 ms, and room for one token id per worker and in the leader's
     // report, so that requests with two tokens must drop some usage.
@@ -339,6 +344,11 @@ fn every_documented_stat_counts_what_it_names() {
     stack.create_token(json!({"name": "newcomer"}));
     c.gauges_follow_the_control_plane(&stack, "after a creation");
     assert!(stat(&stack, "tokengate.sync.success") > successes);
+
+    // Nothing here panicked (the native module's caught panics are its unit tests'; the
+    // wasm filter's panics would trap its VM, and it counts none).
+    assert_eq!(stat(&stack, "tokengate.panics"), 0);
+    c.checked.insert("tokengate.panics".into());
 
     // The README lists exactly the stats Envoy shows, and this test checked each of them.
     let documented = documented();

@@ -4,25 +4,26 @@
 
 use serde_json::json;
 use std::time::Duration;
-use tokengate_e2e::{try_wait_until, wait_until, Options, Stack};
+use tokengate_e2e::{flavored, try_wait_until, wait_until, Flavor, Options, Stack};
 
 const PROPAGATION: Duration = Duration::from_secs(10);
 const STATE_LOAD: Duration = Duration::from_secs(40);
 
 /// A control plane, then Envoy with `extra` plugin fields.
-fn stack_with(extra: &str) -> Stack {
+fn stack_with(flavor: Flavor, extra: &str) -> Stack {
     let mut stack = Stack::start_with(Options {
         control_plane: true,
         envoy: false,
+        flavor,
     });
     stack.plugin_extra = extra.to_string();
     stack.start_envoy();
     stack
 }
 
-#[test]
-fn usage_counted_in_envoy_reaches_last_used_at() {
-    let stack = stack_with(r#""usage_report_ms": 300"#);
+flavored!(usage_counted_in_envoy_reaches_last_used_at);
+fn usage_counted_in_envoy_reaches_last_used_at(flavor: Flavor) {
+    let stack = stack_with(flavor, r#""usage_report_ms": 300"#);
     let (id, secret) = stack.create_token(json!({"name": "counted", "max_rps": 1000}));
     let (other_id, other) = stack.create_token(json!({"name": "other"}));
     stack.wait_for_status(&secret, 200, STATE_LOAD);
@@ -44,8 +45,8 @@ fn usage_counted_in_envoy_reaches_last_used_at() {
         let t = stack.admin("GET", &format!("/v1/tokens/{id}"), None).json();
         let total = t["requests_allowed"].as_u64().unwrap_or(0)
             + t["requests_denied"].as_u64().unwrap_or(0);
-        let envoy_total = stack.envoy_stat("wasmcustom.tokengate.allowed")
-            + stack.envoy_stat("wasmcustom.tokengate.denied.token_suspended");
+        let envoy_total = stack.filter_stat("tokengate.allowed")
+            + stack.filter_stat("tokengate.denied.token_suspended");
         let other = stack
             .admin("GET", &format!("/v1/tokens/{other_id}"), None)
             .json();
@@ -62,8 +63,8 @@ fn usage_counted_in_envoy_reaches_last_used_at() {
     );
     assert!(t["requests_allowed"].as_u64().unwrap() >= 21, "{t}");
     assert!(t["requests_denied"].as_u64().unwrap() >= 6, "{t}");
-    assert!(stack.envoy_stat("wasmcustom.tokengate.usage.reports") > 0);
-    assert_eq!(stack.envoy_stat("wasmcustom.tokengate.usage.dropped"), 0);
+    assert!(stack.filter_stat("tokengate.usage.reports") > 0);
+    assert_eq!(stack.filter_stat("tokengate.usage.dropped"), 0);
     // The version did not move with usage: no sync churn.
     let v = t["version"].as_u64().unwrap();
     let list = stack.admin("GET", "/v1/tokens", None).json();
@@ -74,9 +75,9 @@ fn usage_counted_in_envoy_reaches_last_used_at() {
         .all(|t| t["version"].as_u64() <= Some(v)));
 }
 
-#[test]
-fn responses_announce_an_expiry_inside_the_warning_window() {
-    let stack = Stack::start();
+flavored!(responses_announce_an_expiry_inside_the_warning_window);
+fn responses_announce_an_expiry_inside_the_warning_window(flavor: Flavor) {
+    let stack = Stack::start_flavor(flavor);
     let created = stack
         .admin(
             "POST",
@@ -110,7 +111,7 @@ fn responses_announce_an_expiry_inside_the_warning_window() {
         );
     }
 
-    let off = stack_with(r#""expiry_warning_seconds": 0"#);
+    let off = stack_with(flavor, r#""expiry_warning_seconds": 0"#);
     let (_, soon) = off.create_token(json!({"name": "soon", "expires_in_seconds": 3600}));
     off.wait_for_status(&soon, 200, STATE_LOAD);
     assert_eq!(
@@ -120,15 +121,18 @@ fn responses_announce_an_expiry_inside_the_warning_window() {
     );
 }
 
-#[test]
-fn a_failing_usage_endpoint_never_holds_up_traffic() {
-    let stack = stack_with(r#""usage_report_ms": 200, "usage_path": "/v1/no-such-endpoint""#);
+flavored!(a_failing_usage_endpoint_never_holds_up_traffic);
+fn a_failing_usage_endpoint_never_holds_up_traffic(flavor: Flavor) {
+    let stack = stack_with(
+        flavor,
+        r#""usage_report_ms": 200, "usage_path": "/v1/no-such-endpoint""#,
+    );
     let (_, secret) = stack.create_token(json!({"name": "busy"}));
     stack.wait_for_status(&secret, 200, STATE_LOAD);
     wait_until(Duration::from_secs(20), "usage failures counted", || {
         assert_eq!(stack.call_with_token(&secret).status, 200);
-        stack.envoy_stat("wasmcustom.tokengate.usage.failures") >= 2
+        stack.filter_stat("tokengate.usage.failures") >= 2
     });
-    assert_eq!(stack.envoy_stat("wasmcustom.tokengate.usage.reports"), 0);
-    assert!(stack.envoy_stat("wasmcustom.tokengate.sync.success") > 0);
+    assert_eq!(stack.filter_stat("tokengate.usage.reports"), 0);
+    assert!(stack.filter_stat("tokengate.sync.success") > 0);
 }

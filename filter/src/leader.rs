@@ -1,0 +1,470 @@
+//! The sync leader's orchestration, written once for both data-plane flavors: on every tick
+//! it renews the lease, starts the long-poll when one is due, gathers the workers' usage
+//! counts and sends a report when one is due; on every callout answer it applies what came
+//! back. The calls themselves, the clock, the store, the queue and the stats are the
+//! [`Host`]'s.
+
+use crate::config::Config;
+use crate::host::{Call, Host, Level};
+use crate::metrics::{Counter, Gauge};
+use crate::sync::{SyncClient, SyncFailure};
+use crate::usage::{self, Reporter, Tally};
+
+/// A body this large is no sync answer (a full page of 100,000 records is ~30 MiB); copying
+/// it in could exhaust the filter's memory, so it is refused unread.
+pub const MAX_SYNC_BODY_BYTES: usize = 64 << 20;
+
+pub struct Leader {
+    sync: SyncClient,
+    reporter: Reporter,
+    /// The workers' counts gathered by the leader, waiting for the next report.
+    pending: Tally,
+    proxy_id: String,
+    authorization: String,
+}
+
+/// A callout's answer as the host received it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Answer {
+    /// `None`: no HTTP answer (reset, timeout).
+    pub status: Option<u32>,
+    pub body_len: usize,
+}
+
+impl Leader {
+    /// `holder` is this candidate's lease identity (random per root context); `proxy_id` is
+    /// sent with polls and reports.
+    pub fn new(cfg: &Config, holder: u64, proxy_id: String) -> Leader {
+        Leader {
+            sync: SyncClient::new(holder),
+            reporter: Reporter::new(),
+            pending: Tally::new(cfg.usage_max_tokens),
+            proxy_id,
+            authorization: format!("Bearer {}", cfg.sync_token),
+        }
+    }
+
+    /// Whether this candidate held the lease at its last tick.
+    pub fn is_leader(&self) -> bool {
+        self.sync.is_leader()
+    }
+
+    pub fn sync(&self) -> &SyncClient {
+        &self.sync
+    }
+
+    pub fn on_tick<H: Host>(&mut self, cfg: &Config, host: &H) {
+        let now = host.now_ms();
+        if let Some(path) = self.sync.on_tick(cfg, host.store(), &self.proxy_id, now) {
+            self.poll(cfg, host, &path, now);
+        }
+        if cfg.usage_reporting && self.sync.is_leader() {
+            self.report(cfg, host, now);
+        }
+    }
+
+    /// A callout answered. `body` reads its body when it is wanted. Returns false when the
+    /// answer belongs to no call in flight (a late answer to an abandoned call).
+    pub fn on_answer<H: Host>(
+        &mut self,
+        cfg: &Config,
+        host: &H,
+        call: u64,
+        answer: Answer,
+        body: impl FnOnce() -> Option<Vec<u8>>,
+    ) -> bool {
+        let now = host.now_ms();
+        if self.sync.is_current(call) {
+            let body = if answer.body_len > MAX_SYNC_BODY_BYTES {
+                None
+            } else {
+                body()
+            };
+            let (result, next) = self.sync.on_response(
+                cfg,
+                host.store(),
+                &self.proxy_id,
+                now,
+                answer.status,
+                body.as_deref(),
+            );
+            match result {
+                Ok(applied) => {
+                    host.count(Counter::SyncSuccess, 1);
+                    if let Some(state) = applied.state {
+                        host.record(Gauge::Tokens, state.token_count);
+                        host.record(Gauge::StateVersion, state.version);
+                    }
+                }
+                Err(e) => {
+                    host.count(Counter::SyncFailure, 1);
+                    let why = match e {
+                        SyncFailure::Unreachable => "no answer".to_string(),
+                        SyncFailure::Status(code) => format!("HTTP {code}"),
+                        SyncFailure::Malformed => "malformed answer".to_string(),
+                        SyncFailure::Store => "shared data write failed".to_string(),
+                    };
+                    host.log(
+                        Level::Warn,
+                        &format!("sync failed ({why}); keeping the current token state, retrying with backoff"),
+                    );
+                }
+            }
+            if let Some(path) = next {
+                self.poll(cfg, host, &path, now);
+            }
+            return true;
+        }
+        if self.reporter.is_current(call) {
+            let ok = answer.status.is_some_and(|s| (200..300).contains(&s));
+            host.count(
+                if ok {
+                    Counter::UsageReports
+                } else {
+                    Counter::UsageFailures
+                },
+                1,
+            );
+            self.reporter.on_result(cfg, &mut self.pending, ok, now);
+            return true;
+        }
+        false
+    }
+
+    fn poll<H: Host>(&mut self, cfg: &Config, host: &H, path: &str, now: u64) {
+        let call = Call {
+            cluster: &cfg.control_plane_cluster,
+            method: "GET",
+            path,
+            authority: &cfg.control_plane_authority,
+            authorization: &self.authorization,
+            media_type: ("accept", "application/json"),
+            body: None,
+            timeout_ms: (u64::from(cfg.sync_wait_seconds) + 5) * 1_000,
+        };
+        match host.send(&call) {
+            Ok(id) => self.sync.sent(id),
+            Err(why) => {
+                host.count(Counter::SyncFailure, 1);
+                host.log(
+                    Level::Warn,
+                    &format!(
+                        "cannot call cluster `{}` ({why}); retrying with backoff",
+                        cfg.control_plane_cluster
+                    ),
+                );
+                self.sync.on_dispatch_failed(cfg, now);
+            }
+        }
+    }
+
+    fn report<H: Host>(&mut self, cfg: &Config, host: &H, now: u64) {
+        host.gather_usage(&mut self.pending);
+        host.count(Counter::UsageDropped, self.pending.take_dropped());
+        let Some(body) = self
+            .reporter
+            .on_tick(cfg, &mut self.pending, &self.proxy_id, now)
+        else {
+            return;
+        };
+        let call = Call {
+            cluster: &cfg.control_plane_cluster,
+            method: "POST",
+            path: &cfg.usage_path,
+            authority: &cfg.control_plane_authority,
+            authorization: &self.authorization,
+            media_type: ("content-type", "application/json"),
+            body: Some(&body),
+            timeout_ms: usage::report_timeout_ms(cfg),
+        };
+        match host.send(&call) {
+            Ok(id) => self.reporter.sent(id),
+            Err(_) => {
+                host.count(Counter::UsageFailures, 1);
+                self.reporter.on_result(cfg, &mut self.pending, false, now);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::authorize::{authorize, hash_hex, Denial, Outcome};
+    use crate::host::fake::FakeHost;
+    use crate::sync::Phase;
+    use tokengate_wire::{
+        token, Kind, SyncRecord, SyncResponse, SyncStatus, UsageEntry, UsageReport,
+    };
+
+    const NOW_MS: u64 = 1_800_000_000_000;
+
+    fn cfg() -> Config {
+        Config::parse(
+            br#"{"control_plane_cluster":"cp","control_plane_authority":"cp.local","sync_token":"s3cret","sync_wait_seconds":5,"usage_report_ms":1000}"#,
+        )
+        .unwrap()
+    }
+
+    fn host() -> FakeHost {
+        let h = FakeHost::default();
+        h.now_ms.set(NOW_MS);
+        h
+    }
+
+    fn secret(c: char) -> String {
+        token::compose(&c.to_string().repeat(32)).unwrap()
+    }
+
+    fn snapshot(version: u64, status: SyncStatus, secret: &str) -> Vec<u8> {
+        serde_json::to_vec(&SyncResponse {
+            store_id: "store-a".into(),
+            version,
+            snapshot: true,
+            changes: vec![SyncRecord {
+                hash: hash_hex(secret.as_bytes()),
+                id: "tok_1".into(),
+                name: "n".into(),
+                owner: "o".into(),
+                kind: Kind::User,
+                status,
+                max_rps: None,
+                burst: None,
+                expires_at: None,
+                version,
+            }],
+            next_cursor: None,
+            token_count: 1,
+        })
+        .unwrap()
+    }
+
+    fn ok(body: &[u8]) -> (Answer, Option<Vec<u8>>) {
+        (
+            Answer {
+                status: Some(200),
+                body_len: body.len(),
+            },
+            Some(body.to_vec()),
+        )
+    }
+
+    fn answer(
+        l: &mut Leader,
+        h: &FakeHost,
+        call: u64,
+        (a, body): (Answer, Option<Vec<u8>>),
+    ) -> bool {
+        l.on_answer(&cfg(), h, call, a, || body)
+    }
+
+    #[test]
+    fn the_leader_polls_with_the_sync_credential_and_applies_the_answer() {
+        let (c, h) = (cfg(), host());
+        let mut l = Leader::new(&c, 1, "node-1".into());
+        l.on_tick(&c, &h);
+        assert!(l.is_leader());
+        let poll = h.last();
+        assert_eq!(poll.method, "GET");
+        assert_eq!(poll.path, "/v1/sync?since=0&wait=5&proxy_id=node-1");
+        assert_eq!(poll.timeout_ms, 10_000);
+        assert!(poll
+            .headers
+            .contains(&("authorization".into(), "Bearer s3cret".into())));
+        assert!(poll
+            .headers
+            .contains(&(":authority".into(), "cp.local".into())));
+        let a = secret('a');
+        h.advance(3_000);
+        assert!(answer(
+            &mut l,
+            &h,
+            poll.id,
+            ok(&snapshot(4, SyncStatus::Active, &a))
+        ));
+        assert_eq!(
+            authorize(&c, &h.store, Some(a.as_bytes()), h.now_ms() * 1_000_000),
+            Outcome::Allow
+        );
+        assert_eq!(h.counter(Counter::SyncSuccess), 1);
+        assert_eq!(
+            (h.gauge(Gauge::Tokens), h.gauge(Gauge::StateVersion)),
+            (Some(1), Some(4))
+        );
+        // The next poll went at once, from the loaded version.
+        let next = h.last();
+        assert_eq!(
+            next.path,
+            "/v1/sync?since=4&store_id=store-a&wait=5&proxy_id=node-1"
+        );
+        assert_ne!(next.id, poll.id);
+    }
+
+    #[test]
+    fn only_one_candidate_leads() {
+        let (c, h) = (cfg(), host());
+        let mut a = Leader::new(&c, 1, String::new());
+        let mut b = Leader::new(&c, 2, String::new());
+        a.on_tick(&c, &h);
+        b.on_tick(&c, &h);
+        assert!(a.is_leader() && !b.is_leader());
+        assert_eq!(h.sent.borrow().len(), 1);
+    }
+
+    #[test]
+    fn a_late_answer_to_an_abandoned_poll_is_ignored() {
+        let (c, h) = (cfg(), host());
+        let mut l = Leader::new(&c, 1, String::new());
+        l.on_tick(&c, &h);
+        let first = h.last();
+        // The callback never comes: past the guard, the poll is abandoned.
+        h.advance(36_000);
+        l.on_tick(&c, &h);
+        assert!(matches!(l.sync().phase(), Phase::Backoff { .. }));
+        let a = secret('a');
+        assert!(!answer(
+            &mut l,
+            &h,
+            first.id,
+            ok(&snapshot(4, SyncStatus::Active, &a))
+        ));
+        assert_eq!(
+            authorize(&c, &h.store, Some(a.as_bytes()), h.now_ms() * 1_000_000),
+            Outcome::Deny(Denial::StateUnavailable),
+            "nothing applied"
+        );
+        assert_eq!(h.counter(Counter::SyncSuccess), 0);
+        // After the backoff, a new poll; its answer counts.
+        h.advance(1_000);
+        l.on_tick(&c, &h);
+        let second = h.last();
+        assert_ne!(second.id, first.id);
+        assert!(answer(
+            &mut l,
+            &h,
+            second.id,
+            ok(&snapshot(4, SyncStatus::Active, &a))
+        ));
+        assert_eq!(h.counter(Counter::SyncSuccess), 1);
+    }
+
+    #[test]
+    fn failures_are_counted_logged_and_backed_off() {
+        let (c, h) = (cfg(), host());
+        let mut l = Leader::new(&c, 1, String::new());
+        h.refuse.set(1);
+        l.on_tick(&c, &h);
+        assert_eq!(h.counter(Counter::SyncFailure), 1);
+        assert!(h.logs.borrow()[0].1.contains("cannot call cluster `cp`"));
+        assert!(h.sent.borrow().is_empty());
+        l.on_tick(&c, &h);
+        assert!(h.sent.borrow().is_empty(), "backing off");
+        h.advance(1_000);
+        l.on_tick(&c, &h);
+        let poll = h.last();
+        let failed = (
+            Answer {
+                status: Some(503),
+                body_len: 0,
+            },
+            None,
+        );
+        assert!(answer(&mut l, &h, poll.id, failed));
+        assert_eq!(h.counter(Counter::SyncFailure), 2);
+        assert!(h.logs.borrow()[1].1.contains("HTTP 503"));
+        assert_eq!(l.sync().failures(), 2);
+    }
+
+    #[test]
+    fn an_oversized_body_is_not_read() {
+        let (c, h) = (cfg(), host());
+        let mut l = Leader::new(&c, 1, String::new());
+        l.on_tick(&c, &h);
+        let big = Answer {
+            status: Some(200),
+            body_len: MAX_SYNC_BODY_BYTES + 1,
+        };
+        let mut read = false;
+        assert!(l.on_answer(&c, &h, h.last().id, big, || {
+            read = true;
+            None
+        }));
+        assert!(!read);
+        assert_eq!(h.counter(Counter::SyncFailure), 1);
+    }
+
+    #[test]
+    fn the_leader_reports_what_the_workers_counted() {
+        let (c, h) = (cfg(), host());
+        let mut l = Leader::new(&c, 1, "node-1".into());
+        l.on_tick(&c, &h);
+        let poll = h.last().id;
+        let entry = |allowed| UsageEntry {
+            id: "tok_1".into(),
+            allowed,
+            denied: 0,
+            last_used_at: 5,
+        };
+        h.queue.borrow_mut().push(vec![entry(2)]);
+        h.queue.borrow_mut().push(vec![entry(3)]);
+        l.on_tick(&c, &h);
+        let report = h.last();
+        assert_ne!(report.id, poll);
+        assert_eq!((report.method, report.path.as_str()), ("POST", "/v1/usage"));
+        assert!(report
+            .headers
+            .contains(&("content-type".into(), "application/json".into())));
+        let body: UsageReport = serde_json::from_slice(report.body.as_deref().unwrap()).unwrap();
+        assert_eq!(body.proxy_id, "node-1");
+        assert_eq!(body.entries, [entry(5)]);
+        // A failed report puts its counts back; the next one carries them.
+        let refused = (
+            Answer {
+                status: Some(500),
+                body_len: 0,
+            },
+            None,
+        );
+        assert!(answer(&mut l, &h, report.id, refused));
+        assert_eq!(h.counter(Counter::UsageFailures), 1);
+        h.queue.borrow_mut().push(vec![entry(1)]);
+        h.advance(1_000);
+        l.on_tick(&c, &h);
+        let again = h.last();
+        let body: UsageReport = serde_json::from_slice(again.body.as_deref().unwrap()).unwrap();
+        assert_eq!(body.entries, [entry(6)]);
+        assert!(answer(&mut l, &h, again.id, ok(b"")));
+        assert_eq!(h.counter(Counter::UsageReports), 1);
+    }
+
+    #[test]
+    fn followers_and_disabled_reporting_send_no_report() {
+        let (c, h) = (cfg(), host());
+        let mut leader = Leader::new(&c, 1, String::new());
+        let mut follower = Leader::new(&c, 2, String::new());
+        leader.on_tick(&c, &h);
+        h.queue.borrow_mut().push(vec![UsageEntry {
+            id: "tok_1".into(),
+            allowed: 1,
+            denied: 0,
+            last_used_at: 1,
+        }]);
+        follower.on_tick(&c, &h);
+        assert_eq!(
+            h.sent.borrow().len(),
+            1,
+            "the follower neither polls nor reports"
+        );
+        assert_eq!(h.queue.borrow().len(), 1, "nor takes the workers' counts");
+        let off = Config::parse(
+            br#"{"control_plane_cluster":"cp","sync_token":"x","usage_reporting":false}"#,
+        )
+        .unwrap();
+        let h2 = host();
+        let mut l = Leader::new(&off, 1, String::new());
+        h2.queue.borrow_mut().push(vec![]);
+        l.on_tick(&off, &h2);
+        l.on_tick(&off, &h2);
+        assert!(h2.sent.borrow().iter().all(|s| s.method == "GET"));
+    }
+}

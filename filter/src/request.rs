@@ -1,0 +1,505 @@
+//! One request through the filter, written once for both flavors: read the credential, judge
+//! it, count it, then either rewrite the headers that go upstream or name the refusal. Each
+//! flavor supplies the header map ([`RequestHeaders`]) and sends what [`Reply`] says.
+
+use crate::authorize::{self, Denial, Outcome, Token};
+use crate::config::Config;
+use crate::forward;
+use crate::grpc;
+use crate::metrics::Counter;
+use crate::response;
+use crate::store::SharedStore;
+use crate::timefmt;
+
+/// The request headers of one stream. Edits report the host's refusal as `Err(why)`: the
+/// request is then refused rather than sent upstream half-edited.
+pub trait RequestHeaders {
+    /// A header value as the host hands it over (borrowed from Envoy by the native module).
+    type Value: AsRef<[u8]>;
+    /// The value of request header `name` (lower case), `Some(empty)` for a header sent
+    /// empty. A header sent more than once must read as something that is no token (joined
+    /// with `,`), never as one of its copies: a later hop could read another.
+    fn get(&self, name: &str) -> Option<Self::Value>;
+    /// Removes every copy of every header whose name, as the host holds it, `doomed` picks.
+    fn remove_where(&mut self, doomed: &dyn Fn(&[u8]) -> bool) -> Result<(), String>;
+    /// Replaces every value of `name`.
+    fn set(&mut self, name: &str, value: &[u8]) -> Result<(), String>;
+}
+
+/// The names of the identity headers (token id, name, owner, kind), built once from the
+/// configured prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityHeaders {
+    pub names: [String; 4],
+}
+
+impl IdentityHeaders {
+    pub fn new(cfg: &Config) -> IdentityHeaders {
+        let p = &cfg.identity_header_prefix;
+        IdentityHeaders {
+            names: [
+                format!("{p}token-id"),
+                format!("{p}token-name"),
+                format!("{p}token-owner"),
+                format!("{p}token-kind"),
+            ],
+        }
+    }
+}
+
+/// Readies an admitted request for the upstream: removes the credential headers and every
+/// client-sent tokengate header in any spelling (see [`forward`]), then sets the identity
+/// headers.
+fn forward_upstream<H: RequestHeaders, V: AsRef<[u8]>>(
+    cfg: &Config,
+    ids: &IdentityHeaders,
+    headers: &mut H,
+    token: &Token<V>,
+) -> Result<(), String> {
+    headers.remove_where(&|name| forward::to_remove(cfg, name, &ids.names))?;
+    let values: [&[u8]; 4] = [
+        token.id(),
+        token.name(),
+        token.owner(),
+        token.kind.as_str().as_bytes(),
+    ];
+    for (name, value) in ids.names.iter().zip(values) {
+        headers.set(name, value)?;
+    }
+    Ok(())
+}
+
+/// Announces the token's expiry on a response, inside the warning window.
+pub const EXPIRES_HEADER: &str = "x-tokengate-token-expires";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reply {
+    /// On its way upstream; the response announces `expires_at` (Unix seconds) if set.
+    Allow { expires_at: Option<i64> },
+    /// Answer with [`crate::response::refusal`], announcing `expires_at` if set.
+    Refuse {
+        denial: Denial,
+        expires_at: Option<i64>,
+    },
+}
+
+/// What [`handle`] decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Handled {
+    pub reply: Reply,
+    /// The counter the request goes to.
+    pub counter: Counter,
+    /// Something for the log: an allowed request whose headers the host would not edit,
+    /// refused for that.
+    pub trouble: Option<String>,
+}
+
+/// Decides one request at `now_nanos` (0: the host has no clock, so nothing can be trusted)
+/// and, when it may pass, rewrites its headers (see [`forward`]). `usage` counts the request
+/// for a known token (id, allowed, Unix second).
+pub fn handle<S, H>(
+    cfg: &Config,
+    ids: &IdentityHeaders,
+    store: &S,
+    headers: &mut H,
+    now_nanos: u64,
+    usage: impl FnOnce(&[u8], bool, i64),
+) -> Handled
+where
+    S: SharedStore + ?Sized,
+    H: RequestHeaders,
+{
+    let verdict = {
+        // The credential borrows the header map: it is done with before the map changes.
+        let credential = authorize::extract(cfg, |name| headers.get(name));
+        if now_nanos == 0 {
+            authorize::Verdict {
+                outcome: Outcome::Deny(Denial::StateUnavailable),
+                token: None,
+            }
+        } else {
+            authorize::judge(
+                cfg,
+                store,
+                credential.as_ref().map(|c| c.bytes()),
+                now_nanos,
+            )
+        }
+    };
+    let mut expires_at = None;
+    if let Some(token) = &verdict.token {
+        if cfg.usage_reporting {
+            let allowed = verdict.outcome == Outcome::Allow;
+            usage(token.id(), allowed, (now_nanos / 1_000_000_000) as i64);
+        }
+        expires_at = authorize::expiry_to_announce(cfg, Some(token), now_nanos);
+    }
+    let mut trouble = None;
+    let reply = match (verdict.outcome, &verdict.token) {
+        (Outcome::Allow, Some(token)) => match forward_upstream(cfg, ids, headers, token) {
+            Ok(()) => Reply::Allow { expires_at },
+            Err(why) => {
+                // The upstream could see a secret or a spoofed identity: refuse instead.
+                trouble = Some(format!(
+                    "cannot edit the request's headers ({why}); refusing it"
+                ));
+                Reply::Refuse {
+                    denial: Denial::StateUnavailable,
+                    expires_at: None,
+                }
+            }
+        },
+        (Outcome::Allow, None) => Reply::Refuse {
+            // Unreachable: an allowed request always has its token. Fail closed regardless.
+            denial: Denial::StateUnavailable,
+            expires_at: None,
+        },
+        (Outcome::Deny(denial), _) => Reply::Refuse {
+            denial,
+            // Only a caller who may retry later learns when its token ends.
+            expires_at: match denial {
+                Denial::RateLimited { .. } => expires_at,
+                _ => None,
+            },
+        },
+    };
+    let counter = match reply {
+        Reply::Allow { .. } => Counter::Allowed,
+        Reply::Refuse { denial, .. } => Counter::denied(denial),
+    };
+    Handled {
+        reply,
+        counter,
+        trouble,
+    }
+}
+
+/// A refusal as its client gets it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    /// The HTTP status of the refusal (for a gRPC client, the one it stands for: the host
+    /// may log it or hand it to Envoy, which then answers gRPC itself).
+    pub status: u32,
+    /// `Some` for a gRPC client: a trailers-only answer (HTTP 200, `content-type:
+    /// application/grpc`, no body) with this `grpc-status`.
+    pub grpc: Option<grpc::Code>,
+    /// The headers (gRPC: the metadata), the expiry announcement among them.
+    pub headers: Vec<(&'static str, String)>,
+    /// The JSON body (empty for gRPC).
+    pub body: String,
+    /// The JSON body's `error`, for the host's response details.
+    pub code: &'static str,
+}
+
+/// The answer to a request refused with `denial`, in the client's protocol: gRPC clients
+/// (by the request's `content-type`, see [`grpc::is_grpc`]) get gRPC statuses, others the
+/// JSON refusal. `expires_at` (Unix seconds) is announced if set.
+pub fn answer<H: RequestHeaders + ?Sized>(
+    headers: &H,
+    denial: Denial,
+    expires_at: Option<i64>,
+) -> Answer {
+    let content_type = headers.get("content-type");
+    let refusal = response::refusal(denial);
+    let mut answer = if grpc::is_grpc(content_type.as_ref().map(|v| v.as_ref())) {
+        let g = grpc::refusal(denial);
+        Answer {
+            status: g.http_status,
+            grpc: Some(g.code),
+            headers: g.metadata,
+            body: String::new(),
+            code: refusal.code,
+        }
+    } else {
+        Answer {
+            status: refusal.status,
+            grpc: None,
+            headers: refusal.headers,
+            body: refusal.body,
+            code: refusal.code,
+        }
+    };
+    if let Some(t) = expires_at {
+        answer.headers.push((EXPIRES_HEADER, timefmt::rfc3339(t)));
+    }
+    answer
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::authorize::hash_hex;
+    use crate::record::{encode_state, encode_token, token_key, State, STATE_KEY};
+    use crate::store::fake::MemStore;
+    use std::collections::BTreeMap;
+    use tokengate_wire::{token, Kind, SyncRecord, SyncStatus};
+
+    const NOW: u64 = 1_800_000_000 * 1_000_000_000;
+
+    #[derive(Default)]
+    struct Map(BTreeMap<String, Vec<u8>>);
+
+    impl RequestHeaders for Map {
+        type Value = Vec<u8>;
+        fn get(&self, name: &str) -> Option<Vec<u8>> {
+            self.0.get(name).cloned()
+        }
+        fn remove_where(&mut self, doomed: &dyn Fn(&[u8]) -> bool) -> Result<(), String> {
+            if self.0.contains_key("refuse-edits") {
+                return Err("host status 2".into());
+            }
+            self.0.retain(|name, _| !doomed(name.as_bytes()));
+            Ok(())
+        }
+        fn set(&mut self, name: &str, value: &[u8]) -> Result<(), String> {
+            self.0.insert(name.to_string(), value.to_vec());
+            Ok(())
+        }
+    }
+
+    fn run(
+        c: &Config,
+        s: &MemStore,
+        h: &mut Map,
+        now: u64,
+        usage: impl FnOnce(&[u8], bool, i64),
+    ) -> (Reply, Counter) {
+        let handled = handle(c, &IdentityHeaders::new(c), s, h, now, usage);
+        (handled.reply, handled.counter)
+    }
+
+    fn cfg() -> Config {
+        Config::parse(br#"{"control_plane_cluster":"cp","sync_token":"x"}"#).unwrap()
+    }
+
+    fn setup(edit: impl FnOnce(&mut SyncRecord)) -> (MemStore, String) {
+        let s = MemStore::default();
+        let state = State {
+            version: 1,
+            generation: 1,
+            store_id: "s".into(),
+            token_count: 1,
+        };
+        s.set(STATE_KEY, &encode_state(&state), 0).unwrap();
+        let secret = token::compose(&"a".repeat(32)).unwrap();
+        let mut r = SyncRecord {
+            hash: hash_hex(secret.as_bytes()),
+            id: "tok_1".into(),
+            name: "reporting".into(),
+            owner: "alice".into(),
+            kind: Kind::Service,
+            status: SyncStatus::Active,
+            max_rps: None,
+            burst: None,
+            expires_at: None,
+            version: 1,
+        };
+        edit(&mut r);
+        s.set(&token_key(&r.hash), &encode_token(&r, 1), 0).unwrap();
+        (s, secret)
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> Map {
+        Map(pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+            .collect())
+    }
+
+    #[test]
+    fn an_allowed_request_goes_up_with_its_identity_and_without_its_credential() {
+        let (c, (s, secret)) = (cfg(), setup(|_| {}));
+        let bearer = format!("Bearer {secret}");
+        let mut h = headers(&[
+            ("authorization", &bearer),
+            ("x-tokengate-token-id", "tok_SPOOF"),
+            ("x_tokengate_token_owner", "root"),
+            (
+                "x_api_token",
+                "a spelling the upstream may read as X-API-Token",
+            ),
+            ("x-other", "kept"),
+        ]);
+        let mut counted = vec![];
+        let (reply, counter) = run(&c, &s, &mut h, NOW, |id, allowed, at| {
+            counted.push((id.to_vec(), allowed, at))
+        });
+        assert_eq!(reply, Reply::Allow { expires_at: None });
+        assert_eq!(counter, Counter::Allowed);
+        assert_eq!(counted, [(b"tok_1".to_vec(), true, 1_800_000_000)]);
+        let want = headers(&[
+            ("x-tokengate-token-id", "tok_1"),
+            ("x-tokengate-token-name", "reporting"),
+            ("x-tokengate-token-owner", "alice"),
+            ("x-tokengate-token-kind", "service"),
+            ("x-other", "kept"),
+        ]);
+        assert_eq!(h.0, want.0);
+    }
+
+    #[test]
+    fn a_refused_request_keeps_its_headers_and_names_the_refusal() {
+        let (c, (s, secret)) = (cfg(), setup(|r| r.status = SyncStatus::Suspended));
+        let mut h = headers(&[("x-api-token", &secret)]);
+        let before = h.0.clone();
+        let mut counted = vec![];
+        let (reply, counter) = run(&c, &s, &mut h, NOW, |id, allowed, _| {
+            counted.push((id.to_vec(), allowed))
+        });
+        assert_eq!(
+            (reply, counter),
+            (
+                Reply::Refuse {
+                    denial: Denial::TokenSuspended,
+                    expires_at: None
+                },
+                Counter::TokenSuspended
+            )
+        );
+        assert_eq!(
+            counted,
+            [(b"tok_1".to_vec(), false)],
+            "known tokens count when refused"
+        );
+        assert_eq!(h.0, before);
+        let (reply, counter) = run(&c, &s, &mut Map::default(), NOW, |_, _, _| {
+            panic!("an unknown caller is no token's usage")
+        });
+        assert_eq!(
+            (reply, counter),
+            (
+                Reply::Refuse {
+                    denial: Denial::MissingToken,
+                    expires_at: None
+                },
+                Counter::MissingToken
+            )
+        );
+    }
+
+    #[test]
+    fn expiry_is_announced_on_allowed_and_rate_limited_answers_only() {
+        let soon = 1_800_000_000 + 3_600;
+        let c = cfg();
+        let (s, secret) = setup(|r| {
+            r.expires_at = Some(soon);
+            r.max_rps = Some(1);
+        });
+        let mut h = headers(&[("x-api-token", &secret)]);
+        let (reply, _) = run(&c, &s, &mut h, NOW, |_, _, _| {});
+        assert_eq!(
+            reply,
+            Reply::Allow {
+                expires_at: Some(soon)
+            }
+        );
+        let mut h = headers(&[("x-api-token", &secret)]);
+        let (reply, _) = run(&c, &s, &mut h, NOW, |_, _, _| {});
+        assert!(matches!(
+            reply,
+            Reply::Refuse {
+                denial: Denial::RateLimited { .. },
+                expires_at: Some(e)
+            } if e == soon
+        ));
+        let (s, secret) = setup(|r| {
+            r.expires_at = Some(soon);
+            r.status = SyncStatus::Suspended;
+        });
+        let mut h = headers(&[("x-api-token", &secret)]);
+        let (reply, _) = run(&c, &s, &mut h, NOW, |_, _, _| {});
+        assert_eq!(
+            reply,
+            Reply::Refuse {
+                denial: Denial::TokenSuspended,
+                expires_at: None
+            }
+        );
+    }
+
+    #[test]
+    fn no_clock_no_trust_and_no_usage_when_reporting_is_off() {
+        let (s, secret) = setup(|_| {});
+        let c = cfg();
+        let mut h = headers(&[("x-api-token", &secret)]);
+        let (reply, _) = run(&c, &s, &mut h, 0, |_, _, _| {});
+        assert!(matches!(
+            reply,
+            Reply::Refuse {
+                denial: Denial::StateUnavailable,
+                ..
+            }
+        ));
+        let off = Config::parse(
+            br#"{"control_plane_cluster":"cp","sync_token":"x","usage_reporting":false}"#,
+        )
+        .unwrap();
+        let mut h = headers(&[("x-api-token", &secret)]);
+        let (reply, _) = run(&off, &s, &mut h, NOW, |_, _, _| panic!("reporting is off"));
+        assert_eq!(reply, Reply::Allow { expires_at: None });
+    }
+
+    #[test]
+    fn a_request_whose_headers_cannot_be_edited_is_refused() {
+        let (c, (s, secret)) = (cfg(), setup(|_| {}));
+        let mut h = headers(&[("x-api-token", &secret), ("refuse-edits", "1")]);
+        let handled = handle(&c, &IdentityHeaders::new(&c), &s, &mut h, NOW, |_, _, _| {});
+        assert_eq!(
+            (handled.reply, handled.counter),
+            (
+                Reply::Refuse {
+                    denial: Denial::StateUnavailable,
+                    expires_at: None
+                },
+                Counter::StateUnavailable
+            )
+        );
+        assert!(handled.trouble.unwrap().contains("host status 2"));
+        assert_eq!(
+            h.0.get("x-api-token").map(Vec::as_slice),
+            Some(secret.as_bytes())
+        );
+    }
+
+    #[test]
+    fn grpc_clients_get_a_grpc_answer_and_others_the_json_refusal() {
+        let limited = Denial::RateLimited {
+            retry_after_secs: 2,
+            max_rps: 5,
+            burst: 5,
+        };
+        let json = answer(
+            &headers(&[("content-type", "application/json")]),
+            limited,
+            None,
+        );
+        assert_eq!(
+            (json.status, json.grpc, json.code),
+            (429, None, "rate_limited")
+        );
+        assert_eq!(json.body, response::refusal(limited).body);
+        assert_eq!(json.headers, response::refusal(limited).headers);
+
+        let g = answer(
+            &headers(&[("content-type", "application/grpc+proto")]),
+            limited,
+            Some(1_800_000_000),
+        );
+        assert_eq!(
+            (g.status, g.grpc, g.code, g.body.as_str()),
+            (429, Some(grpc::Code::ResourceExhausted), "rate_limited", "")
+        );
+        let mut expected = grpc::refusal(limited).metadata;
+        expected.push((EXPIRES_HEADER, timefmt::rfc3339(1_800_000_000)));
+        assert_eq!(g.headers, expected);
+
+        // No content-type, or gRPC-Web: the JSON answer.
+        for h in [
+            headers(&[]),
+            headers(&[("content-type", "application/grpc-web")]),
+        ] {
+            let a = answer(&h, Denial::MissingToken, None);
+            assert_eq!((a.status, a.grpc), (401, None));
+        }
+    }
+}
