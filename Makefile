@@ -158,8 +158,6 @@ check-k8s: tools $(PYTOOLS)/.kubernetes-validate-$(KUBERNETES_VALIDATE_VERSION) 
 	@command -v kubectl >/dev/null || { echo "check-k8s: kubectl is needed for its built-in kustomize (Debian: apt-get install kubectl, or see kubernetes.io)" >&2; exit 1; }
 	PYTHONPATH=$(PYTOOLS) $(PYTHON) deploy/kubernetes/check.py --envoy "$(ENVOY_BIN)" --wasm "$(CURDIR)/$(WASM)" --module "$(CURDIR)/$(MODULE)"
 
-SKIP_K8S_NOTE := make test: kubectl not found, so the Kubernetes/Istio manifest check (make check-k8s) was SKIPPED; install kubectl to run it
-
 test: tools fmt lint browser postgres schemathesis build validate $(if $(KUBECTL),check-k8s,skip-k8s) check-containers ## formatting and clippy, everything the tests need, then unit and end-to-end tests
 	$(CARGO) test --workspace
 	@$(if $(KUBECTL),true,echo "$(SKIP_K8S_NOTE)")
