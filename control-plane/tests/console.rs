@@ -243,6 +243,42 @@ fn sign_out_ends_the_session_and_clears_the_cookie() {
     );
 }
 
+/// Sign-out ends the session its cookie names: an admin credential has none to end, so it
+/// is refused rather than answered 204 for nothing (and a session is still not ended by
+/// another's cookie).
+#[test]
+fn sign_out_takes_the_session_not_an_admin_credential() {
+    let app = spawn_app(100);
+    let s = app.sign_in(ADMIN);
+    let r = app.request(
+        "DELETE",
+        "/v1/session",
+        &[("authorization", &format!("Bearer {ADMIN}"))],
+        None,
+    );
+    assert_eq!(
+        (r.status, r.json["error"].as_str()),
+        (401, Some("unauthorized")),
+        "{}",
+        r.text
+    );
+    assert!(r.header("set-cookie").is_none());
+    // The session is untouched, and signs out with its cookie and CSRF token.
+    assert_eq!(
+        app.in_session(&s, false, "GET", "/v1/session", None).status,
+        200
+    );
+    assert_eq!(
+        app.in_session(&s, true, "DELETE", "/v1/session", None)
+            .status,
+        204
+    );
+    assert_eq!(
+        app.in_session(&s, false, "GET", "/v1/session", None).status,
+        401
+    );
+}
+
 #[test]
 fn an_idle_session_ends() {
     let idle = Duration::from_secs(1);

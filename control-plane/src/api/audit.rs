@@ -1,6 +1,8 @@
 //! `GET /v1/audit`: the append-only trail of every change, newest first.
 
-use super::body::Params;
+use super::body::{self, Params};
+use super::openapi::{AdminCredential, BadQuery, Store};
+use super::schema::{self, Pattern};
 use super::{ApiError, AppState};
 use crate::domain::audit::ACTIONS;
 use crate::domain::rfc3339;
@@ -8,23 +10,44 @@ use crate::store::{AuditEntry, AuditQuery};
 use axum::extract::State;
 use axum::Json;
 use chrono::DateTime;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
+use serde_json::Value;
+use utoipa::openapi::path::{Parameter, ParameterIn};
+use utoipa::openapi::{RefOr, Schema};
 use utoipa::{IntoParams, ToSchema};
+
+fn action_schema() -> Value {
+    schema::one_of(ACTIONS)
+}
+
+// For `#[schema(schema_with = ...)]`, which takes a function without arguments.
+fn time_field() -> RefOr<Schema> {
+    schema::from_json(schema::date_time())
+}
+
+fn action_field() -> RefOr<Schema> {
+    schema::from_json(action_schema())
+}
+
+/// A page's `next_cursor`: the sequence number of its last entry (19 digits hold any).
+static CURSOR: Pattern = Pattern::new("^[0-9]{1,19}$");
 
 #[derive(Serialize, ToSchema)]
 pub struct AuditView {
     seq: u64,
+    #[schema(schema_with = time_field)]
     at: String,
     /// The admin credential's name, or `system` for the control plane's own jobs.
     actor: String,
+    #[schema(schema_with = action_field)]
     action: String,
     token_id: String,
     token_name: String,
     /// The fields that changed, as they were (null for a creation).
-    #[schema(value_type = Option<Object>)]
+    #[schema(required = true, value_type = Option<Object>)]
     before: Option<serde_json::Value>,
     /// The fields that changed, as they became (null for a purge).
-    #[schema(value_type = Option<Object>)]
+    #[schema(required = true, value_type = Option<Object>)]
     after: Option<serde_json::Value>,
 }
 
@@ -47,26 +70,33 @@ impl From<AuditEntry> for AuditView {
 pub struct AuditPage {
     entries: Vec<AuditView>,
     /// Pass as `cursor` for older entries; null on the last page.
+    #[schema(required = true)]
     next_cursor: Option<String>,
 }
 
-/// Query parameters of `GET /v1/audit` (documentation; parsing is strict).
-#[derive(Deserialize, IntoParams)]
-#[into_params(parameter_in = Query)]
-#[allow(dead_code)]
-pub struct AuditParams {
-    /// Token id.
-    token: Option<String>,
-    actor: Option<String>,
-    /// One of the actions, e.g. `token.suspended`.
-    action: Option<String>,
-    /// RFC 3339, inclusive.
-    since: Option<String>,
-    /// RFC 3339, exclusive.
-    until: Option<String>,
-    /// 1 to 1000, default 100.
-    limit: Option<u32>,
-    cursor: Option<String>,
+/// Query parameters of `GET /v1/audit`.
+pub struct AuditParams;
+
+impl IntoParams for AuditParams {
+    fn into_params(_: impl Fn() -> Option<ParameterIn>) -> Vec<Parameter> {
+        vec![
+            schema::query("token", "Entries about this token id", body::text_schema()),
+            schema::query("actor", "Entries by this actor", body::text_schema()),
+            schema::query("action", "Entries of this action", action_schema()),
+            schema::query(
+                "since",
+                "Entries at or after this time",
+                schema::date_time(),
+            ),
+            schema::query("until", "Entries before this time", schema::date_time()),
+            schema::query("limit", "Entries per page", body::limit_schema()),
+            schema::query(
+                "cursor",
+                "The previous page's `next_cursor`",
+                CURSOR.schema(),
+            ),
+        ]
+    }
 }
 
 fn time(field: &str, v: &str) -> Result<i64, ApiError> {
@@ -80,17 +110,18 @@ fn time(field: &str, v: &str) -> Result<i64, ApiError> {
         })
 }
 
-#[utoipa::path(get, path = "/v1/audit", tag = "audit", security(("admin" = [])),
+#[utoipa::path(get, path = "/v1/audit", tag = "audit", operation_id = "list_audit",
+    summary = "Read the audit trail",
+    security(("admin" = []), ("session" = [])),
     params(AuditParams),
     responses((status = 200, description = "A page of audit entries, newest first", body = AuditPage),
-        (status = 400, description = "Unknown or invalid query parameter", body = super::error::ErrorBody),
-        (status = 401, description = "No or wrong admin credential", body = super::error::ErrorBody)))]
+        BadQuery, AdminCredential, Store))]
 pub async fn list(
     State(state): State<AppState>,
     Params(params): Params,
 ) -> Result<Json<AuditPage>, ApiError> {
     let mut q = AuditQuery {
-        limit: 100,
+        limit: body::DEFAULT_LIMIT,
         ..Default::default()
     };
     for (k, v) in params {
@@ -108,17 +139,16 @@ pub async fn list(
             }
             "since" => q.since = Some(time("since", &v)?),
             "until" => q.until = Some(time("until", &v)?),
-            "limit" => {
-                q.limit = v
-                    .parse()
-                    .ok()
-                    .filter(|n| (1..=1000).contains(n))
-                    .ok_or_else(|| ApiError::field("limit", "must be between 1 and 1000"))?
-            }
+            "limit" => q.limit = body::limit(&v)?,
             "cursor" => {
-                q.before_seq = Some(v.parse().map_err(|_| {
-                    ApiError::field("cursor", "is not a cursor this server handed out")
-                })?)
+                q.before_seq = Some(
+                    Some(&v)
+                        .filter(|v| CURSOR.matches(v))
+                        .and_then(|v| v.parse().ok())
+                        .ok_or_else(|| {
+                            ApiError::field("cursor", "is not a cursor this server handed out")
+                        })?,
+                )
             }
             other => return Err(ApiError::field(other, "is not a known query parameter")),
         }

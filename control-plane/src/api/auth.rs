@@ -6,7 +6,7 @@
 
 use super::error::ApiError;
 use super::{client_ip, AppState};
-use crate::domain::sessions::now_ms;
+use crate::domain::sessions::{now_ms, Session};
 use crate::metrics::Credential;
 use crate::secrets::same_secret;
 use crate::throttle::retry_after_secs;
@@ -111,24 +111,35 @@ pub async fn require_admin(
             Credential::Admin,
             || admin_named_by(&state, c),
         )?
-    } else if let Some(id) = session_cookie(req.headers()) {
-        let session = state
-            .sessions
-            .touch(id, now_ms())
-            .await?
-            .ok_or(ApiError::Unauthorized)?;
-        if changes_state(req.method()) {
-            let csrf = req.headers().get(CSRF_HEADER).map(|v| v.as_bytes());
-            if !csrf.is_some_and(|t| session.csrf_matches(t)) {
-                return Err(ApiError::Csrf);
-            }
-        }
-        session.actor
     } else {
-        return Err(ApiError::Unauthorized);
+        console_session(&state, req.headers(), req.method())
+            .await?
+            .actor
     };
     req.extensions_mut().insert(Actor(who));
     Ok(next.run(req).await)
+}
+
+/// The live console session a request's cookie names, with its CSRF token on anything but
+/// a read; else 401 (no or no live session) or 403 (no or a wrong CSRF token).
+pub async fn console_session(
+    state: &AppState,
+    headers: &HeaderMap,
+    method: &Method,
+) -> Result<Session, ApiError> {
+    let id = session_cookie(headers).ok_or(ApiError::Unauthorized)?;
+    let session = state
+        .sessions
+        .touch(id, now_ms())
+        .await?
+        .ok_or(ApiError::Unauthorized)?;
+    if changes_state(method) {
+        let csrf = headers.get(CSRF_HEADER).map(|v| v.as_bytes());
+        if !csrf.is_some_and(|t| session.csrf_matches(t)) {
+            return Err(ApiError::Csrf);
+        }
+    }
+    Ok(session)
 }
 
 pub async fn require_sync(

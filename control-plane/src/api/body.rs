@@ -2,12 +2,14 @@
 //! the field it is about.
 
 use super::error::ApiError;
+use super::schema::Pattern;
 use axum::body::{Body, Bytes, HttpBody};
 use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request};
 use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use axum::http::request::Parts;
 use axum::http::HeaderValue;
 use serde::de::{Deserialize, DeserializeOwned, Deserializer};
+use std::ops::RangeInclusive;
 use std::pin::Pin;
 
 /// Largest body the admin and session calls accept: a token body is a few hundred bytes, and
@@ -90,8 +92,47 @@ fn is_json(v: &HeaderValue) -> bool {
     })
 }
 
+/// A page of a listing (`limit`): how many entries it may hold, and how many by default.
+pub const LIMIT: RangeInclusive<u32> = 1..=1000;
+pub const DEFAULT_LIMIT: u32 = 100;
+
+/// Reads `limit`.
+pub fn limit(v: &str) -> Result<u32, ApiError> {
+    v.parse().ok().filter(|n| LIMIT.contains(n)).ok_or_else(|| {
+        ApiError::field(
+            "limit",
+            format!("must be between {} and {}", LIMIT.start(), LIMIT.end()),
+        )
+    })
+}
+
+/// `limit`'s schema.
+pub fn limit_schema() -> serde_json::Value {
+    let mut s = super::schema::integer(&LIMIT);
+    s["default"] = DEFAULT_LIMIT.into();
+    s
+}
+
+/// Text the API reads from a query or a report may hold anything but U+0000, which
+/// PostgreSQL can neither store nor compare (SQLite can; both backends answer alike).
+pub static NO_NUL: Pattern = Pattern::new("^[^\\u0000]*$");
+
+/// A string of `NO_NUL`, as the document states it.
+pub fn text_schema() -> serde_json::Value {
+    NO_NUL.schema()
+}
+
+/// A 400 naming `field` if `v` holds U+0000.
+pub fn no_nul(field: &str, v: &str) -> Result<(), ApiError> {
+    if NO_NUL.matches(v) {
+        Ok(())
+    } else {
+        Err(ApiError::field(field, "must not contain U+0000"))
+    }
+}
+
 /// The query's parameters in order. A parameter given twice is refused rather than one of
-/// its values picked silently.
+/// its values picked silently, and none may hold U+0000.
 pub struct Params(pub Vec<(String, String)>);
 
 impl<S: Send + Sync> FromRequestParts<S> for Params {
@@ -102,17 +143,19 @@ impl<S: Send + Sync> FromRequestParts<S> for Params {
             Query::<Vec<(String, String)>>::try_from_uri(&parts.uri).map_err(|e| {
                 ApiError::Body(format!("The query string is invalid: {}.", e.body_text()))
             })?;
-        for (i, (name, _)) in pairs.iter().enumerate() {
+        for (i, (name, value)) in pairs.iter().enumerate() {
             if pairs[..i].iter().any(|(n, _)| n == name) {
                 return Err(ApiError::field(name, "is given more than once"));
             }
+            no_nul(name, value)?;
         }
         Ok(Params(pairs))
     }
 }
 
-/// The `{id}` of a `/v1/tokens/{id}` path. Any id that is no token's is a 404 from the store;
-/// only one that does not decode to text is refused here.
+/// The `{id}` of a `/v1/tokens/{id}` path. Any id that is no token's is a 404; only one that
+/// does not decode to text is refused here (and one holding U+0000, which no id holds, is a
+/// 404 without asking the store, which may not take it).
 pub struct TokenId(pub String);
 
 impl<S: Send + Sync> FromRequestParts<S> for TokenId {
@@ -122,6 +165,9 @@ impl<S: Send + Sync> FromRequestParts<S> for TokenId {
         let Path(id) = Path::<String>::from_request_parts(parts, state)
             .await
             .map_err(|_| ApiError::field("id", "must be percent-encoded UTF-8"))?;
+        if id.contains('\0') {
+            return Err(ApiError::NotFound);
+        }
         Ok(TokenId(id))
     }
 }
@@ -133,43 +179,121 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
             "The request body must be a JSON object.".into(),
         ));
     }
-    let mut de = serde_json::Deserializer::from_slice(bytes);
-    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        let path = e.path().to_string();
-        // A syntax error while reading a key leaves an unknown segment: no field to blame.
-        let in_field = path != "."
-            && !e
-                .path()
-                .iter()
-                .any(|s| matches!(s, serde_path_to_error::Segment::Unknown));
-        let inner = e.into_inner();
-        let message = strip_position(&inner.to_string());
-        if in_field {
-            // Inside a field's value, even a syntax error (a broken string, a number out of
-            // range) is that field's.
-            if inner.is_syntax() || inner.is_eof() {
-                ApiError::field(&path, format!("is not valid JSON: {message}"))
-            } else {
-                ApiError::field(&path, message)
+    match read(bytes) {
+        Err(Refused::Serde(e)) if e.inner().to_string().starts_with(WHOLE_FLOAT) => {
+            match whole_numbers(bytes) {
+                Some(again) => read(&again).map_err(Refused::into_api),
+                None => Err(refusal(e)),
             }
-        } else if inner.is_syntax() || inner.is_eof() {
-            ApiError::Body(format!("The request body is not valid JSON: {inner}."))
-        } else if let Some(field) = quoted(&message, "unknown field `") {
-            ApiError::field(&field, "is not a known field")
-        } else if let Some(field) = quoted(&message, "duplicate field `") {
-            ApiError::field(&field, "is given more than once")
-        } else if let Some(field) = quoted(&message, "missing field `") {
-            ApiError::field(&field, "is required")
-        } else {
-            ApiError::Body(format!("Invalid request body: {message}."))
         }
-    })?;
+        r => r.map_err(Refused::into_api),
+    }
+}
+
+enum Refused {
+    Serde(serde_path_to_error::Error<serde_json::Error>),
+    Api(ApiError),
+}
+
+impl Refused {
+    fn into_api(self) -> ApiError {
+        match self {
+            Refused::Serde(e) => refusal(e),
+            Refused::Api(e) => e,
+        }
+    }
+}
+
+fn read<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Refused> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(Refused::Serde)?;
     de.end().map_err(|e| {
-        ApiError::Body(format!(
+        Refused::Api(ApiError::Body(format!(
             "The request body is not valid JSON: {e}: nothing may follow the object."
-        ))
+        )))
     })?;
     Ok(value)
+}
+
+/// How serde refuses a number with a fraction or an exponent where it reads an integer.
+const WHOLE_FLOAT: &str = "invalid type: floating point";
+
+/// `bytes` with every number that is written with a fraction or an exponent but is whole
+/// (`5.0`, `7e0`) written as the integer it equals, or `None` if there is none: JSON Schema,
+/// which the OpenAPI document speaks, counts them as integers. Strings are copied as they
+/// are; anything that is not JSON stays as it was, for the parser to refuse.
+fn whole_numbers(bytes: &[u8]) -> Option<Vec<u8>> {
+    // Within ±2^53 a float spells its integer exactly.
+    const EXACT: f64 = 9_007_199_254_740_992.0;
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut changed = false;
+    let mut i = 0;
+    while i < bytes.len() {
+        let start = i;
+        if bytes[i] == b'"' {
+            i += 1;
+            while i < bytes.len() && bytes[i] != b'"' {
+                i += if bytes[i] == b'\\' { 2 } else { 1 };
+            }
+            i = (i + 1).min(bytes.len());
+            out.extend_from_slice(&bytes[start..i]);
+        } else if bytes[i] == b'-' || bytes[i].is_ascii_digit() {
+            while i < bytes.len()
+                && matches!(bytes[i], b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E')
+            {
+                i += 1;
+            }
+            let token = &bytes[start..i];
+            let whole = std::str::from_utf8(token)
+                .ok()
+                .filter(|t| t.contains(['.', 'e', 'E']))
+                .and_then(|t| t.parse::<f64>().ok())
+                .filter(|f| f.fract() == 0.0 && f.abs() <= EXACT);
+            match whole {
+                Some(f) => {
+                    out.extend_from_slice((f as i64).to_string().as_bytes());
+                    changed = true;
+                }
+                None => out.extend_from_slice(token),
+            }
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    changed.then_some(out)
+}
+
+/// A body serde refused, as a 400 that names the field where it can.
+fn refusal(e: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
+    let path = e.path().to_string();
+    // A syntax error while reading a key leaves an unknown segment: no field to blame.
+    let in_field = path != "."
+        && !e
+            .path()
+            .iter()
+            .any(|s| matches!(s, serde_path_to_error::Segment::Unknown));
+    let inner = e.into_inner();
+    let message = strip_position(&inner.to_string());
+    if in_field {
+        // Inside a field's value, even a syntax error (a broken string, a number out of
+        // range) is that field's.
+        if inner.is_syntax() || inner.is_eof() {
+            ApiError::field(&path, format!("is not valid JSON: {message}"))
+        } else {
+            ApiError::field(&path, message)
+        }
+    } else if inner.is_syntax() || inner.is_eof() {
+        ApiError::Body(format!("The request body is not valid JSON: {inner}."))
+    } else if let Some(field) = quoted(&message, "unknown field `") {
+        ApiError::field(&field, "is not a known field")
+    } else if let Some(field) = quoted(&message, "duplicate field `") {
+        ApiError::field(&field, "is given more than once")
+    } else if let Some(field) = quoted(&message, "missing field `") {
+        ApiError::field(&field, "is required")
+    } else {
+        ApiError::Body(format!("Invalid request body: {message}."))
+    }
 }
 
 fn quoted(message: &str, prefix: &str) -> Option<String> {
@@ -222,6 +346,26 @@ mod tests {
         assert_eq!(field(r#"{"n":1,"n":2}"#), "n");
         assert_eq!(field(r#"{"n":1e400}"#), "n");
         assert_eq!(field(r#"{"n":4294967296}"#), "n");
+    }
+
+    #[test]
+    fn a_whole_float_is_an_integer() {
+        let b: B = parse_json(br#"{"n": 5.0, "m": 7e0}"#).unwrap();
+        assert_eq!((b.n, b.m), (Some(5), Some(Some(7))));
+        assert_eq!(field(r#"{"n": 5.5}"#), "n");
+        assert_eq!(field(r#"{"n": -1.0}"#), "n");
+        assert_eq!(field(r#"{"n": 4294967296.0}"#), "n");
+        // Nothing else is read differently: strings, duplicates, what follows the object.
+        assert_eq!(field(r#"{"n": 5.0, "n": 6}"#), "n");
+        assert_eq!(field(r#"{"n": 5.0, "zzz": "1.0"}"#), "zzz");
+        assert!(matches!(
+            parse_json::<B>(br#"{"n": 5.0} x"#),
+            Err(ApiError::Body(_))
+        ));
+        assert_eq!(
+            whole_numbers(br#"{"a": "2.0 \" 3.0", "b": [1.0, -2e1, 0.5, 1e400]}"#).unwrap(),
+            br#"{"a": "2.0 \" 3.0", "b": [1, -20, 0.5, 1e400]}"#
+        );
     }
 
     #[test]

@@ -1,26 +1,57 @@
 //! API errors: `{"error": code, "message": sentence, "field"?: name}` with the right status.
 
+use super::schema;
 use crate::domain::{rfc3339, DomainError};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::json;
+use serde_json::{json, Value};
+use utoipa::openapi::{RefOr, Schema};
+
+/// Every `error` code an answer may carry.
+pub const CODES: &[&str] = &[
+    "invalid_field",
+    "invalid_body",
+    "unauthorized",
+    "too_many_failures",
+    "request_timeout",
+    "csrf_failed",
+    "not_found",
+    "already_revoked",
+    "no_route",
+    "method_not_allowed",
+    "payload_too_large",
+    "unsupported_media_type",
+    "conflict",
+    "store_unavailable",
+    "shutting_down",
+    "internal",
+];
 
 /// Every error answer's body.
-#[derive(serde::Serialize, utoipa::ToSchema)]
-pub struct ErrorBody {
-    /// A snake_case code: `invalid_field`, `invalid_body`, `unauthorized`, `too_many_failures`,
-    /// `csrf_failed`, `not_found`, `no_route`, `method_not_allowed`, `request_timeout`,
-    /// `conflict`, `already_revoked`, `payload_too_large`, `unsupported_media_type`,
-    /// `store_unavailable` (503, with `Retry-After`), `shutting_down` (503), `internal`.
-    pub error: String,
-    pub message: String,
-    /// The field or query parameter at fault (`invalid_field`), or `content-type`
-    /// (`unsupported_media_type`).
-    pub field: Option<String>,
-    /// When the token was revoked (`already_revoked`, or `not_found` for a revoked token).
-    pub revoked_at: Option<String>,
+pub struct ErrorBody;
+
+impl utoipa::PartialSchema for ErrorBody {
+    fn schema() -> RefOr<Schema> {
+        let mut o = schema::answer(
+            json!({
+                "error": schema::described(schema::one_of(CODES), "What went wrong, for programs."),
+                "message": schema::described(json!({"type": "string"}), "What went wrong, for people: a sentence."),
+                "field": schema::described(json!({"type": "string"}),
+                    "The body field or query parameter at fault (`invalid_field`, and `conflict` \
+                     when a field conflicts with the token's settings), or `content-type` \
+                     (`unsupported_media_type`)."),
+                "revoked_at": schema::described(schema::date_time(),
+                    "When the token was revoked (`already_revoked`, or `not_found` for a revoked token)."),
+            }),
+            &["error", "message"],
+        );
+        o.insert("description".into(), "Every error answer's body.".into());
+        schema::from_json(Value::Object(o))
+    }
 }
+
+impl utoipa::ToSchema for ErrorBody {}
 
 #[derive(Debug)]
 pub enum ApiError {
@@ -58,6 +89,11 @@ pub enum ApiError {
     /// A body that is not labelled as JSON.
     UnsupportedMediaType,
     Conflict(String),
+    /// 409 about one field that conflicts with the token's current settings.
+    FieldConflict {
+        field: String,
+        message: String,
+    },
     /// The database is unreachable; the client should try again shortly.
     StoreUnavailable(String),
     /// The server is stopping (a readiness probe's answer).
@@ -81,6 +117,10 @@ impl From<DomainError> for ApiError {
             DomainError::Revoked { at } => ApiError::Revoked { at },
             DomainError::Conflict(m) => ApiError::Conflict(m),
             DomainError::Invalid { field, message } => ApiError::field(field, message),
+            DomainError::StateConflict { field, message } => ApiError::FieldConflict {
+                field: field.to_string(),
+                message,
+            },
             DomainError::Unavailable(m) => ApiError::StoreUnavailable(m),
             DomainError::Internal(m) => ApiError::Internal(m),
         }
@@ -167,6 +207,10 @@ impl IntoResponse for ApiError {
                 StatusCode::CONFLICT,
                 json!({"error": "conflict", "message": message}),
             ),
+            ApiError::FieldConflict { field, message } => (
+                StatusCode::CONFLICT,
+                json!({"error": "conflict", "message": format!("{field} {message}."), "field": field}),
+            ),
             ApiError::StoreUnavailable(detail) => {
                 tracing::warn!(%detail, "store unavailable");
                 let body = json!({"error": "store_unavailable", "message": "The database is unavailable; try again shortly."});
@@ -190,5 +234,52 @@ impl IntoResponse for ApiError {
             }
         };
         (status, Json(body)).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn every_answer_carries_a_listed_code() {
+        let all = [
+            ApiError::field("f", "is bad"),
+            ApiError::Body("bad".into()),
+            ApiError::Unauthorized,
+            ApiError::Throttled {
+                retry_after_secs: 1,
+            },
+            ApiError::BodyTimeout,
+            ApiError::Csrf,
+            ApiError::NotFound,
+            ApiError::Revoked { at: 0 },
+            ApiError::AlreadyRevoked { at: 0 },
+            ApiError::NoRoute,
+            ApiError::MethodNotAllowed,
+            ApiError::TooLarge("big".into()),
+            ApiError::UnsupportedMediaType,
+            ApiError::Conflict("c".into()),
+            ApiError::FieldConflict {
+                field: "f".into(),
+                message: "clashes".into(),
+            },
+            ApiError::StoreUnavailable("down".into()),
+            ApiError::ShuttingDown,
+            ApiError::Internal("bug".into()),
+        ];
+        let mut seen = vec![];
+        for e in all {
+            let body = axum::body::to_bytes(e.into_response().into_body(), 4096)
+                .await
+                .unwrap();
+            let v: Value = serde_json::from_slice(&body).unwrap();
+            let code = v["error"].as_str().unwrap().to_string();
+            assert!(CODES.contains(&code.as_str()), "{code} is not in CODES");
+            seen.push(code);
+        }
+        for code in CODES {
+            assert!(seen.iter().any(|c| c == code), "{code} is never answered");
+        }
     }
 }

@@ -3,18 +3,108 @@
 //! (`crate::domain::fleet`).
 
 use super::body::{parse_json, JsonBody, USAGE_BODY_LIMIT};
+use super::openapi::{BadBody, Store, SyncCredential};
+use super::schema::{self, described};
 use super::{ApiError, AppState};
+use crate::domain::fleet::{MAX_COUNT, MAX_TOKEN_ID};
 use axum::extract::State;
 use axum::Json;
-use tokengate_wire::fleet::{FleetAnswer, FleetReport, MAX_TOKENS};
+use serde_json::{json, Value};
+use std::borrow::Cow;
+use tokengate_wire::fleet::{
+    FleetAnswer, FleetReport, MAX_INTERVAL_MS, MAX_PROXY_ID, MAX_TOKENS, MIN_INTERVAL_MS,
+};
+use utoipa::openapi::{RefOr, Schema};
+use utoipa::{PartialSchema, ToSchema};
 
-#[utoipa::path(post, path = "/v1/fleet", tag = "filters", security(("sync" = [])),
-    request_body(content = Object, description = "`{\"proxy_id\": str, \"interval_ms\": int, \"tokens\": [{\"id\", \"admitted\", \"refused\"}]}`: the fleet-limited tokens with traffic in the last interval (none: a heartbeat)"),
-    responses((status = 200, description = "`{\"proxies\": int, \"ttl_ms\": int, \"shares\": [{\"hash\", \"max_rps\", \"burst\", \"rate_milli\", \"share_burst\"}]}`: this proxy's shares", content_type = "application/json"),
-        (status = 400, description = "Malformed report (the field is named)", body = super::error::ErrorBody),
-        (status = 401, description = "No or wrong sync credential", body = super::error::ErrorBody),
-        (status = 413, description = "More tokens than one report may carry, or a body over 2 MB", body = super::error::ErrorBody),
-        (status = 415, description = "The body is not sent as application/json", body = super::error::ErrorBody)))]
+/// Text without control characters (what `char::is_control` refuses), `1..=max` characters.
+fn plain_text(max: usize) -> Value {
+    json!({"type": "string", "minLength": 1, "maxLength": max,
+           "pattern": "^[^\\u0000-\\u001f\\u007f-\\u009f]*$"})
+}
+
+/// `tokengate_wire::fleet::FleetReport`, as the document shows it.
+pub struct Report;
+
+impl PartialSchema for Report {
+    fn schema() -> RefOr<Schema> {
+        let count = |what: &str| described(schema::integer(&(0..=MAX_COUNT)), what);
+        let entry = schema::object(
+            json!({
+                "id": described(plain_text(MAX_TOKEN_ID), "Token id, never the secret or its hash"),
+                "admitted": count("Requests let through during the interval"),
+                "refused": count("Requests refused during the interval"),
+            }),
+            &["id", "admitted", "refused"],
+        );
+        let mut report = schema::object(
+            json!({
+                "proxy_id": described(plain_text(MAX_PROXY_ID), "The proxy's stable id"),
+                "interval_ms": described(schema::integer(&(MIN_INTERVAL_MS..=MAX_INTERVAL_MS)),
+                    "The interval the counts cover, and the proxy's report period"),
+                "tokens": {"type": "array", "maxItems": MAX_TOKENS, "items": entry,
+                    "description": "More than this is a 413. A token named twice counts once, \
+                        with the counts added; no token counts as more than 100,000,000 \
+                        requests a second"},
+            }),
+            &["proxy_id", "interval_ms", "tokens"],
+        );
+        report.insert(
+            "examples".into(),
+            json!([{"proxy_id": "envoy-1", "interval_ms": 1000,
+                    "tokens": [{"id": "tok_Xb3kR9sPq2LmN8vC", "admitted": 18, "refused": 3}]}]),
+        );
+        schema::from_json(Value::Object(report))
+    }
+}
+
+impl ToSchema for Report {
+    fn name() -> Cow<'static, str> {
+        "FleetReport".into()
+    }
+}
+
+/// `tokengate_wire::fleet::FleetAnswer`, as the document shows it.
+pub struct Answer;
+
+impl PartialSchema for Answer {
+    fn schema() -> RefOr<Schema> {
+        let share = schema::answer(
+            json!({
+                "hash": described(schema::matching("^[0-9a-f]{64}$"),
+                    "sha256 of the secret, lower-case hex: the rate state the share applies to"),
+                "max_rps": described(schema::unsigned(), "The token's limit the share was computed from"),
+                "burst": described(schema::unsigned(), "The token's burst the share was computed from"),
+                "rate_milli": described(schema::unsigned(), "This proxy's rate, in thousandths of a request per second"),
+                "share_burst": described(schema::unsigned(), "This proxy's burst, at least 1"),
+            }),
+            &["hash", "max_rps", "burst", "rate_milli", "share_burst"],
+        );
+        let answer = schema::answer(
+            json!({
+                "proxies": described(schema::unsigned(), "Proxies counted as live, this one included"),
+                "ttl_ms": described(schema::unsigned(), "How long the shares hold without a newer answer"),
+                "shares": {"type": "array", "items": share},
+            }),
+            &["proxies", "ttl_ms", "shares"],
+        );
+        schema::from_json(Value::Object(answer))
+    }
+}
+
+impl ToSchema for Answer {
+    fn name() -> Cow<'static, str> {
+        "FleetAnswer".into()
+    }
+}
+
+#[utoipa::path(post, path = "/v1/fleet", tag = "filters", operation_id = "report_fleet_demand",
+    summary = "Report fleet demand, get this proxy's shares",
+    security(("sync" = [])),
+    request_body(content = Report, description = "The fleet-limited tokens with traffic in the \
+        last interval (none: a heartbeat, which keeps the proxy counted as live)"),
+    responses((status = 200, description = "This proxy's shares of its fleet-limited tokens", body = Answer),
+        BadBody, SyncCredential, Store))]
 pub async fn report(
     State(state): State<AppState>,
     JsonBody(body): JsonBody<USAGE_BODY_LIMIT>,

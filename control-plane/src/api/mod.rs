@@ -6,6 +6,7 @@ mod body;
 mod error;
 mod fleet;
 mod openapi;
+pub mod schema;
 mod session;
 mod sync;
 mod tokens;
@@ -131,10 +132,23 @@ async fn access_log(State(state): State<AppState>, req: Request, next: Next) -> 
     resp
 }
 
-#[utoipa::path(get, path = "/healthz", tag = "operations",
-    responses((status = 200, description = "The process answers (liveness)", content_type = "application/json")))]
-async fn healthz() -> Json<serde_json::Value> {
-    Json(serde_json::json!({"status": "ok"}))
+/// What `/healthz` and `/readyz` answer.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct Health {
+    /// `ok` (`/healthz`) or `ready` (`/readyz`).
+    #[schema(schema_with = health_status)]
+    status: &'static str,
+}
+
+fn health_status() -> utoipa::openapi::RefOr<utoipa::openapi::Schema> {
+    schema::from_json(schema::one_of(&["ok", "ready"]))
+}
+
+#[utoipa::path(get, path = "/healthz", tag = "operations", operation_id = "healthz",
+    summary = "Liveness",
+    responses((status = 200, description = "The process answers (liveness): `ok`", body = Health)))]
+async fn healthz() -> Json<Health> {
+    Json(Health { status: "ok" })
 }
 
 /// How long a readiness probe waits for the database.
@@ -152,16 +166,20 @@ async fn store_ready(state: &AppState) -> Result<(), ApiError> {
     }
 }
 
-#[utoipa::path(get, path = "/readyz", tag = "operations",
-    responses((status = 200, description = "The store answers: this replica can serve", content_type = "application/json"),
-        (status = 503, description = "The store does not answer (`store_unavailable`), or the server is shutting down (`shutting_down`)", body = error::ErrorBody)))]
-async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+#[utoipa::path(get, path = "/readyz", tag = "operations", operation_id = "readyz",
+    summary = "Readiness",
+    responses((status = 200, description = "The store answers: this replica can serve (`ready`)", body = Health),
+        (status = 503, description = "The store does not answer within 2 s (`store_unavailable`, with \
+            `Retry-After`), or the server is shutting down (`shutting_down`)", body = error::ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait (`store_unavailable` only)")))))]
+async fn readyz(State(state): State<AppState>) -> Result<Json<Health>, ApiError> {
     store_ready(&state).await?;
-    Ok(Json(serde_json::json!({"status": "ready"})))
+    Ok(Json(Health { status: "ready" }))
 }
 
-#[utoipa::path(get, path = "/metrics", tag = "operations",
-    responses((status = 200, description = "Prometheus text (no token ids, names, credentials or client addresses in labels): credential checks refused and throttled, connections, long-polls, sync answers and reads, the version, store latency and errors, the database pool, webhook outcomes, job runs, requests by route and status", content_type = "text/plain")))]
+#[utoipa::path(get, path = "/metrics", tag = "operations", operation_id = "metrics",
+    summary = "Prometheus metrics",
+    responses((status = 200, description = "Prometheus text (no token ids, names, credentials or client addresses in labels): credential checks refused and throttled, connections, long-polls, sync answers and reads, the version, store latency and errors, the database pool, webhook outcomes, job runs, requests by route and status", body = String, content_type = "text/plain")))]
 async fn metrics(State(state): State<AppState>) -> Response {
     let ready = store_ready(&state).await.is_ok();
     let live = Live::of(state.store.as_ref(), state.feed.reads(), ready);
@@ -191,7 +209,6 @@ fn routes(state: &AppState) -> OpenApiRouter<AppState> {
         .routes(routes!(tokens::reactivate))
         .routes(routes!(tokens::rotate))
         .routes(routes!(audit::list))
-        .routes(routes!(session::sign_out))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             auth::require_admin,
@@ -208,20 +225,28 @@ fn routes(state: &AppState) -> OpenApiRouter<AppState> {
         .routes(routes!(healthz))
         .routes(routes!(readyz))
         .routes(routes!(metrics))
-        .routes(routes!(session::sign_in, session::current))
+        .routes(routes!(
+            session::sign_in,
+            session::current,
+            session::sign_out
+        ))
         .merge(admin)
         .merge(filters)
 }
 
 /// The API description, as served at `/v1/openapi.json`.
-pub fn openapi_document(state: &AppState) -> utoipa::openapi::OpenApi {
+pub fn openapi_document(state: &AppState) -> serde_json::Value {
     let mut doc = routes(state).into_openapi();
     openapi::add_self(&mut doc);
+    let mut doc = serde_json::to_value(doc).unwrap_or_default();
+    openapi::finish(&mut doc, &state.tokens.policy());
     doc
 }
 
 pub fn app(state: AppState) -> Router {
-    let doc = Arc::new(openapi_document(&state));
+    // Rendered once: it depends only on the configuration.
+    let doc =
+        axum::body::Bytes::from(serde_json::to_vec(&openapi_document(&state)).unwrap_or_default());
     let (router, _) = routes(&state).split_for_parts();
     let router = if state.console.enabled {
         router.merge(crate::console::routes())
@@ -233,7 +258,7 @@ pub fn app(state: AppState) -> Router {
             "/v1/openapi.json",
             get(move || {
                 let doc = doc.clone();
-                async move { Json(doc.as_ref().clone()) }
+                async move { ([(CONTENT_TYPE, "application/json")], doc) }
             }),
         )
         .route_layer(middleware::from_fn(tag_route))

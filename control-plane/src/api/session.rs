@@ -2,31 +2,55 @@
 //! cookie (HttpOnly, SameSite=Strict) and a CSRF token that the page sends back in
 //! `X-CSRF-Token` with every change; the credential itself never stays in the browser.
 
-use super::auth::{admin_named_by, guarded, session_cookie, Actor, COOKIE};
+use super::auth::{admin_named_by, console_session, guarded, session_cookie, COOKIE};
 use super::body::{parse_json, JsonBody};
+use super::error::ErrorBody;
+use super::openapi::{BadBody, Csrf, SignInCredential, Store};
+use super::schema::{self, described};
 use super::{ApiError, AppState};
 use crate::domain::sessions::now_ms;
 use crate::metrics::Credential;
 use crate::policy::KindPolicy;
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{ConnectInfo, State};
 use axum::http::header::SET_COOKIE;
-use axum::http::{HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use utoipa::ToSchema;
+use utoipa::openapi::{RefOr, Schema};
+use utoipa::{PartialSchema, ToSchema};
 
-#[derive(Deserialize, ToSchema)]
+/// `POST /v1/session`.
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SignIn {
-    /// An admin credential.
     credential: Option<String>,
 }
+
+impl PartialSchema for SignIn {
+    fn schema() -> RefOr<Schema> {
+        // Anything but whitespace (which is trimmed off): a wrong credential is a 401.
+        let not_blank = crate::text::class(true, &[crate::text::WHITESPACE]);
+        let mut o = schema::object(
+            json!({"credential": described(schema::matching(&not_blank), "An admin credential")}),
+            &["credential"],
+        );
+        o.insert(
+            "examples".into(),
+            json!([{"credential": "3f9c1e7a0b5d4c2e8f6a1b3c5d7e9f01"}]),
+        );
+        schema::from_json(Value::Object(o))
+    }
+}
+
+impl ToSchema for SignIn {}
 
 #[derive(Serialize, ToSchema)]
 pub struct KindLimits {
     /// Longest lifetime a token of this kind may be given; null: no limit.
+    #[schema(required = true)]
     max_lifetime_seconds: Option<u64>,
     /// `never` is not offered when true.
     require_expiry: bool,
@@ -79,14 +103,12 @@ fn cookie(state: &AppState, value: &str, max_age: u64) -> Result<HeaderValue, Ap
     .map_err(|e| ApiError::Internal(e.to_string()))
 }
 
-#[utoipa::path(post, path = "/v1/session", tag = "console",
+#[utoipa::path(post, path = "/v1/session", tag = "console", operation_id = "sign_in",
+    summary = "Sign in to the console",
     request_body = SignIn,
-    responses((status = 201, description = "Signed in; the session cookie is set", body = SessionView),
-        (status = 400, description = "No credential given", body = super::error::ErrorBody),
-        (status = 413, description = "The body is over 64 kB", body = super::error::ErrorBody),
-        (status = 415, description = "The body is not sent as application/json", body = super::error::ErrorBody),
-        (status = 401, description = "Not an admin credential", body = super::error::ErrorBody),
-        (status = 429, description = "Too many refused credentials from this address; see Retry-After", body = super::error::ErrorBody)))]
+    responses((status = 201, description = "Signed in; the session cookie is set", body = SessionView,
+            headers(("Set-Cookie" = String, description = "The session cookie (HttpOnly, SameSite=Strict)"))),
+        BadBody, SignInCredential, Store))]
 pub async fn sign_in(
     State(state): State<AppState>,
     connect: Option<Extension<ConnectInfo<SocketAddr>>>,
@@ -95,11 +117,16 @@ pub async fn sign_in(
     let b: SignIn = parse_json(&body)?;
     let credential = b
         .credential
-        .filter(|c| !c.trim().is_empty())
+        .filter(|c| !c.trim_matches(crate::text::is_whitespace).is_empty())
         .ok_or_else(|| ApiError::field("credential", "is required"))?;
     let client = connect.map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0 .0.ip());
     let actor = guarded(&state, client, Credential::SignIn, || {
-        admin_named_by(&state, credential.trim().as_bytes())
+        admin_named_by(
+            &state,
+            credential
+                .trim_matches(crate::text::is_whitespace)
+                .as_bytes(),
+        )
     })?;
     let issued = state.sessions.start(&actor, now_ms()).await?;
     tracing::info!(actor = %actor, "console sign-in");
@@ -109,38 +136,43 @@ pub async fn sign_in(
     Ok((StatusCode::CREATED, [(SET_COOKIE, set)], body).into_response())
 }
 
-#[utoipa::path(get, path = "/v1/session", tag = "console", security(("session" = [])),
+#[utoipa::path(get, path = "/v1/session", tag = "console", operation_id = "get_session",
+    summary = "The console session",
+    security(("session" = [])),
     responses((status = 200, description = "The current session", body = SessionView),
-        (status = 401, description = "Not signed in, or the session ended", body = super::error::ErrorBody)))]
+        (status = 401, description = "`unauthorized`: not signed in, or the session ended",
+            body = ErrorBody, headers(("WWW-Authenticate" = String, description = "`Bearer`"))),
+        Store))]
 pub async fn current(
     State(state): State<AppState>,
-    req: Request,
+    method: Method,
+    headers: HeaderMap,
 ) -> Result<Json<SessionView>, ApiError> {
-    let id = session_cookie(req.headers()).ok_or(ApiError::Unauthorized)?;
-    let s = state
-        .sessions
-        .touch(id, now_ms())
-        .await?
-        .ok_or(ApiError::Unauthorized)?;
+    let s = console_session(&state, &headers, &method).await?;
     Ok(Json(view(&state, &s.actor, s.csrf)))
 }
 
-/// Behind `require_admin`, so a cookie sign-out needs its CSRF token.
-#[utoipa::path(delete, path = "/v1/session", tag = "console", security(("session" = [])),
-    responses((status = 204, description = "Signed out; the cookie is cleared"),
-        (status = 401, description = "Not signed in", body = super::error::ErrorBody),
-        (status = 403, description = "Missing or wrong X-CSRF-Token", body = super::error::ErrorBody)))]
+/// Ends the session the cookie names: it takes the cookie and its CSRF token, as every
+/// change in a session does. An admin credential has no session to end, so
+/// `Authorization` is not read here.
+#[utoipa::path(delete, path = "/v1/session", tag = "console", operation_id = "sign_out",
+    summary = "Sign out of the console",
+    security(("session" = [], "csrf" = [])),
+    responses((status = 204, description = "Signed out; the cookie is cleared",
+            headers(("Set-Cookie" = String, description = "Clears the session cookie (Max-Age=0)"))),
+        (status = 401, description = "`unauthorized`: not signed in, or the session ended",
+            body = ErrorBody, headers(("WWW-Authenticate" = String, description = "`Bearer`"))),
+        Csrf, Store))]
 pub async fn sign_out(
     State(state): State<AppState>,
-    actor: Option<axum::Extension<Actor>>,
-    req: Request,
+    method: Method,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    if let Some(id) = session_cookie(req.headers()) {
+    let session = console_session(&state, &headers, &method).await?;
+    if let Some(id) = session_cookie(&headers) {
         state.sessions.end(id).await?;
     }
-    if let Some(axum::Extension(a)) = actor {
-        tracing::info!(actor = %a.0, "console sign-out");
-    }
+    tracing::info!(actor = %session.actor, "console sign-out");
     let clear = cookie(&state, "", 0)?;
     Ok((StatusCode::NO_CONTENT, [(SET_COOKIE, clear)]).into_response())
 }

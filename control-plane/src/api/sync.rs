@@ -1,6 +1,8 @@
 //! `GET /v1/sync`: the filters' long-poll. Semantics are documented in `tokengate_wire::sync`.
 
 use super::body::Params;
+use super::openapi::{BadQuery, Store, SyncCredential};
+use super::schema::{self, described, Pattern};
 use super::{ApiError, AppState};
 use crate::domain::feed::Answer;
 use crate::metrics::SyncAnswer;
@@ -10,9 +12,70 @@ use axum::extract::State;
 use axum::http::header::CONTENT_TYPE;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use serde_json::{json, Value};
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 use tokengate_wire::{SyncRecord, SyncResponse, SyncStatus};
+use utoipa::openapi::{RefOr, Schema};
+use utoipa::{PartialSchema, ToSchema};
+
+/// Snapshot cursors carry the snapshot's version and the last id sent: `<version>:<id>`.
+static CURSOR: Pattern = Pattern::new("^[0-9]{1,19}:");
+
+/// `tokengate_wire::SyncResponse`, as the document shows it.
+pub struct SyncBody;
+
+impl PartialSchema for SyncBody {
+    fn schema() -> RefOr<Schema> {
+        let kinds = crate::store::KINDS.map(tokengate_wire::Kind::as_str);
+        let record = schema::answer(
+            json!({
+                "hash": described(schema::matching("^[0-9a-f]{64}$"), "sha256 of the secret, lower-case hex"),
+                "id": {"type": "string"},
+                "name": {"type": "string"},
+                "owner": {"type": "string"},
+                "kind": schema::one_of(&kinds),
+                "status": schema::one_of(&["active", "suspended", "revoked"]),
+                "max_rps": schema::nullable(schema::integer(&crate::domain::tokens::MAX_RPS)),
+                "burst": schema::nullable(schema::integer(&crate::domain::tokens::BURST)),
+                "expires_at": described(schema::nullable(schema::signed()), "Unix seconds; null: never"),
+                "version": schema::unsigned(),
+            }),
+            &[
+                "hash",
+                "id",
+                "name",
+                "owner",
+                "kind",
+                "status",
+                "max_rps",
+                "burst",
+                "expires_at",
+                "version",
+            ],
+        );
+        let answer = schema::answer(
+            json!({
+                "store_id": {"type": "string"},
+                "version": schema::unsigned(),
+                "snapshot": {"type": "boolean"},
+                "changes": {"type": "array", "items": record},
+                "next_cursor": described(CURSOR.schema(),
+                    "Snapshot paging: ask again with this cursor before holding `version`"),
+                "token_count": schema::unsigned(),
+            }),
+            &["store_id", "version", "snapshot", "changes", "token_count"],
+        );
+        schema::from_json(Value::Object(answer))
+    }
+}
+
+impl ToSchema for SyncBody {
+    fn name() -> Cow<'static, str> {
+        "SyncResponse".into()
+    }
+}
 
 #[derive(Default)]
 struct SyncQuery {
@@ -98,10 +161,12 @@ fn number(field: &str, v: Option<&str>) -> Result<Option<u64>, ApiError> {
     .transpose()
 }
 
-/// Snapshot cursors carry the snapshot's version and the last id sent: `<version>:<id>`.
 fn parse_cursor(c: &str) -> Result<(u64, String), ApiError> {
     let bad = || ApiError::field("cursor", "is not a cursor this server handed out");
-    let (v, id) = c.split_once(':').ok_or_else(bad)?;
+    let (v, id) = Some(c)
+        .filter(|c| CURSOR.matches(c))
+        .and_then(|c| c.split_once(':'))
+        .ok_or_else(bad)?;
     Ok((v.parse().map_err(|_| bad())?, id.to_string()))
 }
 
@@ -176,17 +241,33 @@ async fn answer_snapshot(
     Ok(Json(page).into_response())
 }
 
-#[utoipa::path(get, path = "/v1/sync", tag = "filters", security(("sync" = [])),
-    params(
-        ("since" = Option<u64>, Query, description = "The version the filter holds; 0 or absent: none"),
-        ("store_id" = Option<String>, Query, description = "The store the filter's state came from"),
-        ("cursor" = Option<String>, Query, description = "Snapshot paging"),
-        ("wait" = Option<u64>, Query, description = "Seconds to hold the poll when nothing changed (capped by the server)"),
-        ("proxy_id" = Option<String>, Query, description = "Identifies the proxy"),
-    ),
-    responses((status = 200, description = "Changes after `since`, or a snapshot page; see tokengate_wire::sync", content_type = "application/json"),
-        (status = 400, description = "Invalid query parameter", body = super::error::ErrorBody),
-        (status = 401, description = "No or wrong sync credential", body = super::error::ErrorBody)))]
+/// Query parameters of `GET /v1/sync`. Unknown ones are ignored (see `SyncQuery`).
+pub struct SyncParams;
+
+impl utoipa::IntoParams for SyncParams {
+    fn into_params(
+        _: impl Fn() -> Option<utoipa::openapi::path::ParameterIn>,
+    ) -> Vec<utoipa::openapi::path::Parameter> {
+        vec![
+            schema::query("since", "The version the filter holds; 0 or absent: none", schema::unsigned()),
+            schema::query("store_id", "The store the filter's state came from", super::body::text_schema()),
+            schema::query("cursor", "Snapshot paging: the previous page's `next_cursor`", CURSOR.schema()),
+            schema::query(
+                "wait",
+                "Seconds to hold the poll when nothing changed (at most `--sync-max-wait-seconds`, the default)",
+                schema::unsigned(),
+            ),
+            schema::query("proxy_id", "Identifies the proxy", super::body::text_schema()),
+        ]
+    }
+}
+
+#[utoipa::path(get, path = "/v1/sync", tag = "filters", operation_id = "sync",
+    summary = "Long-poll for token changes",
+    security(("sync" = [])),
+    params(SyncParams),
+    responses((status = 200, description = "Changes after `since`, or a snapshot page (see `tokengate_wire::sync`)", body = SyncBody),
+        BadQuery, SyncCredential, Store))]
 pub async fn sync(
     State(state): State<AppState>,
     Params(params): Params,

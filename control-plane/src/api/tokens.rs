@@ -1,55 +1,161 @@
 //! `/v1/tokens`: create, list, get, update, suspend, reactivate, rotate, revoke.
 
 use super::auth::Actor;
-use super::body::{nullable, parse_json, JsonBody, Params, TokenId};
+use super::body::{self, nullable, parse_json, JsonBody, Params, TokenId};
+use super::error::ErrorBody;
+use super::openapi::{AdminCredential, BadBody, BadQuery, Csrf, Store, TokenNotFound};
+use super::schema::{self, described, Pattern};
 use super::{ApiError, AppState};
 use crate::domain::rfc3339;
-use crate::domain::tokens::{Expiry, NewToken, Patch, MAX_EXPIRY};
+use crate::domain::tokens::{Expiry, NewToken, Patch, BURST, EXPIRES_IN_SECONDS, MAX_RPS};
 use crate::duration;
-use crate::store::{parse_kind, ListQuery, Status, TokenRow};
+use crate::rotation::MAX_GRACE_SECONDS;
+use crate::store::{parse_kind, ListQuery, Status, TokenRow, KINDS};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::{Extension, Json};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
 use tokengate_wire::{Kind, LimitScope};
-use utoipa::{IntoParams, ToSchema};
+use utoipa::openapi::path::{Parameter, ParameterIn};
+use utoipa::openapi::{RefOr, Schema};
+use utoipa::{IntoParams, PartialSchema, ToSchema};
+
+/// The statuses the API shows (a revoked token is not shown).
+const SHOWN: [Status; 2] = [Status::Active, Status::Suspended];
+
+fn kind_schema() -> Value {
+    schema::one_of(&KINDS.map(Kind::as_str))
+}
+
+fn status_schema() -> Value {
+    schema::one_of(&SHOWN.map(Status::as_str))
+}
+
+fn max_rps_schema() -> Value {
+    schema::nullable(schema::integer(&MAX_RPS))
+}
+
+fn burst_schema() -> Value {
+    schema::nullable(schema::integer(&BURST))
+}
+
+fn limit_scope_schema() -> Value {
+    schema::one_of(&[LimitScope::Fleet, LimitScope::Proxy].map(LimitScope::as_str))
+}
+
+fn limit_scope_field() -> RefOr<Schema> {
+    schema::from_json(described(
+        limit_scope_schema(),
+        "`fleet`: `max_rps` and `burst` are one limit shared by every proxy; `proxy`: each \
+         proxy's own.",
+    ))
+}
+
+// For `#[schema(schema_with = ...)]`, which takes a function without arguments.
+fn kind_field() -> RefOr<Schema> {
+    schema::from_json(described(
+        kind_schema(),
+        "`user` (acts for a person, the owner) or `service` (acts for an automation owned by \
+         a group).",
+    ))
+}
+
+fn status_field() -> RefOr<Schema> {
+    schema::from_json(described(
+        status_schema(),
+        "`active` or `suspended` (an expired token keeps its status; see `expired`).",
+    ))
+}
+
+fn max_rps_field() -> RefOr<Schema> {
+    schema::from_json(described(
+        max_rps_schema(),
+        "Requests per second; null: unlimited.",
+    ))
+}
+
+fn burst_field() -> RefOr<Schema> {
+    schema::from_json(described(
+        burst_schema(),
+        "Requests allowed at once; null: one second's worth.",
+    ))
+}
+
+fn time_field() -> RefOr<Schema> {
+    schema::from_json(schema::date_time())
+}
+
+fn optional_time_field() -> RefOr<Schema> {
+    schema::from_json(described(
+        schema::nullable(schema::date_time()),
+        "null: not set.",
+    ))
+}
+
+fn secret_field() -> RefOr<Schema> {
+    use tokengate_wire::token::{CHECKSUM_LEN, PREFIX, RANDOM_LEN};
+    schema::from_json(described(
+        schema::matching(&format!(
+            "^{PREFIX}[0-9A-Za-z]{{{}}}$",
+            RANDOM_LEN + CHECKSUM_LEN
+        )),
+        "The secret. It is not stored and cannot be shown again.",
+    ))
+}
+
+/// An expiry as a client sets it. Only the future is accepted, which JSON Schema cannot say.
+fn expiry_schema() -> Value {
+    described(
+        schema::nullable(schema::date_time()),
+        "An RFC 3339 time in the future, at most 9999-12-31T23:59:59Z; null: never (where \
+         the expiry policy allows it).",
+    )
+}
 
 /// A token as the API shows it (never its secret or hash).
 #[derive(Serialize, ToSchema)]
 pub struct TokenView {
+    /// `tok_` and 16 letters and digits.
+    #[schema(example = "tok_Xb3kR9sPq2LmN8vC")]
     id: String,
     name: String,
-    /// `user` (acts for a person, the owner) or `service` (acts for an automation owned by
-    /// a group).
-    #[schema(value_type = String, example = "user")]
+    #[schema(schema_with = kind_field)]
     kind: Kind,
     owner: String,
-    /// `active` or `suspended`.
+    #[schema(schema_with = status_field)]
     status: &'static str,
+    #[schema(required = true, schema_with = max_rps_field)]
     max_rps: Option<u32>,
+    #[schema(required = true, schema_with = burst_field)]
     burst: Option<u32>,
-    /// `fleet`: `max_rps` and `burst` are one limit shared by every proxy; `proxy`: each
-    /// proxy's.
-    #[schema(value_type = String, example = "fleet")]
+    #[schema(schema_with = limit_scope_field)]
     limit_scope: &'static str,
     /// `GET /v1/tokens/{id}` of a fleet-limited token: the live fleet view.
     #[serde(skip_serializing_if = "Option::is_none")]
     fleet: Option<FleetJson>,
+    #[schema(schema_with = time_field)]
     created_at: String,
+    #[schema(required = true, schema_with = optional_time_field)]
     expires_at: Option<String>,
     /// True once `expires_at` has passed (the filter refuses it with `token_expired`).
     expired: bool,
+    #[schema(required = true, schema_with = optional_time_field)]
     last_used_at: Option<String>,
     /// Requests the filters let through, as reported by `POST /v1/usage`.
     requests_allowed: u64,
     /// Requests the filters refused (expired, suspended, rate limited).
     requests_denied: u64,
+    #[schema(required = true, schema_with = optional_time_field)]
     rotated_at: Option<String>,
     /// While a rotation's grace period runs, the old secret works until this time.
+    #[schema(required = true, schema_with = optional_time_field)]
     old_secret_valid_until: Option<String>,
+    #[schema(schema_with = time_field)]
     updated_at: String,
+    /// The version of the token's last change (as `/v1/sync` hands it out).
     version: u64,
 }
 
@@ -150,44 +256,92 @@ fn parse_time(field: &str, v: &str) -> Result<i64, ApiError> {
         })
 }
 
-#[derive(Deserialize, ToSchema)]
+/// `POST /v1/tokens`. An optional field may also be null, which means the same as absent.
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateBody {
     name: Option<String>,
-    /// `user` (default) or `service`.
     kind: Option<String>,
-    /// The person (user tokens; defaults to the admin credential's name) or the group
-    /// (service tokens; required).
     owner: Option<String>,
-    /// Requests per second; absent or null: unlimited.
     max_rps: Option<u32>,
-    /// Requests allowed at once; defaults to one second's worth.
     burst: Option<u32>,
     /// `fleet` (default): `max_rps` and `burst` are one limit for every proxy together;
     /// `proxy`: a limit per proxy.
     limit_scope: Option<String>,
     expires_in_seconds: Option<u64>,
-    /// RFC 3339.
     expires_at: Option<String>,
 }
+
+impl PartialSchema for CreateBody {
+    fn schema() -> RefOr<Schema> {
+        let mut o = schema::object(
+            json!({
+                "name": schema::text(),
+                "kind": described(schema::nullable(kind_schema()), "`user` (the default) or `service`."),
+                "owner": described(schema::nullable(schema::text()),
+                    "The person (user tokens; defaults to the admin credential's name) or the \
+                     group (service tokens: required)."),
+                "max_rps": described(max_rps_schema(), "Requests per second; null: unlimited."),
+                "burst": described(burst_schema(),
+                    "Requests allowed at once (only with max_rps); null: one second's worth."),
+                "limit_scope": described(schema::nullable(limit_scope_schema()),
+                    "`fleet` (the default): `max_rps` and `burst` are one limit for every proxy \
+                     together; `proxy`: a limit per proxy."),
+                "expires_in_seconds": described(schema::nullable(schema::integer(&EXPIRES_IN_SECONDS)),
+                    "The token expires this long from now (not with expires_at)."),
+                "expires_at": described(expiry_schema(), "Not with expires_in_seconds. An RFC 3339 \
+                    time in the future, at most 9999-12-31T23:59:59Z."),
+            }),
+            &["name"],
+        );
+        o.insert(
+            "examples".into(),
+            json!([{"name": "nightly-export", "owner": "data-eng", "max_rps": 20, "burst": 40,
+                    "expires_in_seconds": 2_592_000}]),
+        );
+        o.insert(
+            "allOf".into(),
+            json!([
+                {"if": schema::present(&[("burst", "integer")]),
+                 "then": schema::present(&[("max_rps", "integer")])},
+                {"not": schema::present(&[("expires_in_seconds", "integer"), ("expires_at", "string")])},
+                {"if": {"required": ["kind"], "properties": {"kind": {"const": "service"}}},
+                 "then": schema::present(&[("owner", "string")])},
+            ]),
+        );
+        schema::from_json(Value::Object(o))
+    }
+}
+
+impl ToSchema for CreateBody {}
 
 /// A token with its secret, shown this once.
 #[derive(Serialize, ToSchema)]
 pub struct WithSecret {
     #[serde(flatten)]
     token: TokenView,
-    /// The secret. It is not stored and cannot be shown again.
     #[serde(rename = "token")]
+    #[schema(schema_with = secret_field)]
     secret: String,
 }
 
-#[utoipa::path(post, path = "/v1/tokens", tag = "tokens", security(("admin" = [])),
+/// A created token's id, for the links to the calls that take it.
+const BY_ID: &str = "$response.body#/id";
+
+#[utoipa::path(post, path = "/v1/tokens", tag = "tokens", operation_id = "create_token",
+    summary = "Create a token",
+    security(("admin" = []), ("session" = [], "csrf" = [])),
     request_body = CreateBody,
-    responses((status = 201, description = "Created; the secret is in `token`, this once", body = WithSecret),
-        (status = 400, description = "A field is invalid or breaks the expiry policy", body = super::error::ErrorBody),
-        (status = 413, description = "The body is over 64 kB", body = super::error::ErrorBody),
-        (status = 415, description = "The body is not sent as application/json", body = super::error::ErrorBody),
-        (status = 401, description = "No or wrong admin credential", body = super::error::ErrorBody)))]
+    responses((status = 201, description = "Created; the secret is in `token`, this once", body = WithSecret,
+            links(
+                ("get" = (operation_id = "get_token", parameters(("id" = BY_ID)))),
+                ("update" = (operation_id = "update_token", parameters(("id" = BY_ID)))),
+                ("suspend" = (operation_id = "suspend_token", parameters(("id" = BY_ID)))),
+                ("reactivate" = (operation_id = "reactivate_token", parameters(("id" = BY_ID)))),
+                ("rotate" = (operation_id = "rotate_token", parameters(("id" = BY_ID)))),
+                ("revoke" = (operation_id = "revoke_token", parameters(("id" = BY_ID)))),
+            )),
+        BadBody, AdminCredential, Csrf, Store))]
 pub async fn create(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
@@ -211,18 +365,18 @@ pub async fn create(
                 "cannot be given with expires_in_seconds: give one or the other",
             ))
         }
-        (Some(0), None) => {
+        (Some(s), None) if !EXPIRES_IN_SECONDS.contains(&s) => {
             return Err(ApiError::field(
                 "expires_in_seconds",
-                "must be a positive number of seconds",
+                format!(
+                    "must be between {} and {} (100 years)",
+                    EXPIRES_IN_SECONDS.start(),
+                    EXPIRES_IN_SECONDS.end()
+                ),
             ))
         }
         (Some(s), None) => Expiry {
-            // Saturated past the latest expiry, which the domain refuses.
-            at: Some(
-                now.saturating_add(i64::try_from(s).unwrap_or(i64::MAX))
-                    .min(MAX_EXPIRY + 1),
-            ),
+            at: Some(now.saturating_add(i64::try_from(s).unwrap_or(i64::MAX))),
             field: "expires_in_seconds",
         },
         (None, Some(t)) => Expiry {
@@ -268,61 +422,89 @@ pub async fn create(
 pub struct Listing {
     tokens: Vec<TokenView>,
     /// Pass as `cursor` for the next page; null on the last page.
+    #[schema(required = true)]
     next_cursor: Option<String>,
 }
 
-/// Query parameters of `GET /v1/tokens` (documentation; parsing is strict, see `list`).
-#[derive(Deserialize, IntoParams)]
-#[into_params(parameter_in = Query)]
-#[allow(dead_code)]
-pub struct ListParams {
-    /// `active`, `suspended` (both: not expired) or `expired` (whether suspended or not).
-    status: Option<String>,
-    owner: Option<String>,
-    /// `user` or `service`.
-    kind: Option<String>,
-    /// Tokens that expire within this duration from now: `3600s`, `12h`, `7d`.
-    expiring_within: Option<String>,
-    /// Tokens whose name contains this (ASCII letters match either case).
-    name_contains: Option<String>,
-    /// `id` (default) or `newest` (most recently created first).
-    order: Option<String>,
-    /// 1 to 1000, default 100.
-    limit: Option<u32>,
-    cursor: Option<String>,
+/// `status` filters, as the listing shows them: an expired token is `expired`, whether or
+/// not it was suspended, and is neither `active` nor `suspended`.
+const STATUS_FILTERS: [(&str, Option<Status>, bool); 3] = [
+    ("active", Some(Status::Active), false),
+    ("suspended", Some(Status::Suspended), false),
+    ("expired", None, true),
+];
+
+/// `order`: whether the listing is newest first.
+const ORDERS: [(&str, bool); 2] = [("id", false), ("newest", true)];
+
+/// `expiring_within`: a positive whole number (at most 12 digits) of seconds, minutes, hours
+/// or days.
+static EXPIRING_WITHIN: Pattern = Pattern::new("^[1-9][0-9]{0,11}[smhd]$");
+
+/// Query parameters of `GET /v1/tokens`.
+pub struct ListParams;
+
+impl IntoParams for ListParams {
+    fn into_params(_: impl Fn() -> Option<ParameterIn>) -> Vec<Parameter> {
+        vec![
+            schema::query(
+                "status",
+                "`active`, `suspended` (both: not expired) or `expired` (whether suspended or not)",
+                schema::one_of(&STATUS_FILTERS.map(|(n, _, _)| n)),
+            ),
+            schema::query("owner", "Tokens of this owner", body::text_schema()),
+            schema::query("kind", "Tokens of this kind", kind_schema()),
+            schema::query(
+                "expiring_within",
+                "Tokens that expire within this duration from now: `3600s`, `90m`, `12h`, `7d`",
+                EXPIRING_WITHIN.schema(),
+            ),
+            schema::query(
+                "name_contains",
+                "Tokens whose name contains this (ASCII letters match either case)",
+                body::text_schema(),
+            ),
+            schema::query(
+                "order",
+                "`id` (the default) or `newest` (most recently created first)",
+                schema::one_of(&ORDERS.map(|(n, _)| n)),
+            ),
+            schema::query("limit", "Tokens per page", body::limit_schema()),
+            schema::query(
+                "cursor",
+                "The previous page's `next_cursor`",
+                body::text_schema(),
+            ),
+        ]
+    }
 }
 
-#[utoipa::path(get, path = "/v1/tokens", tag = "tokens", security(("admin" = [])),
+#[utoipa::path(get, path = "/v1/tokens", tag = "tokens", operation_id = "list_tokens",
+    summary = "List tokens",
+    security(("admin" = []), ("session" = [])),
     params(ListParams),
-    responses((status = 200, description = "A page of tokens, by id", body = Listing),
-        (status = 400, description = "Unknown or invalid query parameter", body = super::error::ErrorBody),
-        (status = 401, description = "No or wrong admin credential", body = super::error::ErrorBody)))]
+    responses((status = 200, description = "A page of tokens, by id (or newest first)", body = Listing),
+        BadQuery, AdminCredential, Store))]
 pub async fn list(
     State(state): State<AppState>,
     Params(q): Params,
 ) -> Result<Json<Listing>, ApiError> {
     let now = Utc::now().timestamp();
     let mut query = ListQuery {
-        limit: 100,
+        limit: body::DEFAULT_LIMIT,
         ..Default::default()
     };
     let mut cursor = None;
     for (k, v) in q {
         match k.as_str() {
-            // Statuses as shown: an expired token is `expired`, whether or not it was
-            // suspended, and is neither `active` nor `suspended`.
             "status" => {
-                (query.status, query.expired) = match v.as_str() {
-                    "active" => (Some(Status::Active), Some((false, now))),
-                    "suspended" => (Some(Status::Suspended), Some((false, now))),
-                    "expired" => (None, Some((true, now))),
-                    _ => {
-                        return Err(ApiError::field(
-                            "status",
-                            "must be `active`, `suspended` or `expired`",
-                        ))
-                    }
-                }
+                let (_, status, expired) = STATUS_FILTERS
+                    .into_iter()
+                    .find(|(name, _, _)| *name == v)
+                    .ok_or_else(|| {
+                        ApiError::field("status", "must be `active`, `suspended` or `expired`")
+                    })?;
+                (query.status, query.expired) = (status, Some((expired, now)));
             }
             "owner" => query.owner = Some(v),
             "name_contains" => query.name_contains = Some(v),
@@ -333,25 +515,21 @@ pub async fn list(
                 )
             }
             "expiring_within" => {
-                let secs = duration::parse(&v).ok().flatten().ok_or_else(|| {
-                    ApiError::field("expiring_within", "must be a duration such as 12h or 7d")
-                })?;
+                let secs = Some(&v)
+                    .filter(|v| EXPIRING_WITHIN.matches(v))
+                    .and_then(|v| duration::parse(v).ok().flatten())
+                    .ok_or_else(|| {
+                        ApiError::field("expiring_within", "must be a duration such as 12h or 7d")
+                    })?;
                 let secs = i64::try_from(secs).unwrap_or(i64::MAX);
                 query.expiring = Some((now, now.saturating_add(secs)));
             }
-            "limit" => {
-                query.limit = v
-                    .parse()
-                    .ok()
-                    .filter(|n| (1..=1000).contains(n))
-                    .ok_or_else(|| ApiError::field("limit", "must be between 1 and 1000"))?
-            }
+            "limit" => query.limit = body::limit(&v)?,
             "order" => {
-                query.newest_first = match v.as_str() {
-                    "id" => false,
-                    "newest" => true,
-                    _ => return Err(ApiError::field("order", "must be `id` or `newest`")),
-                }
+                (_, query.newest_first) = ORDERS
+                    .into_iter()
+                    .find(|(name, _)| *name == v)
+                    .ok_or_else(|| ApiError::field("order", "must be `id` or `newest`"))?;
             }
             "cursor" => cursor = Some(v),
             other => return Err(ApiError::field(other, "is not a known query parameter")),
@@ -378,11 +556,12 @@ pub async fn list(
     }))
 }
 
-#[utoipa::path(get, path = "/v1/tokens/{id}", tag = "tokens", security(("admin" = [])),
+#[utoipa::path(get, path = "/v1/tokens/{id}", tag = "tokens", operation_id = "get_token",
+    summary = "Show a token",
+    security(("admin" = []), ("session" = [])),
     params(("id" = String, Path, description = "Token id, `tok_...`")),
     responses((status = 200, description = "The token", body = TokenView),
-        (status = 401, description = "No or wrong admin credential", body = super::error::ErrorBody),
-        (status = 404, description = "No such token (or revoked, or purged)", body = super::error::ErrorBody)))]
+        AdminCredential, TokenNotFound, Store))]
 pub async fn get(
     State(state): State<AppState>,
     TokenId(id): TokenId,
@@ -399,39 +578,62 @@ pub async fn get(
     Ok(Json(v))
 }
 
-#[derive(Deserialize, ToSchema)]
+/// `PATCH /v1/tokens/{id}`: the fields to change, at least one.
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PatchBody {
-    /// Cannot be null: a token always has a name.
     #[serde(default, deserialize_with = "nullable")]
-    #[schema(value_type = Option<String>)]
     name: Option<Option<String>>,
-    /// null: unlimited.
     #[serde(default, deserialize_with = "nullable")]
-    #[schema(value_type = Option<u32>)]
     max_rps: Option<Option<u32>>,
     #[serde(default, deserialize_with = "nullable")]
-    #[schema(value_type = Option<u32>)]
     burst: Option<Option<u32>>,
-    /// `fleet` or `proxy`; cannot be null.
     #[serde(default, deserialize_with = "nullable")]
-    #[schema(value_type = Option<String>)]
     limit_scope: Option<Option<String>>,
-    /// RFC 3339, or null for never (where the policy allows it).
     #[serde(default, deserialize_with = "nullable")]
-    #[schema(value_type = Option<String>)]
     expires_at: Option<Option<String>>,
 }
 
-#[utoipa::path(patch, path = "/v1/tokens/{id}", tag = "tokens", security(("admin" = [])),
+impl PartialSchema for PatchBody {
+    fn schema() -> RefOr<Schema> {
+        let mut o = schema::object(
+            json!({
+                "name": described(schema::text(), "Cannot be null: a token always has a name."),
+                "max_rps": described(max_rps_schema(), "null: unlimited (which also clears burst)."),
+                "burst": described(burst_schema(),
+                    "null: one second's worth. A token without max_rps has no burst: setting one \
+                     on it is a 409 unless max_rps comes with it."),
+                "limit_scope": described(limit_scope_schema(), "`fleet` or `proxy`; cannot be null."),
+                "expires_at": expiry_schema(),
+            }),
+            &[],
+        );
+        o.insert("minProperties".into(), 1.into());
+        o.insert(
+            "examples".into(),
+            json!([{"name": "nightly-export-2", "max_rps": 50, "burst": 100,
+                    "expires_at": "2099-01-31T12:00:00Z"}]),
+        );
+        o.insert(
+            "not".into(),
+            json!({"required": ["burst", "max_rps"],
+                   "properties": {"burst": {"type": "integer"}, "max_rps": {"type": "null"}}}),
+        );
+        schema::from_json(Value::Object(o))
+    }
+}
+
+impl ToSchema for PatchBody {}
+
+#[utoipa::path(patch, path = "/v1/tokens/{id}", tag = "tokens", operation_id = "update_token",
+    summary = "Change a token's name, limits or expiry",
+    security(("admin" = []), ("session" = [], "csrf" = [])),
     params(("id" = String, Path, description = "Token id")),
     request_body = PatchBody,
     responses((status = 200, description = "The updated token", body = TokenView),
-        (status = 400, description = "A field is invalid or breaks the expiry policy", body = super::error::ErrorBody),
-        (status = 413, description = "The body is over 64 kB", body = super::error::ErrorBody),
-        (status = 415, description = "The body is not sent as application/json", body = super::error::ErrorBody),
-        (status = 401, description = "No or wrong admin credential", body = super::error::ErrorBody),
-        (status = 404, description = "No such token", body = super::error::ErrorBody)))]
+        (status = 409, description = "`conflict`: a burst for a token that has no max_rps \
+            (`field`: `burst`), or the token kept changing concurrently", body = ErrorBody),
+        BadBody, AdminCredential, Csrf, TokenNotFound, Store))]
 pub async fn update(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
@@ -485,11 +687,13 @@ async fn set_status(
     Ok(state.tokens.set_status(&actor.0, &id, to, now).await?)
 }
 
-#[utoipa::path(post, path = "/v1/tokens/{id}/suspend", tag = "tokens", security(("admin" = [])),
+#[utoipa::path(post, path = "/v1/tokens/{id}/suspend", tag = "tokens", operation_id = "suspend_token",
+    summary = "Suspend a token",
+    security(("admin" = []), ("session" = [], "csrf" = [])),
     params(("id" = String, Path, description = "Token id")),
     responses((status = 200, description = "The token, `status: suspended`; the filters answer 403 from now on", body = TokenView),
-        (status = 401, description = "No or wrong admin credential", body = super::error::ErrorBody),
-        (status = 404, description = "No such token", body = super::error::ErrorBody)))]
+        (status = 409, description = "`conflict`: the token kept changing concurrently", body = ErrorBody),
+        AdminCredential, Csrf, TokenNotFound, Store))]
 pub async fn suspend(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
@@ -498,11 +702,13 @@ pub async fn suspend(
     Ok(view(set_status(state, actor, id, Status::Suspended).await?))
 }
 
-#[utoipa::path(post, path = "/v1/tokens/{id}/reactivate", tag = "tokens", security(("admin" = [])),
+#[utoipa::path(post, path = "/v1/tokens/{id}/reactivate", tag = "tokens", operation_id = "reactivate_token",
+    summary = "Reactivate a suspended token",
+    security(("admin" = []), ("session" = [], "csrf" = [])),
     params(("id" = String, Path, description = "Token id")),
     responses((status = 200, description = "The token, `status: active`", body = TokenView),
-        (status = 401, description = "No or wrong admin credential", body = super::error::ErrorBody),
-        (status = 404, description = "No such token", body = super::error::ErrorBody)))]
+        (status = 409, description = "`conflict`: the token kept changing concurrently", body = ErrorBody),
+        AdminCredential, Csrf, TokenNotFound, Store))]
 pub async fn reactivate(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
@@ -511,12 +717,14 @@ pub async fn reactivate(
     Ok(view(set_status(state, actor, id, Status::Active).await?))
 }
 
-#[utoipa::path(delete, path = "/v1/tokens/{id}", tag = "tokens", security(("admin" = [])),
+#[utoipa::path(delete, path = "/v1/tokens/{id}", tag = "tokens", operation_id = "revoke_token",
+    summary = "Revoke a token",
+    security(("admin" = []), ("session" = [], "csrf" = [])),
     params(("id" = String, Path, description = "Token id")),
     responses((status = 204, description = "Revoked: the filters refuse it from now on"),
-        (status = 401, description = "No or wrong admin credential", body = super::error::ErrorBody),
-        (status = 404, description = "No such token", body = super::error::ErrorBody),
-        (status = 409, description = "Already revoked (`already_revoked`, with `revoked_at`)", body = super::error::ErrorBody)))]
+        (status = 409, description = "`already_revoked` (with `revoked_at`), or `conflict`: the \
+            token kept changing concurrently", body = ErrorBody),
+        AdminCredential, Csrf, TokenNotFound, Store))]
 pub async fn revoke(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
@@ -529,22 +737,39 @@ pub async fn revoke(
     }
 }
 
-#[derive(Deserialize, ToSchema)]
+/// `POST /v1/tokens/{id}/rotate`; the body is optional.
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RotateBody {
-    /// How long the old secret keeps working (default 0: refused at once; at most 30 days).
     grace_seconds: Option<u64>,
 }
 
-#[utoipa::path(post, path = "/v1/tokens/{id}/rotate", tag = "tokens", security(("admin" = [])),
+impl PartialSchema for RotateBody {
+    fn schema() -> RefOr<Schema> {
+        let mut o = schema::object(
+            json!({
+                "grace_seconds": described(
+                    schema::nullable(schema::integer(&(0..=MAX_GRACE_SECONDS))),
+                    "How long the old secret keeps working (at most 30 days); absent, null or \
+                     0: it is refused at once."),
+            }),
+            &[],
+        );
+        o.insert("examples".into(), json!([{"grace_seconds": 3600}]));
+        schema::from_json(Value::Object(o))
+    }
+}
+
+impl ToSchema for RotateBody {}
+
+#[utoipa::path(post, path = "/v1/tokens/{id}/rotate", tag = "tokens", operation_id = "rotate_token",
+    summary = "Issue a new secret for a token",
+    security(("admin" = []), ("session" = [], "csrf" = [])),
     params(("id" = String, Path, description = "Token id")),
-    request_body(content = Option<RotateBody>, description = "Optional"),
+    request_body(content = Option<RotateBody>, description = "Optional: no body is `{}`"),
     responses((status = 200, description = "The token with its new secret in `token`, this once", body = WithSecret),
-        (status = 400, description = "Invalid grace_seconds", body = super::error::ErrorBody),
-        (status = 413, description = "The body is over 64 kB", body = super::error::ErrorBody),
-        (status = 415, description = "The body is not sent as application/json", body = super::error::ErrorBody),
-        (status = 401, description = "No or wrong admin credential", body = super::error::ErrorBody),
-        (status = 404, description = "No such token", body = super::error::ErrorBody)))]
+        (status = 409, description = "`conflict`: the token kept changing concurrently", body = ErrorBody),
+        BadBody, AdminCredential, Csrf, TokenNotFound, Store))]
 pub async fn rotate(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
@@ -561,5 +786,41 @@ pub async fn rotate(
     Ok(Json(WithSecret {
         token: TokenView::new(rotated.token, now),
         secret: rotated.secret,
+    }))
+}
+
+/// The expiry policy (`--user-max-lifetime` and the like) as conditions on
+/// `POST /v1/tokens`: a kind that must expire needs `expires_in_seconds` or `expires_at`, and
+/// `expires_in_seconds` may not pass the kind's longest lifetime. `None` without a policy.
+/// (The same bound on `expires_at`, which depends on the clock, is in the refusal only.)
+pub fn policy_rules(policy: &crate::policy::Policy) -> Option<Value> {
+    let rules = |kind: Kind| {
+        let p = policy.for_kind(kind);
+        let mut r = serde_json::Map::new();
+        if !policy.allows_never(kind) {
+            r.insert(
+                "anyOf".into(),
+                json!([
+                    schema::present(&[("expires_in_seconds", "integer")]),
+                    schema::present(&[("expires_at", "string")]),
+                ]),
+            );
+        }
+        if let Some(max) = p.max_lifetime {
+            r.insert(
+                "properties".into(),
+                json!({"expires_in_seconds": {"maximum": max.min(*EXPIRES_IN_SECONDS.end())}}),
+            );
+        }
+        r
+    };
+    let (user, service) = (rules(Kind::User), rules(Kind::Service));
+    if user.is_empty() && service.is_empty() {
+        return None;
+    }
+    Some(json!({
+        "if": {"required": ["kind"], "properties": {"kind": {"const": Kind::Service.as_str()}}},
+        "then": service,
+        "else": user,
     }))
 }

@@ -38,8 +38,14 @@ const FLOOR_DIVISOR: u64 = 10;
 const IDLE_FLOOR_DIVISOR: u64 = 1_000;
 /// How old the read of every proxy's demand may be when a report is answered.
 pub const REFRESH_MS: i64 = 250;
-/// More requests per second than any one proxy can see: a report claiming more is refused.
+/// More requests per second than any one proxy can see: a claim above it counts as this much.
 pub const MAX_REPORTED_RPS: u64 = 100_000_000;
+/// The most one count of a report may say (`MAX_REPORTED_RPS` over the longest interval); a
+/// count above it is refused. A bound that does not depend on the interval, so that the
+/// OpenAPI document can state it.
+pub const MAX_COUNT: u64 = MAX_REPORTED_RPS * MAX_INTERVAL_MS as u64 / 1_000;
+/// Longest token id a report may name.
+pub const MAX_TOKEN_ID: usize = 64;
 
 /// What one proxy asks of a token.
 #[derive(Debug, Clone, PartialEq)]
@@ -214,10 +220,10 @@ fn invalid(field: &'static str, message: impl Into<String>) -> DomainError {
 /// Checks a report and merges tokens named twice.
 pub fn check(report: &FleetReport) -> Result<Vec<TokenDemand>, DomainError> {
     let id = &report.proxy_id;
-    if id.is_empty() || id.len() > MAX_PROXY_ID {
+    if id.is_empty() || id.chars().count() > MAX_PROXY_ID {
         return Err(invalid(
             "proxy_id",
-            format!("must be 1 to {MAX_PROXY_ID} bytes long"),
+            format!("must be 1 to {MAX_PROXY_ID} characters long"),
         ));
     }
     if id.chars().any(char::is_control) {
@@ -231,24 +237,36 @@ pub fn check(report: &FleetReport) -> Result<Vec<TokenDemand>, DomainError> {
     }
     let mut merged: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
     for t in &report.tokens {
-        if t.id.is_empty() || t.id.len() > 64 || t.id.chars().any(char::is_control) {
+        if t.id.is_empty()
+            || t.id.chars().count() > MAX_TOKEN_ID
+            || t.id.chars().any(char::is_control)
+        {
             return Err(invalid(
                 "tokens.id",
-                "must be a token id (1 to 64 bytes, no control characters)",
+                format!(
+                    "must be a token id (1 to {MAX_TOKEN_ID} characters, no control characters)"
+                ),
             ));
+        }
+        for (field, count) in [
+            ("tokens.admitted", t.admitted),
+            ("tokens.refused", t.refused),
+        ] {
+            if count > MAX_COUNT {
+                return Err(invalid(field, format!("must be at most {MAX_COUNT}")));
+            }
         }
         let e = merged.entry(&t.id).or_default();
         e.0 = e.0.saturating_add(t.admitted);
         e.1 = e.1.saturating_add(t.refused);
-        let most = MAX_REPORTED_RPS * u64::from(report.interval_ms) / 1_000;
-        if e.0.saturating_add(e.1) > most {
-            return Err(invalid(
-                "tokens.admitted",
-                format!(
-                    "claims more than {MAX_REPORTED_RPS} requests per second for one token on one proxy"
-                ),
-            ));
-        }
+    }
+    // No proxy sees more than MAX_REPORTED_RPS for one token: a claim of more (a token
+    // named twice, counts beyond the interval) weighs as that much, so that it cannot take
+    // the other proxies' shares.
+    let most = MAX_REPORTED_RPS * u64::from(report.interval_ms) / 1_000;
+    for e in merged.values_mut() {
+        e.0 = e.0.min(most);
+        e.1 = e.1.min(most.saturating_sub(e.0));
     }
     if merged.len() > MAX_TOKENS {
         return Err(invalid(
@@ -663,10 +681,19 @@ mod tests {
             field(check(&report(
                 "p",
                 1_000,
-                vec![t("tok_1", MAX_REPORTED_RPS / 2 + 1, 0); 2]
+                vec![t("tok_1", 1, MAX_COUNT + 1)]
             ))),
-            "tokens.admitted",
-            "a token named twice is one claim"
+            "tokens.refused"
+        );
+        assert_eq!(
+            check(&report(
+                "p",
+                1_000,
+                vec![t("tok_1", MAX_REPORTED_RPS / 2 + 1, 7); 2]
+            ))
+            .unwrap(),
+            [t("tok_1", MAX_REPORTED_RPS, 0)],
+            "a token named twice is one claim, of at most MAX_REPORTED_RPS"
         );
         assert_eq!(
             field(check(&report("p", 1_000, vec![t("", 1, 1)]))),

@@ -32,6 +32,12 @@ pub enum DomainError {
         message: String,
     },
     Conflict(String),
+    /// The request is valid in itself but conflicts with the token's current settings (a
+    /// burst for a token that has no max_rps); names the field, as `Invalid` does.
+    StateConflict {
+        field: &'static str,
+        message: String,
+    },
     /// The database cannot be reached; try again later.
     Unavailable(String),
     Internal(String),
@@ -51,7 +57,8 @@ impl std::fmt::Display for DomainError {
         match self {
             DomainError::NotFound => write!(f, "not found"),
             DomainError::Revoked { at } => write!(f, "revoked at {at}"),
-            DomainError::Invalid { field, message } => write!(f, "{field} {message}"),
+            DomainError::Invalid { field, message }
+            | DomainError::StateConflict { field, message } => write!(f, "{field} {message}"),
             DomainError::Conflict(m) | DomainError::Internal(m) => write!(f, "{m}"),
             DomainError::Unavailable(m) => write!(f, "store unavailable: {m}"),
         }

@@ -8,11 +8,17 @@ use crate::policy::{Policy, Refusal};
 use crate::rotation;
 use crate::secrets;
 use crate::store::{AuditEntry, AuditQuery, ListQuery, Status, Store, StoreError, TokenRow};
+use std::ops::RangeInclusive;
 use std::sync::Arc;
 use tokengate_wire::{Kind, LimitScope, UsageEntry};
 
-pub const MAX_RPS: u32 = 1_000_000;
-pub const MAX_BURST: u32 = 10_000_000;
+/// Requests per second a limited token may be given (null: unlimited).
+pub const MAX_RPS: RangeInclusive<u32> = 1..=1_000_000;
+/// Requests a limited token may make at once.
+pub const BURST: RangeInclusive<u32> = 1..=10_000_000;
+/// `expires_in_seconds` at creation: a positive number of seconds, at most 100 years (further
+/// is as good as never, and stays clear of the latest expiry for the next 7,800 years).
+pub const EXPIRES_IN_SECONDS: RangeInclusive<u64> = 1..=36_500 * 86_400;
 /// The latest expiry RFC 3339 can write with its four-digit year: 9999-12-31T23:59:59Z.
 pub const MAX_EXPIRY: i64 = 253_402_300_799;
 /// Attempts at a change that keeps meeting concurrent changes before giving up (409).
@@ -34,27 +40,29 @@ pub fn check_text(field: &'static str, v: &str) -> Result<(), DomainError> {
 
 pub fn check_max_rps(v: Option<u32>) -> Result<(), DomainError> {
     match v {
-        Some(n) if n == 0 || n > MAX_RPS => Err(DomainError::invalid(
+        Some(n) if !MAX_RPS.contains(&n) => Err(DomainError::invalid(
             "max_rps",
-            format!("must be between 1 and {MAX_RPS}, or null for unlimited"),
+            format!(
+                "must be between {} and {}, or null for unlimited",
+                MAX_RPS.start(),
+                MAX_RPS.end()
+            ),
         )),
         _ => Ok(()),
     }
 }
 
-pub fn check_burst(burst: Option<u32>, max_rps: Option<u32>) -> Result<(), DomainError> {
+pub fn check_burst(burst: Option<u32>) -> Result<(), DomainError> {
     match burst {
-        Some(n) if n == 0 || n > MAX_BURST => Err(DomainError::invalid(
+        Some(n) if !BURST.contains(&n) => Err(DomainError::invalid(
             "burst",
-            format!("must be between 1 and {MAX_BURST}"),
-        )),
-        Some(_) if max_rps.is_none() => Err(DomainError::invalid(
-            "burst",
-            "needs max_rps: an unlimited token has no burst",
+            format!("must be between {} and {}", BURST.start(), BURST.end()),
         )),
         _ => Ok(()),
     }
 }
+
+const BURST_NEEDS_MAX_RPS: &str = "needs max_rps: an unlimited token has no burst";
 
 /// An expiry being set at `now`, named by the field the client used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -154,7 +162,10 @@ impl Tokens {
         };
         check_text("owner", &owner)?;
         check_max_rps(t.max_rps)?;
-        check_burst(t.burst, t.max_rps)?;
+        check_burst(t.burst)?;
+        if t.burst.is_some() && t.max_rps.is_none() {
+            return Err(DomainError::invalid("burst", BURST_NEEDS_MAX_RPS));
+        }
         check_expiry(t.expiry, now)?;
         self.policy
             .check(t.kind, now, t.expiry.at, t.expiry.field)?;
@@ -260,6 +271,12 @@ impl Tokens {
         if let Some(max_rps) = patch.max_rps {
             check_max_rps(max_rps)?;
         }
+        if let Some(burst) = patch.burst {
+            check_burst(burst)?;
+            if burst.is_some() && patch.max_rps == Some(None) {
+                return Err(DomainError::invalid("burst", BURST_NEEDS_MAX_RPS));
+            }
+        }
         if let Some(Some(t)) = patch.expires_at {
             check_expiry(
                 Expiry {
@@ -290,7 +307,17 @@ impl Tokens {
                 row.expires_at = e;
                 policy.check(row.kind, now, e, "expires_at")?;
             }
-            check_burst(row.burst, row.max_rps)
+            // Only the token as stored can have made this burst unlimited: the request
+            // alone was fine, so this is a conflict with the token rather than bad input.
+            if row.burst.is_some() && row.max_rps.is_none() {
+                return Err(DomainError::StateConflict {
+                    field: "burst",
+                    message: format!(
+                        "{BURST_NEEDS_MAX_RPS}; give max_rps with it, or set max_rps first"
+                    ),
+                });
+            }
+            Ok(())
         })
         .await
     }

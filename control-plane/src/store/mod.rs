@@ -44,12 +44,11 @@ impl Status {
     }
 }
 
+/// Every kind of token, as the API and the database spell them (`Kind::as_str`).
+pub const KINDS: [Kind; 2] = [Kind::User, Kind::Service];
+
 pub fn parse_kind(s: &str) -> Option<Kind> {
-    match s {
-        "user" => Some(Kind::User),
-        "service" => Some(Kind::Service),
-        _ => None,
-    }
+    KINDS.into_iter().find(|k| k.as_str() == s)
 }
 
 /// Unix seconds throughout; the API layer renders RFC 3339.
