@@ -472,6 +472,9 @@ impl Store for Metered {
     fn subscribe(&self) -> watch::Receiver<u64> {
         self.inner.subscribe()
     }
+    fn hearing(&self) -> watch::Receiver<bool> {
+        self.inner.hearing()
+    }
     fn pool(&self) -> Option<(usize, usize, usize, usize)> {
         self.inner.pool()
     }

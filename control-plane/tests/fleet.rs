@@ -133,6 +133,74 @@ fn a_console_session_opened_on_one_replica_works_on_the_others() {
     assert_eq!(gone.status, 401);
 }
 
+/// A poll held by a replica that is then cut off from PostgreSQL: the replica can no longer
+/// hear of changes made through the others, so it lets the poll go (within its listener's
+/// recheck and timeout, not at the end of the poll's wait), and the filter polls again,
+/// through a replica that hears.
+#[test]
+fn a_poll_held_by_a_replica_that_goes_deaf_is_let_go() {
+    let cluster = tokengate_pgtest::shared();
+    let url = cluster.fresh_database();
+    let proxy = TcpProxy::start(([127, 0, 0, 1], cluster.port()).into());
+    let a = replica(&url);
+    // Polls held for up to a minute here (the tests' replicas let them go after 5 s).
+    let b = {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = config(dir.path(), 100, Policy::default());
+        config.database = Database::Postgres(proxy.url(&url, cluster.port()));
+        config.postgres.timeout = Duration::from_secs(2);
+        config.sync_max_wait = Duration::from_secs(60);
+        spawn(config, dir)
+    };
+    let store_id = a.sync("since=0")["store_id"].as_str().unwrap().to_string();
+    let held = |app: &TestApp| {
+        app.request("GET", "/metrics", &[], None)
+            .text
+            .contains("tokengate_sync_polls_held 1")
+    };
+    let poll_url = format!("{}/v1/sync?since=0&store_id={store_id}&wait=60", b.url);
+    let poll = std::thread::spawn(move || {
+        let t = Instant::now();
+        let status = match ureq::get(&poll_url)
+            .set("authorization", &format!("Bearer {SYNC}"))
+            .call()
+        {
+            Ok(r) => r.status(),
+            Err(ureq::Error::Status(code, _)) => code,
+            Err(e) => panic!("poll: {e}"),
+        };
+        (t.elapsed(), status)
+    });
+    let start = Instant::now();
+    while !held(&b) {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the poll was never held"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    proxy.set(Cut::Blackhole);
+    let cut = Instant::now();
+    // Changes made through `a` now would not reach `b`: whether there are any, `b` cannot
+    // know, so the poll must not wait for them.
+    let (took, status) = poll.join().unwrap();
+    // Held to the end of its 60 s wait, the poll would have kept the filter from the
+    // change for a minute.
+    assert!(
+        took < Duration::from_secs(40),
+        "the deaf replica held the poll {took:?} (cut {:?} ago)",
+        cut.elapsed()
+    );
+    println!("released after {took:?} with {status}");
+    assert_eq!(
+        status, 503,
+        "nothing to answer from: the database is out of reach"
+    );
+    // (That it hears and holds polls again once the partition heals is the test above.)
+    proxy.set(Cut::Open);
+}
+
 #[test]
 fn a_change_through_one_replica_wakes_polls_held_by_another_and_reads_back_everywhere() {
     let r = replicas(2);

@@ -167,6 +167,7 @@ fn killing_a_replica_under_traffic_and_writes_loses_no_acknowledged_write() {
 
     // Writers on both replicas; every acknowledged write is remembered.
     let acked: Arc<Mutex<Vec<(String, &'static str)>>> = Arc::default();
+    let unanswered: Arc<Mutex<std::collections::BTreeSet<String>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     let writers: Vec<_> = (0..2)
         .map(|i| {
@@ -175,6 +176,7 @@ fn killing_a_replica_under_traffic_and_writes_loses_no_acknowledged_write() {
                 format!("Bearer {}", stack.admin_token),
             );
             let (acked, stop) = (acked.clone(), stop.clone());
+            let unanswered = unanswered.clone();
             std::thread::spawn(move || {
                 let mut n = 0;
                 while !stop.load(Ordering::SeqCst) {
@@ -194,10 +196,17 @@ fn killing_a_replica_under_traffic_and_writes_loses_no_acknowledged_write() {
                     acked.lock().unwrap().push((id.clone(), "active"));
                     if n % 2 == 0 {
                         let path = format!("/v1/tokens/{id}/suspend");
-                        if let Ok(r) = tokengate_e2e::http(addr, "POST", &path, &headers, None) {
-                            if r.status == 200 {
+                        match tokengate_e2e::http(addr, "POST", &path, &headers, None) {
+                            Ok(r) if r.status == 200 => {
                                 acked.lock().unwrap().push((id, "suspended"));
                             }
+                            // No answer (the replica was killed mid-call): the suspension
+                            // may or may not have been committed; only acknowledged writes
+                            // are promised.
+                            Err(_) => {
+                                unanswered.lock().unwrap().insert(id);
+                            }
+                            Ok(_) => {}
                         }
                     }
                 }
@@ -238,7 +247,13 @@ fn killing_a_replica_under_traffic_and_writes_loses_no_acknowledged_write() {
             .admin_on(survivor, "GET", &format!("/v1/tokens/{id}"), None)
             .unwrap();
         assert_eq!(r.status, 200, "acknowledged token {id} is missing");
-        assert_eq!(r.json()["status"], *status, "{id}");
+        let got = r.json()["status"].as_str().unwrap_or_default().to_string();
+        let unacknowledged_suspend =
+            *status == "active" && got == "suspended" && unanswered.lock().unwrap().contains(id);
+        assert!(
+            got == *status || unacknowledged_suspend,
+            "{id}: {got}, acknowledged as {status}"
+        );
     }
     println!(
         "{} acknowledged writes ({} tokens), none lost",

@@ -308,6 +308,10 @@ pub async fn sync(
             "sync poll held until a change"
         );
         let mut shutdown = state.shutdown.clone();
+        // A replica that cannot hear of other replicas' changes must not hold the poll for
+        // them: it answers from the database now (or 503), and the filter polls again,
+        // through a replica that hears, once Envoy's health checks have set this one aside.
+        let mut hearing = state.store.hearing();
         let deadline = tokio::time::sleep(wait);
         tokio::pin!(deadline);
         loop {
@@ -327,6 +331,12 @@ pub async fn sync(
                     }
                 }
                 _ = &mut deadline => break,
+                deaf = hearing.wait_for(|h| !*h) => {
+                    if deaf.is_ok() {
+                        tracing::debug!("sync poll released: this replica hears of no changes");
+                    }
+                    break;
+                }
             }
         }
     }

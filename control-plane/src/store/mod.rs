@@ -280,6 +280,10 @@ pub trait Store: Send + Sync + 'static {
     /// The latest committed version this process knows of; only ever moves forward. Published
     /// after every local write, and (PostgreSQL) after other replicas' writes are heard of.
     fn subscribe(&self) -> watch::Receiver<u64>;
+    /// False while this process cannot hear of changes made by others (a PostgreSQL replica
+    /// whose change listener lost its connection): a poll held here would wait for a change
+    /// it will not hear of. Always true for a store only this process writes.
+    fn hearing(&self) -> watch::Receiver<bool>;
     /// Pool figures for metrics: (connections open, idle, callers waiting, most allowed).
     fn pool(&self) -> Option<(usize, usize, usize, usize)> {
         None
@@ -396,13 +400,26 @@ pub trait Store: Send + Sync + 'static {
     async fn import(&self, dump: &Dump) -> Result<(), StoreError>;
 }
 
-/// The committed version as one process knows it; only ever moves forward.
+/// The committed version as one process knows it; only ever moves forward. And whether the
+/// process hears of other processes' changes (PostgreSQL: its change listener is connected).
 #[derive(Clone)]
-pub(crate) struct Published(watch::Sender<u64>);
+pub(crate) struct Published(watch::Sender<u64>, watch::Sender<bool>);
 
 impl Published {
     pub(crate) fn new(version: u64) -> Published {
-        Published(watch::channel(version).0)
+        Published(watch::channel(version).0, watch::channel(true).0)
+    }
+
+    pub(crate) fn set_hearing(&self, hearing: bool) {
+        self.1.send_if_modified(|current| {
+            let changed = *current != hearing;
+            *current = hearing;
+            changed
+        });
+    }
+
+    pub(crate) fn hearing(&self) -> watch::Receiver<bool> {
+        self.1.subscribe()
     }
 
     pub(crate) fn publish(&self, version: u64) {

@@ -457,6 +457,7 @@ async fn listen(
                     _ => format!("no answer within {timeout:?}"),
                 };
                 tracing::warn!(%error, "change listener cannot connect to PostgreSQL; retrying");
+                published.set_hearing(false);
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = stop.changed() => return,
@@ -486,6 +487,7 @@ async fn listen(
             tokio::time::timeout(timeout, client.batch_execute(&format!("LISTEN {CHANNEL}"))).await;
         if !matches!(listening, Ok(Ok(()))) {
             tracing::warn!("change listener cannot LISTEN; retrying");
+            published.set_hearing(false);
             driver.abort();
             tokio::time::sleep(backoff).await;
             continue;
@@ -512,9 +514,13 @@ async fn listen(
             )
             .await;
             match read {
-                Ok(Ok(row)) => published.publish(row.get::<_, i64>(0).max(0) as u64),
+                Ok(Ok(row)) => {
+                    published.publish(row.get::<_, i64>(0).max(0) as u64);
+                    published.set_hearing(true);
+                }
                 _ => {
                     tracing::warn!("change listener's connection does not answer; reconnecting");
+                    published.set_hearing(false);
                     break;
                 }
             }
@@ -725,6 +731,10 @@ impl Store for PostgresStore {
 
     fn subscribe(&self) -> watch::Receiver<u64> {
         self.published.subscribe()
+    }
+
+    fn hearing(&self) -> watch::Receiver<bool> {
+        self.published.hearing()
     }
 
     fn pool(&self) -> Option<(usize, usize, usize, usize)> {

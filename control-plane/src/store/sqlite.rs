@@ -390,6 +390,10 @@ impl Store for SqliteStore {
         self.inner.published.subscribe()
     }
 
+    fn hearing(&self) -> watch::Receiver<bool> {
+        self.inner.published.hearing()
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         self.with(|c, _| c.query_row("SELECT 1", [], |_| Ok(())))
             .await
