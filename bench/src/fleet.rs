@@ -15,6 +15,7 @@
 //!   purges counted once each.
 
 use crate::procstat::rss_kib;
+use crate::report::{command_output, met};
 use crate::scale::open_file_limit;
 use crate::{median, percentile, Depth};
 use serde_json::{json, Value};
@@ -807,31 +808,16 @@ pub fn run(depth: Depth) -> Value {
     let creates = creates(&cluster, &plan);
     eprintln!("fleet: housekeeping on three replicas");
     let housekeeping = housekeeping(&cluster, &plan);
-    let output = |cmd: &str, args: &[&str]| {
-        std::process::Command::new(cmd)
-            .args(args)
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-            .unwrap_or_default()
-    };
     json!({
         "postgres": version,
-        "commit": output("git", &["rev-parse", "--short", "HEAD"]),
-        "date": output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+        "commit": command_output("git", &["rev-parse", "--short", "HEAD"]),
+        "date": command_output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
         "writes": writes,
         "across": across,
         "polls": polls,
         "creates": creates,
         "housekeeping": housekeeping,
     })
-}
-
-fn met(ok: bool) -> &'static str {
-    if ok {
-        "met"
-    } else {
-        "**missed**"
-    }
 }
 
 pub fn markdown(v: &Value) -> String {

@@ -17,6 +17,7 @@
 
 use crate::fleet::replica_pid;
 use crate::procstat::cpu_micros;
+use crate::report::{command_output, met};
 use crate::{client, Depth, Envoy};
 use serde_json::{json, Value};
 use std::net::SocketAddr;
@@ -598,17 +599,10 @@ pub fn run(depth: Depth) -> Value {
     let cpu = cpu(&stack, &plan);
     eprintln!("fleet accuracy: the control plane's cost of the reports");
     let cost = control_plane_cost(&stack, &plan);
-    let output = |cmd: &str, args: &[&str]| {
-        std::process::Command::new(cmd)
-            .args(args)
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-            .unwrap_or_default()
-    };
     json!({
         "depth": format!("{depth:?}"),
-        "commit": output("git", &["rev-parse", "--short", "HEAD"]),
-        "date": output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+        "commit": command_output("git", &["rev-parse", "--short", "HEAD"]),
+        "date": command_output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
         "warmup_seconds": WARMUP.as_secs(),
         "seconds": plan.seconds,
         "cells": cells,
@@ -617,14 +611,6 @@ pub fn run(depth: Depth) -> Value {
         "cpu": cpu,
         "cost": cost,
     })
-}
-
-fn met(ok: bool) -> &'static str {
-    if ok {
-        "met"
-    } else {
-        "**missed**"
-    }
 }
 
 pub fn markdown(v: &Value) -> String {

@@ -15,13 +15,23 @@ use tokengate_e2e::{workspace_root, Binaries};
 const BEGIN: &str = "<!-- bench:results:begin (written by make bench; edit outside) -->";
 const END: &str = "<!-- bench:results:end -->";
 
-fn command_output(cmd: &str, args: &[&str]) -> String {
+/// A command's trimmed standard output, or "" if it cannot run.
+pub(crate) fn command_output(cmd: &str, args: &[&str]) -> String {
     Command::new(cmd)
         .args(args)
         .output()
         .ok()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default()
+}
+
+/// A target's verdict as the results tables write it.
+pub(crate) fn met(ok: bool) -> &'static str {
+    if ok {
+        "met"
+    } else {
+        "**missed**"
+    }
 }
 
 fn machine() -> String {
