@@ -368,6 +368,8 @@ mod tests {
 
     fn put(s: &MemStore, secret: &str, generation: u32, edit: impl FnOnce(&mut SyncRecord)) {
         let mut r = SyncRecord {
+            scopes: None,
+            quota: None,
             hash: hash_hex(secret.as_bytes()),
             id: "tok_1".into(),
             name: "reporting".into(),

@@ -293,6 +293,7 @@ impl Reporter {
             proxy_id: proxy_id.to_string(),
             interval_ms,
             tokens,
+            quotas: vec![],
         })
         .ok()?;
         self.call.begin(now_ms);
@@ -416,6 +417,7 @@ mod tests {
 
     fn answer(shares: Vec<WireShare>, proxies: u32) -> Vec<u8> {
         serde_json::to_vec(&FleetAnswer {
+            quotas: vec![],
             proxies,
             ttl_ms: 3_000,
             shares,

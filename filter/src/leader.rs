@@ -324,10 +324,14 @@ mod tests {
 
     fn snapshot(version: u64, status: SyncStatus, secret: &str) -> Vec<u8> {
         serde_json::to_vec(&SyncResponse {
+            scopes: None,
+            scopes_version: None,
             store_id: "store-a".into(),
             version,
             snapshot: true,
             changes: vec![SyncRecord {
+                scopes: None,
+                quota: None,
                 hash: hash_hex(secret.as_bytes()),
                 id: "tok_1".into(),
                 name: "n".into(),
@@ -459,6 +463,7 @@ mod tests {
         assert_eq!((sent.tokens[0].admitted, sent.tokens[0].refused), (10, 90));
         // The answer: this proxy's share is 20 of the 30, burst 20.
         let share = tokengate_wire::FleetAnswer {
+            quotas: vec![],
             proxies: 3,
             ttl_ms: 3_000,
             shares: vec![tokengate_wire::Share {

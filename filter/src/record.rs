@@ -1,9 +1,10 @@
 //! Compact binary values kept in Envoy shared data. Shared data sits behind one process-wide
 //! mutex and every read copies the value, so values are small and decoding borrows.
 
-use tokengate_wire::{Kind, LimitScope, SyncRecord, SyncStatus};
+use tokengate_wire::{Kind, LimitScope, Period, Quota, SyncRecord, SyncStatus};
 
-const TOKEN_FORMAT: u8 = 2;
+/// 3: with scopes and quota.
+const TOKEN_FORMAT: u8 = 3;
 const STATE_FORMAT: u8 = 2;
 
 /// Shared-data keys. The token hash is the lower-hex sha256 of the secret.
@@ -89,6 +90,31 @@ pub struct TokenView<'a> {
     pub id: &'a [u8],
     pub name: &'a [u8],
     pub owner: &'a [u8],
+    /// `None`: unrestricted.
+    pub scopes: Option<ScopeNames<'a>>,
+    pub quota: Option<Quota>,
+}
+
+/// A token's scope names as stored: a count, then each name with its length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScopeNames<'a> {
+    count: u16,
+    raw: &'a [u8],
+}
+
+impl<'a> ScopeNames<'a> {
+    pub fn len(&self) -> usize {
+        usize::from(self.count)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &'a [u8]> {
+        let mut r = Reader { buf: self.raw };
+        (0..self.count).map_while(move |_| r.bytes())
+    }
 }
 
 fn status_byte(s: SyncStatus) -> u8 {
@@ -133,6 +159,32 @@ pub fn encode_token(r: &SyncRecord, generation: u32) -> Vec<u8> {
     }
     for s in [&r.id, &r.name, &r.owner] {
         push_str(&mut out, if revoked { "" } else { s });
+    }
+    match r.scopes.as_ref().filter(|_| !revoked) {
+        Some(names) => {
+            out.push(1);
+            let names = &names[..names.len().min(usize::from(u16::MAX))];
+            out.extend_from_slice(&(names.len() as u16).to_le_bytes());
+            for n in names {
+                push_str(&mut out, n);
+            }
+        }
+        None => out.push(0),
+    }
+    match r.quota.filter(|_| !revoked) {
+        Some(q) => {
+            out.push(1);
+            out.extend_from_slice(&q.limit.to_le_bytes());
+            let (code, seconds) = match q.period {
+                Period::Hour => (0, 0),
+                Period::Day => (1, 0),
+                Period::Month => (2, 0),
+                Period::Seconds(n) => (3, n),
+            };
+            out.push(code);
+            out.extend_from_slice(&seconds.to_le_bytes());
+        }
+        None => out.push(0),
     }
     out
 }
@@ -202,6 +254,8 @@ pub fn decode_token(buf: &[u8]) -> Option<TokenView<'_>> {
     let id = r.bytes()?;
     let name = r.bytes()?;
     let owner = r.bytes()?;
+    let scopes = read_scopes(&mut r)?;
+    let quota = read_quota(&mut r)?;
     if !r.buf.is_empty() {
         return None;
     }
@@ -217,7 +271,43 @@ pub fn decode_token(buf: &[u8]) -> Option<TokenView<'_>> {
         id,
         name,
         owner,
+        scopes,
+        quota,
     })
+}
+
+fn read_scopes<'a>(r: &mut Reader<'a>) -> Option<Option<ScopeNames<'a>>> {
+    match r.u8()? {
+        0 => Some(None),
+        1 => {
+            let count = r.u16()?;
+            let start = r.buf;
+            for _ in 0..count {
+                r.bytes()?;
+            }
+            let raw = &start[..start.len() - r.buf.len()];
+            Some(Some(ScopeNames { count, raw }))
+        }
+        _ => None,
+    }
+}
+
+fn read_quota(r: &mut Reader<'_>) -> Option<Option<Quota>> {
+    match r.u8()? {
+        0 => Some(None),
+        1 => {
+            let limit = r.u64()?;
+            let period = match (r.u8()?, r.u32()?) {
+                (0, _) => Period::Hour,
+                (1, _) => Period::Day,
+                (2, _) => Period::Month,
+                (3, n) if n > 0 => Period::Seconds(n),
+                _ => return None,
+            };
+            Some(Some(Quota { limit, period }))
+        }
+        _ => None,
+    }
 }
 
 /// What the sync leader has loaded: absent until the first complete snapshot.
@@ -303,6 +393,8 @@ mod tests {
 
     pub(crate) fn record(status: SyncStatus) -> SyncRecord {
         SyncRecord {
+            scopes: None,
+            quota: None,
             hash: "0f".repeat(32),
             id: "tok_abc".into(),
             name: "ci pipeline".into(),
@@ -352,6 +444,28 @@ mod tests {
         let v = decode_token(&enc).unwrap();
         assert_eq!((v.max_rps, v.burst, v.expires_at), (0, 0, None));
         assert_eq!((v.status, v.kind), (SyncStatus::Suspended, Kind::User));
+    }
+
+    #[test]
+    fn scopes_and_quota_round_trip() {
+        let mut r = record(SyncStatus::Active);
+        r.scopes = Some(vec!["orders:read".into(), "b".into()]);
+        r.quota = Some(Quota {
+            limit: 1_000,
+            period: Period::Seconds(10),
+        });
+        let enc = encode_token(&r, 1);
+        let v = decode_token(&enc).unwrap();
+        let names: Vec<&[u8]> = v.scopes.unwrap().iter().collect();
+        assert_eq!(names, [&b"orders:read"[..], b"b"]);
+        assert_eq!(v.quota, r.quota);
+        r.scopes = Some(vec![]);
+        let none = encode_token(&r, 1);
+        let v = decode_token(&none).map(|v| v.scopes);
+        assert!(
+            v.unwrap().is_some_and(|s| s.is_empty()),
+            "no scope: nothing allowed"
+        );
     }
 
     #[test]

@@ -305,6 +305,8 @@ mod tests {
         s.set(STATE_KEY, &encode_state(&state), 0).unwrap();
         let secret = token::compose(&"a".repeat(32)).unwrap();
         let mut r = SyncRecord {
+            scopes: None,
+            quota: None,
             hash: hash_hex(secret.as_bytes()),
             id: "tok_1".into(),
             name: "reporting".into(),

@@ -447,6 +447,8 @@ mod tests {
 
     fn rec(secret: &str, version: u64, status: SyncStatus) -> SyncRecord {
         SyncRecord {
+            scopes: None,
+            quota: None,
             hash: hash_hex(secret.as_bytes()),
             id: format!("tok_{version}"),
             name: "n".into(),
@@ -468,6 +470,8 @@ mod tests {
         cursor: Option<&str>,
     ) -> Vec<u8> {
         serde_json::to_vec(&SyncResponse {
+            scopes: None,
+            scopes_version: None,
             store_id: "store-a".into(),
             version,
             snapshot,

@@ -24,6 +24,8 @@ fn record(secret: &str, id: &str, max_rps: Option<u32>) -> SyncRecord {
         burst: max_rps.map(|_| 1),
         limit_scope: Default::default(),
         expires_at: None,
+        scopes: None,
+        quota: None,
         version: 1,
     }
 }
@@ -41,6 +43,8 @@ fn loaded(records: Vec<SyncRecord>) -> Loaded {
         proxies: None,
         changes: records,
         next_cursor: None,
+        scopes: None,
+        scopes_version: None,
     })
     .unwrap();
     l.answer(poll.id, Some("200"), &body);

@@ -6,6 +6,16 @@
 //! [`FleetReport`]; sent every interval even with no token in it, which keeps the proxy
 //! counted as live. Answer: 200 and a [`FleetAnswer`]. A share holds until `ttl_ms` after the
 //! answer; past it the proxy falls back to `max_rps / proxies` (the last `proxies` it heard).
+//!
+//! Quotas ride on the same exchange. A proxy reports, for every secret of a quota-limited
+//! token it holds quota state for in the current period (and every one named in its last
+//! answer), [`QuotaHeld`]: what it admitted this period and the ceiling it enforces. The
+//! answer's [`QuotaGrant`]s set new ceilings. The control plane keeps the ceilings of all
+//! holders within the quota, counting each holder at the larger of the ceiling it last
+//! granted and the one the holder last said it enforces (an answer may be lost), and each
+//! live proxy it has not heard of in the period at `limit / proxies`: what a proxy enforces
+//! before its first grant of a period (or while the control plane is away at a period's
+//! start).
 
 use serde::{Deserialize, Serialize};
 
@@ -36,6 +46,36 @@ pub struct FleetReport {
     pub interval_ms: u32,
     /// Fleet-limited tokens with traffic in the interval only.
     pub tokens: Vec<TokenDemand>,
+    /// Quota state this proxy holds (see the module's documentation).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub quotas: Vec<QuotaHeld>,
+}
+
+/// One secret's quota state on the reporting proxy, for the period starting `period_start`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaHeld {
+    /// Lower-hex `sha256` of the secret.
+    pub hash: String,
+    /// Unix seconds: the start of the period the counts are for.
+    pub period_start: i64,
+    /// Requests this proxy admitted with the secret in the period.
+    pub spent: u64,
+    /// The ceiling of `spent` this proxy enforces.
+    pub allowed: u64,
+}
+
+/// A new ceiling for one secret's quota state on the proxy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuotaGrant {
+    pub hash: String,
+    /// The period the ceiling is for; a proxy in another period ignores it.
+    pub period_start: i64,
+    /// The token's quota limit the grant was computed from; a proxy holding another (the
+    /// token changed meanwhile) ignores the grant.
+    pub limit: u64,
+    /// The most requests this proxy may admit with the secret in the period, all told.
+    pub allowed: u64,
 }
 
 /// One secret's share of its token's limit (a token in a rotation's grace period has two).
@@ -60,6 +100,8 @@ pub struct FleetAnswer {
     /// How long the shares hold without a newer answer.
     pub ttl_ms: u32,
     pub shares: Vec<Share>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub quotas: Vec<QuotaGrant>,
 }
 
 #[cfg(test)]
@@ -75,6 +117,12 @@ mod tests {
                 id: "tok_1".into(),
                 admitted: 10,
                 refused: 2,
+            }],
+            quotas: vec![QuotaHeld {
+                hash: "ab".repeat(32),
+                period_start: 1_800_000_000,
+                spent: 5,
+                allowed: 9,
             }],
         };
         let json = serde_json::to_string(&r).unwrap();

@@ -19,6 +19,8 @@
 //!   rotated-out secret in its grace period (it expires when the grace ends), and, in
 //!   changes, a `revoked` record for a secret whose grace a later rotation cut short.
 
+use crate::quota::Quota;
+use crate::scope::SyncScope;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -91,6 +93,11 @@ pub struct SyncRecord {
     pub limit_scope: LimitScope,
     /// Unix seconds; `None`: never expires.
     pub expires_at: Option<i64>,
+    /// Scope names; `None`: unrestricted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scopes: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<Quota>,
     pub version: u64,
 }
 
@@ -110,6 +117,14 @@ pub struct SyncResponse {
     /// included), so that a fresh proxy divides fleet limits before its first fleet answer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proxies: Option<u32>,
+    /// Every scope there is, replacing what the client held: on each page of a snapshot,
+    /// and in a changes answer when a scope was created, changed or deleted after `since`.
+    /// Absent: the client's scopes still hold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scopes: Option<Vec<SyncScope>>,
+    /// With `scopes`: the version of the last scope change (a deletion included).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scopes_version: Option<u64>,
 }
 
 #[cfg(test)]
@@ -133,11 +148,15 @@ mod tests {
                 burst: None,
                 limit_scope: Default::default(),
                 expires_at: Some(1_900_000_000),
+                scopes: None,
+                quota: None,
                 version: 7,
             }],
             next_cursor: None,
             token_count: 3,
             proxies: None,
+            scopes: None,
+            scopes_version: None,
         };
         let json = serde_json::to_string(&r).unwrap();
         assert!(json.contains(r#""kind":"service""#));

@@ -211,6 +211,8 @@ mod tests {
 
     fn record(status: SyncStatus, expires_at: Option<i64>) -> SyncRecord {
         SyncRecord {
+            scopes: None,
+            quota: None,
             hash: hash_hex(b"tg_secret"),
             id: "tok_1".into(),
             name: "ci".into(),

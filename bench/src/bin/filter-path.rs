@@ -31,6 +31,8 @@ fn main() {
         .iter()
         .enumerate()
         .map(|(i, s)| SyncRecord {
+            scopes: None,
+            quota: None,
             hash: tokengate_filter::authorize::hash_hex(s.as_bytes()),
             id: format!("tok_{i:016}"),
             name: format!("token number {i}"),
@@ -46,6 +48,8 @@ fn main() {
         })
         .collect();
     let snapshot = SyncResponse {
+        scopes: None,
+        scopes_version: None,
         store_id: "bench".into(),
         version: tokens as u64,
         snapshot: true,

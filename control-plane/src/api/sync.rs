@@ -128,6 +128,8 @@ fn to_wire(r: TokenRow, now: i64, snapshot: bool, out: &mut Vec<SyncRecord>) {
         burst: r.burst,
         limit_scope: r.limit_scope,
         expires_at,
+        scopes: None,
+        quota: None,
         version: r.version,
     };
     for old in &r.retired {
@@ -200,6 +202,8 @@ async fn snapshot(
                 .live_count(poller, chrono::Utc::now().timestamp_millis())
                 .await?,
         ),
+        scopes: None,
+        scopes_version: None,
     })
 }
 
@@ -217,6 +221,8 @@ fn rendered(state: &AppState, answer: &Answer) -> Result<Arc<[u8]>, ApiError> {
         next_cursor: None,
         token_count: answer.changes.live,
         proxies: None,
+        scopes: None,
+        scopes_version: None,
     })
     .map_err(|e| ApiError::Internal(e.to_string()))?;
     Ok(answer.rendered.get_or_init(|| body.into()).clone())

@@ -467,6 +467,7 @@ impl Fleet {
             proxies: u32::try_from(live.len().max(1)).unwrap_or(u32::MAX),
             ttl_ms: report.interval_ms.saturating_mul(TTL_INTERVALS),
             shares,
+            quotas: vec![],
         })
     }
 
@@ -638,6 +639,7 @@ mod tests {
 
     fn report(proxy_id: &str, interval_ms: u32, tokens: Vec<TokenDemand>) -> FleetReport {
         FleetReport {
+            quotas: vec![],
             proxy_id: proxy_id.into(),
             interval_ms,
             tokens,

@@ -115,7 +115,7 @@ proptest! {
         let state = State { version: 1, generation: 1, proxies: 0, store_id: "s".into(), token_count: 1 };
         store.set(STATE_KEY, &encode_state(&state), 0).unwrap();
         let hash = hash_hex(token.as_bytes());
-        let rec = SyncRecord {
+        let rec = SyncRecord { scopes: None, quota: None,
             hash: hash.clone(),
             id: "tok_1".into(),
             name: "n".into(),

@@ -39,6 +39,8 @@ pub(super) fn sync_record() -> impl Strategy<Value = SyncRecord> {
         .prop_map(
             |(hash, id, name, owner, kind, status, max_rps, burst, expires_at, version)| {
                 SyncRecord {
+                    scopes: None,
+                    quota: None,
                     hash,
                     id,
                     name,
@@ -78,6 +80,8 @@ fn state() -> impl Strategy<Value = State> {
 fn record_of(v: &TokenView<'_>) -> Option<SyncRecord> {
     let text = |b: &[u8]| String::from_utf8(b.to_vec()).ok();
     Some(SyncRecord {
+        scopes: None,
+        quota: None,
         hash: String::new(),
         id: text(v.id)?,
         name: text(v.name)?,
@@ -188,7 +192,7 @@ proptest! {
     /// Names longer than a length prefix can say are clamped, never a panic or a misread.
     #[test]
     fn over_long_names_are_clamped(extra in 0..4usize, wide in "\\PC") {
-        let mut r = SyncRecord {
+        let mut r = SyncRecord { scopes: None, quota: None,
             hash: "0".repeat(64),
             id: "tok_1".into(),
             name: "n".repeat(usize::from(u16::MAX) - 1 - extra) + &wide.repeat(3),

@@ -21,6 +21,8 @@ type Map = HashMap<String, (Vec<u8>, u32)>;
 
 fn record(secret: &str, status: SyncStatus, version: u64) -> SyncRecord {
     SyncRecord {
+        scopes: None,
+        quota: None,
         hash: hash_hex(secret.as_bytes()),
         id: format!("tok_{version}"),
         name: "n".into(),
@@ -48,6 +50,8 @@ fn paged(
 ) -> Vec<u8> {
     let token_count = changes.len() as u64;
     serde_json::to_vec(&SyncResponse {
+        scopes: None,
+        scopes_version: None,
         store_id: store_id.into(),
         version,
         snapshot,

@@ -1,0 +1,364 @@
+//! Scopes: named sets of method and path rules a token may be limited to. The control plane
+//! checks rules with [`check_rule`] and names with [`check_name`]; the filter compiles a
+//! scope's rules once per version ([`Compiled`]) and matches each request against the
+//! compiled form.
+//!
+//! A rule's `path` is `/` followed by `/`-separated segments; a segment is a literal, or `*`
+//! for exactly one segment, and the last one may be `**` for any rest (none included:
+//! `/orders/**` covers `/orders` and everything below it). `methods` absent: any method.
+//!
+//! A request path is matched as Envoy routes it (the listener normalises it; see the
+//! README), without its query. A path this module cannot take at face value matches no
+//! rule ([`RequestPath::parse`]): so a scoped token is refused rather than let through on a
+//! path the upstream could read otherwise.
+
+use serde::{Deserialize, Serialize};
+
+/// Longest scope name.
+pub const MAX_NAME: usize = 64;
+/// Longest description.
+pub const MAX_DESCRIPTION: usize = 500;
+/// Most rules per scope.
+pub const MAX_RULES: usize = 100;
+/// Longest rule path.
+pub const MAX_PATH: usize = 512;
+/// Most methods per rule.
+pub const MAX_METHODS: usize = 16;
+/// Longest method name.
+pub const MAX_METHOD: usize = 20;
+/// Most scopes one token may carry.
+pub const MAX_TOKEN_SCOPES: usize = 32;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    /// Upper-case method names; absent: any method.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub methods: Option<Vec<String>>,
+    pub path: String,
+}
+
+/// A scope as the filter receives it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncScope {
+    pub name: String,
+    pub rules: Vec<Rule>,
+    /// The version of the scope's last change.
+    pub version: u64,
+}
+
+/// Checks a scope name: 1 to [`MAX_NAME`] characters of `a-z`, `0-9`, `:`, `.`, `_`, `-`,
+/// starting with a letter or digit (so it can stand in `WWW-Authenticate`'s `scope="..."`
+/// and a space-separated identity header unquoted).
+pub fn check_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+        && name.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b':' | b'.' | b'_' | b'-')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "must be 1 to {MAX_NAME} characters of a-z, 0-9, ':', '.', '_' or '-', starting with a letter or digit"
+        ))
+    }
+}
+
+/// Characters a literal path segment may hold: RFC 3986 `pchar` without `%` (an encoded
+/// byte could be read otherwise upstream) and without `;` (path parameters).
+fn segment_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric()
+        || matches!(
+            b,
+            b'-' | b'.'
+                | b'_'
+                | b'~'
+                | b'!'
+                | b'$'
+                | b'&'
+                | b'\''
+                | b'('
+                | b')'
+                | b'+'
+                | b','
+                | b'='
+                | b':'
+                | b'@'
+        )
+}
+
+/// Checks one rule; `Err((field, message))` names `methods` or `path`.
+pub fn check_rule(rule: &Rule) -> Result<(), (&'static str, String)> {
+    if let Some(methods) = &rule.methods {
+        if methods.is_empty() || methods.len() > MAX_METHODS {
+            return Err((
+                "methods",
+                format!("must list 1 to {MAX_METHODS} methods, or be left out for any method"),
+            ));
+        }
+        for m in methods {
+            if m.is_empty() || m.len() > MAX_METHOD || !m.bytes().all(|b| b.is_ascii_uppercase()) {
+                return Err((
+                    "methods",
+                    format!("must be upper-case method names such as GET (1 to {MAX_METHOD} letters A-Z)"),
+                ));
+            }
+        }
+    }
+    check_path(&rule.path).map_err(|m| ("path", m))
+}
+
+fn check_path(path: &str) -> Result<(), String> {
+    if path.len() > MAX_PATH {
+        return Err(format!("must be at most {MAX_PATH} characters long"));
+    }
+    let Some(rest) = path.strip_prefix('/') else {
+        return Err("must start with '/'".into());
+    };
+    if rest.is_empty() {
+        return Ok(());
+    }
+    let segments: Vec<&str> = rest.split('/').collect();
+    let last = segments.len() - 1;
+    for (i, s) in segments.iter().enumerate() {
+        match *s {
+            "" => return Err("must not hold an empty segment ('//' or a trailing '/')".into()),
+            "." | ".." => return Err("must not hold '.' or '..' segments".into()),
+            "*" => {}
+            "**" if i == last => {}
+            "**" => return Err("may hold '**' only as its last segment ('/orders/**')".into()),
+            lit if lit.bytes().all(segment_byte) => {}
+            _ => {
+                return Err(
+                    "segments are '*', a trailing '**', or literal characters (letters, digits, -._~!$&'()+,=:@)"
+                        .into(),
+                )
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A request path as matched: the part before `?`, split into segments. `None` (matches no
+/// rule): not starting with `/`, an empty segment (`//`), a `.` or `..` segment, a `\`, a `;`,
+/// a `#`, or an encoded `.`, `/` or `\` (`%2e`, `%2f`, `%5c`).
+#[derive(Debug, Clone, Copy)]
+pub struct RequestPath<'a> {
+    /// Without the leading `/`; empty for `/`.
+    rest: &'a [u8],
+}
+
+impl<'a> RequestPath<'a> {
+    pub fn parse(raw: &'a [u8]) -> Option<RequestPath<'a>> {
+        let end = raw.iter().position(|&b| b == b'?').unwrap_or(raw.len());
+        let path = &raw[..end];
+        let rest = path.strip_prefix(b"/")?;
+        if rest
+            .iter()
+            .any(|&b| matches!(b, b'\\' | b';' | b'#') || !(0x21..=0x7e).contains(&b))
+        {
+            return None;
+        }
+        for w in rest.windows(3) {
+            if w[0] == b'%'
+                && (w[1..].eq_ignore_ascii_case(b"2e")
+                    || w[1..].eq_ignore_ascii_case(b"2f")
+                    || w[1..].eq_ignore_ascii_case(b"5c"))
+            {
+                return None;
+            }
+        }
+        if !rest.is_empty() {
+            for s in rest.split(|&b| b == b'/') {
+                if s.is_empty() || s == b"." || s == b".." {
+                    return None;
+                }
+            }
+        }
+        Some(RequestPath { rest })
+    }
+
+    fn segments(&self) -> impl Iterator<Item = &'a [u8]> {
+        let rest = self.rest;
+        rest.split(|&b| b == b'/').filter(move |_| !rest.is_empty())
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Segment {
+    One,
+    Literal(Box<[u8]>),
+}
+
+#[derive(Debug, Clone)]
+struct CompiledRule {
+    /// `None`: any method.
+    methods: Option<Box<[Box<[u8]>]>>,
+    segments: Box<[Segment]>,
+    /// A trailing `/**`.
+    rest: bool,
+}
+
+/// A scope's rules, ready to match.
+#[derive(Debug, Clone, Default)]
+pub struct Compiled {
+    rules: Box<[CompiledRule]>,
+}
+
+impl Compiled {
+    /// Compiles checked rules; a rule that does not pass [`check_rule`] matches nothing.
+    pub fn new(rules: &[Rule]) -> Compiled {
+        let rules = rules
+            .iter()
+            .filter(|r| check_rule(r).is_ok())
+            .map(|r| {
+                let mut segs: Vec<&str> = r
+                    .path
+                    .strip_prefix('/')
+                    .unwrap_or_default()
+                    .split('/')
+                    .filter(|s| !s.is_empty())
+                    .collect();
+                let rest = segs.last() == Some(&"**");
+                if rest {
+                    segs.pop();
+                }
+                CompiledRule {
+                    methods: r.methods.as_ref().map(|ms| {
+                        ms.iter()
+                            .map(|m| m.as_bytes().to_vec().into_boxed_slice())
+                            .collect()
+                    }),
+                    segments: segs
+                        .into_iter()
+                        .map(|s| match s {
+                            "*" => Segment::One,
+                            lit => Segment::Literal(lit.as_bytes().to_vec().into_boxed_slice()),
+                        })
+                        .collect(),
+                    rest,
+                }
+            })
+            .collect();
+        Compiled { rules }
+    }
+
+    /// Whether any rule covers `method` on `path`.
+    pub fn allows(&self, method: &[u8], path: &RequestPath<'_>) -> bool {
+        self.rules.iter().any(|r| r.allows(method, path))
+    }
+}
+
+impl CompiledRule {
+    fn allows(&self, method: &[u8], path: &RequestPath<'_>) -> bool {
+        if let Some(ms) = &self.methods {
+            if !ms.iter().any(|m| **m == *method) {
+                return false;
+            }
+        }
+        let mut segs = path.segments();
+        for want in self.segments.iter() {
+            let Some(got) = segs.next() else {
+                return false;
+            };
+            if let Segment::Literal(lit) = want {
+                if **lit != *got {
+                    return false;
+                }
+            }
+        }
+        self.rest || segs.next().is_none()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(methods: Option<&[&str]>, path: &str) -> Rule {
+        Rule {
+            methods: methods.map(|ms| ms.iter().map(|m| m.to_string()).collect()),
+            path: path.into(),
+        }
+    }
+
+    fn allows(rules: &[Rule], method: &str, path: &str) -> bool {
+        RequestPath::parse(path.as_bytes())
+            .is_some_and(|p| Compiled::new(rules).allows(method.as_bytes(), &p))
+    }
+
+    #[test]
+    fn exact_one_segment_and_rest() {
+        let r = [
+            rule(Some(&["GET"]), "/orders/**"),
+            rule(None, "/items/*/price"),
+            rule(Some(&["POST", "PUT"]), "/carts"),
+        ];
+        assert!(allows(&r, "GET", "/orders"));
+        assert!(allows(&r, "GET", "/orders/7/lines?x=1"));
+        assert!(!allows(&r, "POST", "/orders/7"));
+        assert!(!allows(&r, "GET", "/ordersx"));
+        assert!(allows(&r, "DELETE", "/items/9/price"));
+        assert!(!allows(&r, "GET", "/items/9/price/x"));
+        assert!(!allows(&r, "GET", "/items/price"));
+        assert!(allows(&r, "PUT", "/carts"));
+        assert!(!allows(&r, "GET", "/carts"));
+        assert!(!allows(&r, "PUT", "/carts/1"));
+        assert!(allows(&[rule(None, "/**")], "GET", "/"));
+        assert!(allows(&[rule(None, "/")], "GET", "/?q"));
+        assert!(!allows(&[rule(None, "/")], "GET", "/a"));
+    }
+
+    #[test]
+    fn paths_that_could_be_read_otherwise_match_nothing() {
+        let r = [rule(None, "/orders/**"), rule(None, "/orders/*")];
+        for p in [
+            "/orders/../admin",
+            "/orders/./x",
+            "//orders",
+            "/orders//x",
+            "/orders/%2e%2e/admin",
+            "/orders/%2E%2E/admin",
+            "/orders%2Fsecret",
+            "/orders/a%2fb",
+            "/orders/a%5cb",
+            "/orders/a\\b",
+            "/orders;x",
+            "/orders/..;/admin",
+            "/orders/x#frag",
+            "orders",
+            "",
+            "/orders/a b",
+        ] {
+            assert!(!allows(&r, "GET", p), "{p}");
+        }
+        assert!(!allows(&r, "GET", "/ORDERS"), "case matters");
+        assert!(
+            allows(&r, "GET", "/orders/a%20b"),
+            "other escapes are one segment"
+        );
+    }
+
+    #[test]
+    fn rules_and_names_are_checked() {
+        for bad in [
+            "", "orders", "/a//b", "/a/", "/**/x", "/a/../b", "/a%2fb", "/a;b", "/a b",
+        ] {
+            assert!(check_rule(&rule(None, bad)).is_err(), "{bad}");
+        }
+        for good in ["/", "/**", "/a/*/b/**", "/v1/orders:search", "/a.b/~c"] {
+            assert!(check_rule(&rule(None, good)).is_ok(), "{good}");
+        }
+        assert_eq!(
+            check_rule(&rule(Some(&["get"]), "/")).unwrap_err().0,
+            "methods"
+        );
+        assert_eq!(check_rule(&rule(Some(&[]), "/")).unwrap_err().0, "methods");
+        assert!(check_name("orders:read").is_ok());
+        for bad in ["", "Orders", ":x", "a b", "a\"b", &"a".repeat(65)] {
+            assert!(check_name(bad).is_err(), "{bad}");
+        }
+    }
+}
