@@ -21,8 +21,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::sync::LazyLock;
 use tokengate_wire::scope::{
-    Rule, MAX_DESCRIPTION, MAX_METHOD, MAX_METHODS, MAX_NAME, MAX_PATH, MAX_RULES,
-    MAX_TOKEN_SCOPES,
+    Rule, MAX_DESCRIPTION, MAX_METHOD, MAX_METHODS, MAX_NAME, MAX_PATH, MAX_RULES, MAX_TOKEN_SCOPES,
 };
 use utoipa::openapi::{RefOr, Schema};
 use utoipa::{PartialSchema, ToSchema};
@@ -76,7 +75,10 @@ fn rule_schema() -> Value {
         json!({"methods": methods, "path": path_schema()}),
         &["path"],
     );
-    o.insert("examples".into(), json!([{"methods": ["GET"], "path": "/orders/**"}]));
+    o.insert(
+        "examples".into(),
+        json!([{"methods": ["GET"], "path": "/orders/**"}]),
+    );
     Value::Object(o)
 }
 

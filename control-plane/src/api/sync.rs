@@ -372,12 +372,12 @@ pub async fn sync(
     if since < answer.changes.horizon {
         return answer_snapshot(&state, seen.max(current), None, q.proxy_id.as_deref()).await;
     }
-    state
-        .metrics
-        .sync_answer(if answer.changes.rows.is_empty() && answer.changes.scopes.is_none() {
+    state.metrics.sync_answer(
+        if answer.changes.rows.is_empty() && answer.changes.scopes.is_none() {
             SyncAnswer::NoChange
         } else {
             SyncAnswer::Changes
-        });
+        },
+    );
     Ok(json(rendered(&state, &answer)?))
 }

@@ -207,11 +207,7 @@ impl Scopes {
         for _ in 0..ATTEMPTS {
             let before = self.get(name).await?;
             let entry = audit::scope_change(now, actor, audit::SCOPE_DELETED, Some(&before), None);
-            match self
-                .store
-                .delete_scope(name, before.version, &entry)
-                .await
-            {
+            match self.store.delete_scope(name, before.version, &entry).await {
                 Ok(ScopeDeletion::Deleted(_)) => return Ok(()),
                 Ok(ScopeDeletion::InUse(tokens)) => {
                     return Err(DomainError::ScopeInUse {
@@ -274,7 +270,10 @@ mod tests {
             ["b", "a"]
         );
         assert!(token_scopes(vec![]).unwrap().is_empty());
-        assert_eq!(field(token_scopes(vec!["Bad".into()]).unwrap_err()), "scopes");
+        assert_eq!(
+            field(token_scopes(vec!["Bad".into()]).unwrap_err()),
+            "scopes"
+        );
         let many: Vec<String> = (0..=MAX_TOKEN_SCOPES).map(|i| format!("s{i}")).collect();
         assert_eq!(field(token_scopes(many).unwrap_err()), "scopes");
         let same: Vec<String> = (0..100).map(|_| "s".to_string()).collect();

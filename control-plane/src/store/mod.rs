@@ -374,8 +374,11 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<DemandRow>, StoreError>;
     /// Creates a scope, taking the next version (which also becomes the last scope change's);
     /// `Conflict` on a taken name.
-    async fn insert_scope(&self, row: ScopeRow, audit: &AuditRecord)
-        -> Result<ScopeRow, StoreError>;
+    async fn insert_scope(
+        &self,
+        row: ScopeRow,
+        audit: &AuditRecord,
+    ) -> Result<ScopeRow, StoreError>;
     /// A scope by name.
     async fn scope(&self, name: &str) -> Result<Option<ScopeRow>, StoreError>;
     /// Every scope, by name, with the last scope change's version.

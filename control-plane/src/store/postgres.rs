@@ -1175,7 +1175,9 @@ impl Store for PostgresStore {
     async fn scope(&self, name: &str) -> Result<Option<ScopeRow>, StoreError> {
         pg!(self, |c| {
             let stmt = c
-                .prepare_cached(&format!("SELECT {SCOPE_COLUMNS} FROM scopes WHERE name = $1"))
+                .prepare_cached(&format!(
+                    "SELECT {SCOPE_COLUMNS} FROM scopes WHERE name = $1"
+                ))
                 .await?;
             match c.query_opt(&stmt, &[&name]).await? {
                 Some(r) => Ok(Some(scope_at(&r, 0)?)),

@@ -220,7 +220,8 @@ fn scopes_text(r: &TokenRow) -> rusqlite::Result<Option<String>> {
 }
 
 fn scope_set(c: &Connection) -> rusqlite::Result<ScopeSet> {
-    let mut stmt = c.prepare_cached(&format!("SELECT {SCOPE_COLUMNS} FROM scopes ORDER BY name"))?;
+    let mut stmt =
+        c.prepare_cached(&format!("SELECT {SCOPE_COLUMNS} FROM scopes ORDER BY name"))?;
     let scopes = stmt
         .query_map([], scope_from_row)?
         .collect::<rusqlite::Result<Vec<_>>>()?;
@@ -832,9 +833,11 @@ impl Store for SqliteStore {
             let mut row = row;
             let tx = c.transaction()?;
             let current: Option<i64> = tx
-                .query_row("SELECT version FROM scopes WHERE name = ?1", [&row.name], |r| {
-                    r.get(0)
-                })
+                .query_row(
+                    "SELECT version FROM scopes WHERE name = ?1",
+                    [&row.name],
+                    |r| r.get(0),
+                )
                 .optional()?;
             match current {
                 None => return Ok(Err(StoreError::NotFound)),
