@@ -89,6 +89,6 @@ def scopes_exist(context, case, kwargs):
     url = case.operation.schema.get_base_url().rstrip("/") + "/v1/scopes"
     auth = {"Authorization": "Bearer " + os.environ["TG_ADMIN"]}
     for name in body["scopes"]:
-        if isinstance(name, str) and SCOPE_NAME.match(name):
+        if isinstance(name, str) and SCOPE_NAME.fullmatch(name):
             # 201, or 409 when it exists already: either way it is there.
             requests.post(url, json={"name": name, "rules": [{"path": "/"}]}, headers=auth, timeout=30)
