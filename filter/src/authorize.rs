@@ -8,7 +8,7 @@ use crate::record::{self, STATE_KEY};
 use crate::store::{compare_and_swap, CasError, SharedStore, Step};
 use sha2::{Digest, Sha256};
 use std::ops::Range;
-use tokengate_wire::{token, Kind, LimitScope, SyncStatus};
+use tokengate_wire::{token, Kind, LimitScope, Quota, SyncStatus};
 
 /// Returns the token carried by `Authorization: Bearer <token>`, if that is its scheme.
 /// The scheme with nothing after it is an empty (so invalid) token, as an empty
@@ -124,6 +124,13 @@ pub enum Denial {
         max_rps: u32,
         burst: u32,
     },
+    /// This proxy's ceiling of the token's quota for the period is reached.
+    QuotaExceeded {
+        retry_after_secs: u64,
+        limit: u64,
+        /// The period's length in seconds.
+        window_secs: u64,
+    },
     StateUnavailable,
 }
 
@@ -182,6 +189,9 @@ pub struct Verdict<V> {
     /// The request met a fleet-limited token's bucket: it counts as that token's demand on
     /// this proxy.
     pub fleet: bool,
+    /// The request met a quota: the secret's hash, under which it is counted so that the
+    /// leader reports that quota's state.
+    pub quota: Option<HashHex>,
 }
 
 /// Decides a request that presented `credential` (see [`extract`]) at `now_nanos`.
@@ -205,6 +215,7 @@ pub fn judge<S: SharedStore + ?Sized>(
         outcome: Outcome::Deny(d),
         token: None,
         fleet: false,
+        quota: None,
     };
     let Some(credential) = credential else {
         return deny(Denial::MissingToken);
@@ -233,11 +244,12 @@ pub fn judge<S: SharedStore + ?Sized>(
     if rec.generation < generation || rec.status == SyncStatus::Revoked {
         return deny(Denial::InvalidToken);
     }
-    let (status, limit, scope, expires_at) = (
+    let (status, limit, scope, expires_at, quota) = (
         rec.status,
         Limit::new(rec.max_rps, rec.burst),
         rec.limit_scope,
         rec.expires_at,
+        rec.quota,
     );
     let whole = value.as_ref();
     let token = Token {
@@ -249,39 +261,45 @@ pub fn judge<S: SharedStore + ?Sized>(
         record: value,
     };
     let fleet = limit.is_some() && scope == LimitScope::Fleet;
-    let verdict = |outcome, fleet| Verdict {
+    let verdict = |outcome, fleet, quota| Verdict {
         outcome,
         token: Some(token),
         fleet,
+        quota,
     };
     if let Some(exp) = expires_at {
         if (now_nanos / 1_000_000_000) as i64 >= exp {
-            return verdict(Outcome::Deny(Denial::TokenExpired), false);
+            return verdict(Outcome::Deny(Denial::TokenExpired), false, None);
         }
     }
     if status == SyncStatus::Suspended {
-        return verdict(Outcome::Deny(Denial::TokenSuspended), false);
+        return verdict(Outcome::Deny(Denial::TokenSuspended), false, None);
     }
-    if let Some(limit) = limit {
-        let bucket = Bucket {
-            limit,
-            scope,
-            proxies,
-        };
-        if let Err(d) = take(cfg, store, &record::rate_key(&hash), bucket, now_nanos) {
-            return verdict(Outcome::Deny(d), fleet);
-        }
+    if limit.is_none() && quota.is_none() {
+        return verdict(Outcome::Allow, false, None);
     }
-    verdict(Outcome::Allow, fleet)
+    let bucket = Bucket {
+        limit,
+        scope,
+        proxies,
+        quota,
+    };
+    let counted = quota.map(|_| hash);
+    match take(cfg, store, &record::rate_key(&hash), bucket, now_nanos) {
+        Ok(()) => verdict(Outcome::Allow, fleet, counted),
+        Err(d) => verdict(Outcome::Deny(d), fleet, counted),
+    }
 }
 
-/// A token's limit as this proxy enforces it (see [`fleet::pace`]).
+/// A token's limits as this proxy enforces them (see [`fleet::pace`] and
+/// [`fleet::quota_now`]).
 #[derive(Clone, Copy)]
 struct Bucket {
-    limit: Limit,
+    limit: Option<Limit>,
     scope: LimitScope,
     /// The proxies the control plane last counted.
     proxies: u32,
+    quota: Option<Quota>,
 }
 
 /// When the response should carry the token's expiry: inside the warning window.
@@ -296,8 +314,10 @@ pub fn expiry_to_announce<V>(
     (exp > now && exp - now <= i64::from(cfg.expiry_warning_seconds)).then_some(exp)
 }
 
-/// One GCRA admission with compare-and-swap, at the pace the rate state's share (if any)
-/// sets; the share is written back as read. Out of retries means refused, never admitted.
+/// One admission with compare-and-swap: the quota first (a refused request consumes no
+/// rate), then GCRA at the pace the rate state's share (if any) sets (a refused request
+/// consumes no quota); the share is written back as read. Out of retries means refused,
+/// never admitted.
 fn take<S: SharedStore + ?Sized>(
     cfg: &Config,
     store: &S,
@@ -306,33 +326,101 @@ fn take<S: SharedStore + ?Sized>(
     now: u64,
 ) -> Result<(), Denial> {
     // Clients see the token's own limit in the refusal's headers, whichever bucket refused.
-    let limit = bucket.limit;
-    let limited = |retry_after_secs| Denial::RateLimited {
-        retry_after_secs,
-        max_rps: limit.rate_per_sec,
-        burst: limit.burst,
+    let limited = |retry_after_secs| match bucket.limit {
+        Some(limit) => Denial::RateLimited {
+            retry_after_secs,
+            max_rps: limit.rate_per_sec,
+            burst: limit.burst,
+        },
+        // Only a quota here: out of retries, its requests are refused as over it.
+        None => quota_denial(cfg, bucket.quota, None, now, retry_after_secs),
     };
+    let now_ms = now / 1_000_000;
+    let now_s = (now / 1_000_000_000) as i64;
     let admitted = compare_and_swap(store, key, cfg.cas_retries, |value| {
-        let (mut tat, share) = fleet::decode(value);
-        let now_ms = now / 1_000_000;
-        let pace = fleet::pace(limit, bucket.scope, share, bucket.proxies, now_ms);
-        if bucket.scope == LimitScope::Fleet
-            && share.is_some_and(|s| !fleet::holds(s, limit, now_ms))
-        {
-            // The share lapsed: the fallback's bucket, from no further ahead than it holds.
-            tat = fleet::rebase(tat, pace, now);
-        }
-        match gcra::decide_paced(pace, tat, now) {
-            Decision::Deny { retry_after_nanos } => {
-                Step::Keep(Err(limited(gcra::retry_after_secs(retry_after_nanos))))
+        let stored = fleet::decode(value);
+        let mut state = stored.unwrap_or_default();
+        let mut changed = false;
+        if let Some(quota) = bucket.quota {
+            let (q, fresh) =
+                fleet::quota_now(stored.map(|s| s.quota), quota, now_s, bucket.proxies);
+            state.quota = Some(q);
+            changed = fresh;
+            if q.spent >= q.allowed {
+                let d = quota_denial(cfg, Some(quota), Some(q), now, 0);
+                // A new period's state is written even so, for the leader to report.
+                return match changed {
+                    true => Step::Write(fleet::encode(&state), Err(d)),
+                    false => Step::Keep(Err(d)),
+                };
             }
-            Decision::Allow { new_tat, .. } => Step::Write(fleet::encode(new_tat, share), Ok(())),
+        } else if state.quota.take().is_some() {
+            // The token lost its quota.
+            changed = true;
         }
+        if let Some(limit) = bucket.limit {
+            let pace = fleet::pace(limit, bucket.scope, state.share, bucket.proxies, now_ms);
+            if bucket.scope == LimitScope::Fleet
+                && state.share.is_some_and(|s| !fleet::holds(s, limit, now_ms))
+            {
+                // The share lapsed: the fallback's bucket, from no further ahead than it holds.
+                state.tat = fleet::rebase(state.tat, pace, now);
+            }
+            match gcra::decide_paced(pace, state.tat, now) {
+                Decision::Deny { retry_after_nanos } => {
+                    let d = limited(gcra::retry_after_secs(retry_after_nanos));
+                    // Nothing consumed; the TAT as it was read.
+                    let mut keep = stored.unwrap_or_default();
+                    keep.quota = state.quota;
+                    return match changed {
+                        true => Step::Write(fleet::encode(&keep), Err(d)),
+                        false => Step::Keep(Err(d)),
+                    };
+                }
+                Decision::Allow { new_tat, .. } => state.tat = new_tat,
+            }
+        }
+        if let Some(q) = state.quota.as_mut() {
+            q.spent = q.spent.saturating_add(1);
+        }
+        Step::Write(fleet::encode(&state), Ok(()))
     });
     match admitted {
         Ok(decided) => decided,
         Err(CasError::Exhausted) => Err(limited(1)),
         Err(CasError::Host) => Err(Denial::StateUnavailable),
+    }
+}
+
+/// The refusal of a request over this proxy's ceiling `q` of `quota`. Its `Retry-After`:
+/// the period's end when this proxy alone has spent the whole quota; else the next fleet
+/// report (rounded up to whole seconds), at which the control plane may raise the ceiling,
+/// but never past the period's end. `fallback_secs` when no state was read (out of
+/// retries).
+fn quota_denial(
+    cfg: &Config,
+    quota: Option<Quota>,
+    q: Option<fleet::QuotaState>,
+    now: u64,
+    fallback_secs: u64,
+) -> Denial {
+    let now_s = (now / 1_000_000_000) as i64;
+    let Some(quota) = quota else {
+        return Denial::StateUnavailable;
+    };
+    let (start, end) = quota.period.window(now_s);
+    let to_end = (end - now_s).max(1) as u64;
+    let retry_after_secs = match q {
+        Some(q) if q.spent >= quota.limit => to_end,
+        Some(_) => u64::from(cfg.fleet_report_ms)
+            .div_ceil(1_000)
+            .clamp(1, to_end),
+        None => fallback_secs.clamp(1, to_end),
+    };
+    Denial::QuotaExceeded {
+        retry_after_secs,
+        limit: quota.limit,
+        window_secs: (end - start).max(1) as u64,
     }
 }
 

@@ -161,6 +161,7 @@ impl Leader {
             match applied {
                 Ok(a) => {
                     self.sync.set_proxies(a.proxies);
+                    self.fleet.on_answer(cfg, &a, now);
                     if std::mem::take(&mut self.fleet_failing) {
                         host.log(
                             Level::Info,
@@ -172,12 +173,12 @@ impl Leader {
                     if !std::mem::replace(&mut self.fleet_failing, true) {
                         host.log(
                             Level::Warn,
-                            &format!("fleet report failed ({why}); keeping the current shares until they expire, then max_rps / proxies"),
+                            &format!("fleet report failed ({why}); keeping the current shares until they expire, then max_rps / proxies, and each quota's last ceiling"),
                         );
                     }
+                    self.fleet.on_result(cfg, false, now);
                 }
             }
-            self.fleet.on_result(cfg, !self.fleet_failing, now);
             return true;
         }
         if self.reporter.is_current(call) {
@@ -239,13 +240,17 @@ impl Leader {
     fn report_fleet<H: Host>(&mut self, cfg: &Config, host: &H, now: u64) {
         host.gather_fleet(&mut self.demand);
         // Nothing to divide before the first snapshot: the filter refuses every request.
-        if !matches!(crate::sync::read_state(host.store()), Ok(Some(_))) {
+        let Ok(Some(state)) = crate::sync::read_state(host.store()) else {
             return;
-        }
-        let Some(body) = self
-            .fleet
-            .on_tick(cfg, &mut self.demand, &self.proxy_id, now)
-        else {
+        };
+        let Some(body) = self.fleet.on_tick(
+            cfg,
+            host.store(),
+            &mut self.demand,
+            &self.proxy_id,
+            state.proxies,
+            now,
+        ) else {
             return;
         };
         let call = Call {

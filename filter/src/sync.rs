@@ -388,7 +388,8 @@ fn write_record<S: SharedStore + ?Sized>(
     })
     .map_err(store_failure)?;
     // Create the rate state now so that requests always update it with compare-and-swap.
-    if written && rec.max_rps.is_some() && rec.status != SyncStatus::Revoked {
+    let metered = rec.max_rps.is_some() || rec.quota.is_some();
+    if written && metered && rec.status != SyncStatus::Revoked {
         let rate_key = record::rate_key(&rec.hash);
         let (existing, _) = store.get(&rate_key).map_err(|_| SyncFailure::Store)?;
         if existing.is_none() {
