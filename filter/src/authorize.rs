@@ -719,4 +719,272 @@ mod tests {
             Outcome::Deny(Denial::StateUnavailable)
         );
     }
+
+    mod quotas {
+        use super::*;
+        use crate::fleet::{self, QuotaState, RateState};
+        use tokengate_wire::fleet::QuotaGrant;
+        use tokengate_wire::{Period, Quota};
+
+        /// 1_800_000_000 is 08:00:00Z; NOW is the first second of a 10 s period.
+        const START: i64 = 1_800_000_000;
+        const SEC: u64 = 1_000_000_000;
+
+        fn with_proxies(proxies: u32) -> MemStore {
+            let s = MemStore::default();
+            let state = State {
+                version: 1,
+                generation: 1,
+                proxies,
+                store_id: "s".into(),
+                token_count: 0,
+            };
+            s.set(STATE_KEY, &encode_state(&state), 0).unwrap();
+            s
+        }
+
+        fn quota(limit: u64) -> Option<Quota> {
+            Some(Quota {
+                limit,
+                period: Period::Seconds(10),
+            })
+        }
+
+        fn stored(s: &MemStore, t: &str) -> RateState {
+            let (v, _) = s.get(&record::rate_key(&hash_hex(t.as_bytes()))).unwrap();
+            fleet::decode(v.as_deref()).unwrap()
+        }
+
+        fn at(s: &MemStore, t: &str, now: u64) -> Outcome {
+            authorize(&cfg(), s, Some(t.as_bytes()), now)
+        }
+
+        fn admitted(s: &MemStore, t: &str, now: u64, n: u32) -> u32 {
+            (0..n).filter(|_| at(s, t, now) == Outcome::Allow).count() as u32
+        }
+
+        #[test]
+        fn a_proxy_admits_its_part_of_the_quota_then_refuses_until_the_period_ends() {
+            let s = with_proxies(2);
+            let t = secret('q');
+            put(&s, &t, 1, |r| r.quota = quota(10));
+            // Two proxies: five each until the control plane says otherwise.
+            assert_eq!(admitted(&s, &t, NOW, 20), 5);
+            let q = stored(&s, &t).quota.unwrap();
+            assert_eq!(
+                (q.period_start, q.spent, q.allowed, q.limit),
+                (START, 5, 5, 10)
+            );
+            // Refused: the ceiling, not the whole quota, is spent; Retry-After is the next
+            // report (1 s by default), when the ceiling may rise.
+            assert_eq!(
+                at(&s, &t, NOW + 3 * SEC),
+                Outcome::Deny(Denial::QuotaExceeded {
+                    retry_after_secs: 1,
+                    limit: 10,
+                    window_secs: 10
+                })
+            );
+            assert_eq!(
+                stored(&s, &t).quota.unwrap().spent,
+                5,
+                "refusals spend nothing"
+            );
+            // The next period: spent 0, five more.
+            assert_eq!(admitted(&s, &t, NOW + 10 * SEC, 20), 5);
+            let q = stored(&s, &t).quota.unwrap();
+            assert_eq!((q.period_start, q.spent), (START + 10, 5));
+        }
+
+        #[test]
+        fn the_whole_quota_spent_here_points_at_the_period_end() {
+            let s = with_proxies(1);
+            let t = secret('q');
+            put(&s, &t, 1, |r| r.quota = quota(3));
+            assert_eq!(admitted(&s, &t, NOW + 2 * SEC, 5), 3);
+            assert_eq!(
+                at(&s, &t, NOW + 2 * SEC),
+                Outcome::Deny(Denial::QuotaExceeded {
+                    retry_after_secs: 8,
+                    limit: 3,
+                    window_secs: 10
+                })
+            );
+        }
+
+        #[test]
+        fn a_quota_refusal_consumes_no_rate_and_a_rate_refusal_no_quota() {
+            let s = with_proxies(1);
+            let t = secret('r');
+            put(&s, &t, 1, |r| {
+                r.max_rps = Some(2);
+                r.burst = Some(2);
+                r.limit_scope = LimitScope::Proxy;
+                r.quota = quota(3);
+            });
+            // The burst of 2 passes; the third is refused by the rate and spends nothing.
+            assert_eq!(admitted(&s, &t, NOW, 3), 2);
+            assert!(matches!(
+                at(&s, &t, NOW),
+                Outcome::Deny(Denial::RateLimited { .. })
+            ));
+            assert_eq!(stored(&s, &t).quota.unwrap().spent, 2);
+            // A second later: one more passes (the quota's third), then the quota refuses...
+            let later = NOW + SEC;
+            assert_eq!(admitted(&s, &t, later, 1), 1);
+            let tat = stored(&s, &t).tat;
+            assert!(matches!(
+                at(&s, &t, later + SEC),
+                Outcome::Deny(Denial::QuotaExceeded { .. })
+            ));
+            // ...and the TAT did not move: no rate was consumed.
+            assert_eq!(stored(&s, &t).tat, tat);
+            assert_eq!(stored(&s, &t).quota.unwrap().spent, 3);
+        }
+
+        #[test]
+        fn a_quota_only_token_uses_its_rate_key_and_counts_as_quota_traffic() {
+            let s = with_proxies(1);
+            let t = secret('o');
+            put(&s, &t, 1, |r| r.quota = quota(2));
+            let v = judge(&cfg(), &s, Some(t.as_bytes()), NOW);
+            assert_eq!(v.outcome, Outcome::Allow);
+            assert!(!v.fleet, "no rate limit: no fleet demand");
+            assert_eq!(v.quota, Some(hash(t.as_bytes())));
+            assert_eq!(stored(&s, &t).tat, 0, "no GCRA without max_rps");
+            // Refused requests are quota traffic too: the leader reports the state.
+            at(&s, &t, NOW);
+            let v = judge(&cfg(), &s, Some(t.as_bytes()), NOW);
+            assert!(matches!(
+                v.outcome,
+                Outcome::Deny(Denial::QuotaExceeded { .. })
+            ));
+            assert!(v.quota.is_some());
+            // No quota: nothing counted under one.
+            let plain = secret('p');
+            put(&s, &plain, 1, |_| {});
+            assert_eq!(judge(&cfg(), &s, Some(plain.as_bytes()), NOW).quota, None);
+        }
+
+        #[test]
+        fn more_proxies_than_the_quota_start_at_nothing_and_the_state_is_written_anyway() {
+            let s = with_proxies(5);
+            let t = secret('m');
+            put(&s, &t, 1, |r| r.quota = quota(3));
+            assert!(matches!(
+                at(&s, &t, NOW),
+                Outcome::Deny(Denial::QuotaExceeded { .. })
+            ));
+            // Written though refused, so that the leader reports it and a grant follows.
+            let q = stored(&s, &t).quota.unwrap();
+            assert_eq!((q.period_start, q.spent, q.allowed), (START, 0, 0));
+        }
+
+        #[test]
+        fn grants_raise_or_lower_the_ceiling_for_the_current_period_and_limit_only() {
+            let s = with_proxies(2);
+            let t = secret('g');
+            let h = hash_hex(t.as_bytes());
+            put(&s, &t, 1, |r| r.quota = quota(10));
+            assert_eq!(admitted(&s, &t, NOW, 3), 3);
+            let now_s = START + 1;
+            let grant = |period_start, limit, allowed| QuotaGrant {
+                hash: h.clone(),
+                period_start,
+                limit,
+                allowed,
+            };
+            assert_eq!(
+                fleet::apply_grant(&s, &grant(START, 10, 8), now_s),
+                Ok(true)
+            );
+            assert_eq!(admitted(&s, &t, NOW + SEC, 20), 5, "up to 8 in all");
+            // Stale: another period, another limit. Ignored.
+            assert_eq!(
+                fleet::apply_grant(&s, &grant(START - 10, 10, 10), now_s),
+                Ok(false)
+            );
+            assert_eq!(
+                fleet::apply_grant(&s, &grant(START, 9, 10), now_s),
+                Ok(false)
+            );
+            assert_eq!(admitted(&s, &t, NOW + SEC, 5), 0);
+            // A lower ceiling than spent: nothing more, and what was spent stays.
+            assert_eq!(
+                fleet::apply_grant(&s, &grant(START, 10, 2), now_s),
+                Ok(true)
+            );
+            let q = stored(&s, &t).quota.unwrap();
+            assert_eq!((q.spent, q.allowed), (8, 2));
+            // Never above the whole quota.
+            assert_eq!(
+                fleet::apply_grant(&s, &grant(START, 10, 99), now_s),
+                Ok(true)
+            );
+            assert_eq!(stored(&s, &t).quota.unwrap().allowed, 10);
+            // A secret with no state yet gets one for the period.
+            let fresh = secret('n');
+            put(&s, &fresh, 1, |r| r.quota = quota(10));
+            let g = QuotaGrant {
+                hash: hash_hex(fresh.as_bytes()),
+                ..grant(START, 10, 7)
+            };
+            assert_eq!(fleet::apply_grant(&s, &g, now_s), Ok(true));
+            let q = stored(&s, &fresh).quota.unwrap();
+            assert_eq!((q.period_start, q.spent, q.allowed), (START, 0, 7));
+            // A secret this proxy does not hold, or one without a quota: nothing written.
+            let unknown = QuotaGrant {
+                hash: "c".repeat(64),
+                ..grant(START, 10, 7)
+            };
+            assert_eq!(fleet::apply_grant(&s, &unknown, now_s), Ok(false));
+            assert!(s
+                .get(&record::rate_key(&"c".repeat(64)))
+                .unwrap()
+                .0
+                .is_none());
+        }
+
+        #[test]
+        fn a_damaged_rate_state_fails_closed_then_heals() {
+            let s = with_proxies(2);
+            let t = secret('d');
+            put(&s, &t, 1, |r| r.quota = quota(10));
+            let key = record::rate_key(&hash_hex(t.as_bytes()));
+            s.set(&key, b"\x01\x02\x03", 0).unwrap();
+            assert!(matches!(
+                at(&s, &t, NOW),
+                Outcome::Deny(Denial::QuotaExceeded { .. })
+            ));
+            // Rewritten as this proxy's ceiling spent; a grant raises it...
+            let q = stored(&s, &t).quota.unwrap();
+            assert_eq!((q.spent, q.allowed), (5, 5));
+            let g = QuotaGrant {
+                hash: hash_hex(t.as_bytes()),
+                period_start: START,
+                limit: 10,
+                allowed: 7,
+            };
+            assert_eq!(fleet::apply_grant(&s, &g, START), Ok(true));
+            assert_eq!(admitted(&s, &t, NOW, 5), 2);
+            // ...and the next period starts afresh.
+            assert_eq!(admitted(&s, &t, NOW + 10 * SEC, 10), 5);
+        }
+
+        #[test]
+        fn a_changed_limit_keeps_the_spent_count() {
+            let s = with_proxies(1);
+            let t = secret('c');
+            put(&s, &t, 1, |r| r.quota = quota(10));
+            assert_eq!(admitted(&s, &t, NOW, 6), 6);
+            put(&s, &t, 1, |r| r.quota = quota(8));
+            assert_eq!(admitted(&s, &t, NOW, 5), 2);
+            // The quota removed: no longer counted; a rate-limited token's state forgets it.
+            put(&s, &t, 1, |_| {});
+            assert_eq!(admitted(&s, &t, NOW, 5), 5);
+            put(&s, &t, 1, |r| r.max_rps = Some(100));
+            assert_eq!(admitted(&s, &t, NOW, 5), 5);
+            assert_eq!(stored(&s, &t).quota, None);
+        }
+    }
 }

@@ -458,6 +458,70 @@ mod tests {
     }
 
     #[test]
+    fn a_quota_request_counts_as_usage_and_under_its_secrets_quota_key() {
+        let (s, secret) = setup(|r| {
+            r.max_rps = Some(100);
+            r.quota = Some(tokengate_wire::Quota {
+                limit: 1,
+                period: tokengate_wire::Period::Hour,
+            });
+        });
+        let c = cfg();
+        let mut counted = vec![];
+        for _ in 0..2 {
+            let mut h = headers(&[("x-api-token", &secret)]);
+            handle(&c, &IdentityHeaders::new(&c), &s, &mut h, NOW, |c| {
+                counted.push((c.id.to_vec(), c.allowed, c.usage, c.fleet))
+            });
+        }
+        let key = fleet::quota_tally_key(&hash_hex(secret.as_bytes())).to_vec();
+        assert!(key.starts_with(b"q:") && key.len() == 66);
+        assert_eq!(
+            counted,
+            [
+                (b"tok_1".to_vec(), true, true, true),
+                (key.clone(), true, false, true),
+                (b"tok_1".to_vec(), false, true, true),
+                (key, false, false, true),
+            ]
+        );
+        // Refused over the quota: the expiry is announced as for a rate refusal.
+        let (s, secret) = setup(|r| {
+            r.expires_at = Some(1_800_000_000 + 60);
+            r.quota = Some(tokengate_wire::Quota {
+                limit: 1,
+                period: tokengate_wire::Period::Hour,
+            });
+        });
+        run(
+            &c,
+            &s,
+            &mut headers(&[("x-api-token", &secret)]),
+            NOW,
+            |_, _, _| {},
+        );
+        let (reply, counter) = run(
+            &c,
+            &s,
+            &mut headers(&[("x-api-token", &secret)]),
+            NOW,
+            |_, _, _| {},
+        );
+        assert!(matches!(
+            reply,
+            Reply::Refuse {
+                denial: Denial::QuotaExceeded {
+                    limit: 1,
+                    window_secs: 3_600,
+                    ..
+                },
+                expires_at: Some(_)
+            }
+        ));
+        assert_eq!(counter, Counter::QuotaExceeded);
+    }
+
+    #[test]
     fn no_clock_no_trust_and_no_usage_when_reporting_is_off() {
         let (s, secret) = setup(|_| {});
         let c = cfg();

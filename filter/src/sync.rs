@@ -711,6 +711,22 @@ mod tests {
             .map
             .borrow()
             .contains_key(record::rate_key(&limited.hash).as_str()));
+        // A quota without a rate limit is counted in the rate state too.
+        let q = secret('q');
+        let mut quota = rec(&q, 2, SyncStatus::Active);
+        quota.quota = Some(tokengate_wire::Quota {
+            limit: 5,
+            period: tokengate_wire::Period::Day,
+        });
+        sc.on_tick(&c, &s, "", 200_000);
+        let body = resp(2, false, vec![quota.clone()], None);
+        sc.on_response(&c, &s, "", 200_000, Some(200), Some(&body))
+            .0
+            .unwrap();
+        assert!(s
+            .map
+            .borrow()
+            .contains_key(record::rate_key(&quota.hash).as_str()));
     }
 
     #[test]
