@@ -722,7 +722,7 @@ mod tests {
 
     mod quotas {
         use super::*;
-        use crate::fleet::{self, QuotaState, RateState};
+        use crate::fleet::{self, RateState};
         use tokengate_wire::fleet::QuotaGrant;
         use tokengate_wire::{Period, Quota};
 
