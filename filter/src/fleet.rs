@@ -7,6 +7,10 @@
 //! `"fleet"` scope the share while it holds (not expired, computed for the token's current
 //! limit), else `max_rps / proxies` with the proxies the control plane last counted. Never
 //! the whole limit when other proxies are known, never unlimited, never zero.
+//!
+//! Quotas ride on the same value and the same report: a token's rate state also holds this
+//! proxy's quota state for the period ([`QuotaState`], decided by [`quota_now`]), the report
+//! carries it and the answer's grants set its ceiling ([`apply_grant`]).
 
 use crate::callout::{Backoff, Callout};
 use crate::config::Config;
@@ -811,6 +815,16 @@ mod tests {
         .unwrap()
     }
 
+    fn quota_answer(g: QuotaGrant) -> Vec<u8> {
+        serde_json::to_vec(&FleetAnswer {
+            quotas: vec![g],
+            proxies: 1,
+            ttl_ms: 3_000,
+            shares: vec![],
+        })
+        .unwrap()
+    }
+
     fn wire_share(hash: &str, rate_milli: u64) -> WireShare {
         WireShare {
             hash: hash.into(),
@@ -888,6 +902,18 @@ mod tests {
             answer(vec![wire_share(&held, 1_000)], 0),
             answer(vec![zero_rate], 3),
             answer(vec![wire_share(&held, 1_000); 2 * MAX_TOKENS + 1], 3),
+            quota_answer(QuotaGrant {
+                hash: "../x".into(),
+                period_start: 0,
+                limit: 1,
+                allowed: 1,
+            }),
+            quota_answer(QuotaGrant {
+                hash: held.clone(),
+                period_start: 0,
+                limit: 0,
+                allowed: 0,
+            }),
         ] {
             assert_eq!(
                 apply(&s, &body, NOW_MS).err(),
