@@ -8,7 +8,7 @@ use crate::record::{self, STATE_KEY};
 use crate::store::{compare_and_swap, CasError, SharedStore, Step};
 use sha2::{Digest, Sha256};
 use std::ops::Range;
-use tokengate_wire::{token, Kind, LimitScope, SyncStatus};
+use tokengate_wire::{token, Kind, LimitScope, Quota, SyncStatus};
 
 /// Returns the token carried by `Authorization: Bearer <token>`, if that is its scheme.
 /// The scheme with nothing after it is an empty (so invalid) token, as an empty
@@ -124,6 +124,13 @@ pub enum Denial {
         max_rps: u32,
         burst: u32,
     },
+    /// This proxy's ceiling of the token's quota for the period is reached.
+    QuotaExceeded {
+        retry_after_secs: u64,
+        limit: u64,
+        /// The period's length in seconds.
+        window_secs: u64,
+    },
     StateUnavailable,
 }
 
@@ -182,6 +189,9 @@ pub struct Verdict<V> {
     /// The request met a fleet-limited token's bucket: it counts as that token's demand on
     /// this proxy.
     pub fleet: bool,
+    /// The request met a quota: the secret's hash, under which it is counted so that the
+    /// leader reports that quota's state.
+    pub quota: Option<HashHex>,
 }
 
 /// Decides a request that presented `credential` (see [`extract`]) at `now_nanos`.
@@ -205,6 +215,7 @@ pub fn judge<S: SharedStore + ?Sized>(
         outcome: Outcome::Deny(d),
         token: None,
         fleet: false,
+        quota: None,
     };
     let Some(credential) = credential else {
         return deny(Denial::MissingToken);
@@ -233,11 +244,12 @@ pub fn judge<S: SharedStore + ?Sized>(
     if rec.generation < generation || rec.status == SyncStatus::Revoked {
         return deny(Denial::InvalidToken);
     }
-    let (status, limit, scope, expires_at) = (
+    let (status, limit, scope, expires_at, quota) = (
         rec.status,
         Limit::new(rec.max_rps, rec.burst),
         rec.limit_scope,
         rec.expires_at,
+        rec.quota,
     );
     let whole = value.as_ref();
     let token = Token {
@@ -249,39 +261,45 @@ pub fn judge<S: SharedStore + ?Sized>(
         record: value,
     };
     let fleet = limit.is_some() && scope == LimitScope::Fleet;
-    let verdict = |outcome, fleet| Verdict {
+    let verdict = |outcome, fleet, quota| Verdict {
         outcome,
         token: Some(token),
         fleet,
+        quota,
     };
     if let Some(exp) = expires_at {
         if (now_nanos / 1_000_000_000) as i64 >= exp {
-            return verdict(Outcome::Deny(Denial::TokenExpired), false);
+            return verdict(Outcome::Deny(Denial::TokenExpired), false, None);
         }
     }
     if status == SyncStatus::Suspended {
-        return verdict(Outcome::Deny(Denial::TokenSuspended), false);
+        return verdict(Outcome::Deny(Denial::TokenSuspended), false, None);
     }
-    if let Some(limit) = limit {
-        let bucket = Bucket {
-            limit,
-            scope,
-            proxies,
-        };
-        if let Err(d) = take(cfg, store, &record::rate_key(&hash), bucket, now_nanos) {
-            return verdict(Outcome::Deny(d), fleet);
-        }
+    if limit.is_none() && quota.is_none() {
+        return verdict(Outcome::Allow, false, None);
     }
-    verdict(Outcome::Allow, fleet)
+    let bucket = Bucket {
+        limit,
+        scope,
+        proxies,
+        quota,
+    };
+    let counted = quota.map(|_| hash);
+    match take(cfg, store, &record::rate_key(&hash), bucket, now_nanos) {
+        Ok(()) => verdict(Outcome::Allow, fleet, counted),
+        Err(d) => verdict(Outcome::Deny(d), fleet, counted),
+    }
 }
 
-/// A token's limit as this proxy enforces it (see [`fleet::pace`]).
+/// A token's limits as this proxy enforces them (see [`fleet::pace`] and
+/// [`fleet::quota_now`]).
 #[derive(Clone, Copy)]
 struct Bucket {
-    limit: Limit,
+    limit: Option<Limit>,
     scope: LimitScope,
     /// The proxies the control plane last counted.
     proxies: u32,
+    quota: Option<Quota>,
 }
 
 /// When the response should carry the token's expiry: inside the warning window.
@@ -296,8 +314,10 @@ pub fn expiry_to_announce<V>(
     (exp > now && exp - now <= i64::from(cfg.expiry_warning_seconds)).then_some(exp)
 }
 
-/// One GCRA admission with compare-and-swap, at the pace the rate state's share (if any)
-/// sets; the share is written back as read. Out of retries means refused, never admitted.
+/// One admission with compare-and-swap: the quota first (a refused request consumes no
+/// rate), then GCRA at the pace the rate state's share (if any) sets (a refused request
+/// consumes no quota); the share is written back as read. Out of retries means refused,
+/// never admitted.
 fn take<S: SharedStore + ?Sized>(
     cfg: &Config,
     store: &S,
@@ -306,33 +326,101 @@ fn take<S: SharedStore + ?Sized>(
     now: u64,
 ) -> Result<(), Denial> {
     // Clients see the token's own limit in the refusal's headers, whichever bucket refused.
-    let limit = bucket.limit;
-    let limited = |retry_after_secs| Denial::RateLimited {
-        retry_after_secs,
-        max_rps: limit.rate_per_sec,
-        burst: limit.burst,
+    let limited = |retry_after_secs| match bucket.limit {
+        Some(limit) => Denial::RateLimited {
+            retry_after_secs,
+            max_rps: limit.rate_per_sec,
+            burst: limit.burst,
+        },
+        // Only a quota here: out of retries, its requests are refused as over it.
+        None => quota_denial(cfg, bucket.quota, None, now, retry_after_secs),
     };
+    let now_ms = now / 1_000_000;
+    let now_s = (now / 1_000_000_000) as i64;
     let admitted = compare_and_swap(store, key, cfg.cas_retries, |value| {
-        let (mut tat, share) = fleet::decode(value);
-        let now_ms = now / 1_000_000;
-        let pace = fleet::pace(limit, bucket.scope, share, bucket.proxies, now_ms);
-        if bucket.scope == LimitScope::Fleet
-            && share.is_some_and(|s| !fleet::holds(s, limit, now_ms))
-        {
-            // The share lapsed: the fallback's bucket, from no further ahead than it holds.
-            tat = fleet::rebase(tat, pace, now);
-        }
-        match gcra::decide_paced(pace, tat, now) {
-            Decision::Deny { retry_after_nanos } => {
-                Step::Keep(Err(limited(gcra::retry_after_secs(retry_after_nanos))))
+        let stored = fleet::decode(value);
+        let mut state = stored.unwrap_or_default();
+        let mut changed = false;
+        if let Some(quota) = bucket.quota {
+            let (q, fresh) =
+                fleet::quota_now(stored.map(|s| s.quota), quota, now_s, bucket.proxies);
+            state.quota = Some(q);
+            changed = fresh;
+            if q.spent >= q.allowed {
+                let d = quota_denial(cfg, Some(quota), Some(q), now, 0);
+                // A new period's state is written even so, for the leader to report.
+                return match changed {
+                    true => Step::Write(fleet::encode(&state), Err(d)),
+                    false => Step::Keep(Err(d)),
+                };
             }
-            Decision::Allow { new_tat, .. } => Step::Write(fleet::encode(new_tat, share), Ok(())),
+        } else if state.quota.take().is_some() {
+            // The token lost its quota.
+            changed = true;
         }
+        if let Some(limit) = bucket.limit {
+            let pace = fleet::pace(limit, bucket.scope, state.share, bucket.proxies, now_ms);
+            if bucket.scope == LimitScope::Fleet
+                && state.share.is_some_and(|s| !fleet::holds(s, limit, now_ms))
+            {
+                // The share lapsed: the fallback's bucket, from no further ahead than it holds.
+                state.tat = fleet::rebase(state.tat, pace, now);
+            }
+            match gcra::decide_paced(pace, state.tat, now) {
+                Decision::Deny { retry_after_nanos } => {
+                    let d = limited(gcra::retry_after_secs(retry_after_nanos));
+                    // Nothing consumed; the TAT as it was read.
+                    let mut keep = stored.unwrap_or_default();
+                    keep.quota = state.quota;
+                    return match changed {
+                        true => Step::Write(fleet::encode(&keep), Err(d)),
+                        false => Step::Keep(Err(d)),
+                    };
+                }
+                Decision::Allow { new_tat, .. } => state.tat = new_tat,
+            }
+        }
+        if let Some(q) = state.quota.as_mut() {
+            q.spent = q.spent.saturating_add(1);
+        }
+        Step::Write(fleet::encode(&state), Ok(()))
     });
     match admitted {
         Ok(decided) => decided,
         Err(CasError::Exhausted) => Err(limited(1)),
         Err(CasError::Host) => Err(Denial::StateUnavailable),
+    }
+}
+
+/// The refusal of a request over this proxy's ceiling `q` of `quota`. Its `Retry-After`:
+/// the period's end when this proxy alone has spent the whole quota; else the next fleet
+/// report (rounded up to whole seconds), at which the control plane may raise the ceiling,
+/// but never past the period's end. `fallback_secs` when no state was read (out of
+/// retries).
+fn quota_denial(
+    cfg: &Config,
+    quota: Option<Quota>,
+    q: Option<fleet::QuotaState>,
+    now: u64,
+    fallback_secs: u64,
+) -> Denial {
+    let now_s = (now / 1_000_000_000) as i64;
+    let Some(quota) = quota else {
+        return Denial::StateUnavailable;
+    };
+    let (start, end) = quota.period.window(now_s);
+    let to_end = (end - now_s).max(1) as u64;
+    let retry_after_secs = match q {
+        Some(q) if q.spent >= quota.limit => to_end,
+        Some(_) => u64::from(cfg.fleet_report_ms)
+            .div_ceil(1_000)
+            .clamp(1, to_end),
+        None => fallback_secs.clamp(1, to_end),
+    };
+    Denial::QuotaExceeded {
+        retry_after_secs,
+        limit: quota.limit,
+        window_secs: (end - start).max(1) as u64,
     }
 }
 
@@ -630,5 +718,273 @@ mod tests {
             decide(&bad_state, &t),
             Outcome::Deny(Denial::StateUnavailable)
         );
+    }
+
+    mod quotas {
+        use super::*;
+        use crate::fleet::{self, RateState};
+        use tokengate_wire::fleet::QuotaGrant;
+        use tokengate_wire::{Period, Quota};
+
+        /// 1_800_000_000 is 08:00:00Z; NOW is the first second of a 10 s period.
+        const START: i64 = 1_800_000_000;
+        const SEC: u64 = 1_000_000_000;
+
+        fn with_proxies(proxies: u32) -> MemStore {
+            let s = MemStore::default();
+            let state = State {
+                version: 1,
+                generation: 1,
+                proxies,
+                store_id: "s".into(),
+                token_count: 0,
+            };
+            s.set(STATE_KEY, &encode_state(&state), 0).unwrap();
+            s
+        }
+
+        fn quota(limit: u64) -> Option<Quota> {
+            Some(Quota {
+                limit,
+                period: Period::Seconds(10),
+            })
+        }
+
+        fn stored(s: &MemStore, t: &str) -> RateState {
+            let (v, _) = s.get(&record::rate_key(&hash_hex(t.as_bytes()))).unwrap();
+            fleet::decode(v.as_deref()).unwrap()
+        }
+
+        fn at(s: &MemStore, t: &str, now: u64) -> Outcome {
+            authorize(&cfg(), s, Some(t.as_bytes()), now)
+        }
+
+        fn admitted(s: &MemStore, t: &str, now: u64, n: u32) -> u32 {
+            (0..n).filter(|_| at(s, t, now) == Outcome::Allow).count() as u32
+        }
+
+        #[test]
+        fn a_proxy_admits_its_part_of_the_quota_then_refuses_until_the_period_ends() {
+            let s = with_proxies(2);
+            let t = secret('q');
+            put(&s, &t, 1, |r| r.quota = quota(10));
+            // Two proxies: five each until the control plane says otherwise.
+            assert_eq!(admitted(&s, &t, NOW, 20), 5);
+            let q = stored(&s, &t).quota.unwrap();
+            assert_eq!(
+                (q.period_start, q.spent, q.allowed, q.limit),
+                (START, 5, 5, 10)
+            );
+            // Refused: the ceiling, not the whole quota, is spent; Retry-After is the next
+            // report (1 s by default), when the ceiling may rise.
+            assert_eq!(
+                at(&s, &t, NOW + 3 * SEC),
+                Outcome::Deny(Denial::QuotaExceeded {
+                    retry_after_secs: 1,
+                    limit: 10,
+                    window_secs: 10
+                })
+            );
+            assert_eq!(
+                stored(&s, &t).quota.unwrap().spent,
+                5,
+                "refusals spend nothing"
+            );
+            // The next period: spent 0, five more.
+            assert_eq!(admitted(&s, &t, NOW + 10 * SEC, 20), 5);
+            let q = stored(&s, &t).quota.unwrap();
+            assert_eq!((q.period_start, q.spent), (START + 10, 5));
+        }
+
+        #[test]
+        fn the_whole_quota_spent_here_points_at_the_period_end() {
+            let s = with_proxies(1);
+            let t = secret('q');
+            put(&s, &t, 1, |r| r.quota = quota(3));
+            assert_eq!(admitted(&s, &t, NOW + 2 * SEC, 5), 3);
+            assert_eq!(
+                at(&s, &t, NOW + 2 * SEC),
+                Outcome::Deny(Denial::QuotaExceeded {
+                    retry_after_secs: 8,
+                    limit: 3,
+                    window_secs: 10
+                })
+            );
+        }
+
+        #[test]
+        fn a_quota_refusal_consumes_no_rate_and_a_rate_refusal_no_quota() {
+            let s = with_proxies(1);
+            let t = secret('r');
+            put(&s, &t, 1, |r| {
+                r.max_rps = Some(2);
+                r.burst = Some(2);
+                r.limit_scope = LimitScope::Proxy;
+                r.quota = quota(3);
+            });
+            // The burst of 2 passes; the third is refused by the rate and spends nothing.
+            assert_eq!(admitted(&s, &t, NOW, 3), 2);
+            assert!(matches!(
+                at(&s, &t, NOW),
+                Outcome::Deny(Denial::RateLimited { .. })
+            ));
+            assert_eq!(stored(&s, &t).quota.unwrap().spent, 2);
+            // A second later: one more passes (the quota's third), then the quota refuses...
+            let later = NOW + SEC;
+            assert_eq!(admitted(&s, &t, later, 1), 1);
+            let tat = stored(&s, &t).tat;
+            assert!(matches!(
+                at(&s, &t, later + SEC),
+                Outcome::Deny(Denial::QuotaExceeded { .. })
+            ));
+            // ...and the TAT did not move: no rate was consumed.
+            assert_eq!(stored(&s, &t).tat, tat);
+            assert_eq!(stored(&s, &t).quota.unwrap().spent, 3);
+        }
+
+        #[test]
+        fn a_quota_only_token_uses_its_rate_key_and_counts_as_quota_traffic() {
+            let s = with_proxies(1);
+            let t = secret('o');
+            put(&s, &t, 1, |r| r.quota = quota(2));
+            let v = judge(&cfg(), &s, Some(t.as_bytes()), NOW);
+            assert_eq!(v.outcome, Outcome::Allow);
+            assert!(!v.fleet, "no rate limit: no fleet demand");
+            assert_eq!(v.quota, Some(hash(t.as_bytes())));
+            assert_eq!(stored(&s, &t).tat, 0, "no GCRA without max_rps");
+            // Refused requests are quota traffic too: the leader reports the state.
+            at(&s, &t, NOW);
+            let v = judge(&cfg(), &s, Some(t.as_bytes()), NOW);
+            assert!(matches!(
+                v.outcome,
+                Outcome::Deny(Denial::QuotaExceeded { .. })
+            ));
+            assert!(v.quota.is_some());
+            // No quota: nothing counted under one.
+            let plain = secret('p');
+            put(&s, &plain, 1, |_| {});
+            assert_eq!(judge(&cfg(), &s, Some(plain.as_bytes()), NOW).quota, None);
+        }
+
+        #[test]
+        fn more_proxies_than_the_quota_start_at_nothing_and_the_state_is_written_anyway() {
+            let s = with_proxies(5);
+            let t = secret('m');
+            put(&s, &t, 1, |r| r.quota = quota(3));
+            assert!(matches!(
+                at(&s, &t, NOW),
+                Outcome::Deny(Denial::QuotaExceeded { .. })
+            ));
+            // Written though refused, so that the leader reports it and a grant follows.
+            let q = stored(&s, &t).quota.unwrap();
+            assert_eq!((q.period_start, q.spent, q.allowed), (START, 0, 0));
+        }
+
+        #[test]
+        fn grants_raise_or_lower_the_ceiling_for_the_current_period_and_limit_only() {
+            let s = with_proxies(2);
+            let t = secret('g');
+            let h = hash_hex(t.as_bytes());
+            put(&s, &t, 1, |r| r.quota = quota(10));
+            assert_eq!(admitted(&s, &t, NOW, 3), 3);
+            let now_s = START + 1;
+            let grant = |period_start, limit, allowed| QuotaGrant {
+                hash: h.clone(),
+                period_start,
+                limit,
+                allowed,
+            };
+            assert_eq!(
+                fleet::apply_grant(&s, &grant(START, 10, 8), now_s),
+                Ok(true)
+            );
+            assert_eq!(admitted(&s, &t, NOW + SEC, 20), 5, "up to 8 in all");
+            // Stale: another period, another limit. Ignored.
+            assert_eq!(
+                fleet::apply_grant(&s, &grant(START - 10, 10, 10), now_s),
+                Ok(false)
+            );
+            assert_eq!(
+                fleet::apply_grant(&s, &grant(START, 9, 10), now_s),
+                Ok(false)
+            );
+            assert_eq!(admitted(&s, &t, NOW + SEC, 5), 0);
+            // A lower ceiling than spent: nothing more, and what was spent stays.
+            assert_eq!(
+                fleet::apply_grant(&s, &grant(START, 10, 2), now_s),
+                Ok(true)
+            );
+            let q = stored(&s, &t).quota.unwrap();
+            assert_eq!((q.spent, q.allowed), (8, 2));
+            // Never above the whole quota.
+            assert_eq!(
+                fleet::apply_grant(&s, &grant(START, 10, 99), now_s),
+                Ok(true)
+            );
+            assert_eq!(stored(&s, &t).quota.unwrap().allowed, 10);
+            // A secret with no state yet gets one for the period.
+            let fresh = secret('n');
+            put(&s, &fresh, 1, |r| r.quota = quota(10));
+            let g = QuotaGrant {
+                hash: hash_hex(fresh.as_bytes()),
+                ..grant(START, 10, 7)
+            };
+            assert_eq!(fleet::apply_grant(&s, &g, now_s), Ok(true));
+            let q = stored(&s, &fresh).quota.unwrap();
+            assert_eq!((q.period_start, q.spent, q.allowed), (START, 0, 7));
+            // A secret this proxy does not hold, or one without a quota: nothing written.
+            let unknown = QuotaGrant {
+                hash: "c".repeat(64),
+                ..grant(START, 10, 7)
+            };
+            assert_eq!(fleet::apply_grant(&s, &unknown, now_s), Ok(false));
+            assert!(s
+                .get(&record::rate_key(&"c".repeat(64)))
+                .unwrap()
+                .0
+                .is_none());
+        }
+
+        #[test]
+        fn a_damaged_rate_state_fails_closed_then_heals() {
+            let s = with_proxies(2);
+            let t = secret('d');
+            put(&s, &t, 1, |r| r.quota = quota(10));
+            let key = record::rate_key(&hash_hex(t.as_bytes()));
+            s.set(&key, b"\x01\x02\x03", 0).unwrap();
+            assert!(matches!(
+                at(&s, &t, NOW),
+                Outcome::Deny(Denial::QuotaExceeded { .. })
+            ));
+            // Rewritten as this proxy's ceiling spent; a grant raises it...
+            let q = stored(&s, &t).quota.unwrap();
+            assert_eq!((q.spent, q.allowed), (5, 5));
+            let g = QuotaGrant {
+                hash: hash_hex(t.as_bytes()),
+                period_start: START,
+                limit: 10,
+                allowed: 7,
+            };
+            assert_eq!(fleet::apply_grant(&s, &g, START), Ok(true));
+            assert_eq!(admitted(&s, &t, NOW, 5), 2);
+            // ...and the next period starts afresh.
+            assert_eq!(admitted(&s, &t, NOW + 10 * SEC, 10), 5);
+        }
+
+        #[test]
+        fn a_changed_limit_keeps_the_spent_count() {
+            let s = with_proxies(1);
+            let t = secret('c');
+            put(&s, &t, 1, |r| r.quota = quota(10));
+            assert_eq!(admitted(&s, &t, NOW, 6), 6);
+            put(&s, &t, 1, |r| r.quota = quota(8));
+            assert_eq!(admitted(&s, &t, NOW, 5), 2);
+            // The quota removed: no longer counted; a rate-limited token's state forgets it.
+            put(&s, &t, 1, |_| {});
+            assert_eq!(admitted(&s, &t, NOW, 5), 5);
+            put(&s, &t, 1, |r| r.max_rps = Some(100));
+            assert_eq!(admitted(&s, &t, NOW, 5), 5);
+            assert_eq!(stored(&s, &t).quota, None);
+        }
     }
 }

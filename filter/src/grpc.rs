@@ -40,7 +40,7 @@ pub fn code(d: Denial) -> Code {
         Denial::MissingToken | Denial::InvalidToken | Denial::TokenExpired => Code::Unauthenticated,
         Denial::TokenSuspended => Code::PermissionDenied,
         // Not UNAVAILABLE: clients retry that by themselves.
-        Denial::RateLimited { .. } => Code::ResourceExhausted,
+        Denial::RateLimited { .. } | Denial::QuotaExceeded { .. } => Code::ResourceExhausted,
         Denial::StateUnavailable => Code::Unavailable,
     }
 }

@@ -161,6 +161,7 @@ impl Leader {
             match applied {
                 Ok(a) => {
                     self.sync.set_proxies(a.proxies);
+                    self.fleet.on_answer(cfg, &a, now);
                     if std::mem::take(&mut self.fleet_failing) {
                         host.log(
                             Level::Info,
@@ -172,12 +173,12 @@ impl Leader {
                     if !std::mem::replace(&mut self.fleet_failing, true) {
                         host.log(
                             Level::Warn,
-                            &format!("fleet report failed ({why}); keeping the current shares until they expire, then max_rps / proxies"),
+                            &format!("fleet report failed ({why}); keeping the current shares until they expire, then max_rps / proxies, and each quota's last ceiling"),
                         );
                     }
+                    self.fleet.on_result(cfg, false, now);
                 }
             }
-            self.fleet.on_result(cfg, !self.fleet_failing, now);
             return true;
         }
         if self.reporter.is_current(call) {
@@ -239,13 +240,17 @@ impl Leader {
     fn report_fleet<H: Host>(&mut self, cfg: &Config, host: &H, now: u64) {
         host.gather_fleet(&mut self.demand);
         // Nothing to divide before the first snapshot: the filter refuses every request.
-        if !matches!(crate::sync::read_state(host.store()), Ok(Some(_))) {
+        let Ok(Some(state)) = crate::sync::read_state(host.store()) else {
             return;
-        }
-        let Some(body) = self
-            .fleet
-            .on_tick(cfg, &mut self.demand, &self.proxy_id, now)
-        else {
+        };
+        let Some(body) = self.fleet.on_tick(
+            cfg,
+            host.store(),
+            &mut self.demand,
+            &self.proxy_id,
+            state.proxies,
+            now,
+        ) else {
             return;
         };
         let call = Call {
@@ -487,6 +492,169 @@ mod tests {
         // ...then a third of the limit again, never the whole of it.
         h.advance(3_000);
         assert_eq!(admitted(&c, &h, &a, 100), 10);
+    }
+
+    /// A snapshot of one token with a quota of `limit` per 10 s and no rate limit.
+    fn quota_snapshot(secret: &str, limit: u64, proxies: u32) -> Vec<u8> {
+        let mut r: SyncResponse =
+            serde_json::from_slice(&snapshot(4, SyncStatus::Active, secret)).unwrap();
+        r.changes[0].quota = Some(tokengate_wire::Quota {
+            limit,
+            period: tokengate_wire::Period::Seconds(10),
+        });
+        r.proxies = Some(proxies);
+        serde_json::to_vec(&r).unwrap()
+    }
+
+    /// What the workers hand over for `allowed` and `denied` requests of a quota secret.
+    fn quota_traffic(h: &FakeHost, secret: &str, allowed: u64, denied: u64) {
+        let key = crate::fleet::quota_tally_key(&hash_hex(secret.as_bytes()));
+        h.fleet_queue.borrow_mut().push(vec![UsageEntry {
+            id: String::from_utf8(key.to_vec()).unwrap(),
+            allowed,
+            denied,
+            last_used_at: 1,
+        }]);
+    }
+
+    fn fleet_report(h: &FakeHost) -> (u64, tokengate_wire::FleetReport) {
+        let sent = h.last();
+        assert_eq!(sent.path, "/v1/fleet");
+        (
+            sent.id,
+            serde_json::from_slice(sent.body.as_deref().unwrap()).unwrap(),
+        )
+    }
+
+    fn grant(secret: &str, period_start: i64, allowed: u64) -> Vec<u8> {
+        serde_json::to_vec(&tokengate_wire::FleetAnswer {
+            proxies: 2,
+            ttl_ms: 3_000,
+            shares: vec![],
+            quotas: vec![tokengate_wire::QuotaGrant {
+                hash: hash_hex(secret.as_bytes()),
+                period_start,
+                limit: 10,
+                allowed,
+            }],
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn the_leader_reports_quota_state_and_applies_grants() {
+        let (c, h) = (cfg(), host());
+        let mut l = Leader::new(&c, 1, "node-1".into());
+        l.on_tick(&c, &h);
+        let a = secret('a');
+        let poll = h.last();
+        assert!(answer(&mut l, &h, poll.id, ok(&quota_snapshot(&a, 10, 2))));
+        // 1_800_000_000 s starts a 10 s period. Two proxies: five each.
+        const START: i64 = 1_800_000_000;
+        assert_eq!(admitted(&c, &h, &a, 20), 5);
+        quota_traffic(&h, &a, 5, 15);
+        h.advance(1_000);
+        l.on_tick(&c, &h);
+        let (id, sent) = fleet_report(&h);
+        assert!(sent.tokens.is_empty(), "the quota key is no token's demand");
+        let held = |spent, allowed| tokengate_wire::QuotaHeld {
+            hash: hash_hex(a.as_bytes()),
+            period_start: START,
+            spent,
+            allowed,
+        };
+        assert_eq!(sent.quotas, [held(5, 5)]);
+        // The control plane grants seven: two more pass.
+        assert!(answer(&mut l, &h, id, ok(&grant(&a, START, 7))));
+        assert_eq!(admitted(&c, &h, &a, 20), 2);
+        // With no traffic since, the next report still names it: the control plane learns
+        // the ceiling it granted is in force.
+        h.advance(1_000);
+        l.on_tick(&c, &h);
+        let (id, sent) = fleet_report(&h);
+        assert_eq!(sent.quotas, [held(7, 7)]);
+        let nothing = serde_json::to_vec(&tokengate_wire::FleetAnswer {
+            proxies: 2,
+            ttl_ms: 3_000,
+            shares: vec![],
+            quotas: vec![],
+        })
+        .unwrap();
+        assert!(answer(&mut l, &h, id, ok(&nothing)));
+        h.advance(1_000);
+        l.on_tick(&c, &h);
+        assert!(
+            fleet_report(&h).1.quotas.is_empty(),
+            "no traffic, no grant: nothing"
+        );
+        // A lost answer: the next report carries the state again, as it is then.
+        quota_traffic(&h, &a, 0, 3);
+        let (id, _) = fleet_report(&h);
+        assert!(answer(&mut l, &h, id, ok(&nothing)));
+        h.advance(1_000);
+        l.on_tick(&c, &h);
+        let (id, sent) = fleet_report(&h);
+        assert_eq!(sent.quotas, [held(7, 7)]);
+        let lost = (
+            Answer {
+                status: None,
+                body_len: 0,
+            },
+            None,
+        );
+        assert!(answer(&mut l, &h, id, lost));
+        h.advance(1_000);
+        l.on_tick(&c, &h);
+        assert_eq!(fleet_report(&h).1.quotas, [held(7, 7)]);
+        // A grant for a past period is ignored.
+        let (id, _) = fleet_report(&h);
+        assert!(answer(&mut l, &h, id, ok(&grant(&a, START - 10, 10))));
+        assert_eq!(admitted(&c, &h, &a, 5), 0);
+    }
+
+    #[test]
+    fn with_the_control_plane_away_a_proxy_stops_at_its_ceiling_and_starts_each_period_at_its_part()
+    {
+        let (c, h) = (cfg(), host());
+        let mut l = Leader::new(&c, 1, "node-1".into());
+        l.on_tick(&c, &h);
+        let a = secret('a');
+        let poll = h.last();
+        assert!(answer(&mut l, &h, poll.id, ok(&quota_snapshot(&a, 10, 2))));
+        const START: i64 = 1_800_000_000;
+        assert_eq!(admitted(&c, &h, &a, 3), 3);
+        quota_traffic(&h, &a, 3, 0);
+        h.advance(1_000);
+        l.on_tick(&c, &h);
+        let (id, _) = fleet_report(&h);
+        assert!(answer(&mut l, &h, id, ok(&grant(&a, START, 6))));
+        // The control plane goes away: reports fail, the last ceiling holds.
+        for _ in 0..5 {
+            h.advance(1_000);
+            quota_traffic(&h, &a, 1, 1);
+            l.on_tick(&c, &h);
+            if let Some(last) = h.sent.borrow().last().filter(|s| s.path == "/v1/fleet") {
+                let failed = Answer {
+                    status: Some(503),
+                    body_len: 0,
+                };
+                l.on_answer(&c, &h, last.id, failed, || None);
+            }
+        }
+        assert!(
+            h.now_ms() < (START as u64 + 10) * 1_000,
+            "still the first period"
+        );
+        assert_eq!(
+            admitted(&c, &h, &a, 20),
+            3,
+            "up to the granted six, no more"
+        );
+        // The next period, still unheard: limit / proxies, five.
+        h.now_ms.set((START as u64 + 10) * 1_000);
+        assert_eq!(admitted(&c, &h, &a, 20), 5);
+        h.now_ms.set((START as u64 + 20) * 1_000 + 500);
+        assert_eq!(admitted(&c, &h, &a, 20), 5);
     }
 
     #[test]

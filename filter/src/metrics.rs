@@ -13,6 +13,7 @@ pub enum Counter {
     TokenExpired,
     TokenSuspended,
     RateLimited,
+    QuotaExceeded,
     StateUnavailable,
     SyncSuccess,
     SyncFailure,
@@ -31,13 +32,14 @@ pub enum Gauge {
 }
 
 impl Counter {
-    pub const ALL: [Counter; 13] = [
+    pub const ALL: [Counter; 14] = [
         Counter::Allowed,
         Counter::MissingToken,
         Counter::InvalidToken,
         Counter::TokenExpired,
         Counter::TokenSuspended,
         Counter::RateLimited,
+        Counter::QuotaExceeded,
         Counter::StateUnavailable,
         Counter::SyncSuccess,
         Counter::SyncFailure,
@@ -55,6 +57,7 @@ impl Counter {
             Counter::TokenExpired => "tokengate.denied.token_expired",
             Counter::TokenSuspended => "tokengate.denied.token_suspended",
             Counter::RateLimited => "tokengate.denied.rate_limited",
+            Counter::QuotaExceeded => "tokengate.denied.quota_exceeded",
             Counter::StateUnavailable => "tokengate.denied.token_state_unavailable",
             Counter::SyncSuccess => "tokengate.sync.success",
             Counter::SyncFailure => "tokengate.sync.failure",
@@ -78,6 +81,7 @@ impl Counter {
             Denial::TokenExpired => Counter::TokenExpired,
             Denial::TokenSuspended => Counter::TokenSuspended,
             Denial::RateLimited { .. } => Counter::RateLimited,
+            Denial::QuotaExceeded { .. } => Counter::QuotaExceeded,
             Denial::StateUnavailable => Counter::StateUnavailable,
         }
     }
@@ -104,7 +108,7 @@ mod tests {
     use crate::response;
     use std::collections::BTreeSet;
 
-    const DENIALS: [Denial; 6] = [
+    const DENIALS: [Denial; 7] = [
         Denial::MissingToken,
         Denial::InvalidToken,
         Denial::TokenExpired,
@@ -113,6 +117,11 @@ mod tests {
             retry_after_secs: 1,
             max_rps: 5,
             burst: 5,
+        },
+        Denial::QuotaExceeded {
+            retry_after_secs: 1,
+            limit: 10,
+            window_secs: 3_600,
         },
         Denial::StateUnavailable,
     ];
@@ -127,7 +136,7 @@ mod tests {
                 "{d:?}"
             );
         }
-        // Six refusals, six different counters: no two share one.
+        // Seven refusals, seven different counters: no two share one.
         let counters: BTreeSet<&str> = DENIALS.iter().map(|d| Counter::denied(*d).name()).collect();
         assert_eq!(counters.len(), DENIALS.len());
         assert_eq!(Counter::Allowed.name(), "tokengate.allowed");

@@ -297,10 +297,12 @@ fn read_quota(r: &mut Reader<'_>) -> Option<Option<Quota>> {
         0 => Some(None),
         1 => {
             let limit = r.u64()?;
+            // Seconds only with code 3: any other byte would read back as what no encoder
+            // writes.
             let period = match (r.u8()?, r.u32()?) {
-                (0, _) => Period::Hour,
-                (1, _) => Period::Day,
-                (2, _) => Period::Month,
+                (0, 0) => Period::Hour,
+                (1, 0) => Period::Day,
+                (2, 0) => Period::Month,
                 (3, n) if n > 0 => Period::Seconds(n),
                 _ => return None,
             };

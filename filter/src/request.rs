@@ -4,6 +4,7 @@
 
 use crate::authorize::{self, Denial, Outcome, Token};
 use crate::config::Config;
+use crate::fleet;
 use crate::forward;
 use crate::grpc;
 use crate::metrics::Counter;
@@ -110,14 +111,15 @@ pub struct Handled {
 /// Decides one request at `now_nanos` (0: the host has no clock, so nothing can be trusted)
 /// and, when it may pass, rewrites its headers (see [`forward`]). `usage` counts the request
 /// for a known token: when usage is reported, or when it met a fleet-limited bucket (its
-/// [`Counted::fleet`] says so; the glue counts it as fleet demand then).
+/// [`Counted::fleet`] says so; the glue counts it as fleet demand then); a request that met
+/// a quota is counted once more, as fleet demand under [`fleet::quota_tally_key`].
 pub fn handle<S, H>(
     cfg: &Config,
     ids: &IdentityHeaders,
     store: &S,
     headers: &mut H,
     now_nanos: u64,
-    usage: impl FnOnce(Counted<'_>),
+    mut usage: impl FnMut(Counted<'_>),
 ) -> Handled
 where
     S: SharedStore + ?Sized,
@@ -131,6 +133,7 @@ where
                 outcome: Outcome::Deny(Denial::StateUnavailable),
                 token: None,
                 fleet: false,
+                quota: None,
             }
         } else {
             authorize::judge(
@@ -143,13 +146,25 @@ where
     };
     let mut expires_at = None;
     if let Some(token) = &verdict.token {
+        let allowed = verdict.outcome == Outcome::Allow;
+        let at = (now_nanos / 1_000_000_000) as i64;
         if cfg.usage_reporting || verdict.fleet {
             usage(Counted {
                 id: token.id(),
-                allowed: verdict.outcome == Outcome::Allow,
-                at: (now_nanos / 1_000_000_000) as i64,
+                allowed,
+                at,
                 usage: cfg.usage_reporting,
                 fleet: verdict.fleet,
+            });
+        }
+        if let Some(hash) = &verdict.quota {
+            // Fleet demand under the secret's quota key: the leader reports its state.
+            usage(Counted {
+                id: &fleet::quota_tally_key(hash),
+                allowed,
+                at,
+                usage: false,
+                fleet: true,
             });
         }
         expires_at = authorize::expiry_to_announce(cfg, Some(token), now_nanos);
@@ -178,7 +193,7 @@ where
             denial,
             // Only a caller who may retry later learns when its token ends.
             expires_at: match denial {
-                Denial::RateLimited { .. } => expires_at,
+                Denial::RateLimited { .. } | Denial::QuotaExceeded { .. } => expires_at,
                 _ => None,
             },
         },
@@ -282,7 +297,7 @@ mod tests {
         s: &MemStore,
         h: &mut Map,
         now: u64,
-        usage: impl FnOnce(&[u8], bool, i64),
+        mut usage: impl FnMut(&[u8], bool, i64),
     ) -> (Reply, Counter) {
         let usage = |c: Counted<'_>| usage(c.id, c.allowed, c.at);
         let handled = handle(c, &IdentityHeaders::new(c), s, h, now, usage);
@@ -440,6 +455,70 @@ mod tests {
                 expires_at: None
             }
         );
+    }
+
+    #[test]
+    fn a_quota_request_counts_as_usage_and_under_its_secrets_quota_key() {
+        let (s, secret) = setup(|r| {
+            r.max_rps = Some(100);
+            r.quota = Some(tokengate_wire::Quota {
+                limit: 1,
+                period: tokengate_wire::Period::Hour,
+            });
+        });
+        let c = cfg();
+        let mut counted = vec![];
+        for _ in 0..2 {
+            let mut h = headers(&[("x-api-token", &secret)]);
+            handle(&c, &IdentityHeaders::new(&c), &s, &mut h, NOW, |c| {
+                counted.push((c.id.to_vec(), c.allowed, c.usage, c.fleet))
+            });
+        }
+        let key = fleet::quota_tally_key(&hash_hex(secret.as_bytes())).to_vec();
+        assert!(key.starts_with(b"q:") && key.len() == 66);
+        assert_eq!(
+            counted,
+            [
+                (b"tok_1".to_vec(), true, true, true),
+                (key.clone(), true, false, true),
+                (b"tok_1".to_vec(), false, true, true),
+                (key, false, false, true),
+            ]
+        );
+        // Refused over the quota: the expiry is announced as for a rate refusal.
+        let (s, secret) = setup(|r| {
+            r.expires_at = Some(1_800_000_000 + 60);
+            r.quota = Some(tokengate_wire::Quota {
+                limit: 1,
+                period: tokengate_wire::Period::Hour,
+            });
+        });
+        run(
+            &c,
+            &s,
+            &mut headers(&[("x-api-token", &secret)]),
+            NOW,
+            |_, _, _| {},
+        );
+        let (reply, counter) = run(
+            &c,
+            &s,
+            &mut headers(&[("x-api-token", &secret)]),
+            NOW,
+            |_, _, _| {},
+        );
+        assert!(matches!(
+            reply,
+            Reply::Refuse {
+                denial: Denial::QuotaExceeded {
+                    limit: 1,
+                    window_secs: 3_600,
+                    ..
+                },
+                expires_at: Some(_)
+            }
+        ));
+        assert_eq!(counter, Counter::QuotaExceeded);
     }
 
     #[test]

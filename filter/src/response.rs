@@ -50,6 +50,15 @@ pub fn refusal(d: Denial) -> Refusal {
                     ("ratelimit", format!(r#""tokengate";r=0;t={retry_after_secs}"#)),
                 ],
             ),
+            Denial::QuotaExceeded { retry_after_secs, limit, window_secs } => (
+                429,
+                "quota_exceeded",
+                "The access token's quota for this period is used up; retry after the time in Retry-After.",
+                vec![
+                    ("retry-after", retry_after_secs.to_string()),
+                    ("ratelimit-policy", format!(r#""quota";q={limit};w={window_secs}"#)),
+                ],
+            ),
             Denial::StateUnavailable => (
                 503,
                 "token_state_unavailable",
@@ -131,5 +140,23 @@ mod tests {
             Some(r#""tokengate";q=10;w=1"#)
         );
         assert_eq!(header(&r, "ratelimit"), Some(r#""tokengate";r=0;t=3"#));
+    }
+
+    #[test]
+    fn quota_exceeded_carries_retry_after_and_the_quota_policy() {
+        let r = refusal(Denial::QuotaExceeded {
+            retry_after_secs: 1_800,
+            limit: 1_000,
+            window_secs: 3_600,
+        });
+        assert_eq!((r.status, r.code), (429, "quota_exceeded"));
+        assert_eq!(header(&r, "retry-after"), Some("1800"));
+        assert_eq!(
+            header(&r, "ratelimit-policy"),
+            Some(r#""quota";q=1000;w=3600"#)
+        );
+        assert_eq!(header(&r, "ratelimit"), None);
+        let json: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+        assert_eq!(json["error"], "quota_exceeded");
     }
 }

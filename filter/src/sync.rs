@@ -388,7 +388,8 @@ fn write_record<S: SharedStore + ?Sized>(
     })
     .map_err(store_failure)?;
     // Create the rate state now so that requests always update it with compare-and-swap.
-    if written && rec.max_rps.is_some() && rec.status != SyncStatus::Revoked {
+    let metered = rec.max_rps.is_some() || rec.quota.is_some();
+    if written && metered && rec.status != SyncStatus::Revoked {
         let rate_key = record::rate_key(&rec.hash);
         let (existing, _) = store.get(&rate_key).map_err(|_| SyncFailure::Store)?;
         if existing.is_none() {
@@ -710,6 +711,22 @@ mod tests {
             .map
             .borrow()
             .contains_key(record::rate_key(&limited.hash).as_str()));
+        // A quota without a rate limit is counted in the rate state too.
+        let q = secret('q');
+        let mut quota = rec(&q, 2, SyncStatus::Active);
+        quota.quota = Some(tokengate_wire::Quota {
+            limit: 5,
+            period: tokengate_wire::Period::Day,
+        });
+        sc.on_tick(&c, &s, "", 200_000);
+        let body = resp(2, false, vec![quota.clone()], None);
+        sc.on_response(&c, &s, "", 200_000, Some(200), Some(&body))
+            .0
+            .unwrap();
+        assert!(s
+            .map
+            .borrow()
+            .contains_key(record::rate_key(&quota.hash).as_str()));
     }
 
     #[test]

@@ -383,3 +383,59 @@ fn the_allowed_path_allocates_nothing() {
         }) > 0
     );
 }
+
+#[test]
+fn a_quota_is_enforced_and_its_state_reported_by_the_leader() {
+    let q = secret('q');
+    let mut rec = record(&q, "tok_q", None);
+    rec.quota = Some(tokengate_wire::Quota {
+        limit: 3,
+        period: tokengate_wire::Period::Month,
+    });
+    // No proxy count heard: this proxy alone holds the whole quota.
+    let l = loaded(vec![rec]);
+    let mut admitted = 0;
+    let refused = loop {
+        let mut f = FakeFilter::with(&[("x-api-token", &q)]);
+        f.worker = admitted % 2;
+        if l.stream(&f) == 0 {
+            admitted += 1;
+            assert!(admitted <= 3, "the quota is 3");
+            continue;
+        }
+        break f;
+    };
+    assert_eq!(admitted, 3);
+    assert_eq!(sent_status(&refused), Some((429, "quota_exceeded".into())));
+    let sent = refused.sent.borrow().clone().unwrap();
+    let header = |name: &str| {
+        sent.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+    };
+    // The whole quota is spent here: come back when the month ends.
+    let retry: u64 = header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=31 * 86_400).contains(&retry), "{retry}");
+    let policy = header("ratelimit-policy").unwrap();
+    assert!(
+        policy.starts_with("\"quota\";q=3;w=") && policy.len() > "\"quota\";q=3;w=".len(),
+        "{policy}"
+    );
+    l.tick();
+    assert_eq!(l.envoy.counter("tokengate.denied.quota_exceeded"), 1);
+    let report = l
+        .envoy
+        .callouts
+        .borrow()
+        .iter()
+        .find(|c| c.headers.contains(&(":path".into(), "/v1/fleet".into())))
+        .cloned()
+        .unwrap();
+    let body: tokengate_wire::FleetReport = serde_json::from_slice(&report.body).unwrap();
+    assert!(body.tokens.is_empty(), "no rate limit: no fleet demand");
+    assert_eq!(body.quotas.len(), 1);
+    let held = &body.quotas[0];
+    assert_eq!(held.hash, hash_hex(q.as_bytes()));
+    assert_eq!((held.spent, held.allowed), (3, 3));
+}

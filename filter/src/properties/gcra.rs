@@ -3,12 +3,13 @@
 
 use super::{cfg, secret};
 use crate::authorize::{authorize, hash_hex, Denial, Outcome};
+use crate::fleet::{decode, first_ceiling};
 use crate::gcra::{decide, Decision, Limit};
 use crate::record::{encode_state, encode_token, rate_key, token_key, State, STATE_KEY};
 use crate::store::fake::MemStore;
 use crate::store::SharedStore;
 use proptest::prelude::*;
-use tokengate_wire::{Kind, SyncRecord, SyncStatus};
+use tokengate_wire::{Kind, LimitScope, Period, Quota, SyncRecord, SyncStatus};
 
 const S: u64 = 1_000_000_000;
 
@@ -148,5 +149,73 @@ proptest! {
         let span = now - 1_800_000_000 * S;
         let b = if burst == 0 { rate } else { burst };
         prop_assert!(u128::from(allowed.saturating_sub(u64::from(b))) * u128::from(S) <= u128::from(rate) * u128::from(span));
+    }
+
+    /// Through `authorize` with a quota beside the rate: within a period no more than this
+    /// proxy's ceiling is admitted, whatever the timing; a request refused by either leaves
+    /// what the other counts alone; each period starts over.
+    #[test]
+    fn a_quota_is_never_exceeded_and_refusals_consume_nothing(
+        token in secret(),
+        rate in prop::option::of(1..=50u32),
+        limit in 1..=40u64,
+        proxies in 0..=4u32,
+        seconds in 1..=5u32,
+        gaps in prop::collection::vec(0..400_000_000u64, 1..96),
+    ) {
+        let store = MemStore::default();
+        let state = State { version: 1, generation: 1, proxies, store_id: "s".into(), token_count: 1 };
+        store.set(STATE_KEY, &encode_state(&state), 0).unwrap();
+        let hash = hash_hex(token.as_bytes());
+        let quota = Quota { limit, period: Period::Seconds(seconds) };
+        let rec = SyncRecord { scopes: None, quota: Some(quota),
+            hash: hash.clone(),
+            id: "tok_1".into(),
+            name: "n".into(),
+            owner: "o".into(),
+            kind: Kind::User,
+            status: SyncStatus::Active,
+            max_rps: rate,
+            burst: None,
+            limit_scope: LimitScope::Proxy,
+            expires_at: None,
+            version: 1,
+        };
+        store.set(&token_key(&hash), &encode_token(&rec, 1), 0).unwrap();
+        let c = cfg();
+        let ceiling = first_ceiling(limit, proxies);
+        let mut now = 1_800_000_000 * S;
+        let mut per_period: std::collections::BTreeMap<i64, u64> = Default::default();
+        for g in &gaps {
+            now += g;
+            let read = |store: &MemStore| {
+                let v = store.map.borrow().get(rate_key(&hash).as_str()).map(|v| v.0.clone());
+                decode(v.as_deref()).unwrap()
+            };
+            let before = read(&store);
+            let (start, _) = quota.period.window((now / S) as i64);
+            match authorize(&c, &store, Some(token.as_bytes()), now) {
+                Outcome::Allow => *per_period.entry(start).or_default() += 1,
+                Outcome::Deny(Denial::RateLimited { .. }) => {
+                    let after = read(&store);
+                    prop_assert_eq!(after.tat, before.tat);
+                    // Only a new period's state may have been written.
+                    let q = after.quota.unwrap();
+                    prop_assert!(before.quota == Some(q) || q.spent == 0);
+                }
+                Outcome::Deny(Denial::QuotaExceeded { retry_after_secs, limit: l, .. }) => {
+                    prop_assert_eq!(l, limit);
+                    prop_assert!(retry_after_secs >= 1 && retry_after_secs <= u64::from(seconds));
+                    let after = read(&store);
+                    prop_assert_eq!(after.tat, before.tat);
+                    let q = after.quota.unwrap();
+                    prop_assert!(before.quota == Some(q) || q.spent == 0);
+                }
+                other => prop_assert!(false, "unexpected {:?}", other),
+            }
+        }
+        for (start, n) in per_period {
+            prop_assert!(n <= ceiling, "{} admitted in the period at {}, ceiling {}", n, start, ceiling);
+        }
     }
 }

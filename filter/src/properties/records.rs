@@ -1,6 +1,9 @@
 //! The binary values in shared data: every decoder takes any bytes without panicking, reads
 //! back exactly what the encoder wrote, and refuses anything cut short or padded.
 
+use crate::fleet::{
+    decode as decode_rate, encode as encode_rate, QuotaState, RateState, Share, RATE_STATE_LEN,
+};
 use crate::gcra::{decode_tat, encode_tat};
 use crate::record::{
     decode_lease, decode_state, decode_token, encode_lease, encode_state, encode_token,
@@ -8,7 +11,8 @@ use crate::record::{
 };
 use crate::usage::{decode_batch, encode_batch};
 use proptest::prelude::*;
-use tokengate_wire::{Kind, SyncRecord, SyncStatus, UsageEntry};
+use tokengate_wire::quota::MAX_LIMIT;
+use tokengate_wire::{Kind, Period, Quota, SyncRecord, SyncStatus, UsageEntry};
 
 pub(super) fn status() -> impl Strategy<Value = SyncStatus> + Clone {
     prop_oneof![
@@ -35,12 +39,13 @@ pub(super) fn sync_record() -> impl Strategy<Value = SyncRecord> {
         prop::option::of(1..=u32::MAX),
         prop::option::of(any::<i64>()),
         any::<u64>(),
+        prop::option::of(quota()),
     )
         .prop_map(
-            |(hash, id, name, owner, kind, status, max_rps, burst, expires_at, version)| {
+            |(hash, id, name, owner, kind, status, max_rps, burst, expires_at, version, quota)| {
                 SyncRecord {
                     scopes: None,
-                    quota: None,
+                    quota,
                     hash,
                     id,
                     name,
@@ -55,6 +60,55 @@ pub(super) fn sync_record() -> impl Strategy<Value = SyncRecord> {
                 }
             },
         )
+}
+
+pub(super) fn period() -> impl Strategy<Value = Period> + Clone {
+    prop_oneof![
+        Just(Period::Hour),
+        Just(Period::Day),
+        Just(Period::Month),
+        (1..=u32::MAX).prop_map(Period::Seconds),
+    ]
+}
+
+pub(super) fn quota() -> impl Strategy<Value = Quota> + Clone {
+    (prop_oneof![1..=10u64, 1..=MAX_LIMIT], period())
+        .prop_map(|(limit, period)| Quota { limit, period })
+}
+
+/// A rate state as a filter writes it: a TAT, maybe a share, maybe a quota state.
+fn rate_state() -> impl Strategy<Value = RateState> {
+    let share = (
+        any::<u64>(),
+        any::<u32>(),
+        any::<u64>(),
+        any::<u32>(),
+        any::<u32>(),
+    )
+        .prop_map(
+            |(rate_milli, burst, expires_ms, max_rps, limit_burst)| Share {
+                rate_milli,
+                burst,
+                expires_ms,
+                max_rps,
+                limit_burst,
+            },
+        );
+    let quota = (any::<i64>(), any::<u64>(), 1..=u64::MAX, any::<u64>()).prop_map(
+        |(period_start, spent, limit, allowed)| QuotaState {
+            period_start,
+            spent,
+            // At most the limit, as every filter writes it.
+            allowed: allowed % limit.saturating_add(1),
+            limit,
+        },
+    );
+    (
+        any::<u64>(),
+        prop::option::of(share),
+        prop::option::of(quota),
+    )
+        .prop_map(|(tat, share, quota)| RateState { tat, share, quota })
 }
 
 fn state() -> impl Strategy<Value = State> {
@@ -81,7 +135,7 @@ fn record_of(v: &TokenView<'_>) -> Option<SyncRecord> {
     let text = |b: &[u8]| String::from_utf8(b.to_vec()).ok();
     Some(SyncRecord {
         scopes: None,
-        quota: None,
+        quota: v.quota,
         hash: String::new(),
         id: text(v.id)?,
         name: text(v.name)?,
@@ -128,6 +182,7 @@ fn any_encoding() -> impl Strategy<Value = Vec<u8>> {
         prop::collection::vec(any::<u8>(), 0..96),
         (sync_record(), any::<u32>()).prop_flat_map(|(r, g)| damaged(encode_token(&r, g))),
         state().prop_flat_map(|s| damaged(encode_state(&s))),
+        rate_state().prop_flat_map(|r| damaged(encode_rate(&r).as_ref().to_vec())),
         (any::<u64>(), any::<u64>()).prop_flat_map(|(holder, expires_ms)| {
             damaged(encode_lease(Lease { holder, expires_ms }).to_vec())
         }),
@@ -156,6 +211,30 @@ proptest! {
         let tat = decode_tat(Some(&b));
         prop_assert_eq!(tat, if b.len() == 8 { u64::from_le_bytes(b[..].try_into().unwrap()) } else { 0 });
         let _ = decode_batch(&b);
+        // A rate state that reads is exactly what the encoder writes for it; one that does
+        // not is damaged, and a quota's request fails closed on it.
+        if let Some(r) = decode_rate(Some(&b)) {
+            prop_assert_eq!(encode_rate(&r).as_ref().to_vec(), b.clone());
+            if let Some(q) = r.quota {
+                prop_assert!(q.limit >= 1 && q.allowed <= q.limit);
+            }
+        }
+    }
+
+    #[test]
+    fn rate_states_round_trip_and_are_refused_when_cut_short(
+        r in rate_state(),
+        cut in any::<prop::sample::Index>(),
+    ) {
+        let enc = encode_rate(&r);
+        prop_assert!(enc.as_ref().len() <= RATE_STATE_LEN);
+        prop_assert_eq!(decode_rate(Some(enc.as_ref())), Some(r));
+        let short = &enc.as_ref()[..cut.index(enc.as_ref().len())];
+        // A prefix reads, if at all, as the shorter format it happens to match.
+        if let Some(read) = decode_rate(Some(short)) {
+            prop_assert_eq!(read.tat, r.tat);
+            prop_assert_eq!(encode_rate(&read).as_ref().to_vec(), short.to_vec());
+        }
     }
 
     #[test]
@@ -169,6 +248,7 @@ proptest! {
         prop_assert_eq!(v.max_rps, r.max_rps.unwrap_or(0));
         prop_assert_eq!(v.burst, r.burst.unwrap_or(0));
         prop_assert_eq!(v.expires_at, r.expires_at);
+        prop_assert_eq!(v.quota, r.quota.filter(|_| r.status != SyncStatus::Revoked));
         // Revoked tokens are tombstones: nothing about them is kept.
         let keep = |s: &str| if r.status == SyncStatus::Revoked { String::new() } else { s.to_string() };
         prop_assert_eq!(v.id.to_vec(), keep(&r.id).into_bytes());
