@@ -534,7 +534,9 @@ fn the_openapi_document_and_the_routes_agree() {
                 Some("sync") => Some(SYNC),
                 _ => None,
             };
-            let url = path.replace("{id}", "tok_missing");
+            let url = path
+                .replace("{id}", "tok_missing")
+                .replace("{name}", "missing");
             let body = matches!(method.as_str(), "post" | "patch").then_some("{}");
             let (status, v) = if op["security"][0].get("session").is_some() {
                 let session = app.sign_in(ADMIN);
@@ -577,6 +579,11 @@ fn the_openapi_document_and_the_routes_agree() {
         "POST /v1/tokens/{id}/suspend",
         "POST /v1/tokens/{id}/reactivate",
         "POST /v1/tokens/{id}/rotate",
+        "POST /v1/scopes",
+        "GET /v1/scopes",
+        "GET /v1/scopes/{name}",
+        "PATCH /v1/scopes/{name}",
+        "DELETE /v1/scopes/{name}",
         "GET /v1/audit",
         "GET /v1/sync",
         "POST /v1/usage",
