@@ -6,8 +6,11 @@ use super::error::ErrorBody;
 use super::openapi::{AdminCredential, BadBody, BadQuery, Csrf, Store, TokenNotFound};
 use super::schema::{self, described, Pattern};
 use super::{ApiError, AppState};
+use crate::domain::quota::Usage;
 use crate::domain::rfc3339;
-use crate::domain::tokens::{Expiry, NewToken, Patch, BURST, EXPIRES_IN_SECONDS, MAX_RPS};
+use crate::domain::tokens::{
+    Expiry, NewToken, Patch, QuotaInput, BURST, EXPIRES_IN_SECONDS, MAX_RPS,
+};
 use crate::duration;
 use crate::rotation::MAX_GRACE_SECONDS;
 use crate::store::{parse_kind, ListQuery, Status, TokenRow, KINDS};
@@ -18,6 +21,7 @@ use axum::{Extension, Json};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use tokengate_wire::quota::{Quota, MAX_LIMIT};
 use tokengate_wire::{Kind, LimitScope};
 use utoipa::openapi::path::{Parameter, ParameterIn};
 use utoipa::openapi::{RefOr, Schema};
@@ -51,6 +55,43 @@ fn limit_scope_field() -> RefOr<Schema> {
         limit_scope_schema(),
         "`fleet`: `max_rps` and `burst` are one limit shared by every proxy; `proxy`: each \
          proxy's own.",
+    ))
+}
+
+/// The periods the API documents (a test server also takes `"<n>s"`).
+const PERIODS: [&str; 3] = ["hour", "day", "month"];
+
+/// A quota as a client sets it.
+fn quota_schema() -> Value {
+    schema::object(
+        json!({
+            "limit": described(schema::integer(&(1..=MAX_LIMIT)), "Requests per period, across the fleet."),
+            "period": described(schema::one_of(&PERIODS),
+                "UTC hours, days or calendar months: the count starts over at each boundary."),
+        }),
+        &["limit", "period"],
+    )
+    .into()
+}
+
+fn quota_field() -> RefOr<Schema> {
+    schema::from_json(described(
+        schema::nullable(quota_schema()),
+        "At most `limit` requests per `period`, counted across the fleet; null: none.",
+    ))
+}
+
+fn quota_usage_field() -> RefOr<Schema> {
+    schema::from_json(described(
+        schema::nullable(schema::answer(
+            json!({
+                "used": described(schema::unsigned(), "Requests the proxies admitted in the current period, as they last reported"),
+                "remaining": described(schema::unsigned(), "The limit less `used`"),
+                "resets_at": described(schema::date_time(), "The end of the current period (UTC)"),
+            }),
+            &["used", "remaining", "resets_at"],
+        ).into()),
+        "The quota in the current period; null without a quota.",
     ))
 }
 
@@ -157,6 +198,28 @@ pub struct TokenView {
     updated_at: String,
     /// The version of the token's last change (as `/v1/sync` hands it out).
     version: u64,
+    #[schema(required = true, schema_with = quota_field)]
+    quota: Option<Quota>,
+    #[schema(required = true, schema_with = quota_usage_field)]
+    quota_usage: Option<UsageJson>,
+}
+
+/// A quota in the current period.
+#[derive(Serialize)]
+pub struct UsageJson {
+    used: u64,
+    remaining: u64,
+    resets_at: String,
+}
+
+impl From<Usage> for UsageJson {
+    fn from(u: Usage) -> UsageJson {
+        UsageJson {
+            used: u.used,
+            remaining: u.remaining,
+            resets_at: rfc3339(u.resets_at),
+        }
+    }
 }
 
 impl TokenView {
@@ -182,8 +245,43 @@ impl TokenView {
             old_secret_valid_until: grace.map(rfc3339),
             updated_at: rfc3339(r.updated_at),
             version: r.version,
+            quota_usage: r.quota.map(|q| {
+                let (_, end) = q.period.window(now);
+                UsageJson::from(Usage {
+                    used: 0,
+                    remaining: q.limit,
+                    resets_at: end,
+                })
+            }),
+            quota: r.quota,
         }
     }
+}
+
+/// Tokens as the API shows them, with what they used of their quotas.
+async fn views(
+    state: &AppState,
+    rows: Vec<TokenRow>,
+    now: i64,
+) -> Result<Vec<TokenView>, ApiError> {
+    let usage = state.tokens.quota_usage(&rows, now).await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let used = usage.get(&r.id).copied();
+            let mut v = TokenView::new(r, now);
+            if let Some(u) = used {
+                v.quota_usage = Some(u.into());
+            }
+            v
+        })
+        .collect())
+}
+
+async fn view_of(state: &AppState, row: TokenRow, now: i64) -> Result<TokenView, ApiError> {
+    let mut all = views(state, vec![row], now).await?;
+    all.pop()
+        .ok_or_else(|| ApiError::from(crate::domain::DomainError::NotFound))
 }
 
 /// A fleet-limited token as the fleet enforces it now.
@@ -240,8 +338,29 @@ fn parse_scope(v: &str) -> Result<LimitScope, ApiError> {
     LimitScope::parse(v).ok_or_else(|| ApiError::field("limit_scope", "must be `fleet` or `proxy`"))
 }
 
-fn view(r: TokenRow) -> Json<TokenView> {
-    Json(TokenView::new(r, Utc::now().timestamp()))
+async fn view(state: &AppState, r: TokenRow) -> Result<Json<TokenView>, ApiError> {
+    Ok(Json(view_of(state, r, Utc::now().timestamp()).await?))
+}
+
+/// A quota as the body gives it; the domain checks its values.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaBody {
+    limit: Option<u64>,
+    period: Option<String>,
+}
+
+impl QuotaBody {
+    fn input(self) -> Result<QuotaInput, ApiError> {
+        Ok(QuotaInput {
+            limit: self
+                .limit
+                .ok_or_else(|| ApiError::field("quota.limit", "is required"))?,
+            period: self
+                .period
+                .ok_or_else(|| ApiError::field("quota.period", "is required"))?,
+        })
+    }
 }
 
 /// An RFC 3339 time; whether it may be an expiry is the domain's to say.
@@ -270,6 +389,7 @@ pub struct CreateBody {
     limit_scope: Option<String>,
     expires_in_seconds: Option<u64>,
     expires_at: Option<String>,
+    quota: Option<QuotaBody>,
 }
 
 impl PartialSchema for CreateBody {
@@ -291,6 +411,9 @@ impl PartialSchema for CreateBody {
                     "The token expires this long from now (not with expires_at)."),
                 "expires_at": described(expiry_schema(), "Not with expires_in_seconds. An RFC 3339 \
                     time in the future, at most 9999-12-31T23:59:59Z."),
+                "quota": described(schema::nullable(quota_schema()),
+                    "At most `limit` requests per `period` (UTC), counted across the fleet; \
+                     null: none."),
             }),
             &["name"],
         );
@@ -405,6 +528,7 @@ pub async fn create(
                     .transpose()?
                     .unwrap_or_default(),
                 expiry,
+                quota: b.quota.map(QuotaBody::input).transpose()?,
             },
             now,
         )
@@ -551,7 +675,7 @@ pub async fn list(
         None
     };
     Ok(Json(Listing {
-        tokens: rows.into_iter().map(|r| TokenView::new(r, now)).collect(),
+        tokens: views(&state, rows, now).await?,
         next_cursor,
     }))
 }
@@ -573,7 +697,7 @@ pub async fn get(
         .view(&token, now.timestamp_millis())
         .await?
         .map(FleetJson::new);
-    let mut v = TokenView::new(token, now.timestamp());
+    let mut v = view_of(&state, token, now.timestamp()).await?;
     v.fleet = fleet;
     Ok(Json(v))
 }
@@ -592,6 +716,8 @@ pub struct PatchBody {
     limit_scope: Option<Option<String>>,
     #[serde(default, deserialize_with = "nullable")]
     expires_at: Option<Option<String>>,
+    #[serde(default, deserialize_with = "nullable")]
+    quota: Option<Option<QuotaBody>>,
 }
 
 impl PartialSchema for PatchBody {
@@ -605,6 +731,9 @@ impl PartialSchema for PatchBody {
                      on it is a 409 unless max_rps comes with it."),
                 "limit_scope": described(limit_scope_schema(), "`fleet` or `proxy`; cannot be null."),
                 "expires_at": expiry_schema(),
+                "quota": described(schema::nullable(quota_schema()),
+                    "null: no quota. A change starts no new period: what was used in this one \
+                     still counts."),
             }),
             &[],
         );
@@ -647,11 +776,17 @@ pub async fn update(
         && p.burst.is_none()
         && p.limit_scope.is_none()
         && p.expires_at.is_none()
+        && p.quota.is_none()
     {
         return Err(ApiError::Body(
-            "Give at least one of name, max_rps, burst, limit_scope, expires_at.".into(),
+            "Give at least one of name, max_rps, burst, limit_scope, expires_at, quota.".into(),
         ));
     }
+    let quota = match p.quota {
+        Some(Some(q)) => Some(Some(q.input()?)),
+        Some(None) => Some(None),
+        None => None,
+    };
     let limit_scope = match p.limit_scope {
         Some(Some(s)) => Some(parse_scope(&s)?),
         Some(None) => return Err(ApiError::field("limit_scope", "cannot be null")),
@@ -673,8 +808,10 @@ pub async fn update(
         burst: p.burst,
         limit_scope,
         expires_at,
+        quota,
     };
-    Ok(view(state.tokens.update(&actor.0, &id, patch, now).await?))
+    let updated = state.tokens.update(&actor.0, &id, patch, now).await?;
+    view(&state, updated).await
 }
 
 async fn set_status(
@@ -699,7 +836,8 @@ pub async fn suspend(
     Extension(actor): Extension<Actor>,
     TokenId(id): TokenId,
 ) -> Result<Json<TokenView>, ApiError> {
-    Ok(view(set_status(state, actor, id, Status::Suspended).await?))
+    let row = set_status(state.clone(), actor, id, Status::Suspended).await?;
+    view(&state, row).await
 }
 
 #[utoipa::path(post, path = "/v1/tokens/{id}/reactivate", tag = "tokens", operation_id = "reactivate_token",
@@ -714,7 +852,8 @@ pub async fn reactivate(
     Extension(actor): Extension<Actor>,
     TokenId(id): TokenId,
 ) -> Result<Json<TokenView>, ApiError> {
-    Ok(view(set_status(state, actor, id, Status::Active).await?))
+    let row = set_status(state.clone(), actor, id, Status::Active).await?;
+    view(&state, row).await
 }
 
 #[utoipa::path(delete, path = "/v1/tokens/{id}", tag = "tokens", operation_id = "revoke_token",
@@ -784,7 +923,7 @@ pub async fn rotate(
     let now = Utc::now().timestamp();
     let rotated = state.tokens.rotate(&actor.0, &id, grace, now).await?;
     Ok(Json(WithSecret {
-        token: TokenView::new(rotated.token, now),
+        token: view_of(&state, rotated.token, now).await?,
         secret: rotated.secret,
     }))
 }

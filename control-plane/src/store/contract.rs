@@ -102,6 +102,7 @@ fn row(id: &str) -> TokenRow {
         requests_denied: 0,
         rotated_at: None,
         retired: vec![],
+        quota: None,
     }
 }
 
