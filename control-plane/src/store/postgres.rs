@@ -189,6 +189,8 @@ const COLUMNS: &str =
     "id, hash, name, kind, owner, status, max_rps, burst, created_at, updated_at, \
      expires_at, last_used_at, version, requests_allowed, requests_denied, rotated_at, retired, \
      limit_scope, quota_limit, quota_period";
+/// How many columns `COLUMNS` names: a query's own columns follow them.
+const AFTER_COLUMNS: usize = 20;
 
 /// Connection settings beyond the URL.
 #[derive(Debug, Clone, Copy)]
@@ -1460,7 +1462,7 @@ impl Store for PostgresStore {
                 .map(|r| {
                     Ok(Expiring {
                         token: from_row(r)?,
-                        warned_lead: r.try_get(18).map_err(decode)?,
+                        warned_lead: r.try_get(AFTER_COLUMNS).map_err(decode)?,
                     })
                 })
                 .collect()
@@ -1710,7 +1712,12 @@ impl Store for PostgresStore {
                 )
                 .await?
                 .iter()
-                .map(|r| Ok((from_row(r)?, r.try_get::<_, i64>(20).map_err(decode)?)))
+                .map(|r| {
+                    Ok((
+                        from_row(r)?,
+                        r.try_get::<_, i64>(AFTER_COLUMNS).map_err(decode)?,
+                    ))
+                })
                 .collect::<Result<Vec<_>, StoreError>>()?;
             let audit = tx
                 .query(

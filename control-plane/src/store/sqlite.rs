@@ -159,6 +159,8 @@ const COLUMNS: &str =
     "id, hash, name, kind, owner, status, max_rps, burst, created_at, updated_at, \
      expires_at, last_used_at, version, requests_allowed, requests_denied, rotated_at, retired, \
      limit_scope, quota_limit, quota_period";
+/// How many columns `COLUMNS` names: a query's own columns follow them.
+const AFTER_COLUMNS: usize = 20;
 
 struct Inner {
     conn: Mutex<Connection>,
@@ -1267,7 +1269,7 @@ impl Store for SqliteStore {
                 "SELECT {COLUMNS}, coalesce(created_seq, 0) FROM tokens ORDER BY id"
             ))?;
             let tokens = stmt
-                .query_map([], |r| Ok((from_row(r)?, r.get::<_, i64>(20)?)))?
+                .query_map([], |r| Ok((from_row(r)?, r.get::<_, i64>(AFTER_COLUMNS)?)))?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             drop(stmt);
             let mut stmt = tx.prepare(
