@@ -302,7 +302,7 @@ fn a_period_ends_and_the_count_starts_over_and_exhaustion_is_told_once() {
     // Housekeeping forgets the ended period.
     app.block_on(app.store.forget_quotas(now())).unwrap();
     let used = app
-        .block_on(app.store.quota_spent(&[id.clone()], start))
+        .block_on(app.store.quota_spent(std::slice::from_ref(&id), start))
         .unwrap();
     assert!(used.iter().all(|u| u.period_start != start), "{used:?}");
 }

@@ -42,7 +42,8 @@ impl PartialSchema for Report {
             json!({
                 "hash": described(schema::matching("^[0-9a-f]{64}$"),
                     "sha256 of the secret, lower-case hex"),
-                "period_start": described(json!({"type": "integer"}),
+                "period_start": described(
+                    json!({"type": "integer", "minimum": i64::MIN, "maximum": i64::MAX}),
                     "Unix seconds: the start of the period the counts are for"),
                 "spent": quota_count("Requests this proxy admitted with the secret in the period \
                     (counted as at most 1,000,000,000,000)"),
@@ -71,7 +72,9 @@ impl PartialSchema for Report {
         report.insert(
             "examples".into(),
             json!([{"proxy_id": "envoy-1", "interval_ms": 1000,
-                    "tokens": [{"id": "tok_Xb3kR9sPq2LmN8vC", "admitted": 18, "refused": 3}]}]),
+                    "tokens": [{"id": "tok_Xb3kR9sPq2LmN8vC", "admitted": 18, "refused": 3}],
+                    "quotas": [{"hash": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+                                "period_start": 1_800_000_000_i64, "spent": 120, "allowed": 400}]}]),
         );
         schema::from_json(Value::Object(report))
     }

@@ -420,7 +420,8 @@ impl PartialSchema for CreateBody {
         o.insert(
             "examples".into(),
             json!([{"name": "nightly-export", "owner": "data-eng", "max_rps": 20, "burst": 40,
-                    "expires_in_seconds": 2_592_000}]),
+                    "expires_in_seconds": 2_592_000,
+                    "quota": {"limit": 100_000, "period": "day"}}]),
         );
         o.insert(
             "allOf".into(),
@@ -741,7 +742,8 @@ impl PartialSchema for PatchBody {
         o.insert(
             "examples".into(),
             json!([{"name": "nightly-export-2", "max_rps": 50, "burst": 100,
-                    "expires_at": "2099-01-31T12:00:00Z"}]),
+                    "expires_at": "2099-01-31T12:00:00Z",
+                    "quota": {"limit": 1_000_000, "period": "month"}}]),
         );
         o.insert(
             "not".into(),
