@@ -14,6 +14,7 @@ pub enum Counter {
     TokenSuspended,
     RateLimited,
     StateUnavailable,
+    InsufficientScope,
     SyncSuccess,
     SyncFailure,
     UsageReports,
@@ -31,7 +32,7 @@ pub enum Gauge {
 }
 
 impl Counter {
-    pub const ALL: [Counter; 13] = [
+    pub const ALL: [Counter; 14] = [
         Counter::Allowed,
         Counter::MissingToken,
         Counter::InvalidToken,
@@ -39,6 +40,7 @@ impl Counter {
         Counter::TokenSuspended,
         Counter::RateLimited,
         Counter::StateUnavailable,
+        Counter::InsufficientScope,
         Counter::SyncSuccess,
         Counter::SyncFailure,
         Counter::UsageReports,
@@ -56,6 +58,7 @@ impl Counter {
             Counter::TokenSuspended => "tokengate.denied.token_suspended",
             Counter::RateLimited => "tokengate.denied.rate_limited",
             Counter::StateUnavailable => "tokengate.denied.token_state_unavailable",
+            Counter::InsufficientScope => "tokengate.denied.insufficient_scope",
             Counter::SyncSuccess => "tokengate.sync.success",
             Counter::SyncFailure => "tokengate.sync.failure",
             Counter::UsageReports => "tokengate.usage.reports",
@@ -79,6 +82,7 @@ impl Counter {
             Denial::TokenSuspended => Counter::TokenSuspended,
             Denial::RateLimited { .. } => Counter::RateLimited,
             Denial::StateUnavailable => Counter::StateUnavailable,
+            Denial::InsufficientScope => Counter::InsufficientScope,
         }
     }
 }
@@ -104,7 +108,7 @@ mod tests {
     use crate::response;
     use std::collections::BTreeSet;
 
-    const DENIALS: [Denial; 6] = [
+    const DENIALS: [Denial; 7] = [
         Denial::MissingToken,
         Denial::InvalidToken,
         Denial::TokenExpired,
@@ -115,6 +119,7 @@ mod tests {
             burst: 5,
         },
         Denial::StateUnavailable,
+        Denial::InsufficientScope,
     ];
 
     #[test]
@@ -127,7 +132,7 @@ mod tests {
                 "{d:?}"
             );
         }
-        // Six refusals, six different counters: no two share one.
+        // Each refusal its own counter: no two share one.
         let counters: BTreeSet<&str> = DENIALS.iter().map(|d| Counter::denied(*d).name()).collect();
         assert_eq!(counters.len(), DENIALS.len());
         assert_eq!(Counter::Allowed.name(), "tokengate.allowed");
