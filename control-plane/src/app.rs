@@ -7,7 +7,7 @@ use crate::api::{app, Admin, AppState, ConsoleSettings};
 use crate::connections::{self, Limits as ConnectionLimits};
 use crate::domain::housekeeping::{self, Jobs};
 use crate::domain::sessions::Limits;
-use crate::domain::{Feed, Fleet, Sessions, Tokens};
+use crate::domain::{Feed, Fleet, Scopes, Sessions, Tokens};
 use crate::metrics::{Metered, Metrics};
 use crate::policy::Policy;
 use crate::store::{PgSettings, PostgresStore, SqliteStore, Store};
@@ -120,6 +120,7 @@ impl Application {
             tokens: Arc::new(Tokens::new(store.clone(), config.policy)),
             sessions: Arc::new(Sessions::new(store.clone(), config.sessions)),
             fleet: Arc::new(Fleet::new(store.clone())),
+            scopes: Arc::new(Scopes::new(store.clone())),
             store: store.clone(),
             admins: config.admins.into(),
             sync_token: config.sync_token.into(),

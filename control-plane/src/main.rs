@@ -19,6 +19,9 @@ enum Command {
     /// Manage tokens through a running control plane
     #[command(after_help = client::EXIT_CODES)]
     Token(client::TokenArgs),
+    /// Manage scopes (named sets of method and path rules a token may be limited to)
+    #[command(after_help = client::EXIT_CODES)]
+    Scope(client::ScopeArgs),
     /// Read the audit trail of a running control plane
     #[command(after_help = client::EXIT_CODES)]
     Audit(client::AuditArgs),
@@ -92,6 +95,10 @@ fn main() -> ExitCode {
         Command::Token(mut args) => {
             args.conn.admin_token_from = admin_token_origin(&matches);
             client::run(args)
+        }
+        Command::Scope(mut args) => {
+            args.conn.admin_token_from = admin_token_origin(&matches);
+            client::run_scope(args)
         }
         Command::Audit(mut args) => {
             args.conn.admin_token_from = admin_token_origin(&matches);

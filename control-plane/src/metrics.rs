@@ -5,8 +5,8 @@
 
 use crate::store::{
     AuditEntry, AuditQuery, AuditRecord, Changes, Delivery, DeliveryOutcome, DemandOf, DemandRow,
-    Dump, Event, Expiring, ListQuery, Page, ProxySeen, SessionRow, Store, StoreError, TokenRow,
-    WarningRecord,
+    Dump, Event, Expiring, ListQuery, Page, ProxySeen, ScopeDeletion, ScopeRow, ScopeSet,
+    SessionRow, Store, StoreError, TokenRow, WarningRecord,
 };
 use async_trait::async_trait;
 use std::collections::BTreeMap;
@@ -534,6 +534,43 @@ impl Store for Metered {
         since_ms: i64,
     ) -> Result<Vec<DemandRow>, StoreError> {
         timed!(self, "fleet_demand", self.inner.fleet_demand(of, since_ms))
+    }
+    async fn insert_scope(
+        &self,
+        row: ScopeRow,
+        audit: &AuditRecord,
+    ) -> Result<ScopeRow, StoreError> {
+        timed!(self, "insert_scope", self.inner.insert_scope(row, audit))
+    }
+    async fn scope(&self, name: &str) -> Result<Option<ScopeRow>, StoreError> {
+        timed!(self, "scope", self.inner.scope(name))
+    }
+    async fn scopes(&self) -> Result<ScopeSet, StoreError> {
+        timed!(self, "scopes", self.inner.scopes())
+    }
+    async fn replace_scope(
+        &self,
+        row: ScopeRow,
+        expected_version: u64,
+        audit: &AuditRecord,
+    ) -> Result<ScopeRow, StoreError> {
+        timed!(
+            self,
+            "replace_scope",
+            self.inner.replace_scope(row, expected_version, audit)
+        )
+    }
+    async fn delete_scope(
+        &self,
+        name: &str,
+        expected_version: u64,
+        audit: &AuditRecord,
+    ) -> Result<ScopeDeletion, StoreError> {
+        timed!(
+            self,
+            "delete_scope",
+            self.inner.delete_scope(name, expected_version, audit)
+        )
     }
     async fn tokens_by_id(&self, ids: &[String]) -> Result<Vec<TokenRow>, StoreError> {
         timed!(self, "tokens_by_id", self.inner.tokens_by_id(ids))

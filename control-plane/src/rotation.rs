@@ -56,6 +56,7 @@ mod tests {
             requests_denied: 0,
             rotated_at: None,
             retired: vec![],
+            scopes: None,
         }
     }
 

@@ -142,6 +142,25 @@ pub fn pattern() -> String {
     format!("^{edge}(?:{inner}*{edge})?$")
 }
 
+/// `pattern`, or the empty string: what `check_optional` accepts.
+pub fn optional_pattern() -> String {
+    let edge = [REFUSED, &[WHITESPACE]].concat();
+    let (edge, inner) = (class(true, &edge), class(true, REFUSED));
+    format!("^(?:{edge}(?:{inner}*{edge})?)?$")
+}
+
+/// Checks optional text of at most `max` characters (a scope's description): empty, or what
+/// `check` accepts but for the length.
+pub fn check_optional(v: &str, max: usize) -> Result<(), String> {
+    if v.chars().count() > max {
+        return Err(format!("must be at most {max} characters"));
+    }
+    if v.is_empty() {
+        return Ok(());
+    }
+    check_chars(v)
+}
+
 /// Checks a name or owner; the error is a phrase to follow the field's name
 /// ("must be 1 to 128 characters").
 pub fn check(v: &str) -> Result<(), String> {
@@ -149,6 +168,10 @@ pub fn check(v: &str) -> Result<(), String> {
     if n == 0 || n > MAX_CHARS {
         return Err(format!("must be 1 to {MAX_CHARS} characters"));
     }
+    check_chars(v)
+}
+
+fn check_chars(v: &str) -> Result<(), String> {
     if let Some((i, c)) = v.chars().enumerate().find(|(_, c)| refused(*c)) {
         return Err(format!(
             "must not contain control, format or invisible characters \

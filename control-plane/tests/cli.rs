@@ -300,3 +300,94 @@ fn shell_completions_for_bash_zsh_and_fish() {
     let o = tokengate("http://127.0.0.1:9", None, &["completions", "tcsh"]);
     assert_eq!(o.status.code(), Some(2));
 }
+
+#[test]
+fn scopes_are_managed_and_given_to_tokens_from_the_command_line() {
+    let (_dir, s) = server();
+    let created = ok(
+        &s,
+        &[
+            "scope",
+            "create",
+            "orders:read",
+            "--rule",
+            "GET,HEAD /orders/**",
+            "--rule",
+            "/health",
+            "--description",
+            "Read orders",
+        ],
+    );
+    assert!(created.contains("name: orders:read\n"), "{created}");
+    assert!(
+        created.contains("rule: GET,HEAD /orders/**\nrule: /health\n"),
+        "{created}"
+    );
+    assert!(created.contains("description: Read orders\n"), "{created}");
+    let list = ok(&s, &["scope", "list"]);
+    assert!(list.starts_with("NAME"), "{list}");
+    assert!(list.contains("GET,HEAD /orders/**; /health"), "{list}");
+    let got = ok(&s, &["scope", "get", "orders:read", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&got).unwrap();
+    assert_eq!(v["rules"][1], serde_json::json!({"path": "/health"}));
+    let updated = ok(
+        &s,
+        &["scope", "update", "orders:read", "--rule", "GET /orders/*"],
+    );
+    assert!(updated.contains("rule: GET /orders/*\n") && !updated.contains("/health"));
+
+    // Tokens: a list of scopes, none at all, or unrestricted again.
+    let t = ok(
+        &s,
+        &["token", "create", "--name", "t", "--scopes", "orders:read"],
+    );
+    assert!(t.contains("scopes: orders:read\n"), "{t}");
+    let id = id_in(t.split("\n\n").nth(2).unwrap());
+    let none = ok(&s, &["token", "update", &id, "--scopes", ""]);
+    assert!(none.contains("scopes: none"), "{none}");
+    let back = ok(&s, &["token", "update", &id, "--scopes", "orders:read"]);
+    assert!(back.contains("scopes: orders:read\n"), "{back}");
+    let plain = ok(&s, &["token", "create", "--name", "u"]);
+    assert!(plain.contains("scopes: unrestricted\n"), "{plain}");
+
+    // Refusals: in use, unknown, a bad rule (named), usage.
+    let o = tokengate(&s.url, Some(ADMIN), &["scope", "delete", "orders:read"]);
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    assert!(
+        stderr(&o).contains("still named by 1 token"),
+        "{}",
+        stderr(&o)
+    );
+    let o = tokengate(
+        &s.url,
+        Some(ADMIN),
+        &["token", "update", &id, "--scopes", "nope"],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("nope"), "{}", stderr(&o));
+    let o = tokengate(
+        &s.url,
+        Some(ADMIN),
+        &["scope", "create", "x", "--rule", "GET orders"],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("rules[0].path"), "{}", stderr(&o));
+    let o = tokengate(&s.url, Some(ADMIN), &["scope", "create", "x"]);
+    assert_eq!(o.status.code(), Some(2), "a rule is required: {o:?}");
+    let o = tokengate(
+        &s.url,
+        Some(ADMIN),
+        &["token", "update", &id, "--scopes", "a", "--unrestricted"],
+    );
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+
+    let lifted = ok(&s, &["token", "update", &id, "--unrestricted"]);
+    assert!(lifted.contains("scopes: unrestricted\n"), "{lifted}");
+    assert_eq!(
+        ok(&s, &["scope", "delete", "orders:read"]),
+        "deleted orders:read\n"
+    );
+    assert_eq!(ok(&s, &["scope", "list"]), "(no scopes)\n");
+    let audit = ok(&s, &["audit", "--action", "scope.deleted"]);
+    assert!(audit.contains("scope orders:read"), "{audit}");
+}

@@ -236,6 +236,13 @@ fn bodies_agree(app: &TestApp) {
         .as_str()
         .unwrap()
         .to_string();
+    let (s, v) = app.call(
+        "POST",
+        "/v1/scopes",
+        Some(ADMIN),
+        Some(r#"{"name":"probed","rules":[{"path":"/"}]}"#),
+    );
+    assert_eq!(s, 201, "{v}");
     let calls = [
         BodyCall {
             method: "POST",
@@ -253,6 +260,18 @@ fn bodies_agree(app: &TestApp) {
             method: "POST",
             path: format!("/v1/tokens/{limited}/rotate"),
             schema: "RotateBody",
+            cred: Some(ADMIN),
+        },
+        BodyCall {
+            method: "POST",
+            path: "/v1/scopes".into(),
+            schema: "CreateScopeBody",
+            cred: Some(ADMIN),
+        },
+        BodyCall {
+            method: "PATCH",
+            path: "/v1/scopes/probed".into(),
+            schema: "PatchScopeBody",
             cred: Some(ADMIN),
         },
         BodyCall {

@@ -4,6 +4,7 @@ is sent (schemathesis then judges the request as sent); nothing else is touched.
 """
 
 import os
+import re
 from datetime import datetime, timedelta, timezone
 
 import requests
@@ -69,3 +70,25 @@ def fresh_console_session(context, case, kwargs):
     case.cookies = {**cookies, "tokengate_session": cookie}
     if headers.get("X-CSRF-Token") == os.environ["TG_CSRF"]:
         case.headers = {**headers, "X-CSRF-Token": csrf}
+
+
+SCOPE_NAME = re.compile(r"^[a-z0-9][a-z0-9:._-]{0,63}$")
+
+
+@schemathesis.hook("before_call")
+def scopes_exist(context, case, kwargs):
+    """A token's `scopes` must name existing scopes: the server refuses any other name with a
+    400, as the field's description says, and no schema can know which exist. Each name a
+    generated token body gives (that could be a scope's) is created first, so that the case
+    tests what it was generated to test; the body goes out as generated."""
+    if case.operation.label not in ("POST /v1/tokens", "PATCH /v1/tokens/{id}"):
+        return
+    body = case.body
+    if not isinstance(body, dict) or not isinstance(body.get("scopes"), list):
+        return
+    url = case.operation.schema.get_base_url().rstrip("/") + "/v1/scopes"
+    auth = {"Authorization": "Bearer " + os.environ["TG_ADMIN"]}
+    for name in body["scopes"]:
+        if isinstance(name, str) and SCOPE_NAME.fullmatch(name):
+            # 201, or 409 when it exists already: either way it is there.
+            requests.post(url, json={"name": name, "rules": [{"path": "/"}]}, headers=auth, timeout=30)

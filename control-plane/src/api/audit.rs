@@ -41,8 +41,13 @@ pub struct AuditView {
     actor: String,
     #[schema(schema_with = action_field)]
     action: String,
+    /// Empty for a scope's entry.
     token_id: String,
+    /// Empty for a scope's entry.
     token_name: String,
+    /// The scope a `scope.*` entry is about; absent on the others.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scope: Option<String>,
     /// The fields that changed, as they were (null for a creation).
     #[schema(required = true, value_type = Option<Object>)]
     before: Option<serde_json::Value>,
@@ -53,13 +58,20 @@ pub struct AuditView {
 
 impl From<AuditEntry> for AuditView {
     fn from(e: AuditEntry) -> AuditView {
+        // A scope's entry keeps the scope's name where a token's keeps the token's.
+        let (token_name, scope) = if crate::domain::audit::is_scope_action(&e.action) {
+            (String::new(), Some(e.token_name))
+        } else {
+            (e.token_name, None)
+        };
         AuditView {
+            scope,
             seq: e.seq,
             at: rfc3339(e.at),
             actor: e.actor,
             action: e.action,
             token_id: e.token_id,
-            token_name: e.token_name,
+            token_name,
             before: e.before,
             after: e.after,
         }

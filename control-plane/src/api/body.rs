@@ -280,6 +280,9 @@ fn refusal(e: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
         // range) is that field's.
         if inner.is_syntax() || inner.is_eof() {
             ApiError::field(&path, format!("is not valid JSON: {message}"))
+        } else if let Some(field) = quoted(&message, "missing field `") {
+            // Within a nested object (a scope's rule): name the field it lacks.
+            ApiError::field(&format!("{path}.{field}"), "is required")
         } else {
             ApiError::field(&path, message)
         }

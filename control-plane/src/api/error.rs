@@ -18,6 +18,7 @@ pub const CODES: &[&str] = &[
     "csrf_failed",
     "not_found",
     "already_revoked",
+    "scope_in_use",
     "no_route",
     "method_not_allowed",
     "payload_too_large",
@@ -41,6 +42,8 @@ impl utoipa::PartialSchema for ErrorBody {
                     "The body field or query parameter at fault (`invalid_field`, and `conflict` \
                      when a field conflicts with the token's settings), or `content-type` \
                      (`unsupported_media_type`)."),
+                "tokens": schema::described(schema::unsigned(),
+                    "How many live tokens still name the scope (`scope_in_use`)."),
                 "revoked_at": schema::described(schema::date_time(),
                     "When the token was revoked (`already_revoked`, or `not_found` for a revoked token)."),
             }),
@@ -81,6 +84,13 @@ pub enum ApiError {
     AlreadyRevoked {
         at: i64,
     },
+    /// No such scope.
+    NoScope,
+    /// A deletion of a scope that live tokens still name.
+    ScopeInUse {
+        name: String,
+        tokens: u64,
+    },
     /// No route for the path (not the same as an unknown token).
     NoRoute,
     /// The path exists, the method does not.
@@ -117,6 +127,9 @@ impl From<DomainError> for ApiError {
             DomainError::Revoked { at } => ApiError::Revoked { at },
             DomainError::Conflict(m) => ApiError::Conflict(m),
             DomainError::Invalid { field, message } => ApiError::field(field, message),
+            DomainError::InvalidAt { field, message } => ApiError::Field { field, message },
+            DomainError::NoScope => ApiError::NoScope,
+            DomainError::ScopeInUse { name, tokens } => ApiError::ScopeInUse { name, tokens },
             DomainError::StateConflict { field, message } => ApiError::FieldConflict {
                 field: field.to_string(),
                 message,
@@ -178,6 +191,18 @@ impl IntoResponse for ApiError {
             ApiError::NotFound => (
                 StatusCode::NOT_FOUND,
                 json!({"error": "not_found", "message": "No such token."}),
+            ),
+            ApiError::NoScope => (
+                StatusCode::NOT_FOUND,
+                json!({"error": "not_found", "message": "No such scope."}),
+            ),
+            ApiError::ScopeInUse { name, tokens } => (
+                StatusCode::CONFLICT,
+                json!({"error": "scope_in_use", "message": format!(
+                    "The scope {name} is still named by {tokens} token{}; take it off them first \
+                     (GET /v1/tokens shows each token's scopes).",
+                    if tokens == 1 { "" } else { "s" }
+                ), "tokens": tokens}),
             ),
             ApiError::Revoked { at } => (
                 StatusCode::NOT_FOUND,
@@ -253,6 +278,11 @@ mod tests {
             ApiError::BodyTimeout,
             ApiError::Csrf,
             ApiError::NotFound,
+            ApiError::NoScope,
+            ApiError::ScopeInUse {
+                name: "s".into(),
+                tokens: 2,
+            },
             ApiError::Revoked { at: 0 },
             ApiError::AlreadyRevoked { at: 0 },
             ApiError::NoRoute,

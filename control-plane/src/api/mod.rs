@@ -7,6 +7,7 @@ mod error;
 mod fleet;
 mod openapi;
 pub mod schema;
+mod scopes;
 mod session;
 mod sync;
 mod tokens;
@@ -14,7 +15,7 @@ mod usage;
 
 pub use error::ApiError;
 
-use crate::domain::{Feed, Fleet, Sessions, Tokens};
+use crate::domain::{Feed, Fleet, Scopes, Sessions, Tokens};
 use crate::metrics::{Live, Metrics};
 use crate::store::Store;
 use crate::throttle::Throttle;
@@ -48,6 +49,7 @@ pub struct AppState {
     pub sessions: Arc<Sessions>,
     /// Fleet-wide limits: the proxies' reports and their shares.
     pub fleet: Arc<Fleet>,
+    pub scopes: Arc<Scopes>,
     /// Answers woken long-polls, one read per version.
     pub feed: Arc<Feed>,
     pub metrics: Arc<Metrics>,
@@ -208,6 +210,8 @@ fn routes(state: &AppState) -> OpenApiRouter<AppState> {
         .routes(routes!(tokens::suspend))
         .routes(routes!(tokens::reactivate))
         .routes(routes!(tokens::rotate))
+        .routes(routes!(scopes::create, scopes::list))
+        .routes(routes!(scopes::get, scopes::update, scopes::delete))
         .routes(routes!(audit::list))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),

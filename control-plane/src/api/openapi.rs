@@ -32,6 +32,7 @@ use utoipa::{IntoResponses, Modify, OpenApi, ToSchema};
     components(schemas(ErrorBody)),
     tags(
         (name = "tokens", description = "Create and govern tokens (admin credential or console session)"),
+        (name = "scopes", description = "Named sets of method and path rules that tokens may be limited to (admin credential or console session)"),
         (name = "audit", description = "The audit trail (admin credential or console session)"),
         (name = "filters", description = "Called by the Envoy filters (sync credential)"),
         (name = "console", description = "The web console's sign-in: a session cookie for an admin credential"),
@@ -274,6 +275,15 @@ impl IntoResponses for TokenNotFound {
             )
             .build(),
         )])
+    }
+}
+
+/// `/v1/scopes/{name}` names no scope.
+pub struct ScopeNotFound;
+
+impl IntoResponses for ScopeNotFound {
+    fn responses() -> BTreeMap<String, RefOr<Response>> {
+        responses(vec![("404", error("`not_found`: no such scope").build())])
     }
 }
 

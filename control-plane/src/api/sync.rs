@@ -6,7 +6,7 @@ use super::schema::{self, described, Pattern};
 use super::{ApiError, AppState};
 use crate::domain::feed::Answer;
 use crate::metrics::SyncAnswer;
-use crate::store::{Status, TokenRow};
+use crate::store::{ScopeSet, Status, TokenRow};
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::header::CONTENT_TYPE;
@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
-use tokengate_wire::{SyncRecord, SyncResponse, SyncStatus};
+use tokengate_wire::{SyncRecord, SyncResponse, SyncScope, SyncStatus};
 use utoipa::openapi::{RefOr, Schema};
 use utoipa::{PartialSchema, ToSchema};
 
@@ -128,7 +128,7 @@ fn to_wire(r: TokenRow, now: i64, snapshot: bool, out: &mut Vec<SyncRecord>) {
         burst: r.burst,
         limit_scope: r.limit_scope,
         expires_at,
-        scopes: None,
+        scopes: r.scopes.clone(),
         quota: None,
         version: r.version,
     };
@@ -153,6 +153,20 @@ fn to_wire_all(rows: Vec<TokenRow>, snapshot: bool) -> Vec<SyncRecord> {
         to_wire(r, now, snapshot, &mut out);
     }
     out
+}
+
+/// The whole scope set as the filters receive it: `(scopes, scopes_version)`.
+fn scopes_to_wire(set: ScopeSet) -> (Option<Vec<SyncScope>>, Option<u64>) {
+    let scopes = set
+        .scopes
+        .into_iter()
+        .map(|s| SyncScope {
+            name: s.name,
+            rules: s.rules,
+            version: s.version,
+        })
+        .collect();
+    (Some(scopes), Some(set.version))
 }
 
 fn number(field: &str, v: Option<&str>) -> Result<Option<u64>, ApiError> {
@@ -189,6 +203,7 @@ async fn snapshot(
     } else {
         None
     };
+    let (scopes, scopes_version) = scopes_to_wire(page.scopes);
     Ok(SyncResponse {
         store_id: state.store.store_id().to_string(),
         version,
@@ -202,8 +217,8 @@ async fn snapshot(
                 .live_count(poller, chrono::Utc::now().timestamp_millis())
                 .await?,
         ),
-        scopes: None,
-        scopes_version: None,
+        scopes,
+        scopes_version,
     })
 }
 
@@ -213,16 +228,21 @@ fn rendered(state: &AppState, answer: &Answer) -> Result<Arc<[u8]>, ApiError> {
         return Ok(body.clone());
     }
     let rows = answer.changes.rows.clone();
+    let (scopes, scopes_version) = answer
+        .changes
+        .scopes
+        .clone()
+        .map_or((None, None), scopes_to_wire);
     let body = serde_json::to_vec(&SyncResponse {
         store_id: state.store.store_id().to_string(),
-        version: rows.last().map_or(answer.since, |r| r.version),
+        version: answer.version,
         snapshot: false,
         changes: to_wire_all(rows, false),
         next_cursor: None,
         token_count: answer.changes.live,
         proxies: None,
-        scopes: None,
-        scopes_version: None,
+        scopes,
+        scopes_version,
     })
     .map_err(|e| ApiError::Internal(e.to_string()))?;
     Ok(answer.rendered.get_or_init(|| body.into()).clone())
@@ -352,12 +372,12 @@ pub async fn sync(
     if since < answer.changes.horizon {
         return answer_snapshot(&state, seen.max(current), None, q.proxy_id.as_deref()).await;
     }
-    state
-        .metrics
-        .sync_answer(if answer.changes.rows.is_empty() {
+    state.metrics.sync_answer(
+        if answer.changes.rows.is_empty() && answer.changes.scopes.is_none() {
             SyncAnswer::NoChange
         } else {
             SyncAnswer::Changes
-        });
+        },
+    );
     Ok(json(rendered(&state, &answer)?))
 }

@@ -5,6 +5,7 @@ use super::body::{self, nullable, parse_json, JsonBody, Params, TokenId};
 use super::error::ErrorBody;
 use super::openapi::{AdminCredential, BadBody, BadQuery, Csrf, Store, TokenNotFound};
 use super::schema::{self, described, Pattern};
+use super::scopes::token_scopes_schema;
 use super::{ApiError, AppState};
 use crate::domain::rfc3339;
 use crate::domain::tokens::{Expiry, NewToken, Patch, BURST, EXPIRES_IN_SECONDS, MAX_RPS};
@@ -84,6 +85,14 @@ fn burst_field() -> RefOr<Schema> {
     ))
 }
 
+fn scopes_field() -> RefOr<Schema> {
+    schema::from_json(described(
+        token_scopes_schema(),
+        "Scope names: the token may make only the requests one of them covers; null: \
+         unrestricted; `[]`: none.",
+    ))
+}
+
 fn time_field() -> RefOr<Schema> {
     schema::from_json(schema::date_time())
 }
@@ -157,6 +166,9 @@ pub struct TokenView {
     updated_at: String,
     /// The version of the token's last change (as `/v1/sync` hands it out).
     version: u64,
+    /// The scopes the token is limited to; null: unrestricted.
+    #[schema(required = true, schema_with = scopes_field)]
+    scopes: Option<Vec<String>>,
 }
 
 impl TokenView {
@@ -182,6 +194,7 @@ impl TokenView {
             old_secret_valid_until: grace.map(rfc3339),
             updated_at: rfc3339(r.updated_at),
             version: r.version,
+            scopes: r.scopes,
         }
     }
 }
@@ -270,6 +283,7 @@ pub struct CreateBody {
     limit_scope: Option<String>,
     expires_in_seconds: Option<u64>,
     expires_at: Option<String>,
+    scopes: Option<Vec<String>>,
 }
 
 impl PartialSchema for CreateBody {
@@ -291,6 +305,10 @@ impl PartialSchema for CreateBody {
                     "The token expires this long from now (not with expires_at)."),
                 "expires_at": described(expiry_schema(), "Not with expires_in_seconds. An RFC 3339 \
                     time in the future, at most 9999-12-31T23:59:59Z."),
+                "scopes": described(token_scopes_schema(),
+                    "Names of existing scopes: the token may make only the requests one of them \
+                     covers (a name given twice counts once). null or absent: unrestricted; \
+                     `[]`: no request at all."),
             }),
             &["name"],
         );
@@ -405,6 +423,7 @@ pub async fn create(
                     .transpose()?
                     .unwrap_or_default(),
                 expiry,
+                scopes: b.scopes,
             },
             now,
         )
@@ -592,6 +611,8 @@ pub struct PatchBody {
     limit_scope: Option<Option<String>>,
     #[serde(default, deserialize_with = "nullable")]
     expires_at: Option<Option<String>>,
+    #[serde(default, deserialize_with = "nullable")]
+    scopes: Option<Option<Vec<String>>>,
 }
 
 impl PartialSchema for PatchBody {
@@ -605,6 +626,9 @@ impl PartialSchema for PatchBody {
                      on it is a 409 unless max_rps comes with it."),
                 "limit_scope": described(limit_scope_schema(), "`fleet` or `proxy`; cannot be null."),
                 "expires_at": expiry_schema(),
+                "scopes": described(token_scopes_schema(),
+                    "Names of existing scopes, replacing the token's; null: unrestricted; `[]`: \
+                     no request at all."),
             }),
             &[],
         );
@@ -626,7 +650,7 @@ impl PartialSchema for PatchBody {
 impl ToSchema for PatchBody {}
 
 #[utoipa::path(patch, path = "/v1/tokens/{id}", tag = "tokens", operation_id = "update_token",
-    summary = "Change a token's name, limits or expiry",
+    summary = "Change a token's name, limits, expiry or scopes",
     security(("admin" = []), ("session" = [], "csrf" = [])),
     params(("id" = String, Path, description = "Token id")),
     request_body = PatchBody,
@@ -647,9 +671,10 @@ pub async fn update(
         && p.burst.is_none()
         && p.limit_scope.is_none()
         && p.expires_at.is_none()
+        && p.scopes.is_none()
     {
         return Err(ApiError::Body(
-            "Give at least one of name, max_rps, burst, limit_scope, expires_at.".into(),
+            "Give at least one of name, max_rps, burst, limit_scope, expires_at, scopes.".into(),
         ));
     }
     let limit_scope = match p.limit_scope {
@@ -673,6 +698,7 @@ pub async fn update(
         burst: p.burst,
         limit_scope,
         expires_at,
+        scopes: p.scopes,
     };
     Ok(view(state.tokens.update(&actor.0, &id, patch, now).await?))
 }

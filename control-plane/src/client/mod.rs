@@ -2,8 +2,10 @@
 
 mod http;
 mod output;
+mod scope;
 
 pub use http::Origin;
+pub use scope::{ScopeArgs, ScopeCommand};
 
 use chrono::{SecondsFormat, Utc};
 use clap::{Args, Subcommand};
@@ -119,6 +121,20 @@ fn expiry(v: &str) -> Result<Expiry, String> {
     crate::duration::parse(v).map(Expiry)
 }
 
+/// Scope names given as `a,b`; the empty string is none at all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScopeNames(pub Vec<String>);
+
+fn scope_names(v: &str) -> Result<ScopeNames, String> {
+    Ok(ScopeNames(
+        v.split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .map(str::to_string)
+            .collect(),
+    ))
+}
+
 /// A duration such as `7d`; `never` is not one.
 fn span(v: &str) -> Result<u64, String> {
     crate::duration::parse(v)?.ok_or_else(|| "`never` is not allowed here".to_string())
@@ -154,6 +170,10 @@ pub enum TokenCommand {
         /// Expiry as an RFC 3339 time, e.g. 2030-01-31T00:00:00Z
         #[arg(long, value_name = "TIME")]
         expires_at: Option<String>,
+        /// Limit the token to these scopes (comma-separated names; '' for none: every
+        /// request refused) [default: unrestricted]
+        #[arg(long, value_name = "NAMES", value_parser = scope_names)]
+        scopes: Option<ScopeNames>,
     },
     /// List tokens, a page at a time
     List {
@@ -185,9 +205,10 @@ pub enum TokenCommand {
         /// Token id, tok_...
         id: String,
     },
-    /// Change a token's name, limit or expiry
+    /// Change a token's name, limit, expiry or scopes
     #[command(group(clap::ArgGroup::new("change").required(true).multiple(true)
-        .args(["name", "max_rps", "burst", "limit_scope", "expires_in", "expires_at"])))]
+        .args(["name", "max_rps", "burst", "limit_scope", "expires_in", "expires_at", "scopes",
+               "unrestricted"])))]
     Update {
         /// Token id, tok_...
         id: String,
@@ -209,6 +230,13 @@ pub enum TokenCommand {
         /// New expiry as an RFC 3339 time
         #[arg(long, value_name = "TIME")]
         expires_at: Option<String>,
+        /// Limit the token to these scopes, replacing its own (comma-separated names; ''
+        /// for none: every request refused)
+        #[arg(long, value_name = "NAMES", value_parser = scope_names, conflicts_with = "unrestricted")]
+        scopes: Option<ScopeNames>,
+        /// Lift the token's scopes: it may call every route again
+        #[arg(long)]
+        unrestricted: bool,
     },
     /// Refuse the token until it is reactivated
     Suspend {
@@ -256,12 +284,16 @@ fn create_body(cmd: &TokenCommand) -> Value {
         limit_scope,
         expires_in,
         expires_at,
+        scopes,
     } = cmd
     else {
         return Value::Null;
     };
     let mut b = Map::new();
     b.insert("name".into(), json!(name));
+    if let Some(ScopeNames(names)) = scopes {
+        b.insert("scopes".into(), json!(names));
+    }
     let optional = [
         ("kind", kind.clone().map(Value::from)),
         ("owner", owner.clone().map(Value::from)),
@@ -290,6 +322,8 @@ fn update_body(cmd: &TokenCommand, now: chrono::DateTime<Utc>) -> Value {
         limit_scope,
         expires_in,
         expires_at,
+        scopes,
+        unrestricted,
         ..
     } = cmd
     else {
@@ -328,6 +362,11 @@ fn update_body(cmd: &TokenCommand, now: chrono::DateTime<Utc>) -> Value {
     }
     if let Some(t) = expires_at {
         b.insert("expires_at".into(), json!(t));
+    }
+    if let Some(ScopeNames(names)) = scopes {
+        b.insert("scopes".into(), json!(names));
+    } else if *unrestricted {
+        b.insert("scopes".into(), Value::Null);
     }
     Value::Object(b)
 }
@@ -556,6 +595,10 @@ fn execute_audit(args: &AuditArgs) -> Result<String, Failure> {
     Ok(out)
 }
 
+pub fn run_scope(args: ScopeArgs) -> ExitCode {
+    finish(scope::execute(&args))
+}
+
 pub fn run(args: TokenArgs) -> ExitCode {
     finish(execute(&args))
 }
@@ -592,6 +635,7 @@ mod tests {
             limit_scope: max_rps.map(|_| "proxy".into()),
             expires_in: expires_in.map(|e| expiry(e).unwrap()),
             expires_at: None,
+            scopes: None,
         }
     }
 
@@ -604,7 +648,32 @@ mod tests {
             limit_scope: None,
             expires_in: expires_in.map(|e| expiry(e).unwrap()),
             expires_at: None,
+            scopes: None,
+            unrestricted: false,
         }
+    }
+
+    #[test]
+    fn scopes_are_a_list_none_or_lifted() {
+        assert_eq!(
+            scope_names("a, b,").unwrap(),
+            ScopeNames(vec!["a".into(), "b".into()])
+        );
+        assert_eq!(scope_names("").unwrap(), ScopeNames(vec![]));
+        let mut c = create(None, None);
+        if let TokenCommand::Create { scopes, .. } = &mut c {
+            *scopes = Some(ScopeNames(vec![]));
+        }
+        assert_eq!(
+            create_body(&c),
+            json!({"name":"n","kind":"service","scopes":[]})
+        );
+        let now = Utc::now();
+        let mut u = update(None, None);
+        if let TokenCommand::Update { unrestricted, .. } = &mut u {
+            *unrestricted = true;
+        }
+        assert_eq!(update_body(&u, now), json!({"scopes": null}));
     }
 
     #[test]

@@ -71,6 +71,7 @@ pub fn record(r: &Value) -> String {
         ("last_used_at", or(&r["last_used_at"], "-")),
         ("requests", requests(r)),
         ("rotated_at", or(&r["rotated_at"], "-")),
+        ("scopes", scopes(&r["scopes"])),
     ];
     let mut out: String = rows.iter().map(|(k, v)| format!("{k}: {v}\n")).collect();
     if let Some(t) = r["old_secret_valid_until"].as_str() {
@@ -119,6 +120,15 @@ fn fleet(r: &Value) -> String {
     out
 }
 
+/// A token's scopes: `unrestricted` (null), `none` (`[]`), or the names.
+fn scopes(v: &Value) -> String {
+    match v.as_array() {
+        None => "unrestricted".to_string(),
+        Some(a) if a.is_empty() => "none (every request refused)".to_string(),
+        Some(a) => a.iter().map(text).collect::<Vec<_>>().join(", "),
+    }
+}
+
 fn requests(r: &Value) -> String {
     format!(
         "{} allowed, {} denied",
@@ -128,7 +138,7 @@ fn requests(r: &Value) -> String {
 }
 
 /// Aligned columns, the first row being the header.
-fn columns(rows: Vec<Vec<String>>) -> String {
+pub fn columns(rows: Vec<Vec<String>>) -> String {
     let widths: Vec<usize> = (0..rows[0].len())
         .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
         .collect();
@@ -166,7 +176,9 @@ pub fn audit_table(entries: &[Value]) -> String {
             text(&e["actor"]),
             text(&e["action"]),
             text(&e["token_id"]),
-            text(&e["token_name"]),
+            e["scope"]
+                .as_str()
+                .map_or_else(|| text(&e["token_name"]), |s| format!("scope {s}")),
             change,
         ]);
     }

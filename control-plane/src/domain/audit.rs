@@ -2,7 +2,7 @@
 //! the fields that moved, and the actions it names. Secrets and their hashes are never among
 //! the fields.
 
-use crate::store::{AuditRecord, TokenRow};
+use crate::store::{AuditRecord, ScopeRow, TokenRow};
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::{Map, Value};
 
@@ -14,6 +14,9 @@ pub const ROTATED: &str = "token.rotated";
 pub const REVOKED: &str = "token.revoked";
 pub const EXPIRY_WARNING: &str = "token.expiry_warning";
 pub const PURGED: &str = "token.purged";
+pub const SCOPE_CREATED: &str = "scope.created";
+pub const SCOPE_UPDATED: &str = "scope.updated";
+pub const SCOPE_DELETED: &str = "scope.deleted";
 
 /// Every action the trail records.
 pub const ACTIONS: &[&str] = &[
@@ -25,6 +28,9 @@ pub const ACTIONS: &[&str] = &[
     REVOKED,
     EXPIRY_WARNING,
     PURGED,
+    SCOPE_CREATED,
+    SCOPE_UPDATED,
+    SCOPE_DELETED,
 ];
 
 /// Who the trail names as the actor of the control plane's own jobs.
@@ -57,12 +63,16 @@ pub fn fields(r: &TokenRow) -> Map<String, Value> {
     m.insert("rotated_at".into(), r.rotated_at.map(rfc3339).into());
     let grace = r.retired.iter().map(|s| s.until).max();
     m.insert("old_secret_valid_until".into(), grace.map(rfc3339).into());
+    m.insert("scopes".into(), r.scopes.clone().into());
     m
 }
 
 /// Reduces two versions of a token to the fields that differ.
 pub fn diff(before: &TokenRow, after: &TokenRow) -> (Value, Value) {
-    let (b, a) = (fields(before), fields(after));
+    diff_fields(fields(before), fields(after))
+}
+
+fn diff_fields(b: Map<String, Value>, a: Map<String, Value>) -> (Value, Value) {
     let mut old = Map::new();
     let mut new = Map::new();
     for (k, v) in &a {
@@ -111,4 +121,52 @@ pub fn purge(at: i64, r: &TokenRow) -> AuditRecord {
         before: Some(Value::Object(fields(r))),
         after: None,
     }
+}
+
+/// The audited fields of a scope.
+pub fn scope_fields(s: &ScopeRow) -> Map<String, Value> {
+    let mut m = Map::new();
+    m.insert("description".into(), s.description.clone().into());
+    m.insert(
+        "rules".into(),
+        serde_json::to_value(&s.rules).unwrap_or_default(),
+    );
+    m
+}
+
+/// The entry for a scope's creation (`before` is `None`), change, or deletion (`after` is
+/// `None`). Scope entries name no token: `token_id` is empty and `token_name` holds the
+/// scope's name (the API shows it as `scope`).
+pub fn scope_change(
+    at: i64,
+    actor: &str,
+    action: &'static str,
+    before: Option<&ScopeRow>,
+    after: Option<&ScopeRow>,
+) -> AuditRecord {
+    let (old, new) = match (before, after) {
+        (Some(b), Some(a)) => {
+            let (old, new) = diff_fields(scope_fields(b), scope_fields(a));
+            (Some(old), Some(new))
+        }
+        (b, a) => (
+            b.map(|b| Value::Object(scope_fields(b))),
+            a.map(|a| Value::Object(scope_fields(a))),
+        ),
+    };
+    let name = after.or(before).map(|s| s.name.clone()).unwrap_or_default();
+    AuditRecord {
+        at,
+        actor: actor.to_string(),
+        action,
+        token_id: String::new(),
+        token_name: name,
+        before: old,
+        after: new,
+    }
+}
+
+/// Whether an action is about a scope (its entry names the scope in `token_name`).
+pub fn is_scope_action(action: &str) -> bool {
+    action.starts_with("scope.")
 }

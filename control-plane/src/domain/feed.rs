@@ -27,6 +27,10 @@ const MAX_ENTRIES: usize = 1024;
 pub struct Answer {
     pub since: u64,
     pub changes: Changes,
+    /// The version the answer brings its client to: its last token change's, or the last
+    /// scope change's when that is newer and the answer holds every token change after
+    /// `since` (a full page may not: its client must ask again from its last row).
+    pub version: u64,
     /// Filled once by whoever renders the answer first (the API's JSON body).
     pub rendered: OnceLock<Arc<[u8]>>,
 }
@@ -95,6 +99,7 @@ impl Feed {
                 match self.store.changes_since(since, self.page_size).await {
                     Ok(changes) => Ok(Arc::new(Answer {
                         since,
+                        version: answer_version(since, &changes, self.page_size),
                         changes,
                         rendered: OnceLock::new(),
                     })),
@@ -106,6 +111,14 @@ impl Feed {
             Ok(answer) => Ok(answer.clone()),
             Err((e, _)) => Err(e.clone()),
         }
+    }
+}
+
+fn answer_version(since: u64, changes: &Changes, page_size: u32) -> u64 {
+    let last = changes.rows.last().map_or(since, |r| r.version);
+    match &changes.scopes {
+        Some(s) if changes.rows.len() < page_size as usize => last.max(s.version),
+        _ => last,
     }
 }
 
@@ -134,6 +147,7 @@ mod tests {
             requests_denied: 0,
             rotated_at: None,
             retired: vec![],
+            scopes: None,
         }
     }
 

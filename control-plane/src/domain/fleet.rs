@@ -732,6 +732,7 @@ mod tests {
                         at: None,
                         field: "expires_at",
                     },
+                    scopes: None,
                 },
                 1,
             )

@@ -6,12 +6,14 @@ pub mod audit;
 pub mod feed;
 pub mod fleet;
 pub mod housekeeping;
+pub mod scopes;
 pub mod sessions;
 pub mod tokens;
 
 pub use audit::rfc3339;
 pub use feed::Feed;
 pub use fleet::Fleet;
+pub use scopes::Scopes;
 pub use sessions::Sessions;
 pub use tokens::Tokens;
 
@@ -30,6 +32,18 @@ pub enum DomainError {
     Invalid {
         field: &'static str,
         message: String,
+    },
+    /// As `Invalid`, for a field within the body (`rules[2].path`).
+    InvalidAt {
+        field: String,
+        message: String,
+    },
+    /// No such scope.
+    NoScope,
+    /// A scope that live tokens still name cannot be deleted.
+    ScopeInUse {
+        name: String,
+        tokens: u64,
     },
     Conflict(String),
     /// The request is valid in itself but conflicts with the token's current settings (a
@@ -59,6 +73,11 @@ impl std::fmt::Display for DomainError {
             DomainError::Revoked { at } => write!(f, "revoked at {at}"),
             DomainError::Invalid { field, message }
             | DomainError::StateConflict { field, message } => write!(f, "{field} {message}"),
+            DomainError::InvalidAt { field, message } => write!(f, "{field} {message}"),
+            DomainError::NoScope => write!(f, "no such scope"),
+            DomainError::ScopeInUse { name, tokens } => {
+                write!(f, "scope {name} is named by {tokens} tokens")
+            }
             DomainError::Conflict(m) | DomainError::Internal(m) => write!(f, "{m}"),
             DomainError::Unavailable(m) => write!(f, "store unavailable: {m}"),
         }

@@ -3,7 +3,7 @@
 //! token is still as read (another replica may have changed it meanwhile; then the decision
 //! is taken again on the new state).
 
-use super::{audit, DomainError};
+use super::{audit, scopes, DomainError};
 use crate::policy::{Policy, Refusal};
 use crate::rotation;
 use crate::secrets;
@@ -99,6 +99,8 @@ pub struct NewToken {
     pub burst: Option<u32>,
     pub limit_scope: LimitScope,
     pub expiry: Expiry,
+    /// Scope names; `None`: unrestricted.
+    pub scopes: Option<Vec<String>>,
 }
 
 /// An edit: `None` leaves a field as it is.
@@ -111,6 +113,8 @@ pub struct Patch {
     pub limit_scope: Option<LimitScope>,
     /// `Some(None)`: never (where the policy allows it).
     pub expires_at: Option<Option<i64>>,
+    /// `Some(None)`: unrestricted.
+    pub scopes: Option<Option<Vec<String>>>,
 }
 
 /// A token with its secret, which exists only in this answer.
@@ -169,6 +173,10 @@ impl Tokens {
         check_expiry(t.expiry, now)?;
         self.policy
             .check(t.kind, now, t.expiry.at, t.expiry.field)?;
+        let scopes = t.scopes.map(scopes::token_scopes).transpose()?;
+        if let Some(names) = &scopes {
+            scopes::check_exist(self.store.as_ref(), names).await?;
+        }
         let secret = secrets::new_token();
         let row = TokenRow {
             id: secrets::new_id(),
@@ -189,6 +197,7 @@ impl Tokens {
             requests_denied: 0,
             rotated_at: None,
             retired: vec![],
+            scopes,
         };
         let entry = audit::change(now, actor, audit::CREATED, None, &row);
         let token = self.store.insert(row, &entry).await?;
@@ -286,8 +295,19 @@ impl Tokens {
                 now,
             )?;
         }
+        let scopes = match patch.scopes.clone() {
+            Some(Some(names)) => {
+                let names = scopes::token_scopes(names)?;
+                scopes::check_exist(self.store.as_ref(), &names).await?;
+                Some(Some(names))
+            }
+            other => other,
+        };
         let policy = self.policy;
         self.change(actor, audit::UPDATED, id, now, |row| {
+            if let Some(s) = &scopes {
+                row.scopes = s.clone();
+            }
             if let Some(name) = &patch.name {
                 row.name = name.clone();
             }

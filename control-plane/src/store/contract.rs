@@ -102,6 +102,7 @@ fn row(id: &str) -> TokenRow {
         requests_denied: 0,
         rotated_at: None,
         retired: vec![],
+        scopes: None,
     }
 }
 
@@ -770,6 +771,194 @@ async fn no_poller_misses_a_change_made_through_any_replica(f: &mut Fixture) {
     assert_eq!(f.store().version().await.unwrap(), 160 + 4 * 14);
 }
 
+fn scope_row(name: &str) -> ScopeRow {
+    ScopeRow {
+        name: name.into(),
+        description: format!("about {name}"),
+        rules: vec![tokengate_wire::Rule {
+            methods: Some(vec!["GET".into()]),
+            path: format!("/{}/**", name.replace(':', "-")),
+        }],
+        created_at: 1,
+        updated_at: 1,
+        version: 0,
+    }
+}
+
+fn scope_entry(action: &'static str, name: &str) -> AuditRecord {
+    AuditRecord {
+        at: 2,
+        actor: "admin".into(),
+        action,
+        token_id: String::new(),
+        token_name: name.into(),
+        before: None,
+        after: Some(json!({"x": 1})),
+    }
+}
+
+async fn insert_scope(s: &dyn Store, r: ScopeRow) -> ScopeRow {
+    let e = scope_entry("scope.created", &r.name);
+    s.insert_scope(r, &e).await.unwrap()
+}
+
+fn scoped(id: &str, scopes: &[&str]) -> TokenRow {
+    let mut r = row(id);
+    r.scopes = Some(scopes.iter().map(|s| s.to_string()).collect());
+    r
+}
+
+/// Scope changes take versions from the tokens' sequence and signal them; the last scope
+/// change's version (deletions included) tells a change read whether to carry the set.
+async fn scopes_share_the_version_sequence_and_ride_with_changes(f: &mut Fixture) {
+    let s = f.store();
+    let rx = s.subscribe();
+    assert_eq!(s.scopes().await.unwrap(), ScopeSet::default());
+    let a = insert_scope(s, scope_row("a")).await;
+    assert_eq!(a.version, 1);
+    assert_eq!(*rx.borrow(), 1);
+    assert!(matches!(
+        s.insert_scope(scope_row("a"), &scope_entry("scope.created", "a"))
+            .await,
+        Err(StoreError::Conflict(_))
+    ));
+    insert_scope(s, scope_row("b")).await;
+    let t = insert(s, scoped("tok_1", &["a", "b"])).await;
+    assert_eq!(t.version, 3);
+    assert_eq!(
+        s.token("tok_1").await.unwrap().unwrap().scopes,
+        Some(vec!["a".to_string(), "b".to_string()])
+    );
+    let empty = insert(s, scoped("tok_2", &[])).await;
+    assert_eq!(
+        s.token(&empty.id).await.unwrap().unwrap().scopes,
+        Some(vec![])
+    );
+    assert_eq!(s.token("tok_2").await.unwrap().unwrap().version, 4);
+    // A scope that is not there cannot be named, by an insert or an edit.
+    assert!(matches!(
+        s.insert(
+            scoped("tok_3", &["a", "nope"]),
+            &entry("token.created", &row("tok_3"))
+        )
+        .await,
+        Err(StoreError::Conflict(_))
+    ));
+    let mut edited = t.clone();
+    edited.scopes = Some(vec!["nope".into()]);
+    assert!(matches!(
+        s.replace(edited, t.version, &entry("token.updated", &t), false)
+            .await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(s.version().await.unwrap(), 4, "refusals take no version");
+
+    let set = s.scopes().await.unwrap();
+    assert_eq!(set.version, 2);
+    assert_eq!(
+        set.scopes
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect::<Vec<_>>(),
+        ["a", "b"]
+    );
+    assert_eq!(set.scopes[0], a);
+    assert_eq!(s.scope("a").await.unwrap(), Some(a.clone()));
+    assert_eq!(s.scope("zz").await.unwrap(), None);
+    assert_eq!(
+        s.changes_since(0, 10).await.unwrap().scopes,
+        Some(set.clone())
+    );
+    assert_eq!(s.changes_since(2, 10).await.unwrap().scopes, None);
+    assert_eq!(s.snapshot_page(None, 1).await.unwrap().scopes, set);
+
+    // An edit needs the version it read.
+    let mut changed = a.clone();
+    changed.rules[0].path = "/a".into();
+    changed.updated_at = 5;
+    let e = scope_entry("scope.updated", "a");
+    assert_eq!(
+        s.replace_scope(changed.clone(), 99, &e).await,
+        Err(StoreError::Stale)
+    );
+    let mut ghost = changed.clone();
+    ghost.name = "ghost".into();
+    assert_eq!(
+        s.replace_scope(ghost, 1, &e).await,
+        Err(StoreError::NotFound)
+    );
+    let written = s.replace_scope(changed.clone(), 1, &e).await.unwrap();
+    assert_eq!(written.version, 5);
+    assert_eq!(*rx.borrow(), 5);
+    let c = s.changes_since(4, 10).await.unwrap();
+    assert!(c.rows.is_empty());
+    let carried = c.scopes.expect("the set, after a scope change alone");
+    assert_eq!(carried.version, 5);
+    assert_eq!(carried.scopes[0].rules[0].path, "/a");
+
+    // A deletion: refused while a live token names the scope, counted; a revoked one does
+    // not count.
+    let d = scope_entry("scope.deleted", "a");
+    assert_eq!(
+        s.delete_scope("a", 5, &d).await.unwrap(),
+        ScopeDeletion::InUse(1)
+    );
+    assert_eq!(s.delete_scope("a", 1, &d).await, Err(StoreError::Stale));
+    assert_eq!(s.delete_scope("zz", 1, &d).await, Err(StoreError::NotFound));
+    set_status(s, "tok_1", Status::Revoked).await.unwrap();
+    assert_eq!(
+        s.delete_scope("a", 5, &d).await.unwrap(),
+        ScopeDeletion::Deleted(7)
+    );
+    assert_eq!(*rx.borrow(), 7);
+    assert_eq!(s.scope("a").await.unwrap(), None);
+    let c = s.changes_since(6, 10).await.unwrap();
+    assert!(c.rows.is_empty());
+    assert_eq!(c.scopes.map(|s| (s.version, s.scopes.len())), Some((7, 1)));
+    // The audit trail has each, under the scope's name.
+    let trail = s
+        .audit(&AuditQuery {
+            action: Some("scope.deleted".into()),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(trail.len(), 1);
+    assert_eq!(trail[0].token_name, "a");
+    f.reopen().await;
+    let s = f.store();
+    assert_eq!(s.scopes().await.unwrap().version, 7);
+    assert_eq!(s.version().await.unwrap(), 7);
+}
+
+/// A token written naming a scope while another writer deletes that scope: one of the two
+/// is refused, whichever replica each runs on, so that no live token names a deleted scope.
+async fn a_scope_deletion_and_a_token_naming_it_never_both_succeed(f: &mut Fixture) {
+    let (one, two) = (f.replica().await, f.replica().await);
+    for i in 0..20 {
+        let name = format!("s{i}");
+        let created = insert_scope(f.store(), scope_row(&name)).await;
+        let (del, ins) = {
+            let (one, two, name) = (one.clone(), two.clone(), name.clone());
+            let d = tokio::spawn(async move {
+                one.delete_scope(&name, created.version, &scope_entry("scope.deleted", &name))
+                    .await
+            });
+            let id = format!("tok_{i}");
+            let r = scoped(&id, &[&format!("s{i}")]);
+            let e = entry("token.created", &r);
+            let t = tokio::spawn(async move { two.insert(r, &e).await });
+            (d.await.unwrap(), t.await.unwrap())
+        };
+        match (del, ins) {
+            (Ok(ScopeDeletion::Deleted(_)), Err(StoreError::Conflict(_))) => {}
+            (Ok(ScopeDeletion::InUse(1)), Ok(_)) => {}
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+}
+
 /// Fills a store with one of everything a dump carries.
 async fn populate(s: &dyn Store) {
     for i in 1..=3 {
@@ -809,6 +998,10 @@ async fn populate(s: &dyn Store) {
     s.claim_period("jobs", 10, 10).await.unwrap();
     let gone = s.token("tok_3").await.unwrap().unwrap();
     assert!(s.purge(&gone, &entry("token.purged", &gone)).await.unwrap());
+    insert_scope(s, scope_row("orders:read")).await;
+    let mut scoped = row("tok_4");
+    scoped.scopes = Some(vec!["orders:read".into()]);
+    insert(s, scoped).await;
 }
 
 /// Everything moves, the target takes the store id and the versions, and a second import
@@ -816,19 +1009,24 @@ async fn populate(s: &dyn Store) {
 async fn a_dump_moves_into_an_empty_store(from: &mut Fixture, to: &mut Fixture) {
     populate(from.store()).await;
     let dump = from.store().export().await.unwrap();
-    assert_eq!((dump.tokens.len(), dump.version, dump.horizon), (2, 5, 5));
+    assert_eq!((dump.tokens.len(), dump.version, dump.horizon), (3, 7, 5));
+    assert_eq!((dump.scopes.scopes.len(), dump.scopes.version), (1, 6));
     to.store().import(&dump).await.unwrap();
     to.reopen().await;
     let t = to.store();
     assert_eq!(t.export().await.unwrap(), dump);
     assert_eq!(t.store_id(), from.store().store_id());
-    assert_eq!(t.version().await.unwrap(), 5);
+    assert_eq!(t.version().await.unwrap(), 7);
+    assert_eq!(
+        t.scopes().await.unwrap(),
+        from.store().scopes().await.unwrap()
+    );
     assert_eq!(
         t.changes_since(0, 10).await.unwrap(),
         from.store().changes_since(0, 10).await.unwrap()
     );
     // Both go on from the same point: the next version and the next audit entry.
-    assert_eq!(insert(t, row("tok_9")).await.version, 6);
+    assert_eq!(insert(t, row("tok_9")).await.version, 8);
     let trail = t
         .audit(&AuditQuery {
             limit: 1,
@@ -1227,4 +1425,6 @@ contract!(
     no_poller_misses_a_change_made_through_any_replica,
     a_token_keeps_its_limit_scope,
     fleet_reports_are_shared_and_forgotten,
+    scopes_share_the_version_sequence_and_ride_with_changes,
+    a_scope_deletion_and_a_token_naming_it_never_both_succeed,
 );

@@ -14,7 +14,7 @@ pub use audit::{AuditEntry, AuditQuery, AuditRecord};
 pub use postgres::{redacted, PgSettings, PostgresStore};
 use serde::{Deserialize, Serialize};
 pub use sqlite::SqliteStore;
-use tokengate_wire::{Kind, LimitScope, TokenDemand, UsageEntry};
+use tokengate_wire::{Kind, LimitScope, Rule, TokenDemand, UsageEntry};
 use tokio::sync::watch;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,6 +76,8 @@ pub struct TokenRow {
     pub rotated_at: Option<i64>,
     /// Secrets replaced by a rotation, still honoured until their grace ends.
     pub retired: Vec<RetiredSecret>,
+    /// Names of the scopes the token is limited to; `None`: unrestricted.
+    pub scopes: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -121,6 +123,8 @@ pub struct Changes {
     pub horizon: u64,
     /// Tokens that are not revoked.
     pub live: u64,
+    /// Every scope, when one was created, changed or deleted after the version asked for.
+    pub scopes: Option<ScopeSet>,
 }
 
 /// One page of a full snapshot (tombstones included), by id.
@@ -128,6 +132,38 @@ pub struct Changes {
 pub struct Page {
     pub rows: Vec<TokenRow>,
     pub live: u64,
+    /// Every scope, read with the page.
+    pub scopes: ScopeSet,
+}
+
+/// A scope: a named set of method and path rules. Unix seconds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScopeRow {
+    pub name: String,
+    /// Empty: none.
+    pub description: String,
+    pub rules: Vec<Rule>,
+    pub created_at: i64,
+    pub updated_at: i64,
+    /// The version of its last change, from the same sequence as tokens' changes.
+    pub version: u64,
+}
+
+/// Every scope, by name, with the version of the last scope change (a deletion included; 0
+/// when no scope ever changed).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ScopeSet {
+    pub scopes: Vec<ScopeRow>,
+    pub version: u64,
+}
+
+/// What a scope deletion did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScopeDeletion {
+    /// Deleted at this version.
+    Deleted(u64),
+    /// Refused: this many live (not revoked) tokens still name the scope.
+    InUse(u64),
 }
 
 /// A token whose expiry is near, with the tightest warning lead already issued for that
@@ -213,6 +249,8 @@ pub struct Dump {
     pub outbox: Vec<OutboxRow>,
     /// Periodic job claims: name, last run, runs.
     pub jobs: Vec<(String, i64, u64)>,
+    /// Every scope, and the version of the last scope change.
+    pub scopes: ScopeSet,
 }
 
 /// A proxy as its last fleet report left it.
@@ -293,7 +331,8 @@ pub trait Store: Send + Sync + 'static {
     /// Stops the store's background work and waits for it.
     async fn close(&self) {}
 
-    /// Inserts a new token, taking the next version; `Conflict` on a taken id or hash.
+    /// Inserts a new token, taking the next version; `Conflict` on a taken id or hash, or
+    /// when a scope it names does not exist (checked in the writing transaction).
     async fn insert(&self, row: TokenRow, audit: &AuditRecord) -> Result<TokenRow, StoreError>;
     /// A token by id, tombstones included.
     async fn token(&self, id: &str) -> Result<Option<TokenRow>, StoreError>;
@@ -302,7 +341,8 @@ pub trait Store: Send + Sync + 'static {
     /// Writes `row` over the stored token if that is still at `expected_version`, taking the
     /// next version and appending `audit` in the same transaction; with `raise_horizon`, the
     /// horizon rises to `expected_version` in it too. `Stale` when the token moved on,
-    /// `NotFound` when it is gone. Usage counters are kept as stored.
+    /// `NotFound` when it is gone, `Conflict` when a live token would name a scope that does
+    /// not exist. Usage counters are kept as stored.
     async fn replace(
         &self,
         row: TokenRow,
@@ -332,6 +372,35 @@ pub trait Store: Send + Sync + 'static {
         of: DemandOf<'_>,
         since_ms: i64,
     ) -> Result<Vec<DemandRow>, StoreError>;
+    /// Creates a scope, taking the next version (which also becomes the last scope change's);
+    /// `Conflict` on a taken name.
+    async fn insert_scope(
+        &self,
+        row: ScopeRow,
+        audit: &AuditRecord,
+    ) -> Result<ScopeRow, StoreError>;
+    /// A scope by name.
+    async fn scope(&self, name: &str) -> Result<Option<ScopeRow>, StoreError>;
+    /// Every scope, by name, with the last scope change's version.
+    async fn scopes(&self) -> Result<ScopeSet, StoreError>;
+    /// Writes `row` over the stored scope if that is still at `expected_version`, taking the
+    /// next version; `Stale` when it moved on, `NotFound` when it is gone.
+    async fn replace_scope(
+        &self,
+        row: ScopeRow,
+        expected_version: u64,
+        audit: &AuditRecord,
+    ) -> Result<ScopeRow, StoreError>;
+    /// Deletes the scope if it is still at `expected_version` and no live token names it (both
+    /// checked in the deleting transaction, so that no token can come to name a deleted
+    /// scope), taking the next version. `Stale` when it moved on, `NotFound` when it is gone.
+    async fn delete_scope(
+        &self,
+        name: &str,
+        expected_version: u64,
+        audit: &AuditRecord,
+    ) -> Result<ScopeDeletion, StoreError>;
+
     /// Tokens by id (tombstones included); unknown ids are left out.
     async fn tokens_by_id(&self, ids: &[String]) -> Result<Vec<TokenRow>, StoreError>;
     /// Audit entries, newest first.
@@ -444,4 +513,20 @@ pub fn newer_schema(database: usize, known: usize) -> String {
          (up to version {known}); run a tokengate at least as new as the one that upgraded it",
         env!("CARGO_PKG_VERSION")
     )
+}
+
+/// The refusal of a write that would have a live token name scopes that do not exist (one
+/// was deleted after the domain checked): `wanted` against those `found`.
+pub(crate) fn missing_scopes(wanted: &[String], found: &[String]) -> Option<StoreError> {
+    let missing: Vec<&str> = wanted
+        .iter()
+        .filter(|w| !found.contains(w))
+        .map(String::as_str)
+        .collect();
+    (!missing.is_empty()).then(|| {
+        StoreError::Conflict(format!(
+            "The scope {} was deleted meanwhile; try again.",
+            missing.join(", ")
+        ))
+    })
 }

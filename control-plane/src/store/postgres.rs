@@ -24,8 +24,8 @@
 
 use super::{
     AuditEntry, AuditQuery, AuditRecord, Changes, Delivery, DeliveryOutcome, DemandOf, DemandRow,
-    Dump, Event, Expiring, ListQuery, OutboxRow, Page, ProxySeen, Published, SessionRow, Status,
-    Store, StoreError, TokenRow, WarningRecord,
+    Dump, Event, Expiring, ListQuery, OutboxRow, Page, ProxySeen, Published, ScopeDeletion,
+    ScopeRow, ScopeSet, SessionRow, Status, Store, StoreError, TokenRow, WarningRecord,
 };
 use async_trait::async_trait;
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod};
@@ -146,6 +146,20 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX fleet_demand_by_proxy ON fleet_demand (proxy_id, seen_at_ms);
     CREATE INDEX fleet_demand_by_age ON fleet_demand (seen_at_ms);
 "#,
+    // Scopes, the scopes each token is limited to (NULL: unrestricted), and the version of
+    // the last scope change (a deletion included).
+    r#"
+    CREATE TABLE scopes (
+        name text PRIMARY KEY,
+        description text NOT NULL,
+        rules jsonb NOT NULL,
+        created_at bigint NOT NULL,
+        updated_at bigint NOT NULL,
+        version bigint NOT NULL
+    );
+    ALTER TABLE tokens ADD COLUMN scopes jsonb;
+    ALTER TABLE tokengate_sync ADD COLUMN scopes_version bigint NOT NULL DEFAULT 0;
+"#,
 ];
 
 /// The schema version this binary migrates to.
@@ -159,7 +173,9 @@ const CHANNEL: &str = "tokengate_changes";
 const COLUMNS: &str =
     "id, hash, name, kind, owner, status, max_rps, burst, created_at, updated_at, \
      expires_at, last_used_at, version, requests_allowed, requests_denied, rotated_at, retired, \
-     limit_scope";
+     limit_scope, scopes";
+
+const SCOPE_COLUMNS: &str = "name, description, rules, created_at, updated_at, version";
 
 /// Connection settings beyond the URL.
 #[derive(Debug, Clone, Copy)]
@@ -278,6 +294,7 @@ fn from_row_at(r: &Row, at: usize) -> Result<TokenRow, StoreError> {
     let status = text(5)?;
     let retired: Value = r.try_get(at + 16).map_err(decode)?;
     let scope = text(17)?;
+    let scopes: Option<Value> = r.try_get(at + 18).map_err(decode)?;
     Ok(TokenRow {
         id: text(0)?,
         hash: text(1)?,
@@ -298,7 +315,89 @@ fn from_row_at(r: &Row, at: usize) -> Result<TokenRow, StoreError> {
         requests_denied: int(14)?.max(0) as u64,
         rotated_at: opt(15)?,
         retired: serde_json::from_value(retired).map_err(decode)?,
+        scopes: scopes
+            .map(serde_json::from_value)
+            .transpose()
+            .map_err(decode)?,
     })
+}
+
+/// A scope from `SCOPE_COLUMNS` starting at column `at` of a row.
+fn scope_at(r: &Row, at: usize) -> Result<ScopeRow, StoreError> {
+    let rules: Value = r.try_get(at + 2).map_err(decode)?;
+    Ok(ScopeRow {
+        name: r.try_get(at).map_err(decode)?,
+        description: r.try_get(at + 1).map_err(decode)?,
+        rules: serde_json::from_value(rules).map_err(decode)?,
+        created_at: r.try_get(at + 3).map_err(decode)?,
+        updated_at: r.try_get(at + 4).map_err(decode)?,
+        version: r.try_get::<_, i64>(at + 5).map_err(decode)?.max(0) as u64,
+    })
+}
+
+/// Every scope and the last scope change's version, in one statement (one snapshot).
+async fn scope_set<C: GenericClient + Sync>(c: &C) -> Result<ScopeSet, PgError> {
+    let found = c
+        .query(
+            &format!(
+                "SELECT s.scopes_version, sc.* FROM tokengate_sync s
+                 LEFT JOIN LATERAL (SELECT {SCOPE_COLUMNS} FROM scopes ORDER BY name) sc ON true"
+            ),
+            &[],
+        )
+        .await?;
+    let mut set = ScopeSet::default();
+    for r in &found {
+        set.version = r.get::<_, i64>(0).max(0) as u64;
+        if r.try_get::<_, Option<String>>(1).map_err(decode)?.is_some() {
+            set.scopes.push(scope_at(r, 1)?);
+        }
+    }
+    Ok(set)
+}
+
+fn json(v: &impl serde::Serialize) -> Result<Value, PgError> {
+    serde_json::to_value(v).map_err(|e| PgError::Store(StoreError::Backend(e.to_string())))
+}
+
+fn scopes_json(r: &TokenRow) -> Result<Option<Value>, PgError> {
+    r.scopes.as_ref().map(json).transpose()
+}
+
+/// `Conflict` when a live token would name a scope that is not there (see `Store::insert`).
+/// The scopes it names stay share-locked to the end of the transaction: a deletion waits for
+/// it, and then counts this token among the scope's users.
+async fn check_scopes_exist(
+    tx: &deadpool_postgres::Transaction<'_>,
+    r: &TokenRow,
+) -> Result<(), PgError> {
+    let Some(wanted) = r.scopes.as_ref().filter(|_| r.status != Status::Revoked) else {
+        return Ok(());
+    };
+    let stmt = tx
+        .prepare_cached("SELECT name FROM scopes WHERE name = ANY($1) ORDER BY name FOR SHARE")
+        .await?;
+    let found: Vec<String> = tx
+        .query(&stmt, &[wanted])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    match super::missing_scopes(wanted, &found) {
+        Some(e) => Err(e.into()),
+        None => Ok(()),
+    }
+}
+
+/// Like `next_version`, for a scope change: the version taken is also the last scope
+/// change's.
+fn next_scope_version() -> String {
+    format!(
+        "WITH v AS (
+             UPDATE tokengate_sync SET version = version + 1, scopes_version = version + 1
+             RETURNING version),
+         n AS (SELECT pg_notify('{CHANNEL}', version::text) FROM v)"
+    )
 }
 
 fn rows(rs: &[Row]) -> Result<Vec<TokenRow>, PgError> {
@@ -762,15 +861,17 @@ impl Store for PostgresStore {
         let created = pg!(self, |c| {
             let mut row = row.clone();
             let tx = c.transaction().await?;
+            check_scopes_exist(&tx, &row).await?;
             append_audit(&tx, audit).await?;
             let retired = retired_json(&row)?;
+            let scopes = scopes_json(&row)?;
             // The version doubles as the creation order: it is taken in commit order.
             let stmt = tx
                 .prepare_cached(&format!(
                     "{}
                      INSERT INTO tokens ({COLUMNS}, created_seq)
                      SELECT $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, v.version,
-                            0, 0, $15, $16, $17, v.version
+                            0, 0, $15, $16, $17, $18, v.version
                      FROM v, n RETURNING version",
                     next_version()
                 ))
@@ -796,6 +897,7 @@ impl Store for PostgresStore {
                         &row.rotated_at,
                         &retired,
                         &row.limit_scope.as_str(),
+                        &scopes,
                     ],
                 )
                 .await?
@@ -878,14 +980,16 @@ impl Store for PostgresStore {
             row.requests_allowed = current.get::<_, i64>(1).max(0) as u64;
             row.requests_denied = current.get::<_, i64>(2).max(0) as u64;
             row.last_used_at = current.get(3);
+            check_scopes_exist(&tx, &row).await?;
             append_audit(&tx, audit).await?;
             let retired = retired_json(&row)?;
+            let scopes = scopes_json(&row)?;
             let stmt = tx
                 .prepare_cached(&format!(
                     "{}
                      UPDATE tokens SET hash = $4, name = $5, status = $6, max_rps = $7,
                          burst = $8, updated_at = $9, expires_at = $10, version = v.version,
-                         rotated_at = $11, retired = $12, limit_scope = $13
+                         rotated_at = $11, retired = $12, limit_scope = $13, scopes = $14
                      FROM v, n WHERE id = $3 RETURNING tokens.version",
                     next_version()
                 ))
@@ -907,6 +1011,7 @@ impl Store for PostgresStore {
                         &row.rotated_at,
                         &retired,
                         &row.limit_scope.as_str(),
+                        &scopes,
                     ],
                 )
                 .await?
@@ -1029,6 +1134,164 @@ impl Store for PostgresStore {
         })
     }
 
+    async fn insert_scope(
+        &self,
+        row: ScopeRow,
+        audit: &AuditRecord,
+    ) -> Result<ScopeRow, StoreError> {
+        let created = pg!(self, |c| {
+            let mut row = row.clone();
+            let tx = c.transaction().await?;
+            append_audit(&tx, audit).await?;
+            let stmt = tx
+                .prepare_cached(&format!(
+                    "{}
+                     INSERT INTO scopes ({SCOPE_COLUMNS})
+                     SELECT $1, $2, $3, $4, $5, v.version FROM v, n RETURNING version",
+                    next_scope_version()
+                ))
+                .await?;
+            let version: i64 = tx
+                .query_one(
+                    &stmt,
+                    &[
+                        &row.name,
+                        &row.description,
+                        &json(&row.rules)?,
+                        &row.created_at,
+                        &row.updated_at,
+                    ],
+                )
+                .await?
+                .get(0);
+            tx.commit().await?;
+            row.version = version.max(0) as u64;
+            Ok(row)
+        })?;
+        self.published.publish(created.version);
+        Ok(created)
+    }
+
+    async fn scope(&self, name: &str) -> Result<Option<ScopeRow>, StoreError> {
+        pg!(self, |c| {
+            let stmt = c
+                .prepare_cached(&format!(
+                    "SELECT {SCOPE_COLUMNS} FROM scopes WHERE name = $1"
+                ))
+                .await?;
+            match c.query_opt(&stmt, &[&name]).await? {
+                Some(r) => Ok(Some(scope_at(&r, 0)?)),
+                None => Ok(None),
+            }
+        })
+    }
+
+    async fn scopes(&self) -> Result<ScopeSet, StoreError> {
+        pg!(self, |c| { scope_set(c).await })
+    }
+
+    async fn replace_scope(
+        &self,
+        row: ScopeRow,
+        expected_version: u64,
+        audit: &AuditRecord,
+    ) -> Result<ScopeRow, StoreError> {
+        let written = pg!(self, |c| {
+            let mut row = row.clone();
+            let tx = c.transaction().await?;
+            let Some(current) = tx
+                .query_opt(
+                    "SELECT version FROM scopes WHERE name = $1 FOR UPDATE",
+                    &[&row.name],
+                )
+                .await?
+            else {
+                return Err(StoreError::NotFound.into());
+            };
+            if current.get::<_, i64>(0) as u64 != expected_version {
+                return Err(StoreError::Stale.into());
+            }
+            append_audit(&tx, audit).await?;
+            let stmt = tx
+                .prepare_cached(&format!(
+                    "{}
+                     UPDATE scopes SET description = $2, rules = $3, updated_at = $4,
+                         version = v.version
+                     FROM v, n WHERE name = $1 RETURNING scopes.version",
+                    next_scope_version()
+                ))
+                .await?;
+            let version: i64 = tx
+                .query_one(
+                    &stmt,
+                    &[
+                        &row.name,
+                        &row.description,
+                        &json(&row.rules)?,
+                        &row.updated_at,
+                    ],
+                )
+                .await?
+                .get(0);
+            tx.commit().await?;
+            row.version = version.max(0) as u64;
+            Ok(row)
+        })?;
+        self.published.publish(written.version);
+        Ok(written)
+    }
+
+    async fn delete_scope(
+        &self,
+        name: &str,
+        expected_version: u64,
+        audit: &AuditRecord,
+    ) -> Result<ScopeDeletion, StoreError> {
+        let done = pg!(self, |c| {
+            let tx = c.transaction().await?;
+            // Locked first: a token write naming the scope holds it share-locked until it
+            // commits, so the count below sees that token.
+            let Some(current) = tx
+                .query_opt(
+                    "SELECT version FROM scopes WHERE name = $1 FOR UPDATE",
+                    &[&name],
+                )
+                .await?
+            else {
+                return Err(StoreError::NotFound.into());
+            };
+            if current.get::<_, i64>(0) as u64 != expected_version {
+                return Err(StoreError::Stale.into());
+            }
+            let users: i64 = tx
+                .query_one(
+                    "SELECT count(*) FROM tokens WHERE status <> 'revoked'
+                       AND scopes @> jsonb_build_array($1::text)",
+                    &[&name],
+                )
+                .await?
+                .get(0);
+            if users > 0 {
+                return Ok(ScopeDeletion::InUse(users as u64));
+            }
+            append_audit(&tx, audit).await?;
+            let stmt = tx
+                .prepare_cached(&format!(
+                    "{}
+                     DELETE FROM scopes USING v, n WHERE name = $1 RETURNING v.version",
+                    next_scope_version()
+                ))
+                .await?;
+            let version: i64 = tx.query_one(&stmt, &[&name]).await?.get(0);
+            tx.commit().await?;
+            Ok(ScopeDeletion::Deleted(version.max(0) as u64))
+        })?;
+        if let ScopeDeletion::Deleted(v) = done {
+            self.published.publish(v);
+        }
+        Ok(done)
+    }
+
     async fn tokens_by_id(&self, ids: &[String]) -> Result<Vec<TokenRow>, StoreError> {
         let sql = format!("SELECT {COLUMNS} FROM tokens WHERE id = ANY($1) ORDER BY id");
         self.token_rows(&sql, &[&ids]).await
@@ -1124,27 +1387,49 @@ impl Store for PostgresStore {
         // One statement, so one snapshot, for the rows, the horizon and the count: one round
         // trip per read (the feed makes one per version for every poll it wakes).
         let sql = format!(
-            "SELECT s.horizon, c.live, t.* FROM
-                 (SELECT horizon FROM tokengate_sync) s
+            "SELECT s.horizon, c.live, s.scopes_version, t.* FROM
+                 (SELECT horizon, scopes_version FROM tokengate_sync) s
                  CROSS JOIN (SELECT count(*) AS live FROM tokens WHERE status <> 'revoked') c
                  LEFT JOIN LATERAL (SELECT {COLUMNS} FROM tokens WHERE version > $1
                                     ORDER BY version LIMIT $2) t ON true"
         );
-        pg!(self, |c| {
-            let stmt = c.prepare_cached(&sql).await?;
-            let found = c.query(&stmt, &[&clamp(since), &i64::from(limit)]).await?;
+        let read = |found: &[Row]| -> Result<(Changes, u64), StoreError> {
             let mut changes = Changes {
                 rows: Vec::with_capacity(found.len()),
                 horizon: 0,
                 live: 0,
+                scopes: None,
             };
-            for r in &found {
+            let mut scopes_version = 0;
+            for r in found {
                 changes.horizon = r.get::<_, i64>(0).max(0) as u64;
                 changes.live = r.get::<_, i64>(1).max(0) as u64;
-                if r.try_get::<_, Option<String>>(2).map_err(decode)?.is_some() {
-                    changes.rows.push(from_row_at(r, 2)?);
+                scopes_version = r.get::<_, i64>(2).max(0) as u64;
+                if r.try_get::<_, Option<String>>(3).map_err(decode)?.is_some() {
+                    changes.rows.push(from_row_at(r, 3)?);
                 }
             }
+            Ok((changes, scopes_version))
+        };
+        pg!(self, |c| {
+            let stmt = c.prepare_cached(&sql).await?;
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] =
+                [&clamp(since), &i64::from(limit)];
+            let (changes, scopes_version) = read(&c.query(&stmt, &params).await?)?;
+            if scopes_version <= since {
+                return Ok(changes);
+            }
+            // A scope changed (rarely so): read again with the scopes in one snapshot, so
+            // that the answer's version never passes a token change it does not hold.
+            let tx = c
+                .build_transaction()
+                .isolation_level(IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
+                .await?;
+            let (mut changes, _) = read(&tx.query(&stmt, &params).await?)?;
+            changes.scopes = Some(scope_set(&tx).await?);
+            tx.commit().await?;
             Ok(changes)
         })
     }
@@ -1163,6 +1448,7 @@ impl Store for PostgresStore {
             let mut page = Page {
                 rows: Vec::with_capacity(found.len()),
                 live: 0,
+                scopes: scope_set(c).await?,
             };
             for r in &found {
                 page.live = r.get::<_, i64>(0).max(0) as u64;
@@ -1216,7 +1502,7 @@ impl Store for PostgresStore {
                 .map(|r| {
                     Ok(Expiring {
                         token: from_row(r)?,
-                        warned_lead: r.try_get(18).map_err(decode)?,
+                        warned_lead: r.try_get(19).map_err(decode)?,
                     })
                 })
                 .collect()
@@ -1466,7 +1752,7 @@ impl Store for PostgresStore {
                 )
                 .await?
                 .iter()
-                .map(|r| Ok((from_row(r)?, r.try_get::<_, i64>(18).map_err(decode)?)))
+                .map(|r| Ok((from_row(r)?, r.try_get::<_, i64>(19).map_err(decode)?)))
                 .collect::<Result<Vec<_>, StoreError>>()?;
             let audit = tx
                 .query(
@@ -1536,6 +1822,7 @@ impl Store for PostgresStore {
             let sync = tx
                 .query_one("SELECT version, horizon FROM tokengate_sync", &[])
                 .await?;
+            let scopes = scope_set(&tx).await?;
             tx.commit().await?;
             Ok(Dump {
                 store_id: store_id.clone(),
@@ -1546,6 +1833,7 @@ impl Store for PostgresStore {
                 warnings,
                 outbox,
                 jobs,
+                scopes,
             })
         })
     }
@@ -1560,7 +1848,8 @@ impl Store for PostgresStore {
                 .get(0);
             let used: i64 = tx
                 .query_one(
-                    "SELECT (SELECT count(*) FROM tokens) + (SELECT count(*) FROM audit)",
+                    "SELECT (SELECT count(*) FROM tokens) + (SELECT count(*) FROM audit)
+                          + (SELECT count(*) FROM scopes)",
                     &[],
                 )
                 .await?
@@ -1575,7 +1864,7 @@ impl Store for PostgresStore {
                 .prepare(&format!(
                     "INSERT INTO tokens ({COLUMNS}, created_seq) VALUES
                      ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,
-                      $17, $18, $19)"
+                      $17, $18, $19, $20)"
                 ))
                 .await?;
             for (r, created_seq) in &dump.tokens {
@@ -1600,6 +1889,7 @@ impl Store for PostgresStore {
                         &r.rotated_at,
                         &retired_json(r)?,
                         &r.limit_scope.as_str(),
+                        &scopes_json(r)?,
                         created_seq,
                     ],
                 )
@@ -1672,9 +1962,29 @@ impl Store for PostgresStore {
                                GREATEST((SELECT max(id) FROM outbox), 1));",
             )
             .await?;
+            for sc in &dump.scopes.scopes {
+                tx.execute(
+                    &format!(
+                        "INSERT INTO scopes ({SCOPE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6)"
+                    ),
+                    &[
+                        &sc.name,
+                        &sc.description,
+                        &json(&sc.rules)?,
+                        &sc.created_at,
+                        &sc.updated_at,
+                        &clamp(sc.version),
+                    ],
+                )
+                .await?;
+            }
             tx.execute(
-                "UPDATE tokengate_sync SET version = $1, horizon = $2",
-                &[&clamp(dump.version), &clamp(dump.horizon)],
+                "UPDATE tokengate_sync SET version = $1, horizon = $2, scopes_version = $3",
+                &[
+                    &clamp(dump.version),
+                    &clamp(dump.horizon),
+                    &clamp(dump.scopes.version),
+                ],
             )
             .await?;
             tx.execute(

@@ -4,8 +4,8 @@
 
 use super::{
     AuditEntry, AuditQuery, AuditRecord, Changes, Delivery, DeliveryOutcome, DemandOf, DemandRow,
-    Dump, Event, Expiring, ListQuery, OutboxRow, Page, ProxySeen, Published, SessionRow, Status,
-    Store, StoreError, TokenRow, WarningRecord,
+    Dump, Event, Expiring, ListQuery, OutboxRow, Page, ProxySeen, Published, ScopeDeletion,
+    ScopeRow, ScopeSet, SessionRow, Status, Store, StoreError, TokenRow, WarningRecord,
 };
 use async_trait::async_trait;
 use rand::distributions::{Alphanumeric, DistString};
@@ -121,6 +121,19 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX fleet_demand_by_proxy ON fleet_demand(proxy_id, seen_at_ms);
     CREATE INDEX fleet_demand_by_age ON fleet_demand(seen_at_ms);
     "#,
+    // Scopes, and the scopes each token is limited to (a JSON array; NULL: unrestricted).
+    // The last scope change's version is `meta.scopes_version`.
+    r#"
+    CREATE TABLE scopes (
+        name TEXT PRIMARY KEY,
+        description TEXT NOT NULL,
+        rules TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        version INTEGER NOT NULL
+    );
+    ALTER TABLE tokens ADD COLUMN scopes TEXT;
+    "#,
 ];
 
 /// The schema version this binary migrates to.
@@ -129,7 +142,9 @@ pub const SCHEMA_VERSION: usize = MIGRATIONS.len();
 const COLUMNS: &str =
     "id, hash, name, kind, owner, status, max_rps, burst, created_at, updated_at, \
      expires_at, last_used_at, version, requests_allowed, requests_denied, rotated_at, retired, \
-     limit_scope";
+     limit_scope, scopes";
+
+const SCOPE_COLUMNS: &str = "name, description, rules, created_at, updated_at, version";
 
 struct Inner {
     conn: Mutex<Connection>,
@@ -158,6 +173,7 @@ fn from_row(r: &Row<'_>) -> rusqlite::Result<TokenRow> {
     let status: String = r.get(5)?;
     let retired: String = r.get(16)?;
     let scope: String = r.get(17)?;
+    let scopes: Option<String> = r.get(18)?;
     Ok(TokenRow {
         id: r.get(0)?,
         hash: r.get(1)?,
@@ -177,7 +193,77 @@ fn from_row(r: &Row<'_>) -> rusqlite::Result<TokenRow> {
         requests_denied: r.get::<_, i64>(14)?.max(0) as u64,
         rotated_at: r.get(15)?,
         retired: serde_json::from_str(&retired).map_err(|_| conversion("retired", &retired))?,
+        scopes: scopes
+            .map(|s| serde_json::from_str(&s).map_err(|_| conversion("scopes", &s)))
+            .transpose()?,
     })
+}
+
+fn scope_from_row(r: &Row<'_>) -> rusqlite::Result<ScopeRow> {
+    let rules: String = r.get(2)?;
+    Ok(ScopeRow {
+        name: r.get(0)?,
+        description: r.get(1)?,
+        rules: serde_json::from_str(&rules).map_err(|_| conversion("rules", &rules))?,
+        created_at: r.get(3)?,
+        updated_at: r.get(4)?,
+        version: r.get::<_, i64>(5)?.max(0) as u64,
+    })
+}
+
+fn to_text<T: serde::Serialize>(v: &T) -> rusqlite::Result<String> {
+    serde_json::to_string(v).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
+}
+
+fn scopes_text(r: &TokenRow) -> rusqlite::Result<Option<String>> {
+    r.scopes.as_ref().map(to_text).transpose()
+}
+
+fn scope_set(c: &Connection) -> rusqlite::Result<ScopeSet> {
+    let mut stmt =
+        c.prepare_cached(&format!("SELECT {SCOPE_COLUMNS} FROM scopes ORDER BY name"))?;
+    let scopes = stmt
+        .query_map([], scope_from_row)?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(ScopeSet {
+        scopes,
+        version: meta_number(c, "scopes_version")?,
+    })
+}
+
+/// `Conflict` when a live token would name a scope that is not there (see `Store::insert`).
+fn check_scopes_exist(
+    tx: &Transaction<'_>,
+    r: &TokenRow,
+) -> rusqlite::Result<Result<(), StoreError>> {
+    let Some(wanted) = r.scopes.as_ref().filter(|_| r.status != Status::Revoked) else {
+        return Ok(Ok(()));
+    };
+    let mut stmt = tx.prepare_cached(
+        "SELECT name FROM scopes WHERE name IN (SELECT value FROM json_each(?1))",
+    )?;
+    let found = stmt
+        .query_map([to_text(wanted)?], |r| r.get::<_, String>(0))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(super::missing_scopes(wanted, &found).map_or(Ok(()), Err))
+}
+
+/// Live tokens naming the scope.
+fn scope_users(c: &Connection, name: &str) -> rusqlite::Result<u64> {
+    c.query_row(
+        "SELECT count(*) FROM tokens WHERE status != 'revoked' AND scopes IS NOT NULL
+           AND EXISTS (SELECT 1 FROM json_each(tokens.scopes) WHERE value = ?1)",
+        [name],
+        |r| r.get::<_, i64>(0),
+    )
+    .map(|n| n.max(0) as u64)
+}
+
+/// Takes the next version for a scope change, which also becomes the last scope change's.
+fn next_scope_version(tx: &Transaction<'_>) -> rusqlite::Result<u64> {
+    let v = next_version(tx)?;
+    set_meta(tx, "scopes_version", v)?;
+    Ok(v)
 }
 
 fn json_column(v: Option<String>) -> Option<Value> {
@@ -404,11 +490,14 @@ impl Store for SqliteStore {
         self.with(move |c, published| {
             let mut row = row;
             let tx = c.transaction()?;
+            if let Err(e) = check_scopes_exist(&tx, &row)? {
+                return Ok(Err(e));
+            }
             row.version = next_version(&tx)?;
             let sql = format!(
                 "INSERT INTO tokens ({COLUMNS}, created_seq)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, 0, 0, ?14, ?15,
-                         ?16, (SELECT COALESCE(MAX(created_seq), 0) + 1 FROM tokens))"
+                         ?16, ?17, (SELECT COALESCE(MAX(created_seq), 0) + 1 FROM tokens))"
             );
             tx.execute(
                 &sql,
@@ -428,15 +517,16 @@ impl Store for SqliteStore {
                     row.version as i64,
                     row.rotated_at,
                     retired_text(&row)?,
-                    row.limit_scope.as_str()
+                    row.limit_scope.as_str(),
+                    scopes_text(&row)?
                 ],
             )?;
             append_audit(&tx, &audit)?;
             tx.commit()?;
             published.publish(row.version);
-            Ok(row)
+            Ok(Ok(row))
         })
-        .await
+        .await?
     }
 
     async fn token(&self, id: &str) -> Result<Option<TokenRow>, StoreError> {
@@ -502,6 +592,9 @@ impl Store for SqliteStore {
                 Some(v) if v as u64 != expected_version => return Ok(Err(StoreError::Stale)),
                 Some(_) => {}
             }
+            if let Err(e) = check_scopes_exist(&tx, &row)? {
+                return Ok(Err(e));
+            }
             row.version = next_version(&tx)?;
             if raise_horizon {
                 let horizon = meta_number(&tx, "horizon")?.max(expected_version);
@@ -510,7 +603,7 @@ impl Store for SqliteStore {
             tx.execute(
                 "UPDATE tokens SET hash = ?2, name = ?3, status = ?4, max_rps = ?5,
                          burst = ?6, updated_at = ?7, expires_at = ?8, version = ?9,
-                         rotated_at = ?10, retired = ?11, limit_scope = ?12
+                         rotated_at = ?10, retired = ?11, limit_scope = ?12, scopes = ?13
                      WHERE id = ?1",
                 params![
                     row.id,
@@ -524,7 +617,8 @@ impl Store for SqliteStore {
                     row.version as i64,
                     row.rotated_at,
                     retired_text(&row)?,
-                    row.limit_scope.as_str()
+                    row.limit_scope.as_str(),
+                    scopes_text(&row)?
                 ],
             )?;
             append_audit(&tx, &audit)?;
@@ -676,6 +770,133 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn insert_scope(
+        &self,
+        row: ScopeRow,
+        audit: &AuditRecord,
+    ) -> Result<ScopeRow, StoreError> {
+        let audit = audit.clone();
+        self.with(move |c, published| {
+            let mut row = row;
+            let tx = c.transaction()?;
+            row.version = next_scope_version(&tx)?;
+            tx.execute(
+                &format!("INSERT INTO scopes ({SCOPE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"),
+                params![
+                    row.name,
+                    row.description,
+                    to_text(&row.rules)?,
+                    row.created_at,
+                    row.updated_at,
+                    clamp(row.version)
+                ],
+            )?;
+            append_audit(&tx, &audit)?;
+            tx.commit()?;
+            published.publish(row.version);
+            Ok(row)
+        })
+        .await
+    }
+
+    async fn scope(&self, name: &str) -> Result<Option<ScopeRow>, StoreError> {
+        let name = name.to_string();
+        self.with(move |c, _| {
+            c.query_row(
+                &format!("SELECT {SCOPE_COLUMNS} FROM scopes WHERE name = ?1"),
+                [&name],
+                scope_from_row,
+            )
+            .optional()
+        })
+        .await
+    }
+
+    async fn scopes(&self) -> Result<ScopeSet, StoreError> {
+        self.with(|c, _| {
+            let tx = c.transaction()?;
+            let set = scope_set(&tx)?;
+            tx.commit()?;
+            Ok(set)
+        })
+        .await
+    }
+
+    async fn replace_scope(
+        &self,
+        row: ScopeRow,
+        expected_version: u64,
+        audit: &AuditRecord,
+    ) -> Result<ScopeRow, StoreError> {
+        let audit = audit.clone();
+        self.with(move |c, published| {
+            let mut row = row;
+            let tx = c.transaction()?;
+            let current: Option<i64> = tx
+                .query_row(
+                    "SELECT version FROM scopes WHERE name = ?1",
+                    [&row.name],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            match current {
+                None => return Ok(Err(StoreError::NotFound)),
+                Some(v) if v as u64 != expected_version => return Ok(Err(StoreError::Stale)),
+                Some(_) => {}
+            }
+            row.version = next_scope_version(&tx)?;
+            tx.execute(
+                "UPDATE scopes SET description = ?2, rules = ?3, updated_at = ?4, version = ?5
+                 WHERE name = ?1",
+                params![
+                    row.name,
+                    row.description,
+                    to_text(&row.rules)?,
+                    row.updated_at,
+                    clamp(row.version)
+                ],
+            )?;
+            append_audit(&tx, &audit)?;
+            tx.commit()?;
+            published.publish(row.version);
+            Ok(Ok(row))
+        })
+        .await?
+    }
+
+    async fn delete_scope(
+        &self,
+        name: &str,
+        expected_version: u64,
+        audit: &AuditRecord,
+    ) -> Result<ScopeDeletion, StoreError> {
+        let (name, audit) = (name.to_string(), audit.clone());
+        self.with(move |c, published| {
+            let tx = c.transaction()?;
+            let current: Option<i64> = tx
+                .query_row("SELECT version FROM scopes WHERE name = ?1", [&name], |r| {
+                    r.get(0)
+                })
+                .optional()?;
+            match current {
+                None => return Ok(Err(StoreError::NotFound)),
+                Some(v) if v as u64 != expected_version => return Ok(Err(StoreError::Stale)),
+                Some(_) => {}
+            }
+            let users = scope_users(&tx, &name)?;
+            if users > 0 {
+                return Ok(Ok(ScopeDeletion::InUse(users)));
+            }
+            let version = next_scope_version(&tx)?;
+            tx.execute("DELETE FROM scopes WHERE name = ?1", [&name])?;
+            append_audit(&tx, &audit)?;
+            tx.commit()?;
+            published.publish(version);
+            Ok(Ok(ScopeDeletion::Deleted(version)))
+        })
+        .await?
+    }
+
     async fn tokens_by_id(&self, ids: &[String]) -> Result<Vec<TokenRow>, StoreError> {
         let ids = serde_json::to_string(ids).map_err(backend)?;
         let sql = format!(
@@ -720,10 +941,16 @@ impl Store for SqliteStore {
                 ),
                 &[&clamp(since), &limit],
             )?;
+            let scopes = if meta_number(&tx, "scopes_version")? > since {
+                Some(scope_set(&tx)?)
+            } else {
+                None
+            };
             let changes = Changes {
                 rows,
                 horizon: meta_number(&tx, "horizon")?,
                 live: live_count(&tx)?,
+                scopes,
             };
             tx.commit()?;
             Ok(changes)
@@ -745,6 +972,7 @@ impl Store for SqliteStore {
             let page = Page {
                 rows,
                 live: live_count(&tx)?,
+                scopes: scope_set(&tx)?,
             };
             tx.commit()?;
             Ok(page)
@@ -1038,7 +1266,7 @@ impl Store for SqliteStore {
                 "SELECT {COLUMNS}, coalesce(created_seq, 0) FROM tokens ORDER BY id"
             ))?;
             let tokens = stmt
-                .query_map([], |r| Ok((from_row(r)?, r.get::<_, i64>(18)?)))?
+                .query_map([], |r| Ok((from_row(r)?, r.get::<_, i64>(19)?)))?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             drop(stmt);
             let mut stmt = tx.prepare(
@@ -1101,6 +1329,7 @@ impl Store for SqliteStore {
                 warnings,
                 outbox,
                 jobs,
+                scopes: scope_set(&tx)?,
             };
             tx.commit()?;
             Ok(dump)
@@ -1113,7 +1342,8 @@ impl Store for SqliteStore {
         self.with(move |c, published| {
             let tx = c.transaction()?;
             let used: i64 = tx.query_row(
-                "SELECT (SELECT count(*) FROM tokens) + (SELECT count(*) FROM audit)",
+                "SELECT (SELECT count(*) FROM tokens) + (SELECT count(*) FROM audit)
+                      + (SELECT count(*) FROM scopes)",
                 [],
                 |r| r.get(0),
             )?;
@@ -1127,7 +1357,7 @@ impl Store for SqliteStore {
                     &format!(
                         "INSERT INTO tokens ({COLUMNS}, created_seq) VALUES
                          (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
-                          ?17, ?18, ?19)"
+                          ?17, ?18, ?19, ?20)"
                     ),
                     params![
                         r.id,
@@ -1148,6 +1378,7 @@ impl Store for SqliteStore {
                         r.rotated_at,
                         retired_text(r)?,
                         r.limit_scope.as_str(),
+                        scopes_text(r)?,
                         created_seq
                     ],
                 )?;
@@ -1201,8 +1432,22 @@ impl Store for SqliteStore {
                     params![name, last_run, clamp(*runs)],
                 )?;
             }
+            for sc in &dump.scopes.scopes {
+                tx.execute(
+                    &format!("INSERT INTO scopes ({SCOPE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"),
+                    params![
+                        sc.name,
+                        sc.description,
+                        to_text(&sc.rules)?,
+                        sc.created_at,
+                        sc.updated_at,
+                        clamp(sc.version)
+                    ],
+                )?;
+            }
             set_meta(&tx, "version", dump.version)?;
             set_meta(&tx, "horizon", dump.horizon)?;
+            set_meta(&tx, "scopes_version", dump.scopes.version)?;
             tx.execute(
                 "UPDATE meta SET value = ?1 WHERE key = 'store_id'",
                 [&dump.store_id],
