@@ -219,7 +219,15 @@ pub fn authorize<S: SharedStore + ?Sized>(
         method: Some(b"GET"),
         path: Some(b"/"),
     };
-    judge(cfg, store, &ScopeCache::new(), credential, now_nanos, || target).outcome
+    judge(
+        cfg,
+        store,
+        &ScopeCache::new(),
+        credential,
+        now_nanos,
+        || target,
+    )
+    .outcome
 }
 
 /// The decision on a request that presented `credential` at `now_nanos`, also telling which
@@ -468,17 +476,38 @@ mod tests {
             r.status = SyncStatus::Suspended;
             r.id = "tok_2".into();
         });
-        let v = judge(&cfg(), &s, &ScopeCache::new(), Some(ok.as_bytes()), NOW, Target::default);
+        let v = judge(
+            &cfg(),
+            &s,
+            &ScopeCache::new(),
+            Some(ok.as_bytes()),
+            NOW,
+            Target::default,
+        );
         assert_eq!(v.outcome, Outcome::Allow);
         let seen = v.token.unwrap();
         assert_eq!(
             (seen.id(), seen.expires_at),
             (&b"tok_1"[..], Some(1_800_003_600))
         );
-        let v = judge(&cfg(), &s, &ScopeCache::new(), Some(sus.as_bytes()), NOW, Target::default);
+        let v = judge(
+            &cfg(),
+            &s,
+            &ScopeCache::new(),
+            Some(sus.as_bytes()),
+            NOW,
+            Target::default,
+        );
         assert_eq!(v.outcome, Outcome::Deny(Denial::TokenSuspended));
         assert_eq!(v.token.unwrap().id(), b"tok_2");
-        let unknown = judge(&cfg(), &s, &ScopeCache::new(), Some(secret('z').as_bytes()), NOW, Target::default);
+        let unknown = judge(
+            &cfg(),
+            &s,
+            &ScopeCache::new(),
+            Some(secret('z').as_bytes()),
+            NOW,
+            Target::default,
+        );
         assert_eq!(unknown.outcome, Outcome::Deny(Denial::InvalidToken));
         assert!(unknown.token.is_none());
     }
@@ -625,7 +654,14 @@ mod tests {
             r.kind = Kind::Service;
             r.expires_at = Some((NOW / 1_000_000_000) as i64 + 1);
         });
-        let v = judge(&cfg(), &s, &ScopeCache::new(), Some(t.as_bytes()), NOW, Target::default);
+        let v = judge(
+            &cfg(),
+            &s,
+            &ScopeCache::new(),
+            Some(t.as_bytes()),
+            NOW,
+            Target::default,
+        );
         assert_eq!(v.outcome, Outcome::Allow);
         let token = v.token.unwrap();
         assert_eq!(
@@ -719,7 +755,13 @@ mod tests {
             .unwrap();
     }
 
-    fn asked(s: &MemStore, cache: &ScopeCache, t: &str, method: &str, path: &str) -> Verdict<Vec<u8>> {
+    fn asked(
+        s: &MemStore,
+        cache: &ScopeCache,
+        t: &str,
+        method: &str,
+        path: &str,
+    ) -> Verdict<Vec<u8>> {
         let target = Target {
             method: Some(method.as_bytes()),
             path: Some(path.as_bytes()),
@@ -734,7 +776,10 @@ mod tests {
         let cache = ScopeCache::new();
         let t = secret('g');
         put(&s, &t, 1, |r| r.scopes = Some(vec!["orders:read".into()]));
-        assert_eq!(asked(&s, &cache, &t, "GET", "/orders/1").outcome, Outcome::Allow);
+        assert_eq!(
+            asked(&s, &cache, &t, "GET", "/orders/1").outcome,
+            Outcome::Allow
+        );
         let v = asked(&s, &cache, &t, "POST", "/orders");
         assert_eq!(v.outcome, Outcome::Deny(Denial::InsufficientScope));
         assert_eq!(v.needed_scopes.as_deref(), Some("orders:write"));
@@ -742,7 +787,12 @@ mod tests {
         let v = asked(&s, &cache, &t, "GET", "/admin");
         assert_eq!(v.outcome, Outcome::Deny(Denial::InsufficientScope));
         assert_eq!(v.needed_scopes, None, "no scope covers it");
-        for p in ["/orders/../admin", "//orders", "/orders/%2e%2e/x", "/ORDERS"] {
+        for p in [
+            "/orders/../admin",
+            "//orders",
+            "/orders/%2e%2e/x",
+            "/ORDERS",
+        ] {
             assert_eq!(
                 asked(&s, &cache, &t, "GET", p).outcome,
                 Outcome::Deny(Denial::InsufficientScope),

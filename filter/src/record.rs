@@ -484,7 +484,9 @@ pub fn scopes_stamp(buf: &[u8]) -> Option<ScopeStamp> {
 /// Decodes a scope set; `None` for anything malformed.
 pub fn decode_scopes(buf: &[u8]) -> Option<ScopeSetRecord> {
     let stamp = scopes_stamp(buf)?;
-    let mut r = Reader { buf: buf.get(13..)? };
+    let mut r = Reader {
+        buf: buf.get(13..)?,
+    };
     let text = |r: &mut Reader<'_>| String::from_utf8(r.bytes()?.to_vec()).ok();
     let count = r.u16()?;
     let mut scopes = Vec::with_capacity(usize::from(count));

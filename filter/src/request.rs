@@ -66,8 +66,7 @@ fn forward_upstream<H: RequestHeaders, V: AsRef<[u8]>>(
     // A scoped token's header is replaced by setting it; otherwise any copy goes.
     let keep_scopes = scopes.is_some();
     headers.remove_where(&|name| {
-        forward::to_remove(cfg, name, &ids.names)
-            && !(keep_scopes && name == ids.scopes.as_bytes())
+        forward::to_remove(cfg, name, &ids.names) && !(keep_scopes && name == ids.scopes.as_bytes())
     })?;
     if let Some(names) = scopes {
         // Room for the most names a token carries at their longest: no allocation.
@@ -342,7 +341,15 @@ mod tests {
         usage: impl FnOnce(&[u8], bool, i64),
     ) -> (Reply, Counter) {
         let usage = |c: Counted<'_>| usage(c.id, c.allowed, c.at);
-        let handled = handle(c, &IdentityHeaders::new(c), s, &ScopeCache::new(), h, now, usage);
+        let handled = handle(
+            c,
+            &IdentityHeaders::new(c),
+            s,
+            &ScopeCache::new(),
+            h,
+            now,
+            usage,
+        );
         (handled.reply, handled.counter)
     }
 
@@ -530,7 +537,15 @@ mod tests {
     fn a_request_whose_headers_cannot_be_edited_is_refused() {
         let (c, (s, secret)) = (cfg(), setup(|_| {}));
         let mut h = headers(&[("x-api-token", &secret), ("refuse-edits", "1")]);
-        let handled = handle(&c, &IdentityHeaders::new(&c), &s, &ScopeCache::new(), &mut h, NOW, |_| {});
+        let handled = handle(
+            &c,
+            &IdentityHeaders::new(&c),
+            &s,
+            &ScopeCache::new(),
+            &mut h,
+            NOW,
+            |_| {},
+        );
         assert_eq!(
             (handled.reply, handled.counter),
             (
@@ -626,7 +641,15 @@ mod tests {
             ("x-tokengate-scopes", "admin"),
             ("x_tokengate_scopes", "admin"),
         ]);
-        let handled = handle(&c, &IdentityHeaders::new(&c), &s, &cache, &mut h, NOW, |_| {});
+        let handled = handle(
+            &c,
+            &IdentityHeaders::new(&c),
+            &s,
+            &cache,
+            &mut h,
+            NOW,
+            |_| {},
+        );
         assert_eq!(handled.reply, Reply::Allow { expires_at: None });
         assert_eq!(
             h.0.get("x-tokengate-scopes").map(Vec::as_slice),
@@ -642,9 +665,22 @@ mod tests {
             ("x-tokengate-scopes", "admin"),
             ("X-Tokengate-Scopes", "admin"),
         ]);
-        let handled = handle(&c, &IdentityHeaders::new(&c), &s, &cache, &mut h, NOW, |_| {});
+        let handled = handle(
+            &c,
+            &IdentityHeaders::new(&c),
+            &s,
+            &cache,
+            &mut h,
+            NOW,
+            |_| {},
+        );
         assert_eq!(handled.reply, Reply::Allow { expires_at: None });
-        assert!(h.0.keys().all(|k| !k.to_ascii_lowercase().contains("scopes")), "{:?}", h.0.keys());
+        assert!(
+            h.0.keys()
+                .all(|k| !k.to_ascii_lowercase().contains("scopes")),
+            "{:?}",
+            h.0.keys()
+        );
     }
 
     #[test]
@@ -652,8 +688,20 @@ mod tests {
         let c = cfg();
         let cache = ScopeCache::new();
         let (s, secret) = scoped_setup(Some(vec![]));
-        let mut h = headers(&[("x-api-token", &secret), (":method", "GET"), (":path", "/orders")]);
-        let handled = handle(&c, &IdentityHeaders::new(&c), &s, &cache, &mut h, NOW, |_| {});
+        let mut h = headers(&[
+            ("x-api-token", &secret),
+            (":method", "GET"),
+            (":path", "/orders"),
+        ]);
+        let handled = handle(
+            &c,
+            &IdentityHeaders::new(&c),
+            &s,
+            &cache,
+            &mut h,
+            NOW,
+            |_| {},
+        );
         assert_eq!(handled.counter, Counter::InsufficientScope);
         let Reply::Refuse {
             denial,

@@ -50,7 +50,12 @@ impl ScopeSet {
 
     /// Whether one of `names` covers the request. `path` is `None` for a path that
     /// [`RequestPath::parse`] refused: nothing covers it.
-    fn covers(&self, names: ScopeNames<'_>, method: &[u8], path: Option<&RequestPath<'_>>) -> Cover {
+    fn covers(
+        &self,
+        names: ScopeNames<'_>,
+        method: &[u8],
+        path: Option<&RequestPath<'_>>,
+    ) -> Cover {
         let Some(path) = path else {
             return Cover::No { unknown: false };
         };
@@ -98,7 +103,9 @@ impl ScopeSet {
 enum Cover {
     Yes,
     /// `unknown`: one of the token's names is not in the set.
-    No { unknown: bool },
+    No {
+        unknown: bool,
+    },
 }
 
 /// What a scoped token's request gets.
@@ -106,7 +113,9 @@ enum Cover {
 pub enum Scoped {
     Allowed,
     /// Refused; the known scopes that would cover the request, for the refusal's challenge.
-    Refused { needed: Option<String> },
+    Refused {
+        needed: Option<String>,
+    },
 }
 
 /// What a request knows when it asks: the state it read and whether its token record is
@@ -141,7 +150,10 @@ impl ScopeCache {
 
     /// How many times this cache compiled a scope set.
     pub fn compilations(&self) -> u64 {
-        *self.compilations.lock().unwrap_or_else(PoisonError::into_inner)
+        *self
+            .compilations
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Loads the stored set into `slot` unless it holds that one already. A set that cannot
@@ -185,10 +197,9 @@ impl ScopeCache {
             self.load(store, &mut slot, seen.stamp);
         }
         let covers = |slot: &Option<Slot>| {
-            slot.as_ref()
-                .map_or(Cover::No { unknown: true }, |s| {
-                    s.set.covers(names, method, path.as_ref())
-                })
+            slot.as_ref().map_or(Cover::No { unknown: true }, |s| {
+                s.set.covers(names, method, path.as_ref())
+            })
         };
         let mut cover = covers(&slot);
         if cover == (Cover::No { unknown: true }) && seen.token_newer {
@@ -248,22 +259,40 @@ mod tests {
 
     fn put(store: &MemStore, at: ScopeStamp, scopes: &[SyncScope]) {
         use crate::store::SharedStore;
-        store.set(SCOPES_KEY, &encode_scopes(at, scopes), 0).unwrap();
+        store
+            .set(SCOPES_KEY, &encode_scopes(at, scopes), 0)
+            .unwrap();
     }
 
-    fn ask(cache: &ScopeCache, store: &MemStore, at: ScopeStamp, token: &[&str], m: &str, p: &str) -> Scoped {
+    fn ask(
+        cache: &ScopeCache,
+        store: &MemStore,
+        at: ScopeStamp,
+        token: &[&str],
+        m: &str,
+        p: &str,
+    ) -> Scoped {
         let (count, raw) = names(token);
         let seen = Seen {
             stamp: at,
             token_newer: false,
         };
-        cache.judge(store, seen, ScopeNames::from_raw(count, &raw), m.as_bytes(), p.as_bytes())
+        cache.judge(
+            store,
+            seen,
+            ScopeNames::from_raw(count, &raw),
+            m.as_bytes(),
+            p.as_bytes(),
+        )
     }
 
     fn standard() -> Vec<SyncScope> {
         vec![
             scope("orders:read", &[(Some(&["GET", "HEAD"]), "/orders/**")]),
-            scope("orders:write", &[(Some(&["POST"]), "/orders"), (None, "/orders/*")]),
+            scope(
+                "orders:write",
+                &[(Some(&["POST"]), "/orders"), (None, "/orders/*")],
+            ),
             scope("admin", &[(None, "/**")]),
         ]
     }
@@ -276,7 +305,10 @@ mod tests {
         let c = ScopeCache::new();
         let read = ["orders:read"];
         assert_eq!(ask(&c, &s, at, &read, "GET", "/orders/7"), Scoped::Allowed);
-        assert_eq!(ask(&c, &s, at, &read, "GET", "/orders?x=1"), Scoped::Allowed);
+        assert_eq!(
+            ask(&c, &s, at, &read, "GET", "/orders?x=1"),
+            Scoped::Allowed
+        );
         assert_eq!(
             ask(&c, &s, at, &read, "POST", "/orders"),
             Scoped::Refused {
@@ -290,11 +322,24 @@ mod tests {
             }
         );
         assert_eq!(
-            ask(&c, &s, at, &["orders:read", "orders:write"], "DELETE", "/orders/7"),
+            ask(
+                &c,
+                &s,
+                at,
+                &["orders:read", "orders:write"],
+                "DELETE",
+                "/orders/7"
+            ),
             Scoped::Allowed
         );
         // Ambiguous paths: nothing covers them, not even `/**`; no scope to suggest.
-        for p in ["/orders/../admin", "//orders", "/orders/%2e%2e/admin", "/orders%2Fsecret", "/orders;a"] {
+        for p in [
+            "/orders/../admin",
+            "//orders",
+            "/orders/%2e%2e/admin",
+            "/orders%2Fsecret",
+            "/orders;a",
+        ] {
             assert_eq!(
                 ask(&c, &s, at, &["admin"], "GET", p),
                 Scoped::Refused { needed: None },
@@ -320,7 +365,10 @@ mod tests {
             ask(&c, &s, at, &["gone"], "GET", "/orders"),
             Scoped::Refused { .. }
         ));
-        assert!(matches!(ask(&c, &s, at, &[], "GET", "/orders"), Scoped::Refused { .. }));
+        assert!(matches!(
+            ask(&c, &s, at, &[], "GET", "/orders"),
+            Scoped::Refused { .. }
+        ));
         assert_eq!(
             ask(&c, &s, at, &["gone", "orders:read"], "GET", "/orders"),
             Scoped::Allowed
@@ -328,9 +376,15 @@ mod tests {
         // Nothing stored (or unreadable): refused.
         let empty = MemStore::default();
         let c = ScopeCache::new();
-        assert!(matches!(ask(&c, &empty, at, &["admin"], "GET", "/"), Scoped::Refused { .. }));
+        assert!(matches!(
+            ask(&c, &empty, at, &["admin"], "GET", "/"),
+            Scoped::Refused { .. }
+        ));
         put(&empty, stamp(1, 4), &standard());
-        assert_eq!(ask(&c, &empty, stamp(1, 4), &["admin"], "GET", "/"), Scoped::Allowed);
+        assert_eq!(
+            ask(&c, &empty, stamp(1, 4), &["admin"], "GET", "/"),
+            Scoped::Allowed
+        );
     }
 
     #[test]
@@ -339,20 +393,35 @@ mod tests {
         put(&s, stamp(1, 3), &standard());
         let c = ScopeCache::new();
         for _ in 0..100 {
-            assert_eq!(ask(&c, &s, stamp(1, 3), &["admin"], "GET", "/x"), Scoped::Allowed);
+            assert_eq!(
+                ask(&c, &s, stamp(1, 3), &["admin"], "GET", "/x"),
+                Scoped::Allowed
+            );
         }
         assert_eq!(c.compilations(), 1);
         // The leader writes an edited set, then the state: requests that still see the old
         // state keep the compiled set; the first to see the new one recompiles.
         put(&s, stamp(1, 9), &[scope("admin", &[(None, "/only")])]);
-        assert_eq!(ask(&c, &s, stamp(1, 3), &["admin"], "GET", "/x"), Scoped::Allowed);
+        assert_eq!(
+            ask(&c, &s, stamp(1, 3), &["admin"], "GET", "/x"),
+            Scoped::Allowed
+        );
         assert_eq!(c.compilations(), 1);
-        assert!(matches!(ask(&c, &s, stamp(1, 9), &["admin"], "GET", "/x"), Scoped::Refused { .. }));
-        assert_eq!(ask(&c, &s, stamp(1, 9), &["admin"], "GET", "/only"), Scoped::Allowed);
+        assert!(matches!(
+            ask(&c, &s, stamp(1, 9), &["admin"], "GET", "/x"),
+            Scoped::Refused { .. }
+        ));
+        assert_eq!(
+            ask(&c, &s, stamp(1, 9), &["admin"], "GET", "/only"),
+            Scoped::Allowed
+        );
         assert_eq!(c.compilations(), 2);
         // A new snapshot's generation wins over a higher version of the old one.
         put(&s, stamp(2, 1), &standard());
-        assert_eq!(ask(&c, &s, stamp(2, 1), &["admin"], "GET", "/x"), Scoped::Allowed);
+        assert_eq!(
+            ask(&c, &s, stamp(2, 1), &["admin"], "GET", "/x"),
+            Scoped::Allowed
+        );
         assert_eq!(c.compilations(), 3);
         // A state ahead of the stored set (it cannot happen; if it did) is not reloaded on
         // every request.
@@ -367,7 +436,10 @@ mod tests {
         let s = MemStore::default();
         put(&s, stamp(1, 3), &standard());
         let c = ScopeCache::new();
-        assert_eq!(ask(&c, &s, stamp(1, 3), &["admin"], "GET", "/"), Scoped::Allowed);
+        assert_eq!(
+            ask(&c, &s, stamp(1, 3), &["admin"], "GET", "/"),
+            Scoped::Allowed
+        );
         // A scope created, then a token naming it, both written; this worker's state copy
         // still points at the old set.
         let mut more = standard();
@@ -395,7 +467,9 @@ mod tests {
 
     #[test]
     fn bad_names_are_left_out_and_needed_is_bounded() {
-        let mut scopes: Vec<SyncScope> = (0..20).map(|i| scope(&format!("s{i:02}"), &[(None, "/**")])).collect();
+        let mut scopes: Vec<SyncScope> = (0..20)
+            .map(|i| scope(&format!("s{i:02}"), &[(None, "/**")]))
+            .collect();
         scopes.push(scope("Bad\"Name", &[(None, "/**")]));
         let set = ScopeSet::compile(&ScopeSetRecord {
             stamp: stamp(1, 1),

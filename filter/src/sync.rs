@@ -433,11 +433,11 @@ fn write_scopes<S: SharedStore + ?Sized>(
     stamp: ScopeStamp,
     scopes: &[tokengate_wire::SyncScope],
 ) -> Result<(), SyncFailure> {
-    compare_and_swap(store, SCOPES_KEY, WRITE_RETRIES, |existing| {
-        match existing.and_then(record::scopes_stamp) {
-            Some(held) if held >= stamp => Step::Keep(()),
-            _ => Step::Write(record::encode_scopes(stamp, scopes), ()),
-        }
+    compare_and_swap(store, SCOPES_KEY, WRITE_RETRIES, |existing| match existing
+        .and_then(record::scopes_stamp)
+    {
+        Some(held) if held >= stamp => Step::Keep(()),
+        _ => Step::Write(record::encode_scopes(stamp, scopes), ()),
     })
     .map_err(store_failure)
 }
@@ -1122,7 +1122,9 @@ mod tests {
         let mut sc = SyncClient::new(1);
         sc.on_tick(&c, &s, "", 0);
         let snap = scoped_resp(3, true, vec![], Some((2, vec![one_scope("r", "/r/**")])));
-        sc.on_response(&c, &s, "", 0, Some(200), Some(&snap)).0.unwrap();
+        sc.on_response(&c, &s, "", 0, Some(200), Some(&snap))
+            .0
+            .unwrap();
         // A scope created and a token naming it, in one answer.
         let mut t = rec(&a, 5, SyncStatus::Active);
         t.scopes = Some(vec!["new".into()]);
@@ -1149,7 +1151,9 @@ mod tests {
 
         // A scope edited: the next answer carries the whole set; the same cache sees it.
         let edited = scoped_resp(6, false, vec![], Some((6, vec![one_scope("new", "/m")])));
-        sc.on_response(&c, &s, "", 20_000, Some(200), Some(&edited)).0.unwrap();
+        sc.on_response(&c, &s, "", 20_000, Some(200), Some(&edited))
+            .0
+            .unwrap();
         assert_eq!(
             scoped_judge(&s, &cache, &a, "/n"),
             Outcome::Deny(Denial::InsufficientScope)
@@ -1159,11 +1163,18 @@ mod tests {
 
         // Changes without scopes keep the set and its version; an older answer's set does not
         // undo the newer one.
-        let plain = scoped_resp(7, false, vec![rec(&secret('b'), 7, SyncStatus::Active)], None);
+        let plain = scoped_resp(
+            7,
+            false,
+            vec![rec(&secret('b'), 7, SyncStatus::Active)],
+            None,
+        );
         let (applied, _) = sc.on_response(&c, &s, "", 30_000, Some(200), Some(&plain));
         assert_eq!(applied.unwrap().state.unwrap().scopes_version, 6);
         let stale = scoped_resp(5, false, vec![], Some((4, vec![one_scope("new", "/n")])));
-        sc.on_response(&c, &s, "", 40_000, Some(200), Some(&stale)).0.unwrap();
+        sc.on_response(&c, &s, "", 40_000, Some(200), Some(&stale))
+            .0
+            .unwrap();
         assert_eq!(scoped_judge(&s, &cache, &a, "/m"), Outcome::Allow);
         assert_eq!(
             read_state(&s).unwrap().unwrap().scopes_version,
@@ -1181,14 +1192,24 @@ mod tests {
         t.scopes = Some(vec!["r".into()]);
         let mut sc = SyncClient::new(1);
         sc.on_tick(&c, &s, "", 0);
-        let snap = scoped_resp(3, true, vec![t.clone()], Some((2, vec![one_scope("r", "/**")])));
-        sc.on_response(&c, &s, "", 0, Some(200), Some(&snap)).0.unwrap();
+        let snap = scoped_resp(
+            3,
+            true,
+            vec![t.clone()],
+            Some((2, vec![one_scope("r", "/**")])),
+        );
+        sc.on_response(&c, &s, "", 0, Some(200), Some(&snap))
+            .0
+            .unwrap();
         let cache = crate::scopes::ScopeCache::new();
         assert_eq!(scoped_judge(&s, &cache, &a, "/x"), Outcome::Allow);
         // Another store, from before scopes: its snapshot says nothing of them.
         let mut other = SyncClient::new(1);
         let snap = scoped_resp(1, true, vec![t], None);
-        other.on_response(&c, &s, "", 1, Some(200), Some(&snap)).0.unwrap();
+        other
+            .on_response(&c, &s, "", 1, Some(200), Some(&snap))
+            .0
+            .unwrap();
         assert_eq!(
             scoped_judge(&s, &cache, &a, "/x"),
             Outcome::Deny(Denial::InsufficientScope)
@@ -1218,7 +1239,9 @@ mod tests {
             "a snapshot, not changes since 9"
         );
         let snap = resp(9, true, vec![rec(&a, 9, SyncStatus::Active)], None);
-        sc.on_response(&c, &s, "", 0, Some(200), Some(&snap)).0.unwrap();
+        sc.on_response(&c, &s, "", 0, Some(200), Some(&snap))
+            .0
+            .unwrap();
         assert_eq!(allows(&s, &a), Outcome::Allow);
     }
 }

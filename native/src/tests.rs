@@ -349,12 +349,15 @@ fn a_bad_configuration_is_refused_naming_the_field() {
 #[test]
 fn the_allowed_path_allocates_nothing() {
     let (a, c) = (secret('a'), secret('c'));
-    let l = loaded_with_scopes(vec![
-        record(&a, "tok_a", None),
-        // Limited, far above what this test asks: every request writes the rate state.
-        record(&c, "tok_c", Some(1_000_000)),
-        scoped(&secret('s'), "tok_s", &["orders:read", "orders:write"]),
-    ], Some(orders_scopes()));
+    let l = loaded_with_scopes(
+        vec![
+            record(&a, "tok_a", None),
+            // Limited, far above what this test asks: every request writes the rate state.
+            record(&c, "tok_c", Some(1_000_000)),
+            scoped(&secret('s'), "tok_s", &["orders:read", "orders:write"]),
+        ],
+        Some(orders_scopes()),
+    );
     let bearer = format!("Bearer {c}");
     let s = secret('s');
     let requests = |n: usize| -> Vec<FakeFilter> {
@@ -427,7 +430,10 @@ fn orders_scopes() -> Vec<SyncScope> {
 fn a_scoped_token_goes_only_where_its_scopes_allow() {
     let (s, u) = (secret('s'), secret('u'));
     let l = loaded_with_scopes(
-        vec![scoped(&s, "tok_s", &["orders:read"]), record(&u, "tok_u", None)],
+        vec![
+            scoped(&s, "tok_s", &["orders:read"]),
+            record(&u, "tok_u", None),
+        ],
         Some(orders_scopes()),
     );
     let req = |t: &str, method: &str, path: &str| {

@@ -133,9 +133,14 @@ fn main() {
     if compare {
         // Each row on the unlimited path, so that only the scope check differs. Rows take
         // turns over several rounds and each keeps its best, which irons out a busy machine.
-        let rows: Vec<(String, &String)> = std::iter::once(("unrestricted".to_string(), &secrets[0]))
-            .chain(RULE_COUNTS.iter().map(|n| (format!("scoped, {n} rules + 1"), scoped(*n))))
-            .collect();
+        let rows: Vec<(String, &String)> =
+            std::iter::once(("unrestricted".to_string(), &secrets[0]))
+                .chain(
+                    RULE_COUNTS
+                        .iter()
+                        .map(|n| (format!("scoped, {n} rules + 1"), scoped(*n))),
+                )
+                .collect();
         let mut best = vec![f64::MAX; rows.len()];
         for _round in 0..7 {
             for ((label, token), best) in rows.iter().zip(best.iter_mut()) {
@@ -148,7 +153,10 @@ fn main() {
             }
         }
         for ((label, _), ns) in rows.iter().zip(&best) {
-            println!("{label:<22} {ns:>8.0} ns/request  ({:+.0} ns for the scope check)", ns - best[0]);
+            println!(
+                "{label:<22} {ns:>8.0} ns/request  ({:+.0} ns for the scope check)",
+                ns - best[0]
+            );
         }
         println!(
             "scope set compiled {} time(s) for {} requests",
@@ -173,6 +181,8 @@ fn main() {
     assert_eq!(allowed, requests, "every request is admitted");
     match rules {
         Some(n) => println!("{requests} requests of a token scoped to {n} rules + 1: all admitted"),
-        None => println!("{requests} requests (half on a limited token) over {tokens} tokens: all admitted"),
+        None => println!(
+            "{requests} requests (half on a limited token) over {tokens} tokens: all admitted"
+        ),
     }
 }
