@@ -4,7 +4,8 @@
 use crate::config::Config;
 use crate::fleet;
 use crate::gcra::{self, Decision, Limit};
-use crate::record::{self, STATE_KEY};
+use crate::record::{self, ScopeNames, STATE_KEY};
+use crate::scopes::{ScopeCache, Scoped, Seen};
 use crate::store::{compare_and_swap, CasError, SharedStore, Step};
 use sha2::{Digest, Sha256};
 use std::ops::Range;
@@ -119,6 +120,8 @@ pub enum Denial {
     InvalidToken,
     TokenExpired,
     TokenSuspended,
+    /// None of the token's scopes covers the request's method and path.
+    InsufficientScope,
     RateLimited {
         retry_after_secs: u64,
         max_rps: u32,
@@ -152,9 +155,17 @@ pub struct Token<V> {
     pub kind: Kind,
     /// Unix seconds.
     pub expires_at: Option<i64>,
+    /// The scope names' count and bytes; `None`: unrestricted.
+    scopes: Option<(u16, Range<usize>)>,
 }
 
 impl<V: AsRef<[u8]>> Token<V> {
+    /// The token's scope names; `None`: unrestricted.
+    pub fn scopes(&self) -> Option<ScopeNames<'_>> {
+        let (count, r) = self.scopes.as_ref()?;
+        Some(ScopeNames::from_raw(*count, self.field(r)))
+    }
+
     fn field(&self, r: &Range<usize>) -> &[u8] {
         self.record.as_ref().get(r.clone()).unwrap_or_default()
     }
@@ -192,30 +203,59 @@ pub struct Verdict<V> {
     /// The request met a quota: the secret's hash, under which it is counted so that the
     /// leader reports that quota's state.
     pub quota: Option<HashHex>,
+    /// With [`Denial::InsufficientScope`]: the known scopes that would cover the request
+    /// (space-separated), for the refusal's `WWW-Authenticate`.
+    pub needed_scopes: Option<String>,
 }
 
-/// Decides a request that presented `credential` (see [`extract`]) at `now_nanos`.
+/// What a request asks for, as scoped tokens are judged: its `:method` and `:path` as the
+/// host hands them over (`None`: absent, which no scope covers).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Target<'a> {
+    pub method: Option<&'a [u8]>,
+    pub path: Option<&'a [u8]>,
+}
+
+/// Decides a `GET /` that presented `credential` (see [`extract`]) at `now_nanos`, with a
+/// scope set compiled for this call alone (for tests and tools; a filter keeps a
+/// [`ScopeCache`] per worker and calls [`judge`]).
 pub fn authorize<S: SharedStore + ?Sized>(
     cfg: &Config,
     store: &S,
     credential: Option<&[u8]>,
     now_nanos: u64,
 ) -> Outcome {
-    judge(cfg, store, credential, now_nanos).outcome
+    let target = Target {
+        method: Some(b"GET"),
+        path: Some(b"/"),
+    };
+    judge(
+        cfg,
+        store,
+        &ScopeCache::new(),
+        credential,
+        now_nanos,
+        || target,
+    )
+    .outcome
 }
 
-/// [`authorize`], also telling which token it was.
-pub fn judge<S: SharedStore + ?Sized>(
+/// The decision on a request that presented `credential` at `now_nanos`, also telling which
+/// token it was. `target` is only asked for a scoped token's request.
+pub fn judge<'t, S: SharedStore + ?Sized>(
     cfg: &Config,
     store: &S,
+    scopes: &ScopeCache,
     credential: Option<&[u8]>,
     now_nanos: u64,
+    target: impl FnOnce() -> Target<'t>,
 ) -> Verdict<S::Value> {
     let deny = |d| Verdict {
         outcome: Outcome::Deny(d),
         token: None,
         fleet: false,
         quota: None,
+        needed_scopes: None,
     };
     let Some(credential) = credential else {
         return deny(Denial::MissingToken);
@@ -224,13 +264,14 @@ pub fn judge<S: SharedStore + ?Sized>(
         return deny(Denial::InvalidToken);
     }
     // Until a full snapshot is loaded no answer is trustworthy: fail closed.
-    let (generation, proxies) = match store.get(STATE_KEY) {
-        Ok((Some(v), _)) => match record::state_generation(v.as_ref()) {
-            Some(g) => (g, record::state_proxies(v.as_ref())),
-            None => return deny(Denial::StateUnavailable),
-        },
+    let state = match store.get(STATE_KEY) {
+        Ok((Some(v), _)) => v,
         _ => return deny(Denial::StateUnavailable),
     };
+    let Some(generation) = record::state_generation(state.as_ref()) else {
+        return deny(Denial::StateUnavailable);
+    };
+    let proxies = record::state_proxies(state.as_ref());
     let hash = hash(credential);
     let value = match store.get(&record::token_key(&hash)) {
         Ok((Some(v), _)) => v,
@@ -244,12 +285,13 @@ pub fn judge<S: SharedStore + ?Sized>(
     if rec.generation < generation || rec.status == SyncStatus::Revoked {
         return deny(Denial::InvalidToken);
     }
-    let (status, limit, scope, expires_at, quota) = (
+    let (status, limit, scope, expires_at, quota, version) = (
         rec.status,
         Limit::new(rec.max_rps, rec.burst),
         rec.limit_scope,
         rec.expires_at,
         rec.quota,
+        rec.version,
     );
     let whole = value.as_ref();
     let token = Token {
@@ -258,25 +300,54 @@ pub fn judge<S: SharedStore + ?Sized>(
         owner: span(whole, rec.owner),
         kind: rec.kind,
         expires_at,
+        scopes: rec.scopes.map(|s| {
+            let (count, raw) = s.raw();
+            (count, span(whole, raw))
+        }),
         record: value,
     };
     let fleet = limit.is_some() && scope == LimitScope::Fleet;
-    let verdict = |outcome, fleet, quota| Verdict {
+    let expired = expires_at.is_some_and(|exp| (now_nanos / 1_000_000_000) as i64 >= exp);
+    let suspended = status == SyncStatus::Suspended;
+    // After expiry and suspension, before the rate: a request outside the token's scopes
+    // consumes nothing.
+    let out_of_scope = if expired || suspended {
+        None
+    } else {
+        token.scopes().and_then(|names| {
+            let Some((state_version, stamp)) = record::state_scopes(state.as_ref()) else {
+                return Some((Denial::StateUnavailable, None));
+            };
+            let seen = Seen {
+                stamp,
+                token_newer: version > state_version,
+            };
+            let t = target();
+            let (method, path) = (t.method.unwrap_or_default(), t.path.unwrap_or_default());
+            match scopes.judge(store, seen, names, method, path) {
+                Scoped::Allowed => None,
+                Scoped::Refused { needed } => Some((Denial::InsufficientScope, needed)),
+            }
+        })
+    };
+    let verdict = |outcome, fleet, quota, needed_scopes| Verdict {
         outcome,
         token: Some(token),
         fleet,
         quota,
+        needed_scopes,
     };
-    if let Some(exp) = expires_at {
-        if (now_nanos / 1_000_000_000) as i64 >= exp {
-            return verdict(Outcome::Deny(Denial::TokenExpired), false, None);
-        }
+    if expired {
+        return verdict(Outcome::Deny(Denial::TokenExpired), false, None, None);
     }
-    if status == SyncStatus::Suspended {
-        return verdict(Outcome::Deny(Denial::TokenSuspended), false, None);
+    if suspended {
+        return verdict(Outcome::Deny(Denial::TokenSuspended), false, None, None);
+    }
+    if let Some((denial, needed)) = out_of_scope {
+        return verdict(Outcome::Deny(denial), false, None, needed);
     }
     if limit.is_none() && quota.is_none() {
-        return verdict(Outcome::Allow, false, None);
+        return verdict(Outcome::Allow, false, None, None);
     }
     let bucket = Bucket {
         limit,
@@ -286,8 +357,8 @@ pub fn judge<S: SharedStore + ?Sized>(
     };
     let counted = quota.map(|_| hash);
     match take(cfg, store, &record::rate_key(&hash), bucket, now_nanos) {
-        Ok(()) => verdict(Outcome::Allow, fleet, counted),
-        Err(d) => verdict(Outcome::Deny(d), fleet, counted),
+        Ok(()) => verdict(Outcome::Allow, fleet, counted, None),
+        Err(d) => verdict(Outcome::Deny(d), fleet, counted, None),
     }
 }
 
@@ -449,6 +520,7 @@ mod tests {
             proxies: 0,
             store_id: "s".into(),
             token_count: 0,
+            scopes_version: 1,
         };
         s.set(STATE_KEY, &encode_state(&state), 0).unwrap();
         s
@@ -492,17 +564,38 @@ mod tests {
             r.status = SyncStatus::Suspended;
             r.id = "tok_2".into();
         });
-        let v = judge(&cfg(), &s, Some(ok.as_bytes()), NOW);
+        let v = judge(
+            &cfg(),
+            &s,
+            &ScopeCache::new(),
+            Some(ok.as_bytes()),
+            NOW,
+            Target::default,
+        );
         assert_eq!(v.outcome, Outcome::Allow);
         let seen = v.token.unwrap();
         assert_eq!(
             (seen.id(), seen.expires_at),
             (&b"tok_1"[..], Some(1_800_003_600))
         );
-        let v = judge(&cfg(), &s, Some(sus.as_bytes()), NOW);
+        let v = judge(
+            &cfg(),
+            &s,
+            &ScopeCache::new(),
+            Some(sus.as_bytes()),
+            NOW,
+            Target::default,
+        );
         assert_eq!(v.outcome, Outcome::Deny(Denial::TokenSuspended));
         assert_eq!(v.token.unwrap().id(), b"tok_2");
-        let unknown = judge(&cfg(), &s, Some(secret('z').as_bytes()), NOW);
+        let unknown = judge(
+            &cfg(),
+            &s,
+            &ScopeCache::new(),
+            Some(secret('z').as_bytes()),
+            NOW,
+            Target::default,
+        );
         assert_eq!(unknown.outcome, Outcome::Deny(Denial::InvalidToken));
         assert!(unknown.token.is_none());
     }
@@ -518,6 +611,7 @@ mod tests {
             owner: 0..0,
             kind: Kind::User,
             expires_at: exp,
+            scopes: None,
         };
         let in_an_hour = seen(Some(now_s + 3_600));
         assert_eq!(
@@ -648,7 +742,14 @@ mod tests {
             r.kind = Kind::Service;
             r.expires_at = Some((NOW / 1_000_000_000) as i64 + 1);
         });
-        let v = judge(&cfg(), &s, Some(t.as_bytes()), NOW);
+        let v = judge(
+            &cfg(),
+            &s,
+            &ScopeCache::new(),
+            Some(t.as_bytes()),
+            NOW,
+            Target::default,
+        );
         assert_eq!(v.outcome, Outcome::Allow);
         let token = v.token.unwrap();
         assert_eq!(
@@ -738,6 +839,7 @@ mod tests {
                 proxies,
                 store_id: "s".into(),
                 token_count: 0,
+                scopes_version: 0,
             };
             s.set(STATE_KEY, &encode_state(&state), 0).unwrap();
             s
@@ -757,6 +859,21 @@ mod tests {
 
         fn at(s: &MemStore, t: &str, now: u64) -> Outcome {
             authorize(&cfg(), s, Some(t.as_bytes()), now)
+        }
+
+        fn judge_get(s: &MemStore, t: &str) -> Verdict<Vec<u8>> {
+            let target = Target {
+                method: Some(b"GET"),
+                path: Some(b"/"),
+            };
+            judge(
+                &cfg(),
+                s,
+                &ScopeCache::new(),
+                Some(t.as_bytes()),
+                NOW,
+                || target,
+            )
         }
 
         fn admitted(s: &MemStore, t: &str, now: u64, n: u32) -> u32 {
@@ -847,14 +964,14 @@ mod tests {
             let s = with_proxies(1);
             let t = secret('o');
             put(&s, &t, 1, |r| r.quota = quota(2));
-            let v = judge(&cfg(), &s, Some(t.as_bytes()), NOW);
+            let v = judge_get(&s, &t);
             assert_eq!(v.outcome, Outcome::Allow);
             assert!(!v.fleet, "no rate limit: no fleet demand");
             assert_eq!(v.quota, Some(hash(t.as_bytes())));
             assert_eq!(stored(&s, &t).tat, 0, "no GCRA without max_rps");
             // Refused requests are quota traffic too: the leader reports the state.
             at(&s, &t, NOW);
-            let v = judge(&cfg(), &s, Some(t.as_bytes()), NOW);
+            let v = judge_get(&s, &t);
             assert!(matches!(
                 v.outcome,
                 Outcome::Deny(Denial::QuotaExceeded { .. })
@@ -863,7 +980,7 @@ mod tests {
             // No quota: nothing counted under one.
             let plain = secret('p');
             put(&s, &plain, 1, |_| {});
-            assert_eq!(judge(&cfg(), &s, Some(plain.as_bytes()), NOW).quota, None);
+            assert_eq!(judge_get(&s, &plain).quota, None);
         }
 
         #[test]
@@ -986,5 +1103,138 @@ mod tests {
             assert_eq!(admitted(&s, &t, NOW, 5), 5);
             assert_eq!(stored(&s, &t).quota, None);
         }
+    }
+
+    fn with_scopes(s: &MemStore) {
+        use tokengate_wire::{Rule, SyncScope};
+        let scope = |name: &str, methods: Option<&[&str]>, path: &str| SyncScope {
+            name: name.into(),
+            rules: vec![Rule {
+                methods: methods.map(|ms| ms.iter().map(|m| m.to_string()).collect()),
+                path: path.into(),
+            }],
+            version: 1,
+        };
+        let stamp = record::ScopeStamp {
+            generation: 1,
+            version: 1,
+        };
+        let set = [
+            scope("orders:read", Some(&["GET"]), "/orders/**"),
+            scope("orders:write", Some(&["POST"]), "/orders"),
+        ];
+        s.set(record::SCOPES_KEY, &record::encode_scopes(stamp, &set), 0)
+            .unwrap();
+    }
+
+    fn asked(
+        s: &MemStore,
+        cache: &ScopeCache,
+        t: &str,
+        method: &str,
+        path: &str,
+    ) -> Verdict<Vec<u8>> {
+        let target = Target {
+            method: Some(method.as_bytes()),
+            path: Some(path.as_bytes()),
+        };
+        judge(&cfg(), s, cache, Some(t.as_bytes()), NOW, || target)
+    }
+
+    #[test]
+    fn a_scoped_token_goes_only_where_its_scopes_allow() {
+        let s = loaded(1);
+        with_scopes(&s);
+        let cache = ScopeCache::new();
+        let t = secret('g');
+        put(&s, &t, 1, |r| r.scopes = Some(vec!["orders:read".into()]));
+        assert_eq!(
+            asked(&s, &cache, &t, "GET", "/orders/1").outcome,
+            Outcome::Allow
+        );
+        let v = asked(&s, &cache, &t, "POST", "/orders");
+        assert_eq!(v.outcome, Outcome::Deny(Denial::InsufficientScope));
+        assert_eq!(v.needed_scopes.as_deref(), Some("orders:write"));
+        assert_eq!(v.token.unwrap().id(), b"tok_1", "a known token's refusal");
+        let v = asked(&s, &cache, &t, "GET", "/admin");
+        assert_eq!(v.outcome, Outcome::Deny(Denial::InsufficientScope));
+        assert_eq!(v.needed_scopes, None, "no scope covers it");
+        for p in [
+            "/orders/../admin",
+            "//orders",
+            "/orders/%2e%2e/x",
+            "/ORDERS",
+        ] {
+            assert_eq!(
+                asked(&s, &cache, &t, "GET", p).outcome,
+                Outcome::Deny(Denial::InsufficientScope),
+                "{p}"
+            );
+        }
+        // No method or path from the host: nothing covers it.
+        let v = judge(&cfg(), &s, &cache, Some(t.as_bytes()), NOW, Target::default);
+        assert_eq!(v.outcome, Outcome::Deny(Denial::InsufficientScope));
+
+        put(&s, &t, 1, |r| r.scopes = Some(vec!["deleted".into()]));
+        assert_eq!(
+            asked(&s, &cache, &t, "GET", "/orders").outcome,
+            Outcome::Deny(Denial::InsufficientScope),
+            "an unknown scope covers nothing"
+        );
+        put(&s, &t, 1, |r| r.scopes = Some(vec![]));
+        assert_eq!(
+            asked(&s, &cache, &t, "GET", "/orders").outcome,
+            Outcome::Deny(Denial::InsufficientScope),
+            "no scope: nothing"
+        );
+        put(&s, &t, 1, |r| r.scopes = None);
+        let v = asked(&s, &cache, &t, "DELETE", "/anything/../at/all");
+        assert_eq!(v.outcome, Outcome::Allow, "unrestricted");
+        assert!(v.token.unwrap().scopes().is_none());
+        assert_eq!(cache.compilations(), 1);
+    }
+
+    #[test]
+    fn scopes_are_checked_after_expiry_and_suspension_and_before_the_rate() {
+        let s = loaded(1);
+        with_scopes(&s);
+        let cache = ScopeCache::new();
+        let t = secret('h');
+        put(&s, &t, 1, |r| {
+            r.scopes = Some(vec!["orders:read".into()]);
+            r.status = SyncStatus::Suspended;
+        });
+        assert_eq!(
+            asked(&s, &cache, &t, "POST", "/orders").outcome,
+            Outcome::Deny(Denial::TokenSuspended)
+        );
+        put(&s, &t, 1, |r| {
+            r.scopes = Some(vec!["orders:read".into()]);
+            r.expires_at = Some((NOW / 1_000_000_000) as i64);
+        });
+        assert_eq!(
+            asked(&s, &cache, &t, "POST", "/orders").outcome,
+            Outcome::Deny(Denial::TokenExpired)
+        );
+        put(&s, &t, 1, |r| {
+            r.scopes = Some(vec!["orders:read".into()]);
+            r.max_rps = Some(1);
+            r.burst = Some(1);
+        });
+        for _ in 0..5 {
+            assert_eq!(
+                asked(&s, &cache, &t, "POST", "/orders").outcome,
+                Outcome::Deny(Denial::InsufficientScope)
+            );
+        }
+        assert_eq!(
+            asked(&s, &cache, &t, "GET", "/orders").outcome,
+            Outcome::Allow,
+            "the refusals took nothing from the bucket"
+        );
+        assert!(matches!(
+            asked(&s, &cache, &t, "GET", "/orders").outcome,
+            Outcome::Deny(Denial::RateLimited { .. })
+        ));
     }
 }

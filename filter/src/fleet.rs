@@ -800,6 +800,7 @@ mod tests {
             proxies: 0,
             store_id: "s".into(),
             token_count: 1,
+            scopes_version: 0,
         };
         s.set(STATE_KEY, &encode_state(&state), 0).unwrap();
         s

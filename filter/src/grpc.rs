@@ -38,7 +38,7 @@ pub fn is_grpc(content_type: Option<&[u8]>) -> bool {
 pub fn code(d: Denial) -> Code {
     match d {
         Denial::MissingToken | Denial::InvalidToken | Denial::TokenExpired => Code::Unauthenticated,
-        Denial::TokenSuspended => Code::PermissionDenied,
+        Denial::TokenSuspended | Denial::InsufficientScope => Code::PermissionDenied,
         // Not UNAVAILABLE: clients retry that by themselves.
         Denial::RateLimited { .. } | Denial::QuotaExceeded { .. } => Code::ResourceExhausted,
         Denial::StateUnavailable => Code::Unavailable,
@@ -130,6 +130,7 @@ mod tests {
             (Denial::InvalidToken, Code::Unauthenticated, 16),
             (Denial::TokenExpired, Code::Unauthenticated, 16),
             (Denial::TokenSuspended, Code::PermissionDenied, 7),
+            (Denial::InsufficientScope, Code::PermissionDenied, 7),
             (limited, Code::ResourceExhausted, 8),
             (Denial::StateUnavailable, Code::Unavailable, 14),
         ];

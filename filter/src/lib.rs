@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod record;
 pub mod request;
 pub mod response;
+pub mod scopes;
 pub mod store;
 pub mod sync;
 pub mod timefmt;

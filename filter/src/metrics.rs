@@ -15,6 +15,7 @@ pub enum Counter {
     RateLimited,
     QuotaExceeded,
     StateUnavailable,
+    InsufficientScope,
     SyncSuccess,
     SyncFailure,
     UsageReports,
@@ -32,7 +33,7 @@ pub enum Gauge {
 }
 
 impl Counter {
-    pub const ALL: [Counter; 14] = [
+    pub const ALL: [Counter; 15] = [
         Counter::Allowed,
         Counter::MissingToken,
         Counter::InvalidToken,
@@ -41,6 +42,7 @@ impl Counter {
         Counter::RateLimited,
         Counter::QuotaExceeded,
         Counter::StateUnavailable,
+        Counter::InsufficientScope,
         Counter::SyncSuccess,
         Counter::SyncFailure,
         Counter::UsageReports,
@@ -59,6 +61,7 @@ impl Counter {
             Counter::RateLimited => "tokengate.denied.rate_limited",
             Counter::QuotaExceeded => "tokengate.denied.quota_exceeded",
             Counter::StateUnavailable => "tokengate.denied.token_state_unavailable",
+            Counter::InsufficientScope => "tokengate.denied.insufficient_scope",
             Counter::SyncSuccess => "tokengate.sync.success",
             Counter::SyncFailure => "tokengate.sync.failure",
             Counter::UsageReports => "tokengate.usage.reports",
@@ -83,6 +86,7 @@ impl Counter {
             Denial::RateLimited { .. } => Counter::RateLimited,
             Denial::QuotaExceeded { .. } => Counter::QuotaExceeded,
             Denial::StateUnavailable => Counter::StateUnavailable,
+            Denial::InsufficientScope => Counter::InsufficientScope,
         }
     }
 }
@@ -108,7 +112,7 @@ mod tests {
     use crate::response;
     use std::collections::BTreeSet;
 
-    const DENIALS: [Denial; 7] = [
+    const DENIALS: [Denial; 8] = [
         Denial::MissingToken,
         Denial::InvalidToken,
         Denial::TokenExpired,
@@ -124,6 +128,7 @@ mod tests {
             window_secs: 3_600,
         },
         Denial::StateUnavailable,
+        Denial::InsufficientScope,
     ];
 
     #[test]
@@ -136,7 +141,7 @@ mod tests {
                 "{d:?}"
             );
         }
-        // Seven refusals, seven different counters: no two share one.
+        // Each refusal its own counter: no two share one.
         let counters: BTreeSet<&str> = DENIALS.iter().map(|d| Counter::denied(*d).name()).collect();
         assert_eq!(counters.len(), DENIALS.len());
         assert_eq!(Counter::Allowed.name(), "tokengate.allowed");

@@ -1,17 +1,24 @@
 //! Compact binary values kept in Envoy shared data. Shared data sits behind one process-wide
 //! mutex and every read copies the value, so values are small and decoding borrows.
 
-use tokengate_wire::{Kind, LimitScope, Period, Quota, SyncRecord, SyncStatus};
+use tokengate_wire::{Kind, LimitScope, Period, Quota, Rule, SyncRecord, SyncScope, SyncStatus};
 
 /// 3: with scopes and quota.
 const TOKEN_FORMAT: u8 = 3;
-const STATE_FORMAT: u8 = 2;
+/// 3: with the scope set's stamp. A state of another format reads as no state, so a leader
+/// loaded into an Envoy that still holds an older one takes a fresh snapshot instead of
+/// misreading it (and requests wait for it with 503s rather than be judged on it).
+const STATE_FORMAT: u8 = 3;
+const SCOPES_FORMAT: u8 = 1;
 
 /// Shared-data keys. The token hash is the lower-hex sha256 of the secret.
 pub const STATE_KEY: &str = "tokengate:state";
 pub const LEASE_KEY: &str = "tokengate:lease";
 /// The last snapshot generation a sync leader took (u32, little-endian).
 pub const GENERATION_KEY: &str = "tokengate:generation";
+/// Every scope there is, in one value ([`encode_scopes`]): read by a worker only when the
+/// state's scope stamp moves past what it compiled.
+pub const SCOPES_KEY: &str = "tokengate:scopes";
 
 pub fn token_key(hash_hex: &str) -> Key {
     Key::new("tg:t:", hash_hex)
@@ -103,6 +110,16 @@ pub struct ScopeNames<'a> {
 }
 
 impl<'a> ScopeNames<'a> {
+    /// Names as [`ScopeNames::raw`] holds them.
+    pub(crate) fn from_raw(count: u16, raw: &'a [u8]) -> ScopeNames<'a> {
+        ScopeNames { count, raw }
+    }
+
+    /// The names' bytes in the record (for a reader that keeps the record, not the view).
+    pub(crate) fn raw(&self) -> (u16, &'a [u8]) {
+        (self.count, self.raw)
+    }
+
     pub fn len(&self) -> usize {
         usize::from(self.count)
     }
@@ -322,6 +339,27 @@ pub struct State {
     pub proxies: u32,
     pub store_id: String,
     pub token_count: u64,
+    /// The version of the last scope change the control plane reported (0: none yet). With
+    /// `generation`, the [`ScopeStamp`] of the scope set written before this state.
+    pub scopes_version: u64,
+}
+
+impl State {
+    pub fn scope_stamp(&self) -> ScopeStamp {
+        ScopeStamp {
+            generation: self.generation,
+            version: self.scopes_version,
+        }
+    }
+}
+
+/// Which scope set a state goes with: the snapshot generation it was written in, then the
+/// version of the last scope change. Ordered so that a later set is greater, across
+/// snapshots too (a new store's scope versions may start lower than the old one's).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ScopeStamp {
+    pub generation: u32,
+    pub version: u64,
 }
 
 pub fn encode_state(s: &State) -> Vec<u8> {
@@ -330,6 +368,7 @@ pub fn encode_state(s: &State) -> Vec<u8> {
     out.extend_from_slice(&s.version.to_le_bytes());
     out.extend_from_slice(&s.generation.to_le_bytes());
     out.extend_from_slice(&s.proxies.to_le_bytes());
+    out.extend_from_slice(&s.scopes_version.to_le_bytes());
     out.extend_from_slice(&s.token_count.to_le_bytes());
     push_str(&mut out, &s.store_id);
     out
@@ -343,14 +382,19 @@ pub fn decode_state(buf: &[u8]) -> Option<State> {
     let version = r.u64()?;
     let generation = r.u32()?;
     let proxies = r.u32()?;
+    let scopes_version = r.u64()?;
     let token_count = r.u64()?;
     let store_id = String::from_utf8(r.bytes()?.to_vec()).ok()?;
+    if !r.buf.is_empty() {
+        return None;
+    }
     Some(State {
         version,
         generation,
         proxies,
         store_id,
         token_count,
+        scopes_version,
     })
 }
 
@@ -367,6 +411,113 @@ pub fn state_proxies(buf: &[u8]) -> u32 {
     buf.get(13..17)
         .and_then(|b| b.try_into().ok())
         .map_or(0, u32::from_le_bytes)
+}
+
+/// Only the version and the scope stamp, for a scoped token's request (`None` when
+/// unreadable).
+pub fn state_scopes(buf: &[u8]) -> Option<(u64, ScopeStamp)> {
+    let generation = state_generation(buf)?;
+    let word = |at: usize| {
+        buf.get(at..at + 8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes)
+    };
+    let stamp = ScopeStamp {
+        generation,
+        version: word(17)?,
+    };
+    Some((word(1)?, stamp))
+}
+
+/// The scope set as a worker reads it back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScopeSetRecord {
+    pub stamp: ScopeStamp,
+    pub scopes: Vec<SyncScope>,
+}
+
+fn clamp_u16<T>(items: &[T]) -> &[T] {
+    &items[..items.len().min(usize::from(u16::MAX))]
+}
+
+/// Encodes every scope there is (the per-scope version is not kept: the stamp covers the
+/// set). Read rarely (once per worker per change), so compact rather than in-place.
+pub fn encode_scopes(stamp: ScopeStamp, scopes: &[SyncScope]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + scopes.len() * 64);
+    out.push(SCOPES_FORMAT);
+    out.extend_from_slice(&stamp.generation.to_le_bytes());
+    out.extend_from_slice(&stamp.version.to_le_bytes());
+    let scopes = clamp_u16(scopes);
+    out.extend_from_slice(&(scopes.len() as u16).to_le_bytes());
+    for s in scopes {
+        push_str(&mut out, &s.name);
+        let rules = clamp_u16(&s.rules);
+        out.extend_from_slice(&(rules.len() as u16).to_le_bytes());
+        for r in rules {
+            match &r.methods {
+                Some(ms) => {
+                    let ms = clamp_u16(ms);
+                    out.push(1);
+                    out.extend_from_slice(&(ms.len() as u16).to_le_bytes());
+                    for m in ms {
+                        push_str(&mut out, m);
+                    }
+                }
+                None => out.push(0),
+            }
+            push_str(&mut out, &r.path);
+        }
+    }
+    out
+}
+
+/// Only the stamp of an encoded scope set.
+pub fn scopes_stamp(buf: &[u8]) -> Option<ScopeStamp> {
+    let mut r = Reader { buf };
+    if r.u8()? != SCOPES_FORMAT {
+        return None;
+    }
+    Some(ScopeStamp {
+        generation: r.u32()?,
+        version: r.u64()?,
+    })
+}
+
+/// Decodes a scope set; `None` for anything malformed.
+pub fn decode_scopes(buf: &[u8]) -> Option<ScopeSetRecord> {
+    let stamp = scopes_stamp(buf)?;
+    let mut r = Reader {
+        buf: buf.get(13..)?,
+    };
+    let text = |r: &mut Reader<'_>| String::from_utf8(r.bytes()?.to_vec()).ok();
+    let count = r.u16()?;
+    let mut scopes = Vec::with_capacity(usize::from(count));
+    for _ in 0..count {
+        let name = text(&mut r)?;
+        let n = r.u16()?;
+        let mut rules = Vec::with_capacity(usize::from(n));
+        for _ in 0..n {
+            let methods = match r.u8()? {
+                0 => None,
+                1 => {
+                    let m = r.u16()?;
+                    Some((0..m).map(|_| text(&mut r)).collect::<Option<Vec<_>>>()?)
+                }
+                _ => return None,
+            };
+            let path = text(&mut r)?;
+            rules.push(Rule { methods, path });
+        }
+        scopes.push(SyncScope {
+            name,
+            rules,
+            version: 0,
+        });
+    }
+    if !r.buf.is_empty() {
+        return None;
+    }
+    Some(ScopeSetRecord { stamp, scopes })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -503,11 +654,27 @@ mod tests {
             proxies: 3,
             store_id: "store-1".into(),
             token_count: 12,
+            scopes_version: 5,
         };
         let enc = encode_state(&s);
         assert_eq!(decode_state(&enc), Some(s));
         assert_eq!(state_generation(&enc), Some(7));
         assert_eq!(state_proxies(&enc), 3);
+        assert_eq!(
+            state_scopes(&enc),
+            Some((
+                99,
+                ScopeStamp {
+                    generation: 7,
+                    version: 5
+                }
+            ))
+        );
+        assert_eq!(state_scopes(&enc[..24]), None);
+        let mut older = enc.clone();
+        older[0] = 2;
+        assert_eq!(decode_state(&older), None, "an older format is no state");
+        assert_eq!(state_generation(&older), None);
         assert_eq!(state_proxies(&enc[..16]), 0);
         assert_eq!(state_generation(&enc[..5]), None);
         // The generation is read from the first 13 bytes alone.
@@ -534,5 +701,51 @@ mod tests {
         assert!(matches!(token_key(&h), Key::Inline { .. }));
         let long = "x".repeat(100);
         assert_eq!(token_key(&long), format!("tg:t:{long}"));
+    }
+
+    #[test]
+    fn scope_sets_round_trip_and_refuse_damage() {
+        let stamp = ScopeStamp {
+            generation: 4,
+            version: 77,
+        };
+        let scopes = vec![
+            SyncScope {
+                name: "orders:read".into(),
+                rules: vec![
+                    Rule {
+                        methods: Some(vec!["GET".into(), "HEAD".into()]),
+                        path: "/orders/**".into(),
+                    },
+                    Rule {
+                        methods: None,
+                        path: "/items/*".into(),
+                    },
+                ],
+                version: 0,
+            },
+            SyncScope {
+                name: "none".into(),
+                rules: vec![],
+                version: 0,
+            },
+        ];
+        let enc = encode_scopes(stamp, &scopes);
+        assert_eq!(scopes_stamp(&enc), Some(stamp));
+        let back = decode_scopes(&enc).unwrap();
+        assert_eq!((back.stamp, back.scopes), (stamp, scopes));
+        for n in 0..enc.len() {
+            assert!(decode_scopes(&enc[..n]).is_none(), "prefix of {n} bytes");
+        }
+        let mut longer = enc.clone();
+        longer.push(0);
+        assert!(decode_scopes(&longer).is_none());
+        let mut other = enc;
+        other[0] = 9;
+        assert!(decode_scopes(&other).is_none() && scopes_stamp(&other).is_none());
+        assert_eq!(
+            decode_scopes(&encode_scopes(stamp, &[])).unwrap().scopes,
+            vec![]
+        );
     }
 }

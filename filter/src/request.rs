@@ -2,15 +2,17 @@
 //! it, count it, then either rewrite the headers that go upstream or name the refusal. Each
 //! flavor supplies the header map ([`RequestHeaders`]) and sends what [`Reply`] says.
 
-use crate::authorize::{self, Denial, Outcome, Token};
+use crate::authorize::{self, Denial, Outcome, Target, Token};
 use crate::config::Config;
 use crate::fleet;
 use crate::forward;
 use crate::grpc;
 use crate::metrics::Counter;
 use crate::response;
+use crate::scopes::ScopeCache;
 use crate::store::SharedStore;
 use crate::timefmt;
+use tokengate_wire::scope::{self, MAX_NAME, MAX_TOKEN_SCOPES};
 
 /// The request headers of one stream. Edits report the host's refusal as `Err(why)`: the
 /// request is then refused rather than sent upstream half-edited.
@@ -27,11 +29,14 @@ pub trait RequestHeaders {
     fn set(&mut self, name: &str, value: &[u8]) -> Result<(), String>;
 }
 
-/// The names of the identity headers (token id, name, owner, kind), built once from the
-/// configured prefix.
+/// The names of the identity headers (token id, name, owner, kind; and the scopes of a
+/// scoped token), built once from the configured prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IdentityHeaders {
     pub names: [String; 4],
+    /// Set to a scoped token's scope names, space-separated; never sent for an unrestricted
+    /// token (a client-sent copy is removed like every identity header).
+    pub scopes: String,
 }
 
 impl IdentityHeaders {
@@ -44,6 +49,7 @@ impl IdentityHeaders {
                 format!("{p}token-owner"),
                 format!("{p}token-kind"),
             ],
+            scopes: format!("{p}scopes"),
         }
     }
 }
@@ -57,7 +63,27 @@ fn forward_upstream<H: RequestHeaders, V: AsRef<[u8]>>(
     headers: &mut H,
     token: &Token<V>,
 ) -> Result<(), String> {
-    headers.remove_where(&|name| forward::to_remove(cfg, name, &ids.names))?;
+    let scopes = token.scopes();
+    // A scoped token's header is replaced by setting it; otherwise any copy goes.
+    let keep_scopes = scopes.is_some();
+    headers.remove_where(&|name| {
+        forward::to_remove(cfg, name, &ids.names) && !(keep_scopes && name == ids.scopes.as_bytes())
+    })?;
+    if let Some(names) = scopes {
+        // Room for the most names a token carries at their longest: no allocation.
+        let mut buf = [0u8; MAX_TOKEN_SCOPES * (MAX_NAME + 1)];
+        let mut len = 0;
+        for name in names.iter().filter(|n| scope::is_name(n)) {
+            let sep = usize::from(len > 0);
+            let Some(slot) = buf.get_mut(len..len + sep + name.len()) else {
+                break;
+            };
+            slot[..sep].copy_from_slice(&b" "[..sep]);
+            slot[sep..].copy_from_slice(name);
+            len += sep + name.len();
+        }
+        headers.set(&ids.scopes, buf.get(..len).unwrap_or_default())?;
+    }
     let values: [&[u8]; 4] = [
         token.id(),
         token.name(),
@@ -73,14 +99,16 @@ fn forward_upstream<H: RequestHeaders, V: AsRef<[u8]>>(
 /// Announces the token's expiry on a response, inside the warning window.
 pub const EXPIRES_HEADER: &str = "x-tokengate-token-expires";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reply {
     /// On its way upstream; the response announces `expires_at` (Unix seconds) if set.
     Allow { expires_at: Option<i64> },
-    /// Answer with [`crate::response::refusal`], announcing `expires_at` if set.
+    /// Answer with [`answer`], announcing `expires_at` if set.
     Refuse {
         denial: Denial,
         expires_at: Option<i64>,
+        /// With [`Denial::InsufficientScope`]: the scopes that would cover the request.
+        needed_scopes: Option<String>,
     },
 }
 
@@ -117,6 +145,7 @@ pub fn handle<S, H>(
     cfg: &Config,
     ids: &IdentityHeaders,
     store: &S,
+    scopes: &ScopeCache,
     headers: &mut H,
     now_nanos: u64,
     mut usage: impl FnMut(Counted<'_>),
@@ -134,13 +163,28 @@ where
                 token: None,
                 fleet: false,
                 quota: None,
+                needed_scopes: None,
             }
         } else {
+            // Only a scoped token's request reads them.
+            let (mut method, mut path) = (None, None);
+            let (m, p) = (&mut method, &mut path);
+            let h: &H = headers;
             authorize::judge(
                 cfg,
                 store,
+                scopes,
                 credential.as_ref().map(|c| c.bytes()),
                 now_nanos,
+                move || {
+                    *m = h.get(":method");
+                    *p = h.get(":path");
+                    let (m, p): (&Option<H::Value>, &Option<H::Value>) = (m, p);
+                    Target {
+                        method: m.as_ref().map(AsRef::as_ref),
+                        path: p.as_ref().map(AsRef::as_ref),
+                    }
+                },
             )
         }
     };
@@ -181,6 +225,7 @@ where
                 Reply::Refuse {
                     denial: Denial::StateUnavailable,
                     expires_at: None,
+                    needed_scopes: None,
                 }
             }
         },
@@ -188,6 +233,7 @@ where
             // Unreachable: an allowed request always has its token. Fail closed regardless.
             denial: Denial::StateUnavailable,
             expires_at: None,
+            needed_scopes: None,
         },
         (Outcome::Deny(denial), _) => Reply::Refuse {
             denial,
@@ -196,11 +242,12 @@ where
                 Denial::RateLimited { .. } | Denial::QuotaExceeded { .. } => expires_at,
                 _ => None,
             },
+            needed_scopes: verdict.needed_scopes,
         },
     };
-    let counter = match reply {
+    let counter = match &reply {
         Reply::Allow { .. } => Counter::Allowed,
-        Reply::Refuse { denial, .. } => Counter::denied(denial),
+        Reply::Refuse { denial, .. } => Counter::denied(*denial),
     };
     Handled {
         reply,
@@ -228,11 +275,13 @@ pub struct Answer {
 
 /// The answer to a request refused with `denial`, in the client's protocol: gRPC clients
 /// (by the request's `content-type`, see [`grpc::is_grpc`]) get gRPC statuses, others the
-/// JSON refusal. `expires_at` (Unix seconds) is announced if set.
+/// JSON refusal. `expires_at` (Unix seconds) is announced if set; `needed_scopes` (see
+/// [`Reply::Refuse`]) goes in the `WWW-Authenticate` challenge's `scope`.
 pub fn answer<H: RequestHeaders + ?Sized>(
     headers: &H,
     denial: Denial,
     expires_at: Option<i64>,
+    needed_scopes: Option<&str>,
 ) -> Answer {
     let content_type = headers.get("content-type");
     let refusal = response::refusal(denial);
@@ -254,6 +303,13 @@ pub fn answer<H: RequestHeaders + ?Sized>(
             code: refusal.code,
         }
     };
+    if denial == Denial::InsufficientScope && needed_scopes.is_some() {
+        for (name, value) in &mut answer.headers {
+            if *name == "www-authenticate" {
+                *value = response::insufficient_scope_challenge(needed_scopes);
+            }
+        }
+    }
     if let Some(t) = expires_at {
         answer.headers.push((EXPIRES_HEADER, timefmt::rfc3339(t)));
     }
@@ -300,7 +356,15 @@ mod tests {
         mut usage: impl FnMut(&[u8], bool, i64),
     ) -> (Reply, Counter) {
         let usage = |c: Counted<'_>| usage(c.id, c.allowed, c.at);
-        let handled = handle(c, &IdentityHeaders::new(c), s, h, now, usage);
+        let handled = handle(
+            c,
+            &IdentityHeaders::new(c),
+            s,
+            &ScopeCache::new(),
+            h,
+            now,
+            usage,
+        );
         (handled.reply, handled.counter)
     }
 
@@ -316,6 +380,7 @@ mod tests {
             proxies: 0,
             store_id: "s".into(),
             token_count: 1,
+            scopes_version: 0,
         };
         s.set(STATE_KEY, &encode_state(&state), 0).unwrap();
         let secret = token::compose(&"a".repeat(32)).unwrap();
@@ -391,7 +456,8 @@ mod tests {
             (
                 Reply::Refuse {
                     denial: Denial::TokenSuspended,
-                    expires_at: None
+                    expires_at: None,
+                    needed_scopes: None,
                 },
                 Counter::TokenSuspended
             )
@@ -410,7 +476,8 @@ mod tests {
             (
                 Reply::Refuse {
                     denial: Denial::MissingToken,
-                    expires_at: None
+                    expires_at: None,
+                    needed_scopes: None,
                 },
                 Counter::MissingToken
             )
@@ -439,7 +506,8 @@ mod tests {
             reply,
             Reply::Refuse {
                 denial: Denial::RateLimited { .. },
-                expires_at: Some(e)
+                expires_at: Some(e),
+                needed_scopes: None,
             } if e == soon
         ));
         let (s, secret) = setup(|r| {
@@ -452,7 +520,8 @@ mod tests {
             reply,
             Reply::Refuse {
                 denial: Denial::TokenSuspended,
-                expires_at: None
+                expires_at: None,
+                needed_scopes: None,
             }
         );
     }
@@ -470,9 +539,15 @@ mod tests {
         let mut counted = vec![];
         for _ in 0..2 {
             let mut h = headers(&[("x-api-token", &secret)]);
-            handle(&c, &IdentityHeaders::new(&c), &s, &mut h, NOW, |c| {
-                counted.push((c.id.to_vec(), c.allowed, c.usage, c.fleet))
-            });
+            handle(
+                &c,
+                &IdentityHeaders::new(&c),
+                &s,
+                &ScopeCache::new(),
+                &mut h,
+                NOW,
+                |c| counted.push((c.id.to_vec(), c.allowed, c.usage, c.fleet)),
+            );
         }
         let key = fleet::quota_tally_key(&hash_hex(secret.as_bytes())).to_vec();
         assert!(key.starts_with(b"q:") && key.len() == 66);
@@ -515,7 +590,8 @@ mod tests {
                     window_secs: 3_600,
                     ..
                 },
-                expires_at: Some(_)
+                expires_at: Some(_),
+                ..
             }
         ));
         assert_eq!(counter, Counter::QuotaExceeded);
@@ -547,13 +623,22 @@ mod tests {
     fn a_request_whose_headers_cannot_be_edited_is_refused() {
         let (c, (s, secret)) = (cfg(), setup(|_| {}));
         let mut h = headers(&[("x-api-token", &secret), ("refuse-edits", "1")]);
-        let handled = handle(&c, &IdentityHeaders::new(&c), &s, &mut h, NOW, |_| {});
+        let handled = handle(
+            &c,
+            &IdentityHeaders::new(&c),
+            &s,
+            &ScopeCache::new(),
+            &mut h,
+            NOW,
+            |_| {},
+        );
         assert_eq!(
             (handled.reply, handled.counter),
             (
                 Reply::Refuse {
                     denial: Denial::StateUnavailable,
-                    expires_at: None
+                    expires_at: None,
+                    needed_scopes: None,
                 },
                 Counter::StateUnavailable
             )
@@ -576,6 +661,7 @@ mod tests {
             &headers(&[("content-type", "application/json")]),
             limited,
             None,
+            None,
         );
         assert_eq!(
             (json.status, json.grpc, json.code),
@@ -588,6 +674,7 @@ mod tests {
             &headers(&[("content-type", "application/grpc+proto")]),
             limited,
             Some(1_800_000_000),
+            None,
         );
         assert_eq!(
             (g.status, g.grpc, g.code, g.body.as_str()),
@@ -602,8 +689,141 @@ mod tests {
             headers(&[]),
             headers(&[("content-type", "application/grpc-web")]),
         ] {
-            let a = answer(&h, Denial::MissingToken, None);
+            let a = answer(&h, Denial::MissingToken, None, None);
             assert_eq!((a.status, a.grpc), (401, None));
         }
+    }
+
+    fn scoped_setup(scopes: Option<Vec<String>>) -> (MemStore, String) {
+        use crate::record::{encode_scopes, ScopeStamp, SCOPES_KEY};
+        use tokengate_wire::{Rule, SyncScope};
+        let (s, secret) = setup(|r| r.scopes = scopes);
+        let set = [SyncScope {
+            name: "orders:read".into(),
+            rules: vec![Rule {
+                methods: Some(vec!["GET".into()]),
+                path: "/orders/**".into(),
+            }],
+            version: 1,
+        }];
+        let stamp = ScopeStamp {
+            generation: 1,
+            version: 0,
+        };
+        s.set(SCOPES_KEY, &encode_scopes(stamp, &set), 0).unwrap();
+        (s, secret)
+    }
+
+    #[test]
+    fn a_scoped_token_sends_its_scopes_upstream_and_nobody_else_can() {
+        let c = cfg();
+        let cache = ScopeCache::new();
+        let names = Some(vec!["orders:read".into(), "Bad Name".into(), "gone".into()]);
+        let (s, secret) = scoped_setup(names);
+        let mut h = headers(&[
+            ("x-api-token", &secret),
+            (":method", "GET"),
+            (":path", "/orders/7?x=1"),
+            ("x-tokengate-scopes", "admin"),
+            ("x_tokengate_scopes", "admin"),
+        ]);
+        let handled = handle(
+            &c,
+            &IdentityHeaders::new(&c),
+            &s,
+            &cache,
+            &mut h,
+            NOW,
+            |_| {},
+        );
+        assert_eq!(handled.reply, Reply::Allow { expires_at: None });
+        assert_eq!(
+            h.0.get("x-tokengate-scopes").map(Vec::as_slice),
+            Some(&b"orders:read gone"[..]),
+            "the token's names, those that are no scope name left out"
+        );
+        assert!(!h.0.contains_key("x_tokengate_scopes"));
+
+        // Unrestricted: no scopes header, and a client's copy goes.
+        let (s, secret) = scoped_setup(None);
+        let mut h = headers(&[
+            ("x-api-token", &secret),
+            ("x-tokengate-scopes", "admin"),
+            ("X-Tokengate-Scopes", "admin"),
+        ]);
+        let handled = handle(
+            &c,
+            &IdentityHeaders::new(&c),
+            &s,
+            &cache,
+            &mut h,
+            NOW,
+            |_| {},
+        );
+        assert_eq!(handled.reply, Reply::Allow { expires_at: None });
+        assert!(
+            h.0.keys()
+                .all(|k| !k.to_ascii_lowercase().contains("scopes")),
+            "{:?}",
+            h.0.keys()
+        );
+    }
+
+    #[test]
+    fn a_request_outside_the_scopes_is_refused_with_the_scope_challenge() {
+        let c = cfg();
+        let cache = ScopeCache::new();
+        let (s, secret) = scoped_setup(Some(vec![]));
+        let mut h = headers(&[
+            ("x-api-token", &secret),
+            (":method", "GET"),
+            (":path", "/orders"),
+        ]);
+        let handled = handle(
+            &c,
+            &IdentityHeaders::new(&c),
+            &s,
+            &cache,
+            &mut h,
+            NOW,
+            |_| {},
+        );
+        assert_eq!(handled.counter, Counter::InsufficientScope);
+        let Reply::Refuse {
+            denial,
+            needed_scopes,
+            ..
+        } = handled.reply
+        else {
+            panic!("refused")
+        };
+        assert_eq!(needed_scopes.as_deref(), Some("orders:read"));
+        assert_eq!(
+            h.0.get("x-api-token").map(Vec::as_slice),
+            Some(secret.as_bytes()),
+            "untouched"
+        );
+        let a = answer(&h, denial, None, needed_scopes.as_deref());
+        assert_eq!((a.status, a.code), (403, "insufficient_scope"));
+        assert!(a.headers.contains(&(
+            "www-authenticate",
+            r#"Bearer error="insufficient_scope", scope="orders:read""#.to_string()
+        )));
+        let a = answer(&h, denial, None, None);
+        assert!(a.headers.contains(&(
+            "www-authenticate",
+            r#"Bearer error="insufficient_scope""#.to_string()
+        )));
+        let g = answer(
+            &headers(&[("content-type", "application/grpc")]),
+            denial,
+            None,
+            Some("orders:read"),
+        );
+        assert_eq!(g.grpc, Some(grpc::Code::PermissionDenied));
+        assert!(g.headers.contains(&(
+            "www-authenticate",
+            r#"Bearer error="insufficient_scope", scope="orders:read""#.to_string()
+        )));
     }
 }

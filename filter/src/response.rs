@@ -14,6 +14,16 @@ pub struct Refusal {
 
 const INVALID_CHALLENGE: &str = r#"Bearer error="invalid_token""#;
 
+/// RFC 6750's challenge for a request outside the token's scopes. `needed`: the known scopes
+/// that would cover the request, space-separated (scope names never hold `"` or `\`); left
+/// out when none would.
+pub fn insufficient_scope_challenge(needed: Option<&str>) -> String {
+    match needed {
+        Some(n) if !n.is_empty() => format!(r#"Bearer error="insufficient_scope", scope="{n}""#),
+        _ => r#"Bearer error="insufficient_scope""#.to_string(),
+    }
+}
+
 fn body(code: &str, message: &str) -> String {
     format!(r#"{{"error":"{code}","message":"{message}"}}"#)
 }
@@ -40,6 +50,12 @@ pub fn refusal(d: Denial) -> Refusal {
                 vec![("www-authenticate", INVALID_CHALLENGE.to_string())],
             ),
             Denial::TokenSuspended => (403, "token_suspended", "The access token is suspended.", vec![]),
+            Denial::InsufficientScope => (
+                403,
+                "insufficient_scope",
+                "The access token's scopes do not cover this method and path.",
+                vec![("www-authenticate", insufficient_scope_challenge(None))],
+            ),
             Denial::RateLimited { retry_after_secs, max_rps, .. } => (
                 429,
                 "rate_limited",
@@ -105,6 +121,12 @@ mod tests {
             ),
             (Denial::TokenSuspended, 403, "token_suspended", None),
             (
+                Denial::InsufficientScope,
+                403,
+                "insufficient_scope",
+                Some(r#"Bearer error="insufficient_scope""#),
+            ),
+            (
                 Denial::StateUnavailable,
                 503,
                 "token_state_unavailable",
@@ -158,5 +180,17 @@ mod tests {
         assert_eq!(header(&r, "ratelimit"), None);
         let json: serde_json::Value = serde_json::from_str(&r.body).unwrap();
         assert_eq!(json["error"], "quota_exceeded");
+    }
+
+    #[test]
+    fn the_scope_challenge_names_the_scopes_that_would_do() {
+        assert_eq!(
+            insufficient_scope_challenge(Some("orders:read admin")),
+            r#"Bearer error="insufficient_scope", scope="orders:read admin""#
+        );
+        assert_eq!(
+            insufficient_scope_challenge(Some("")),
+            r#"Bearer error="insufficient_scope""#
+        );
     }
 }

@@ -7,7 +7,9 @@
 
 use crate::callout::{self, Backoff, Callout};
 use crate::config::Config;
-use crate::record::{self, Lease, State, GENERATION_KEY, LEASE_KEY, STATE_KEY};
+use crate::record::{
+    self, Lease, ScopeStamp, State, GENERATION_KEY, LEASE_KEY, SCOPES_KEY, STATE_KEY,
+};
 use crate::store::{compare_and_swap, CasError, SharedStore, Step, StoreError};
 use tokengate_wire::{SyncRecord, SyncResponse, SyncStatus};
 
@@ -296,6 +298,29 @@ impl SyncClient {
                 _ => return Err(SyncFailure::Malformed),
             }
         };
+        // The scope set first: a worker that reads a token naming a new scope finds it.
+        let scopes_version = match (&resp.scopes, resp.snapshot) {
+            (Some(scopes), _) => {
+                let version = resp.scopes_version.unwrap_or(0);
+                let stamp = ScopeStamp {
+                    generation,
+                    version,
+                };
+                write_scopes(store, stamp, scopes)?;
+                version
+            }
+            // A snapshot replaces everything: one without scopes (a control plane from
+            // before them) leaves none.
+            (None, true) => {
+                let stamp = ScopeStamp {
+                    generation,
+                    version: 0,
+                };
+                write_scopes(store, stamp, &[])?;
+                0
+            }
+            (None, false) => current.as_ref().map_or(0, |c| c.scopes_version),
+        };
         for rec in &resp.changes {
             write_record(store, rec, generation)?;
         }
@@ -321,6 +346,7 @@ impl SyncClient {
             proxies: self.proxies,
             store_id: resp.store_id.clone(),
             token_count: resp.token_count,
+            scopes_version,
         };
         let state = commit_state(store, state, resp.snapshot)?;
         Ok(Applied {
@@ -399,6 +425,22 @@ fn write_record<S: SharedStore + ?Sized>(
         }
     }
     Ok(())
+}
+
+/// Writes the scope set unless a later one is already there (a slower, older answer, or the
+/// late page of a superseded snapshot, must not undo it).
+fn write_scopes<S: SharedStore + ?Sized>(
+    store: &S,
+    stamp: ScopeStamp,
+    scopes: &[tokengate_wire::SyncScope],
+) -> Result<(), SyncFailure> {
+    compare_and_swap(store, SCOPES_KEY, WRITE_RETRIES, |existing| match existing
+        .and_then(record::scopes_stamp)
+    {
+        Some(held) if held >= stamp => Step::Keep(()),
+        _ => Step::Write(record::encode_scopes(stamp, scopes), ()),
+    })
+    .map_err(store_failure)
 }
 
 /// Publishes the state, never moving the version backwards within a generation. Returns
@@ -1034,5 +1076,189 @@ mod tests {
             "{:?}",
             allows(&s, &y)
         );
+    }
+
+    fn scoped_resp(
+        version: u64,
+        snapshot: bool,
+        changes: Vec<SyncRecord>,
+        scopes: Option<(u64, Vec<tokengate_wire::SyncScope>)>,
+    ) -> Vec<u8> {
+        let (scopes_version, scopes) = match scopes {
+            Some((v, s)) => (Some(v), Some(s)),
+            None => (None, None),
+        };
+        serde_json::to_vec(&SyncResponse {
+            scopes,
+            scopes_version,
+            store_id: "store-a".into(),
+            version,
+            snapshot,
+            changes,
+            next_cursor: None,
+            token_count: 1,
+            proxies: None,
+        })
+        .unwrap()
+    }
+
+    fn one_scope(name: &str, path: &str) -> tokengate_wire::SyncScope {
+        tokengate_wire::SyncScope {
+            name: name.into(),
+            rules: vec![tokengate_wire::Rule {
+                methods: Some(vec!["GET".into()]),
+                path: path.into(),
+            }],
+            version: 1,
+        }
+    }
+
+    fn scoped_judge(
+        s: &MemStore,
+        cache: &crate::scopes::ScopeCache,
+        secret: &str,
+        path: &str,
+    ) -> Outcome {
+        let target = crate::authorize::Target {
+            method: Some(b"GET"),
+            path: Some(path.as_bytes()),
+        };
+        crate::authorize::judge(&cfg(), s, cache, Some(secret.as_bytes()), NOW_NS, || target)
+            .outcome
+    }
+
+    fn cas_of(s: &MemStore, key: &str) -> u32 {
+        s.map.borrow().get(key).map(|(_, cas)| *cas).unwrap()
+    }
+
+    #[test]
+    fn the_scope_set_is_written_before_the_tokens_and_the_state() {
+        let c = cfg();
+        let s = MemStore::default();
+        let a = secret('a');
+        let mut sc = SyncClient::new(1);
+        sc.on_tick(&c, &s, "", 0);
+        let snap = scoped_resp(3, true, vec![], Some((2, vec![one_scope("r", "/r/**")])));
+        sc.on_response(&c, &s, "", 0, Some(200), Some(&snap))
+            .0
+            .unwrap();
+        // A scope created and a token naming it, in one answer.
+        let mut t = rec(&a, 5, SyncStatus::Active);
+        t.scopes = Some(vec!["new".into()]);
+        let body = scoped_resp(
+            5,
+            false,
+            vec![t.clone()],
+            Some((4, vec![one_scope("r", "/r/**"), one_scope("new", "/n")])),
+        );
+        let (applied, _) = sc.on_response(&c, &s, "", 10_000, Some(200), Some(&body));
+        assert_eq!(applied.unwrap().state.unwrap().scopes_version, 4);
+        let (scopes, token, state) = (
+            cas_of(&s, SCOPES_KEY),
+            cas_of(&s, &record::token_key(&t.hash)),
+            cas_of(&s, STATE_KEY),
+        );
+        assert!(scopes < token && token < state, "{scopes} {token} {state}");
+        let cache = crate::scopes::ScopeCache::new();
+        assert_eq!(scoped_judge(&s, &cache, &a, "/n"), Outcome::Allow);
+        assert_eq!(
+            scoped_judge(&s, &cache, &a, "/r/x"),
+            Outcome::Deny(Denial::InsufficientScope)
+        );
+
+        // A scope edited: the next answer carries the whole set; the same cache sees it.
+        let edited = scoped_resp(6, false, vec![], Some((6, vec![one_scope("new", "/m")])));
+        sc.on_response(&c, &s, "", 20_000, Some(200), Some(&edited))
+            .0
+            .unwrap();
+        assert_eq!(
+            scoped_judge(&s, &cache, &a, "/n"),
+            Outcome::Deny(Denial::InsufficientScope)
+        );
+        assert_eq!(scoped_judge(&s, &cache, &a, "/m"), Outcome::Allow);
+        assert_eq!(cache.compilations(), 2);
+
+        // Changes without scopes keep the set and its version; an older answer's set does not
+        // undo the newer one.
+        let plain = scoped_resp(
+            7,
+            false,
+            vec![rec(&secret('b'), 7, SyncStatus::Active)],
+            None,
+        );
+        let (applied, _) = sc.on_response(&c, &s, "", 30_000, Some(200), Some(&plain));
+        assert_eq!(applied.unwrap().state.unwrap().scopes_version, 6);
+        let stale = scoped_resp(5, false, vec![], Some((4, vec![one_scope("new", "/n")])));
+        sc.on_response(&c, &s, "", 40_000, Some(200), Some(&stale))
+            .0
+            .unwrap();
+        assert_eq!(scoped_judge(&s, &cache, &a, "/m"), Outcome::Allow);
+        assert_eq!(
+            read_state(&s).unwrap().unwrap().scopes_version,
+            6,
+            "in force: 6"
+        );
+    }
+
+    #[test]
+    fn a_snapshot_without_scopes_leaves_none() {
+        let c = cfg();
+        let s = MemStore::default();
+        let a = secret('a');
+        let mut t = rec(&a, 2, SyncStatus::Active);
+        t.scopes = Some(vec!["r".into()]);
+        let mut sc = SyncClient::new(1);
+        sc.on_tick(&c, &s, "", 0);
+        let snap = scoped_resp(
+            3,
+            true,
+            vec![t.clone()],
+            Some((2, vec![one_scope("r", "/**")])),
+        );
+        sc.on_response(&c, &s, "", 0, Some(200), Some(&snap))
+            .0
+            .unwrap();
+        let cache = crate::scopes::ScopeCache::new();
+        assert_eq!(scoped_judge(&s, &cache, &a, "/x"), Outcome::Allow);
+        // Another store, from before scopes: its snapshot says nothing of them.
+        let mut other = SyncClient::new(1);
+        let snap = scoped_resp(1, true, vec![t], None);
+        other
+            .on_response(&c, &s, "", 1, Some(200), Some(&snap))
+            .0
+            .unwrap();
+        assert_eq!(
+            scoped_judge(&s, &cache, &a, "/x"),
+            Outcome::Deny(Denial::InsufficientScope)
+        );
+    }
+
+    #[test]
+    fn a_state_of_an_older_format_is_resnapshotted() {
+        // What a filter of the previous release left in Envoy's shared data (format 2: no
+        // scope stamp), as after a hot upgrade of the module.
+        let c = cfg();
+        let s = MemStore::default();
+        let mut old = vec![2u8];
+        old.extend_from_slice(&9u64.to_le_bytes());
+        old.extend_from_slice(&1u32.to_le_bytes());
+        old.extend_from_slice(&0u32.to_le_bytes());
+        old.extend_from_slice(&1u64.to_le_bytes());
+        old.extend_from_slice(&7u16.to_le_bytes());
+        old.extend_from_slice(b"store-a");
+        s.set(STATE_KEY, &old, 0).unwrap();
+        let a = secret('a');
+        assert_eq!(allows(&s, &a), Outcome::Deny(Denial::StateUnavailable));
+        let mut sc = SyncClient::new(1);
+        assert_eq!(
+            sc.on_tick(&c, &s, "", 0).as_deref(),
+            Some("/v1/sync?since=0&wait=5"),
+            "a snapshot, not changes since 9"
+        );
+        let snap = resp(9, true, vec![rec(&a, 9, SyncStatus::Active)], None);
+        sc.on_response(&c, &s, "", 0, Some(200), Some(&snap))
+            .0
+            .unwrap();
+        assert_eq!(allows(&s, &a), Outcome::Allow);
     }
 }

@@ -17,6 +17,7 @@ use tokengate_filter::host::{Call, Host, Level};
 use tokengate_filter::leader::{Answer, Leader};
 use tokengate_filter::metrics::{Counter, Gauge};
 use tokengate_filter::request::{self, IdentityHeaders, Reply, RequestHeaders, EXPIRES_HEADER};
+use tokengate_filter::scopes::ScopeCache;
 
 use tokengate_filter::timefmt;
 use tokengate_filter::usage::Tally;
@@ -45,6 +46,8 @@ struct Worker {
     usage: Mutex<Tally>,
     /// Fleet demand (requests that met a fleet-limited bucket) since then.
     fleet: Mutex<Tally>,
+    /// This worker's compiled scope set: its own, so that the lock is never contended.
+    scopes: ScopeCache,
 }
 
 impl Worker {
@@ -53,6 +56,7 @@ impl Worker {
             counts: std::array::from_fn(|_| AtomicU64::new(0)),
             usage: Mutex::new(Tally::new(cap)),
             fleet: Mutex::new(Tally::new(cap)),
+            scopes: ScopeCache::new(),
         }
     }
 }
@@ -116,6 +120,8 @@ pub struct Tokengate {
     counters: [Option<usize>; Counter::ALL.len()],
     gauges: [Option<usize>; Gauge::ALL.len()],
     leader: Mutex<Leader>,
+    /// For a request whose worker index has no [`Worker`] (never expected).
+    scopes: ScopeCache,
     /// Panics caught outside any worker's request, since the last tick.
     panics: AtomicU64,
     ticker: Mutex<Option<Ticker>>,
@@ -171,8 +177,13 @@ impl Tokengate {
 /// A refusal, in the client's protocol ([`request::answer`]): Envoy's local reply for HTTP
 /// clients; for gRPC clients a trailers-only answer sent as headers, because Envoy's local
 /// reply would pick its own `grpc-status` for the HTTP status.
-fn refuse(envoy: &FilterHandle<'_>, d: Denial, expires_at: Option<i64>) {
-    let a = request::answer(&EnvoyHeaders(envoy), d, expires_at);
+fn refuse(
+    envoy: &FilterHandle<'_>,
+    d: Denial,
+    expires_at: Option<i64>,
+    needed_scopes: Option<&str>,
+) {
+    let a = request::answer(&EnvoyHeaders(envoy), d, expires_at, needed_scopes);
     let metadata = a.headers.iter().map(|(n, v)| (*n, v.as_str()));
     match a.grpc {
         None => {
@@ -289,6 +300,7 @@ impl Plugin for Tokengate {
             counters,
             gauges,
             leader,
+            scopes: ScopeCache::new(),
             panics: AtomicU64::new(0),
             ticker: Mutex::new(ticker),
         })
@@ -331,6 +343,7 @@ impl Plugin for Tokengate {
             &self.config,
             &self.identity,
             &self.store,
+            worker.map_or(&self.scopes, |w| &w.scopes),
             &mut EnvoyHeaders(envoy),
             now_nanos(),
             |c| {
@@ -355,8 +368,12 @@ impl Plugin for Tokengate {
                 stream.expires_at = expires_at;
                 Headers::Continue
             }
-            Reply::Refuse { denial, expires_at } => {
-                refuse(envoy, denial, expires_at);
+            Reply::Refuse {
+                denial,
+                expires_at,
+                needed_scopes,
+            } => {
+                refuse(envoy, denial, expires_at, needed_scopes.as_deref());
                 Headers::Stop
             }
         }
@@ -371,7 +388,7 @@ impl Plugin for Tokengate {
 
     fn request_panicked(&self, envoy: &FilterHandle<'_>) {
         self.panics.fetch_add(1, Ordering::Relaxed);
-        refuse(envoy, Denial::StateUnavailable, None);
+        refuse(envoy, Denial::StateUnavailable, None, None);
     }
 
     fn panicked(&self) {
@@ -379,7 +396,7 @@ impl Plugin for Tokengate {
     }
 
     fn refuse_unconfigured(envoy: &FilterHandle<'_>) {
-        refuse(envoy, Denial::StateUnavailable, None);
+        refuse(envoy, Denial::StateUnavailable, None, None);
     }
 }
 

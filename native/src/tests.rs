@@ -3,7 +3,7 @@
 use crate::abi::fake_envoy::{allocations_during, logs, FakeFilter, Loaded};
 use std::time::Instant;
 use tokengate_filter::authorize::hash_hex;
-use tokengate_wire::{token, Kind, SyncRecord, SyncResponse, SyncStatus};
+use tokengate_wire::{token, Kind, Rule, SyncRecord, SyncResponse, SyncScope, SyncStatus};
 
 const CONFIG: &str = r#"{"control_plane_cluster": "tokengate_control_plane",
     "control_plane_authority": "tokengate", "sync_token": "s3cret", "proxy_id": "proxy-7"}"#;
@@ -32,6 +32,21 @@ fn record(secret: &str, id: &str, max_rps: Option<u32>) -> SyncRecord {
 
 /// A configuration loaded with `records` through a real poll and answer.
 fn loaded(records: Vec<SyncRecord>) -> Loaded {
+    loaded_with_scopes(records, None)
+}
+
+fn scope(name: &str, methods: Option<&[&str]>, path: &str) -> SyncScope {
+    SyncScope {
+        name: name.into(),
+        rules: vec![Rule {
+            methods: methods.map(|ms| ms.iter().map(|m| m.to_string()).collect()),
+            path: path.into(),
+        }],
+        version: 1,
+    }
+}
+
+fn loaded_with_scopes(records: Vec<SyncRecord>, scopes: Option<Vec<SyncScope>>) -> Loaded {
     let l = Loaded::new(CONFIG).unwrap();
     l.tick();
     let poll = l.last_callout().unwrap();
@@ -43,8 +58,8 @@ fn loaded(records: Vec<SyncRecord>) -> Loaded {
         proxies: None,
         changes: records,
         next_cursor: None,
-        scopes: None,
-        scopes_version: None,
+        scopes_version: scopes.as_ref().map(|_| 3),
+        scopes,
     })
     .unwrap();
     l.answer(poll.id, Some("200"), &body);
@@ -334,12 +349,17 @@ fn a_bad_configuration_is_refused_naming_the_field() {
 #[test]
 fn the_allowed_path_allocates_nothing() {
     let (a, c) = (secret('a'), secret('c'));
-    let l = loaded(vec![
-        record(&a, "tok_a", None),
-        // Limited, far above what this test asks: every request writes the rate state.
-        record(&c, "tok_c", Some(1_000_000)),
-    ]);
+    let l = loaded_with_scopes(
+        vec![
+            record(&a, "tok_a", None),
+            // Limited, far above what this test asks: every request writes the rate state.
+            record(&c, "tok_c", Some(1_000_000)),
+            scoped(&secret('s'), "tok_s", &["orders:read", "orders:write"]),
+        ],
+        Some(orders_scopes()),
+    );
     let bearer = format!("Bearer {c}");
+    let s = secret('s');
     let requests = |n: usize| -> Vec<FakeFilter> {
         (0..n)
             .flat_map(|_| {
@@ -348,6 +368,13 @@ fn the_allowed_path_allocates_nothing() {
                     FakeFilter::with(&[
                         ("authorization", &bearer),
                         ("x_tokengate_token_owner", "spoof"),
+                    ]),
+                    // Scoped: matched against the compiled set, its scopes sent upstream.
+                    FakeFilter::with(&[
+                        ("x-api-token", &s),
+                        (":method", "GET"),
+                        (":path", "/orders/42?page=2"),
+                        ("x-tokengate-scopes", "spoof"),
                     ]),
                 ]
             })
@@ -373,6 +400,7 @@ fn the_allowed_path_allocates_nothing() {
     assert!(batch.iter().all(|f| {
         f.request_header("x-tokengate-token-id") != ["spoof"]
             && f.request_header("x_tokengate_token_owner").is_empty()
+            && f.request_header("x-tokengate-scopes") != ["spoof"]
     }));
     assert_eq!(allocations, 0, "heap allocations on the allowed path");
     // Whereas a refusal builds its answer.
@@ -438,4 +466,109 @@ fn a_quota_is_enforced_and_its_state_reported_by_the_leader() {
     let held = &body.quotas[0];
     assert_eq!(held.hash, hash_hex(q.as_bytes()));
     assert_eq!((held.spent, held.allowed), (3, 3));
+}
+
+fn scoped(secret: &str, id: &str, scopes: &[&str]) -> SyncRecord {
+    let mut r = record(secret, id, None);
+    r.scopes = Some(scopes.iter().map(|s| s.to_string()).collect());
+    r
+}
+
+fn orders_scopes() -> Vec<SyncScope> {
+    vec![
+        scope("orders:read", Some(&["GET"]), "/orders/**"),
+        scope("orders:write", Some(&["POST"]), "/orders"),
+        scope("admin", None, "/admin/**"),
+    ]
+}
+
+#[test]
+fn a_scoped_token_goes_only_where_its_scopes_allow() {
+    let (s, u) = (secret('s'), secret('u'));
+    let l = loaded_with_scopes(
+        vec![
+            scoped(&s, "tok_s", &["orders:read"]),
+            record(&u, "tok_u", None),
+        ],
+        Some(orders_scopes()),
+    );
+    let req = |t: &str, method: &str, path: &str| {
+        FakeFilter::with(&[
+            ("x-api-token", t),
+            (":method", method),
+            (":path", path),
+            ("x-tokengate-scopes", "admin"),
+        ])
+    };
+    let f = req(&s, "GET", "/orders/7");
+    assert_eq!(l.stream(&f), 0);
+    assert_eq!(f.request_header("x-tokengate-scopes"), ["orders:read"]);
+    assert_eq!(f.request_header("x-tokengate-token-id"), ["tok_s"]);
+
+    let f = req(&s, "POST", "/orders");
+    assert_eq!(l.stream(&f), 1);
+    assert_eq!(sent_status(&f), Some((403, "insufficient_scope".into())));
+    let sent = f.sent.borrow().clone().unwrap();
+    assert!(sent.headers.contains(&(
+        "www-authenticate".into(),
+        r#"Bearer error="insufficient_scope", scope="orders:write""#.into()
+    )));
+    assert_eq!(sent.details, "insufficient_scope");
+    assert_eq!(f.request_header("x-api-token"), [s.as_str()], "untouched");
+
+    for path in [
+        "/orders/../admin/x",
+        "//orders",
+        "/ORDERS",
+        "/orders/%2e%2e/admin",
+        "/orders%2Fsecret",
+        "/orders;x=1",
+        "/orders#frag",
+    ] {
+        let f = req(&s, "GET", path);
+        assert_eq!(l.stream(&f), 1, "{path}");
+        assert_eq!(sent_status(&f), Some((403, "insufficient_scope".into())));
+    }
+    let f = req(&s, "GET", "/admin/x");
+    assert_eq!(l.stream(&f), 1);
+    let sent = f.sent.borrow().clone().unwrap();
+    assert!(sent.headers.contains(&(
+        "www-authenticate".into(),
+        r#"Bearer error="insufficient_scope", scope="admin""#.into()
+    )));
+    let f = req(&s, "GET", "/elsewhere");
+    assert_eq!(l.stream(&f), 1);
+    let sent = f.sent.borrow().clone().unwrap();
+    assert!(sent.headers.contains(&(
+        "www-authenticate".into(),
+        r#"Bearer error="insufficient_scope""#.into()
+    )));
+
+    // Unrestricted: anywhere, and no scopes header (the client's copy removed).
+    let f = req(&u, "DELETE", "/admin/x");
+    assert_eq!(l.stream(&f), 0);
+    assert!(f.request_header("x-tokengate-scopes").is_empty());
+
+    // A scope edited: the next answer carries the whole set.
+    let poll = l.last_callout().unwrap();
+    let body = serde_json::to_vec(&SyncResponse {
+        store_id: "store-1".into(),
+        version: 8,
+        snapshot: false,
+        token_count: 2,
+        proxies: None,
+        changes: vec![],
+        next_cursor: None,
+        scopes_version: Some(8),
+        scopes: Some(vec![scope("orders:read", Some(&["GET"]), "/v2/orders/**")]),
+    })
+    .unwrap();
+    l.answer(poll.id, Some("200"), &body);
+    let f = req(&s, "GET", "/orders/7");
+    assert_eq!(l.stream(&f), 1);
+    let f = req(&s, "GET", "/v2/orders/7");
+    assert_eq!(l.stream(&f), 0);
+
+    l.tick();
+    assert_eq!(l.envoy.counter("tokengate.denied.insufficient_scope"), 11);
 }

@@ -17,7 +17,7 @@ const SETTLE: Duration = Duration::from_secs(30);
 const STATE_LOAD: Duration = Duration::from_secs(40);
 
 /// The counters one request adds to, one per outcome.
-const REQUEST_COUNTERS: [&str; 7] = [
+const REQUEST_COUNTERS: [&str; 8] = [
     "tokengate.allowed",
     "tokengate.denied.missing_token",
     "tokengate.denied.invalid_token",
@@ -25,6 +25,7 @@ const REQUEST_COUNTERS: [&str; 7] = [
     "tokengate.denied.token_suspended",
     "tokengate.denied.rate_limited",
     "tokengate.denied.token_state_unavailable",
+    "tokengate.denied.insufficient_scope",
 ];
 
 /// Every `tokengate.*` stat Envoy shows, by name without the flavor's namespace
@@ -163,6 +164,7 @@ fn every_documented_stat_counts_what_it_names(flavor: Flavor) {
     let (_, good) = stack.create_token(json!({"name": "good"}));
     let (good2_id, good2) = stack.create_token(json!({"name": "good-2"}));
     let (_, limited) = stack.create_token(json!({"name": "limited", "max_rps": 1}));
+    let (_, scoped) = stack.create_token(json!({"name": "no-scope", "scopes": []}));
     let (suspended_id, suspended) = stack.create_token(json!({"name": "suspended"}));
     stack.token_action(&suspended_id, "suspend");
     let (revoked_id, revoked) = stack.create_token(json!({"name": "revoked"}));
@@ -234,6 +236,16 @@ fn every_documented_stat_counts_what_it_names(flavor: Flavor) {
         );
         vec![("tokengate.denied.token_suspended", n)]
     });
+    c.step(&stack, "a token outside its scopes", || {
+        let n = statuses(
+            &stack,
+            &[("X-API-Token", &scoped)],
+            3,
+            403,
+            "insufficient_scope",
+        );
+        vec![("tokengate.denied.insufficient_scope", n)]
+    });
     c.step(&stack, "an admitted token", || {
         let n = (0..6)
             .map(|_| stack.call_with_token(&good))
@@ -293,6 +305,7 @@ fn every_documented_stat_counts_what_it_names(flavor: Flavor) {
             "tokengate.denied.token_expired",
             "tokengate.denied.token_suspended",
             "tokengate.denied.rate_limited",
+            "tokengate.denied.insufficient_scope",
         ]
         .iter()
         .map(|n| s.get(*n).copied().unwrap_or(0))

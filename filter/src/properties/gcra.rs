@@ -113,7 +113,7 @@ proptest! {
         gaps in prop::collection::vec(0..200_000_000u64, 1..64),
     ) {
         let store = MemStore::default();
-        let state = State { version: 1, generation: 1, proxies: 0, store_id: "s".into(), token_count: 1 };
+        let state = State { version: 1, generation: 1, proxies: 0, store_id: "s".into(), token_count: 1, scopes_version: 0 };
         store.set(STATE_KEY, &encode_state(&state), 0).unwrap();
         let hash = hash_hex(token.as_bytes());
         let rec = SyncRecord { scopes: None, quota: None,
@@ -164,7 +164,7 @@ proptest! {
         gaps in prop::collection::vec(0..400_000_000u64, 1..96),
     ) {
         let store = MemStore::default();
-        let state = State { version: 1, generation: 1, proxies, store_id: "s".into(), token_count: 1 };
+        let state = State { version: 1, generation: 1, proxies, store_id: "s".into(), token_count: 1, scopes_version: 0 };
         store.set(STATE_KEY, &encode_state(&state), 0).unwrap();
         let hash = hash_hex(token.as_bytes());
         let quota = Quota { limit, period: Period::Seconds(seconds) };

@@ -118,14 +118,16 @@ fn state() -> impl Strategy<Value = State> {
         any::<u32>(),
         "\\PC{0,40}",
         any::<u64>(),
+        any::<u64>(),
     )
         .prop_map(
-            |(version, generation, proxies, store_id, token_count)| State {
+            |(version, generation, proxies, store_id, token_count, scopes_version)| State {
                 version,
                 generation,
                 proxies,
                 store_id,
                 token_count,
+                scopes_version,
             },
         )
 }

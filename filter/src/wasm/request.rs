@@ -80,8 +80,8 @@ impl RequestHeaders for RequestMap {
 /// Answers a refused request in the client's protocol ([`request::answer`]). For gRPC, Envoy
 /// builds the trailers-only answer from the status given (`grpc-status`, `content-type:
 /// application/grpc`), so the metadata travel as headers and the body stays empty.
-fn refuse(headers: &RequestMap, d: Denial, expires_at: Option<i64>) {
-    let a = request::answer(headers, d, expires_at);
+fn refuse(headers: &RequestMap, d: Denial, expires_at: Option<i64>, needed_scopes: Option<&str>) {
+    let a = request::answer(headers, d, expires_at, needed_scopes);
     let headers: Vec<(&str, &[u8])> = a.headers.iter().map(|(n, v)| (*n, v.as_bytes())).collect();
     let grpc_status = a.grpc.map(|code| code as u32);
     if let Err(status) =
@@ -100,7 +100,7 @@ impl HttpContext for Request {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let mut headers = RequestMap::default();
         let Some(shared) = self.shared.clone() else {
-            refuse(&headers, Denial::StateUnavailable, None);
+            refuse(&headers, Denial::StateUnavailable, None, None);
             return Action::Pause;
         };
         #[cfg(any(
@@ -116,6 +116,7 @@ impl HttpContext for Request {
             &shared.config,
             &shared.identity,
             &RequestStore(&shared),
+            &shared.scopes,
             &mut headers,
             HostClock.now_nanos(),
             |c| {
@@ -136,8 +137,12 @@ impl HttpContext for Request {
                 self.expires_at = expires_at.map(timefmt::rfc3339);
                 Action::Continue
             }
-            Reply::Refuse { denial, expires_at } => {
-                refuse(&headers, denial, expires_at);
+            Reply::Refuse {
+                denial,
+                expires_at,
+                needed_scopes,
+            } => {
+                refuse(&headers, denial, expires_at, needed_scopes.as_deref());
                 Action::Pause
             }
         }

@@ -9,6 +9,7 @@ use crate::leader::{Answer, Leader};
 use crate::metrics::{Counter, Gauge};
 use crate::record::STATE_KEY;
 use crate::request::IdentityHeaders;
+use crate::scopes::ScopeCache;
 use crate::store::{Clock, SharedStore, StoreError};
 use crate::usage::{self, Tally};
 use proxy_wasm::hostcalls;
@@ -115,6 +116,8 @@ pub struct Shared {
     /// This worker's fleet demand (requests that met a fleet-limited bucket) since then.
     pub fleet: RefCell<Tally>,
     pub outcomes: Pending,
+    /// This VM's compiled scope set: compiled when the state's scope stamp moves.
+    pub scopes: ScopeCache,
     /// The state key (loaded or not, snapshot generation) as of this worker's last tick.
     state: RefCell<Option<Vec<u8>>>,
 }
@@ -338,6 +341,7 @@ impl RootContext for Root {
             config,
             metrics: Metrics::define(),
             outcomes: Pending::default(),
+            scopes: ScopeCache::new(),
             state: RefCell::new(HostStore.get(STATE_KEY).ok().and_then(|(v, _)| v)),
         }));
         true
