@@ -135,6 +135,23 @@ fn scope_names(v: &str) -> Result<ScopeNames, String> {
     ))
 }
 
+/// `--quota`: `LIMIT/PERIOD` such as `1000/day`, or `none` (no quota).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuotaArg(pub Option<tokengate_wire::Quota>);
+
+fn quota_arg(v: &str) -> Result<QuotaArg, String> {
+    if v == "none" {
+        return Ok(QuotaArg(None));
+    }
+    let bad =
+        || format!("`{v}`: write LIMIT/PERIOD with a period of hour, day or month, e.g. 1000/day");
+    let (limit, period) = v.split_once('/').ok_or_else(bad)?;
+    Ok(QuotaArg(Some(tokengate_wire::Quota {
+        limit: limit.trim().parse().map_err(|_| bad())?,
+        period: tokengate_wire::Period::parse(period.trim()).ok_or_else(bad)?,
+    })))
+}
+
 /// A duration such as `7d`; `never` is not one.
 fn span(v: &str) -> Result<u64, String> {
     crate::duration::parse(v)?.ok_or_else(|| "`never` is not allowed here".to_string())
@@ -174,6 +191,10 @@ pub enum TokenCommand {
         /// request refused) [default: unrestricted]
         #[arg(long, value_name = "NAMES", value_parser = scope_names)]
         scopes: Option<ScopeNames>,
+        /// At most LIMIT requests per UTC hour, day or month across the fleet, e.g. 1000/day
+        /// [default: none]
+        #[arg(long, value_name = "LIMIT/PERIOD", value_parser = quota_arg)]
+        quota: Option<QuotaArg>,
     },
     /// List tokens, a page at a time
     List {
@@ -208,7 +229,7 @@ pub enum TokenCommand {
     /// Change a token's name, limit, expiry or scopes
     #[command(group(clap::ArgGroup::new("change").required(true).multiple(true)
         .args(["name", "max_rps", "burst", "limit_scope", "expires_in", "expires_at", "scopes",
-               "unrestricted"])))]
+               "unrestricted", "quota"])))]
     Update {
         /// Token id, tok_...
         id: String,
@@ -237,6 +258,9 @@ pub enum TokenCommand {
         /// Lift the token's scopes: it may call every route again
         #[arg(long)]
         unrestricted: bool,
+        /// A new quota, LIMIT/PERIOD (e.g. 1000/day), or `none` to lift it
+        #[arg(long, value_name = "LIMIT/PERIOD|none", value_parser = quota_arg)]
+        quota: Option<QuotaArg>,
     },
     /// Refuse the token until it is reactivated
     Suspend {
@@ -285,6 +309,7 @@ fn create_body(cmd: &TokenCommand) -> Value {
         expires_in,
         expires_at,
         scopes,
+        quota,
     } = cmd
     else {
         return Value::Null;
@@ -293,6 +318,9 @@ fn create_body(cmd: &TokenCommand) -> Value {
     b.insert("name".into(), json!(name));
     if let Some(ScopeNames(names)) = scopes {
         b.insert("scopes".into(), json!(names));
+    }
+    if let Some(QuotaArg(Some(q))) = quota {
+        b.insert("quota".into(), json!(q));
     }
     let optional = [
         ("kind", kind.clone().map(Value::from)),
@@ -324,6 +352,7 @@ fn update_body(cmd: &TokenCommand, now: chrono::DateTime<Utc>) -> Value {
         expires_at,
         scopes,
         unrestricted,
+        quota,
         ..
     } = cmd
     else {
@@ -367,6 +396,9 @@ fn update_body(cmd: &TokenCommand, now: chrono::DateTime<Utc>) -> Value {
         b.insert("scopes".into(), json!(names));
     } else if *unrestricted {
         b.insert("scopes".into(), Value::Null);
+    }
+    if let Some(QuotaArg(q)) = quota {
+        b.insert("quota".into(), json!(q));
     }
     Value::Object(b)
 }
@@ -636,6 +668,7 @@ mod tests {
             expires_in: expires_in.map(|e| expiry(e).unwrap()),
             expires_at: None,
             scopes: None,
+            quota: None,
         }
     }
 
@@ -650,6 +683,28 @@ mod tests {
             expires_at: None,
             scopes: None,
             unrestricted: false,
+            quota: None,
+        }
+    }
+
+    #[test]
+    fn a_quota_is_limit_over_period_or_none() {
+        let q = quota_arg("1000/day").unwrap();
+        let mut c = create(None, None);
+        if let TokenCommand::Create { quota, .. } = &mut c {
+            *quota = Some(q);
+        }
+        assert_eq!(
+            create_body(&c),
+            json!({"name":"n","kind":"service","quota":{"limit":1000,"period":"day"}})
+        );
+        let mut u = update(None, None);
+        if let TokenCommand::Update { quota, .. } = &mut u {
+            *quota = Some(quota_arg("none").unwrap());
+        }
+        assert_eq!(update_body(&u, Utc::now()), json!({"quota": null}));
+        for bad in ["1000", "x/day", "10/week", "/day", "-1/hour"] {
+            assert!(quota_arg(bad).is_err(), "{bad}");
         }
     }
 
