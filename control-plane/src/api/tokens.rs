@@ -738,6 +738,7 @@ pub struct PatchBody {
     expires_at: Option<Option<String>>,
     #[serde(default, deserialize_with = "nullable")]
     scopes: Option<Option<Vec<String>>>,
+    #[serde(default, deserialize_with = "nullable")]
     quota: Option<Option<QuotaBody>>,
 }
 
