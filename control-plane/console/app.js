@@ -737,8 +737,8 @@ async function submitScope(ev) {
       saved = await api('POST', '/v1/scopes', body);
     }
     $('scope-dialog').close();
-    say(sc ? `Saved ${saved.name}.` : `Created ${saved.name}.`, 'ok');
     await loadScopes();
+    say(sc ? `Saved ${saved.name}.` : `Created ${saved.name}.`, 'ok');
   } catch (e) {
     scopeError(e, parsed.lines);
   }
@@ -756,8 +756,8 @@ function openDeleteScope(sc) {
         const n = e.tokens === 1 ? '1 token still names it' : `${e.tokens} tokens still name it`;
         throw new Error(`${sc.name} is in use: ${n}. Take it off them first (Edit on the token's row, Scopes).`);
       }
-      say(`Deleted ${sc.name}.`, 'ok');
       await loadScopes();
+      say(`Deleted ${sc.name}.`, 'ok');
     });
 }
 
