@@ -97,6 +97,8 @@ pub struct Config {
     pub connections: ConnectionLimits,
     /// How many refused credentials an address may present.
     pub throttle: throttle::Settings,
+    /// Quotas may have periods of seconds (tests only).
+    pub test_quota_periods: bool,
 }
 
 pub struct Application {
@@ -117,9 +119,14 @@ impl Application {
         let state = AppState {
             feed: Arc::new(Feed::new(store.clone(), config.sync_page_size)),
             metrics: metrics.clone(),
-            tokens: Arc::new(Tokens::new(store.clone(), config.policy)),
+            tokens: Arc::new(
+                Tokens::new(store.clone(), config.policy)
+                    .with_test_quota_periods(config.test_quota_periods),
+            ),
             sessions: Arc::new(Sessions::new(store.clone(), config.sessions)),
-            fleet: Arc::new(Fleet::new(store.clone())),
+            fleet: Arc::new(
+                Fleet::new(store.clone()).with_quota_events(config.jobs.webhook.is_some()),
+            ),
             scopes: Arc::new(Scopes::new(store.clone())),
             store: store.clone(),
             admins: config.admins.into(),

@@ -5,8 +5,8 @@
 
 use crate::store::{
     AuditEntry, AuditQuery, AuditRecord, Changes, Delivery, DeliveryOutcome, DemandOf, DemandRow,
-    Dump, Event, Expiring, ListQuery, Page, ProxySeen, ScopeDeletion, ScopeRow, ScopeSet,
-    SessionRow, Store, StoreError, TokenRow, WarningRecord,
+    Dump, Event, Expiring, ListQuery, Page, ProxySeen, QuotaDecision, QuotaSpent, QuotaWrite,
+    ScopeDeletion, ScopeRow, ScopeSet, SessionRow, Store, StoreError, TokenRow, WarningRecord,
 };
 use async_trait::async_trait;
 use std::collections::BTreeMap;
@@ -571,6 +571,35 @@ impl Store for Metered {
             "delete_scope",
             self.inner.delete_scope(name, expected_version, audit)
         )
+    }
+    async fn quota_exchange(
+        &self,
+        hashes: &[String],
+        now_s: i64,
+        proxies_since_ms: i64,
+        max_tokens: usize,
+        decide: Arc<QuotaDecision>,
+    ) -> Result<QuotaWrite, StoreError> {
+        timed!(
+            self,
+            "quota_exchange",
+            self.inner
+                .quota_exchange(hashes, now_s, proxies_since_ms, max_tokens, decide)
+        )
+    }
+    async fn quota_spent(
+        &self,
+        token_ids: &[String],
+        now_s: i64,
+    ) -> Result<Vec<QuotaSpent>, StoreError> {
+        timed!(
+            self,
+            "quota_spent",
+            self.inner.quota_spent(token_ids, now_s)
+        )
+    }
+    async fn forget_quotas(&self, now_s: i64) -> Result<u64, StoreError> {
+        timed!(self, "forget_quotas", self.inner.forget_quotas(now_s))
     }
     async fn tokens_by_id(&self, ids: &[String]) -> Result<Vec<TokenRow>, StoreError> {
         timed!(self, "tokens_by_id", self.inner.tokens_by_id(ids))

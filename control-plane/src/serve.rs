@@ -144,6 +144,11 @@ pub struct ServeArgs {
     /// line, for log collectors)
     #[arg(long, env = "TOKENGATE_LOG_FORMAT", default_value = "text", value_enum)]
     pub log_format: LogFormat,
+    /// Test only: quotas may also have a period of seconds ("<n>s"), so that tests see a
+    /// period end. Hidden: the shipped periods are hour, day and month.
+    #[arg(long, env = "TOKENGATE_TEST_QUOTA_PERIODS", default_value_t = false, hide = true,
+          action = clap::ArgAction::Set)]
+    pub test_quota_periods: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -431,6 +436,7 @@ pub fn config(args: &ServeArgs) -> Result<Config, String> {
             burst: args.auth_failure_burst,
             interval: args.auth_failure_interval.0,
         },
+        test_quota_periods: args.test_quota_periods,
     })
 }
 

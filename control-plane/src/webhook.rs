@@ -12,6 +12,7 @@ use sha2::Sha256;
 use std::time::Duration;
 
 pub const EVENT_EXPIRING: &str = "token.expiring";
+pub const EVENT_QUOTA_EXHAUSTED: &str = "token.quota_exhausted";
 pub const SIGNATURE_HEADER: &str = "x-tokengate-signature";
 pub const EVENT_HEADER: &str = "x-tokengate-event";
 pub const DELIVERY_HEADER: &str = "x-tokengate-delivery";
@@ -51,6 +52,40 @@ pub fn expiring_event(t: &TokenRow, lead: i64, now: i64) -> (String, String, Str
         }
     });
     (id, EVENT_EXPIRING.to_string(), payload.to_string())
+}
+
+/// The event for a quota used up in the period `[start, end)`: (event id, type, JSON
+/// payload). No secret and no hash.
+pub fn quota_exhausted_event(
+    t: &TokenRow,
+    quota: tokengate_wire::quota::Quota,
+    (start, end): (i64, i64),
+    used: u64,
+    now: i64,
+) -> (String, String, String) {
+    let id = format!(
+        "evt_{}",
+        Alphanumeric.sample_string(&mut rand::rngs::OsRng, 20)
+    );
+    let payload = serde_json::json!({
+        "id": id,
+        "type": EVENT_QUOTA_EXHAUSTED,
+        "created_at": rfc3339(now),
+        "data": {
+            "token": {
+                "id": t.id,
+                "name": t.name,
+                "kind": t.kind.as_str(),
+                "owner": t.owner,
+                "status": t.status.as_str(),
+            },
+            "quota": quota,
+            "period_start": rfc3339(start),
+            "resets_at": rfc3339(end),
+            "used": used,
+        }
+    });
+    (id, EVENT_QUOTA_EXHAUSTED.to_string(), payload.to_string())
 }
 
 fn mac(secret: &str, timestamp: i64, body: &[u8]) -> Hmac<Sha256> {

@@ -37,6 +37,20 @@ impl PartialSchema for Report {
             }),
             &["id", "admitted", "refused"],
         );
+        let quota_count = |what: &str| described(schema::integer(&(0..=u64::MAX)), what);
+        let held = schema::object(
+            json!({
+                "hash": described(schema::matching("^[0-9a-f]{64}$"),
+                    "sha256 of the secret, lower-case hex"),
+                "period_start": described(
+                    json!({"type": "integer", "minimum": i64::MIN, "maximum": i64::MAX}),
+                    "Unix seconds: the start of the period the counts are for"),
+                "spent": quota_count("Requests this proxy admitted with the secret in the period \
+                    (counted as at most 1,000,000,000,000)"),
+                "allowed": quota_count("The ceiling of `spent` this proxy enforces"),
+            }),
+            &["hash", "period_start", "spent", "allowed"],
+        );
         let mut report = schema::object(
             json!({
                 "proxy_id": described(plain_text(MAX_PROXY_ID), "The proxy's stable id"),
@@ -46,13 +60,21 @@ impl PartialSchema for Report {
                     "description": "More than this is a 413. A token named twice counts once, \
                         with the counts added; no token counts as more than 100,000,000 \
                         requests a second"},
+                "quotas": {"type": "array", "maxItems": MAX_TOKENS, "items": held,
+                    "description": "The quota state this proxy holds, per secret, for the \
+                        current period (and every secret named in its last answer). More than \
+                        this is a 413. A secret no quota token has, or a period other than the \
+                        token's current one, counts nothing; a secret named twice for one \
+                        period counts at the larger figures"},
             }),
             &["proxy_id", "interval_ms", "tokens"],
         );
         report.insert(
             "examples".into(),
             json!([{"proxy_id": "envoy-1", "interval_ms": 1000,
-                    "tokens": [{"id": "tok_Xb3kR9sPq2LmN8vC", "admitted": 18, "refused": 3}]}]),
+                    "tokens": [{"id": "tok_Xb3kR9sPq2LmN8vC", "admitted": 18, "refused": 3}],
+                    "quotas": [{"hash": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+                                "period_start": 1_800_000_000_i64, "spent": 120, "allowed": 400}]}]),
         );
         schema::from_json(Value::Object(report))
     }
@@ -80,11 +102,27 @@ impl PartialSchema for Answer {
             }),
             &["hash", "max_rps", "burst", "rate_milli", "share_burst"],
         );
+        let grant = schema::answer(
+            json!({
+                "hash": described(schema::matching("^[0-9a-f]{64}$"),
+                    "sha256 of the secret, lower-case hex"),
+                "period_start": described(json!({"type": "integer"}),
+                    "The period the ceiling is for; a proxy in another period ignores it"),
+                "limit": described(schema::unsigned(), "The quota limit the grant was computed from"),
+                "allowed": described(schema::unsigned(),
+                    "The most requests this proxy may admit with the secret in the period, all told"),
+            }),
+            &["hash", "period_start", "limit", "allowed"],
+        );
         let answer = schema::answer(
             json!({
                 "proxies": described(schema::unsigned(), "Proxies counted as live, this one included"),
                 "ttl_ms": described(schema::unsigned(), "How long the shares hold without a newer answer"),
                 "shares": {"type": "array", "items": share},
+                "quotas": {"type": "array", "items": grant,
+                    "description": "New quota ceilings: for every quota secret this proxy \
+                        reported, and the current secret of every token whose quota is in use \
+                        this period. Absent when there is none"},
             }),
             &["proxies", "ttl_ms", "shares"],
         );
@@ -113,6 +151,11 @@ pub async fn report(
     if report.tokens.len() > MAX_TOKENS {
         return Err(ApiError::TooLarge(format!(
             "A report may carry at most {MAX_TOKENS} tokens."
+        )));
+    }
+    if report.quotas.len() > MAX_TOKENS {
+        return Err(ApiError::TooLarge(format!(
+            "A report may carry at most {MAX_TOKENS} quota entries."
         )));
     }
     let now_ms = chrono::Utc::now().timestamp_millis();

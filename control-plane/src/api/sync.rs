@@ -129,7 +129,7 @@ fn to_wire(r: TokenRow, now: i64, snapshot: bool, out: &mut Vec<SyncRecord>) {
         limit_scope: r.limit_scope,
         expires_at,
         scopes: r.scopes.clone(),
-        quota: None,
+        quota: r.quota,
         version: r.version,
     };
     for old in &r.retired {

@@ -7,8 +7,11 @@ use super::openapi::{AdminCredential, BadBody, BadQuery, Csrf, Store, TokenNotFo
 use super::schema::{self, described, Pattern};
 use super::scopes::token_scopes_schema;
 use super::{ApiError, AppState};
+use crate::domain::quota::Usage;
 use crate::domain::rfc3339;
-use crate::domain::tokens::{Expiry, NewToken, Patch, BURST, EXPIRES_IN_SECONDS, MAX_RPS};
+use crate::domain::tokens::{
+    Expiry, NewToken, Patch, QuotaInput, BURST, EXPIRES_IN_SECONDS, MAX_RPS,
+};
 use crate::duration;
 use crate::rotation::MAX_GRACE_SECONDS;
 use crate::store::{parse_kind, ListQuery, Status, TokenRow, KINDS};
@@ -19,6 +22,7 @@ use axum::{Extension, Json};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use tokengate_wire::quota::{Quota, MAX_LIMIT};
 use tokengate_wire::{Kind, LimitScope};
 use utoipa::openapi::path::{Parameter, ParameterIn};
 use utoipa::openapi::{RefOr, Schema};
@@ -52,6 +56,43 @@ fn limit_scope_field() -> RefOr<Schema> {
         limit_scope_schema(),
         "`fleet`: `max_rps` and `burst` are one limit shared by every proxy; `proxy`: each \
          proxy's own.",
+    ))
+}
+
+/// The periods the API documents (a test server also takes `"<n>s"`).
+const PERIODS: [&str; 3] = ["hour", "day", "month"];
+
+/// A quota as a client sets it.
+fn quota_schema() -> Value {
+    schema::object(
+        json!({
+            "limit": described(schema::integer(&(1..=MAX_LIMIT)), "Requests per period, across the fleet."),
+            "period": described(schema::one_of(&PERIODS),
+                "UTC hours, days or calendar months: the count starts over at each boundary."),
+        }),
+        &["limit", "period"],
+    )
+    .into()
+}
+
+fn quota_field() -> RefOr<Schema> {
+    schema::from_json(described(
+        schema::nullable(quota_schema()),
+        "At most `limit` requests per `period`, counted across the fleet; null: none.",
+    ))
+}
+
+fn quota_usage_field() -> RefOr<Schema> {
+    schema::from_json(described(
+        schema::nullable(schema::answer(
+            json!({
+                "used": described(schema::unsigned(), "Requests the proxies admitted in the current period, as they last reported"),
+                "remaining": described(schema::unsigned(), "The limit less `used`"),
+                "resets_at": described(schema::date_time(), "The end of the current period (UTC)"),
+            }),
+            &["used", "remaining", "resets_at"],
+        ).into()),
+        "The quota in the current period; null without a quota.",
     ))
 }
 
@@ -169,6 +210,28 @@ pub struct TokenView {
     /// The scopes the token is limited to; null: unrestricted.
     #[schema(required = true, schema_with = scopes_field)]
     scopes: Option<Vec<String>>,
+    #[schema(required = true, schema_with = quota_field)]
+    quota: Option<Quota>,
+    #[schema(required = true, schema_with = quota_usage_field)]
+    quota_usage: Option<UsageJson>,
+}
+
+/// A quota in the current period.
+#[derive(Serialize)]
+pub struct UsageJson {
+    used: u64,
+    remaining: u64,
+    resets_at: String,
+}
+
+impl From<Usage> for UsageJson {
+    fn from(u: Usage) -> UsageJson {
+        UsageJson {
+            used: u.used,
+            remaining: u.remaining,
+            resets_at: rfc3339(u.resets_at),
+        }
+    }
 }
 
 impl TokenView {
@@ -195,8 +258,43 @@ impl TokenView {
             updated_at: rfc3339(r.updated_at),
             version: r.version,
             scopes: r.scopes,
+            quota_usage: r.quota.map(|q| {
+                let (_, end) = q.period.window(now);
+                UsageJson::from(Usage {
+                    used: 0,
+                    remaining: q.limit,
+                    resets_at: end,
+                })
+            }),
+            quota: r.quota,
         }
     }
+}
+
+/// Tokens as the API shows them, with what they used of their quotas.
+async fn views(
+    state: &AppState,
+    rows: Vec<TokenRow>,
+    now: i64,
+) -> Result<Vec<TokenView>, ApiError> {
+    let usage = state.tokens.quota_usage(&rows, now).await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let used = usage.get(&r.id).copied();
+            let mut v = TokenView::new(r, now);
+            if let Some(u) = used {
+                v.quota_usage = Some(u.into());
+            }
+            v
+        })
+        .collect())
+}
+
+async fn view_of(state: &AppState, row: TokenRow, now: i64) -> Result<TokenView, ApiError> {
+    let mut all = views(state, vec![row], now).await?;
+    all.pop()
+        .ok_or_else(|| ApiError::from(crate::domain::DomainError::NotFound))
 }
 
 /// A fleet-limited token as the fleet enforces it now.
@@ -253,8 +351,29 @@ fn parse_scope(v: &str) -> Result<LimitScope, ApiError> {
     LimitScope::parse(v).ok_or_else(|| ApiError::field("limit_scope", "must be `fleet` or `proxy`"))
 }
 
-fn view(r: TokenRow) -> Json<TokenView> {
-    Json(TokenView::new(r, Utc::now().timestamp()))
+async fn view(state: &AppState, r: TokenRow) -> Result<Json<TokenView>, ApiError> {
+    Ok(Json(view_of(state, r, Utc::now().timestamp()).await?))
+}
+
+/// A quota as the body gives it; the domain checks its values.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaBody {
+    limit: Option<u64>,
+    period: Option<String>,
+}
+
+impl QuotaBody {
+    fn input(self) -> Result<QuotaInput, ApiError> {
+        Ok(QuotaInput {
+            limit: self
+                .limit
+                .ok_or_else(|| ApiError::field("quota.limit", "is required"))?,
+            period: self
+                .period
+                .ok_or_else(|| ApiError::field("quota.period", "is required"))?,
+        })
+    }
 }
 
 /// An RFC 3339 time; whether it may be an expiry is the domain's to say.
@@ -284,6 +403,7 @@ pub struct CreateBody {
     expires_in_seconds: Option<u64>,
     expires_at: Option<String>,
     scopes: Option<Vec<String>>,
+    quota: Option<QuotaBody>,
 }
 
 impl PartialSchema for CreateBody {
@@ -309,13 +429,17 @@ impl PartialSchema for CreateBody {
                     "Names of existing scopes: the token may make only the requests one of them \
                      covers (a name given twice counts once). null or absent: unrestricted; \
                      `[]`: no request at all."),
+                "quota": described(schema::nullable(quota_schema()),
+                    "At most `limit` requests per `period` (UTC), counted across the fleet; \
+                     null: none."),
             }),
             &["name"],
         );
         o.insert(
             "examples".into(),
             json!([{"name": "nightly-export", "owner": "data-eng", "max_rps": 20, "burst": 40,
-                    "expires_in_seconds": 2_592_000}]),
+                    "expires_in_seconds": 2_592_000,
+                    "quota": {"limit": 100_000, "period": "day"}}]),
         );
         o.insert(
             "allOf".into(),
@@ -424,6 +548,7 @@ pub async fn create(
                     .unwrap_or_default(),
                 expiry,
                 scopes: b.scopes,
+                quota: b.quota.map(QuotaBody::input).transpose()?,
             },
             now,
         )
@@ -570,7 +695,7 @@ pub async fn list(
         None
     };
     Ok(Json(Listing {
-        tokens: rows.into_iter().map(|r| TokenView::new(r, now)).collect(),
+        tokens: views(&state, rows, now).await?,
         next_cursor,
     }))
 }
@@ -592,7 +717,7 @@ pub async fn get(
         .view(&token, now.timestamp_millis())
         .await?
         .map(FleetJson::new);
-    let mut v = TokenView::new(token, now.timestamp());
+    let mut v = view_of(&state, token, now.timestamp()).await?;
     v.fleet = fleet;
     Ok(Json(v))
 }
@@ -613,6 +738,7 @@ pub struct PatchBody {
     expires_at: Option<Option<String>>,
     #[serde(default, deserialize_with = "nullable")]
     scopes: Option<Option<Vec<String>>>,
+    quota: Option<Option<QuotaBody>>,
 }
 
 impl PartialSchema for PatchBody {
@@ -629,6 +755,9 @@ impl PartialSchema for PatchBody {
                 "scopes": described(token_scopes_schema(),
                     "Names of existing scopes, replacing the token's; null: unrestricted; `[]`: \
                      no request at all."),
+                "quota": described(schema::nullable(quota_schema()),
+                    "null: no quota. A change starts no new period: what was used in this one \
+                     still counts."),
             }),
             &[],
         );
@@ -636,7 +765,8 @@ impl PartialSchema for PatchBody {
         o.insert(
             "examples".into(),
             json!([{"name": "nightly-export-2", "max_rps": 50, "burst": 100,
-                    "expires_at": "2099-01-31T12:00:00Z"}]),
+                    "expires_at": "2099-01-31T12:00:00Z",
+                    "quota": {"limit": 1_000_000, "period": "month"}}]),
         );
         o.insert(
             "not".into(),
@@ -671,12 +801,19 @@ pub async fn update(
         && p.burst.is_none()
         && p.limit_scope.is_none()
         && p.expires_at.is_none()
+        && p.quota.is_none()
         && p.scopes.is_none()
     {
         return Err(ApiError::Body(
-            "Give at least one of name, max_rps, burst, limit_scope, expires_at, scopes.".into(),
+            "Give at least one of name, max_rps, burst, limit_scope, expires_at, quota, scopes."
+                .into(),
         ));
     }
+    let quota = match p.quota {
+        Some(Some(q)) => Some(Some(q.input()?)),
+        Some(None) => Some(None),
+        None => None,
+    };
     let limit_scope = match p.limit_scope {
         Some(Some(s)) => Some(parse_scope(&s)?),
         Some(None) => return Err(ApiError::field("limit_scope", "cannot be null")),
@@ -699,8 +836,10 @@ pub async fn update(
         limit_scope,
         expires_at,
         scopes: p.scopes,
+        quota,
     };
-    Ok(view(state.tokens.update(&actor.0, &id, patch, now).await?))
+    let updated = state.tokens.update(&actor.0, &id, patch, now).await?;
+    view(&state, updated).await
 }
 
 async fn set_status(
@@ -725,7 +864,8 @@ pub async fn suspend(
     Extension(actor): Extension<Actor>,
     TokenId(id): TokenId,
 ) -> Result<Json<TokenView>, ApiError> {
-    Ok(view(set_status(state, actor, id, Status::Suspended).await?))
+    let row = set_status(state.clone(), actor, id, Status::Suspended).await?;
+    view(&state, row).await
 }
 
 #[utoipa::path(post, path = "/v1/tokens/{id}/reactivate", tag = "tokens", operation_id = "reactivate_token",
@@ -740,7 +880,8 @@ pub async fn reactivate(
     Extension(actor): Extension<Actor>,
     TokenId(id): TokenId,
 ) -> Result<Json<TokenView>, ApiError> {
-    Ok(view(set_status(state, actor, id, Status::Active).await?))
+    let row = set_status(state.clone(), actor, id, Status::Active).await?;
+    view(&state, row).await
 }
 
 #[utoipa::path(delete, path = "/v1/tokens/{id}", tag = "tokens", operation_id = "revoke_token",
@@ -810,7 +951,7 @@ pub async fn rotate(
     let now = Utc::now().timestamp();
     let rotated = state.tokens.rotate(&actor.0, &id, grace, now).await?;
     Ok(Json(WithSecret {
-        token: TokenView::new(rotated.token, now),
+        token: view_of(&state, rotated.token, now).await?,
         secret: rotated.secret,
     }))
 }

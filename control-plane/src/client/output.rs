@@ -70,6 +70,7 @@ pub fn record(r: &Value) -> String {
         ("created_at", text(&r["created_at"])),
         ("last_used_at", or(&r["last_used_at"], "-")),
         ("requests", requests(r)),
+        ("quota", quota(r)),
         ("rotated_at", or(&r["rotated_at"], "-")),
         ("scopes", scopes(&r["scopes"])),
     ];
@@ -127,6 +128,35 @@ fn scopes(v: &Value) -> String {
         Some(a) if a.is_empty() => "none (every request refused)".to_string(),
         Some(a) => a.iter().map(text).collect::<Vec<_>>().join(", "),
     }
+}
+
+/// A quota and what is left of it: `250 of 1000 per day left, resets 2030-01-02T00:00:00Z`.
+fn quota(r: &Value) -> String {
+    let (q, u) = (&r["quota"], &r["quota_usage"]);
+    if q.is_null() {
+        return "-".into();
+    }
+    format!(
+        "{} of {} per {} left, resets {}",
+        or(&u["remaining"], "?"),
+        text(&q["limit"]),
+        text(&q["period"]),
+        or(&u["resets_at"], "?")
+    )
+}
+
+/// A quota's remaining requests and reset, in a table cell.
+fn quota_cell(t: &Value) -> String {
+    let u = &t["quota_usage"];
+    if u.is_null() {
+        return "-".into();
+    }
+    format!(
+        "{}/{} until {}",
+        or(&u["remaining"], "?"),
+        text(&t["quota"]["limit"]),
+        or(&u["resets_at"], "?")
+    )
 }
 
 fn requests(r: &Value) -> String {
@@ -198,6 +228,7 @@ pub fn table(tokens: &[Value]) -> String {
         "MAX_RPS",
         "EXPIRES",
         "LAST_USED",
+        "QUOTA_LEFT",
         "ALLOWED",
         "DENIED",
     ]
@@ -213,6 +244,7 @@ pub fn table(tokens: &[Value]) -> String {
             or(&t["max_rps"], "-"),
             or(&t["expires_at"], "never"),
             or(&t["last_used_at"], "-"),
+            quota_cell(t),
             or(&t["requests_allowed"], "0"),
             or(&t["requests_denied"], "0"),
         ]);
@@ -224,6 +256,19 @@ pub fn table(tokens: &[Value]) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_quota_shows_what_is_left_and_when_it_resets() {
+        let r = json!({"quota": {"limit": 1000, "period": "day"},
+            "quota_usage": {"used": 750, "remaining": 250, "resets_at": "2030-01-02T00:00:00Z"}});
+        assert_eq!(
+            quota(&r),
+            "250 of 1000 per day left, resets 2030-01-02T00:00:00Z"
+        );
+        assert_eq!(quota_cell(&r), "250/1000 until 2030-01-02T00:00:00Z");
+        assert_eq!(quota(&json!({"quota": null})), "-");
+        assert!(record(&r).contains("quota: 250 of 1000"));
+    }
 
     #[test]
     fn table_aligns_and_marks_unlimited() {

@@ -17,6 +17,7 @@ pub const PURGED: &str = "token.purged";
 pub const SCOPE_CREATED: &str = "scope.created";
 pub const SCOPE_UPDATED: &str = "scope.updated";
 pub const SCOPE_DELETED: &str = "scope.deleted";
+pub const QUOTA_EXHAUSTED: &str = "token.quota_exhausted";
 
 /// Every action the trail records.
 pub const ACTIONS: &[&str] = &[
@@ -31,6 +32,7 @@ pub const ACTIONS: &[&str] = &[
     SCOPE_CREATED,
     SCOPE_UPDATED,
     SCOPE_DELETED,
+    QUOTA_EXHAUSTED,
 ];
 
 /// Who the trail names as the actor of the control plane's own jobs.
@@ -59,6 +61,12 @@ pub fn fields(r: &TokenRow) -> Map<String, Value> {
     m.insert("max_rps".into(), r.max_rps.into());
     m.insert("burst".into(), r.burst.into());
     m.insert("limit_scope".into(), r.limit_scope.as_str().into());
+    m.insert(
+        "quota".into(),
+        r.quota
+            .and_then(|q| serde_json::to_value(q).ok())
+            .unwrap_or(Value::Null),
+    );
     m.insert("expires_at".into(), r.expires_at.map(rfc3339).into());
     m.insert("rotated_at".into(), r.rotated_at.map(rfc3339).into());
     let grace = r.retired.iter().map(|s| s.until).max();

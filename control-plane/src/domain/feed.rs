@@ -148,6 +148,7 @@ mod tests {
             rotated_at: None,
             retired: vec![],
             scopes: None,
+            quota: None,
         }
     }
 

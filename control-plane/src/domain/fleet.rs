@@ -14,13 +14,18 @@
 //! from that read, with the reporting proxy's own demand taken fresh from its report: a
 //! report costs its writes and a computation, not a read of every other proxy's rows.
 
+use super::audit::{self, QUOTA_EXHAUSTED, SYSTEM};
+use super::quota::{self, TokenInput};
 use super::DomainError;
-use crate::store::{DemandOf, DemandRow, Status, Store, TokenRow};
+use crate::store::{
+    AuditRecord, DemandOf, DemandRow, Event, Exhaustion, QuotaState, QuotaWrite, Status, Store,
+    TokenRow,
+};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use tokengate_wire::fleet::{
-    FleetAnswer, FleetReport, Share, TokenDemand, MAX_INTERVAL_MS, MAX_PROXY_ID, MAX_TOKENS,
-    MIN_INTERVAL_MS,
+    FleetAnswer, FleetReport, QuotaGrant, QuotaHeld, Share, TokenDemand, MAX_INTERVAL_MS,
+    MAX_PROXY_ID, MAX_TOKENS, MIN_INTERVAL_MS,
 };
 use tokengate_wire::LimitScope;
 
@@ -198,6 +203,8 @@ pub struct FleetView {
 
 pub struct Fleet {
     store: Arc<dyn Store>,
+    /// Whether quota exhaustions also go out as webhook events.
+    quota_events: bool,
     /// Every proxy's demand as last read, shared by the reports answered meanwhile.
     snapshot: tokio::sync::Mutex<Option<Arc<Snapshot>>>,
 }
@@ -284,12 +291,197 @@ pub fn check(report: &FleetReport) -> Result<Vec<TokenDemand>, DomainError> {
         .collect())
 }
 
+/// Checks a report's quota entries (at most [`MAX_TOKENS`], each naming a secret by its
+/// sha256) and merges a secret named twice for one period (the larger counts).
+pub fn check_quotas(report: &FleetReport) -> Result<Vec<QuotaHeld>, DomainError> {
+    if report.quotas.len() > MAX_TOKENS {
+        return Err(invalid(
+            "quotas",
+            format!("may name at most {MAX_TOKENS} secrets"),
+        ));
+    }
+    let mut merged: BTreeMap<(&str, i64), (u64, u64)> = BTreeMap::new();
+    for q in &report.quotas {
+        if q.hash.len() != 64
+            || !q
+                .hash
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        {
+            return Err(invalid(
+                "quotas.hash",
+                "must be the sha256 of a secret, 64 lower-case hex digits",
+            ));
+        }
+        let e = merged.entry((&q.hash, q.period_start)).or_default();
+        e.0 = e.0.max(q.spent.min(quota::MAX_COUNT));
+        e.1 = e.1.max(q.allowed.min(quota::MAX_COUNT));
+    }
+    Ok(merged
+        .into_iter()
+        .map(|((hash, period_start), (spent, allowed))| QuotaHeld {
+            hash: hash.to_string(),
+            period_start,
+            spent,
+            allowed,
+        })
+        .collect())
+}
+
+/// The quota exchange's decision on what the store read: every quota token in `state`
+/// decided for `proxy` (see `super::quota`); the rows and exhaustions to write, and the
+/// grants to answer.
+pub fn decide_quotas(
+    state: &QuotaState,
+    proxy: &str,
+    interval_ms: u32,
+    held: &[QuotaHeld],
+    now_ms: i64,
+    events: bool,
+) -> (QuotaWrite, Vec<QuotaGrant>) {
+    let now_s = now_ms.div_euclid(1_000);
+    let mut live: BTreeMap<String, u32> = state
+        .proxies
+        .iter()
+        .filter(|p| is_live(p.seen_at_ms, p.interval_ms, now_ms))
+        .map(|p| (p.proxy_id.clone(), p.interval_ms))
+        .collect();
+    live.insert(proxy.to_string(), interval_ms);
+    let mut write = QuotaWrite::default();
+    let mut grants = vec![];
+    for token in &state.tokens {
+        let Some(q) = token.quota.filter(|_| token.status != Status::Revoked) else {
+            continue;
+        };
+        let period = q.period.window(now_s);
+        let valid: BTreeSet<String> = std::iter::once(token.hash.clone())
+            .chain(
+                token
+                    .retired
+                    .iter()
+                    .filter(|s| s.until > now_s)
+                    .map(|s| s.hash.clone()),
+            )
+            .collect();
+        let known = |h: &str| token.hash == h || token.retired.iter().any(|s| s.hash == h);
+        let reported: Vec<QuotaHeld> = held
+            .iter()
+            .filter(|h| h.period_start == period.0 && known(&h.hash))
+            .cloned()
+            .collect();
+        let holders: Vec<_> = state
+            .holders
+            .iter()
+            .filter(|h| h.token_id == token.id && h.period_start == period.0)
+            .cloned()
+            .collect();
+        let out = quota::decide(&TokenInput {
+            token_id: &token.id,
+            limit: q.limit,
+            period,
+            current_hash: &token.hash,
+            valid_hashes: &valid,
+            holders: &holders,
+            live: &live,
+            proxy,
+            interval_ms,
+            reported: &reported,
+            now_ms,
+        });
+        for r in &out.rows {
+            if valid.contains(&r.hash) {
+                grants.push(QuotaGrant {
+                    hash: r.hash.clone(),
+                    period_start: period.0,
+                    limit: q.limit,
+                    allowed: r.granted,
+                });
+            }
+        }
+        if out.exhausted {
+            let detail = serde_json::json!({
+                "quota": q,
+                "period_start": audit::rfc3339(period.0),
+                "resets_at": audit::rfc3339(period.1),
+                "used": out.used,
+            });
+            let event = events.then(|| {
+                let (id, kind, payload) =
+                    crate::webhook::quota_exhausted_event(token, q, period, out.used, now_s);
+                Event {
+                    id,
+                    kind,
+                    payload,
+                    at: now_s,
+                }
+            });
+            write.exhausted.push(Exhaustion {
+                token_id: token.id.clone(),
+                period_start: period.0,
+                period_end: period.1,
+                audit: AuditRecord {
+                    at: now_s,
+                    actor: SYSTEM.to_string(),
+                    action: QUOTA_EXHAUSTED,
+                    token_id: token.id.clone(),
+                    token_name: token.name.clone(),
+                    before: None,
+                    after: Some(detail),
+                },
+                event,
+            });
+        }
+        write.holders.extend(out.rows);
+    }
+    (write, grants)
+}
+
 impl Fleet {
     pub fn new(store: Arc<dyn Store>) -> Fleet {
         Fleet {
             store,
+            quota_events: false,
             snapshot: tokio::sync::Mutex::new(None),
         }
+    }
+
+    /// Quota exhaustions also put a `token.quota_exhausted` event in the webhook outbox.
+    pub fn with_quota_events(mut self, on: bool) -> Fleet {
+        self.quota_events = on;
+        self
+    }
+
+    /// The quota exchange of a report: records what the proxy holds and answers its new
+    /// ceilings (see `super::quota`), in one store transaction.
+    async fn quotas(
+        &self,
+        proxy: &str,
+        interval_ms: u32,
+        held: Vec<QuotaHeld>,
+        now_ms: i64,
+    ) -> Result<Vec<QuotaGrant>, DomainError> {
+        let hashes: Vec<String> = held.iter().map(|h| h.hash.clone()).collect();
+        let grants = Arc::new(Mutex::new(Vec::new()));
+        let answer = grants.clone();
+        let (proxy, events) = (proxy.to_string(), self.quota_events);
+        let decide = move |state: &QuotaState| {
+            let (write, decided) = decide_quotas(state, &proxy, interval_ms, &held, now_ms, events);
+            // The last decision is the one committed (a retried transaction decides again).
+            if let Ok(mut g) = answer.lock() {
+                *g = decided;
+            }
+            write
+        };
+        let since = now_ms - LIVE_INTERVALS * i64::from(MAX_INTERVAL_MS);
+        let written = self
+            .store
+            .quota_exchange(&hashes, now_ms / 1_000, since, MAX_TOKENS, Arc::new(decide))
+            .await?;
+        for e in &written.exhausted {
+            tracing::info!(token = %e.token_id, period_start = e.period_start, "quota used up");
+        }
+        let grants = grants.lock().map(|g| g.clone()).unwrap_or_default();
+        Ok(grants)
     }
 
     /// The snapshot, read again when it is older than [`REFRESH_MS`].
@@ -360,6 +552,7 @@ impl Fleet {
         now_ms: i64,
     ) -> Result<FleetAnswer, DomainError> {
         let tokens = check(report)?;
+        let held = check_quotas(report)?;
         let proxy = report.proxy_id.as_str();
         self.store
             .fleet_report(
@@ -463,11 +656,12 @@ impl Fleet {
                 });
             }
         }
+        let quotas = self.quotas(proxy, report.interval_ms, held, now_ms).await?;
         Ok(FleetAnswer {
             proxies: u32::try_from(live.len().max(1)).unwrap_or(u32::MAX),
             ttl_ms: report.interval_ms.saturating_mul(TTL_INTERVALS),
             shares,
-            quotas: vec![],
+            quotas,
         })
     }
 
@@ -733,6 +927,7 @@ mod tests {
                         field: "expires_at",
                     },
                     scopes: None,
+                    quota: None,
                 },
                 1,
             )

@@ -186,6 +186,8 @@ pub async fn run_once(
         warned: warn(store, jobs, now).await?,
         ..Report::default()
     };
+    // What proxies held of quotas in periods that have ended is of no more use.
+    store.forget_quotas(now).await?;
     if let Some(hook) = &jobs.webhook {
         deliver(store, hook, now, &mut report).await?;
     }

@@ -6,6 +6,7 @@ pub mod audit;
 pub mod feed;
 pub mod fleet;
 pub mod housekeeping;
+pub mod quota;
 pub mod scopes;
 pub mod sessions;
 pub mod tokens;

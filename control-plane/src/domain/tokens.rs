@@ -10,6 +10,7 @@ use crate::secrets;
 use crate::store::{AuditEntry, AuditQuery, ListQuery, Status, Store, StoreError, TokenRow};
 use std::ops::RangeInclusive;
 use std::sync::Arc;
+use tokengate_wire::quota::{Period, Quota, MAX_LIMIT};
 use tokengate_wire::{Kind, LimitScope, UsageEntry};
 
 /// Requests per second a limited token may be given (null: unlimited).
@@ -62,6 +63,33 @@ pub fn check_burst(burst: Option<u32>) -> Result<(), DomainError> {
     }
 }
 
+/// A quota as a client gives it: the period is checked here, as it depends on whether the
+/// server takes test periods.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuotaInput {
+    pub limit: u64,
+    pub period: String,
+}
+
+/// The periods a quota may have: the shipped three, and `"<n>s"` when `test_periods`.
+pub fn check_quota(q: &QuotaInput, test_periods: bool) -> Result<Quota, DomainError> {
+    if !(1..=MAX_LIMIT).contains(&q.limit) {
+        return Err(DomainError::invalid(
+            "quota.limit",
+            format!("must be between 1 and {MAX_LIMIT}"),
+        ));
+    }
+    let period = Period::parse(&q.period)
+        .filter(|p| test_periods || !matches!(p, Period::Seconds(_)))
+        .ok_or_else(|| {
+            DomainError::invalid("quota.period", "must be \"hour\", \"day\" or \"month\"")
+        })?;
+    Ok(Quota {
+        limit: q.limit,
+        period,
+    })
+}
+
 const BURST_NEEDS_MAX_RPS: &str = "needs max_rps: an unlimited token has no burst";
 
 /// An expiry being set at `now`, named by the field the client used.
@@ -101,6 +129,7 @@ pub struct NewToken {
     pub expiry: Expiry,
     /// Scope names; `None`: unrestricted.
     pub scopes: Option<Vec<String>>,
+    pub quota: Option<QuotaInput>,
 }
 
 /// An edit: `None` leaves a field as it is.
@@ -115,6 +144,8 @@ pub struct Patch {
     pub expires_at: Option<Option<i64>>,
     /// `Some(None)`: unrestricted.
     pub scopes: Option<Option<Vec<String>>>,
+    /// `Some(None)`: no quota.
+    pub quota: Option<Option<QuotaInput>>,
 }
 
 /// A token with its secret, which exists only in this answer.
@@ -136,11 +167,48 @@ fn drops_a_secret(before: &TokenRow, after: &TokenRow) -> bool {
 pub struct Tokens {
     store: Arc<dyn Store>,
     policy: Policy,
+    /// Whether quotas may have a period of seconds (tests only).
+    test_periods: bool,
 }
 
 impl Tokens {
     pub fn new(store: Arc<dyn Store>, policy: Policy) -> Tokens {
-        Tokens { store, policy }
+        Tokens {
+            store,
+            policy,
+            test_periods: false,
+        }
+    }
+
+    /// Takes quota periods of `"<n>s"` (for tests: the shipped periods are too long).
+    pub fn with_test_quota_periods(mut self, on: bool) -> Tokens {
+        self.test_periods = on;
+        self
+    }
+
+    /// What each of `rows` used of its quota in the current period; tokens without a quota
+    /// are left out.
+    pub async fn quota_usage(
+        &self,
+        rows: &[TokenRow],
+        now: i64,
+    ) -> Result<std::collections::HashMap<String, super::quota::Usage>, DomainError> {
+        let ids: Vec<String> = rows
+            .iter()
+            .filter(|r| r.quota.is_some())
+            .map(|r| r.id.clone())
+            .collect();
+        if ids.is_empty() {
+            return Ok(Default::default());
+        }
+        let spent = self.store.quota_spent(&ids, now).await?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| {
+                let q = r.quota?;
+                Some((r.id.clone(), super::quota::usage(&r.id, q, &spent, now)))
+            })
+            .collect())
     }
 
     pub fn policy(&self) -> Policy {
@@ -171,6 +239,11 @@ impl Tokens {
             return Err(DomainError::invalid("burst", BURST_NEEDS_MAX_RPS));
         }
         check_expiry(t.expiry, now)?;
+        let quota = t
+            .quota
+            .as_ref()
+            .map(|q| check_quota(q, self.test_periods))
+            .transpose()?;
         self.policy
             .check(t.kind, now, t.expiry.at, t.expiry.field)?;
         let scopes = t.scopes.map(scopes::token_scopes).transpose()?;
@@ -198,6 +271,7 @@ impl Tokens {
             rotated_at: None,
             retired: vec![],
             scopes,
+            quota,
         };
         let entry = audit::change(now, actor, audit::CREATED, None, &row);
         let token = self.store.insert(row, &entry).await?;
@@ -303,10 +377,18 @@ impl Tokens {
             }
             other => other,
         };
+        let quota = match &patch.quota {
+            Some(Some(q)) => Some(Some(check_quota(q, self.test_periods)?)),
+            Some(None) => Some(None),
+            None => None,
+        };
         let policy = self.policy;
         self.change(actor, audit::UPDATED, id, now, |row| {
             if let Some(s) = &scopes {
                 row.scopes = s.clone();
+            }
+            if let Some(q) = quota {
+                row.quota = q;
             }
             if let Some(name) = &patch.name {
                 row.name = name.clone();

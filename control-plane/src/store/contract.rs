@@ -103,6 +103,7 @@ fn row(id: &str) -> TokenRow {
         rotated_at: None,
         retired: vec![],
         scopes: None,
+        quota: None,
     }
 }
 
@@ -1388,6 +1389,163 @@ async fn fleet_reports_are_shared_and_forgotten(f: &mut Fixture) {
     );
 }
 
+async fn quota_exchanges_are_serialised_and_record_exhaustion_once(f: &mut Fixture) {
+    use tokengate_wire::quota::{Period, Quota};
+    let s = f.store();
+    let now_s = 1_800_000_100;
+    let period = Period::Hour.window(now_s);
+    let mut q = row("tok_q");
+    q.quota = Some(Quota {
+        limit: 10,
+        period: Period::Hour,
+    });
+    q.retired = vec![RetiredSecret {
+        hash: "old".into(),
+        until: now_s + 60,
+    }];
+    insert(s, q.clone()).await;
+    insert(s, row("tok_plain")).await;
+    s.fleet_report("p", 1_000, now_s * 1_000, 0, &[])
+        .await
+        .unwrap();
+    let holder = |spent: u64| QuotaHolder {
+        token_id: "tok_q".into(),
+        proxy_id: "p".into(),
+        hash: "old".into(),
+        period_start: period.0,
+        period_end: period.1,
+        spent,
+        carried: 0,
+        held: 10,
+        granted: 10,
+        rate_milli: 0,
+        seen_at_ms: now_s * 1_000,
+    };
+    let exhaustion = Exhaustion {
+        token_id: "tok_q".into(),
+        period_start: period.0,
+        period_end: period.1,
+        audit: entry("token.quota_exhausted", &q),
+        event: Some(Event {
+            id: "evt_q".into(),
+            kind: "token.quota_exhausted".into(),
+            payload: "{}".into(),
+            at: now_s,
+        }),
+    };
+    // A retired secret finds its token; the tokens without a quota are left out.
+    let (ex, h) = (exhaustion.clone(), holder(10));
+    let written = s
+        .quota_exchange(
+            &["old".into(), "tok_plain".into()],
+            now_s,
+            0,
+            100,
+            Arc::new(move |state: &QuotaState| {
+                assert_eq!(state.tokens.len(), 1);
+                assert_eq!(
+                    state.tokens[0].quota,
+                    Some(Quota {
+                        limit: 10,
+                        period: Period::Hour
+                    })
+                );
+                assert!(state.holders.is_empty());
+                assert_eq!(state.proxies.len(), 1);
+                QuotaWrite {
+                    holders: vec![h.clone()],
+                    exhausted: vec![ex.clone()],
+                }
+            }),
+        )
+        .await
+        .unwrap();
+    assert_eq!((written.holders.len(), written.exhausted.len()), (1, 1));
+    // Named by no secret, the token is still in use this period; exhaustion is told once.
+    let ex = exhaustion.clone();
+    let written = s
+        .quota_exchange(
+            &[],
+            now_s,
+            0,
+            100,
+            Arc::new(move |state: &QuotaState| {
+                assert_eq!(state.tokens.len(), 1);
+                assert_eq!(state.holders.len(), 1);
+                QuotaWrite {
+                    holders: vec![],
+                    exhausted: vec![ex.clone()],
+                }
+            }),
+        )
+        .await
+        .unwrap();
+    assert!(written.exhausted.is_empty());
+    assert_eq!(
+        s.quota_spent(&["tok_q".into()], now_s).await.unwrap(),
+        [QuotaSpent {
+            token_id: "tok_q".into(),
+            period_start: period.0,
+            spent: 10,
+        }]
+    );
+    let trail = s
+        .audit(&AuditQuery {
+            action: Some("token.quota_exhausted".into()),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(trail.len(), 1);
+    let dump = s.export().await.unwrap();
+    assert_eq!(dump.outbox.len(), 1);
+    // Concurrent exchanges on one token take turns: none loses another's write.
+    let shared = f.store.clone().unwrap();
+    let bump = || {
+        let s = shared.clone();
+        async move {
+            for _ in 0..10 {
+                s.quota_exchange(
+                    &["old".into()],
+                    now_s,
+                    0,
+                    100,
+                    Arc::new(|state: &QuotaState| {
+                        let mut h = state.holders[0].clone();
+                        h.spent += 1;
+                        QuotaWrite {
+                            holders: vec![h],
+                            exhausted: vec![],
+                        }
+                    }),
+                )
+                .await
+                .unwrap();
+            }
+        }
+    };
+    let (a, b) = (tokio::spawn(bump()), tokio::spawn(bump()));
+    a.await.unwrap();
+    b.await.unwrap();
+    assert_eq!(
+        s.quota_spent(&["tok_q".into()], now_s).await.unwrap()[0].spent,
+        30
+    );
+    // The period ends: its rows are forgotten, and the quota stays with the token.
+    assert_eq!(s.forget_quotas(period.1).await.unwrap(), 1);
+    assert!(s
+        .quota_spent(&["tok_q".into()], period.0)
+        .await
+        .unwrap()
+        .is_empty());
+    f.reopen().await;
+    assert_eq!(
+        f.store().token("tok_q").await.unwrap().unwrap().quota,
+        q.quota
+    );
+}
+
 macro_rules! contract {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -1427,4 +1585,5 @@ contract!(
     fleet_reports_are_shared_and_forgotten,
     scopes_share_the_version_sequence_and_ride_with_changes,
     a_scope_deletion_and_a_token_naming_it_never_both_succeed,
+    quota_exchanges_are_serialised_and_record_exhaustion_once,
 );

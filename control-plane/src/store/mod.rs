@@ -14,6 +14,7 @@ pub use audit::{AuditEntry, AuditQuery, AuditRecord};
 pub use postgres::{redacted, PgSettings, PostgresStore};
 use serde::{Deserialize, Serialize};
 pub use sqlite::SqliteStore;
+use tokengate_wire::quota::{Period, Quota};
 use tokengate_wire::{Kind, LimitScope, Rule, TokenDemand, UsageEntry};
 use tokio::sync::watch;
 
@@ -78,6 +79,8 @@ pub struct TokenRow {
     pub retired: Vec<RetiredSecret>,
     /// Names of the scopes the token is limited to; `None`: unrestricted.
     pub scopes: Option<Vec<String>>,
+    /// Requests per period, counted across the fleet.
+    pub quota: Option<Quota>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -283,6 +286,99 @@ pub enum DemandOf<'a> {
     All,
 }
 
+/// One holder of a token's quota in one period: a proxy and one of the token's secrets.
+/// Counts are what the proxy counts (requests with that secret in the period).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuotaHolder {
+    pub token_id: String,
+    pub proxy_id: String,
+    pub hash: String,
+    /// Unix seconds, `[period_start, period_end)`.
+    pub period_start: i64,
+    pub period_end: i64,
+    /// As the proxy last reported it.
+    pub spent: u64,
+    /// Spent before the proxy's count started over (a restart) in this period.
+    pub carried: u64,
+    /// The ceiling the proxy last said it enforces.
+    pub held: u64,
+    /// The ceiling last granted to it.
+    pub granted: u64,
+    /// Its recent spending, in thousandths of a request per second.
+    pub rate_milli: u64,
+    /// Unix milliseconds of its last report of this secret.
+    pub seen_at_ms: i64,
+}
+
+/// What a quota exchange decides on, read under the lock of every token in it.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct QuotaState {
+    /// Tokens with a quota, by id: those holding a secret the report named, and (as many as
+    /// the number asked for leaves room for) those with holders in a period that has not
+    /// ended.
+    pub tokens: Vec<TokenRow>,
+    /// Every holder row of those tokens in periods that have not ended.
+    pub holders: Vec<QuotaHolder>,
+    /// Proxies seen since the time asked for.
+    pub proxies: Vec<ProxySeen>,
+}
+
+/// A quota's exhaustion in one period, recorded once with its audit entry and event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Exhaustion {
+    pub token_id: String,
+    pub period_start: i64,
+    pub period_end: i64,
+    pub audit: AuditRecord,
+    pub event: Option<Event>,
+}
+
+/// What a quota exchange writes.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct QuotaWrite {
+    /// Holder rows, inserted or replaced.
+    pub holders: Vec<QuotaHolder>,
+    /// Exhaustions; one already recorded for its token and period is skipped.
+    pub exhausted: Vec<Exhaustion>,
+}
+
+/// What one token's holders spent in one period (that has not ended).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuotaSpent {
+    pub token_id: String,
+    pub period_start: i64,
+    pub spent: u64,
+}
+
+/// The decision of a quota exchange, taken on what the store read under its locks; called
+/// again if the transaction is retried.
+pub type QuotaDecision = dyn Fn(&QuotaState) -> QuotaWrite + Send + Sync;
+
+/// A quota as stored: its limit and period text.
+pub fn quota_columns(q: Option<Quota>) -> (Option<i64>, Option<String>) {
+    match q {
+        Some(q) => (
+            Some(q.limit.min(i64::MAX as u64) as i64),
+            Some(q.period.as_string()),
+        ),
+        None => (None, None),
+    }
+}
+
+/// A quota from its columns; `None` when either is missing.
+pub fn quota_from_columns(
+    limit: Option<i64>,
+    period: Option<&str>,
+) -> Result<Option<Quota>, String> {
+    match (limit, period) {
+        (Some(limit), Some(p)) => Ok(Some(Quota {
+            limit: limit.max(0) as u64,
+            period: Period::parse(p).ok_or_else(|| format!("quota period `{p}`"))?,
+        })),
+        _ => Ok(None),
+    }
+}
+
 pub fn parse_scope(s: &str) -> Option<LimitScope> {
     LimitScope::parse(s)
 }
@@ -401,6 +497,27 @@ pub trait Store: Send + Sync + 'static {
         audit: &AuditRecord,
     ) -> Result<ScopeDeletion, StoreError>;
 
+    /// A quota exchange, in one transaction that holds every token in it locked (no other
+    /// exchange on those tokens runs meanwhile, on any replica): reads the [`QuotaState`] of
+    /// the tokens with a quota holding one of `hashes` (current or retired) and then of those
+    /// with holders in a period ending after `now_s`, at most `max_tokens` in all; asks
+    /// `decide`; writes what it decided and returns it.
+    async fn quota_exchange(
+        &self,
+        hashes: &[String],
+        now_s: i64,
+        proxies_since_ms: i64,
+        max_tokens: usize,
+        decide: std::sync::Arc<QuotaDecision>,
+    ) -> Result<QuotaWrite, StoreError>;
+    /// What the holders of each of `token_ids` spent, per period ending after `now_s`.
+    async fn quota_spent(
+        &self,
+        token_ids: &[String],
+        now_s: i64,
+    ) -> Result<Vec<QuotaSpent>, StoreError>;
+    /// Forgets holders and exhaustions of periods ended at or before `now_s`.
+    async fn forget_quotas(&self, now_s: i64) -> Result<u64, StoreError>;
     /// Tokens by id (tombstones included); unknown ids are left out.
     async fn tokens_by_id(&self, ids: &[String]) -> Result<Vec<TokenRow>, StoreError>;
     /// Audit entries, newest first.

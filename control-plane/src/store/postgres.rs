@@ -24,8 +24,9 @@
 
 use super::{
     AuditEntry, AuditQuery, AuditRecord, Changes, Delivery, DeliveryOutcome, DemandOf, DemandRow,
-    Dump, Event, Expiring, ListQuery, OutboxRow, Page, ProxySeen, Published, ScopeDeletion,
-    ScopeRow, ScopeSet, SessionRow, Status, Store, StoreError, TokenRow, WarningRecord,
+    Dump, Event, Expiring, ListQuery, OutboxRow, Page, ProxySeen, Published, QuotaDecision,
+    QuotaHolder, QuotaSpent, QuotaState, QuotaWrite, ScopeDeletion, ScopeRow, ScopeSet, SessionRow,
+    Status, Store, StoreError, TokenRow, WarningRecord,
 };
 use async_trait::async_trait;
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod};
@@ -159,6 +160,34 @@ const MIGRATIONS: &[&str] = &[
     );
     ALTER TABLE tokens ADD COLUMN scopes jsonb;
     ALTER TABLE tokengate_sync ADD COLUMN scopes_version bigint NOT NULL DEFAULT 0;
+    "#,
+    // Quotas: each token's, and what each proxy holds of it per period.
+    r#"
+    ALTER TABLE tokens ADD COLUMN quota_limit bigint;
+    ALTER TABLE tokens ADD COLUMN quota_period text;
+    CREATE INDEX tokens_with_quota ON tokens (id) WHERE quota_limit IS NOT NULL;
+    CREATE TABLE quota_holders (
+        token_id text NOT NULL,
+        period_start bigint NOT NULL,
+        proxy_id text NOT NULL,
+        hash text NOT NULL,
+        period_end bigint NOT NULL,
+        spent bigint NOT NULL,
+        carried bigint NOT NULL,
+        held bigint NOT NULL,
+        granted bigint NOT NULL,
+        rate_milli bigint NOT NULL,
+        seen_at_ms bigint NOT NULL,
+        PRIMARY KEY (token_id, period_start, proxy_id, hash)
+    );
+    CREATE INDEX quota_holders_by_end ON quota_holders (period_end);
+    CREATE TABLE quota_exhausted (
+        token_id text NOT NULL,
+        period_start bigint NOT NULL,
+        period_end bigint NOT NULL,
+        at bigint NOT NULL,
+        PRIMARY KEY (token_id, period_start)
+    );
 "#,
 ];
 
@@ -173,7 +202,9 @@ const CHANNEL: &str = "tokengate_changes";
 const COLUMNS: &str =
     "id, hash, name, kind, owner, status, max_rps, burst, created_at, updated_at, \
      expires_at, last_used_at, version, requests_allowed, requests_denied, rotated_at, retired, \
-     limit_scope, scopes";
+     limit_scope, scopes, quota_limit, quota_period";
+/// How many columns `COLUMNS` names: a query's own columns follow them.
+const AFTER_COLUMNS: usize = 21;
 
 const SCOPE_COLUMNS: &str = "name, description, rules, created_at, updated_at, version";
 
@@ -295,6 +326,8 @@ fn from_row_at(r: &Row, at: usize) -> Result<TokenRow, StoreError> {
     let retired: Value = r.try_get(at + 16).map_err(decode)?;
     let scope = text(17)?;
     let scopes: Option<Value> = r.try_get(at + 18).map_err(decode)?;
+    let quota_period: Option<String> = r.try_get(at + 20).map_err(decode)?;
+    let quota = super::quota_from_columns(opt(19)?, quota_period.as_deref()).map_err(decode)?;
     Ok(TokenRow {
         id: text(0)?,
         hash: text(1)?,
@@ -319,6 +352,7 @@ fn from_row_at(r: &Row, at: usize) -> Result<TokenRow, StoreError> {
             .map(serde_json::from_value)
             .transpose()
             .map_err(decode)?,
+        quota,
     })
 }
 
@@ -865,13 +899,14 @@ impl Store for PostgresStore {
             append_audit(&tx, audit).await?;
             let retired = retired_json(&row)?;
             let scopes = scopes_json(&row)?;
+            let (quota_limit, quota_period) = super::quota_columns(row.quota);
             // The version doubles as the creation order: it is taken in commit order.
             let stmt = tx
                 .prepare_cached(&format!(
                     "{}
                      INSERT INTO tokens ({COLUMNS}, created_seq)
                      SELECT $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, v.version,
-                            0, 0, $15, $16, $17, $18, v.version
+                            0, 0, $15, $16, $17, $18, $19, $20, v.version
                      FROM v, n RETURNING version",
                     next_version()
                 ))
@@ -898,6 +933,8 @@ impl Store for PostgresStore {
                         &retired,
                         &row.limit_scope.as_str(),
                         &scopes,
+                        &quota_limit,
+                        &quota_period,
                     ],
                 )
                 .await?
@@ -984,12 +1021,14 @@ impl Store for PostgresStore {
             append_audit(&tx, audit).await?;
             let retired = retired_json(&row)?;
             let scopes = scopes_json(&row)?;
+            let (quota_limit, quota_period) = super::quota_columns(row.quota);
             let stmt = tx
                 .prepare_cached(&format!(
                     "{}
                      UPDATE tokens SET hash = $4, name = $5, status = $6, max_rps = $7,
                          burst = $8, updated_at = $9, expires_at = $10, version = v.version,
-                         rotated_at = $11, retired = $12, limit_scope = $13, scopes = $14
+                         rotated_at = $11, retired = $12, limit_scope = $13, scopes = $14,
+                         quota_limit = $15, quota_period = $16
                      FROM v, n WHERE id = $3 RETURNING tokens.version",
                     next_version()
                 ))
@@ -1012,6 +1051,8 @@ impl Store for PostgresStore {
                         &retired,
                         &row.limit_scope.as_str(),
                         &scopes,
+                        &quota_limit,
+                        &quota_period,
                     ],
                 )
                 .await?
@@ -1292,6 +1333,211 @@ impl Store for PostgresStore {
         Ok(done)
     }
 
+    async fn quota_exchange(
+        &self,
+        hashes: &[String],
+        now_s: i64,
+        proxies_since_ms: i64,
+        max_tokens: usize,
+        decide: std::sync::Arc<QuotaDecision>,
+    ) -> Result<QuotaWrite, StoreError> {
+        let max = i64::try_from(max_tokens).unwrap_or(i64::MAX);
+        pg!(self, |c| {
+            let tx = c.transaction().await?;
+            let named: Vec<String> = tx
+                .query(
+                    "SELECT id FROM tokens WHERE quota_limit IS NOT NULL
+                       AND (hash = ANY($1)
+                            OR (retired <> '[]'::jsonb AND EXISTS (
+                                SELECT 1 FROM jsonb_array_elements(retired) r
+                                WHERE r->>'hash' = ANY($1))))
+                     ORDER BY id LIMIT $2",
+                    &[&hashes, &max],
+                )
+                .await?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            let room = max - named.len() as i64;
+            let active: Vec<String> = if room > 0 {
+                tx.query(
+                    "SELECT id FROM tokens WHERE quota_limit IS NOT NULL
+                       AND id IN (SELECT token_id FROM quota_holders WHERE period_end > $1)
+                       AND NOT (id = ANY($2))
+                     ORDER BY id LIMIT $3",
+                    &[&now_s, &named, &room],
+                )
+                .await?
+                .iter()
+                .map(|r| r.get(0))
+                .collect()
+            } else {
+                vec![]
+            };
+            let ids: Vec<String> = named.into_iter().chain(active).collect();
+            // The lock that serialises exchanges on a token, across replicas; taken in id
+            // order, so that two exchanges never wait for each other's.
+            let locked = tx
+                .query(
+                    &format!(
+                        "SELECT {COLUMNS} FROM tokens WHERE id = ANY($1) AND quota_limit IS NOT NULL
+                         ORDER BY id FOR UPDATE"
+                    ),
+                    &[&ids],
+                )
+                .await?;
+            let tokens = rows(&locked)?;
+            let ids: Vec<&str> = tokens.iter().map(|t| t.id.as_str()).collect();
+            let holders = tx
+                .query(
+                    "SELECT token_id, proxy_id, hash, period_start, period_end, spent, carried,
+                            held, granted, rate_milli, seen_at_ms
+                     FROM quota_holders WHERE token_id = ANY($1) AND period_end > $2
+                     ORDER BY token_id, period_start, proxy_id, hash",
+                    &[&ids, &now_s],
+                )
+                .await?
+                .iter()
+                .map(|r| {
+                    let n = |i: usize| r.get::<_, i64>(i).max(0) as u64;
+                    QuotaHolder {
+                        token_id: r.get(0),
+                        proxy_id: r.get(1),
+                        hash: r.get(2),
+                        period_start: r.get(3),
+                        period_end: r.get(4),
+                        spent: n(5),
+                        carried: n(6),
+                        held: n(7),
+                        granted: n(8),
+                        rate_milli: n(9),
+                        seen_at_ms: r.get(10),
+                    }
+                })
+                .collect();
+            let proxies = tx
+                .query(
+                    "SELECT proxy_id, interval_ms, seen_at_ms FROM fleet_proxies
+                     WHERE seen_at_ms >= $1 ORDER BY proxy_id",
+                    &[&proxies_since_ms],
+                )
+                .await?
+                .iter()
+                .map(|r| ProxySeen {
+                    proxy_id: r.get(0),
+                    interval_ms: r.get::<_, i32>(1).max(0) as u32,
+                    seen_at_ms: r.get(2),
+                })
+                .collect();
+            let write = decide(&QuotaState {
+                tokens,
+                holders,
+                proxies,
+            });
+            if !write.holders.is_empty() {
+                let h = &write.holders;
+                let text = |f: fn(&QuotaHolder) -> &str| h.iter().map(f).collect::<Vec<&str>>();
+                let int = |f: fn(&QuotaHolder) -> i64| h.iter().map(f).collect::<Vec<i64>>();
+                let upsert = tx
+                    .prepare_cached(
+                        "INSERT INTO quota_holders (token_id, period_start, proxy_id, hash,
+                             period_end, spent, carried, held, granted, rate_milli, seen_at_ms)
+                         SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[],
+                             $5::bigint[], $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[],
+                             $10::bigint[], $11::bigint[])
+                         ON CONFLICT (token_id, period_start, proxy_id, hash) DO UPDATE SET
+                             period_end = EXCLUDED.period_end, spent = EXCLUDED.spent,
+                             carried = EXCLUDED.carried, held = EXCLUDED.held,
+                             granted = EXCLUDED.granted, rate_milli = EXCLUDED.rate_milli,
+                             seen_at_ms = EXCLUDED.seen_at_ms",
+                    )
+                    .await?;
+                tx.execute(
+                    &upsert,
+                    &[
+                        &text(|h| &h.token_id),
+                        &int(|h| h.period_start),
+                        &text(|h| &h.proxy_id),
+                        &text(|h| &h.hash),
+                        &int(|h| h.period_end),
+                        &int(|h| clamp(h.spent)),
+                        &int(|h| clamp(h.carried)),
+                        &int(|h| clamp(h.held)),
+                        &int(|h| clamp(h.granted)),
+                        &int(|h| clamp(h.rate_milli)),
+                        &int(|h| h.seen_at_ms),
+                    ],
+                )
+                .await?;
+            }
+            let mut recorded = Vec::new();
+            for e in &write.exhausted {
+                let inserted = tx
+                    .execute(
+                        "INSERT INTO quota_exhausted (token_id, period_start, period_end, at)
+                         VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                        &[&e.token_id, &e.period_start, &e.period_end, &e.audit.at],
+                    )
+                    .await?;
+                if inserted == 0 {
+                    continue;
+                }
+                append_audit(&tx, &e.audit).await?;
+                if let Some(ev) = &e.event {
+                    tx.execute(
+                        "INSERT INTO outbox (event_id, event_type, payload, created_at, next_attempt_at)
+                         VALUES ($1, $2, $3, $4, $4)",
+                        &[&ev.id, &ev.kind, &ev.payload, &ev.at],
+                    )
+                    .await?;
+                }
+                recorded.push(e.clone());
+            }
+            tx.commit().await?;
+            Ok(QuotaWrite {
+                holders: write.holders,
+                exhausted: recorded,
+            })
+        })
+    }
+
+    async fn quota_spent(
+        &self,
+        token_ids: &[String],
+        now_s: i64,
+    ) -> Result<Vec<QuotaSpent>, StoreError> {
+        pg!(self, |c| {
+            let stmt = c
+                .prepare_cached(
+                    "SELECT token_id, period_start, sum(spent + carried)::bigint FROM quota_holders
+                     WHERE token_id = ANY($1) AND period_end > $2
+                     GROUP BY token_id, period_start ORDER BY token_id, period_start",
+                )
+                .await?;
+            Ok(c.query(&stmt, &[&token_ids, &now_s])
+                .await?
+                .iter()
+                .map(|r| QuotaSpent {
+                    token_id: r.get(0),
+                    period_start: r.get(1),
+                    spent: r.get::<_, i64>(2).max(0) as u64,
+                })
+                .collect())
+        })
+    }
+
+    async fn forget_quotas(&self, now_s: i64) -> Result<u64, StoreError> {
+        pg!(self, |c| {
+            let stmt = c
+                .prepare_cached(
+                    "WITH e AS (DELETE FROM quota_exhausted WHERE period_end <= $1)
+                     DELETE FROM quota_holders WHERE period_end <= $1",
+                )
+                .await?;
+            Ok(c.execute(&stmt, &[&now_s]).await?)
+        })
+    }
+
     async fn tokens_by_id(&self, ids: &[String]) -> Result<Vec<TokenRow>, StoreError> {
         let sql = format!("SELECT {COLUMNS} FROM tokens WHERE id = ANY($1) ORDER BY id");
         self.token_rows(&sql, &[&ids]).await
@@ -1502,7 +1748,7 @@ impl Store for PostgresStore {
                 .map(|r| {
                     Ok(Expiring {
                         token: from_row(r)?,
-                        warned_lead: r.try_get(19).map_err(decode)?,
+                        warned_lead: r.try_get(AFTER_COLUMNS).map_err(decode)?,
                     })
                 })
                 .collect()
@@ -1752,7 +1998,12 @@ impl Store for PostgresStore {
                 )
                 .await?
                 .iter()
-                .map(|r| Ok((from_row(r)?, r.try_get::<_, i64>(19).map_err(decode)?)))
+                .map(|r| {
+                    Ok((
+                        from_row(r)?,
+                        r.try_get::<_, i64>(AFTER_COLUMNS).map_err(decode)?,
+                    ))
+                })
                 .collect::<Result<Vec<_>, StoreError>>()?;
             let audit = tx
                 .query(
@@ -1864,7 +2115,7 @@ impl Store for PostgresStore {
                 .prepare(&format!(
                     "INSERT INTO tokens ({COLUMNS}, created_seq) VALUES
                      ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,
-                      $17, $18, $19, $20)"
+                      $17, $18, $19, $20, $21, $22)"
                 ))
                 .await?;
             for (r, created_seq) in &dump.tokens {
@@ -1890,6 +2141,8 @@ impl Store for PostgresStore {
                         &retired_json(r)?,
                         &r.limit_scope.as_str(),
                         &scopes_json(r)?,
+                        &super::quota_columns(r.quota).0,
+                        &super::quota_columns(r.quota).1,
                         created_seq,
                     ],
                 )

@@ -4,8 +4,9 @@
 
 use super::{
     AuditEntry, AuditQuery, AuditRecord, Changes, Delivery, DeliveryOutcome, DemandOf, DemandRow,
-    Dump, Event, Expiring, ListQuery, OutboxRow, Page, ProxySeen, Published, ScopeDeletion,
-    ScopeRow, ScopeSet, SessionRow, Status, Store, StoreError, TokenRow, WarningRecord,
+    Dump, Event, Expiring, ListQuery, OutboxRow, Page, ProxySeen, Published, QuotaDecision,
+    QuotaHolder, QuotaSpent, QuotaState, QuotaWrite, ScopeDeletion, ScopeRow, ScopeSet, SessionRow,
+    Status, Store, StoreError, TokenRow, WarningRecord,
 };
 use async_trait::async_trait;
 use rand::distributions::{Alphanumeric, DistString};
@@ -134,6 +135,34 @@ const MIGRATIONS: &[&str] = &[
     );
     ALTER TABLE tokens ADD COLUMN scopes TEXT;
     "#,
+    // Quotas: each token's, and what each proxy holds of it per period.
+    r#"
+    ALTER TABLE tokens ADD COLUMN quota_limit INTEGER;
+    ALTER TABLE tokens ADD COLUMN quota_period TEXT;
+    CREATE INDEX tokens_with_quota ON tokens(id) WHERE quota_limit IS NOT NULL;
+    CREATE TABLE quota_holders (
+        token_id TEXT NOT NULL,
+        period_start INTEGER NOT NULL,
+        proxy_id TEXT NOT NULL,
+        hash TEXT NOT NULL,
+        period_end INTEGER NOT NULL,
+        spent INTEGER NOT NULL,
+        carried INTEGER NOT NULL,
+        held INTEGER NOT NULL,
+        granted INTEGER NOT NULL,
+        rate_milli INTEGER NOT NULL,
+        seen_at_ms INTEGER NOT NULL,
+        PRIMARY KEY (token_id, period_start, proxy_id, hash)
+    );
+    CREATE INDEX quota_holders_by_end ON quota_holders(period_end);
+    CREATE TABLE quota_exhausted (
+        token_id TEXT NOT NULL,
+        period_start INTEGER NOT NULL,
+        period_end INTEGER NOT NULL,
+        at INTEGER NOT NULL,
+        PRIMARY KEY (token_id, period_start)
+    );
+    "#,
 ];
 
 /// The schema version this binary migrates to.
@@ -142,7 +171,9 @@ pub const SCHEMA_VERSION: usize = MIGRATIONS.len();
 const COLUMNS: &str =
     "id, hash, name, kind, owner, status, max_rps, burst, created_at, updated_at, \
      expires_at, last_used_at, version, requests_allowed, requests_denied, rotated_at, retired, \
-     limit_scope, scopes";
+     limit_scope, scopes, quota_limit, quota_period";
+/// How many columns `COLUMNS` names: a query's own columns follow them.
+const AFTER_COLUMNS: usize = 21;
 
 const SCOPE_COLUMNS: &str = "name, description, rules, created_at, updated_at, version";
 
@@ -174,6 +205,9 @@ fn from_row(r: &Row<'_>) -> rusqlite::Result<TokenRow> {
     let retired: String = r.get(16)?;
     let scope: String = r.get(17)?;
     let scopes: Option<String> = r.get(18)?;
+    let quota_period: Option<String> = r.get(20)?;
+    let quota = super::quota_from_columns(r.get(19)?, quota_period.as_deref())
+        .map_err(|e| conversion("quota", &e))?;
     Ok(TokenRow {
         id: r.get(0)?,
         hash: r.get(1)?,
@@ -196,6 +230,7 @@ fn from_row(r: &Row<'_>) -> rusqlite::Result<TokenRow> {
         scopes: scopes
             .map(|s| serde_json::from_str(&s).map_err(|_| conversion("scopes", &s)))
             .transpose()?,
+        quota,
     })
 }
 
@@ -497,8 +532,9 @@ impl Store for SqliteStore {
             let sql = format!(
                 "INSERT INTO tokens ({COLUMNS}, created_seq)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, 0, 0, ?14, ?15,
-                         ?16, ?17, (SELECT COALESCE(MAX(created_seq), 0) + 1 FROM tokens))"
+                         ?16, ?17, ?18, ?19, (SELECT COALESCE(MAX(created_seq), 0) + 1 FROM tokens))"
             );
+            let (quota_limit, quota_period) = super::quota_columns(row.quota);
             tx.execute(
                 &sql,
                 params![
@@ -518,7 +554,9 @@ impl Store for SqliteStore {
                     row.rotated_at,
                     retired_text(&row)?,
                     row.limit_scope.as_str(),
-                    scopes_text(&row)?
+                    scopes_text(&row)?,
+                    quota_limit,
+                    quota_period
                 ],
             )?;
             append_audit(&tx, &audit)?;
@@ -596,6 +634,7 @@ impl Store for SqliteStore {
                 return Ok(Err(e));
             }
             row.version = next_version(&tx)?;
+            let (quota_limit, quota_period) = super::quota_columns(row.quota);
             if raise_horizon {
                 let horizon = meta_number(&tx, "horizon")?.max(expected_version);
                 set_meta(&tx, "horizon", horizon)?;
@@ -603,7 +642,8 @@ impl Store for SqliteStore {
             tx.execute(
                 "UPDATE tokens SET hash = ?2, name = ?3, status = ?4, max_rps = ?5,
                          burst = ?6, updated_at = ?7, expires_at = ?8, version = ?9,
-                         rotated_at = ?10, retired = ?11, limit_scope = ?12, scopes = ?13
+                         rotated_at = ?10, retired = ?11, limit_scope = ?12, scopes = ?13,
+                         quota_limit = ?14, quota_period = ?15
                      WHERE id = ?1",
                 params![
                     row.id,
@@ -618,7 +658,9 @@ impl Store for SqliteStore {
                     row.rotated_at,
                     retired_text(&row)?,
                     row.limit_scope.as_str(),
-                    scopes_text(&row)?
+                    scopes_text(&row)?,
+                    quota_limit,
+                    quota_period
                 ],
             )?;
             append_audit(&tx, &audit)?;
@@ -895,6 +937,195 @@ impl Store for SqliteStore {
             Ok(Ok(ScopeDeletion::Deleted(version)))
         })
         .await?
+    }
+
+    async fn quota_exchange(
+        &self,
+        hashes: &[String],
+        now_s: i64,
+        proxies_since_ms: i64,
+        max_tokens: usize,
+        decide: Arc<QuotaDecision>,
+    ) -> Result<QuotaWrite, StoreError> {
+        let hashes = serde_json::to_string(hashes).map_err(backend)?;
+        let max = i64::try_from(max_tokens).unwrap_or(i64::MAX);
+        self.with(move |c, _| {
+            // One writer at a time: the exchange reads and writes with no other in between.
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let mut tokens = query_rows(
+                &tx,
+                &format!(
+                    "SELECT {COLUMNS} FROM tokens WHERE quota_limit IS NOT NULL
+                       AND (hash IN (SELECT value FROM json_each(?1))
+                            OR (retired <> '[]' AND EXISTS (
+                                SELECT 1 FROM json_each(tokens.retired) r
+                                WHERE json_extract(r.value, '$.hash')
+                                      IN (SELECT value FROM json_each(?1)))))
+                     ORDER BY id LIMIT ?2"
+                ),
+                &[&hashes, &max],
+            )?;
+            let named: Vec<String> = tokens.iter().map(|t| t.id.clone()).collect();
+            let room = max - tokens.len() as i64;
+            if room > 0 {
+                let named = serde_json::to_string(&named)
+                    .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+                tokens.extend(query_rows(
+                    &tx,
+                    &format!(
+                        "SELECT {COLUMNS} FROM tokens WHERE quota_limit IS NOT NULL
+                           AND id IN (SELECT token_id FROM quota_holders WHERE period_end > ?1)
+                           AND id NOT IN (SELECT value FROM json_each(?2))
+                         ORDER BY id LIMIT ?3"
+                    ),
+                    &[&now_s, &named, &room],
+                )?);
+                tokens.sort_by(|a, b| a.id.cmp(&b.id));
+            }
+            let ids: Vec<&str> = tokens.iter().map(|t| t.id.as_str()).collect();
+            let ids = serde_json::to_string(&ids)
+                .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+            let holders = {
+                let mut stmt = tx.prepare_cached(
+                    "SELECT token_id, proxy_id, hash, period_start, period_end, spent, carried,
+                            held, granted, rate_milli, seen_at_ms
+                     FROM quota_holders
+                     WHERE token_id IN (SELECT value FROM json_each(?1)) AND period_end > ?2
+                     ORDER BY token_id, period_start, proxy_id, hash",
+                )?;
+                let rows = stmt
+                    .query_map(params![ids, now_s], |r| {
+                        let n = |i: usize| r.get::<_, i64>(i).map(|v| v.max(0) as u64);
+                        Ok(QuotaHolder {
+                            token_id: r.get(0)?,
+                            proxy_id: r.get(1)?,
+                            hash: r.get(2)?,
+                            period_start: r.get(3)?,
+                            period_end: r.get(4)?,
+                            spent: n(5)?,
+                            carried: n(6)?,
+                            held: n(7)?,
+                            granted: n(8)?,
+                            rate_milli: n(9)?,
+                            seen_at_ms: r.get(10)?,
+                        })
+                    })?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                rows
+            };
+            let proxies = {
+                let mut stmt = tx.prepare_cached(
+                    "SELECT proxy_id, interval_ms, seen_at_ms FROM fleet_proxies
+                     WHERE seen_at_ms >= ?1 ORDER BY proxy_id",
+                )?;
+                let rows = stmt
+                    .query_map([proxies_since_ms], |r| {
+                        Ok(ProxySeen {
+                            proxy_id: r.get(0)?,
+                            interval_ms: r.get(1)?,
+                            seen_at_ms: r.get(2)?,
+                        })
+                    })?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                rows
+            };
+            let write = decide(&QuotaState {
+                tokens,
+                holders,
+                proxies,
+            });
+            {
+                let mut stmt = tx.prepare_cached(
+                    "INSERT INTO quota_holders (token_id, period_start, proxy_id, hash, period_end,
+                         spent, carried, held, granted, rate_milli, seen_at_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+                     ON CONFLICT (token_id, period_start, proxy_id, hash) DO UPDATE SET
+                         period_end = ?5, spent = ?6, carried = ?7, held = ?8, granted = ?9,
+                         rate_milli = ?10, seen_at_ms = ?11",
+                )?;
+                for h in &write.holders {
+                    stmt.execute(params![
+                        h.token_id,
+                        h.period_start,
+                        h.proxy_id,
+                        h.hash,
+                        h.period_end,
+                        clamp(h.spent),
+                        clamp(h.carried),
+                        clamp(h.held),
+                        clamp(h.granted),
+                        clamp(h.rate_milli),
+                        h.seen_at_ms
+                    ])?;
+                }
+            }
+            let mut recorded = Vec::new();
+            for e in &write.exhausted {
+                let inserted = tx.execute(
+                    "INSERT INTO quota_exhausted (token_id, period_start, period_end, at)
+                     VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING",
+                    params![e.token_id, e.period_start, e.period_end, e.audit.at],
+                )?;
+                if inserted == 0 {
+                    continue;
+                }
+                append_audit(&tx, &e.audit)?;
+                if let Some(ev) = &e.event {
+                    tx.execute(
+                        "INSERT INTO outbox (event_id, event_type, payload, created_at, next_attempt_at)
+                         VALUES (?1, ?2, ?3, ?4, ?4)",
+                        params![ev.id, ev.kind, ev.payload, ev.at],
+                    )?;
+                }
+                recorded.push(e.clone());
+            }
+            tx.commit()?;
+            Ok(QuotaWrite {
+                holders: write.holders,
+                exhausted: recorded,
+            })
+        })
+        .await
+    }
+
+    async fn quota_spent(
+        &self,
+        token_ids: &[String],
+        now_s: i64,
+    ) -> Result<Vec<QuotaSpent>, StoreError> {
+        let ids = serde_json::to_string(token_ids).map_err(backend)?;
+        self.with(move |c, _| {
+            let mut stmt = c.prepare_cached(
+                "SELECT token_id, period_start, sum(spent + carried) FROM quota_holders
+                 WHERE token_id IN (SELECT value FROM json_each(?1)) AND period_end > ?2
+                 GROUP BY token_id, period_start ORDER BY token_id, period_start",
+            )?;
+            let rows = stmt
+                .query_map(params![ids, now_s], |r| {
+                    Ok(QuotaSpent {
+                        token_id: r.get(0)?,
+                        period_start: r.get(1)?,
+                        spent: r.get::<_, i64>(2)?.max(0) as u64,
+                    })
+                })?
+                .collect();
+            rows
+        })
+        .await
+    }
+
+    async fn forget_quotas(&self, now_s: i64) -> Result<u64, StoreError> {
+        self.with(move |c, _| {
+            let tx = c.transaction()?;
+            let n = tx.execute("DELETE FROM quota_holders WHERE period_end <= ?1", [now_s])?;
+            tx.execute(
+                "DELETE FROM quota_exhausted WHERE period_end <= ?1",
+                [now_s],
+            )?;
+            tx.commit()?;
+            Ok(n as u64)
+        })
+        .await
     }
 
     async fn tokens_by_id(&self, ids: &[String]) -> Result<Vec<TokenRow>, StoreError> {
@@ -1266,7 +1497,7 @@ impl Store for SqliteStore {
                 "SELECT {COLUMNS}, coalesce(created_seq, 0) FROM tokens ORDER BY id"
             ))?;
             let tokens = stmt
-                .query_map([], |r| Ok((from_row(r)?, r.get::<_, i64>(19)?)))?
+                .query_map([], |r| Ok((from_row(r)?, r.get::<_, i64>(AFTER_COLUMNS)?)))?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             drop(stmt);
             let mut stmt = tx.prepare(
@@ -1357,7 +1588,7 @@ impl Store for SqliteStore {
                     &format!(
                         "INSERT INTO tokens ({COLUMNS}, created_seq) VALUES
                          (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
-                          ?17, ?18, ?19, ?20)"
+                          ?17, ?18, ?19, ?20, ?21, ?22)"
                     ),
                     params![
                         r.id,
@@ -1379,6 +1610,8 @@ impl Store for SqliteStore {
                         retired_text(r)?,
                         r.limit_scope.as_str(),
                         scopes_text(r)?,
+                        super::quota_columns(r.quota).0,
+                        super::quota_columns(r.quota).1,
                         created_seq
                     ],
                 )?;

@@ -114,6 +114,7 @@ pub fn config(dir: &std::path::Path, page_size: u32, policy: Policy) -> Config {
         sessions: Limits::default(),
         connections: connections::Limits::default(),
         throttle: lenient_throttle(),
+        test_quota_periods: true,
     }
 }
 
