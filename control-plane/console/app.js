@@ -18,15 +18,20 @@ const PRESETS = [
 const AUDIT_ACTIONS = [
   'token.created', 'token.updated', 'token.suspended', 'token.reactivated',
   'token.rotated', 'token.revoked', 'token.expiry_warning', 'token.purged',
+  'token.quota_exhausted', 'scope.created', 'scope.updated', 'scope.deleted',
 ];
+// How a quota's period reads after "used/limit".
+const PERIOD_NOW = { hour: 'this hour', day: 'today', month: 'this month' };
 
 const state = {
   session: null,
   cursors: [null], // cursor of each page visited; the last one is the current page's
   nextCursor: null,
   tokens: new Map(),
+  scopes: [], // every scope, by name, as last loaded
   auditCursor: null,
-  pending: null, // the token a dialog acts on
+  pending: null, // the token or scope a dialog acts on
+  confirm: null, // what the confirmation dialog does when confirmed
 };
 
 const $ = (id) => document.getElementById(id);
@@ -37,7 +42,7 @@ function el(tag, attrs, ...children) {
     if (v === null || v === undefined || v === false) continue;
     if (k === 'class') node.className = v;
     else if (k === 'text') node.textContent = v;
-    else if (k.startsWith('data-') || k.startsWith('aria-') || k === 'title' || k === 'type') node.setAttribute(k, v);
+    else if (k.startsWith('data-') || k.startsWith('aria-') || k === 'title' || k === 'type' || k === 'name') node.setAttribute(k, v);
     else node[k] = v;
   }
   for (const c of children) {
@@ -53,6 +58,7 @@ class ApiError extends Error {
     this.status = status;
     this.field = body && body.field;
     this.code = body && body.error;
+    this.tokens = body && body.tokens;
   }
 }
 
@@ -108,11 +114,11 @@ function when(iso) {
 // ---- views ----
 
 function show(view) {
-  for (const v of ['signin-view', 'tokens-view', 'audit-view']) $(v).hidden = v !== view;
+  for (const v of ['signin-view', 'tokens-view', 'scopes-view', 'audit-view']) $(v).hidden = v !== view;
   const signedIn = view !== 'signin-view';
   $('nav').hidden = !signedIn;
   $('who').hidden = !signedIn;
-  for (const [link, target] of [['nav-tokens', 'tokens-view'], ['nav-audit', 'audit-view']]) {
+  for (const [link, target] of [['nav-tokens', 'tokens-view'], ['nav-scopes', 'scopes-view'], ['nav-audit', 'audit-view']]) {
     if (view === target) $(link).setAttribute('aria-current', 'page');
     else $(link).removeAttribute('aria-current');
   }
@@ -121,7 +127,9 @@ function show(view) {
 function showSignIn(message) {
   state.session = null;
   state.tokens.clear();
+  state.scopes = [];
   $('tokens').tBodies[0].replaceChildren();
+  $('scopes').tBodies[0].replaceChildren();
   $('audit').tBodies[0].replaceChildren();
   hideSecret();
   for (const d of document.querySelectorAll('dialog[open]')) d.close();
@@ -135,6 +143,9 @@ async function route() {
   if (location.hash === '#audit') {
     show('audit-view');
     await loadAudit(true);
+  } else if (location.hash === '#scopes') {
+    show('scopes-view');
+    await loadScopes();
   } else {
     show('tokens-view');
     await loadTokens();
@@ -190,13 +201,35 @@ function firstPage() {
 }
 
 function expiryCell(t) {
-  if (!t.expires_at) return el('td', { class: 'muted', 'data-label': 'Expires' }, 'Never');
+  if (!t.expires_at) return el('td', { class: 'expiry-cell muted', 'data-label': 'Expires' }, 'Never');
   const left = (Date.parse(t.expires_at) - Date.now()) / 1000;
   const warn = state.session && left <= state.session.expiry_warning_seconds;
-  const cls = t.expired || left <= 0 ? 'expired' : warn ? 'warn' : '';
+  const cls = 'expiry-cell' + (t.expired || left <= 0 ? ' expired' : warn ? ' warn' : '');
   const hint = t.expired || left <= 0 ? `expired ${fromNow(t.expires_at)}` : `expires ${fromNow(t.expires_at)}`;
   return el('td', { class: cls, title: t.expires_at, 'data-label': 'Expires' },
     el('span', { class: 'date' }, when(t.expires_at)), el('span', { class: 'hint' }, hint));
+}
+
+// A token's quota: "used/limit this <period>", with when it starts over. Records from a
+// control plane without quotas carry neither field: the cell then says nothing is set.
+function quotaCell(t) {
+  const q = t.quota;
+  if (!q) return el('td', { class: 'quota-cell muted', 'data-label': 'Quota' }, 'None');
+  const u = t.quota_usage;
+  const period = PERIOD_NOW[q.period] || `per ${q.period}`;
+  if (!u) return el('td', { class: 'quota-cell', 'data-label': 'Quota' }, `${q.limit} ${period.replace(/^this /, 'per ')}`);
+  const spent = u.remaining === 0;
+  const hint = u.resets_at ? `${spent ? 'used up, resets' : 'resets'} ${fromNow(u.resets_at)}` : null;
+  return el('td', { class: 'quota-cell' + (spent ? ' warn' : ''), title: u.resets_at || null, 'data-label': 'Quota', 'data-remaining': String(u.remaining) },
+    el('span', { class: 'date' }, `${u.used}/${q.limit} ${period}`), hint && el('span', { class: 'hint' }, hint));
+}
+
+// null: unrestricted; []: no request at all; else the names.
+function scopesCell(t) {
+  const names = t.scopes;
+  if (names === undefined || names === null) return el('td', { class: 'scopes-cell muted', 'data-label': 'Scopes' }, 'unrestricted');
+  if (names.length === 0) return el('td', { class: 'scopes-cell warn', 'data-label': 'Scopes' }, 'none', el('span', { class: 'hint' }, 'every request refused'));
+  return el('td', { class: 'scopes-cell', 'data-label': 'Scopes' }, ...names.map((n) => el('span', { class: 'scope-tag' }, n)));
 }
 
 function statusBadge(t) {
@@ -211,8 +244,8 @@ function tokenRow(t) {
   const toggle = t.status === 'suspended' ? act('reactivate', 'Reactivate') : act('suspend', 'Suspend');
   const fleet = t.max_rps !== null && t.limit_scope === 'fleet' ? act('fleet', 'Fleet') : null;
   const lastUsed = t.last_used_at
-    ? el('td', { title: t.last_used_at, 'data-label': 'Last used' }, fromNow(t.last_used_at))
-    : el('td', { class: 'muted', 'data-label': 'Last used' }, 'Never used');
+    ? el('td', { class: 'used-cell', title: t.last_used_at, 'data-label': 'Last used' }, fromNow(t.last_used_at))
+    : el('td', { class: 'used-cell muted', 'data-label': 'Last used' }, 'Never used');
   const grace = t.old_secret_valid_until
     ? el('span', { class: 'hint' }, `old secret works until ${when(t.old_secret_valid_until)}`) : null;
   return el('tr', { 'data-id': t.id, 'data-status': t.status },
@@ -222,6 +255,8 @@ function tokenRow(t) {
     el('td', { class: 'status-cell', 'data-label': 'Status' }, statusBadge(t)),
     el('td', { class: 'num', 'data-label': 'Max RPS' }, t.max_rps === null ? el('span', { class: 'muted' }, 'Unlimited')
       : el('span', {}, String(t.max_rps), el('span', { class: 'hint', 'data-scope': t.limit_scope }, t.limit_scope === 'proxy' ? 'per Envoy' : 'whole fleet'))),
+    quotaCell(t),
+    scopesCell(t),
     expiryCell(t),
     lastUsed,
     el('td', { class: 'row-actions' },
@@ -367,6 +402,77 @@ function refreshExpiryHint() {
   $('g-expiry-hint').textContent = hint;
 }
 
+// ---- a token's scopes and quota, in the generate and edit dialogs ----
+
+async function fetchScopes() {
+  const page = await api('GET', '/v1/scopes');
+  state.scopes = page.scopes;
+  return state.scopes;
+}
+
+// The scope checkboxes of the dialog `prefix` (g or e), `selected` ticked; null: unrestricted.
+function renderAccess(prefix, selected) {
+  const form = $(`${prefix}-scopes`).form;
+  const ticked = new Set(selected || []);
+  // A scope the token names is listed even before the list of scopes has arrived.
+  const names = [...new Set([...state.scopes.map((sc) => sc.name), ...ticked])].sort();
+  const about = new Map(state.scopes.map((sc) => [sc.name, sc.description]));
+  const boxes = names.map((n) => el('label', { class: 'inline' },
+    el('input', { type: 'checkbox', name: 'scope', value: n, checked: ticked.has(n) }),
+    el('code', {}, n), about.get(n) ? el('span', { class: 'muted' }, about.get(n)) : null));
+  $(`${prefix}-scope-list`).replaceChildren(...boxes);
+  form.elements.access.value = selected === null || selected === undefined ? 'unrestricted' : 'scoped';
+  refreshAccess(prefix);
+}
+
+function refreshAccess(prefix) {
+  const form = $(`${prefix}-scopes`).form;
+  const scoped = form.elements.access.value === 'scoped';
+  for (const box of $(`${prefix}-scope-list`).querySelectorAll('input')) box.disabled = !scoped;
+  const ticked = $(`${prefix}-scope-list`).querySelectorAll('input:checked').length;
+  let hint = '';
+  if (!scoped) hint = 'The token may call any method on any path behind Envoy.';
+  else if (state.scopes.length === 0 && ticked === 0) hint = 'There are no scopes yet: create them under Scopes. With none ticked, every request is refused.';
+  else if (ticked === 0) hint = 'None ticked: every request is refused (403 insufficient_scope).';
+  else hint = 'Envoy lets through only the requests one of the ticked scopes covers.';
+  $(`${prefix}-scopes-hint`).textContent = hint;
+}
+
+// null: unrestricted; otherwise the ticked names (possibly none).
+function readAccess(prefix) {
+  const form = $(`${prefix}-scopes`).form;
+  if (form.elements.access.value !== 'scoped') return null;
+  return [...$(`${prefix}-scope-list`).querySelectorAll('input:checked')].map((b) => b.value);
+}
+
+// null: no quota; NaN: not a usable limit; else the quota.
+function readQuota(prefix) {
+  const raw = $(`${prefix}-quota-limit`).value.trim();
+  if (!raw) return null;
+  const limit = positiveInteger(raw);
+  if (Number.isNaN(limit)) return NaN;
+  return { limit, period: $(`${prefix}-quota-period`).value };
+}
+
+function showQuota(prefix, quota) {
+  $(`${prefix}-quota-limit`).value = quota ? String(quota.limit) : '';
+  const select = $(`${prefix}-quota-period`);
+  // A period the page does not offer (a test server's "10s") is kept as it is.
+  if (quota && ![...select.options].some((o) => o.value === quota.period)) {
+    select.append(el('option', { value: quota.period, text: `per ${quota.period}` }));
+  }
+  select.value = quota ? quota.period : 'day';
+}
+
+const QUOTA_MESSAGE = 'A whole number of requests per period, or empty for no quota.';
+
+// Where the API's fields are shown in the dialog `prefix`.
+function tokenFields(prefix) {
+  const fields = { name: 'name', max_rps: 'rps', limit_scope: 'scope', scopes: 'scopes', quota: 'quota-limit', 'quota.limit': 'quota-limit', 'quota.period': 'quota-period' };
+  if (prefix === 'g') Object.assign(fields, { kind: 'kind', owner: 'owner', expires_in_seconds: 'expiry', expires_at: 'expiry' });
+  return fields;
+}
+
 function openGenerate() {
   const form = $('generate-form');
   form.reset();
@@ -374,8 +480,15 @@ function openGenerate() {
   const tomorrow = new Date(Date.now() + DAY * 1000);
   $('g-date').min = tomorrow.toISOString().slice(0, 10);
   refreshExpiryOptions();
+  showQuota('g', null);
+  renderAccess('g', null);
+  fetchScopes().then(() => renderAccess('g', readAccess('g'))).catch((e) => say(e.message, 'bad'));
   $('generate-dialog').showModal();
   $('g-name').focus();
+}
+
+function sameJson(a, b) {
+  return JSON.stringify(a) === JSON.stringify(b);
 }
 
 function positiveInteger(value) {
@@ -397,6 +510,12 @@ async function submitGenerate(ev) {
     }
     body.limit_scope = $('g-scope').value;
   }
+  const quota = readQuota('g');
+  if (Number.isNaN(quota)) return fieldError('g', { quota: 'quota-limit' }, { field: 'quota', message: QUOTA_MESSAGE });
+  // Left out when there is none, so a control plane without quotas still takes the body.
+  if (quota) body.quota = quota;
+  const scopes = readAccess('g');
+  if (scopes !== null) body.scopes = scopes;
   const expiry = $('g-expiry').value;
   if (expiry === 'custom') {
     if (!$('g-date').value) return fieldError('g', { expires_at: 'expiry' }, { field: 'expires_at', message: 'Pick a date.' });
@@ -412,7 +531,7 @@ async function submitGenerate(ev) {
     say(`Created ${created.name}.`, 'ok');
     await loadTokens();
   } catch (e) {
-    fieldError('g', { name: 'name', kind: 'kind', owner: 'owner', max_rps: 'rps', limit_scope: 'scope', expires_in_seconds: 'expiry', expires_at: 'expiry' }, e);
+    fieldError('g', tokenFields('g'), e);
   }
 }
 
@@ -424,6 +543,9 @@ function openEdit(t) {
   $('e-name').value = t.name;
   $('e-rps').value = t.max_rps === null ? '' : String(t.max_rps);
   $('e-scope').value = t.limit_scope || 'fleet';
+  showQuota('e', t.quota || null);
+  renderAccess('e', t.scopes === undefined ? null : t.scopes);
+  fetchScopes().then(() => { if (state.pending === t) renderAccess('e', readAccess('e')); }).catch((e) => say(e.message, 'bad'));
   $('edit-dialog').showModal();
   $('e-name').focus();
 }
@@ -442,6 +564,12 @@ async function submitEdit(ev) {
   }
   if (rps !== t.max_rps) body.max_rps = rps;
   if ($('e-scope').value !== t.limit_scope) body.limit_scope = $('e-scope').value;
+  const quota = readQuota('e');
+  if (Number.isNaN(quota)) return fieldError('e', { quota: 'quota-limit' }, { field: 'quota', message: QUOTA_MESSAGE });
+  if (!sameJson(quota, t.quota || null)) body.quota = quota;
+  const scopes = readAccess('e');
+  const had = t.scopes === undefined ? null : t.scopes;
+  if (!sameJson(scopes && [...scopes].sort(), had && [...had].sort())) body.scopes = scopes;
   if (Object.keys(body).length === 0) { $('edit-dialog').close(); return; }
   try {
     const updated = await api('PATCH', `/v1/tokens/${encodeURIComponent(t.id)}`, body);
@@ -449,7 +577,7 @@ async function submitEdit(ev) {
     replaceRow(updated);
     say(`Saved ${updated.name}.`, 'ok');
   } catch (e) {
-    fieldError('e', { name: 'name', max_rps: 'rps', limit_scope: 'scope' }, e);
+    fieldError('e', tokenFields('e'), e);
   }
 }
 
@@ -475,26 +603,162 @@ async function submitRotate(ev) {
   }
 }
 
-function openRevoke(t) {
-  state.pending = t;
+// Asks first; `run` does it once confirmed, and its error stays in the dialog.
+function confirmThen(title, text, button, run) {
+  state.confirm = run;
   clearErrors($('confirm-form'));
-  $('confirm-title').textContent = `Revoke ${t.name}?`;
-  $('confirm-text').textContent = `Every client using “${t.name}” (${t.id}) is refused within moments. This cannot be undone.`;
+  $('confirm-title').textContent = title;
+  $('confirm-text').textContent = text;
+  $('confirm-go').textContent = button;
   $('confirm-dialog').showModal();
   $('confirm-form').querySelector('.cancel').focus();
 }
 
-async function submitRevoke(ev) {
+async function submitConfirm(ev) {
   ev.preventDefault();
-  const t = state.pending;
+  const run = state.confirm;
+  if (!run) return;
   try {
-    await api('DELETE', `/v1/tokens/${encodeURIComponent(t.id)}`);
+    await run();
     $('confirm-dialog').close();
-    say(`Revoked ${t.name}.`, 'ok');
-    await loadTokens();
   } catch (e) {
     $('c-error').textContent = e.message;
   }
+}
+
+function openRevoke(t) {
+  confirmThen(`Revoke ${t.name}?`,
+    `Every client using “${t.name}” (${t.id}) is refused within moments. This cannot be undone.`,
+    'Revoke token',
+    async () => {
+      await api('DELETE', `/v1/tokens/${encodeURIComponent(t.id)}`);
+      say(`Revoked ${t.name}.`, 'ok');
+      await loadTokens();
+    });
+}
+
+// ---- scopes ----
+
+function ruleText(r) {
+  return r.methods ? `${r.methods.join(',')} ${r.path}` : r.path;
+}
+
+// One rule a line, `[METHODS ]PATH`, as the CLI's --rule reads it. Blank lines are skipped;
+// `lines[i]` is the line number of rule i, for the API's `rules[i]` errors.
+function parseRules(text) {
+  const rules = [];
+  const lines = [];
+  const rows = text.split('\n');
+  for (let i = 0; i < rows.length; i++) {
+    const v = rows[i].trim();
+    if (!v) continue;
+    if (v.startsWith('/')) {
+      rules.push({ path: v });
+    } else {
+      const at = v.search(/\s/);
+      if (at < 0) return { error: `Line ${i + 1}: a rule is [METHODS ]PATH, e.g. “GET,HEAD /orders/**” or “/health”.` };
+      rules.push({ methods: v.slice(0, at).split(','), path: v.slice(at).trim() });
+    }
+    lines.push(i + 1);
+  }
+  if (rules.length === 0) return { error: 'Give at least one rule.' };
+  return { rules, lines };
+}
+
+function scopeRow(sc) {
+  const shown = sc.rules.slice(0, 4).map((r) => el('code', { class: 'rule' }, ruleText(r)));
+  const more = sc.rules.length > shown.length ? el('span', { class: 'hint' }, `and ${sc.rules.length - shown.length} more`) : null;
+  const act = (action, label, cls) => el('button', {
+    type: 'button', class: cls || '', 'data-action': action, 'aria-label': `${label} ${sc.name}`,
+  }, label);
+  return el('tr', { 'data-name': sc.name },
+    el('th', { scope: 'row' }, el('span', { class: 'name' }, sc.name)),
+    el('td', { class: sc.description ? '' : 'muted', 'data-label': 'Description' }, sc.description || '—'),
+    el('td', { class: 'rules-cell', 'data-label': 'Rules', title: sc.rules.map(ruleText).join('\n') }, ...shown, more),
+    el('td', { title: sc.updated_at, 'data-label': 'Updated' },
+      el('span', { class: 'date' }, fromNow(sc.updated_at)), el('span', { class: 'hint' }, `version ${sc.version}`)),
+    el('td', { class: 'row-actions' }, act('edit', 'Edit'), act('delete', 'Delete', 'danger')),
+  );
+}
+
+async function loadScopes() {
+  const scopes = await fetchScopes();
+  $('scopes').tBodies[0].replaceChildren(...scopes.map(scopeRow));
+  $('scopes-empty').hidden = scopes.length > 0;
+}
+
+function openScope(sc) {
+  state.pending = sc;
+  const form = $('scope-form');
+  form.reset();
+  clearErrors(form);
+  $('scope-dialog-title').textContent = sc ? `Edit ${sc.name}` : 'New scope';
+  $('s-submit').textContent = sc ? 'Save' : 'Create scope';
+  $('s-name').value = sc ? sc.name : '';
+  $('s-name').disabled = !!sc;
+  $('s-description').value = sc ? sc.description : '';
+  $('s-rules').value = sc ? sc.rules.map(ruleText).join('\n') : '';
+  $('scope-dialog').showModal();
+  (sc ? $('s-rules') : $('s-name')).focus();
+}
+
+// The API names `name`, `description`, `rules` or `rules[i].path|methods`; the last are
+// shown at the rules, with the line they came from.
+function scopeError(err, lines) {
+  const m = /^rules\[(\d+)\]/.exec(err.field || '');
+  if (m && lines && lines[Number(m[1])] !== undefined) {
+    return fieldError('s', { [err.field]: 'rules' }, { field: err.field, message: `Line ${lines[Number(m[1])]}: ${err.message}` });
+  }
+  // A taken name is a 409 without a field.
+  if (err.status === 409 && !err.field && !state.pending) return fieldError('s', { name: 'name' }, { field: 'name', message: err.message });
+  return fieldError('s', { name: 'name', description: 'description', rules: 'rules' }, err);
+}
+
+async function submitScope(ev) {
+  ev.preventDefault();
+  const sc = state.pending;
+  clearErrors($('scope-form'));
+  const name = $('s-name').value.trim();
+  if (!sc && !name) return fieldError('s', { name: 'name' }, { field: 'name', message: 'Give the scope a name.' });
+  const parsed = parseRules($('s-rules').value);
+  if (parsed.error) return fieldError('s', { rules: 'rules' }, { field: 'rules', message: parsed.error });
+  const description = $('s-description').value.trim();
+  try {
+    let saved;
+    if (sc) {
+      const body = {};
+      if (description !== sc.description) body.description = description;
+      if (!sameJson(parsed.rules, sc.rules)) body.rules = parsed.rules;
+      if (Object.keys(body).length === 0) { $('scope-dialog').close(); return; }
+      saved = await api('PATCH', `/v1/scopes/${encodeURIComponent(sc.name)}`, body);
+    } else {
+      const body = { name, rules: parsed.rules };
+      if (description) body.description = description;
+      saved = await api('POST', '/v1/scopes', body);
+    }
+    $('scope-dialog').close();
+    await loadScopes();
+    say(sc ? `Saved ${saved.name}.` : `Created ${saved.name}.`, 'ok');
+  } catch (e) {
+    scopeError(e, parsed.lines);
+  }
+}
+
+function openDeleteScope(sc) {
+  confirmThen(`Delete ${sc.name}?`,
+    `The scope “${sc.name}” is removed. It cannot be deleted while a token names it: take it off those tokens first.`,
+    'Delete scope',
+    async () => {
+      try {
+        await api('DELETE', `/v1/scopes/${encodeURIComponent(sc.name)}`);
+      } catch (e) {
+        if (e.code !== 'scope_in_use') throw e;
+        const n = e.tokens === 1 ? '1 token still names it' : `${e.tokens} tokens still name it`;
+        throw new Error(`${sc.name} is in use: ${n}. Take it off them first (Edit on the token's row, Scopes).`);
+      }
+      await loadScopes();
+      say(`Deleted ${sc.name}.`, 'ok');
+    });
 }
 
 // ---- audit ----
@@ -525,7 +789,9 @@ async function loadAudit(fresh) {
     el('td', { title: e.at, 'data-label': 'When' }, when(e.at)),
     el('td', { 'data-label': 'Actor' }, e.actor),
     el('td', { 'data-label': 'Action' }, el('code', {}, e.action)),
-    el('td', { 'data-label': 'Token' }, el('span', { class: 'name' }, e.token_name), el('span', { class: 'hint mono' }, e.token_id)),
+    e.scope
+      ? el('td', { 'data-label': 'Scope' }, el('span', { class: 'name' }, e.scope), el('span', { class: 'hint' }, 'scope'))
+      : el('td', { 'data-label': 'Token' }, el('span', { class: 'name' }, e.token_name), el('span', { class: 'hint mono' }, e.token_id)),
     el('td', { class: 'change', 'data-label': 'Change' }, describeChange(e)),
   ));
   const body = $('audit').tBodies[0];
@@ -579,7 +845,21 @@ function wire() {
   $('g-expiry').addEventListener('change', refreshExpiryHint);
   $('edit-form').addEventListener('submit', submitEdit);
   $('rotate-form').addEventListener('submit', submitRotate);
-  $('confirm-form').addEventListener('submit', submitRevoke);
+  $('confirm-form').addEventListener('submit', submitConfirm);
+  $('new-scope').addEventListener('click', () => openScope(null));
+  $('scope-form').addEventListener('submit', submitScope);
+  $('scope-form').addEventListener('input', (ev) => { if (ev.target.id) forget(ev.target.id); });
+  $('scopes').addEventListener('click', (ev) => {
+    const button = ev.target.closest('button[data-action]');
+    if (!button) return;
+    const sc = state.scopes.find((x) => x.name === button.closest('tr').dataset.name);
+    if (!sc) return;
+    if (button.dataset.action === 'edit') openScope(sc);
+    else if (button.dataset.action === 'delete') openDeleteScope(sc);
+  });
+  for (const prefix of ['g', 'e']) {
+    $(`${prefix}-scopes`).addEventListener('change', () => { forget(`${prefix}-scopes`); refreshAccess(prefix); });
+  }
   for (const b of document.querySelectorAll('dialog .cancel')) {
     b.addEventListener('click', () => b.closest('dialog').close());
   }

@@ -381,3 +381,152 @@ fn the_list_searches_names_and_can_show_the_newest_first() {
     let (s, v) = app.admin("GET", "/v1/tokens?order=oldest", None);
     assert_eq!((s, v["field"].as_str()), (400, Some("order")));
 }
+
+/// The console's Scopes view and the scopes field of its token dialogs call these routes
+/// with the session cookie: reads freely, changes only with the CSRF token, and the API's
+/// refusals come back with the field the page shows them at.
+#[test]
+fn scopes_are_managed_in_a_session_with_its_csrf_token() {
+    let app = spawn_app(100);
+    let s = app.sign_in(OPS);
+    let create = r#"{"name": "orders:read", "description": "Read orders",
+        "rules": [{"methods": ["GET", "HEAD"], "path": "/orders/**"}]}"#;
+    let r = app.in_session(&s, false, "POST", "/v1/scopes", Some(create));
+    assert_eq!(
+        (r.status, r.json["error"].as_str()),
+        (403, Some("csrf_failed"))
+    );
+    let (_, list) = app.admin("GET", "/v1/scopes", None);
+    assert_eq!(list["scopes"], serde_json::json!([]), "nothing written");
+    let r = app.in_session(&s, true, "POST", "/v1/scopes", Some(create));
+    assert_eq!(r.status, 201, "{}", r.text);
+    let r = app.in_session(&s, false, "GET", "/v1/scopes", None);
+    assert_eq!(r.status, 200, "reads need no CSRF token");
+    assert_eq!(r.json["scopes"][0]["name"], "orders:read");
+
+    // What the page shows next to a field: a taken name (409, no field: the page puts it at
+    // the name), the rule at fault by its index, a lower-case method.
+    let r = app.in_session(&s, true, "POST", "/v1/scopes", Some(create));
+    assert_eq!(
+        (r.status, r.json["error"].as_str()),
+        (409, Some("conflict"))
+    );
+    for (body, field) in [
+        (
+            r#"{"name": "x", "rules": [{"path": "/a"}, {"path": "/b"}, {"path": "c"}]}"#,
+            "rules[2].path",
+        ),
+        (
+            r#"{"name": "x", "rules": [{"methods": ["get"], "path": "/a"}]}"#,
+            "rules[0].methods",
+        ),
+        (r#"{"name": "X Y", "rules": [{"path": "/a"}]}"#, "name"),
+        (r#"{"name": "x", "rules": []}"#, "rules"),
+    ] {
+        let r = app.in_session(&s, true, "POST", "/v1/scopes", Some(body));
+        assert_eq!(
+            (r.status, r.json["field"].as_str()),
+            (400, Some(field)),
+            "{body}: {}",
+            r.text
+        );
+        assert!(r.json["message"].as_str().unwrap().starts_with(field));
+    }
+
+    // A token from the generate dialog, limited to the scope; then one unrestricted (null)
+    // and one allowed nothing ([]).
+    let r = app.in_session(
+        &s,
+        true,
+        "POST",
+        "/v1/tokens",
+        Some(r#"{"name": "reporting", "scopes": ["orders:read"]}"#),
+    );
+    assert_eq!(r.status, 201, "{}", r.text);
+    assert_eq!(r.json["scopes"], serde_json::json!(["orders:read"]));
+    let id = r.json["id"].as_str().unwrap().to_string();
+    let r = app.in_session(
+        &s,
+        true,
+        "POST",
+        "/v1/tokens",
+        Some(r#"{"name": "nothing", "scopes": ["no-such-scope"]}"#),
+    );
+    assert_eq!(
+        (r.status, r.json["field"].as_str()),
+        (400, Some("scopes")),
+        "{}",
+        r.text
+    );
+
+    let path = "/v1/scopes/orders:read";
+    let patch = r#"{"rules": [{"methods": ["GET"], "path": "/orders/**"}]}"#;
+    let r = app.in_session(&s, false, "PATCH", path, Some(patch));
+    assert_eq!(r.status, 403, "PATCH without CSRF");
+    let r = app.in_session(&s, true, "PATCH", path, Some(patch));
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.json["rules"][0]["methods"], serde_json::json!(["GET"]));
+
+    // In use: the page shows the 409's message in the confirmation.
+    assert_eq!(app.in_session(&s, false, "DELETE", path, None).status, 403);
+    let r = app.in_session(&s, true, "DELETE", path, None);
+    assert_eq!(
+        (r.status, r.json["error"].as_str(), &r.json["tokens"]),
+        (409, Some("scope_in_use"), &serde_json::json!(1)),
+        "{}",
+        r.text
+    );
+    // The edit dialog's "unrestricted" sends null; then the scope can go.
+    let token = format!("/v1/tokens/{id}");
+    let r = app.in_session(&s, false, "PATCH", &token, Some(r#"{"scopes": null}"#));
+    assert_eq!(r.status, 403);
+    let r = app.in_session(&s, true, "PATCH", &token, Some(r#"{"scopes": null}"#));
+    assert_eq!(
+        (r.status, &r.json["scopes"]),
+        (200, &serde_json::Value::Null),
+        "{}",
+        r.text
+    );
+    let r = app.in_session(&s, true, "PATCH", &token, Some(r#"{"scopes": []}"#));
+    assert_eq!(
+        (r.status, &r.json["scopes"]),
+        (200, &serde_json::json!([])),
+        "{}",
+        r.text
+    );
+    assert_eq!(app.in_session(&s, true, "DELETE", path, None).status, 204);
+    assert_eq!(app.in_session(&s, false, "GET", path, None).status, 404);
+
+    // The trail names the session's admin for the scope's changes, and the scope by name.
+    let (_, audit) = app.admin("GET", "/v1/audit?action=scope.deleted", None);
+    let e = &audit["entries"][0];
+    assert_eq!(
+        (e["actor"].as_str(), e["scope"].as_str()),
+        (Some("ops"), Some("orders:read")),
+        "{audit}"
+    );
+}
+
+/// The page knows the Scopes view and the token dialogs' scopes and quota fields (the
+/// browser test drives them; this catches a page served without them).
+#[test]
+fn the_page_has_the_scopes_view_and_the_token_fields() {
+    let app = spawn_app(100);
+    let page = app.request("GET", "/", &[], None).text;
+    for id in [
+        "id=\"nav-scopes\"",
+        "id=\"scopes-view\"",
+        "id=\"scope-form\"",
+        "id=\"s-rules\"",
+        "id=\"g-scopes\"",
+        "id=\"e-scopes\"",
+        "id=\"g-quota-limit\"",
+        "id=\"e-quota-period\"",
+    ] {
+        assert!(page.contains(id), "{id}");
+    }
+    let script = app.request("GET", "/console/app.js", &[], None).text;
+    for call in ["'/v1/scopes'", "quota_usage", "scope_in_use"] {
+        assert!(script.contains(call), "{call}");
+    }
+}
