@@ -152,9 +152,15 @@ fn check_path(path: &str) -> Result<(), String> {
 pub struct RequestPath<'a> {
     /// Without the leading `/`; empty for `/`.
     rest: &'a [u8],
-    /// The first segment (empty for `/`), which most rules are told apart by.
-    first: &'a [u8],
+    /// Where each segment lies in `rest`, split once for every rule to compare by index;
+    /// `count` is `None` for a path of more than [`SPLIT_SEGMENTS`] segments, which the
+    /// rules then split as they go.
+    bounds: [(u32, u32); SPLIT_SEGMENTS],
+    count: Option<usize>,
 }
+
+/// Segments a request path is split into up front.
+const SPLIT_SEGMENTS: usize = 24;
 
 impl<'a> RequestPath<'a> {
     pub fn parse(raw: &'a [u8]) -> Option<RequestPath<'a>> {
@@ -176,20 +182,43 @@ impl<'a> RequestPath<'a> {
                 return None;
             }
         }
+        let mut bounds = [(0u32, 0u32); SPLIT_SEGMENTS];
+        let mut count = Some(0);
         if !rest.is_empty() {
+            let mut start = 0usize;
             for s in rest.split(|&b| b == b'/') {
                 if s.is_empty() || s == b"." || s == b".." {
                     return None;
                 }
+                count = match count {
+                    Some(n) if n < SPLIT_SEGMENTS => {
+                        bounds[n] = (start as u32, (start + s.len()) as u32);
+                        Some(n + 1)
+                    }
+                    _ => None,
+                };
+                start += s.len() + 1;
             }
         }
-        let first = rest.split(|&b| b == b'/').next().unwrap_or_default();
-        Some(RequestPath { rest, first })
+        Some(RequestPath {
+            rest,
+            bounds,
+            count,
+        })
     }
 
     fn segments(&self) -> impl Iterator<Item = &'a [u8]> {
         let rest = self.rest;
         rest.split(|&b| b == b'/').filter(move |_| !rest.is_empty())
+    }
+
+    /// The segments split up front, if the path was short enough to be.
+    fn split(&self) -> Option<&[(u32, u32)]> {
+        self.count.map(|n| &self.bounds[..n])
+    }
+
+    fn segment(&self, (start, end): (u32, u32)) -> &'a [u8] {
+        self.rest.get(start as usize..end as usize).unwrap_or_default()
     }
 }
 
@@ -260,29 +289,32 @@ impl Compiled {
 
 impl CompiledRule {
     fn allows(&self, method: &[u8], path: &RequestPath<'_>) -> bool {
-        // The cheapest test that fails most often first: a literal first segment.
-        if let Some(Segment::Literal(lit)) = self.segments.first() {
-            if **lit != *path.first {
-                return false;
-            }
-        }
-        if let Some(ms) = &self.methods {
-            if !ms.iter().any(|m| **m == *method) {
-                return false;
-            }
-        }
-        let mut segs = path.segments();
-        for want in self.segments.iter() {
-            let Some(got) = segs.next() else {
-                return false;
-            };
-            if let Segment::Literal(lit) = want {
-                if **lit != *got {
+        let covered = match path.split() {
+            Some(split) => {
+                // The cheapest tests first: the number of segments, then each literal.
+                let n = self.segments.len();
+                if split.len() < n || (!self.rest && split.len() != n) {
                     return false;
                 }
+                self.segments.iter().zip(split).all(|(want, &at)| match want {
+                    Segment::Literal(lit) => **lit == *path.segment(at),
+                    Segment::One => true,
+                })
             }
-        }
-        self.rest || segs.next().is_none()
+            None => {
+                let mut segs = path.segments();
+                self.segments.iter().all(|want| match (want, segs.next()) {
+                    (_, None) => false,
+                    (Segment::Literal(lit), Some(got)) => **lit == *got,
+                    (Segment::One, Some(_)) => true,
+                }) && (self.rest || segs.next().is_none())
+            }
+        };
+        covered
+            && self
+                .methods
+                .as_ref()
+                .is_none_or(|ms| ms.iter().any(|m| **m == *method))
     }
 }
 
@@ -322,6 +354,20 @@ mod tests {
         assert!(allows(&[rule(None, "/**")], "GET", "/"));
         assert!(allows(&[rule(None, "/")], "GET", "/?q"));
         assert!(!allows(&[rule(None, "/")], "GET", "/a"));
+    }
+
+    #[test]
+    fn long_paths_match_as_short_ones_do() {
+        let deep = format!("/a{}", "/x".repeat(40));
+        let r = [rule(None, "/a/**"), rule(Some(&["GET"]), &deep)];
+        assert!(allows(&r[..1], "GET", &deep));
+        assert!(allows(&r[1..], "GET", &deep));
+        assert!(!allows(&r[1..], "POST", &deep));
+        assert!(!allows(&r[1..], "GET", &format!("{deep}/x")));
+        assert!(!allows(&r[1..], "GET", &deep[..deep.len() - 2]));
+        let exact = format!("/a{}", "/x".repeat(23));
+        assert!(allows(&[rule(None, &exact)], "GET", &exact));
+        assert!(!allows(&[rule(None, &exact)], "GET", &format!("{exact}/x")));
     }
 
     #[test]
