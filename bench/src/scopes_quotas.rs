@@ -649,22 +649,32 @@ fn f(v: &Value) -> f64 {
     v.as_f64().unwrap_or(f64::NAN)
 }
 
+/// The section's tables; a part without figures (a run of the other part alone) is left out.
 pub fn markdown(v: &Value) -> String {
-    let s = &v["scopes"];
     let mut md = format!(
-        "### Scopes and quotas\n\nFrom `bench/src/scopes_quotas.rs`; commit {}, {}.\n\n\
-         **Scope matching cost.** One Envoy with one worker thread (the wasm filter) in front \
+        "### Scopes and quotas\n\nFrom `bench/src/scopes_quotas.rs`; commit {}, {}.\n\n",
+        v["commit"].as_str().unwrap_or("?"),
+        v["date"].as_str().unwrap_or("?"),
+    );
+    if v["scopes"].is_object() {
+        md.push_str(&scope_markdown(&v["scopes"]));
+    }
+    if v["quotas"].is_object() {
+        md.push_str(&quota_markdown(&v["quotas"]));
+    }
+    md
+}
+
+fn scope_markdown(s: &Value) -> String {
+    let mut md = format!(
+        "**Scope matching cost.** One Envoy with one worker thread (the wasm filter) in front \
          of a direct response; three tokens take turns, {} round(s) of {} s each, closed-loop \
          from oha over {} keep-alive connections; Envoy CPU from its threads' schedstat, \
          medians over rounds (the difference to A is the median of each round's difference). \
          Each scoped request matches its scope's last rule; every rule before it takes the \
          method and two path segments to refuse (`GET /api/v1/r49/42/items/7` against \
          `/api/v1/r00/*/items/**` .. `/api/v1/r49/*/items/**`).\n\n",
-        v["commit"].as_str().unwrap_or("?"),
-        v["date"].as_str().unwrap_or("?"),
-        s["rounds"],
-        s["seconds_per_run"],
-        s["connections"],
+        s["rounds"], s["seconds_per_run"], s["connections"],
     );
     md.push_str(
         "| token | rules | Envoy CPU µs/request | ÷ A | − A (µs) | requests/s | rounds (µs) |\n\
@@ -689,8 +699,11 @@ pub fn markdown(v: &Value) -> String {
         f(&s["c_minus_a_us"]),
         met(s["ok"] == true),
     ));
-    let q = &v["quotas"];
-    md.push_str(&format!(
+    md
+}
+
+fn quota_markdown(q: &Value) -> String {
+    let mut md = format!(
         "**Quota overshoot.** One token's quota across {} Envoys ({} workers each, the wasm \
          filter, reporting every {} ms) in front of one control plane (SQLite), at full load: \
          closed-loop over {} keep-alive connections per Envoy, far above the quota's rate. \
@@ -706,7 +719,7 @@ pub fn markdown(v: &Value) -> String {
         q["period"].as_str().unwrap_or("?"),
         LEAD.as_secs(),
         q["periods"],
-    ));
+    );
     md.push_str(
         "| token | quota | max_rps | offered/s | admitted per period | worst overshoot | bound (which) | | quota used up after | next period admits after | refused for the quota |\n\
          |---|---:|---:|---:|---|---:|---|---|---|---|---|\n",
@@ -857,5 +870,8 @@ mod tests {
         assert!(md.contains("| +0.40 µs | met |"));
         assert!(md.contains("| quota-only | 100 | – | 9000 | 101 | 1 (+1.00 %) | 1 (1 % of the quota) | met | 0.2 s | ≤ 4 ms (worst Envoy) |"));
         assert!(md.contains("429 quota_exceeded, Retry-After 7"));
+        let scopes_only = json!({"commit": "abc", "date": "today", "scopes": v["scopes"]});
+        let md = markdown(&scopes_only);
+        assert!(md.contains("Scope matching cost") && !md.contains("Quota overshoot"));
     }
 }
