@@ -22,9 +22,10 @@
 use crate::load::{oha, Mode};
 use crate::procstat::cpu_micros;
 use crate::report::{command_output, met};
-use crate::{client, median, Depth, Envoy};
+use crate::{client, median, out_dir, Depth, Envoy};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
+use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokengate_e2e::{http, Options, Stack};
 use tokengate_wire::quota::Period;
@@ -36,6 +37,8 @@ const QUOTA_TARGET_PCT: f64 = 1.0;
 /// ... or one report interval's worth of `max_rps`: the Envoys' `fleet_report_ms`, set
 /// explicitly so the bound does not hang on a default.
 const REPORT_MS: u32 = 1_000;
+/// Requests counted per token under callgrind, after as many uncounted ones.
+const CALLGRIND_REQUESTS: usize = 2_000;
 /// oha's keep-alive connections for the scope runs (as the variants section).
 const CONNECTIONS: u32 = 16;
 /// The load starts this long before the first measured period, so the Envoys are under
@@ -273,7 +276,117 @@ fn scopes(stack: &Stack, plan: &Plan) -> Value {
         }
     }
     drop(envoy);
-    scope_figures(&variants, plan)
+    let mut figures = scope_figures(&variants, plan);
+    if let Some(counts) = callgrind(stack, &variants) {
+        let a = counts[0];
+        for (row, n) in figures["variants"]
+            .as_array_mut()
+            .into_iter()
+            .flatten()
+            .zip(&counts)
+        {
+            row["instructions"] = json!(n.round());
+            row["instructions_minus_a"] = json!((n - a).round());
+        }
+        figures["callgrind_requests"] = json!(CALLGRIND_REQUESTS);
+    }
+    figures
+}
+
+/// `n` requests of `v` on one kept-alive connection, every one answered 200.
+fn requests(envoy: &Envoy, v: &ScopeVariant, n: usize) {
+    let mut conn = client::Conn::new(
+        envoy.addr(),
+        client::request_bytes(envoy.addr(), &v.path, &v.secret),
+    );
+    let mut sent = Instant::now();
+    for _ in 0..n {
+        let status = conn
+            .call(&mut sent)
+            .unwrap_or_else(|e| panic!("scopes {} under callgrind: {e}", v.key));
+        assert_eq!(status, 200, "scopes {} under callgrind", v.key);
+    }
+}
+
+/// Instructions per request of each token, in one Envoy (one worker) under callgrind, or
+/// `None` when valgrind is not installed: the measure the machine's load does not move.
+/// Instrumentation is on only around each token's counted requests.
+fn callgrind(stack: &Stack, variants: &[ScopeVariant]) -> Option<Vec<f64>> {
+    let have = |tool: &str| {
+        Command::new(tool)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if !have("valgrind") || !have("callgrind_control") {
+        eprintln!("  scopes: valgrind not installed, no instruction counts");
+        return None;
+    }
+    let dir = out_dir().join("run/callgrind-scopes");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create target/bench/run/callgrind-scopes");
+    let out = dir.join("envoy.out");
+    let wrapper = vec![
+        "valgrind".to_string(),
+        "--tool=callgrind".into(),
+        "--instr-atstart=no".into(),
+        format!("--callgrind-out-file={}", out.display()),
+    ];
+    let envoy = Envoy::start_under(
+        "sq-scopes-callgrind",
+        "tokengate",
+        1,
+        &[
+            ("CONTROL_PLANE_PORT", stack.control_plane_port.to_string()),
+            ("SYNC_TOKEN", stack.sync_token.clone()),
+            ("PLUGIN_EXTRA", String::new()),
+        ],
+        &wrapper,
+        Duration::from_secs(300),
+    );
+    let control = |what: &[&str]| {
+        Command::new("callgrind_control")
+            .args(what)
+            .arg(envoy.pid().to_string())
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    let mut counts = vec![];
+    let mut seen = std::collections::BTreeSet::new();
+    for v in variants {
+        wait_status(&[&envoy], &v.path, &v.secret, 200);
+        requests(&envoy, v, CALLGRIND_REQUESTS);
+        assert!(
+            control(&["-i", "on"]) && control(&["-z"]),
+            "callgrind_control failed"
+        );
+        requests(&envoy, v, CALLGRIND_REQUESTS);
+        assert!(
+            control(&["-d"]) && control(&["-i", "off"]),
+            "callgrind_control failed"
+        );
+        let dump = std::fs::read_dir(&dir)
+            .expect("the callgrind directory")
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .find(|p| p != &out && !seen.contains(p))
+            .expect("a new callgrind dump");
+        seen.insert(dump.clone());
+        let text = std::fs::read_to_string(&dump).expect("read the callgrind dump");
+        let total: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("summary:"))
+            .and_then(|x| x.trim().parse().ok())
+            .expect("a summary line in the callgrind dump");
+        let per = total / CALLGRIND_REQUESTS as f64;
+        eprintln!(
+            "  scopes: callgrind {}: {per:.0} instructions/request",
+            v.key
+        );
+        counts.push(per);
+    }
+    drop(envoy);
+    Some(counts)
 }
 
 fn scope_figures(variants: &[ScopeVariant], plan: &Plan) -> Value {
@@ -674,22 +787,30 @@ fn scope_markdown(s: &Value) -> String {
          medians over rounds (the difference to A is the median of each round's difference). \
          Each scoped request matches its scope's last rule; every rule before it takes the \
          method and two path segments to refuse (`GET /api/v1/r49/42/items/7` against \
-         `/api/v1/r00/*/items/**` .. `/api/v1/r49/*/items/**`).\n\n",
-        s["rounds"], s["seconds_per_run"], s["connections"],
+         `/api/v1/r00/*/items/**` .. `/api/v1/r49/*/items/**`). Instructions per request: \
+         the same tokens through one Envoy (one worker) under callgrind, {} keep-alive requests \
+         each counted after as many uncounted (independent of the machine's load).\n\n",
+        s["rounds"], s["seconds_per_run"], s["connections"], s["callgrind_requests"],
     );
     md.push_str(
-        "| token | rules | Envoy CPU µs/request | ÷ A | − A (µs) | requests/s | rounds (µs) |\n\
-         |---|---:|---:|---:|---:|---:|---|\n",
+        "| token | rules | Envoy CPU µs/request | ÷ A | − A (µs) | requests/s | instructions/request | − A | rounds (µs) |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---|\n",
     );
     for r in s["variants"].as_array().into_iter().flatten() {
         md.push_str(&format!(
-            "| {} | {} | {:.2} | {:.3} | {:+.2} | {:.0} | {} |\n",
+            "| {} | {} | {:.2} | {:.3} | {:+.2} | {:.0} | {} | {} | {} |\n",
             r["title"].as_str().unwrap_or("?"),
             r["rules"],
             f(&r["cpu_us"]),
             f(&r["ratio_to_a"]),
             f(&r["minus_a_us"]),
             f(&r["rps"]),
+            r["instructions"]
+                .as_f64()
+                .map_or("–".into(), |n| format!("{n:.0}")),
+            r["instructions_minus_a"]
+                .as_f64()
+                .map_or("–".into(), |n| format!("{n:+.0}")),
             r["rounds_cpu_us"],
         ));
     }
@@ -867,7 +988,7 @@ mod tests {
                               "ratelimit_policy": "\"quota\";q=100;w=20"}}]}
         });
         let md = markdown(&v);
-        assert!(md.contains("| A: x | 0 | 20.00 | 1.000 | +0.00 | 30000 | [20.0] |"));
+        assert!(md.contains("| A: x | 0 | 20.00 | 1.000 | +0.00 | 30000 | – | – | [20.0] |"));
         assert!(md.contains("| +0.40 µs | met |"));
         assert!(md.contains("| quota-only | 100 | – | 9000 | 101 | 1 (+1.00 %) | 1 (1 % of the quota) | met | 0.2 s | ≤ 4 ms (worst Envoy) |"));
         assert!(md.contains("429 quota_exceeded, Retry-After 7"));
