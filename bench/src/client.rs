@@ -298,6 +298,11 @@ impl Load {
         }
     }
 
+    /// The instant the samples' times count from.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
     /// Stops every connection (each finishes the request it has in flight) and gathers
     /// what they saw.
     pub fn stop(self) -> LoadResult {

@@ -1,7 +1,8 @@
 //! `make bench`: tokengate measured against what users would otherwise run, on the same
 //! pinned Envoy, with ratios taken inside one run because the machine is shared and noisy.
 //!
-//! Each section (`variants`, `waterfall`, `accuracy`, `propagation`, `scale`, `fleet`) returns its figures as
+//! Each section (`variants`, `waterfall`, `accuracy`, `propagation`, `scale`, `fleet`,
+//! `fleet-accuracy`, `scopes-quotas`) returns its figures as
 //! JSON; `report` turns them into the tables of `docs/benchmarks.md` and `chart` into the
 //! picture beside them.
 
@@ -15,6 +16,7 @@ pub mod procstat;
 pub mod propagation;
 pub mod report;
 pub mod scale;
+pub mod scopes_quotas;
 pub mod variants;
 pub mod waterfall;
 

@@ -1,18 +1,18 @@
 //! `tokengate-bench [--quick] [section ...]`: runs the benchmark sections (all by default:
 //! variants, waterfall, accuracy and propagation for each flavor, scale, fleet, fleet
-//! accuracy; `report`
+//! accuracy, scopes and quotas; `report`
 //! only rewrites the results from the figures of earlier runs), keeps each one's figures in
 //! `target/bench/<section>.json`, and writes the tables of `docs/benchmarks.md` and the
 //! chart `docs/benchmarks.svg` from every section's latest figures.
 
 use std::time::Instant;
 use tokengate_bench::{
-    accuracy, fleet, fleet_accuracy, out_dir, propagation, report, scale, variants, waterfall,
-    Depth,
+    accuracy, fleet, fleet_accuracy, out_dir, propagation, report, scale, scopes_quotas, variants,
+    waterfall, Depth,
 };
 use tokengate_e2e::Flavor;
 
-const SECTIONS: [&str; 9] = [
+const SECTIONS: [&str; 10] = [
     "variants",
     "waterfall",
     "accuracy",
@@ -22,6 +22,7 @@ const SECTIONS: [&str; 9] = [
     "scale",
     "fleet",
     "fleet-accuracy",
+    "scopes-quotas",
 ];
 
 fn main() {
@@ -74,6 +75,7 @@ fn main() {
             "propagation-native" => propagation::run(depth, Flavor::Native),
             "scale" => scale::run(depth),
             "fleet-accuracy" => fleet_accuracy::run(depth),
+            "scopes-quotas" => scopes_quotas::run(depth),
             _ => fleet::run(depth),
         };
         let path = out_dir().join(format!("{section}.json"));

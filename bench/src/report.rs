@@ -5,7 +5,8 @@
 //! to publish.
 
 use crate::{
-    accuracy, chart, fleet, fleet_accuracy, out_dir, propagation, scale, variants, waterfall, Depth,
+    accuracy, chart, fleet, fleet_accuracy, out_dir, propagation, scale, scopes_quotas, variants,
+    waterfall, Depth,
 };
 use serde_json::Value;
 use std::fs;
@@ -127,6 +128,10 @@ pub fn render() -> (String, Option<String>) {
     }
     if let Some(v) = load("fleet-accuracy") {
         md.push_str(&fleet_accuracy::markdown(&v));
+        md.push('\n');
+    }
+    if let Some(v) = load("scopes-quotas") {
+        md.push_str(&scopes_quotas::markdown(&v));
         md.push('\n');
     }
     (md, svg)
