@@ -218,7 +218,9 @@ impl<'a> RequestPath<'a> {
     }
 
     fn segment(&self, (start, end): (u32, u32)) -> &'a [u8] {
-        self.rest.get(start as usize..end as usize).unwrap_or_default()
+        self.rest
+            .get(start as usize..end as usize)
+            .unwrap_or_default()
     }
 }
 
@@ -296,10 +298,13 @@ impl CompiledRule {
                 if split.len() < n || (!self.rest && split.len() != n) {
                     return false;
                 }
-                self.segments.iter().zip(split).all(|(want, &at)| match want {
-                    Segment::Literal(lit) => **lit == *path.segment(at),
-                    Segment::One => true,
-                })
+                self.segments
+                    .iter()
+                    .zip(split)
+                    .all(|(want, &at)| match want {
+                        Segment::Literal(lit) => **lit == *path.segment(at),
+                        Segment::One => true,
+                    })
             }
             None => {
                 let mut segs = path.segments();

@@ -30,13 +30,14 @@ fn secret(i: usize) -> String {
     token::compose(&random).expect("a token")
 }
 
-/// The scope `bench:<rules>`: `rules` rules that miss `GET /orders/42/lines`, then the one
-/// that covers it.
+/// The scope `bench:<rules>`: `rules` rules that miss `GET /orders/42/lines` only at its last
+/// segment (the worst case: an API's rules share their leading segments), then the one that
+/// covers it.
 fn scope(rules: usize) -> SyncScope {
     let mut list: Vec<Rule> = (0..rules)
         .map(|i| Rule {
             methods: Some(vec!["GET".into(), "POST".into()]),
-            path: format!("/service-{i}/items/*/detail"),
+            path: format!("/orders/*/lines-{i}"),
         })
         .collect();
     list.push(Rule {
