@@ -169,6 +169,12 @@ fn bad_scope_bodies_are_400s_naming_the_field() {
             json!({"name": "o", "rules": [{"methods": "GET", "path": "/"}]}),
             "rules[0].methods",
         ),
+        // Left out means any method; null is not another way to say it (schemathesis
+        // found it accepted).
+        (
+            json!({"name": "o", "rules": [{"methods": null, "path": "/"}]}),
+            "rules[0].methods",
+        ),
         (
             json!({"name": "o", "rules": [{"methods": ["GET"]}]}),
             "rules[0].path",
@@ -195,6 +201,10 @@ fn bad_scope_bodies_are_400s_naming_the_field() {
     for (body, field) in [
         (json!({"rules": null}), "rules"),
         (json!({"rules": [{"path": "x"}]}), "rules[0].path"),
+        (
+            json!({"rules": [{"methods": null, "path": "/"}]}),
+            "rules[0].methods",
+        ),
         (json!({"description": 5}), "description"),
         (json!({"name": "p"}), "name"),
     ] {

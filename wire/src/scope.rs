@@ -33,9 +33,19 @@ pub const MAX_TOKEN_SCOPES: usize = 32;
 #[serde(deny_unknown_fields)]
 pub struct Rule {
     /// Upper-case method names; absent: any method.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present_list"
+    )]
     pub methods: Option<Vec<String>>,
     pub path: String,
+}
+
+/// `methods` may be left out (any method) but not be `null`: one way to say "any", as the
+/// OpenAPI document states it.
+fn present_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    Vec::<String>::deserialize(d).map(Some)
 }
 
 /// A scope as the filter receives it.
@@ -359,6 +369,15 @@ mod tests {
         assert!(allows(&[rule(None, "/**")], "GET", "/"));
         assert!(allows(&[rule(None, "/")], "GET", "/?q"));
         assert!(!allows(&[rule(None, "/")], "GET", "/a"));
+    }
+
+    #[test]
+    fn methods_are_a_list_or_left_out_never_null() {
+        let r: Rule = serde_json::from_str(r#"{"path":"/a"}"#).unwrap();
+        assert_eq!(r.methods, None);
+        let r: Rule = serde_json::from_str(r#"{"methods":["GET"],"path":"/a"}"#).unwrap();
+        assert_eq!(r.methods, Some(vec!["GET".to_string()]));
+        assert!(serde_json::from_str::<Rule>(r#"{"methods":null,"path":"/a"}"#).is_err());
     }
 
     #[test]
