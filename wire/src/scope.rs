@@ -234,102 +234,128 @@ impl<'a> RequestPath<'a> {
     }
 }
 
-#[derive(Debug, Clone)]
-enum Segment {
-    One,
-    Literal(Box<[u8]>),
+/// The methods of a rule; `None`: any.
+type Methods = Option<Box<[Box<[u8]>]>>;
+
+fn method_ok(methods: &Methods, method: &[u8]) -> bool {
+    methods
+        .as_ref()
+        .is_none_or(|ms| ms.iter().any(|m| **m == *method))
 }
 
-#[derive(Debug, Clone)]
-struct CompiledRule {
-    /// `None`: any method.
-    methods: Option<Box<[Box<[u8]>]>>,
-    segments: Box<[Segment]>,
-    /// A trailing `/**`.
-    rest: bool,
+/// One segment position of a scope's rules, merged into a tree: a request walks it segment by
+/// segment, so that rules sharing their leading segments are compared once, and a literal is
+/// found by binary search among its siblings rather than rule by rule.
+#[derive(Debug, Clone, Default)]
+struct Node {
+    /// Literal next segments, sorted.
+    literals: Vec<(Box<[u8]>, Node)>,
+    /// `*`: any one next segment.
+    one: Option<Box<Node>>,
+    /// Rules that end here.
+    end: Vec<Methods>,
+    /// Rules that end here with `/**`: this segment and anything below.
+    rest: Vec<Methods>,
 }
+
+impl Node {
+    fn insert(&mut self, segments: &[&str], rest: bool, methods: Methods) {
+        let Some((first, tail)) = segments.split_first() else {
+            if rest {
+                self.rest.push(methods);
+            } else {
+                self.end.push(methods);
+            }
+            return;
+        };
+        let child = if *first == "*" {
+            self.one.get_or_insert_with(Box::default)
+        } else {
+            let key = first.as_bytes();
+            let at = match self.literals.binary_search_by(|(k, _)| (**k).cmp(key)) {
+                Ok(at) => at,
+                Err(at) => {
+                    self.literals.insert(at, (key.into(), Node::default()));
+                    at
+                }
+            };
+            &mut self.literals[at].1
+        };
+        child.insert(tail, rest, methods);
+    }
+
+    /// Whether a rule at or below this node covers `method` on `segments`; `more`: the path
+    /// goes on beyond `segments` (a path longer than any rule, cut short).
+    fn allows(&self, method: &[u8], segments: &[&[u8]], more: bool) -> bool {
+        if self.rest.iter().any(|m| method_ok(m, method)) {
+            return true;
+        }
+        let Some((first, tail)) = segments.split_first() else {
+            return !more && self.end.iter().any(|m| method_ok(m, method));
+        };
+        if let Ok(at) = self.literals.binary_search_by(|(k, _)| (**k).cmp(first)) {
+            if self.literals[at].1.allows(method, tail, more) {
+                return true;
+            }
+        }
+        self.one
+            .as_ref()
+            .is_some_and(|n| n.allows(method, tail, more))
+    }
+}
+
+/// Segments a rule may hold at most (`MAX_PATH` characters, two per segment).
+const RULE_SEGMENTS: usize = MAX_PATH / 2;
 
 /// A scope's rules, ready to match.
 #[derive(Debug, Clone, Default)]
 pub struct Compiled {
-    rules: Box<[CompiledRule]>,
+    root: Node,
 }
 
 impl Compiled {
     /// Compiles checked rules; a rule that does not pass [`check_rule`] matches nothing.
     pub fn new(rules: &[Rule]) -> Compiled {
-        let rules = rules
-            .iter()
-            .filter(|r| check_rule(r).is_ok())
-            .map(|r| {
-                let mut segs: Vec<&str> = r
-                    .path
-                    .strip_prefix('/')
-                    .unwrap_or_default()
-                    .split('/')
-                    .filter(|s| !s.is_empty())
-                    .collect();
-                let rest = segs.last() == Some(&"**");
-                if rest {
-                    segs.pop();
-                }
-                CompiledRule {
-                    methods: r.methods.as_ref().map(|ms| {
-                        ms.iter()
-                            .map(|m| m.as_bytes().to_vec().into_boxed_slice())
-                            .collect()
-                    }),
-                    segments: segs
-                        .into_iter()
-                        .map(|s| match s {
-                            "*" => Segment::One,
-                            lit => Segment::Literal(lit.as_bytes().to_vec().into_boxed_slice()),
-                        })
-                        .collect(),
-                    rest,
-                }
-            })
-            .collect();
-        Compiled { rules }
+        let mut root = Node::default();
+        for r in rules.iter().filter(|r| check_rule(r).is_ok()) {
+            let mut segs: Vec<&str> = r
+                .path
+                .strip_prefix('/')
+                .unwrap_or_default()
+                .split('/')
+                .filter(|s| !s.is_empty())
+                .collect();
+            let rest = segs.last() == Some(&"**");
+            if rest {
+                segs.pop();
+            }
+            let methods = r.methods.as_ref().map(|ms| {
+                ms.iter()
+                    .map(|m| m.as_bytes().to_vec().into_boxed_slice())
+                    .collect()
+            });
+            root.insert(&segs, rest, methods);
+        }
+        Compiled { root }
     }
 
     /// Whether any rule covers `method` on `path`.
     pub fn allows(&self, method: &[u8], path: &RequestPath<'_>) -> bool {
-        self.rules.iter().any(|r| r.allows(method, path))
-    }
-}
-
-impl CompiledRule {
-    fn allows(&self, method: &[u8], path: &RequestPath<'_>) -> bool {
-        let covered = match path.split() {
-            Some(split) => {
-                // The cheapest tests first: the number of segments, then each literal.
-                let n = self.segments.len();
-                if split.len() < n || (!self.rest && split.len() != n) {
-                    return false;
+        match path.split() {
+            Some(bounds) => {
+                let mut segs: [&[u8]; SPLIT_SEGMENTS] = [&[]; SPLIT_SEGMENTS];
+                for (slot, &at) in segs.iter_mut().zip(bounds) {
+                    *slot = path.segment(at);
                 }
-                self.segments
-                    .iter()
-                    .zip(split)
-                    .all(|(want, &at)| match want {
-                        Segment::Literal(lit) => **lit == *path.segment(at),
-                        Segment::One => true,
-                    })
+                self.root.allows(method, &segs[..bounds.len()], false)
             }
             None => {
-                let mut segs = path.segments();
-                self.segments.iter().all(|want| match (want, segs.next()) {
-                    (_, None) => false,
-                    (Segment::Literal(lit), Some(got)) => **lit == *got,
-                    (Segment::One, Some(_)) => true,
-                }) && (self.rest || segs.next().is_none())
+                // Longer than any rule can be followed: what lies beyond only `/**` covers.
+                let mut all = path.segments();
+                let segs: Vec<&[u8]> = all.by_ref().take(RULE_SEGMENTS + 1).collect();
+                self.root.allows(method, &segs, all.next().is_some())
             }
-        };
-        covered
-            && self
-                .methods
-                .as_ref()
-                .is_none_or(|ms| ms.iter().any(|m| **m == *method))
+        }
     }
 }
 
@@ -371,6 +397,56 @@ mod tests {
         assert!(!allows(&[rule(None, "/")], "GET", "/a"));
     }
 
+    /// The rules' meaning, one rule at a time: what the tree must agree with.
+    fn oracle(rules: &[Rule], method: &str, path: &str) -> bool {
+        let Some(p) = RequestPath::parse(path.as_bytes()) else {
+            return false;
+        };
+        let got: Vec<&[u8]> = p.segments().collect();
+        rules.iter().filter(|r| check_rule(r).is_ok()).any(|r| {
+            let mut want: Vec<&str> = r.path[1..].split('/').filter(|s| !s.is_empty()).collect();
+            let rest = want.last() == Some(&"**");
+            if rest {
+                want.pop();
+            }
+            r.methods
+                .as_ref()
+                .is_none_or(|ms| ms.iter().any(|m| m == method))
+                && got.len() >= want.len()
+                && (rest || got.len() == want.len())
+                && want
+                    .iter()
+                    .zip(&got)
+                    .all(|(w, g)| *w == "*" || w.as_bytes() == *g)
+        })
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_tree_agrees_with_the_rules_one_by_one(
+            rules in proptest::collection::vec(
+                (proptest::option::of(proptest::sample::subsequence(vec!["GET", "POST", "PUT"], 1..3)),
+                 proptest::collection::vec(proptest::sample::select(vec!["a", "b", "*"]), 0..5),
+                 proptest::bool::ANY),
+                0..8),
+            method in proptest::sample::select(vec!["GET", "POST", "DELETE"]),
+            path in proptest::collection::vec(proptest::sample::select(vec!["a", "b", "c"]), 0..7),
+        ) {
+            let rules: Vec<Rule> = rules
+                .into_iter()
+                .map(|(ms, segs, rest)| {
+                    let mut p = format!("/{}", segs.join("/"));
+                    if rest {
+                        p = if p == "/" { "/**".into() } else { format!("{p}/**") };
+                    }
+                    rule(ms.as_deref(), &p)
+                })
+                .collect();
+            let path = format!("/{}", path.join("/"));
+            proptest::prop_assert_eq!(allows(&rules, method, &path), oracle(&rules, method, &path));
+        }
+    }
+
     #[test]
     fn methods_are_a_list_or_left_out_never_null() {
         let r: Rule = serde_json::from_str(r#"{"path":"/a"}"#).unwrap();
@@ -389,6 +465,9 @@ mod tests {
         assert!(!allows(&r[1..], "POST", &deep));
         assert!(!allows(&r[1..], "GET", &format!("{deep}/x")));
         assert!(!allows(&r[1..], "GET", &deep[..deep.len() - 2]));
+        let deeper = format!("/a{}", "/x".repeat(400));
+        assert!(allows(&r[..1], "GET", &deeper));
+        assert!(!allows(&[rule(None, "/a/*")], "GET", &deeper));
         let exact = format!("/a{}", "/x".repeat(23));
         assert!(allows(&[rule(None, &exact)], "GET", &exact));
         assert!(!allows(&[rule(None, &exact)], "GET", &format!("{exact}/x")));
