@@ -17,7 +17,7 @@ const SETTLE: Duration = Duration::from_secs(30);
 const STATE_LOAD: Duration = Duration::from_secs(40);
 
 /// The counters one request adds to, one per outcome.
-const REQUEST_COUNTERS: [&str; 8] = [
+const REQUEST_COUNTERS: [&str; 9] = [
     "tokengate.allowed",
     "tokengate.denied.missing_token",
     "tokengate.denied.invalid_token",
@@ -26,6 +26,7 @@ const REQUEST_COUNTERS: [&str; 8] = [
     "tokengate.denied.rate_limited",
     "tokengate.denied.token_state_unavailable",
     "tokengate.denied.insufficient_scope",
+    "tokengate.denied.quota_exceeded",
 ];
 
 /// Every `tokengate.*` stat Envoy shows, by name without the flavor's namespace
@@ -165,6 +166,8 @@ fn every_documented_stat_counts_what_it_names(flavor: Flavor) {
     let (good2_id, good2) = stack.create_token(json!({"name": "good-2"}));
     let (_, limited) = stack.create_token(json!({"name": "limited", "max_rps": 1}));
     let (_, scoped) = stack.create_token(json!({"name": "no-scope", "scopes": []}));
+    let (_, quota) =
+        stack.create_token(json!({"name": "quota", "quota": {"limit": 1, "period": "month"}}));
     let (suspended_id, suspended) = stack.create_token(json!({"name": "suspended"}));
     stack.token_action(&suspended_id, "suspend");
     let (revoked_id, revoked) = stack.create_token(json!({"name": "revoked"}));
@@ -246,6 +249,20 @@ fn every_documented_stat_counts_what_it_names(flavor: Flavor) {
         );
         vec![("tokengate.denied.insufficient_scope", n)]
     });
+    // A quota of one a month, on the only Envoy: one admitted, the rest refused.
+    c.step(&stack, "a token past its quota", || {
+        let rs: Vec<_> = (0..4).map(|_| stack.call_with_token(&quota)).collect();
+        let admitted = rs.iter().filter(|r| r.status == 200).count() as u64;
+        let refused = rs
+            .iter()
+            .filter(|r| r.status == 429 && r.error_code().as_deref() == Some("quota_exceeded"))
+            .count() as u64;
+        assert_eq!((admitted, refused), (1, 3), "{rs:?}");
+        vec![
+            ("tokengate.allowed", admitted),
+            ("tokengate.denied.quota_exceeded", refused),
+        ]
+    });
     c.step(&stack, "an admitted token", || {
         let n = (0..6)
             .map(|_| stack.call_with_token(&good))
@@ -306,6 +323,7 @@ fn every_documented_stat_counts_what_it_names(flavor: Flavor) {
             "tokengate.denied.token_suspended",
             "tokengate.denied.rate_limited",
             "tokengate.denied.insufficient_scope",
+            "tokengate.denied.quota_exceeded",
         ]
         .iter()
         .map(|n| s.get(*n).copied().unwrap_or(0))
